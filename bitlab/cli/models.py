@@ -1,0 +1,56 @@
+"""`bitlab models`, `bitlab convert`, `bitlab weights`."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from bitlab.models import checkpoints, registry, zoo
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the model registry with parameter counts")
+    p.add_argument("--ablations", action="store_true", help="also list the BN / plain-conv variants (Tables 4-5)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=_models)
+
+    p = sub.add_parser("convert", help="convert a checkpoint between official npz, timm and bitlab files")
+    p.add_argument("src", help="official .npz, bitlab .pt or timm state dict")
+    p.add_argument("dst", help="output file (.npz -> official schema, else bitlab unless --to)")
+    p.add_argument("--to", choices=["npz", "timm", "bitlab"], help="output format (default: from DST's suffix)")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("weights", help="official BiT weight files")
+    wsub = p.add_subparsers(dest="weights_command", metavar="ACTION", required=True)
+    w = wsub.add_parser("list", help="names of the official weight files")
+    w.set_defaults(func=lambda a: print("\n".join(zoo.WEIGHT_NAMES)))
+    w = wsub.add_parser("download", help="download official .npz files (checksummed, resumable)")
+    w.add_argument("names", nargs="+", metavar="NAME", help="e.g. BiT-M-R50x1 or BiT-M-R50x1-ILSVRC2012")
+    w.add_argument("--out", default="weights", help="folder for the files (default: ./weights)")
+    w.add_argument("--base-url", default=zoo.BIT_WEIGHTS_URL, help="mirror serving <NAME>.npz")
+    w.add_argument("--sha256", help="expected sha256 (one NAME only)")
+    w.set_defaults(func=_download)
+
+
+def _models(args: argparse.Namespace) -> None:
+    rows = [registry.describe(n) for n in registry.list_models(include_ablations=args.ablations)]
+    if args.json:
+        print("\n".join(json.dumps(r) for r in rows))
+        return
+    print(f"{'name':<32} {'upstream':<14} {'classes':>7} {'res':>4} {'backbone M':>10} {'total M':>8}")
+    for r in rows:
+        print(f"{r['name']:<32} {r['upstream']:<14} {r['classes']:>7} {r.get('resolution', 224):>4} "
+              f"{r.get('backbone_params_m', ''):>10} {r.get('params_m', ''):>8}")
+    print("Any timm model name is accepted too (e.g. resnetv2_50x1_bit, resnet50).")
+
+
+def _convert(args: argparse.Namespace) -> None:
+    out = checkpoints.convert(args.src, args.dst, to=args.to)
+    print(f"wrote {out}")
+
+
+def _download(args: argparse.Namespace) -> None:
+    if args.sha256 and len(args.names) != 1:
+        raise SystemExit("--sha256 applies to one NAME only")
+    for name in args.names:
+        path = zoo.download_weights(name, args.out, base_url=args.base_url, sha256=args.sha256)
+        print(f"{name}: {path}")

