@@ -62,7 +62,8 @@ def iter_probs(model: nn.Module, paths: Sequence[str | os.PathLike], *, batch_si
     per batch, in file order. `progress` may be a tqdm bar to advance (by images)."""
     cfg = data_config_of(model)
     device = resolve_device(device)
-    model = model.eval().to(device)
+    # channels_last: oneDNN's (and cuDNN's) fast layout for convolutions; same numbers.
+    model = model.eval().to(device, memory_format=torch.channels_last)
     workers = default_workers() if workers is None else workers
     # Below one batch, worker start-up costs more than it saves.
     loader = DataLoader(EvalImages(paths, cfg), batch_size=batch_size,
@@ -72,7 +73,7 @@ def iter_probs(model: nn.Module, paths: Sequence[str | os.PathLike], *, batch_si
         total=len(paths), desc="predict", unit="img", disable=not progress, leave=False)
     try:
         for batch in loader:
-            x = normalize(batch.to(device, non_blocking=True), cfg.mean, cfg.std)
+            x = normalize(batch.to(device, non_blocking=True), cfg.mean, cfg.std).contiguous(memory_format=torch.channels_last)
             yield model(x).float().softmax(dim=-1).cpu()
             bar.update(len(batch))
     finally:

@@ -1,0 +1,114 @@
+"""`bitlab report`: every figure is drawn from real evaluation results and is a real picture."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from bitlab import report
+from bitlab.cli import main
+from bitlab.errors import BitlabError
+from bitlab.eval.evaluate import EvaluateConfig, evaluate
+from bitlab.models import zoo
+from tests.fixtures.ooc_sets import build_tiny_ooc
+
+GREEN = np.array([46, 125, 50])  # report.CORRECT
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, photos) -> dict[str, Path]:
+    """Two models (the real offline one, a random tiny ResNetV2) on a tiny OOC set and on a
+    validation folder of its in-context photos."""
+    root = tmp_path_factory.mktemp("report")
+    ooc = build_tiny_ooc(root / "ooc", photos)
+    val = root / "val"
+    for wnid, image in (("n02123045", "cat/chelsea__in-context.png"), ("n07920052", "espresso/coffee__in-context.png"),
+                        ("n03773504", "missile/rocket__in-context.png")):
+        (val / wnid).mkdir(parents=True)
+        shutil.copy(ooc / image, val / wnid)
+    out = {}
+    torch.manual_seed(0)
+    for key, model, extra in (("real", zoo.OFFLINE_IMAGENET_MODEL, {}),
+                              ("random", "R14x0.5", {"image_size": 64, "label": "R14x0.5 (random)"})):
+        for role, data in (("ooc", ooc), ("val", val)):
+            out[f"{key}_{role}"] = root / f"{key}_{role}"
+            evaluate(EvaluateConfig(model=model, data=str(data), out=str(out[f"{key}_{role}"]), **extra))
+    return out
+
+
+def _image(path: Path) -> np.ndarray:
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    assert img is not None, path
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def assert_real_figure(path: Path, min_w: int = 500, min_h: int = 300) -> np.ndarray:
+    """A readable, non-blank PNG and its PDF twin."""
+    img = _image(path)
+    h, w = img.shape[:2]
+    assert w >= min_w and h >= min_h, (path, img.shape)
+    ink = (img.astype(int).sum(-1) < 600).mean()  # not near-white
+    assert 0.03 < ink < 0.9, (path, ink)
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 50, path
+    pdf = path.with_suffix(".pdf")
+    assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 5000
+    return img
+
+
+def _has_colour(img: np.ndarray, rgb: np.ndarray, tol: int = 12) -> bool:
+    return bool((np.abs(img.astype(int) - rgb).max(-1) <= tol).sum() > 200)
+
+
+def test_make_report_draws_every_figure(results, tmp_path, capsys):
+    dirs = [results[k] for k in ("random_ooc", "real_ooc", "random_val", "real_val")]
+    assert main(["report", *map(str, dirs), "--out", str(tmp_path / "fig"), "--num-images", "3"]) == 0
+    names = {p.name for p in (tmp_path / "fig").iterdir()}
+    stems = {"fig12_left_top5", "fig13_top5", "fig12_right_val_vs_ooc", "backgrounds_R14x0.5-random",
+             "backgrounds_efficientnet_lite0.offline_in1k"}
+    assert names == {f"{s}.{ext}" for s in stems for ext in ("png", "pdf")}
+    assert "figures in" in capsys.readouterr().out
+    fig13 = assert_real_figure(tmp_path / "fig" / "fig13_top5.png", min_h=600)
+    assert _has_colour(fig13, GREEN)  # correct labels highlighted: the real model is right on these
+    left = assert_real_figure(tmp_path / "fig" / "fig12_left_top5.png")
+    assert left.shape[0] < fig13.shape[0]  # one image row, Fig. 13 has three
+    assert_real_figure(tmp_path / "fig" / "fig12_right_val_vs_ooc.png")
+    heat = assert_real_figure(tmp_path / "fig" / "backgrounds_efficientnet_lite0.offline_in1k.png")
+    assert _has_colour(heat, np.array([0, 104, 55]))  # RdYlGn at 100%: the in-context column
+
+
+def test_fig13_shows_images_where_the_first_model_errs_and_the_second_does_not(results):
+    a, b = report.load_results(results["random_ooc"]), report.load_results(results["real_ooc"])
+    chosen = report.choose_images(a, b, 3)
+    rows_a = a.predictions.set_index("image").loc[chosen]
+    rows_b = b.predictions.set_index("image").loc[chosen]
+    assert len(set(rows_b["class"])) == 3  # one object per class first
+    assert (~rows_a["top1_correct"] & rows_b["top1_correct"]).all()
+
+
+def test_fig12_right_points_come_from_the_results(results):
+    loaded = [report.load_results(results[k]) for k in ("real_ooc", "real_val", "random_ooc", "random_val")]
+    pts = report.val_vs_ooc_points(loaded).set_index("label")
+    real = pts.loc[zoo.OFFLINE_IMAGENET_MODEL]
+    assert real["val_top1"] == loaded[1].summary["top1"] == 1.0
+    assert real["ooc_top1"] == loaded[0].summary["top1"]
+    assert real["pretraining_data"] == "ILSVRC-2012"
+    assert pts.loc["R14x0.5 (random)", "pretraining_data"] == "none (random weights)"
+    with pytest.raises(BitlabError, match="two 'ooc' results"):
+        report.val_vs_ooc_points(loaded + loaded[:1])
+
+
+def test_missing_or_unusable_results_are_named(results, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(results["real_ooc"], broken)
+    (broken / "predictions.csv").unlink()
+    assert main(["report", str(broken), "--out", str(tmp_path / "fig")]) == 2
+    assert f"{broken / 'predictions.csv'}: missing results file" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "fig")]) == 2
+    assert "nowhere: results folder not found" in capsys.readouterr().err
+    with pytest.raises(BitlabError, match="nothing to draw"):
+        report.make_report([results["real_val"]], tmp_path / "fig")
+    assert not (tmp_path / "fig").exists()
