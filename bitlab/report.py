@@ -98,16 +98,19 @@ def slug(text: str) -> str:
 
 # ----------------------------------------------------------------------------- Fig. 12 left / Fig. 13
 def choose_images(a: Results, b: Results, n: int) -> list[str]:
-    """Images where model `a` errs and `b` does not (the paper's choice for Fig. 13), most
-    telling first (largest gain in probability on the right classes); one per class before a
-    class repeats, so the figure shows several objects."""
+    """Out-of-context images where model `a` errs and `b` does not (the paper's choice for
+    Fig. 13), most telling first (largest gain in probability on the right classes); one per
+    class before a class repeats, so the figure shows several objects."""
     m = a.predictions.merge(b.predictions, on="image", suffixes=("_a", "_b"))
     if m.empty:
         raise BitlabError(f"{a.path} and {b.path} share no images: evaluate both models on the same data")
     m["gain"] = m["target_prob_b"] - m["target_prob_a"]
-    m["telling"] = ~m["top1_correct_a"] & m["top1_correct_b"]
-    m["repeat"] = m.sort_values(["telling", "gain"], ascending=False).groupby("class_a").cumcount()
-    return m.sort_values(["repeat", "telling", "gain"], ascending=[True, False, False])["image"].head(n).tolist()
+    m["in_context"] = m["background_a"] == robustness.IN_CONTEXT
+    m["telling"] = ~m["top1_correct_a"] & m["top1_correct_b"] & ~m["in_context"]
+    order = ["telling", "in_context", "gain"]
+    m = m.sort_values(order, ascending=[False, True, False])
+    m["repeat"] = m.groupby("class_a").cumcount()
+    return m.sort_values(["repeat", *order], ascending=[True, False, True, False])["image"].head(n).tolist()
 
 
 def _row(r: Results, image: str) -> pd.Series:
@@ -182,8 +185,9 @@ def val_vs_ooc_points(results: Sequence[Results]) -> pd.DataFrame:
     for label, slot in by_model.items():
         if {"val", "ooc"} <= slot.keys():
             m = slot["ooc"].summary["model"]
+            ooc = slot["ooc"].summary
             rows.append({"label": label, "val_top1": slot["val"].summary["top1"],
-                         "ooc_top1": slot["ooc"].summary["top1"], "params_m": m["params_m"],
+                         "ooc_top1": ooc.get("out_of_context", ooc)["top1"], "params_m": m["params_m"],
                          "pretraining_data": m["pretraining_data"],
                          "val_data": slot["val"].summary["dataset"], "ooc_data": slot["ooc"].summary["dataset"]})
     return pd.DataFrame(rows)

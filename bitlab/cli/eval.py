@@ -46,6 +46,9 @@ def _evaluate(args: argparse.Namespace) -> None:
     d = s["dataset"]
     print(f"{s['model']['label']} on {d['path']} ({d['num_images']} images, {d['role']}): "
           f"top-1 {s['top1']:.1%}, top-5 {s['top5']:.1%}")
+    for part in ("out_of_context", "in_context"):
+        if part in s:
+            print(f"  {part.replace('_', '-')}: top-1 {s[part]['top1']:.1%} ({s[part]['n']} images)")
     for row in s.get("most_fooling_backgrounds", [])[:3]:
         print(f"  most fooling background: {row['background']} (top-1 error {row['top1_error']:.0%})")
     print(f"results: {Path(args.out)}")

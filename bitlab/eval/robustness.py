@@ -32,6 +32,9 @@ MANIFEST = "manifest.csv"
 CLASS_TABLE = "classes.csv"
 DEFAULT_CLASS_TABLE = OOC_DATASET_DIR / CLASS_TABLE
 _WNID = re.compile(r"n\d{8}")
+# Background category of an object shown on its own photo: a control, not out of context. Scores
+# on it are reported apart, and the out-of-context scores leave it out.
+IN_CONTEXT = "in-context"
 
 
 # ----------------------------------------------------------------------------- class table
@@ -294,6 +297,9 @@ def summarize(df: pd.DataFrame, most_fooling: int = 10) -> dict:
     k = topk_of(df)
     out = {**_acc(df, k), "mean_target_prob": float(df["target_prob"].mean()),
            "per_class": {c: _acc(g, k) for c, g in df.groupby("class", sort=True)}}
+    if (df["background"] == IN_CONTEXT).any():
+        out["in_context"] = _acc(df[df["background"] == IN_CONTEXT], k)
+        out["out_of_context"] = _acc(df[~df["background"].isin(["", IN_CONTEXT])], k)
     ooc = df[df["background"] != ""]
     if len(ooc):
         out["per_background"] = {b: _acc(g, k) for b, g in ooc.groupby("background", sort=True)}
@@ -312,7 +318,7 @@ def most_fooling_backgrounds(df: pd.DataFrame) -> list[dict]:
     """Backgrounds by top-1 error, worst first, with the wrong labels they pull predictions to
     (the paper's observation: ILSVRC models predict what fits the background)."""
     rows = []
-    for bg, g in df.groupby("background", sort=True):
+    for bg, g in df[df["background"] != IN_CONTEXT].groupby("background", sort=True):
         wrong = g[~g["top1_correct"]]
         rows.append({"background": bg, "n": int(len(g)), "top1_error": float(1 - g["top1_correct"].mean()),
                      "wrong_predictions": [[name, int(n)] for name, n in

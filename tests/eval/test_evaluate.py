@@ -52,6 +52,10 @@ def test_summary_and_config_agree_with_predictions(offline_results):
     assert on_disk["top1"] == pytest.approx(df["top1_correct"].mean()) == pytest.approx(summary["top1"])
     assert on_disk["model"]["pretraining_data"] == "ILSVRC-2012" and on_disk["model"]["num_outputs"] == 1000
     assert on_disk["dataset"]["role"] == "ooc" and on_disk["per_background"]["in-context"]["top1"] == 1.0
+    assert on_disk["in_context"]["n"] == 3 and on_disk["out_of_context"]["n"] == 9
+    ooc = df[df["background"] != "in-context"]
+    assert on_disk["out_of_context"]["top1"] == pytest.approx(ooc["top1_correct"].mean())
+    assert "in-context" not in [b["background"] for b in on_disk["most_fooling_backgrounds"]]
     assert json.loads((out / "config.json").read_text())["model"] == zoo.OFFLINE_IMAGENET_MODEL
     assert not (out / ".partial").exists()
 
