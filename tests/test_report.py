@@ -4,7 +4,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -14,6 +13,7 @@ from bitlab.cli import main
 from bitlab.errors import BitlabError
 from bitlab.eval.evaluate import EvaluateConfig, evaluate
 from bitlab.models import zoo
+from tests.fixtures.figures import assert_real_figure
 from tests.fixtures.ooc_sets import build_tiny_ooc
 
 GREEN = np.array([46, 125, 50])  # report.CORRECT
@@ -38,25 +38,6 @@ def results(tmp_path_factory, photos) -> dict[str, Path]:
             out[f"{key}_{role}"] = root / f"{key}_{role}"
             evaluate(EvaluateConfig(model=model, data=str(data), out=str(out[f"{key}_{role}"]), **extra))
     return out
-
-
-def _image(path: Path) -> np.ndarray:
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    assert img is not None, path
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def assert_real_figure(path: Path, min_w: int = 500, min_h: int = 300) -> np.ndarray:
-    """A readable, non-blank PNG and its PDF twin."""
-    img = _image(path)
-    h, w = img.shape[:2]
-    assert w >= min_w and h >= min_h, (path, img.shape)
-    ink = (img.astype(int).sum(-1) < 600).mean()  # not near-white
-    assert 0.03 < ink < 0.9, (path, ink)
-    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 50, path
-    pdf = path.with_suffix(".pdf")
-    assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 5000
-    return img
 
 
 def _has_colour(img: np.ndarray, rgb: np.ndarray, tol: int = 12) -> bool:
