@@ -198,9 +198,29 @@ def _data_label(sets: Sequence[dict]) -> str:
     return names[0] if len(names) == 1 else "several sets"
 
 
+def _marker_area(params_m: pd.Series) -> np.ndarray:
+    # Like the paper's Fig. 4, bigger architectures get bigger markers: area grows with the square
+    # root of the parameter count, so R50x1 (25 M) is 80 pt^2 and R152x4 (936 M) about 490 pt^2.
+    return 80 * np.sqrt(params_m.clip(lower=1).to_numpy() / 25)
+
+
+def _label_points(ax, x: np.ndarray, y: np.ndarray, labels: list[str], span: float) -> None:
+    """Name each point; labels that would overprint an earlier one move up, with a leader line."""
+    placed: list[tuple[float, float]] = []
+    for i in np.argsort(y):
+        right = x[i] > ax.get_xlim()[0] + 0.6 * span  # label on the side with room
+        tx, ty = x[i] + (-1 if right else 1) * 0.03 * span, y[i] + 0.02 * span
+        while any(abs(tx - px) < 0.25 * span and abs(ty - py) < 0.045 * span for px, py in placed):
+            ty += 0.045 * span
+        placed.append((tx, ty))
+        moved = ty - y[i] > 0.03 * span
+        ax.annotate(labels[i], (x[i], y[i]), xytext=(tx, ty), fontsize=7, ha="right" if right else "left",
+                    va="center", arrowprops=dict(arrowstyle="-", color="#888888", lw=0.5) if moved else None)
+
+
 def fig_val_vs_ooc(results: Sequence[Results]) -> Figure:
     """Fig. 12 right: validation top-1 (x) against out-of-context top-1 (y), one point per model;
-    marker area grows with parameter count, colour = pre-training data."""
+    marker size grows with the parameter count, colour = pre-training data."""
     pts = val_vs_ooc_points(results)
     if pts.empty:
         raise BitlabError("Fig. 12 right needs, for at least one model, a validation result and an "
@@ -209,29 +229,28 @@ def fig_val_vs_ooc(results: Sequence[Results]) -> Figure:
     ax = fig.subplots()
     palette = dict(zip(sorted(pts["pretraining_data"].unique()),
                        ["#1565c0", "#ef6c00", "#2e7d32", "#6a1b9a", "#c62828", "#00838f", "#5d4037"] * 3))
-    # Area proportional to parameters: R50x1 (~25 M) ~ 80 pt^2, R152x4 (~936 M) ~ 490 pt^2.
-    sizes = 80 * np.sqrt(pts["params_m"].clip(lower=1) / 25)
-    ax.scatter(pts["val_top1"] * 100, pts["ooc_top1"] * 100, s=sizes, c=pts["pretraining_data"].map(palette),
+    x, y = pts["val_top1"].to_numpy() * 100, pts["ooc_top1"].to_numpy() * 100
+    ax.scatter(x, y, s=_marker_area(pts["params_m"]), c=pts["pretraining_data"].map(palette),
                alpha=0.85, edgecolors="black", linewidths=0.6, zorder=3)
-    for _, p in pts.iterrows():
-        right = p["val_top1"] > 0.6  # label on the side with room
-        ax.annotate(f"{p['label']}\n{p['params_m']:.1f} M params", (p["val_top1"] * 100, p["ooc_top1"] * 100),
-                    xytext=(-8 if right else 8, 6), textcoords="offset points", fontsize=7,
-                    ha="right" if right else "left")
     # Axes span the data in steps of 10 points, so close models stay apart.
-    x, y = pts["val_top1"] * 100, pts["ooc_top1"] * 100
     lo = max(0.0, 10 * np.floor(min(x.min(), y.min()) / 10 - 0.5))
     hi = min(100.0, 10 * np.ceil(max(x.max(), y.max()) / 10 + 0.5))
     ax.set_xlim(lo - 3, hi + 3)
     ax.set_ylim(lo - 3, hi + 3)
     ax.plot([lo, hi], [lo, hi], ls=":", color="#bbbbbb", zorder=1)
+    _label_points(ax, x, y, pts["label"].tolist(), span=hi - lo)
     ax.set_xlabel(f"validation top-1 (%) — {_data_label(pts['val_data'])}")
     ax.set_ylabel(f"out-of-context top-1 (%) — {_data_label(pts['ooc_data'])}")
     ax.grid(alpha=0.3)
-    ax.legend(handles=[Line2D([], [], marker="o", ls="", color=c, markeredgecolor="black", markersize=8, label=d)
-                       for d, c in palette.items()], title="pre-training data", fontsize=8, loc="upper left")
-    ax.set_title("In-distribution accuracy vs. objects out of context\n(marker area ~ parameter count; dotted: y = x)",
-                 fontsize=10)
+    colours = ax.legend(handles=[Line2D([], [], marker="o", ls="", color=c, markeredgecolor="black", markersize=8,
+                                        label=d) for d, c in palette.items()],
+                        title="pre-training data", fontsize=8, title_fontsize=8, loc="upper left")
+    ax.add_artist(colours)
+    refs = [p for p in (25, 100, 400, 900) if pts["params_m"].min() / 2 <= p <= pts["params_m"].max() * 2] or [25]
+    ax.legend(handles=[ax.scatter([], [], s=_marker_area(pd.Series([p])), color="#dddddd", edgecolors="black",
+                                  linewidths=0.6, label=f"{p} M") for p in refs],
+              title="parameters", fontsize=8, title_fontsize=8, loc="lower right", labelspacing=1.2, borderpad=0.9)
+    ax.set_title("In-distribution accuracy vs. objects out of context (dotted: y = x)", fontsize=10)
     return fig
 
 
