@@ -246,7 +246,8 @@ def fig_val_vs_ooc(results: Sequence[Results]) -> Figure:
                                         label=d) for d, c in palette.items()],
                         title="pre-training data", fontsize=8, title_fontsize=8, loc="upper left")
     ax.add_artist(colours)
-    refs = [p for p in (25, 100, 400, 900) if pts["params_m"].min() / 2 <= p <= pts["params_m"].max() * 2] or [25]
+    lo_p, hi_p = pts["params_m"].min(), pts["params_m"].max()
+    refs = [p for p in (1, 5, 25, 100, 400, 900) if lo_p / 2 <= p <= hi_p * 2] or [round(hi_p, 1)]
     ax.legend(handles=[ax.scatter([], [], s=_marker_area(pd.Series([p])), color="#dddddd", edgecolors="black",
                                   linewidths=0.6, label=f"{p} M") for p in refs],
               title="parameters", fontsize=8, title_fontsize=8, loc="lower right", labelspacing=1.2, borderpad=0.9)
