@@ -200,8 +200,9 @@ def _data_label(sets: Sequence[dict]) -> str:
 
 def _marker_area(params_m: pd.Series) -> np.ndarray:
     # Like the paper's Fig. 4, bigger architectures get bigger markers: area grows with the square
-    # root of the parameter count, so R50x1 (25 M) is 80 pt^2 and R152x4 (936 M) about 490 pt^2.
-    return 80 * np.sqrt(params_m.clip(lower=1).to_numpy() / 25)
+    # root of the parameter count, so R50x1 (25 M) is 80 pt^2 and R152x4 (936 M) about 490 pt^2;
+    # models under 6 M parameters all get the smallest visible marker.
+    return 80 * np.sqrt(params_m.clip(lower=6).to_numpy() / 25)
 
 
 def _label_points(ax, x: np.ndarray, y: np.ndarray, labels: list[str], span: float) -> None:
@@ -247,9 +248,9 @@ def fig_val_vs_ooc(results: Sequence[Results]) -> Figure:
                         title="pre-training data", fontsize=8, title_fontsize=8, loc="upper left")
     ax.add_artist(colours)
     lo_p, hi_p = pts["params_m"].min(), pts["params_m"].max()
-    refs = [p for p in (1, 5, 25, 100, 400, 900) if lo_p / 2 <= p <= hi_p * 2] or [round(hi_p, 1)]
+    refs = [p for p in (6, 25, 100, 400, 900) if lo_p / 2 <= p <= hi_p * 2] or [round(hi_p, 1)]
     ax.legend(handles=[ax.scatter([], [], s=_marker_area(pd.Series([p])), color="#dddddd", edgecolors="black",
-                                  linewidths=0.6, label=f"{p} M") for p in refs],
+                                  linewidths=0.6, label=f"≤ {p} M" if p == 6 else f"{p} M") for p in refs],
               title="parameters", fontsize=8, title_fontsize=8, loc="lower right", labelspacing=1.2, borderpad=0.9)
     ax.set_title("In-distribution accuracy vs. objects out of context (dotted: y = x)", fontsize=10)
     return fig

@@ -40,8 +40,8 @@ def results(tmp_path_factory, photos) -> dict[str, Path]:
     return out
 
 
-def _has_colour(img: np.ndarray, rgb: np.ndarray, tol: int = 12) -> bool:
-    return bool((np.abs(img.astype(int) - rgb).max(-1) <= tol).sum() > 200)
+def _has_colour(img: np.ndarray, rgb: np.ndarray, tol: int = 12, pixels: int = 100) -> bool:
+    return bool((np.abs(img.astype(int) - rgb).max(-1) <= tol).sum() > pixels)
 
 
 def test_make_report_draws_every_figure(results, tmp_path, capsys):
@@ -56,7 +56,9 @@ def test_make_report_draws_every_figure(results, tmp_path, capsys):
     assert _has_colour(fig13, GREEN)  # correct labels highlighted: the real model is right on these
     left = assert_real_figure(tmp_path / "fig" / "fig12_left_top5.png")
     assert left.shape[0] < fig13.shape[0]  # one image row, Fig. 13 has three
-    assert_real_figure(tmp_path / "fig" / "fig12_right_val_vs_ooc.png")
+    right = assert_real_figure(tmp_path / "fig" / "fig12_right_val_vs_ooc.png")
+    for rgb in ((0x15, 0x65, 0xC0), (0xEF, 0x6C, 0x00)):  # one marker per pre-training colour (alpha 0.85 on white)
+        assert _has_colour(right, 0.85 * np.array(rgb) + 0.15 * 255, tol=10, pixels=30), rgb
     heat = assert_real_figure(tmp_path / "fig" / "backgrounds_efficientnet_lite0.offline_in1k.png")
     assert _has_colour(heat, np.array([0, 104, 55]))  # RdYlGn at 100%: the in-context column
 
