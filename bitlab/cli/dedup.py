@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(phash, default 10); see bitlab.eval.dedup for how the defaults were chosen")
     p.add_argument("--predictions", metavar="CSV",
                    help="per-test-image correctness (columns image, correct) for Table 6's Full / Dedup accuracy")
+    p.add_argument("--correct-column", default="correct", help="the predictions column with 1/0 or true/false "
+                   "per image (default: %(default)s)")
     p.add_argument("--topk", type=int, default=5, help="matches listed per test image (default: 5)")
     p.add_argument("--block-size", type=int, default=4096,
                    help="upstream images embedded and searched at a time; bounds memory (default: 4096)")
@@ -41,7 +43,8 @@ def _dedup(args: argparse.Namespace) -> None:
     cfg = DedupConfig(upstream=args.upstream, downstream=args.downstream, out=args.out, embedding=args.embedding,
                       weights=args.weights, threshold=args.threshold, topk=args.topk, block_size=args.block_size,
                       query_block_size=args.query_block_size, batch_size=args.batch_size, workers=args.workers,
-                      device=args.device, predictions=args.predictions, cache=args.cache, gallery=args.gallery)
+                      device=args.device, predictions=args.predictions,
+                      correct_column=args.correct_column, cache=args.cache, gallery=args.gallery)
     s = run_dedup(cfg).summary
     unit = "cosine >=" if s["metric"] == "cosine" else "Hamming <="
     print(f"{s['embedding']} ({unit} {s['threshold']}): {s['dups']} of {s['downstream_images']} test images have a "

@@ -8,7 +8,8 @@ Every image becomes one embedding, at the same OpenCV pre-processing as evaluati
   L2-normalised, compared by cosine similarity. The default is the real offline ImageNet model
   `efficientnet_lite0.offline_in1k` (1280-d); a BiT model with `weights=` works the same way.
 - `phash`: a 64-bit DCT perceptual hash, compared by Hamming distance. Far cheaper (no network),
-  catches exact, resized and re-encoded copies, but not crops (cropping shifts every frequency).
+  catches exact, resized and re-encoded copies, but not crops reliably (cropping shifts every
+  frequency: a 6 % crop moves 10-24 of the 64 bits, as many as separate unrelated photos).
 
 Search. The downstream set (~10k test images) is embedded once and kept; the upstream set (up to
 ~1M training images) is streamed in blocks of `block_size` images: each block is embedded (or
@@ -29,7 +30,7 @@ half size, re-encoded as JPEG at quality 30, 5-8 % cropped from every side) and 
 so `model:*` pairs with cosine similarity >= 0.70 count as duplicates: above every unrelated pair
 by a wide margin, and closest to the planted floor that still keeps all of them (a lower value
 adds false positives between same-class photos on real data: two stereo views of one motorcycle
-reach 0.90, different faces 0.86). For `phash`, unrelated photos differ in >= 20 of 64 bits and
+reach 0.90, and tiny 25 px faces of different people 0.86 to their nearest). For `phash`, unrelated photos differ in >= 20 of 64 bits and
 resized / JPEG copies in <= 6, so <= 10 bits is a duplicate (the customary pHash cut-off).
 Thresholds depend on the data: inspect `nearest.csv` (every query's closest match) and the
 gallery around the threshold before trusting counts on a new dataset.
@@ -74,6 +75,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".
 DEFAULT_EMBEDDING = f"model:{zoo.OFFLINE_IMAGENET_MODEL}"
 # See the module docstring for how these were measured.
 DEFAULT_THRESHOLDS = {"cosine": 0.70, "hamming": 10}
+DOWNSTREAM_CHUNK = 4096  # test images per cache file
 # pHash (Zauner 2010): a 32x32 grey thumbnail, its DCT, and the 8x8 lowest frequencies compared
 # with their median -> 64 bits that survive resizing and re-compression.
 PHASH_THUMB = 32
@@ -272,6 +274,13 @@ def embed_files(embedding: Embedding, paths: Sequence[Path], *, batch_size: int 
     return torch.cat(out)
 
 
+def load_block(file: str | os.PathLike) -> torch.Tensor:
+    """A cached embedding block, memory-mapped: its pages come from the page cache and go with
+    the mapping, so streaming a million images through does not grow the heap (copy-on-write
+    keeps the tensor writable without touching the file)."""
+    return torch.from_numpy(np.load(file, mmap_mode="c", allow_pickle=False))
+
+
 class EmbeddingCache:
     """Embeddings of file blocks on disk, keyed by the embedding and each file's path, size and
     mtime: a changed file or model recomputes its block, anything else is read back."""
@@ -292,10 +301,10 @@ class EmbeddingCache:
         file = self._file(paths)
         if file.exists():
             try:
-                arr = np.load(file, allow_pickle=False)
-                if arr.ndim == 2 and arr.shape[0] == len(paths):
-                    return torch.from_numpy(arr)
-                log.warning("%s: holds %s embeddings for %d files; recomputing", file, arr.shape, len(paths))
+                emb = load_block(file)
+                if emb.ndim == 2 and emb.shape[0] == len(paths):
+                    return emb
+                log.warning("%s: holds %s embeddings for %d files; recomputing", file, tuple(emb.shape), len(paths))
             except (OSError, ValueError) as e:
                 log.warning("%s: unreadable cache file (%s); recomputing", file, e)
         emb = embed_files(self.embedding, paths, **embed_kwargs)
@@ -382,6 +391,7 @@ class DedupConfig:
     workers: int | None = None  # image decoding processes (None: up to 8)
     device: str | None = None  # None: cuda if available
     predictions: str | None = None  # CSV with `image` and `correct` columns -> Table 6 accuracies
+    correct_column: str = "correct"  # the predictions column holding per-image correctness
     cache: str | None = None  # embedding cache folder (None: OUT/cache); share it between runs
     gallery: int = 16  # pairs drawn in duplicates.png
     progress: bool = True
@@ -409,14 +419,17 @@ def run_dedup(cfg: DedupConfig) -> DedupResult:
     embedding = make_embedding(cfg.embedding, cfg.weights, device)
     threshold = DEFAULT_THRESHOLDS[embedding.metric] if cfg.threshold is None else float(cfg.threshold)
     _check_threshold(embedding.metric, threshold)
-    correct = read_predictions(cfg.predictions, downstream) if cfg.predictions else None
+    correct = read_predictions(cfg.predictions, downstream, cfg.correct_column) if cfg.predictions else None
     io.write_json(out / "config.json", {**cfg.to_dict(), "threshold": threshold, "metric": embedding.metric})
 
     workers = min(os.cpu_count() or 1, 8) if cfg.workers is None else cfg.workers
     cache = EmbeddingCache(cfg.cache or out / "cache", embedding)
     kw = dict(batch_size=cfg.batch_size, workers=workers, progress=cfg.progress)
-    queries = torch.cat([cache.get(downstream.paths[i:i + cfg.block_size], desc="embed downstream", **kw)
-                         for i in range(0, len(downstream), cfg.block_size)])
+    # The test set is embedded whole (it is the small side); cached in chunks so that a stopped
+    # run keeps what it finished.
+    chunk = max(cfg.block_size, DOWNSTREAM_CHUNK)
+    queries = torch.cat([cache.get(downstream.paths[i:i + chunk], desc="embed downstream", **kw)
+                         for i in range(0, len(downstream), chunk)])
     dim = queries.shape[1]
     log.info("%d downstream x %d upstream images, %s (%d dims), threshold %s",
              len(downstream), len(upstream), embedding.spec, dim, threshold)
@@ -554,7 +567,7 @@ def plot_duplicates(pairs: Sequence[tuple], labels: Sequence[bool] | None = None
     n = max(len(pairs), 1)
     ncols = min(ncols, n)
     nrows = math.ceil(n / ncols)
-    fig = Figure(figsize=(max(3.2 * ncols, 6.4), 1.9 * nrows + (0.6 if title else 0)))
+    fig = Figure(figsize=(max(3.2 * ncols, 6.4), 2.2 * nrows + (0.6 if title else 0)))
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.ravel():
         ax.set_xticks([])

@@ -251,6 +251,8 @@ def test_read_predictions_matches_names_and_bare_file_names(tmp_path):
     p = tmp_path / "p.csv"
     p.write_text("image,correct,label\ny.jpg,true,3\na/x.jpg,0,1\n")
     assert dedup.read_predictions(p, images).tolist() == [False, True]
+    p.write_text("image,top1_correct\nb/y.jpg,False\nx.jpg,yes\n")
+    assert dedup.read_predictions(p, images, column="top1_correct").tolist() == [True, False]
 
 
 @pytest.mark.parametrize("text,message", [
