@@ -142,19 +142,14 @@ def memory(args) -> list[dict]:
             np.save(Path(tmp) / f"block{i:06d}.npy", normalise(upstream_block(s, args.block_size, args.dim)))
         for size in args.sizes:
             row = {"upstream": size, "queries": args.queries}
-            # bitlab_fixed: the same search with glibc's mmap threshold pinned, which shows the search's
-            # own working set; by default glibc raises the threshold after large frees and keeps some
-            # freed blocks on its heap (fragmentation, bounded but visible in the plain number).
-            for label, method, env in (("numpy", "numpy", {}), ("bitlab", "bitlab", {}),
-                                       ("bitlab_fixed", "bitlab", {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)})):
+            for method in ("numpy", "bitlab"):
                 cmd = [sys.executable, __file__, "--child", method, "--blocks-dir", tmp,
                        "--n-files", str(size // args.block_size), "--block-size", str(args.block_size),
                        "--query-block-size", str(args.query_block_size)]
-                res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True,
-                                                env={**os.environ, **env}).stdout)
-                row[f"{label}_peak_mib"] = res["peak_mib"]
-                row[f"{label}_top1_sum"] = res["top1_sum"]
-            assert row["numpy_top1_sum"] == row["bitlab_top1_sum"] == row["bitlab_fixed_top1_sum"], "methods disagree"
+                res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+                row[f"{method}_peak_mib"] = res["peak_mib"]
+                row[f"{method}_top1_sum"] = res["top1_sum"]
+            assert row["numpy_top1_sum"] == row["bitlab_top1_sum"], "methods disagree"
             rows.append(row)
     return rows
 
@@ -186,8 +181,7 @@ def main() -> None:
           f"(x{s['speedup']} vs numpy; same top-{K})")
     print(f"memory: peak RSS above baseline, {args.queries} queries, block {args.block_size}")
     for r in memory(args):
-        print(f"  upstream {r['upstream']:>8}: numpy {r['numpy_peak_mib']:8.1f} MiB   bitlab {r['bitlab_peak_mib']:6.1f} MiB"
-              f"   (bitlab, pinned malloc mmap threshold: {r['bitlab_fixed_peak_mib']:.1f} MiB)")
+        print(f"  upstream {r['upstream']:>8}: numpy {r['numpy_peak_mib']:8.1f} MiB   bitlab {r['bitlab_peak_mib']:6.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 
+# Spelled out rather than imported from bitlab.models.zoo: `bitlab --help` must not import torch.
+OFFLINE_IMAGENET_MODEL = "efficientnet_lite0.offline_in1k"
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from bitlab.models.zoo import OFFLINE_IMAGENET_MODEL
-
     p = sub.add_parser("dedup", help="find test images with near-duplicates in a training set (paper App. B, Table 6)",
                        description="Embeds both sets, searches nearest neighbours block by block (the full distance "
                                    "matrix is never held) and counts test images whose best match passes the threshold.")
@@ -15,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--downstream", required=True, metavar="DIR_OR_LIST", help="test images, likewise")
     p.add_argument("--embedding", default=f"model:{OFFLINE_IMAGENET_MODEL}", metavar="model:NAME|phash",
                    help="pre-logits of a model (cosine) or a 64-bit perceptual hash (Hamming) "
-                        "(default: model:%(default)s)")
+                        "(default: %(default)s)")
     p.add_argument("--weights", help="checkpoint for model:NAME (official .npz, bitlab or timm file)")
     p.add_argument("--threshold", type=float,
                    help="duplicate if cosine similarity >= T (model, default 0.70) or Hamming distance <= T "

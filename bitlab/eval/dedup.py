@@ -345,6 +345,9 @@ def search_blocks(queries: torch.Tensor, blocks: Iterable[tuple[int, torch.Tenso
     device = torch.device(device) if device is not None else queries.device
     queries = queries.to(device, torch.float32)
     top = TopK(len(queries), k, device)
+    # One score buffer for the whole search, grown to the largest block: a fresh multi-MB matrix
+    # per block would cost page faults and, on CPU, fragment the C heap as blocks stream by.
+    buf = torch.empty(0, device=device)
     for offset, block in blocks:
         if block.ndim != 2 or block.shape[1] != queries.shape[1]:
             raise BitlabError(f"embedding dims differ: downstream queries have {queries.shape[1]} dims, "
@@ -353,7 +356,11 @@ def search_blocks(queries: torch.Tensor, blocks: Iterable[tuple[int, torch.Tenso
         block = block.to(device, torch.float32)
         for q0 in range(0, len(queries), query_block_size):
             rows = slice(q0, q0 + query_block_size)
-            top.update(rows, queries[rows] @ block.T, offset)
+            q = queries[rows]
+            if buf.numel() < len(q) * len(block):
+                buf = torch.empty(len(q) * len(block), device=device)
+            scores = torch.mm(q, block.T, out=buf[:len(q) * len(block)].view(len(q), len(block)))
+            top.update(rows, scores, offset)
     return top
 
 

@@ -310,6 +310,18 @@ def test_unreadable_image_named_from_loader_workers(tmp_path, photos):
     assert str(e.value) == f"{up / '5.png'}: cannot decode image (corrupt or not an image)"
 
 
+def test_cli_default_embedding_is_the_offline_model_without_importing_torch():
+    import subprocess
+    import sys
+
+    from bitlab.cli import dedup as cli_dedup
+    from bitlab.models import zoo
+
+    assert cli_dedup.OFFLINE_IMAGENET_MODEL == zoo.OFFLINE_IMAGENET_MODEL
+    code = "import sys; from bitlab.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
 # ----------------------------------------------------------------------------- cache / resume
 def test_cache_reuses_blocks_and_recomputes_changed_files(tmp_path, photos, monkeypatch):
     up, down = tmp_path / "up", tmp_path / "down"
