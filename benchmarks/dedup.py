@@ -172,7 +172,8 @@ def main() -> None:
         return
     if any(s % args.block_size for s in args.sizes):
         p.error("--sizes must be multiples of --block-size")
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
+               f"({torch.get_num_threads()} threads)")
     print(f"machine: {machine}")
     s = speed(args)
     print(f"speed: {s['queries']} queries x {s['upstream']} upstream x {s['dim']} dims, top-{K}")
@@ -181,7 +182,8 @@ def main() -> None:
           f"(x{s['speedup']} vs numpy; same top-{K})")
     print(f"memory: peak RSS above baseline, {args.queries} queries, block {args.block_size}")
     for r in memory(args):
-        print(f"  upstream {r['upstream']:>8}: numpy {r['numpy_peak_mib']:8.1f} MiB   bitlab {r['bitlab_peak_mib']:6.1f} MiB")
+        print(f"  upstream {r['upstream']:>8}: numpy {r['numpy_peak_mib']:8.1f} MiB   "
+              f"bitlab {r['bitlab_peak_mib']:6.1f} MiB")
 
 
 if __name__ == "__main__":

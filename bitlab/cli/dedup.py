@@ -9,8 +9,9 @@ OFFLINE_IMAGENET_MODEL = "efficientnet_lite0.offline_in1k"
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("dedup", help="find test images with near-duplicates in a training set (paper App. B, Table 6)",
-                       description="Embeds both sets, searches nearest neighbours block by block (the full distance "
-                                   "matrix is never held) and counts test images whose best match passes the threshold.")
+                       description="Embeds both sets, searches nearest neighbours block by block (the full "
+                                   "distance matrix is never held) and counts test images whose best match "
+                                   "passes the threshold.")
     p.add_argument("--upstream", required=True, metavar="DIR_OR_LIST",
                    help="training images: a folder (recursive) or a text file with one image path per line")
     p.add_argument("--downstream", required=True, metavar="DIR_OR_LIST", help="test images, likewise")

@@ -21,17 +21,18 @@ Hamming distances: hamming = (bits - dot) / 2.
 
 Thresholds (`DEFAULT_THRESHOLDS`), and how they were chosen. On real photos (scikit-image and
 matplotlib sample photos, the acceptance test's fixture) we planted near-duplicates (resized to
-half size, re-encoded as JPEG at quality 30, 5-8 % cropped from every side) and measured, with
+half size, re-encoded as JPEG at quality 30, 6 % cropped from every side) and measured, with
 `efficientnet_lite0.offline_in1k` at its 224 px evaluation view:
 
     planted copy vs its original, cosine   0.73 (JPEG q30 of a grey clock) ... 1.00
     unrelated photos, highest cosine       0.54 (moon vs. a microscopy cell)
 
 so `model:*` pairs with cosine similarity >= 0.70 count as duplicates: above every unrelated pair
-by a wide margin, and closest to the planted floor that still keeps all of them (a lower value
-adds false positives between same-class photos on real data: two stereo views of one motorcycle
-reach 0.90, and tiny 25 px faces of different people 0.86 to their nearest). For `phash`, unrelated photos differ in >= 20 of 64 bits and
-resized / JPEG copies in <= 6, so <= 10 bits is a duplicate (the customary pHash cut-off).
+by a wide margin, and as close to the planted floor as keeps all of them, because a lower value
+adds false positives between similar photos on real data (two stereo views of one motorcycle
+reach 0.90; tiny 25 px faces of different people 0.86 to their nearest). The acceptance test
+checks both margins. For `phash`, unrelated photos differ in >= 20 of 64 bits and resized / JPEG
+copies in <= 6, so <= 10 bits is a duplicate (the customary pHash cut-off).
 Thresholds depend on the data: inspect `nearest.csv` (every query's closest match) and the
 gallery around the threshold before trusting counts on a new dataset.
 
@@ -114,9 +115,9 @@ def list_images(source: str | os.PathLike) -> ImageSet:
         paths = [p if p.is_absolute() else src.parent / p for p in map(Path, names)]
         if not paths:
             raise BitlabError(f"{src}: the image list is empty")
-        for row, p in enumerate(paths, start=1):
+        for name, p in zip(names, paths):
             if not p.is_file():
-                raise BitlabError(f"{src}: listed image {names[row - 1]!r} does not exist ({p})")
+                raise BitlabError(f"{src}: listed image {name!r} does not exist ({p})")
     else:
         raise BitlabError(f"{src}: no such folder or image list")
     return ImageSet(str(src), paths, names)
@@ -189,11 +190,12 @@ class ModelEmbedding(Embedding):
         self.model = create_model(name, pretrained=weights).eval().to(self.device)
         self.cfg: DataConfig = getattr(self.model, "data_config", None) or DataConfig()
         self.view = partial(model_view, cfg=self.cfg)
-
-    def cache_key(self) -> str:
         # The weights' digest, not their path: a retrained checkpoint must not reuse old embeddings.
         digest = io.sha256_file(self.weights) if self.weights is not None else "builtin"
-        return f"{self.spec}|{digest}|{json.dumps(self.cfg.to_dict(), sort_keys=True)}"
+        self._key = f"{self.spec}|{digest}|{json.dumps(self.cfg.to_dict(), sort_keys=True)}"
+
+    def cache_key(self) -> str:
+        return self._key
 
     @torch.inference_mode()
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
@@ -479,8 +481,10 @@ def run_dedup(cfg: DedupConfig) -> DedupResult:
 def _check_threshold(metric: str, threshold: float) -> None:
     if metric == "cosine" and not -1.0 <= threshold <= 1.0:
         raise BitlabError(f"threshold {threshold} is a cosine similarity: it must lie in [-1, 1]")
-    if metric == "hamming" and not 0 <= threshold <= 64:
-        raise BitlabError(f"threshold {threshold} is a Hamming distance between 64-bit hashes: it must lie in [0, 64]")
+    bits = PHASH_FREQS**2
+    if metric == "hamming" and not 0 <= threshold <= bits:
+        raise BitlabError(f"threshold {threshold} is a Hamming distance between {bits}-bit hashes: "
+                          f"it must lie in [0, {bits}]")
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -533,7 +537,8 @@ def read_predictions(path: str | os.PathLike, images: ImageSet, column: str = "c
             correct[i], seen[i] = value in _TRUE, True
     if not seen.all():
         absent = [images.names[i] for i in np.flatnonzero(~seen)[:3]]
-        raise BitlabError(f"{path}: no prediction for {int((~seen).sum())} downstream image(s), e.g. {', '.join(absent)}")
+        raise BitlabError(f"{path}: no prediction for {int((~seen).sum())} downstream image(s), "
+                          f"e.g. {', '.join(absent)}")
     return correct
 
 

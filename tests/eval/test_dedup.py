@@ -319,7 +319,8 @@ def test_cli_default_embedding_is_the_offline_model_without_importing_torch():
 
     assert cli_dedup.OFFLINE_IMAGENET_MODEL == zoo.OFFLINE_IMAGENET_MODEL
     code = "import sys; from bitlab.cli import build_parser; build_parser(); print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "False"
 
 
 # ----------------------------------------------------------------------------- cache / resume
@@ -330,7 +331,8 @@ def test_cache_reuses_blocks_and_recomputes_changed_files(tmp_path, photos, monk
     _write(down / "q.jpg", photos["coffee"], 40)
     calls = []
     real = dedup.embed_files
-    monkeypatch.setattr(dedup, "embed_files", lambda emb, paths, **kw: calls.append(len(paths)) or real(emb, paths, **kw))
+    monkeypatch.setattr(dedup, "embed_files",
+                        lambda emb, paths, **kw: calls.append(len(paths)) or real(emb, paths, **kw))
     cfg = dedup.DedupConfig(upstream=str(up), downstream=str(down), out=str(tmp_path / "o"), embedding="phash",
                             block_size=2, workers=0, progress=False, gallery=0)
     first = dedup.run_dedup(cfg)
@@ -360,7 +362,8 @@ def test_corrupt_cache_file_is_recomputed(tmp_path, photos):
 def test_gallery_marks_true_and_false_positives(tmp_path, photos):
     for name in ("chelsea", "coffee"):
         _write(tmp_path / f"{name}.png", photos[name])
-    pairs = [(tmp_path / "chelsea.png", tmp_path / "chelsea.png", 0.99), (tmp_path / "coffee.png", tmp_path / "chelsea.png", 0.71)]
+    pairs = [(tmp_path / "chelsea.png", tmp_path / "chelsea.png", 0.99),
+             (tmp_path / "coffee.png", tmp_path / "chelsea.png", 0.71)]
     fig = dedup.plot_duplicates(pairs, labels=[True, False])
     dedup.save_figure(fig, tmp_path / "g.png")
     img = cv2.cvtColor(cv2.imread(str(tmp_path / "g.png")), cv2.COLOR_BGR2RGB).astype(int)
