@@ -75,7 +75,8 @@ def load_results(path: str | Path) -> Results:
         config = json.loads((path / CONFIG).read_text())
     except json.JSONDecodeError as e:
         raise BitlabError(f"{path}: unreadable results file: {e}") from None
-    df = pd.read_csv(path / PREDICTIONS, keep_default_na=False, dtype={"image": str, "class": str, "background": str})
+    df = pd.read_csv(path / PREDICTIONS, keep_default_na=False,
+                     dtype={c: str for c in ("image", "class", "background", "fg_uid", "bg_uid", "targets")})
     if df.empty:
         raise BitlabError(f"{path / PREDICTIONS}: no predictions")
     return Results(path, summary, config, df)

@@ -228,8 +228,10 @@ def _from_folders(root: Path, classes: str | Path | None) -> EvalSet:
         c = lookup.get(_norm(f.name))
         if c is None:
             known = sorted({c.folder for c in lookup.values()})
+            inner = [d.name for d in f.iterdir() if d.is_dir()]
+            hint = f"; did you mean --data {f}?" if len(folders) == 1 and inner else ""
             raise BitlabError(f"{f}: class folder {f.name!r} is not in the class table "
-                              f"(known: {', '.join(known)})")
+                              f"(known: {', '.join(known)}){hint}")
         items += [EvalItem(p.relative_to(root).as_posix(), c.folder, c.ilsvrc_indices) for p in _images_in(f)]
     return EvalSet(root, "ooc-folders", "ooc", items)
 

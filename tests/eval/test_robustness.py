@@ -49,6 +49,12 @@ def test_unknown_class_folder_is_named(tiny_ooc, tmp_path):
         robustness.load_eval_set(root, classes=write_classes(tmp_path / "classes.csv"))
 
 
+def test_zip_extracted_one_level_up_gets_a_hint(tiny_ooc, tmp_path):
+    root = _official_layout(tiny_ooc, tmp_path, {"cat": "bit_out_of_context_dataset/cat"})
+    with pytest.raises(BitlabError, match=r"did you mean --data .*official/bit_out_of_context_dataset\?"):
+        robustness.load_eval_set(root, classes=write_classes(tmp_path / "classes.csv"))
+
+
 def test_missing_class_table_is_an_error(tiny_ooc, tmp_path, monkeypatch):
     monkeypatch.setattr(robustness, "DEFAULT_CLASS_TABLE", tmp_path / "nowhere.csv")
     root = _official_layout(tiny_ooc, tmp_path, {"cat": "cat"})
