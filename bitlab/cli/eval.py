@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="results folder (predictions.csv, summary.json, config.json)")
     p.add_argument("--num-classes", type=int, help="head size of the weights file, if not the name's default")
     p.add_argument("--image-size", type=int, help="evaluation resolution (default: the model's)")
-    p.add_argument("--classes", help="class table for class folders (default: DATA/classes.csv, then ooc_dataset/classes.csv)")
+    p.add_argument("--classes", help="class table for class folders "
+                   "(default: DATA/classes.csv, then ooc_dataset/classes.csv)")
     p.add_argument("--label-map", help="text file mapping each model output to an ILSVRC-2012 wnid ('-' for none)")
     p.add_argument("--role", choices=["ooc", "val"], help="what the data is to the report (default: from its layout)")
     p.add_argument("--label", help="model name shown in figures")

@@ -73,7 +73,8 @@ def iter_probs(model: nn.Module, paths: Sequence[str | os.PathLike], *, batch_si
         total=len(paths), desc="predict", unit="img", disable=not progress, leave=False)
     try:
         for batch in loader:
-            x = normalize(batch.to(device, non_blocking=True), cfg.mean, cfg.std).contiguous(memory_format=torch.channels_last)
+            x = normalize(batch.to(device, non_blocking=True), cfg.mean, cfg.std)
+            x = x.contiguous(memory_format=torch.channels_last)
             yield model(x).float().softmax(dim=-1).cpu()
             bar.update(len(batch))
     finally:

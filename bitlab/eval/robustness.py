@@ -198,7 +198,8 @@ def _from_manifest(root: Path, classes: str | Path | None) -> EvalSet:
             if by_name is None:
                 by_name = folder_lookup(_class_table_for(root, classes))
             if (c := by_name.get(_norm(cls))) is None:
-                raise BitlabError(f"{where}: class {cls!r} has no ILSVRC targets in the row and is not in the class table")
+                raise BitlabError(f"{where}: class {cls!r} has no ILSVRC targets in the row "
+                                  "and is not in the class table")
             targets = c.ilsvrc_indices
         items.append(EvalItem(rel, cls, targets, (row.get("bg_category") or row.get("background") or "").strip(),
                               (row.get("fg_uid") or "").strip(), (row.get("bg_uid") or "").strip()))

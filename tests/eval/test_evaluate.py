@@ -76,7 +76,11 @@ def test_interrupted_run_resumes_from_saved_chunks(tiny_ooc, tmp_path, monkeypat
     victim.write_bytes(good)
     seen = []
     real = ev_mod.iter_probs
-    monkeypatch.setattr(ev_mod, "iter_probs", lambda model, paths, **kw: (seen.append(len(paths)), real(model, paths, **kw))[1])
+    def spy(model, paths, **kw):
+        seen.append(len(paths))
+        return real(model, paths, **kw)
+
+    monkeypatch.setattr(ev_mod, "iter_probs", spy)
     evaluate(cfg)
     assert seen == [4]  # only the chunk that failed ran again
     resumed = pd.read_csv(tmp_path / "r" / "predictions.csv", keep_default_na=False)
