@@ -50,6 +50,9 @@ def _evaluate(args: argparse.Namespace) -> None:
     for part in ("out_of_context", "in_context"):
         if part in s:
             print(f"  {part.replace('_', '-')}: top-1 {s[part]['top1']:.1%} ({s[part]['n']} images)")
+    if fg := s.get("per_foreground"):
+        print(f"  objects fooled by at least one background: {fg['fooled_by_any']} of {fg['count']} "
+              f"(mean share of backgrounds that fool: {fg['mean_fooled_fraction']:.0%})")
     for row in s.get("most_fooling_backgrounds", [])[:3]:
         print(f"  most fooling background: {row['background']} (top-1 error {row['top1_error']:.0%})")
     print(f"results: {Path(args.out)}")

@@ -112,6 +112,7 @@ def test_cli_evaluate_prints_scores_and_errors_name_the_culprit(tiny_ooc, tmp_pa
                  "--out", str(out), "--label", "tiny random"]) == 0
     printed = capsys.readouterr().out
     assert "tiny random on" in printed and "top-1" in printed and "most fooling background" in printed
+    assert "objects fooled by at least one background: 3 of 3" in printed  # random weights: all wrong
     assert json.loads((out / "summary.json").read_text())["model"]["pretraining_data"] == "none (random weights)"
     (tmp_path / "empty").mkdir()
     assert main(["evaluate", "--model", "R14x0.5", "--data", str(tmp_path / "empty"), "--out", str(out)]) == 2
