@@ -11,6 +11,7 @@ reuse (cc0, pdm, by, by-sa), so the finished dataset can be shared like the offi
 """
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -166,7 +167,7 @@ def _search(cfg: BackgroundsConfig, root: Path, cat: BackgroundCategory, need: i
             if reason:
                 log.info("%s: skip %s (%s)", cat.category, r.get("id"), reason)
                 continue
-            got = _download_result(root, cat, r, uids, cfg.retries)
+            got = _download_result(root, cat, r, uids, cfg.retries, cfg.min_side)
             if got is None:
                 continue
             used.add(got.source_id)
@@ -191,7 +192,7 @@ def _reject(r: dict, allowed: set[str], min_side: int, used: set[str]) -> str:
     return ""
 
 
-def _download_result(root: Path, cat: BackgroundCategory, r: dict, uids: set[str], retries: int
+def _download_result(root: Path, cat: BackgroundCategory, r: dict, uids: set[str], retries: int, min_side: int
                      ) -> BackgroundFile | None:
     ext = Path(urllib.parse.urlparse(r["url"]).path).suffix.lower()
     ext = ext if ext in IMAGE_EXTENSIONS else ".jpg"
@@ -201,6 +202,8 @@ def _download_result(root: Path, cat: BackgroundCategory, r: dict, uids: set[str
     try:
         io.download(r["url"], dest, retries=retries, progress=False)
         img = compose.decode(dest)
+        if min(img.shape[:2]) < min_side:
+            raise compose.BadInputError(f"{img.shape[1]}x{img.shape[0]} is smaller than {min_side} px")
     except (io.DownloadError, compose.BadInputError) as e:
         log.warning("%s: skip %s (%s)", cat.category, r["url"], e)
         dest.unlink(missing_ok=True)
@@ -229,7 +232,7 @@ def _get_json(url: str, retries: int, timeout: float = 30.0) -> dict:
             if e.code != 429 and 400 <= e.code < 500:
                 raise BitlabError(f"{url}: HTTP {e.code} {e.reason}") from None
             last = f"HTTP {e.code}"
-        except (urllib.error.URLError, OSError, ValueError) as e:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
             last = f"{type(e).__name__}: {e}"
         log.warning("%s: %s (attempt %d/%d)", url, last, attempt, retries)
         time.sleep(min(2.0 ** attempt, 30.0) * 0.05)
