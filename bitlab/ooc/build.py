@@ -135,7 +135,8 @@ def build(cfg: MakeOOCConfig, command: Sequence[str] | None = None) -> dict:
         if inp.problems and not cfg.skip_bad:
             _raise(inp.problems)
         todo = [j for j in todo if j.fg.uid in cutouts and j.bg.uid in squares]
-        jobs = [j for j in jobs if j.file in done or j in todo]
+        keep = set(done) | {j.file for j in todo}
+        jobs = [j for j in jobs if j.file in keep]
         _clean_temp(out, {j.file.split("/")[0] for j in jobs})
         done.update(_compose_all(cfg, out, todo, cutouts, squares, workers))
     rows = [_manifest_row(cfg, inp, j, done[j.file]) for j in jobs]
@@ -159,6 +160,8 @@ def build(cfg: MakeOOCConfig, command: Sequence[str] | None = None) -> dict:
 def _preflight(cfg: MakeOOCConfig) -> _Inputs:
     """Read the tables and check every input file's presence and sha256 (no decoding yet)."""
     classes = {c.folder: c for c in load_classes(cfg.classes)}
+    if not Path(cfg.selection).exists():
+        raise BitlabError(f"{cfg.selection}: no such file; `bitlab make-ooc plan` writes it (ooc_dataset/README.md)")
     sel = load_selection(cfg.selection)
     problems: list[str] = []
     bad_fg: set[str] = set()
