@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The one prepared GPU check, for sessions lent a GPU (one card, a few minutes in all).
+#   bash benchmarks/gpu_check.sh            # results also written to $OUT/gpu_check.jsonl when OUT is set
+# It installs bitlab into a fresh venv on the GPU machine (torch from its local wheels or PyPI), then
+# runs each comparison against its baseline in the same process, on the same card.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RESULTS="${OUT:-/tmp}/gpu_check.jsonl"
+PY=${PYTHON:-python3}
+if ! $PY -c "import bitlab" 2>/dev/null; then
+  $PY -m pip install --quiet -e . 2>&1 | tail -n 3
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "${OUT:-/tmp}/gpu_name.txt"
+run() { echo "+ $*" >&2; "$@" | tee -a "$RESULTS"; }
+
+# 1. Models (issue 2): bitlab R50x1 vs timm resnetv2_50x1_bit, bf16 autocast + channels_last.
+run $PY benchmarks/models.py --device cuda --amp bf16 --size 128 --batch 128 --rounds 5 --iters 10
+run $PY benchmarks/models.py --device cuda --amp bf16 --size 480 --batch 32 --rounds 5 --iters 5
