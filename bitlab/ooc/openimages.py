@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 
 from bitlab import io
 from bitlab.errors import BitlabError
-from bitlab.ooc import compose
 from bitlab.ooc.spec import SAFE_NAME, OOCClass, SpecError, load_classes, load_selection, seeded_order
 
 log = logging.getLogger(__name__)
@@ -476,6 +475,8 @@ def fetch_images(tree: Tree, image_ids: dict[str, str | None], *, images_url: st
 
 
 def _decodes(path: Path) -> bool:
+    from bitlab.ooc import compose  # OpenCV: imported when needed, so `bitlab --help` stays light
+
     if not path.is_file():
         return False
     try:
