@@ -59,6 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--feather", type=float, default=0.0, help="Gaussian sigma in px for a soft edge (default: hard)")
     p.add_argument("--erode", type=int, default=0, help="shrink the mask by N px before pasting")
     p.add_argument("--seed", type=int, default=0, help="seed for --placement random")
+    p.add_argument("--png", choices=["fast", "default", "small"], default="fast",
+                   help="PNG encoding: fast (default; Huffman-only), default (OpenCV's), small (level 9, slow)")
     p.add_argument("--workers", type=int, default=0, help="threads (default: one per core)")
     p.add_argument("--skip-bad", action="store_true", help="skip unusable inputs and report them instead of stopping")
     p.set_defaults(func=_make_ooc)
@@ -161,7 +163,7 @@ def _make_ooc(args: argparse.Namespace) -> None:
     if not args.out:
         raise SystemExit("bitlab make-ooc: --out is required")
     opts = dict(size=args.size, object_scale=args.object_scale, placement=args.placement, feather=args.feather,
-                erode=args.erode, seed=args.seed, workers=args.workers, skip_bad=args.skip_bad)
+                erode=args.erode, seed=args.seed, png=args.png, workers=args.workers, skip_bad=args.skip_bad)
     if args.demo:
         cfg = build.demo_config(args.out, **opts)
     else:

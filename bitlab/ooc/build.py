@@ -75,6 +75,7 @@ class MakeOOCConfig:
     feather: float = 0.0  # Gaussian sigma of the alpha edge in output px (0: hard mask, as the paper)
     erode: int = 0  # shrink the mask by this many output px before pasting
     seed: int = 0  # used by placement='random' only
+    png: str = "fast"  # compose.PNG_SETTINGS: fast | default | small (all lossless)
     workers: int = 0  # threads; 0 = one per core
     skip_bad: bool = False  # drop unusable inputs (and report them) instead of stopping
 
@@ -85,6 +86,8 @@ class MakeOOCConfig:
             raise BitlabError(f"--object-scale must be in (0, 1], got {self.object_scale}")
         if self.placement not in compose.PLACEMENTS:
             raise BitlabError(f"--placement must be one of {', '.join(compose.PLACEMENTS)}, got {self.placement!r}")
+        if self.png not in compose.PNG_SETTINGS:
+            raise BitlabError(f"--png must be one of {', '.join(compose.PNG_SETTINGS)}, got {self.png!r}")
         if self.feather < 0 or self.erode < 0:
             raise BitlabError("--feather and --erode must not be negative")
 
@@ -127,7 +130,7 @@ def build(cfg: MakeOOCConfig, command: Sequence[str] | None = None) -> dict:
             for fg in inp.foregrounds for bg in inp.backgrounds]
     if len({j.file for j in jobs}) != len(jobs):
         raise BitlabError(f"{cfg.selection}: two foreground/background pairs give the same file name")
-    done = _resume(out, jobs)
+    done = _resume(out, jobs, workers)
     todo = [j for j in jobs if j.file not in done]
     log.info("make-ooc: %d images, %d already built, %d to build", len(jobs), len(done), len(todo))
     if todo:
@@ -238,13 +241,13 @@ def _file_info(path: str | os.PathLike) -> dict:
 
 
 def _recipe(cfg: MakeOOCConfig, fg: Foreground, bg: Background) -> str:
-    parts = [COMPOSE_VERSION, cv2.__version__, compose.PNG_PARAMS, fg.image_sha256, fg.mask_sha256, bg.sha256,
+    parts = [COMPOSE_VERSION, cv2.__version__, compose.PNG_SETTINGS[cfg.png], fg.image_sha256, fg.mask_sha256, bg.sha256,
              cfg.size, cfg.object_scale, cfg.placement, cfg.feather, cfg.erode,
              cfg.seed if cfg.placement == "random" else None]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
 
-def _resume(out: Path, jobs: Sequence[_Job]) -> dict[str, dict]:
+def _resume(out: Path, jobs: Sequence[_Job], workers: int) -> dict[str, dict]:
     """Journalled images whose file is intact and whose recipe is unchanged: file -> computed fields."""
     journal = out / JOURNAL
     if not journal.exists():
@@ -256,12 +259,15 @@ def _resume(out: Path, jobs: Sequence[_Job]) -> dict[str, dict]:
             known[row["file"]] = row
         except (ValueError, KeyError, TypeError):
             continue  # a line torn by an interruption
-    done = {}
-    for j in jobs:
-        row = known.get(j.file)
-        if row and row.get("recipe") == j.recipe and (out / j.file).is_file() and io.sha256_file(out / j.file) == row.get("sha256"):
-            done[j.file] = {k: row[k] for k in _COMPUTED}
-    return done
+    candidates = [(j, known[j.file]) for j in jobs
+                  if j.file in known and known[j.file].get("recipe") == j.recipe and (out / j.file).is_file()]
+
+    def intact(item: tuple[_Job, dict]) -> bool:
+        return io.sha256_file(out / item[0].file) == item[1].get("sha256")
+
+    with ThreadPoolExecutor(workers) as pool:  # hashlib releases the GIL: hash on all cores
+        ok = list(pool.map(intact, candidates))
+    return {j.file: {k: row[k] for k in _COMPUTED} for (j, row), good in zip(candidates, ok) if good}
 
 
 def _clean_temp(out: Path, folders: Iterable[str]) -> None:
@@ -323,7 +329,7 @@ def _compose_all(cfg: MakeOOCConfig, out: Path, todo: Sequence[_Job], cutouts: d
             bg, bg_side = squares[j.bg.uid]
             x, y = compose.paste_position(cfg.size, cut.size, cfg.placement, key=f"{cfg.seed}:{j.fg.uid}:{j.bg.uid}")
             img = compose.composite(bg, cut, (x, y))
-            data = compose.encode_png(img)
+            data = compose.encode_png(img, cfg.png)
             # No fsync per image: the rename is atomic, and a re-run re-checks each file's sha256.
             io.write_bytes(out / j.file, data, fsync=False)
             vb = visible[j.fg.uid]
@@ -343,14 +349,19 @@ def _compose_all(cfg: MakeOOCConfig, out: Path, todo: Sequence[_Job], cutouts: d
     chunks = [js[i:i + 16] for js in by_fg.values() for i in range(0, len(js), 16)]
     done = {}
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / JOURNAL, "a", encoding="utf-8") as journal, ThreadPoolExecutor(workers) as pool, \
-            tqdm(total=len(todo), desc="make-ooc", unit="img") as bar:
-        for fut in as_completed([pool.submit(task, c) for c in chunks]):
-            for j, computed in fut.result():
-                done[j.file] = computed
-                journal.write(json.dumps({"file": j.file, "recipe": j.recipe, **computed}, sort_keys=True) + "\n")
-                bar.update()
-            journal.flush()
+    pool = ThreadPoolExecutor(workers)
+    try:
+        with open(out / JOURNAL, "a", encoding="utf-8") as journal, \
+                tqdm(total=len(todo), desc="make-ooc", unit="img") as bar:
+            for fut in as_completed([pool.submit(task, c) for c in chunks]):
+                for j, computed in fut.result():
+                    done[j.file] = computed
+                    journal.write(json.dumps({"file": j.file, "recipe": j.recipe, **computed}, sort_keys=True) + "\n")
+                    bar.update()
+                journal.flush()
+    finally:
+        # On Ctrl-C or an error: running chunks finish their (atomic) writes, queued ones never start.
+        pool.shutdown(wait=True, cancel_futures=True)
     return done
 
 
@@ -426,7 +437,7 @@ def _dataset_json(cfg: MakeOOCConfig, inp: _Inputs, jobs: Sequence[_Job], comman
         "inputs": inp.inputs,
         "upstream_md5": UPSTREAM_MD5,
         "versions": {"python": platform.python_version(), "numpy": np.__version__, "opencv": cv2.__version__,
-                     "png_params": compose.PNG_PARAMS},
+                     "png_params": compose.PNG_SETTINGS[cfg.png]},
         "skipped": inp.problems,
         "manifest_sha256": manifest_sha256,
     }

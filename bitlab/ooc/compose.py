@@ -23,13 +23,17 @@ import numpy as np
 
 from bitlab.errors import BitlabError
 
-# PNG output. For photos, zlib's LZ77 search buys almost nothing: on 512 px composites
-# level 9 is ~1% smaller than Huffman-only coding and ~25x slower, and level 1 is larger
-# and ~2x slower (benchmarks/RESULTS.md, "make-ooc"). The AVG row filter + Huffman-only coding
-# is the fastest setting that still compresses (~57% of raw size).
-PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY]
+# PNG output. Photos gain little from zlib's LZ77 search; its cost dominates the build. On 512 px
+# composites (benchmarks/RESULTS.md, "make-ooc"): 'fast' (AVG row filter, Huffman-only coding)
+# encodes ~2x faster than OpenCV's default (level 1, adaptive filters) for files ~15% larger;
+# 'small' (level 9) saves another ~20% at ~20x the time. All are lossless.
+PNG_SETTINGS = {
+    "fast": [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY],
+    "default": [cv2.IMWRITE_PNG_COMPRESSION, 1],
+    "small": [cv2.IMWRITE_PNG_COMPRESSION, 9],
+}
 if hasattr(cv2, "IMWRITE_PNG_FILTER"):  # OpenCV >= 4.10
-    PNG_PARAMS += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_AVG]
+    PNG_SETTINGS["fast"] += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_AVG]
 
 PLACEMENTS = ("center", "random")
 
@@ -179,8 +183,8 @@ def composite(background: np.ndarray, cutout: Cutout, xy: tuple[int, int]) -> np
     return out
 
 
-def encode_png(img: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", img, PNG_PARAMS)
+def encode_png(img: np.ndarray, png: str = "fast") -> bytes:
+    ok, buf = cv2.imencode(".png", img, PNG_SETTINGS[png])
     if not ok:
         raise BitlabError("OpenCV could not encode a PNG")
     return buf.tobytes()

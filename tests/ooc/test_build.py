@@ -89,6 +89,39 @@ def test_second_run_is_byte_identical_and_skips(full_build, capsys):
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())  # untouched, not rewritten
 
 
+def test_killed_run_resumes_to_the_same_bytes(full_build, tmp_path, capsys):
+    """SIGKILL a real `bitlab make-ooc` process part-way; the next run finishes the job and the
+    result is byte-identical to an uninterrupted build."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    argv = [a if a != str(full_build["out"]) else str(out) for a in full_build["argv"]]
+    env = {**os.environ, "PYTHONPATH": str(Path(build.__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, "-m", "bitlab", *argv, "--workers", "1"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = out / build.JOURNAL
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if journal.exists() and journal.read_text().count("\n") >= 300:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the build finished before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.csv").exists()
+    capsys.readouterr()
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "built 3321" not in printed and "kept 0 " not in printed  # it resumed
+    got, reference = _tree_digest(out), _tree_digest(full_build["out"])
+    for name in ("dataset.json", "config.json"):  # they name the output folder, which differs here
+        got.pop(name), reference.pop(name)
+    assert got == reference
+
+
 def test_resume_after_interruption(full_build, tmp_path, capsys):
     """A run that died part-way: some images missing, one half-written temp file, one damaged
     image, a torn journal line. The next run rebuilds exactly those and ends byte-identical."""
@@ -229,6 +262,17 @@ def test_options_change_the_recipe(small_cfg):
     assert cv2.imread(str(next(Path(small_cfg.out).glob("*/*.png")))).shape == (40, 40, 3)
 
 
+def test_png_settings_are_lossless(small_cfg, tmp_path):
+    fast = {r["file"]: r for r in _manifest(Path(build.build(small_cfg)["out"]))}
+    small = build.build(MakeOOCConfig(**{**small_cfg.__dict__, "out": str(tmp_path / "small"), "png": "small"}))
+    for r in _manifest(Path(small["out"])):
+        assert r["pixel_sha256"] == fast[r["file"]]["pixel_sha256"]  # same pixels
+        assert r["sha256"] != fast[r["file"]]["sha256"]  # other bytes
+    size = {k: sum(p.stat().st_size for p in Path(d).glob("*/*.png")) for k, d in
+            (("fast", small_cfg.out), ("small", small["out"]))}
+    assert size["small"] < size["fast"]
+
+
 def test_feather_and_erode_recorded(small_cfg):
     s = build.build(MakeOOCConfig(**{**small_cfg.__dict__, "feather": 1.5, "erode": 1}))
     rows = _manifest(Path(s["out"]))
@@ -236,7 +280,7 @@ def test_feather_and_erode_recorded(small_cfg):
 
 
 def test_invalid_options(small_cfg):
-    for bad in ({"size": 4}, {"object_scale": 1.5}, {"placement": "left"}, {"feather": -1}):
+    for bad in ({"size": 4}, {"object_scale": 1.5}, {"placement": "left"}, {"feather": -1}, {"png": "tiny"}):
         with pytest.raises(BitlabError):
             build.build(MakeOOCConfig(**{**small_cfg.__dict__, **bad}))
 
