@@ -130,6 +130,7 @@ def build(cfg: MakeOOCConfig, command: Sequence[str] | None = None) -> dict:
             for fg in inp.foregrounds for bg in inp.backgrounds]
     if len({j.file for j in jobs}) != len(jobs):
         raise BitlabError(f"{cfg.selection}: two foreground/background pairs give the same file name")
+    _clean_temp(out, {j.fg.folder for j in jobs})
     done = _resume(out, jobs, workers)
     todo = [j for j in jobs if j.file not in done]
     log.info("make-ooc: %d images, %d already built, %d to build", len(jobs), len(done), len(todo))
@@ -140,7 +141,6 @@ def build(cfg: MakeOOCConfig, command: Sequence[str] | None = None) -> dict:
         todo = [j for j in todo if j.fg.uid in cutouts and j.bg.uid in squares]
         keep = set(done) | {j.file for j in todo}
         jobs = [j for j in jobs if j.file in keep]
-        _clean_temp(out, {j.file.split("/")[0] for j in jobs})
         done.update(_compose_all(cfg, out, todo, cutouts, squares, workers))
     rows = [_manifest_row(cfg, inp, j, done[j.file]) for j in jobs]
     manifest = table_text(MANIFEST_COLUMNS, rows)
