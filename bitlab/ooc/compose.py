@@ -26,7 +26,7 @@ from bitlab.errors import BitlabError
 # PNG output. Photos gain little from zlib's LZ77 search; its cost dominates the build. On 512 px
 # composites (benchmarks/RESULTS.md, "make-ooc"): 'fast' (AVG row filter, Huffman-only coding)
 # encodes ~2x faster than OpenCV's default (level 1, adaptive filters) for files ~15% larger;
-# 'small' (level 9) saves another ~20% at ~20x the time. All are lossless.
+# 'small' (level 9) makes them ~20% smaller at ~30x the time. All are lossless.
 PNG_SETTINGS = {
     "fast": [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY],
     "default": [cv2.IMWRITE_PNG_COMPRESSION, 1],
