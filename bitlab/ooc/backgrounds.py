@@ -209,14 +209,14 @@ def _download_result(root: Path, cat: BackgroundCategory, r: dict, uids: set[str
         dest.unlink(missing_ok=True)
         uids.discard(uid)
         return None
-    license = str(r.get("license", ""))
+    licence = str(r.get("license", ""))
     if r.get("license_version"):
-        license += f" {r['license_version']}"
+        licence += f" {r['license_version']}"
     return BackgroundFile(
         category=cat.category, file=rel, uid=uid, sha256=io.sha256_file(dest), width=img.shape[1],
         height=img.shape[0], title=str(r.get("title") or ""), author=str(r.get("creator") or ""),
         author_url=str(r.get("creator_url") or ""), landing_url=str(r.get("foreign_landing_url") or ""),
-        license=license, license_url=str(r.get("license_url") or ""),
+        license=licence, license_url=str(r.get("license_url") or ""),
         provider=f"openverse:{r.get('provider') or r.get('source') or ''}", source_id=str(r["id"]),
         search_terms=cat.search_terms, attribution=str(r.get("attribution") or ""))
 
