@@ -6,6 +6,7 @@ Output (`OUT/`), compatible with the official release's one-folder-per-class lay
     manifest.csv                              one row per image (MANIFEST_COLUMNS)
     dataset.json                              command, config, versions, input checksums, manifest hash
     ATTRIBUTION.md                            every source photo with its author and licence
+    classes.csv                               the class table of the classes built (same columns)
     config.json                               this command's configuration
 
 How it stays correct and fast:
@@ -40,7 +41,8 @@ from bitlab.errors import BitlabError
 from bitlab.ooc import backgrounds as bgmod
 from bitlab.ooc import compose
 from bitlab.ooc.openimages import ANNOTATIONS_LICENSE, UPSTREAM_MD5, Tree, read_image_metadata
-from bitlab.ooc.spec import (Background, Foreground, OOCClass, class_row, load_classes, load_selection, table_text)
+from bitlab.ooc.spec import (CLASS_COLUMNS, Background, Foreground, OOCClass, class_row, load_classes, load_selection,
+                             table_text, write_table)
 from bitlab.paths import SAMPLE_DIR
 
 log = logging.getLogger(__name__)
@@ -146,6 +148,8 @@ def build(cfg: MakeOOCConfig, command: Sequence[str] | None = None) -> dict:
     manifest = table_text(MANIFEST_COLUMNS, rows)
     io.write_text(out / "manifest.csv", manifest)
     io.write_text(out / "ATTRIBUTION.md", _attribution(inp, jobs))
+    write_table(out / "classes.csv", CLASS_COLUMNS, [class_row(c) for c in inp.classes.values()
+                                                     if any(j.fg.folder == c.folder for j in jobs)])
     io.write_json(out / "config.json", asdict(cfg))
     io.write_json(out / "dataset.json", _dataset_json(cfg, inp, jobs, command, hashlib.sha256(manifest.encode()).hexdigest()))
     io.write_text(out / JOURNAL, "".join(json.dumps({"file": j.file, "recipe": j.recipe, **done[j.file]},

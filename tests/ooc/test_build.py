@@ -73,6 +73,7 @@ def test_acceptance_3321_images(full_build, capsys):
     assert meta["counts"] == {"images": 3321, "classes": 20, "foregrounds": 81, "backgrounds": 41}
     assert meta["manifest_sha256"] == hashlib.sha256((out / "manifest.csv").read_bytes()).hexdigest()
     assert meta["inputs"]["selection"]["sha256"] == hashlib.sha256(full_build["selection"].read_bytes()).hexdigest()
+    assert load_classes(out / "classes.csv") == classes  # the output describes itself
     attribution = (out / "ATTRIBUTION.md").read_text()
     assert sum(line.startswith("| ") for line in attribution.splitlines()) == 2 + 81 + 41  # 2 headers
     assert "CC BY 4.0" in attribution and "a \\| b" in attribution  # '|' escaped inside tables
@@ -132,7 +133,7 @@ def test_resume_after_interruption(full_build, tmp_path, capsys):
     for rel in reference:
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_bytes((src / rel).read_bytes())
-    for name in ("manifest.csv", "dataset.json", "ATTRIBUTION.md", "config.json"):
+    for name in ("manifest.csv", "dataset.json", "ATTRIBUTION.md", "config.json", "classes.csv"):
         (out / name).unlink()  # the run died before writing them
     pngs = sorted(out.glob("*/*.png"))
     for p in pngs[:50]:
