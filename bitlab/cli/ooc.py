@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("out_pos", nargs="?", metavar="OUT", help="the OpenImages tree to fill (same as --out)")
     f.add_argument("--out", help="the OpenImages tree to fill")
     f.add_argument("--classes", default=_CLASSES, help=f"class table (default: {_CLASSES})")
-    f.add_argument("--split", default="validation", help="train, validation or test (default: validation: ~43 MB of CSVs, then 3-4 MB per mask zip needed)")
+    f.add_argument("--split", default="validation",
+                   help="train, validation or test (default: validation: ~43 MB of CSVs, then 3-4 MB per mask zip)")
     f.add_argument("--selection", help="fetch exactly the foregrounds of this selection.csv")
     f.add_argument("--max-per-class", type=int, default=25, help="candidate instances to download per class")
     f.add_argument("--seed", type=int, default=0, help="which candidates (seeded order)")
