@@ -70,7 +70,8 @@ def prepare(root: Path) -> dict:
             box_id = image_id[:8]
             mask_path = f"{mask_stem(image_id, c.mid, box_id)}.png"
             jpg = oi / "validation" / f"{image_id}.jpg"
-            cv2.imwrite(str(jpg), cv2.resize(img, (w, h), interpolation=cv2.INTER_CUBIC), [cv2.IMWRITE_JPEG_QUALITY, 90])
+            big_img = cv2.resize(img, (w, h), interpolation=cv2.INTER_CUBIC)
+            cv2.imwrite(str(jpg), big_img, [cv2.IMWRITE_JPEG_QUALITY, 90])
             ms = 1600 / max(img.shape[:2])
             big = cv2.resize(m, (round(img.shape[1] * ms), round(img.shape[0] * ms)), interpolation=cv2.INTER_NEAREST)
             cv2.imwrite(str(oi / "validation-masks" / mask_path), big, [cv2.IMWRITE_PNG_BILEVEL, 1])
@@ -245,7 +246,8 @@ def main() -> None:
             print(f"  {k:<15} best {best[k]:6.2f} s  ({', '.join(f'{x:.2f}' for x in v)})  {n / best[k]:7.1f} img/s")
         print(f"build / bare (wall) = {best['build'] / baseline:.2f}x   build {n / best['build']:.0f} img/s   "
               f"rerun (all skipped) {best['rerun']:.2f} s")
-        print(f"build / bare (CPU seconds of the process, threads) = {min(cpu['build']) / min(cpu['bare threads']):.2f}x"
+        cpu_ratio = min(cpu["build"]) / min(cpu["bare threads"])
+        print(f"build / bare (CPU seconds of the process, threads) = {cpu_ratio:.2f}x"
               f"   ({min(cpu['build']):.1f} s / {min(cpu['bare threads']):.1f} s)")
         du = sum(p.stat().st_size for p in (root / f"out{args.repeats - 1}").glob("*/*.png"))
         print(f"output: {du / 2**20:.0f} MiB of PNG ({du / n / 1024:.0f} KiB per image)")

@@ -140,7 +140,8 @@ def fetch(cfg: BackgroundsConfig) -> dict:
 
 
 def _save(root: Path, rows) -> None:
-    write_table(root / TABLE, BACKGROUND_FILE_COLUMNS, [b.row() for b in sorted(rows, key=lambda b: (b.category, b.uid))])
+    ordered = sorted(rows, key=lambda b: (b.category, b.uid))
+    write_table(root / TABLE, BACKGROUND_FILE_COLUMNS, [b.row() for b in ordered])
 
 
 def _search(cfg: BackgroundsConfig, root: Path, cat: BackgroundCategory, need: int, used: set[str],

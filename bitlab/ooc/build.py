@@ -151,7 +151,8 @@ def build(cfg: MakeOOCConfig, command: Sequence[str] | None = None) -> dict:
     write_table(out / "classes.csv", CLASS_COLUMNS, [class_row(c) for c in inp.classes.values()
                                                      if any(j.fg.folder == c.folder for j in jobs)])
     io.write_json(out / "config.json", asdict(cfg))
-    io.write_json(out / "dataset.json", _dataset_json(cfg, inp, jobs, command, hashlib.sha256(manifest.encode()).hexdigest()))
+    manifest_sha256 = hashlib.sha256(manifest.encode()).hexdigest()
+    io.write_json(out / "dataset.json", _dataset_json(cfg, inp, jobs, command, manifest_sha256))
     io.write_text(out / JOURNAL, "".join(json.dumps({"file": j.file, "recipe": j.recipe, **done[j.file]},
                                                     sort_keys=True) + "\n" for j in jobs))
     _warn_strays(out, {j.file for j in jobs})
@@ -245,9 +246,9 @@ def _file_info(path: str | os.PathLike) -> dict:
 
 
 def _recipe(cfg: MakeOOCConfig, fg: Foreground, bg: Background) -> str:
-    parts = [COMPOSE_VERSION, cv2.__version__, compose.PNG_SETTINGS[cfg.png], fg.image_sha256, fg.mask_sha256, bg.sha256,
-             cfg.size, cfg.object_scale, cfg.placement, cfg.feather, cfg.erode,
-             cfg.seed if cfg.placement == "random" else None]
+    parts = [COMPOSE_VERSION, cv2.__version__, compose.PNG_SETTINGS[cfg.png],
+             fg.image_sha256, fg.mask_sha256, bg.sha256, cfg.size, cfg.object_scale, cfg.placement, cfg.feather,
+             cfg.erode, cfg.seed if cfg.placement == "random" else None]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
 

@@ -203,7 +203,8 @@ def read_segmentations(path: str | os.PathLike, mids: Iterable[str]) -> list[Ins
                                 f"got {mask_path!r}")
             if not SAFE_NAME.match(image_id):
                 raise SpecError(f"{path} line {reader.line_num}: field 'ImageID' is not a plain id: {image_id!r}")
-            box = tuple(_float(path, reader.line_num, row, col, k) for k in ("BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax"))
+            box = tuple(_float(path, reader.line_num, row, col, k)
+                        for k in ("BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax"))
             iou = row[col["PredictedIoU"]].strip()
             out.append(Instance(mask_path, image_id, row[col["LabelName"]], row[col["BoxID"]], box,
                                 _float(path, reader.line_num, row, col, "PredictedIoU") if iou else None,

@@ -83,7 +83,8 @@ def plan(cfg: PlanConfig) -> tuple[Selection, dict]:
     return selection, report
 
 
-def _pick_foregrounds(tree: Tree, folder: str, candidates, need: int, cfg: PlanConfig, funnel: dict) -> list[Foreground]:
+def _pick_foregrounds(tree: Tree, folder: str, candidates, need: int, cfg: PlanConfig,
+                      funnel: dict) -> list[Foreground]:
     by_uid = {i.uid: i for i in candidates}
     picked: list[Foreground] = []
     for stage in ("on_disk", "decodes", "object_px", "mask_fill"):

@@ -102,7 +102,8 @@ def safe_relative(path: Path, line: int, field: str, value: str) -> str:
     """A relative POSIX path that stays inside its root (no '..', not absolute)."""
     p = PurePosixPath(value)
     _check(bool(value) and not p.is_absolute() and ".." not in p.parts and "\\" not in value
-           and ":" not in value, path, line, f"field '{field}' must be a relative path inside its folder, got {value!r}")
+           and ":" not in value, path, line,
+           f"field '{field}' must be a relative path inside its folder, got {value!r}")
     return str(p)
 
 
@@ -243,7 +244,8 @@ def read_background_files(path: str | os.PathLike) -> list[BackgroundFile]:
         _check(bool(SAFE_NAME.match(cat)), path, line, f"field 'category' must be a plain folder name, got {cat!r}")
         file = safe_relative(path, line, "file", _need(path, line, row, "file"))
         uid = _need(path, line, row, "uid")
-        _check(bool(SAFE_NAME.match(uid)), path, line, f"field 'uid' must be a plain name (letters, digits, _ . -), got {uid!r}")
+        _check(bool(SAFE_NAME.match(uid)), path, line,
+               f"field 'uid' must be a plain name (letters, digits, _ . -), got {uid!r}")
         _check(uid not in uids, path, line, f"uid {uid!r} repeats line {uids.get(uid)}")
         uids[uid] = line
         sha = row.get("sha256", "").lower()
@@ -301,7 +303,8 @@ class Selection:
     def rows(self) -> list[dict]:
         fg = [{"kind": "foreground", "group": f.folder, "uid": f.uid, "split": f.split, "image_id": f.image_id,
                "mid": f.mid, "box_id": f.box_id, "mask_path": f.mask_path, "sha256": f.image_sha256,
-               "mask_sha256": f.mask_sha256, "predicted_iou": f.predicted_iou} for f in sorted(self.foregrounds, key=lambda f: (f.folder, f.uid))]
+               "mask_sha256": f.mask_sha256, "predicted_iou": f.predicted_iou}
+              for f in sorted(self.foregrounds, key=lambda f: (f.folder, f.uid))]
         bg = [{"kind": "background", "group": b.category, "uid": b.uid, "file": b.file, "sha256": b.sha256}
               for b in sorted(self.backgrounds, key=lambda b: (b.category, b.uid))]
         return fg + bg

@@ -132,7 +132,8 @@ def main() -> None:
     from bitlab.ooc.openimages import BOX_COLUMNS, IMAGE_COLUMNS, SEG_COLUMNS
 
     names = {p["mid"]: p["name"] for p in PHOTOS.values()} | OTHER_CLASSES
-    csv(OI / "class-descriptions-boxable.csv", None, [[m, n] for m, n in sorted(names.items())])  # no header, as upstream
+    # no header, as upstream
+    csv(OI / "class-descriptions-boxable.csv", None, [[m, n] for m, n in sorted(names.items())])
     csv(OI / "validation-annotations-object-segmentation.csv", list(SEG_COLUMNS), sorted(seg))
     csv(OI / "validation-annotations-bbox.csv", list(BOX_COLUMNS), sorted(boxes))
     csv(OI / "validation-images-with-rotation.csv", list(IMAGE_COLUMNS), sorted(images))

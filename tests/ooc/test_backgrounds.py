@@ -118,7 +118,8 @@ def test_user_folder_import_and_scan(tmp_path):
     # a file dropped into a category folder later is found, with licence 'unknown'
     cv2.imwrite(str(root / "grass" / "extra photo.jpg"), cv2.resize(tex[2], (64, 64)))
     found = {b.file: b for b in backgrounds.scan(root)}
-    assert found["grass/extra photo.jpg"].license == "unknown" and found["grass/extra photo.jpg"].uid == "grass_extra-photo"
+    extra = found["grass/extra photo.jpg"]
+    assert extra.license == "unknown" and extra.uid == "grass_extra-photo"
     with pytest.raises(BitlabError, match=r"mine/outer_space: no images for category 'outer_space'"):
         for p in (src / "outer_space").iterdir():
             p.unlink()

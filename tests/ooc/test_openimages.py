@@ -159,7 +159,8 @@ def test_fetch_a_committed_selection(small_inputs, http_server, tmp_path):
     sel = tmp_path / "sel.csv"
     plan(PlanConfig(out=str(sel), openimages=str(small_inputs["openimages"]),
                     backgrounds=str(small_inputs["backgrounds"]), classes=str(small_inputs["classes"]),
-                    background_categories=str(small_inputs["categories"]), filters=AnnotationFilter(min_predicted_iou=0.5),
+                    background_categories=str(small_inputs["categories"]),
+                    filters=AnnotationFilter(min_predicted_iou=0.5),
                     min_object_px=40, min_background_px=32))
     urls = serve(http_server, small_inputs["openimages"])
     fetch(_fetch_cfg(small_inputs, urls, tmp_path / "a", selection=str(sel)))
