@@ -24,3 +24,15 @@ def tiny_digits(digits_root, tmp_path_factory) -> Path:
             for f in sorted(class_dir.glob("*.png"))[:n]:
                 shutil.copy(f, dest / f.name)
     return root
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread per test process: `make test` runs 2 pytest workers on 2 cores, and
+    oversubscribed OpenMP threads spin-wait (10x slower steps seen here); restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
