@@ -174,7 +174,8 @@ def gpu(root: Path, model_name: str, workers: int) -> list[dict]:
         torch.cuda.reset_peak_memory_stats()
         print(f"GPU {row['gpu']}: {model_name} at {crop} px, batch {batch} (split {split}), bf16, channels-last: "
               f"model-only {only:.0f} img/s, finetune loop with JPEGs {train:.0f} img/s "
-              f"(data path {100 * row['data_path_cost']:.1f}%), peak {row['max_memory_gib']:.1f} GiB")
+              f"(data path {100 * row['data_path_cost']:.1f}%), peak {row['max_memory_gib']:.1f} GiB", file=sys.stderr)
+        print(json.dumps({"bench": "finetune_gpu", **row}), flush=True)  # gpu_check.sh collects these lines
         out.append(row)
     return out
 
