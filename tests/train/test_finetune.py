@@ -72,7 +72,7 @@ def _flat(state: dict) -> torch.Tensor:
 def test_batch_split_equals_one_batch_with_mixup(tiny_digits, tmp_path):
     one = finetune(cfg(tiny_digits, tmp_path / "one", mixup=0.2))
     four = finetune(cfg(tiny_digits, tmp_path / "four", mixup=0.2, batch_split=4))
-    other = finetune(cfg(tiny_digits, tmp_path / "other", mixup=0.2, seed=1))
+    finetune(cfg(tiny_digits, tmp_path / "other", mixup=0.2, seed=1))
     assert one.completed and four.completed
     torch.manual_seed(0)  # finetune's own initialisation for seed 0
     start = _flat(build_model("R14x0.5", 10, None).state_dict())
@@ -128,6 +128,7 @@ def test_sigterm_then_resume_gives_the_same_weights(tiny_digits, tmp_path):
 def test_fewshot_runs_seeds_and_reports_spread(tiny_digits, tmp_path):
     out = fewshot(FewShotConfig(**{**TINY, "data": str(tiny_digits), "out": str(tmp_path), "schedule": [1, 2, 3, 3, 4],
                                    "shots": [1, 3], "seeds": [0, 1]}))
+    assert out["stopped"] is None and out["csv"] == tmp_path / "fewshot.csv"
     rows = list(csv.DictReader(open(tmp_path / "fewshot.csv")))
     assert [(r["k"], r["seed"]) for r in rows] == [("1", "0"), ("1", "1"), ("3", "0"), ("3", "1")]
     assert [r["train_size"] for r in rows] == ["10", "10", "30", "30"]  # the HyperRule sees k x classes
