@@ -151,6 +151,17 @@ def test_fewshot_runs_seeds_and_reports_spread(tiny_digits, tmp_path):
     assert (tmp_path / "k1_seed0" / "final.pt").stat().st_mtime_ns == mtime
 
 
+def test_fewshot_cli_prints_median_and_spread(tiny_digits, tmp_path, capsys):
+    args = ["fewshot", "--model", "R14x0.5", "--data", str(tiny_digits), "--out", str(tmp_path), "--batch-size", "8",
+            "--resolution", "18", "16", "--schedule", "1", "1", "1", "1", "2", "--workers", "0", "--no-progress",
+            "--shots", "2", "--seeds", "0", "1", "2"]
+    code, out, _ = _cli(capsys, *args)
+    assert code == 0
+    summary = next(csv.DictReader(open(tmp_path / "fewshot_summary.csv")))
+    assert summary["runs"] == "3"
+    assert f"{float(summary['top1_median']):.4f}" in out and "fewshot.csv" in out
+
+
 def test_timm_model_and_its_checkpoint(tiny_digits, tmp_path):
     first = finetune(cfg(tiny_digits, tmp_path / "a", model="test_resnet", schedule=[1, 2, 2, 2, 3]))
     assert first.completed
