@@ -239,3 +239,20 @@ def test_autocast_and_channels_last(tiny_digits, tmp_path, precision):
     assert result.completed and 0 < result.metrics["loss"] < 10
     scaler = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["scaler"]
     assert (scaler is None) == (precision == "bf16")  # fp16 trains with a gradient scaler, saved for resume
+
+
+def test_bit_model_from_official_npz_and_from_a_run(tiny_digits, tmp_path):
+    from bitlab.models import save_npz
+
+    torch.manual_seed(3)
+    upstream = create_model("R14x0.5", num_classes=21843)
+    npz = save_npz(upstream, tmp_path / "R14x0.5.npz")
+    model = build_model("R14x0.5", 7, str(npz))
+    own, src = model.state_dict(), upstream.state_dict()
+    assert all(torch.allclose(own[k], src[k]) for k in own if not k.startswith("head.conv"))
+    assert own["head.conv.weight"].shape[0] == 7 and not own["head.conv.weight"].any() and not own["head.conv.bias"].any()
+    # fine-tune from the npz, then from that run's final.pt (a bitlab file): both load strictly
+    assert finetune(cfg(tiny_digits, tmp_path / "a", pretrained=str(npz), schedule=[1, 1, 1, 1, 2])).completed
+    again = build_model("R14x0.5", 3, str(tmp_path / "a" / "final.pt"))
+    trained = read_state_dict(tmp_path / "a" / "final.pt")[0]
+    assert torch.equal(again.state_dict()["root.conv.weight"], trained["root.conv.weight"])
