@@ -16,3 +16,12 @@ run() { echo "+ $*" >&2; "$@" | tee -a "$RESULTS"; }
 # 1. Models (issue 2): bitlab R50x1 vs timm resnetv2_50x1_bit, bf16 autocast + channels_last.
 run $PY benchmarks/models.py --device cuda --amp bf16 --size 128 --batch 128 --rounds 5 --iters 10
 run $PY benchmarks/models.py --device cuda --amp bf16 --size 480 --batch 32 --rounds 5 --iters 5
+
+# 2. Fine-tuning (issue 4): the BiT-HyperRule step at 128 px (batch 256) and 480 px (batch 64,
+#    --batch-split 2), R50x1, bf16 autocast + channels_last: model-only vs the `bitlab finetune` loop
+#    reading real JPEGs with OpenCV workers (one JSON line each: images/s, data-path cost, peak memory).
+run $PY benchmarks/finetune.py --part gpu --model R50x1
+#    and a short real run end to end on the GPU (offline digits), which must beat chance (10%).
+$PY -m bitlab finetune --model R14x0.5 --data builtin:digits --out "${OUT:-/tmp}/finetune_digits" \
+  --batch-size 128 --schedule 10 60 80 90 100 --base-lr 0.03 --resolution 36 32 --no-flip --no-progress \
+  | tee "${OUT:-/tmp}/finetune_digits.txt"

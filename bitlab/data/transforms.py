@@ -85,13 +85,61 @@ def eval_image(img: np.ndarray, cfg: DataConfig) -> np.ndarray:
     return center_crop(resize_shorter(img, int(cfg.input_size / cfg.crop_pct)), cfg.input_size)
 
 
+@dataclass(frozen=True)
+class TrainAugment:
+    """BiT's training view: square resize to `resize`, random `crop` square, horizontal flip.
+
+    Each step can be turned off for tasks where it breaks the labels or the geometry:
+    `square_resize=False` keeps the aspect ratio (shorter side to `resize`), `random_crop=False`
+    takes the centre crop, `flip=False` never mirrors (e.g. digits, text, left/right classes).
+    """
+
+    resize: int
+    crop: int
+    square_resize: bool = True
+    random_crop: bool = True
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.crop <= self.resize:
+            raise BitlabError(f"crop ({self.crop}) must be positive and at most the resize ({self.resize})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def random_crop(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A `size` x `size` window at a uniformly random position (as torchvision's RandomCrop)."""
+    h, w = img.shape[:2]
+    top = int(rng.integers(0, h - size + 1))
+    left = int(rng.integers(0, w - size + 1))
+    return img[top:top + size, left:left + size]
+
+
+def train_image(img: np.ndarray, aug: TrainAugment, rng: np.random.Generator) -> np.ndarray:
+    """The training view of an RGB uint8 image (official bit_pytorch: Resize((p, p)) -> RandomCrop
+    -> RandomHorizontalFlip). All randomness comes from `rng`, so a seeded rng gives the same view."""
+    img = resize(img, aug.resize, aug.resize) if aug.square_resize else resize_shorter(img, aug.resize)
+    img = random_crop(img, aug.crop, rng) if aug.random_crop else center_crop(img, aug.crop)
+    if aug.flip and rng.random() < 0.5:
+        img = img[:, ::-1]
+    return img
+
+
+def square_eval_image(img: np.ndarray, crop: int) -> np.ndarray:
+    """The evaluation view during fine-tuning: resize the whole image to `crop` x `crop` (no centre
+    crop), as the official trainer does."""
+    return resize(img, crop, crop)
+
+
 def to_chw_tensor(img: np.ndarray) -> torch.Tensor:
     """uint8 HxWx3 -> uint8 tensor 3xHxW (contiguous)."""
     return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
 
 
 def normalize(batch: torch.Tensor, mean=BIT_MEAN, std=BIT_STD) -> torch.Tensor:
-    """uint8 NCHW -> float NCHW: (x / 255 - mean) / std, in one fused pass."""
-    mean_t = torch.tensor(mean, device=batch.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-    std_t = torch.tensor(std, device=batch.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-    return (batch.float() - mean_t) / std_t
+    """uint8 NCHW -> float NCHW: (x / 255 - mean) / std as x * a + b, in place on the one float copy
+    (no temporaries: on a CPU this per-batch pass is memory-bound, 2-3x faster than the naive form)."""
+    std_t = torch.tensor(std, device=batch.device, dtype=torch.float32).view(1, -1, 1, 1)
+    mean_t = torch.tensor(mean, device=batch.device, dtype=torch.float32).view(1, -1, 1, 1)
+    return batch.float().mul_(1.0 / (255.0 * std_t)).sub_(mean_t / std_t)

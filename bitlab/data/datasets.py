@@ -1,0 +1,412 @@
+"""Labelled image sets for fine-tuning: image folders, CSVs, make-ooc output, few-shot subsets.
+
+Sources (`load_splits`):
+- an ImageFolder tree `DIR/train/<class>/*.jpg` with `DIR/val/` (or `validation/`, then `test/`);
+- a folder of class folders `DIR/<class>/*` (one split: add `--val-data` or `--val-fraction`);
+- the output of `bitlab make-ooc`: `DIR/manifest.csv` (columns `file`, `class`, ...), one split;
+- a CSV with columns `path,label` (paths relative to the CSV) and an optional `split` column;
+- `builtin:digits`: scikit-learn's 1,797 real 8x8 handwritten digits (10 classes), written once
+  as an ImageFolder tree; offline, for tests and the demo.
+
+Workers decode and augment with OpenCV and return uint8 CHW tensors; normalisation (and MixUp)
+happens once per batch in the main process. Training augmentation draws from a generator seeded by
+(run seed, the sample's position in the stream), so the n-th image of a run is augmented the same
+way whatever the worker count, the `--batch-split` or an interruption.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import shutil
+import signal
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from bitlab.data.transforms import (
+    BadImageError, TrainAugment, decode_image, square_eval_image, to_chw_tensor, train_image,
+)
+from bitlab.errors import BitlabError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
+VAL_SPLIT_NAMES = ("val", "validation", "test")
+BUILTIN = ("digits",)
+# A bad training image is replaced by the next decodable one; give up after this many in a row.
+MAX_SUBSTITUTES = 64
+_AUG_STREAM = 0x617567  # keeps augmentation randomness apart from other streams of the same seed
+
+
+@dataclass
+class ImageSet:
+    """Image files with integer labels into `classes` (the label of `paths[i]` is `labels[i]`)."""
+
+    paths: list[Path]
+    labels: np.ndarray
+    classes: list[str]
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if len(self.paths) != len(self.labels):
+            raise ValueError("paths and labels differ in length")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> "ImageSet":
+        idx = np.asarray(indices, dtype=np.int64)
+        return ImageSet([self.paths[i] for i in idx], self.labels[idx], self.classes, self.source)
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.labels, minlength=len(self.classes))
+
+    @classmethod
+    def from_pairs(cls, pairs: Sequence[tuple[Path, str]], source: str,
+                   classes: Sequence[str] | None = None) -> "ImageSet":
+        classes = list(classes) if classes is not None else sorted({c for _, c in pairs})
+        index = {c: i for i, c in enumerate(classes)}
+        return cls([p for p, _ in pairs], np.array([index[c] for _, c in pairs], dtype=np.int64), classes, source)
+
+
+@dataclass
+class Splits:
+    train: ImageSet
+    val: ImageSet
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train.classes
+
+
+# ----------------------------------------------------------------------------- sources
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def image_folder(root: str | os.PathLike) -> ImageSet:
+    """`root/<class>/**/<image>`: classes are the sorted sub-folder names; files sorted by path."""
+    root = Path(root)
+    if not root.is_dir():
+        raise BitlabError(f"{root}: no such folder")
+    pairs = []
+    for class_dir in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        pairs += [(p, class_dir.name) for p in sorted(class_dir.rglob("*")) if _is_image(p)]
+    if not pairs:
+        raise BitlabError(f"{root}: no images found in class sub-folders (expected {root}/<class>/<image>)")
+    return ImageSet.from_pairs(pairs, str(root))
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            return [c.strip() for c in reader.fieldnames or []], rows
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise BitlabError(f"{path}: unreadable CSV ({e})") from None
+
+
+def _pick_column(path: Path, columns: list[str], wanted: Sequence[str], what: str) -> str:
+    for name in wanted:
+        if name in columns:
+            return name
+    raise BitlabError(f"{path}: no {what} column (expected one of {', '.join(wanted)}; found {', '.join(columns) or 'none'})")
+
+
+def labelled_csv(path: str | os.PathLike, *, path_columns: Sequence[str] = ("path", "file", "filename"),
+                 label_columns: Sequence[str] = ("label", "class", "fg_class")) -> dict[str, ImageSet]:
+    """A CSV of image paths and labels -> {split: ImageSet}; split is 'all' without a `split` column.
+
+    Paths are relative to the CSV's folder (absolute paths are kept). Used for plain CSVs and for
+    make-ooc's `manifest.csv` (`file`, `class`, ...).
+    """
+    path = Path(path)
+    columns, rows = _read_csv(path)
+    pcol = _pick_column(path, columns, path_columns, "image path")
+    lcol = _pick_column(path, columns, label_columns, "label")
+    by_split: dict[str, list[tuple[Path, str]]] = {}
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        file, label = (row.get(pcol) or "").strip(), (row.get(lcol) or "").strip()
+        if not file or not label:
+            raise BitlabError(f"{path}, line {line}: empty {pcol if not file else lcol!r}")
+        split = (row.get("split") or "all").strip().lower() if "split" in columns else "all"
+        by_split.setdefault(split, []).append((path.parent / file, label))
+    if not by_split:
+        raise BitlabError(f"{path}: no rows")
+    classes = sorted({c for pairs in by_split.values() for _, c in pairs})
+    return {s: ImageSet.from_pairs(p, f"{path} [{s}]", classes) for s, p in by_split.items()}
+
+
+def builtin_root() -> Path:
+    """Where built-in datasets are written: $BITLAB_DATA or ~/.cache/bitlab/datasets."""
+    return Path(os.environ.get("BITLAB_DATA") or Path.home() / ".cache" / "bitlab" / "datasets")
+
+
+def write_digits(root: str | os.PathLike, val_per_class: int = 36) -> Path:
+    """scikit-learn's handwritten digits (UCI, 1,797 real 8x8 scans, 10 classes) as an ImageFolder
+    tree `root/digits/{train,val}/<digit>/<n>.png`: 8x8 greyscale PNGs scaled from 0-16 to 0-255,
+    `val_per_class` of each digit held out (fixed seed, so the split never changes)."""
+    from sklearn.datasets import load_digits
+
+    dest = Path(root) / "digits"
+    if (dest / ".complete").exists():
+        return dest
+    digits = load_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".digits.", dir=dest.parent))
+    try:
+        for c in range(10):
+            idx = rng.permutation(np.flatnonzero(digits.target == c))
+            for split, part in (("val", idx[:val_per_class]), ("train", idx[val_per_class:])):
+                folder = tmp / split / str(c)
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in part:
+                    cv2.imwrite(str(folder / f"{i:04d}.png"), images[i])
+        (tmp / ".complete").write_text("sklearn.datasets.load_digits\n")
+        shutil.rmtree(dest, ignore_errors=True)  # a partial tree from an older, interrupted write
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _resolve_builtin(spec: str) -> Path:
+    name = spec.split(":", 1)[1]
+    if name not in BUILTIN:
+        raise BitlabError(f"unknown built-in dataset {name!r} (available: {', '.join(BUILTIN)})")
+    return write_digits(builtin_root())
+
+
+def load_source(spec: str | os.PathLike) -> dict[str, ImageSet]:
+    """Any supported source -> {split name: ImageSet}; 'all' marks a source without splits."""
+    if str(spec).startswith("builtin:"):
+        spec = _resolve_builtin(str(spec))
+    path = Path(spec)
+    if path.is_file():
+        if path.suffix.lower() != ".csv":
+            raise BitlabError(f"{path}: a data file must be a CSV (path,label[,split])")
+        return labelled_csv(path)
+    if not path.is_dir():
+        raise BitlabError(f"{path}: no such dataset folder or CSV file")
+    if (path / "train").is_dir():
+        splits = {"train": image_folder(path / "train")}
+        for name in VAL_SPLIT_NAMES:
+            if (path / name).is_dir():
+                splits[name] = image_folder(path / name)
+        return splits
+    if (path / "manifest.csv").is_file():  # make-ooc output
+        return labelled_csv(path / "manifest.csv")
+    return {"all": image_folder(path)}
+
+
+def stratified_holdout(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """Hold out `fraction` of every class (at least one image, never all of a class), seeded."""
+    if not 0 < fraction < 1:
+        raise BitlabError(f"--val-fraction must be in (0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    train_idx, val_idx = [], []
+    for c in range(len(images.classes)):
+        idx = rng.permutation(np.flatnonzero(images.labels == c))
+        if len(idx) < 2:
+            raise BitlabError(f"{images.source}: class {images.classes[c]!r} has {len(idx)} image(s); "
+                              "a validation hold-out needs at least 2 per class")
+        k = min(len(idx) - 1, max(1, round(fraction * len(idx))))
+        val_idx += idx[:k].tolist()
+        train_idx += idx[k:].tolist()
+    return images.subset(sorted(train_idx)), images.subset(sorted(val_idx))
+
+
+def align_classes(train: ImageSet, val: ImageSet) -> ImageSet:
+    """`val` relabelled into the training classes; every class must appear on both sides."""
+    unknown = sorted(set(val.classes[i] for i in np.unique(val.labels)) - set(train.classes))
+    if unknown:
+        raise BitlabError(f"{val.source}: class(es) {', '.join(map(repr, unknown[:5]))} are not in the training "
+                          f"set {train.source}")
+    remap = np.array([train.classes.index(c) if c in train.classes else -1 for c in val.classes], dtype=np.int64)
+    aligned = ImageSet(val.paths, remap[val.labels], train.classes, val.source)
+    missing = [train.classes[c] for c in np.flatnonzero(aligned.class_counts() == 0)]
+    if missing:
+        raise BitlabError(f"{val.source}: no validation images for class(es) {', '.join(map(repr, missing[:5]))}"
+                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+                          + f" of the training set {train.source}")
+    empty = [train.classes[c] for c in np.flatnonzero(train.class_counts() == 0)]
+    if empty:
+        raise BitlabError(f"{train.source}: no training images for class(es) {', '.join(map(repr, empty[:5]))}")
+    return aligned
+
+
+def load_splits(data: str | os.PathLike, *, val_data: str | os.PathLike | None = None,
+                val_split: str | None = None, val_fraction: float = 0.0, seed: int = 0) -> Splits:
+    """Training and validation sets from `data` (see the module doc), with classes aligned.
+
+    Validation comes from, in order: `val_data`; the source's own `val_split` (default: val, then
+    validation, then test); a stratified `val_fraction` hold-out of the training data.
+    """
+    splits = load_source(data)
+    train = splits.get("train") or splits.get("all")
+    if train is None:
+        raise BitlabError(f"{data}: no training split (found: {', '.join(sorted(splits))}); "
+                          "a CSV's split column must use 'train' and 'val'/'test'")
+    notes = []
+    if val_data is not None:
+        other = load_source(val_data)
+        pick = val_split or next((n for n in (*VAL_SPLIT_NAMES, "all") if n in other), None)
+        if pick not in other:
+            raise BitlabError(f"{val_data}: no split {pick!r} (found: {', '.join(sorted(other))})")
+        val = other[pick]
+    elif val_split is not None:
+        if val_split not in splits:
+            raise BitlabError(f"{data}: no {val_split!r} split (found: {', '.join(sorted(splits))})")
+        val = splits[val_split]
+    elif found := next((n for n in VAL_SPLIT_NAMES if n in splits), None):
+        val = splits[found]
+    elif val_fraction > 0:
+        train, val = stratified_holdout(train, val_fraction, seed)
+        notes.append(f"validation: {len(val)} images held out of {data} ({val_fraction:.0%} per class, seed {seed})")
+    else:
+        raise BitlabError(f"{data}: no validation split (expected a val/ or test/ folder, or a 'split' column "
+                          f"with val/test rows; found: {', '.join(sorted(splits))}). Add one, pass --val-data, "
+                          "or hold out part of the training data with --val-fraction 0.1")
+    return Splits(train, align_classes(train, val), notes)
+
+
+def few_shot(images: ImageSet, k: int, seed: int) -> ImageSet:
+    """K examples of every class, without replacement, reproducibly from `seed`.
+
+    The official PyTorch `fewshot.py` used the unseeded global RNGs (runs not reproducible); this
+    follows the TF/JAX pipeline instead: per class, `choice(k, replace=False)` from a seeded
+    generator, over the files in their stable (sorted) order.
+    """
+    if k <= 0:
+        raise BitlabError(f"--examples-per-class must be positive, got {k}")
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c, name in enumerate(images.classes):
+        idx = np.flatnonzero(images.labels == c)
+        if len(idx) < k:
+            raise BitlabError(f"{images.source}: class {name!r} has {len(idx)} training image(s), "
+                              f"fewer than --examples-per-class {k}")
+        picked += sorted(rng.choice(idx, size=k, replace=False).tolist())
+    return images.subset(picked)
+
+
+def typical_image_size(images: ImageSet, sample: int = 256, seed: int = 0) -> tuple[int, int]:
+    """Median (H, W) over up to `sample` files (headers only): what BiT-HyperRule's resolution
+    choice looks at. Unreadable files are left out (the training pass reports them)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(images), size=min(sample, len(images)), replace=False)
+    sizes = []
+    for i in idx:
+        try:
+            with Image.open(images.paths[i]) as im:
+                sizes.append(im.size[::-1])
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+    if not sizes:
+        raise BadImageError(f"{images.source}: none of {len(idx)} sampled images could be read")
+    h, w = np.median(np.array(sizes), axis=0)
+    return int(h), int(w)
+
+
+# ----------------------------------------------------------------------------- torch datasets
+class Batch(NamedTuple):
+    """A collated batch: uint8 NCHW images, int64 labels, and messages for images that were bad."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    bad: tuple[str, ...]
+
+
+class TrainImages(Dataset):
+    """Training views keyed by `(index, stream position)` pairs from `StepSampler`.
+
+    A file that fails to decode is, with `skip_bad`, replaced by the next decodable file (the
+    batch keeps its size) and reported in `Batch.bad`; without it, the batch carries the error.
+    """
+
+    def __init__(self, images: ImageSet, aug: TrainAugment, seed: int = 0, skip_bad: bool = False) -> None:
+        self.images, self.aug, self.seed, self.skip_bad = images, aug, seed, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, position = key
+        rng = np.random.default_rng((self.seed, _AUG_STREAM, position))
+        bad: list[str] = []
+        for attempt in range(MAX_SUBSTITUTES):
+            i = (index + attempt) % len(self.images)
+            try:
+                img = decode_image(self.images.paths[i])
+            except BadImageError as e:
+                bad.append(str(e))
+                if not self.skip_bad:
+                    return None, -1, tuple(bad)
+                continue
+            return to_chw_tensor(train_image(img, self.aug, rng)), int(self.images.labels[i]), tuple(bad)
+        return None, -1, tuple(bad)
+
+
+class EvalImages(Dataset):
+    """Evaluation views (whole image resized to `crop` x `crop`); bad files come back as None."""
+
+    def __init__(self, images: ImageSet, crop: int) -> None:
+        self.images, self.crop = images, crop
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        try:
+            img = decode_image(self.images.paths[i])
+        except BadImageError as e:
+            return None, -1, (str(e),)
+        return to_chw_tensor(square_eval_image(img, self.crop)), int(self.images.labels[i]), ()
+
+
+def collate(items) -> Batch:
+    """Stack the decodable items; keep the messages of the bad ones."""
+    good = [(img, label) for img, label, _ in items if img is not None]
+    bad = tuple(m for _, _, msgs in items for m in msgs)
+    if not good:
+        return Batch(torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), bad)
+    return Batch(torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good], dtype=torch.int64), bad)
+
+
+def _worker_init(_: int) -> None:
+    # Ctrl-C reaches the whole process group; only the main process should react (it checkpoints
+    # and stops), so workers keep serving the batches the current step still needs.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, *, workers: int,
+                pin_memory: bool = False, persistent: bool = False) -> DataLoader:
+    """DataLoader with bitlab's collate, OpenCV-friendly workers and sensible prefetching."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+                      pin_memory=pin_memory, worker_init_fn=_worker_init if workers else None,
+                      persistent_workers=persistent and workers > 0, prefetch_factor=4 if workers else None,
+                      # Its own generator: creating a loader iterator must not consume the global
+                      # torch RNG, or a resumed run (one extra iterator) would drift from an unbroken one.
+                      generator=torch.Generator().manual_seed(0))

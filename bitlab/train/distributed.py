@@ -1,0 +1,182 @@
+"""One process per device with torchrun: process group, rank-0 helpers and data sharding.
+
+`torchrun --nproc_per_node N -m bitlab finetune ...` sets RANK / WORLD_SIZE / LOCAL_RANK; `setup`
+reads them and joins the process group (NCCL on GPUs, Gloo on CPU). Without torchrun everything
+here degrades to a single process and no collective is ever called, so library code can call
+the helpers unconditionally.
+
+Data sharding is by *global sample position*: the global batch of step t is positions
+[t*B, (t+1)*B) of one seeded, epoch-wise shuffled stream, and rank r takes the r-th contiguous
+slice of it. The union over ranks is the same batch a single process would train on, so a run
+on N devices, a run with `--batch-split N` and a plain run see the same images at every step.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Sampler
+
+from bitlab.errors import BitlabError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: its rank among `world_size` processes and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that logs, writes metrics and saves checkpoints."""
+        return self.rank == 0
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def setup(device: str | torch.device | None = None) -> DistInfo:
+    """Read torchrun's environment and join the process group (no-op for a single process)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device(device) if device is not None else default_device()
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BitlabError("--device cuda was asked for but no CUDA device is available")
+        dev = torch.device("cuda", local_rank if world > 1 else (dev.index or 0))
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        log.info("rank %d/%d joined the %s process group on %s", rank, world, backend, dev)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def teardown(info: DistInfo) -> None:
+    if info.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum over ranks, in place (returns the tensor for chaining)."""
+    if info.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's `obj` on every rank (e.g. a decision only rank 0 can make)."""
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_object(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's `obj`, in rank order (e.g. per-rank counts for a summary)."""
+    if not info.distributed:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
+    """DistributedDataParallel across ranks (gradients averaged), or the model itself."""
+    if not info.distributed:
+        return model
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module under DDP and/or torch.compile wrappers (what checkpoints store)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+def per_rank_batch(batch_size: int, batch_split: int, info: DistInfo) -> int:
+    """Micro-batch size on each rank; the global batch must split evenly over ranks and micro-steps."""
+    parts = batch_split * info.world_size
+    if batch_size % parts:
+        raise BitlabError(f"batch size {batch_size} does not split into {info.world_size} process(es) x "
+                          f"--batch-split {batch_split}; choose a multiple of {parts}")
+    return batch_size // parts
+
+
+class StepSampler(Sampler):
+    """Endless, seeded, resumable sample stream for map-style datasets, sharded over ranks.
+
+    Yields `(dataset_index, position)` pairs: position g is the sample's place in the global stream
+    (epoch g // n, slot g % n of that epoch's permutation), a stable key for per-sample randomness
+    such as augmentation. Epochs run into each other with no partial batches, like the TF pipeline
+    (repeat -> shuffle -> batch). Each epoch is a fresh permutation (sampling without replacement),
+    so a few-shot set smaller than the batch is seen evenly; the official trainer instead drew such
+    sets with replacement. `start_step` skips the steps already trained: a resumed run sees exactly
+    the data order of an uninterrupted one.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, *, seed: int = 0, start_step: int = 0,
+                 info: DistInfo = DistInfo()) -> None:
+        if num_samples <= 0:
+            raise BitlabError("cannot train on an empty dataset")
+        per_rank = per_rank_batch(batch_size, 1, info)
+        self.n, self.batch_size, self.seed, self.start_step = num_samples, batch_size, seed, start_step
+        self.lo = info.rank * per_rank
+        self.hi = self.lo + per_rank
+        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng((self.seed, epoch)).permutation(self.n)
+        return self._perm
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        step = self.start_step
+        while True:
+            for g in range(step * self.batch_size + self.lo, step * self.batch_size + self.hi):
+                epoch, slot = divmod(g, self.n)
+                yield int(self.permutation(epoch)[slot]), g
+            step += 1
+
+
+class ShardSampler(Sampler):
+    """Rank r's share (every world_size-th index from r) of a finite dataset, in order, no padding:
+    per-rank evaluation sums add up to exactly the full-set numbers."""
+
+    def __init__(self, num_samples: int, info: DistInfo = DistInfo()) -> None:
+        self.indices = range(info.rank, num_samples, info.world_size)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)

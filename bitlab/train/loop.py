@@ -1,0 +1,471 @@
+"""The shared training engine: optimiser steps from micro-batches, checkpoint/resume, signals,
+NaN guard, metrics and progress. `bitlab finetune` and `bitlab pretrain` are thin layers on it.
+
+What the caller supplies (nothing here knows about HyperRule, MixUp or labels):
+- `data`: a `StepData` whose `steps(start)` yields, for every optimiser step from `start` on, this
+  rank's micro-batches as `(inputs, targets)` already on the device. It must be a deterministic
+  function of the step (seeded order and augmentation), which is what makes resume exact;
+- `lr_at(step)`: the learning rate of step `step` (0-based), or None when training is over.
+  A param group with `lr_scale` gets `lr * lr_scale`;
+- `loss_fn(outputs, targets)`: the mean loss of one micro-batch;
+- `make_optimizer(model)`: called after the model is on its device;
+- `evaluate(model, step)`: optional, returns a dict of metrics (called every `eval_every` steps and
+  at the end, on every rank: it may use collectives).
+
+Run directory (rank 0 writes): `checkpoint.pt` (latest, atomic: model, optimiser, scaler, step,
+RNG states), `final.pt` (the model alone), `metrics.jsonl` + `metrics.csv` (one row per log or
+eval event; training rows carry loss, lr, images/s, seconds per step and seconds per step spent
+waiting for data), `log.txt`, and TensorBoard events under `tb/` when tensorboard is installed.
+
+Micro-batching: each micro-batch's loss is weighted by its share of the step's images, and DDP's
+gradient all-reduce runs only on the last micro-step (`no_sync()` on the others), so a step is
+the same update as one big batch. A non-finite loss stops the run *before* the update; the last
+good checkpoint is left untouched. SIGINT/SIGTERM finish the current step, write a checkpoint and
+return (a second Ctrl-C aborts at once).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io as _io
+import json
+import logging
+import math
+import random
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from bitlab import io
+from bitlab.errors import BitlabError
+from bitlab.train.distributed import DistInfo, all_reduce_sum, barrier, unwrap_model, wrap_model
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+FINAL = "final.pt"
+CHECKPOINT_FORMAT = "bitlab-train-checkpoint"
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+MicroBatch = tuple[torch.Tensor, Any]
+
+
+class StepData(Protocol):
+    def steps(self, start: int) -> Iterator[Sequence[MicroBatch]]:
+        """From optimiser step `start` on: each step's micro-batches for this rank, on the device.
+
+        A step's sequence may be lazy (items built on access, to keep one micro-batch of floats in
+        memory at a time); if it has `num_images`, that is the step's image count on this rank."""
+
+
+class NonFiniteLossError(BitlabError):
+    """The loss became NaN or infinite; the run stopped before applying that update."""
+
+
+@dataclass
+class LoopConfig:
+    """How the engine runs (the command's own dataclass holds what to train)."""
+
+    total_steps: int
+    eval_every: int = 0  # 0: evaluate at the end only
+    checkpoint_every: int = 100  # 0: at the end (and on signals) only
+    log_every: int = 10
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a gradient scaler)
+    channels_last: bool = False
+    compile: bool = False
+    stop_after: int | None = None  # stop with a checkpoint once this many steps are done (as if interrupted)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise BitlabError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.total_steps <= 0:
+            raise BitlabError(f"the schedule has no steps (total {self.total_steps})")
+
+
+@dataclass
+class LoopResult:
+    step: int  # optimiser steps done
+    completed: bool  # reached the end of the schedule (False: interrupted / stopped early)
+    final_metrics: dict = field(default_factory=dict)
+    checkpoint: Path | None = None
+    final: Path | None = None
+    images_per_s: float = 0.0
+    stopped_by: str | None = None  # "SIGINT" / "SIGTERM" / "stop_after" when not completed
+
+
+# ----------------------------------------------------------------------------- run directory
+def write_config(run_dir: str | Path, config: Any) -> Path:
+    """The command's dataclass as `config.json` (atomic)."""
+    path = Path(run_dir) / "config.json"
+    io.write_json(path, asdict(config) if is_dataclass(config) else dict(config))
+    return path
+
+
+class MetricsWriter:
+    """`metrics.jsonl` (append) and `metrics.csv` (columns = union of keys; rewritten when a new
+    key appears), plus TensorBoard scalars when `torch.utils.tensorboard` imports."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+        self.jsonl, self.csv = run_dir / "metrics.jsonl", run_dir / "metrics.csv"
+        self.rows = read_metrics(self.jsonl)
+        self.columns = _columns(self.rows)
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                pass
+            else:
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def truncate(self, after_step: int) -> None:
+        """Drop rows logged after `after_step` (a resumed run redoes those steps)."""
+        kept = [r for r in self.rows if r.get("step", 0) <= after_step]
+        if len(kept) != len(self.rows):
+            self.rows = kept
+            io.write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept))
+        self._rewrite_csv()
+
+    def write(self, row: dict) -> None:
+        self.rows.append(row)
+        with open(self.jsonl, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if set(row) - set(self.columns) or not self.csv.exists():
+            self.columns = _columns(self.rows)
+            self._rewrite_csv()
+        else:
+            with open(self.csv, "a", newline="", encoding="utf-8") as f:
+                csv.DictWriter(f, self.columns).writerow(row)
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"{row.get('split', 'train')}/{k}", v, row.get("step", 0))
+
+    def _rewrite_csv(self) -> None:
+        buf = _io.StringIO()
+        writer = csv.DictWriter(buf, self.columns)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        io.write_text(self.csv, buf.getvalue())
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    cols: list[str] = ["step", "split"]
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    return cols
+
+
+@contextlib.contextmanager
+def _log_to_file(path: Path, enabled: bool):
+    """Mirror the `bitlab` loggers into `log.txt` (appending, so resumed runs keep their history)."""
+    if not enabled:
+        yield
+        return
+    logger = logging.getLogger("bitlab")
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    old_level = logger.level
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        handler.close()
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM -> finish the step, checkpoint, return. A second SIGINT aborts at once."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        log.warning("%s received: stopping after this step and writing a checkpoint (Ctrl-C again to abort)",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": _to_lists(random.getstate()),
+             "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "gauss": float(np_state[4])}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _to_lists(obj):
+    return [_to_lists(o) for o in obj] if isinstance(obj, (tuple, list)) else obj
+
+
+def _to_tuples(obj):
+    return tuple(_to_tuples(o) for o in obj) if isinstance(obj, list) else obj
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_to_tuples(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_signature(model: nn.Module) -> dict[str, list[int]]:
+    """Parameter/buffer names and shapes: what a checkpoint must match to be resumed into `model`."""
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+def save_model(model: nn.Module, path: str | Path, name: str | None = None) -> Path:
+    """The trained model alone: a bitlab model file for ResNetV2 (architecture included, loads with
+    `create_model(name, num_classes=..., pretrained=path)`), a plain state dict otherwise (timm)."""
+    from bitlab.models import ResNetV2, save_bitlab
+
+    model = unwrap_model(model)
+    if isinstance(model, ResNetV2):
+        return save_bitlab(model, path, name=name)
+    io.torch_save(model.state_dict(), path)
+    return Path(path)
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler | None) -> dict:
+    """Restore model, optimiser, scaler and RNG states from a training checkpoint; returns it."""
+    ckpt = io.torch_load(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise BitlabError(f"{path}: not a bitlab training checkpoint")
+    own = model_signature(model)
+    saved = {k: list(v.shape) for k, v in ckpt["model"].items()}
+    if saved != own:
+        diff = sorted(set(saved) ^ set(own)) or [k for k in own if saved[k] != own[k]]
+        where = f" (first difference: {diff[0]!r})" if diff else ""
+        raise BitlabError(f"{path}: checkpoint is for another architecture ({ckpt.get('model_name') or 'unknown'}, "
+                          f"{len(saved)} tensors) than this run's model ({len(own)} tensors){where}; "
+                          "use the same --model and classes, or another --out")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    _set_rng_state(ckpt["rng"])
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- the loop
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def run(
+    model: nn.Module,
+    *,
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    data: StepData,
+    lr_at: Callable[[int], float | None],
+    loss_fn: Callable[[torch.Tensor, Any], torch.Tensor],
+    run_dir: str | Path,
+    config: LoopConfig,
+    dist: DistInfo = DistInfo(),
+    evaluate: Callable[[nn.Module, int], dict] | None = None,
+    resume: bool = False,
+    model_name: str | None = None,
+) -> LoopResult:
+    """Train `model` for `config.total_steps` optimiser steps (or until `lr_at` returns None)."""
+    run_dir = Path(run_dir)
+    ckpt_path, final_path = run_dir / CHECKPOINT, run_dir / FINAL
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    raw = model.to(dist.device)
+    if config.channels_last:
+        raw = raw.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(raw)
+    scaler = torch.amp.GradScaler(dist.device.type) if config.precision == "fp16" else None
+
+    start = 0
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path, raw, optimizer, scaler)
+        start = int(ckpt["step"])
+        log.info("resumed from %s at step %d", ckpt_path, start)
+    elif resume:
+        log.info("no checkpoint in %s yet: starting from step 0", run_dir)
+    elif ckpt_path.exists() and not resume:
+        raise BitlabError(f"{run_dir} already holds a training checkpoint; pass --resume to continue it "
+                          "or choose another --out")
+    barrier(dist)
+
+    net = wrap_model(raw, dist)
+    if config.compile:
+        net = torch.compile(net)
+    metrics = MetricsWriter(run_dir) if dist.is_main else None
+    if metrics is not None:
+        metrics.truncate(start)
+
+    def save_checkpoint(step: int) -> Path:
+        if dist.is_main:
+            io.torch_save({"format": CHECKPOINT_FORMAT, "version": 1, "step": step, "model_name": model_name,
+                           "model": raw.state_dict(), "model_config": _model_config(raw),
+                           "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                           "rng": _rng_state(), "world_size": dist.world_size}, ckpt_path)
+        barrier(dist)
+        return ckpt_path
+
+    def run_eval(step: int) -> dict:
+        net.eval()
+        try:
+            out = evaluate(raw, step) if evaluate else {}
+        finally:
+            net.train()
+        if out and metrics is not None:
+            metrics.write({"step": step, "split": "val", **out})
+            log.info("eval @ step %d: %s", step, ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                          for k, v in out.items()))
+        return out
+
+    result = LoopResult(step=start, completed=False)
+    last_eval_step = -1
+    try:
+        with _log_to_file(run_dir / "log.txt", dist.is_main), _StopFlag() as stop, tqdm(
+            total=config.total_steps, initial=start, unit="step", dynamic_ncols=True, desc="train",
+            disable=not (dist.is_main and config.progress),
+        ) as bar:
+            net.train()
+            step = start
+            window_loss, window_steps, window_images, window_data = 0.0, 0, 0, 0.0
+            window_t0 = time.perf_counter()
+            total_images, total_time = 0, 0.0
+            batches = data.steps(start)
+            while step < config.total_steps:
+                lr = lr_at(step)
+                if lr is None:
+                    break
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
+                t0 = time.perf_counter()
+                micro = next(batches)
+                data_s = time.perf_counter() - t0  # waiting for the input pipeline
+                n_step = getattr(micro, "num_images", None) or sum(len(x) for x, _ in micro)
+                step_loss = torch.zeros((), device=dist.device)
+                for k, (x, y) in enumerate(micro):
+                    if config.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    last = k == len(micro) - 1
+                    # DDP all-reduces gradients only on the last micro-step of an update.
+                    with contextlib.nullcontext() if last or not dist.distributed else net.no_sync():
+                        with autocast(dist.device, config.precision):
+                            loss = loss_fn(net(x), y)
+                        weighted = loss * (len(x) / n_step)
+                        (scaler.scale(weighted) if scaler else weighted).backward()
+                    step_loss += weighted.detach().float()
+                # One small all-reduce per step carries the mean loss (logging, NaN guard) and the stop
+                # flag, so that every rank takes the same decision.
+                stop_flag = torch.tensor(float(stop.signal is not None), device=dist.device)
+                shared = all_reduce_sum(torch.stack([step_loss, stop_flag]), dist)
+                mean_loss, stop_now = shared[0].item() / dist.world_size, shared[1].item() > 0
+                if not math.isfinite(mean_loss):
+                    optimizer.zero_grad(set_to_none=True)
+                    kept = (f"the last good checkpoint ({ckpt_path}, step {_saved_step(ckpt_path)}) is kept"
+                            if ckpt_path.exists() else "no checkpoint had been written yet")
+                    raise NonFiniteLossError(f"loss is {mean_loss} at step {step}: training stopped before that "
+                                             f"update; {kept}. Lower the learning rate or check the data.")
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                result.step = step
+                images = n_step * dist.world_size
+                total_time += time.perf_counter() - t0
+                total_images += images
+                window_loss, window_steps = window_loss + mean_loss, window_steps + 1
+                window_images, window_data = window_images + images, window_data + data_s
+                bar.update(1)
+                if step % config.log_every == 0 or step == config.total_steps:
+                    elapsed = time.perf_counter() - window_t0
+                    row = {"step": step, "split": "train", "loss": window_loss / window_steps, "lr": lr,
+                           "images_per_s": window_images / max(elapsed, 1e-9), "step_s": elapsed / window_steps,
+                           "data_s": window_data / window_steps}
+                    if metrics is not None:
+                        metrics.write(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{row['images_per_s']:.1f}")
+                    window_loss, window_steps, window_images, window_data = 0.0, 0, 0, 0.0
+                    window_t0 = time.perf_counter()
+                if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
+                    result.final_metrics = run_eval(step)
+                    last_eval_step = step
+                if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.total_steps:
+                    result.checkpoint = save_checkpoint(step)
+                stopping = stop_now or (config.stop_after is not None and step >= config.stop_after)
+                if stopping and step < config.total_steps:
+                    result.checkpoint = save_checkpoint(step)
+                    result.stopped_by = signal.Signals(stop.signal).name if stop.signal else "stop_after"
+                    log.info("stopped at step %d (%s); checkpoint %s; rerun with --resume to continue",
+                             step, result.stopped_by, ckpt_path)
+                    result.images_per_s = total_images / max(total_time, 1e-9)
+                    return result
+            result.images_per_s = total_images / max(total_time, 1e-9)
+            result.completed = True
+            if last_eval_step != step:
+                result.final_metrics = run_eval(step)
+            result.checkpoint = save_checkpoint(step)
+            if dist.is_main:
+                result.final = save_model(raw, final_path, model_name)
+                log.info("done: %d steps, final model %s", step, final_path)
+            barrier(dist)
+            return result
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+
+def _saved_step(path: Path) -> int | str:
+    try:
+        return int(io.torch_load(path)["step"])
+    except (BitlabError, KeyError, TypeError, ValueError):
+        return "?"
+
+
+def _model_config(model: nn.Module) -> dict | None:
+    config = getattr(model, "config", None)
+    return config.to_dict() if hasattr(config, "to_dict") else None

@@ -1,0 +1,173 @@
+"""Image sets from folders, CSVs and make-ooc manifests; few-shot picks; loaders with bad files."""
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from bitlab.data import datasets as ds
+from bitlab.data.transforms import BadImageError, TrainAugment
+from bitlab.errors import BitlabError
+from bitlab.train.distributed import StepSampler
+
+
+def _write(path: Path, img: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    return path
+
+
+@pytest.fixture
+def photo_tree(tmp_path, photos) -> Path:
+    """train/{cat,coffee}/ and val/{cat,coffee}/ from real photos (crops of them)."""
+    root = tmp_path / "photos"
+    for split, n in (("train", 4), ("val", 2)):
+        for name, key in (("cat", "chelsea"), ("coffee", "coffee")):
+            for i in range(n):
+                _write(root / split / name / f"{i}.jpg", photos[key][i * 10:, i * 10:])
+    return root
+
+
+def test_digits_builtin(digits_root):
+    splits = ds.load_splits(digits_root)
+    assert splits.classes == [str(d) for d in range(10)]
+    assert len(splits.train) == 1797 - 360 and len(splits.val) == 360
+    assert (splits.val.class_counts() == 36).all()
+    img = cv2.imread(str(splits.train.paths[0]), cv2.IMREAD_UNCHANGED)
+    assert img.shape == (8, 8) and img.max() > 200  # real scans, scaled from 0-16 to 0-255
+    assert ds.write_digits(digits_root.parent) == digits_root  # written once, then reused
+
+
+def test_image_folder_splits_and_labels(photo_tree):
+    splits = ds.load_splits(photo_tree)
+    assert splits.classes == ["cat", "coffee"]
+    assert [p.parent.name for p in splits.train.paths] == ["cat"] * 4 + ["coffee"] * 4
+    assert splits.train.labels.tolist() == [0] * 4 + [1] * 4
+    assert len(splits.val) == 4
+
+
+def test_test_folder_is_used_when_there_is_no_val(photo_tree):
+    (photo_tree / "val").rename(photo_tree / "test")
+    assert len(ds.load_splits(photo_tree).val) == 4
+
+
+def test_missing_val_split_is_a_clear_error(photo_tree):
+    import shutil
+    shutil.rmtree(photo_tree / "val")
+    with pytest.raises(BitlabError, match=r"no validation split.*--val-fraction"):
+        ds.load_splits(photo_tree)
+    splits = ds.load_splits(photo_tree, val_fraction=0.25, seed=1)
+    assert len(splits.train) == 6 and len(splits.val) == 2
+    assert not set(splits.train.paths) & set(splits.val.paths)
+    assert (splits.val.class_counts() == 1).all()
+    assert splits.val.paths == ds.load_splits(photo_tree, val_fraction=0.25, seed=1).val.paths
+
+
+def test_class_missing_from_val(photo_tree):
+    import shutil
+    shutil.rmtree(photo_tree / "val" / "coffee")
+    with pytest.raises(BitlabError, match=r"no validation images for class\(es\) 'coffee'"):
+        ds.load_splits(photo_tree)
+
+
+def test_val_class_unknown_to_train(photo_tree, photos):
+    _write(photo_tree / "val" / "rocket" / "0.jpg", photos["rocket"])
+    with pytest.raises(BitlabError, match=r"'rocket' are not in the training set"):
+        ds.load_splits(photo_tree)
+
+
+def test_csv_with_split_column(tmp_path, photos):
+    for i in range(3):
+        _write(tmp_path / "img" / f"a{i}.png", photos["chelsea"][:50, :50])
+        _write(tmp_path / "img" / f"b{i}.png", photos["rocket"][:50, :50])
+    rows = ["path,label,split"] + [f"img/a{i}.png,cat,{'val' if i == 2 else 'train'}" for i in range(3)] + \
+        [f"img/b{i}.png,rocket,{'val' if i == 2 else 'train'}" for i in range(3)]
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    splits = ds.load_splits(tmp_path / "data.csv")
+    assert splits.classes == ["cat", "rocket"]
+    assert [p.name for p in splits.train.paths] == ["a0.png", "a1.png", "b0.png", "b1.png"]
+    assert [p.name for p in splits.val.paths] == ["a2.png", "b2.png"]
+    assert splits.train.paths[0] == tmp_path / "img" / "a0.png"  # relative to the CSV
+
+
+@pytest.mark.parametrize("text, message", [
+    ("file,target\na.png,x\n", r"no label column"),
+    ("label\nx\n", r"no image path column"),
+    ("path,label\na.png,x\n,y\n", r"line 3: empty 'path'"),
+])
+def test_bad_csv_names_the_problem(tmp_path, text, message):
+    (tmp_path / "bad.csv").write_text(text)
+    with pytest.raises(BitlabError, match=message):
+        ds.load_source(tmp_path / "bad.csv")
+
+
+def test_make_ooc_manifest(tmp_path, photos):
+    out = tmp_path / "ooc"
+    rows = ["file,sha256,class,ilsvrc_indices"]
+    for cls, key in (("Cat", "chelsea"), ("Rocket", "rocket")):
+        for i in range(3):
+            _write(out / cls / f"{i}.png", photos[key][i * 5:100, :100])
+            rows.append(f"{cls}/{i}.png,0,{cls},0")
+    (out / "manifest.csv").write_text("\n".join(rows) + "\n")
+    sets = ds.load_source(out)
+    assert list(sets) == ["all"] and sets["all"].classes == ["Cat", "Rocket"] and len(sets["all"]) == 6
+    splits = ds.load_splits(out, val_fraction=0.34, seed=0)
+    assert len(splits.train) == 4 and len(splits.val) == 2
+
+
+def test_unknown_source(tmp_path):
+    with pytest.raises(BitlabError, match="no such dataset"):
+        ds.load_source(tmp_path / "nope")
+    with pytest.raises(BitlabError, match="unknown built-in"):
+        ds.load_source("builtin:imagenet")
+
+
+def test_few_shot_is_seeded_and_without_replacement(digits_root):
+    train = ds.load_splits(digits_root).train
+    a, b = ds.few_shot(train, 5, seed=3), ds.few_shot(train, 5, seed=3)
+    assert a.paths == b.paths  # same seed, same files
+    assert len(set(a.paths)) == 50 and (a.class_counts() == 5).all()
+    assert a.paths != ds.few_shot(train, 5, seed=4).paths
+    for path, label in zip(a.paths, a.labels):
+        assert path.parent.name == a.classes[label]
+
+
+def test_few_shot_needs_enough_examples(photo_tree):
+    train = ds.load_splits(photo_tree).train
+    with pytest.raises(BitlabError, match=r"class 'cat' has 4 training image\(s\), fewer than --examples-per-class 5"):
+        ds.few_shot(train, 5, seed=0)
+
+
+def test_typical_image_size(photo_tree):
+    h, w = ds.typical_image_size(ds.load_splits(photo_tree).train)
+    assert 250 <= h <= 400 and 380 <= w <= 600
+
+
+def _first_batch(dataset, batch_size, workers=0):
+    sampler = StepSampler(len(dataset), batch_size, seed=0)
+    return next(iter(ds.make_loader(dataset, sampler, batch_size, workers=workers)))
+
+
+def test_train_loader_yields_uint8_views_reproducibly(photo_tree):
+    train = ds.load_splits(photo_tree).train
+    dataset = ds.TrainImages(train, TrainAugment(40, 32), seed=5)
+    a = _first_batch(dataset, 8, workers=2)
+    b = _first_batch(dataset, 8, workers=0)
+    assert a.images.dtype == torch.uint8 and a.images.shape == (8, 3, 32, 32)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)  # workers don't matter
+    assert sorted(a.labels.tolist()) == [0] * 4 + [1] * 4 and a.bad == ()
+
+
+def test_corrupt_image_is_named_or_skipped(photo_tree):
+    bad = photo_tree / "train" / "cat" / "1.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    train = ds.load_splits(photo_tree).train
+    batch = _first_batch(ds.TrainImages(train, TrainAugment(40, 32)), 8)
+    assert len(batch.images) == 7 and len(batch.bad) == 1 and str(bad) in batch.bad[0]
+    skipped = _first_batch(ds.TrainImages(train, TrainAugment(40, 32), skip_bad=True), 8)
+    assert len(skipped.images) == 8 and str(bad) in skipped.bad[0]  # replaced by the next readable file
+    evals = next(iter(ds.make_loader(ds.EvalImages(train, 32), range(len(train)), 8, workers=0)))
+    assert len(evals.images) == 7 and str(bad) in evals.bad[0]
+    with pytest.raises(BadImageError, match="cannot decode"):
+        ds.decode_image(bad)

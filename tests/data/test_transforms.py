@@ -1,0 +1,89 @@
+"""Training-time views: square resize, random crop, flip, each switchable; seeded and exact."""
+import numpy as np
+import pytest
+
+from bitlab.data.transforms import (
+    TrainAugment, random_crop, resize, resize_shorter, square_eval_image, train_image,
+)
+from bitlab.errors import BitlabError
+
+
+def test_train_view_matches_manual_recipe(photos):
+    img = photos["coffee"]  # 400x600: squashed to a square, as the official Resize((p, p))
+    aug = TrainAugment(resize=80, crop=64)
+    out = train_image(img, aug, np.random.default_rng(7))
+    rng = np.random.default_rng(7)
+    square = resize(img, 80, 80)
+    top, left = int(rng.integers(0, 17)), int(rng.integers(0, 17))
+    expected = square[top:top + 64, left:left + 64]
+    if rng.random() < 0.5:
+        expected = expected[:, ::-1]
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_seeded_views_repeat_and_vary(photos):
+    aug = TrainAugment(resize=96, crop=64)
+    a = [train_image(photos["chelsea"], aug, np.random.default_rng(s)) for s in range(8)]
+    b = [train_image(photos["chelsea"], aug, np.random.default_rng(s)) for s in range(8)]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert len({x.tobytes() for x in a}) > 1  # different seeds give different crops/flips
+
+
+def test_flips_happen_about_half_the_time(photos):
+    img = photos["rocket"]
+    aug = TrainAugment(resize=64, crop=64, random_crop=False)  # only the flip is random
+    plain = resize(img, 64, 64)
+    flips = sum(not np.array_equal(train_image(img, aug, np.random.default_rng(s)), plain) for s in range(200))
+    assert 70 < flips < 130
+
+
+def test_each_step_can_be_disabled(photos):
+    img = photos["coffee"]  # 400 x 600
+    no_flip = TrainAugment(resize=64, crop=48, flip=False)
+    for s in range(20):
+        rng = np.random.default_rng(s)
+        out = train_image(img, no_flip, rng)
+        square = resize(img, 64, 64)
+        # without flip the view is always an unmirrored window of the square
+        assert any(np.array_equal(out, square[t:t + 48, l:l + 48]) for t in range(17) for l in range(17))
+    centre = TrainAugment(resize=64, crop=48, random_crop=False, flip=False)
+    views = {train_image(img, centre, np.random.default_rng(s)).tobytes() for s in range(5)}
+    assert len(views) == 1
+    keep_aspect = TrainAugment(resize=64, crop=48, square_resize=False, random_crop=False, flip=False)
+    out = train_image(img, keep_aspect, np.random.default_rng(0))
+    shorter = resize_shorter(img, 64)
+    assert shorter.shape[:2] == (64, 96)
+    np.testing.assert_array_equal(out, shorter[8:56, 24:72])
+
+
+def test_eval_view_is_a_plain_resize(photos):
+    out = square_eval_image(photos["coffee"], 48)
+    np.testing.assert_array_equal(out, resize(photos["coffee"], 48, 48))
+
+
+def test_random_crop_covers_every_position():
+    img = np.arange(5 * 5 * 3, dtype=np.uint8).reshape(5, 5, 3)
+    corners = {random_crop(img, 4, np.random.default_rng(s))[0, 0, 0] for s in range(100)}
+    assert corners == {img[t, l, 0] for t in (0, 1) for l in (0, 1)}
+
+
+def test_crop_larger_than_resize_is_refused():
+    with pytest.raises(BitlabError, match="crop"):
+        TrainAugment(resize=32, crop=48)
+
+
+def test_normalize_is_the_exact_affine_map():
+    import torch
+
+    from bitlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+
+    batch = torch.arange(256, dtype=torch.uint8).repeat(2, 3, 1, 1)
+    for mean, std in (((0.5,) * 3, (0.5,) * 3), (IMAGENET_MEAN, IMAGENET_STD)):
+        ref = (batch.double() / 255 - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)) / \
+            torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
+        out = normalize(batch, mean, std)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-6)
+    bit = normalize(torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).repeat(1, 3, 1, 1))
+    assert bit.min() == -1 and bit.max() == 1  # BiT's [-1, 1]

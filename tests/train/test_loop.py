@@ -1,0 +1,181 @@
+"""The shared engine on a small real model and a seeded synthetic stream: metrics, checkpoints,
+resume, signals and the NaN guard."""
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bitlab import io
+from bitlab.errors import BitlabError
+from bitlab.train import loop
+from bitlab.train.loop import LoopConfig, NonFiniteLossError
+
+
+class Stream:
+    """Step t's data is a function of t alone (what resume relies on); `hook(step)` runs per step."""
+
+    def __init__(self, split=1, batch=8, hook=None):
+        self.split, self.batch, self.hook = split, batch, hook
+
+    def steps(self, start):
+        step = start
+        while True:
+            if self.hook:
+                self.hook(step)
+            g = torch.Generator().manual_seed(step)
+            x, y = torch.randn(self.batch, 6, generator=g), torch.randint(0, 3, (self.batch,), generator=g)
+            m = self.batch // self.split
+            yield [(x[i * m:(i + 1) * m], y[i * m:(i + 1) * m]) for i in range(self.split)]
+            step += 1
+
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def sgd(m):
+    return torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+
+
+def train(run_dir, steps=10, data=None, loss_fn=F.cross_entropy, resume=False, net=None, **kw):
+    cfg = LoopConfig(total_steps=steps, progress=False, **{"log_every": 2, "checkpoint_every": 4, **kw})
+    net = net or model()
+    evaluate = lambda m, step: {"top1": float(step)}  # noqa: E731 (records when it was called)
+    result = loop.run(net, make_optimizer=sgd, data=data or Stream(), lr_at=lambda s: 0.1 if s < steps else None,
+                      loss_fn=loss_fn, run_dir=run_dir, config=cfg, evaluate=evaluate, resume=resume,
+                      model_name="mlp")
+    return net, result
+
+
+def weights(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def assert_same(a, b, exact=True):
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_run_directory_contract(tmp_path):
+    net, result = train(tmp_path, steps=10, eval_every=5)
+    assert result.completed and result.step == 10 and result.final_metrics == {"top1": 10.0}
+    rows = loop.read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["split"]) for r in rows] == [(2, "train"), (4, "train"), (5, "val"), (6, "train"),
+                                                       (8, "train"), (10, "train"), (10, "val")]
+    assert all(r["lr"] == 0.1 and r["loss"] > 0 and r["images_per_s"] > 0 and 0 <= r["data_s"] <= r["step_s"]
+               for r in rows if r["split"] == "train")
+    header, *lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert header.split(",")[:2] == ["step", "split"] and "top1" in header and len(lines) == 7
+    ckpt = io.torch_load(tmp_path / "checkpoint.pt")
+    assert ckpt["step"] == 10 and set(ckpt) >= {"model", "optimizer", "rng", "model_name"}
+    assert_same(io.torch_load(tmp_path / "final.pt"), net.state_dict())
+    assert "done: 10 steps" in (tmp_path / "log.txt").read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # atomic writes leave nothing
+
+
+def test_stop_and_resume_gives_the_same_weights(tmp_path):
+    full, _ = train(tmp_path / "full", steps=10)
+    part, result = train(tmp_path / "part", steps=10, stop_after=3)
+    assert not result.completed and result.stopped_by == "stop_after" and result.step == 3
+    assert not (tmp_path / "part" / "final.pt").exists()
+    resumed, result = train(tmp_path / "part", steps=10, resume=True, net=model())
+    assert result.completed and result.step == 10
+    assert_same(weights(resumed), weights(full))
+    # metrics of the resumed run continue where the checkpoint was, without duplicates
+    steps = [r["step"] for r in loop.read_metrics(tmp_path / "part" / "metrics.jsonl") if r["split"] == "train"]
+    assert steps == [2, 4, 6, 8, 10]
+
+
+def test_micro_batches_equal_one_batch(tmp_path):
+    one, _ = train(tmp_path / "a", steps=5, data=Stream(split=1))
+    four, _ = train(tmp_path / "b", steps=5, data=Stream(split=4))
+    assert_same(weights(one), weights(four), exact=False)
+
+
+def test_sigterm_checkpoints_and_stops(tmp_path):
+    def hook(step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal, mid-step
+
+    net, result = train(tmp_path, steps=10, data=Stream(hook=hook))
+    assert not result.completed and result.stopped_by == "SIGTERM" and result.step == 4
+    assert io.torch_load(tmp_path / "checkpoint.pt")["step"] == 4
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    calls = {"n": 0}
+
+    def loss_fn(out, y):
+        calls["n"] += 1
+        loss = F.cross_entropy(out, y)
+        return loss * float("nan") if calls["n"] == 6 else loss
+
+    net = model()
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 5.*last good checkpoint .*step 4\) is kept"):
+        train(tmp_path / "nan", steps=10, loss_fn=loss_fn, net=net)
+    good, _ = train(tmp_path / "ref", steps=10, stop_after=4)
+    ckpt = io.torch_load(tmp_path / "nan" / "checkpoint.pt")
+    assert ckpt["step"] == 4
+    assert_same(ckpt["model"], weights(good))
+    assert all(torch.isfinite(v).all() for v in net.state_dict().values())  # the bad update was never applied
+
+
+def test_existing_checkpoint_needs_resume(tmp_path):
+    train(tmp_path, steps=2)
+    with pytest.raises(BitlabError, match="already holds a training checkpoint; pass --resume"):
+        train(tmp_path, steps=2)
+
+
+def test_resume_into_another_architecture_is_refused(tmp_path):
+    train(tmp_path, steps=4, stop_after=2)
+    other = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 3))
+    with pytest.raises(BitlabError, match=r"checkpoint is for another architecture \(mlp"):
+        train(tmp_path, steps=4, resume=True, net=other)
+
+
+def test_lr_schedule_and_group_scales(tmp_path):
+    seen = []
+
+    def make_opt(m):
+        return torch.optim.SGD([{"params": m[0].parameters(), "lr_scale": 0.5}, {"params": m[2].parameters()}], lr=1)
+
+    class Spy(Stream):
+        def steps(self, start):
+            for step, batch in enumerate(super().steps(start), start):
+                seen.append([g["lr"] for g in opt_ref[0].param_groups])
+                yield batch
+
+    opt_ref = []
+
+    def factory(m):
+        opt_ref.append(make_opt(m))
+        return opt_ref[0]
+
+    cfg = LoopConfig(total_steps=10, progress=False, checkpoint_every=0)
+    result = loop.run(model(), make_optimizer=factory, data=Spy(), lr_at=lambda s: [0.0, 0.2, 0.4][s] if s < 3 else None,
+                      loss_fn=F.cross_entropy, run_dir=tmp_path, config=cfg)
+    assert result.step == 3 and result.completed  # the schedule's None ends training
+    assert seen == [[0.0, 0.0], [0.1, 0.2], [0.2, 0.4]]
+
+
+def test_write_config(tmp_path):
+    from dataclasses import dataclass
+
+    @dataclass
+    class Cfg:
+        a: int = 1
+        b: list = None
+
+    path = loop.write_config(tmp_path / "run", Cfg(b=[1, 2]))
+    assert json.loads(Path(path).read_text()) == {"a": 1, "b": [1, 2]}
