@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from bitlab import io, report
-from bitlab.errors import BitlabError
 from bitlab.eval.evaluate import EvaluateConfig, evaluate
 from bitlab.models import create_model, save_npz, zoo
+from bitlab.ooc.build import build_demo
 from bitlab.paths import SAMPLE_DIR
 
 log = logging.getLogger(__name__)
@@ -36,15 +36,6 @@ def sample_photos(sample_dir: Path = SAMPLE_DIR) -> list[Path]:
     if not photos:
         raise FileNotFoundError(f"{sample_dir}: the embedded sample is missing (it ships with the source tree)")
     return photos
-
-
-def build_sample_ooc(out: Path, sample_dir: Path = SAMPLE_DIR) -> Path:
-    """`bitlab make-ooc` on the embedded sample."""
-    try:
-        from bitlab.ooc.build import build_demo
-    except ImportError:
-        raise BitlabError("this checkout has no `bitlab make-ooc` yet (bitlab.ooc.build.build_demo)") from None
-    return Path(build_demo(out, sample_dir))
 
 
 def in_context_set(ooc: Path, out: Path, sample_dir: Path = SAMPLE_DIR) -> Path:
@@ -81,7 +72,7 @@ class DemoResult:
 def run_demo(out: Path, figures: Path, sample_dir: Path = SAMPLE_DIR) -> DemoResult:
     """make-ooc -> evaluate (offline ImageNet model, BiT-S-R50x1 via npz) -> report."""
     out = Path(out)
-    ooc = build_sample_ooc(out / "ooc", sample_dir)
+    ooc = build_demo(out / "ooc", sample_dir)  # `bitlab make-ooc` on the embedded sample
     res = DemoResult(ooc, in_context_set(ooc, out / "in_context", sample_dir))
     torch.manual_seed(0)
     npz = save_npz(create_model("BiT-S-R50x1"), out / "BiT-S-R50x1-random.npz")

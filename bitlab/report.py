@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from bitlab import io
+from bitlab.data import imagenet
 from bitlab.data.transforms import decode_image
 from bitlab.errors import BitlabError
 from bitlab.eval import robustness
@@ -159,7 +160,9 @@ def fig_top5(a: Results, b: Results, images: Sequence[str]) -> Figure:
         ax.set_yticks([])
         where = f"\nbackground: {ra['background']}" if ra["background"] else ""
         ax.set_title(f"class: {ra['class']}{where}", fontsize=9)
-        ax.set_xlabel(Path(image).name, fontsize=6)
+        names = [imagenet.names()[int(t)] for t in str(ra["targets"]).split(";") if t]
+        right = ", ".join(names[:3]) + (f" +{len(names) - 3} more" if len(names) > 3 else "")
+        ax.set_xlabel(f"correct: {right}\n{Path(image).name}", fontsize=7, color=CORRECT)
         for ax, r, row in ((row_axes[1], a, ra), (row_axes[2], b, rb)):
             verdict = "right" if row["top1_correct"] else "wrong"
             _draw_top5(ax, row, a.k, f"{r.label}: top-1 {verdict}")

@@ -9,8 +9,6 @@ import pytest
 from bitlab.cli import main
 from tests.fixtures.figures import assert_real_figure
 
-pytest.importorskip("bitlab.ooc.build", reason="make-ooc (bitlab.ooc.build) is not merged into this branch yet")
-
 
 @pytest.mark.slow
 def test_demo_runs_the_main_flow_and_leaves_figures(tmp_path, capsys):

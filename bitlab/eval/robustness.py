@@ -25,6 +25,7 @@ import pandas as pd
 
 from bitlab.data import imagenet
 from bitlab.errors import BitlabError
+from bitlab.ooc.spec import OOCClass, load_classes
 from bitlab.paths import OOC_DATASET_DIR
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -35,37 +36,6 @@ _WNID = re.compile(r"n\d{8}")
 # Background category of an object shown on its own photo: a control, not out of context. Scores
 # on it are reported apart, and the out-of-context scores leave it out.
 IN_CONTEXT = "in-context"
-
-
-# ----------------------------------------------------------------------------- class table
-@dataclass(frozen=True)
-class OocClass:
-    """One row of `classes.csv`: an OpenImages class and its ILSVRC-2012 targets."""
-
-    name: str
-    folder: str
-    ilsvrc_indices: tuple[int, ...]
-
-
-def load_class_table(path: str | Path) -> list[OocClass]:
-    """Read `classes.csv` (columns `name`, `folder`, `ilsvrc_wnids` and/or `ilsvrc_indices`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise BitlabError(f"{path}: class table not found (pass --classes PATH)")
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    out = []
-    for n, row in enumerate(rows, start=2):  # row 1 is the header
-        name = (row.get("name") or "").strip()
-        if not name:
-            raise BitlabError(f"{path}: row {n}: empty or missing 'name'")
-        targets = _parse_targets(row, f"{path}: row {n}")
-        if targets is None:
-            raise BitlabError(f"{path}: row {n}: needs 'ilsvrc_indices' or 'ilsvrc_wnids'")
-        out.append(OocClass(name, (row.get("folder") or "").strip() or name, targets))
-    if not out:
-        raise BitlabError(f"{path}: class table has no rows")
-    return out
 
 
 def _parse_targets(row: dict, where: str) -> tuple[int, ...] | None:
@@ -89,19 +59,20 @@ def _parse_targets(row: dict, where: str) -> tuple[int, ...] | None:
     return None
 
 
+# ----------------------------------------------------------------------------- class folders
 def _norm(name: str) -> str:
     return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
 
 
-def folder_lookup(classes: list[OocClass]) -> dict[str, OocClass]:
+def folder_lookup(classes: list[OOCClass]) -> dict[str, OOCClass]:
     """Normalised folder names -> class: the table's folder and name, then the class's ILSVRC
     wnids and lemmas (the official zip names folders after the class)."""
     wnids, descriptions = imagenet.wnids(), imagenet.descriptions()
-    primary: dict[str, OocClass] = {}
+    primary: dict[str, OOCClass] = {}
     for c in classes:
         primary.setdefault(_norm(c.folder), c)
         primary.setdefault(_norm(c.name), c)
-    secondary: dict[str, list[OocClass]] = {}
+    secondary: dict[str, list[OOCClass]] = {}
     for c in classes:
         for i in c.ilsvrc_indices:
             for key in [wnids[i], *descriptions[i].split(",")]:
@@ -162,12 +133,12 @@ def load_eval_set(root: str | Path, classes: str | Path | None = None, role: str
     return ev
 
 
-def _class_table_for(root: Path, classes: str | Path | None) -> list[OocClass]:
+def _class_table_for(root: Path, classes: str | Path | None) -> list[OOCClass]:
     if classes is not None:
-        return load_class_table(classes)
+        return load_classes(classes)
     for candidate in (root / CLASS_TABLE, DEFAULT_CLASS_TABLE):
         if candidate.is_file():
-            return load_class_table(candidate)
+            return load_classes(candidate)
     raise BitlabError(f"{root}: no class table to map class names to ILSVRC-2012 classes "
                       f"(looked for {root / CLASS_TABLE} and {DEFAULT_CLASS_TABLE}); pass --classes PATH")
 
@@ -180,7 +151,7 @@ def _from_manifest(root: Path, classes: str | Path | None) -> EvalSet:
         header = reader.fieldnames or []
     if "file" not in header:
         raise BitlabError(f"{path}: missing column 'file' (columns: {', '.join(header) or 'none'})")
-    by_name: dict[str, OocClass] | None = None
+    by_name: dict[str, OOCClass] | None = None
     items = []
     for n, row in enumerate(rows, start=2):
         where = f"{path}: row {n}"

@@ -158,3 +158,18 @@ def test_summary_breakdowns():
     fg = s["per_foreground"]
     assert fg["count"] == 2 and fg["fooled_by_any"] == 2 and fg["fooled_by_all"] == 0
     assert fg["objects"]["fb"]["fooling_backgrounds"] == ["road"] and fg["mean_fooled_fraction"] == 0.5
+
+
+def test_official_folders_against_the_shipped_class_table(tiny_ooc, tmp_path):
+    """Folder names as the release might spell them: OpenImages names, ILSVRC lemmas, wnids."""
+    folders = ["Traffic light", "studio_couch", "hammerhead", "n02391049"]
+    root = _official_layout(tiny_ooc, tmp_path, {"cat": "Traffic light"})
+    for name in list(folders)[1:]:
+        shutil.copytree(tiny_ooc / "cat", root / name)
+    ev = robustness.load_eval_set(root, classes=robustness.DEFAULT_CLASS_TABLE)
+    assert ev.kind == "ooc-folders"
+    got = {it.image.split("/")[0]: (it.cls, it.targets) for it in ev.items}
+    assert got["Traffic light"] == ("traffic_light", (920,))
+    assert got["studio_couch"][0] == "couch"
+    assert got["hammerhead"] == ("shark", (2, 3, 4))  # a shark folder counts all three shark synsets
+    assert got["n02391049"][0] == "zebra"
