@@ -65,17 +65,15 @@ def model_label(cfg: EvaluateConfig) -> str:
 
 
 def pretraining_data(cfg: EvaluateConfig) -> str:
-    """The pre-training data to show in legends: given, or known from the model name."""
+    """The pre-training data to show in legends: given, or known from the model name and weights."""
     if cfg.pretraining_data:
         return cfg.pretraining_data
     if cfg.model == zoo.OFFLINE_IMAGENET_MODEL:
         return "ILSVRC-2012"
-    spec = registry.resolve(cfg.model)
-    if spec is not None and spec.upstream and (cfg.pretrained or cfg.model.endswith("-ILSVRC2012")):
-        return spec.upstream
-    if spec is not None and cfg.pretrained is None:
+    if cfg.pretrained is None:  # create_model never downloads: no file, no training
         return "none (random weights)"
-    return "unknown"
+    spec = registry.resolve(cfg.model)
+    return spec.upstream if spec is not None and spec.upstream else "unknown"
 
 
 def num_outputs(model: nn.Module) -> int | None:

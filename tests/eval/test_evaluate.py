@@ -106,6 +106,21 @@ def test_head_must_be_1000_way_unless_a_label_map_is_given(tiny_ooc, tmp_path):
         evaluate(cfg)
 
 
+@pytest.mark.parametrize("model, pretrained, expected", [
+    (zoo.OFFLINE_IMAGENET_MODEL, None, "ILSVRC-2012"),
+    ("BiT-M-R50x1-ILSVRC2012", "w.npz", "ImageNet-21k"),
+    ("BiT-S-R50x1", "w.npz", "ILSVRC-2012"),
+    ("BiT-M-R50x1", None, "none (random weights)"),
+    ("resnet50", None, "none (random weights)"),
+    ("R50x1", "w.npz", "unknown"),
+])
+def test_pretraining_data_for_the_legend(model, pretrained, expected):
+    cfg = EvaluateConfig(model=model, data="d", out="o", pretrained=pretrained)
+    assert ev_mod.pretraining_data(cfg) == expected
+    cfg.pretraining_data = "JFT-300M"
+    assert ev_mod.pretraining_data(cfg) == "JFT-300M"
+
+
 def test_cli_evaluate_prints_scores_and_errors_name_the_culprit(tiny_ooc, tmp_path, capsys):
     out = tmp_path / "r"
     assert main(["evaluate", "--model", "R14x0.5", "--image-size", "64", "--data", str(tiny_ooc),
