@@ -5,19 +5,27 @@
 - `fig_val_vs_ooc`: paper Fig. 12 right: validation top-1 against out-of-context top-1, one point
   per model, marker area by parameter count, colour by pre-training data;
 - `fig_backgrounds`: per-background top-1 as a classes x backgrounds heat map, beside the
-  backgrounds that fool the model most and what it predicts there.
+  backgrounds that fool the model most and what it predicts there;
+- `fig_mistakes`: paper Fig. 7 and 11: mistakes as a gallery, prediction over label, in groups
+  (`bitlab.eval.errors`), coloured by what raters said (Fig. 7 left);
+- `fig_duplicates`: paper Fig. 9: test images beside their near-duplicates upstream (`bitlab dedup`);
+- `fig_fewshot`: paper Fig. 2 / 5: top-1 against examples per class, every trial a light dot,
+  the median over seeds a line (`bitlab fewshot`);
+- `fig_ooc_grid`: the out-of-context set at a glance, foreground objects x backgrounds (make-ooc).
 
-Every number comes from `bitlab evaluate` results folders. The paper publishes no per-model
-numbers for its out-of-context set, so no reference points are drawn.
+The robustness numbers come from `bitlab evaluate` results folders. The paper publishes no
+per-model numbers for its out-of-context set, so no reference points are drawn.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,9 +34,10 @@ from matplotlib.lines import Line2D
 
 from bitlab import io
 from bitlab.data import imagenet
-from bitlab.data.transforms import decode_image
+from bitlab.data.transforms import decode_image, resize
 from bitlab.errors import BitlabError
 from bitlab.eval import robustness
+from bitlab.eval.errors import UNSURE
 from bitlab.eval.evaluate import CONFIG, PREDICTIONS, SUMMARY
 
 log = logging.getLogger(__name__)
@@ -302,6 +311,272 @@ def fig_backgrounds(r: Results, most_fooling: int = 10) -> Figure:
                  fontsize=10)
     bx.tick_params(axis="y", labelsize=8)
     bx.spines[["top", "right"]].set_visible(False)
+    return fig
+
+
+# ----------------------------------------------------------------------------- shared drawing helpers
+def _thumbnail(path: str | Path, side: int) -> np.ndarray:
+    """The image with its longer side at `side` px: figures stay light however big the photos."""
+    img = decode_image(path)
+    scale = side / max(img.shape[:2])
+    return resize(img, max(1, round(img.shape[1] * scale)), max(1, round(img.shape[0] * scale)))
+
+
+def _bare(ax) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def _frame(ax, colour: str, width: float) -> None:
+    for spine in ax.spines.values():
+        spine.set_visible(True)
+        spine.set_color(colour)
+        spine.set_linewidth(width)
+
+
+def _words(text: str, width: int = 18) -> str:
+    return "\n".join(textwrap.wrap(text, width, max_lines=2, placeholder="…")) or text
+
+
+# ----------------------------------------------------------------------------- Fig. 7 / 11
+# Fig. 7 left's colours: raters side with the prediction (green), with the label (red), or are
+# unsure / find neither right (yellow). Mistakes nobody rated yet are grey.
+VERDICT_COLOURS = {"prediction": "#2e7d32", "label": "#c62828", UNSURE: "#f9a825"}
+UNRATED = "#9e9e9e"
+VERDICT_LEGEND = {"prediction": "raters agree with the prediction", "label": "raters agree with the label",
+                  UNSURE: "raters unsure, or neither fits"}
+
+
+def fig_mistakes(groups: Mapping[str, pd.DataFrame], root: str | Path, *, verdicts: Mapping[str, str] | None = None,
+                 ncols: int = 6, max_per_group: int | None = None, title: str | None = None,
+                 thumb: int = 160) -> Figure:
+    """Fig. 7 / 11: each mistake as its image with the prediction above and the label below, one
+    block per group (`bitlab.eval.errors.by_topk` / `by_confusion`, or {"all": mistakes}).
+
+    `verdicts` (image -> 'prediction' | 'label' | 'unsure', from `errors.consensus`) colour the
+    frames and the predicted word as in Fig. 7 left; without it every frame is grey."""
+    groups = {name: g for name, g in groups.items() if len(g)}
+    if not groups:
+        raise BitlabError("no mistakes to draw: the model is right on every image")
+    verdicts = verdicts or {}
+    shown = {name: (g if max_per_group is None else g.head(max_per_group)) for name, g in groups.items()}
+    # At least three columns, so that a group of one image is a row of a table, not a poster.
+    ncols = max(1, min(ncols, max(3, *(len(g) for g in shown.values()))))
+    rows = {name: math.ceil(len(g) / ncols) for name, g in shown.items()}
+    def below(m) -> str:  # the label, and the ILSVRC names it accepts when they are other words
+        accepts = getattr(m, "accepted", "")
+        return _words(m.label) + (f"\n(right: {_words(accepts, 28)})" if accepts and accepts != m.label else "")
+
+    lines = max(below(m).count("\n") + 1 for g in shown.values() for m in g.itertuples())
+    # Inches: a 1.5 in thumbnail, the predicted word above it, the label's lines below it.
+    width, height = 1.75, 1.5 + 0.3 + 0.16 * lines
+    heights = [height * r + 0.4 for r in rows.values()]  # + the group's heading
+    fig = Figure(figsize=(width * ncols, sum(heights) + 1.1), layout="constrained")
+    subfigs = fig.subfigures(len(shown), 1, height_ratios=heights, squeeze=False)
+    for sub, (name, g) in zip(subfigs[:, 0], shown.items()):
+        more = len(groups[name]) - len(g)
+        sub.suptitle(f"{name}: {len(groups[name])} mistake{'s' if len(groups[name]) != 1 else ''}"
+                     + (f" ({more} more not drawn)" if more else ""), fontsize=10, x=0.01, ha="left")
+        axes = sub.subplots(rows[name], ncols, squeeze=False)
+        for ax in axes.ravel():
+            _bare(ax)
+        for ax, m in zip(axes.ravel(), g.itertuples()):
+            ax.imshow(_thumbnail(Path(root) / m.image, thumb))
+            verdict = verdicts.get(m.image)
+            colour = VERDICT_COLOURS.get(verdict, UNRATED)
+            _frame(ax, colour, 4 if verdict else 1)
+            ax.set_title(_words(m.prediction), fontsize=8, color=colour if verdict else "black", fontweight="bold")
+            ax.set_xlabel(below(m), fontsize=7.5)
+    counts = pd.Series([verdicts.get(img) for g in groups.values() for img in g["image"]]).value_counts()
+    handles = [Line2D([], [], color=VERDICT_COLOURS[v], lw=6, label=f"{text} ({int(counts.get(v, 0))})")
+               for v, text in VERDICT_LEGEND.items()]
+    unrated = sum(len(g) for g in groups.values()) - int(counts.sum())
+    handles.append(Line2D([], [], color=UNRATED, lw=2, label=f"not rated ({unrated})"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    fig.suptitle((title + "\n" if title else "") + "above each image: the model's top-1 prediction; "
+                 "below: the label", fontsize=10)
+    return fig
+
+
+# ----------------------------------------------------------------------------- Fig. 9
+def gallery_pairs(pairs: Sequence[tuple], n: int) -> list[tuple]:
+    """Up to `n` pairs spread evenly over similarity, so both the surest matches and the
+    borderline ones near the threshold (where false positives hide) are shown."""
+    ranked = sorted(pairs, key=lambda p: -p[2])
+    if len(ranked) <= n:
+        return ranked
+    return [ranked[round(i)] for i in np.linspace(0, len(ranked) - 1, n)]
+
+
+def duplicates_title(summary: Mapping) -> str:
+    """What a `bitlab dedup` summary found, in words, for the gallery's title."""
+    rule = f"cosine ≥ {summary['threshold']:g}" if summary["metric"] == "cosine" else f"Hamming ≤ {summary['threshold']:g}"
+    return (f"{summary['embedding']} ({rule}): {summary['dups']} of {summary['downstream_images']} test images "
+            f"have a near-duplicate among {summary['upstream_images']} training images")
+
+
+def fig_duplicates(pairs: Sequence[tuple], labels: Sequence[bool] | None = None, *, summary: Mapping | None = None,
+                   ncols: int = 4, height: int = 128) -> Figure:
+    """Fig. 9: each downstream query beside its upstream match, captioned with how close they are.
+
+    `pairs` are `(query_path, match_path, similarity)` (`DedupResult.pairs`, `gallery_pairs`);
+    `labels` (True = a real duplicate, False = a false positive, as judged by a person or known
+    from planted copies) colour the borders green / red as in the paper; `summary` (a `bitlab
+    dedup` summary) titles the figure and, for hashes, captions Hamming distances."""
+    if labels is not None and len(labels) != len(pairs):
+        raise BitlabError(f"{len(labels)} labels for {len(pairs)} pairs")
+    hamming = summary is not None and summary["metric"] == "hamming"
+    images = [_side_by_side(decode_image(q), decode_image(m), height) for q, m, _ in pairs]
+    n = max(len(pairs), 1)
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    # Rows as tall as the pictures are (the pairs are wide), plus two caption lines.
+    aspect = float(np.mean([im.shape[1] / im.shape[0] for im in images])) if images else 2.0
+    width = 3.2
+    fig = Figure(figsize=(max(width * ncols, 6.4), (width / aspect + 0.45) * nrows + 0.7), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax in axes.ravel():
+        _bare(ax)
+    for i, ((q, m, s), img) in enumerate(zip(pairs, images)):
+        ax = axes.ravel()[i]
+        ax.imshow(img)
+        how = (f"Hamming distance {round((1 - s) * summary['dims'])} bits" if hamming else f"similarity {s:.3f}")
+        ax.set_title(f"{Path(q).name} | {Path(m).name}\n{how}", fontsize=7)
+        if labels is not None:
+            _frame(ax, "tab:green" if labels[i] else "tab:red", 4)
+    note = "left: test image, right: its nearest training image"
+    if labels is not None:
+        note += "; green border: true duplicate, red: false positive"
+    fig.suptitle(f"{duplicates_title(summary)}\n({note})" if summary else note, fontsize=9)
+    return fig
+
+
+def _side_by_side(a: np.ndarray, b: np.ndarray, height: int, gap: int = 6) -> np.ndarray:
+    def fit(img: np.ndarray) -> np.ndarray:
+        return resize(img, max(1, round(img.shape[1] * height / img.shape[0])), height)
+
+    a, b = fit(a), fit(b)
+    return np.concatenate([a, np.full((height, gap, 3), 255, np.uint8), b], axis=1)
+
+
+def fig_nearest(summary: Mapping, nearest: Sequence[Mapping], groups: Mapping[str, str] | None = None) -> Figure:
+    """Where the threshold cuts: every test image's distance to its nearest training image
+    (`bitlab dedup`'s nearest.csv), one dot each, in rows by `groups` (test image name -> group,
+    e.g. `PlantedSets.kinds()` when the truth is known), and the threshold line."""
+    if not nearest:
+        raise BitlabError("no test images to draw")
+    cosine = summary["metric"] == "cosine"
+    key = "similarity" if cosine else "distance"
+    values = pd.DataFrame({"query": [r["query"] for r in nearest], "value": [float(r[key]) for r in nearest]})
+    values["group"] = values["query"].map(groups or {}).fillna("test images")
+    names = [g for g in dict.fromkeys([*(groups or {}).values(), "test images"]) if (values["group"] == g).any()]
+    fig = Figure(figsize=(6.4, 1.2 + 0.7 * len(names)), layout="constrained")
+    ax = fig.subplots()
+    palette = ["#1565c0", "#ef6c00", "#2e7d32", "#6a1b9a"]
+    rng = np.random.default_rng(0)  # vertical jitter only, so dots at one value stay apart
+    threshold = float(summary["threshold"])
+    for i, name in enumerate(names):
+        v = values.loc[values["group"] == name, "value"].to_numpy()
+        flagged = int((v >= threshold).sum() if cosine else (v <= threshold).sum())
+        ax.scatter(v, i + rng.uniform(-0.18, 0.18, len(v)), s=22, alpha=0.7, color=palette[i % len(palette)],
+                   linewidths=0)
+        ax.text(1.01, i, f"{flagged} of {len(v)}\nflagged", transform=ax.get_yaxis_transform(), va="center",
+                fontsize=8)
+    ax.axvline(threshold, color="#c62828", lw=1.5, ls="--")
+    lo, hi = (-0.05, 1.02) if cosine else (-1, max(values["value"].max(), threshold) + 2)
+    ax.axvspan(*((threshold, hi) if cosine else (lo, threshold)), color="#c62828", alpha=0.06)
+    ax.set_xlim(lo, hi)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_ylim(-0.6, len(names) - 0.4)
+    ax.set_xlabel("cosine similarity to the nearest training image" if cosine else
+                  f"Hamming distance to the nearest training image (of {summary['dims']} bits)")
+    rule = f"≥ {threshold:g}" if cosine else f"≤ {threshold:g}"
+    ax.set_title(f"{summary['embedding']}: nearest neighbour of every test image\n"
+                 f"(dashed: threshold, shaded: counted as a near-duplicate, {rule})", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+# ----------------------------------------------------------------------------- Fig. 2 / 5
+def fig_fewshot(runs: pd.DataFrame, *, series: str | None = None, title: str | None = None) -> Figure:
+    """Fig. 2 / 5: top-1 (%) against examples per class (log axis at the K values run); every
+    trial (seed) a light dot, the median over trials a line. `runs` has `k`, `seed`, `top1`
+    (`bitlab.train.finetune.read_fewshot`), optionally `num_classes` (draws chance level) and a
+    `series` column that splits it into curves (models, data sets, pre-training)."""
+    if runs.empty:
+        raise BitlabError("no few-shot runs to draw")
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.subplots()
+    groups = list(runs.groupby(series, sort=False)) if series else [(None, runs)]
+    colours = ["#1565c0", "#ef6c00", "#2e7d32", "#6a1b9a", "#c62828", "#00838f"]
+    for i, (name, g) in enumerate(groups):
+        colour = colours[i % len(colours)]
+        # Trials at one K spread a little sideways (x 0.94 ... 1.06), so equal results stay visible.
+        order = g.groupby("k").cumcount().to_numpy()
+        spread = g.groupby("k")["seed"].transform("size").to_numpy()
+        jitter = np.where(spread > 1, 0.94 + 0.12 * order / np.maximum(spread - 1, 1), 1.0)
+        ax.scatter(g["k"] * jitter, g["top1"] * 100, s=18, color=colour, alpha=0.35, linewidths=0, zorder=2)
+        med = g.groupby("k")["top1"].median() * 100
+        n = g.groupby("k").size()
+        what = f"median of {n.min()}" + (f"-{n.max()}" if n.max() != n.min() else "") + " trials"
+        ax.plot(med.index, med.to_numpy(), "-o", color=colour, ms=5, lw=2, zorder=3,
+                label=f"{name}: {what}" if name is not None else what)
+    if "num_classes" in runs and runs["num_classes"].notna().all() and runs["num_classes"].nunique() == 1:
+        chance = 100 / float(runs["num_classes"].iloc[0])
+        ax.axhline(chance, ls=":", color="#888888", lw=1, zorder=1)
+        ax.text(runs["k"].min(), chance, f" chance ({chance:.0f}%)", va="bottom", fontsize=7, color="#666666")
+    ks = sorted(runs["k"].unique())
+    ax.set_xscale("log")
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.minorticks_off()
+    ax.set_xlim(ks[0] / 1.4, ks[-1] * 1.4)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("examples per class (log scale)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best", title="light dots: every trial (seed)", title_fontsize=8)
+    ax.set_title(title or "Few-shot transfer", fontsize=10)
+    return fig
+
+
+# ----------------------------------------------------------------------------- OOC tour
+def fig_ooc_grid(ev: robustness.EvalSet, *, classes: Sequence[str] | None = None, per_class: int = 1,
+                 max_backgrounds: int | None = 12, thumb: int = 128) -> Figure:
+    """The out-of-context set as a grid: a row per foreground object (`per_class` per class), a
+    column per background; an empty cell is a pair the set does not have."""
+    items = [it for it in ev.items if classes is None or it.cls in classes]
+    if not items:
+        raise BitlabError(f"{ev.root}: no images" + (f" of the classes {', '.join(classes)}" if classes else ""))
+    backgrounds = sorted({it.background for it in items})
+    if max_backgrounds is not None and len(backgrounds) > max_backgrounds:
+        backgrounds = backgrounds[:max_backgrounds]
+    rows: dict[tuple[str, str], dict[str, str]] = {}
+    for it in items:
+        rows.setdefault((it.cls, it.fg_uid or it.image), {})
+    by_class: dict[str, list[tuple[str, str]]] = {}
+    for key in sorted(rows):
+        by_class.setdefault(key[0], []).append(key)
+    keep = [key for keys in by_class.values() for key in keys[:per_class]]
+    cells = {(it.cls, it.fg_uid or it.image, it.background): it.image for it in items}
+    fig = Figure(figsize=(1.15 * len(backgrounds) + 1.6, 1.15 * len(keep) + 1.2), layout="constrained")
+    axes = fig.subplots(len(keep), len(backgrounds), squeeze=False)
+    for r, (cls, fg) in enumerate(keep):
+        for c, bg in enumerate(backgrounds):
+            ax = axes[r, c]
+            _bare(ax)
+            if (image := cells.get((cls, fg, bg))) is not None:
+                ax.imshow(_thumbnail(ev.root / image, thumb))
+            if r == 0:
+                ax.set_title(_words(bg.replace("_", " "), 14), fontsize=8)
+            if c == 0:
+                ax.set_ylabel(cls.replace("_", " "), fontsize=9, rotation=0, ha="right", va="center")
+    hidden = len({it.background for it in items}) - len(backgrounds)
+    fig.suptitle(f"{ev.name}: {len(items)} images, {len(by_class)} classes, {len(rows)} objects"
+                 + (f", {len({it.background for it in items})} backgrounds" if backgrounds != [""] else "")
+                 + (f" ({hidden} not shown)" if hidden else "")
+                 + "\nrows: foreground objects; columns: backgrounds", fontsize=10)
     return fig
 
 

@@ -39,7 +39,10 @@ gallery around the threshold before trusting counts on a new dataset.
 Outputs of `run_dedup` in `out/`: `config.json`, `duplicates.csv` (query, match, rank,
 similarity, distance), `nearest.csv` (the closest match of every query), `summary.json` (the
 Table 6 counts: Full / Dedup accuracy when predictions are given, and Dups) and
-`duplicates.png` (a Fig. 9-style gallery). Embeddings are cached per block under `cache/`, so an
+`duplicates.png` / `.pdf` (the Fig. 9 gallery, drawn by `bitlab.report.fig_duplicates`).
+
+`plant_near_duplicates` writes such copies of your own photos, to check a threshold on your data;
+`planted_demo` builds the offline example sets the `duplicates` notebook starts from. Embeddings are cached per block under `cache/`, so an
 interrupted run resumes where it stopped and a new threshold or another downstream set against
 the same upstream costs only the search.
 """
@@ -54,7 +57,7 @@ import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -415,6 +418,15 @@ class DedupResult:
     duplicates: list[dict]  # query, match, rank, similarity, distance (sorted by query, rank)
     nearest: list[dict]  # one row per query: its best match
     out: Path
+    upstream: ImageSet | None = None
+    downstream: ImageSet | None = None
+
+    def pairs(self) -> list[tuple[Path, Path, float]]:
+        """(test image, its best upstream match, similarity) of every test image with a duplicate:
+        what the Fig. 9 gallery (`bitlab.report.fig_duplicates`) draws."""
+        down = dict(zip(self.downstream.names, self.downstream.paths))
+        up = dict(zip(self.upstream.names, self.upstream.paths))
+        return [(down[r["query"]], up[r["match"]], r["similarity"]) for r in self.duplicates if r["rank"] == 1]
 
 
 def run_dedup(cfg: DedupConfig) -> DedupResult:
@@ -469,13 +481,13 @@ def run_dedup(cfg: DedupConfig) -> DedupResult:
     _write_csv(out / "duplicates.csv", duplicates)
     _write_csv(out / "nearest.csv", nearest)
     io.write_json(out / "summary.json", summary)
+    result = DedupResult(summary, duplicates, nearest, out, upstream, downstream)
     if cfg.gallery and duplicates:
-        pairs = gallery_pairs([(downstream.paths[q], upstream.paths[idx[q, 0]], float(sim[q, 0]))
-                               for q in np.flatnonzero(is_dup)], cfg.gallery)
-        fig = plot_duplicates(pairs, title=f"{embedding.spec}, threshold {threshold}:\n{int(is_dup.sum())} of "
-                                           f"{len(downstream)} test images have a near-duplicate upstream")
-        save_figure(fig, out / "duplicates.png")
-    return DedupResult(summary, duplicates, nearest, out)
+        from bitlab import report  # all figures live in report.py (it imports the evaluation modules)
+
+        fig = report.fig_duplicates(report.gallery_pairs(result.pairs(), cfg.gallery), summary=summary)
+        report.save(fig, out, "duplicates")
+    return result
 
 
 def _check_threshold(metric: str, threshold: float) -> None:
@@ -554,62 +566,109 @@ def table6_counts(is_dup: np.ndarray, correct: np.ndarray | None = None) -> dict
     return counts
 
 
-# ----------------------------------------------------------------------------- Fig. 9
-# The gallery lives here until bitlab/report.py (another subsystem's file) gathers the figures.
-def gallery_pairs(pairs: Sequence[tuple], n: int) -> list[tuple]:
-    """Up to `n` pairs spread evenly over similarity, so both the surest matches and the
-    borderline ones near the threshold (where false positives hide) are shown."""
-    ranked = sorted(pairs, key=lambda p: -p[2])
-    if len(ranked) <= n:
-        return ranked
-    return [ranked[round(i)] for i in np.linspace(0, len(ranked) - 1, n)]
+# ----------------------------------------------------------------------------- planted near-duplicates
+def _half(img: np.ndarray) -> np.ndarray:
+    return resize(img, max(1, img.shape[1] // 2), max(1, img.shape[0] // 2))
 
 
-def plot_duplicates(pairs: Sequence[tuple], labels: Sequence[bool] | None = None, *, ncols: int = 4,
-                    height: int = 128, title: str | None = None):
-    """Fig. 9: each downstream query beside its upstream match, captioned with their similarity.
-
-    `pairs` are `(query_path, match_path, similarity)`; `labels` (True = a real duplicate, False
-    = a false positive, as rated by a person) colour the borders green / red as in the paper.
-    """
-    from matplotlib.figure import Figure  # no pyplot: no global state, works headless and inline
-
-    if labels is not None and len(labels) != len(pairs):
-        raise BitlabError(f"{len(labels)} labels for {len(pairs)} pairs")
-    n = max(len(pairs), 1)
-    ncols = min(ncols, n)
-    nrows = math.ceil(n / ncols)
-    fig = Figure(figsize=(max(3.2 * ncols, 6.4), 2.2 * nrows + (0.6 if title else 0)))
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for s in ax.spines.values():
-            s.set_visible(False)
-    for i, (q, m, s) in enumerate(pairs):
-        ax = axes.ravel()[i]
-        ax.imshow(_side_by_side(decode_image(q), decode_image(m), height))
-        ax.set_title(f"{Path(q).name} | {Path(m).name}\nsimilarity {s:.3f}", fontsize=7)
-        if labels is not None:
-            for spine in ax.spines.values():
-                spine.set_visible(True)
-                spine.set_color("tab:green" if labels[i] else "tab:red")
-                spine.set_linewidth(4)
-    if title:
-        fig.suptitle(title + "\n(left: test image, right: its upstream match)", fontsize=9)
-    fig.tight_layout()
-    return fig
+def _crop(img: np.ndarray, frac: float = 0.06) -> np.ndarray:
+    h, w = img.shape[:2]
+    return np.ascontiguousarray(img[int(h * frac):h - int(h * frac), int(w * frac):w - int(w * frac)])
 
 
-def _side_by_side(a: np.ndarray, b: np.ndarray, height: int, gap: int = 6) -> np.ndarray:
-    def fit(img: np.ndarray) -> np.ndarray:
-        return resize(img, max(1, round(img.shape[1] * height / img.shape[0])), height)
+# The edits of the threshold study in the module docstring: (file suffix, edit, JPEG quality).
+# Quality 30 is far below the 75-95 of everyday JPEGs; a 6 % cut from every side keeps 77 % of the pixels.
+NEAR_DUPLICATE_EDITS: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray], int | None]] = {
+    "half": (".png", _half, None), "jpeg30": (".jpg", lambda img: img, 30), "crop": (".png", _crop, None)}
+EDIT_NAMES = {"half": "half-size copy", "jpeg30": "JPEG quality-30 copy", "crop": "6 %-cropped copy"}
 
-    a, b = fit(a), fit(b)
-    return np.concatenate([a, np.full((height, gap, 3), 255, np.uint8), b], axis=1)
+
+def write_image(path: str | os.PathLike, rgb: np.ndarray, jpeg_quality: int | None = None) -> Path:
+    """An RGB uint8 image as PNG or JPEG (by suffix), written atomically."""
+    path = Path(path)
+    params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if jpeg_quality else []
+    ok, buf = cv2.imencode(path.suffix, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
+    if not ok:
+        raise BitlabError(f"{path}: OpenCV cannot encode this image format")
+    io.write_bytes(path, buf.tobytes())
+    return path
 
 
-def save_figure(fig, path: Path) -> None:
-    """PNG through a temp file, so a crash never leaves half a figure."""
-    with io.atomic_write(path) as f:
-        fig.savefig(f, format="png", dpi=120)
+def plant_near_duplicates(originals: Iterable[str | os.PathLike], out: str | os.PathLike,
+                          edits: Sequence[str] = tuple(NEAR_DUPLICATE_EDITS)) -> dict[str, tuple[Path, str]]:
+    """Write edited copies of each image file as `out/<stem>_<edit><suffix>`; returns copy file
+    name -> (original path, edit). Put the copies in a test set beside your training set to check
+    that a threshold finds them all (`nearest.csv` shows how close each came)."""
+    if unknown := [e for e in edits if e not in NEAR_DUPLICATE_EDITS]:
+        raise BitlabError(f"unknown edit {unknown[0]!r} (known: {', '.join(NEAR_DUPLICATE_EDITS)})")
+    out = Path(out)
+    planted = {}
+    for original in map(Path, originals):
+        img = decode_image(original)
+        for name in edits:
+            suffix, edit, quality = NEAR_DUPLICATE_EDITS[name]
+            copy = write_image(out / f"{original.stem}_{name}{suffix}", edit(img), quality)
+            if copy.name in planted:
+                raise BitlabError(f"{original} and {planted[copy.name][0]}: two originals named {original.stem!r}")
+            planted[copy.name] = (original, name)
+    return planted
+
+
+# Real photos inside the scikit-image wheel (CC0 / public domain, no download): the offline example
+# of the `duplicates` notebook, the same kinds of photos as the threshold study above.
+# The grey clock's JPEG copy is the hardest planted copy and moon vs. cell the closest unrelated pair.
+DEMO_PLANTED = ("chelsea", "coffee", "rocket", "astronaut", "clock")
+DEMO_UPSTREAM_ONLY = ("camera", "coins", "moon", "hubble_deep_field", "retina", "brick", "grass",
+                      "immunohistochemistry")
+DEMO_DOWNSTREAM_ONLY = ("gravel", "text", "cell", "page")
+
+
+@dataclass
+class PlantedSets:
+    """A training (upstream) and a test (downstream) folder with known near-duplicates."""
+
+    upstream: Path
+    downstream: Path
+    truth: dict[str, str]  # downstream name -> upstream name of its original
+    unrelated: list[str]  # downstream names with no counterpart upstream
+    edits: dict[str, str] = dataclasses.field(default_factory=dict)  # downstream name -> edit (NEAR_DUPLICATE_EDITS)
+
+    def is_true_match(self, query: str, match: str) -> bool:
+        return self.truth.get(query) == match
+
+    def kinds(self) -> dict[str, str]:
+        """Every downstream name -> what it is ('half-size copy', ..., 'unrelated photo')."""
+        return {**{q: EDIT_NAMES.get(self.edits.get(q, ""), "planted copy") for q in self.truth},
+                **{q: "unrelated photo" for q in self.unrelated}}
+
+    def score(self, duplicates: Sequence[Mapping]) -> dict[str, list[str]]:
+        """Test images whose best match passed the threshold (`run_dedup`'s duplicates, rank 1)
+        against the truth: planted copies `found` with their original, `missed`, and `false`
+        positives (a wrong match, or an unrelated photo flagged)."""
+        best = {r["query"]: r["match"] for r in duplicates if int(r["rank"]) == 1}
+        return {"found": sorted(q for q, m in best.items() if self.is_true_match(q, m)),
+                "missed": sorted(q for q in self.truth if q not in best),
+                "false": sorted(q for q, m in best.items() if not self.is_true_match(q, m))}
+
+
+def planted_demo(out: str | os.PathLike) -> PlantedSets:
+    """`out/upstream/` (originals + unrelated photos) and `out/downstream/` (half-size, JPEG-30
+    and 6 %-cropped copies of the originals + other unrelated photos) from scikit-image's photos."""
+    try:
+        import skimage.data
+    except ImportError:
+        raise BitlabError("the planted example needs scikit-image's photos: pip install 'bitlab[notebooks]'") from None
+
+    def photo(name: str) -> np.ndarray:
+        img = getattr(skimage.data, name)()
+        return np.ascontiguousarray(np.stack([img] * 3, axis=-1) if img.ndim == 2 else img[..., :3])
+
+    out = Path(out)
+    up, down = out / "upstream", out / "downstream"
+    originals = [write_image(up / f"{n}.png", photo(n)) for n in DEMO_PLANTED]
+    for n in DEMO_UPSTREAM_ONLY:
+        write_image(up / f"{n}.png", photo(n))
+    unrelated = [write_image(down / f"{n}.png", photo(n)).name for n in DEMO_DOWNSTREAM_ONLY]
+    planted = plant_near_duplicates(originals, down)
+    truth = {copy: orig.relative_to(up).as_posix() for copy, (orig, _) in planted.items()}
+    return PlantedSets(up, down, truth, unrelated, {copy: edit for copy, (_, edit) in planted.items()})

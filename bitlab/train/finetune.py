@@ -412,6 +412,22 @@ def summarize_fewshot(rows: list[dict]) -> list[dict]:
     return out
 
 
+def read_fewshot(out: str | Path):
+    """`fewshot.csv` of a `bitlab fewshot` folder as a DataFrame (one row per K and seed), with the
+    number of classes each run learnt (`num_classes`, from its summary.json) for chance level."""
+    import pandas as pd
+
+    out = Path(out)
+    path = out / "fewshot.csv"
+    if not path.is_file():
+        raise BitlabError(f"{path}: no few-shot results (run `bitlab fewshot --out {out}` first)")
+    runs = pd.read_csv(path)
+    if missing := [c for c in ("k", "seed", "top1") if c not in runs.columns]:
+        raise BitlabError(f"{path}: missing column(s) {', '.join(missing)}")
+    runs["num_classes"] = [(_read_summary(out / d) or {}).get("num_classes") for d in runs["run_dir"]]
+    return runs
+
+
 def _read_summary(run_dir: Path) -> dict | None:
     path = run_dir / "summary.json"
     if not path.exists():

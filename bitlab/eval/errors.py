@@ -1,0 +1,223 @@
+"""Error analysis (paper Fig. 7 and 11): every top-1 mistake of a model, grouped, and rated by people.
+
+- `mistakes`: the top-1 errors of a `bitlab evaluate` predictions table, each with the word the
+  model predicted and the word of its label (the paper draws prediction over label);
+- `by_topk`, `by_confusion`: Fig. 7 right's groups (top-1 wrong but top-5 right / top-5 wrong)
+  and the commonest (label, prediction) pairs;
+- ratings: per mistake and rater, whether the rater agrees with the `prediction`, the `label` or
+  `neither` (unsure, or neither fits). Stored as a CSV (`image, rater, verdict, label, prediction`);
+  `consensus` turns them into Fig. 7 left's colours (green: raters side with the prediction, red:
+  with the label, yellow: unsure or neither). `RatingTool` is the ipywidgets form that writes them.
+"""
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+from typing import Mapping
+
+import pandas as pd
+
+from bitlab import io
+from bitlab.data import imagenet
+from bitlab.errors import BitlabError
+from bitlab.eval import robustness
+
+VERDICTS = {"prediction": "agree with the prediction", "label": "agree with the label",
+            "neither": "unsure / neither fits"}
+RATING_COLUMNS = ("image", "rater", "verdict", "label", "prediction")
+# Consensus of an image's raters: one of VERDICTS' first two, or this one (Fig. 7 left's yellow).
+UNSURE = "unsure"
+_WNID = re.compile(r"n\d{8}")
+
+
+def _label_word(cls: str) -> str:
+    """A class as a word: an ILSVRC wnid folder becomes its name, anything else stays."""
+    if _WNID.fullmatch(cls) and (i := imagenet.index_of().get(cls)) is not None:
+        return imagenet.names()[i]
+    return cls
+
+
+def _accepted(targets: str) -> str:
+    """The ILSVRC-2012 names a label accepts ('281;282' -> 'tabby, tiger cat')."""
+    names = [imagenet.names()[int(t)] for t in targets.split(";") if t.strip()]
+    return ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
+
+
+def mistakes(predictions: pd.DataFrame) -> pd.DataFrame:
+    """The top-1 mistakes of a predictions table (`bitlab evaluate`'s predictions.csv), in its
+    order, with `label` and `prediction` words, the ILSVRC names the label `accepted` as right,
+    the prediction's probability and whether the label is in the top-k (`topk_correct`)."""
+    k = robustness.topk_of(predictions)
+    wrong = predictions[~predictions["top1_correct"].astype(bool)]
+    return pd.DataFrame({
+        "image": wrong["image"].astype(str),
+        "label": wrong["class"].astype(str).map(_label_word),
+        "accepted": wrong["targets"].astype(str).map(_accepted),
+        "prediction": wrong["top1_name"].astype(str),
+        "prediction_prob": wrong["top1_prob"].astype(float),
+        "target_prob": wrong["target_prob"].astype(float),
+        "background": wrong["background"].astype(str) if "background" in wrong else "",
+        "topk_correct": wrong[f"top{k}_correct"].astype(bool),
+    }).reset_index(drop=True).assign(k=k)
+
+
+def by_topk(mistakes: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Fig. 7 right's middle and bottom groups: right by top-k although wrong by top-1, and wrong
+    by top-k too (empty groups are left out)."""
+    k = int(mistakes["k"].iloc[0]) if len(mistakes) else 5
+    groups = {f"top-1 wrong, top-{k} right": mistakes[mistakes["topk_correct"]],
+              f"top-{k} wrong too": mistakes[~mistakes["topk_correct"]]}
+    return {name: g for name, g in groups.items() if len(g)}
+
+
+def confusion_pairs(mistakes: pd.DataFrame) -> pd.DataFrame:
+    """(label, prediction) pairs with how many mistakes each explains, commonest first."""
+    if mistakes.empty:
+        return pd.DataFrame(columns=["label", "prediction", "count"])
+    counts = mistakes.groupby(["label", "prediction"], sort=False).size().rename("count").reset_index()
+    return counts.sort_values(["count", "label", "prediction"], ascending=[False, True, True], kind="stable",
+                              ignore_index=True)
+
+
+def by_confusion(mistakes: pd.DataFrame, top: int = 8, min_count: int = 1) -> dict[str, pd.DataFrame]:
+    """The `top` commonest confusions (at least `min_count` mistakes each), as groups titled
+    'label → prediction'."""
+    out = {}
+    for row in confusion_pairs(mistakes).head(top).itertuples():
+        if row.count >= min_count:
+            g = mistakes[(mistakes["label"] == row.label) & (mistakes["prediction"] == row.prediction)]
+            out[f"{row.label} → {row.prediction}"] = g
+    return out
+
+
+# ----------------------------------------------------------------------------- ratings
+def empty_ratings() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=str) for c in RATING_COLUMNS})
+
+
+def read_ratings(path: str | Path, missing_ok: bool = True) -> pd.DataFrame:
+    """A ratings CSV; a missing file is no ratings yet (unless `missing_ok` is False)."""
+    path = Path(path)
+    if not path.is_file():
+        if missing_ok:
+            return empty_ratings()
+        raise BitlabError(f"{path}: no such ratings file")
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if missing := [c for c in RATING_COLUMNS[:3] if c not in (reader.fieldnames or [])]:
+            raise BitlabError(f"{path}: missing column(s) {', '.join(missing)} "
+                              f"(expected {', '.join(RATING_COLUMNS)})")
+        rows = []
+        seen: dict[tuple[str, str], int] = {}
+        for line, rec in enumerate(reader, start=2):
+            row = {c: (rec.get(c) or "").strip() for c in RATING_COLUMNS}
+            if not row["image"] or not row["rater"]:
+                raise BitlabError(f"{path}, line {line}: empty image or rater")
+            if row["verdict"] not in VERDICTS:
+                raise BitlabError(f"{path}, line {line}: verdict {row['verdict']!r} is not one of "
+                                  f"{', '.join(VERDICTS)}")
+            key = (row["image"], row["rater"])
+            if key in seen:
+                raise BitlabError(f"{path}, line {line}: {row['rater']!r} rated {row['image']!r} "
+                                  f"already on line {seen[key]}")
+            seen[key] = line
+            rows.append(row)
+    return pd.DataFrame(rows, columns=list(RATING_COLUMNS)) if rows else empty_ratings()
+
+
+def write_ratings(path: str | Path, ratings: pd.DataFrame) -> None:
+    """Atomically: a crash while saving never loses the ratings already on disk."""
+    with io.atomic_write(path, "w", newline="", encoding="utf-8") as f:
+        ratings.loc[:, list(RATING_COLUMNS)].sort_values(["image", "rater"]).to_csv(f, index=False)
+
+
+def record(ratings: pd.DataFrame, mistake: Mapping, rater: str, verdict: str) -> pd.DataFrame:
+    """`ratings` with `rater`'s verdict on `mistake` (a row of `mistakes`), replacing an earlier one."""
+    if verdict not in VERDICTS:
+        raise BitlabError(f"verdict {verdict!r} is not one of {', '.join(VERDICTS)}")
+    if not rater.strip():
+        raise BitlabError("a rating needs the rater's name")
+    keep = ratings[~((ratings["image"] == mistake["image"]) & (ratings["rater"] == rater))]
+    row = pd.DataFrame([{"image": mistake["image"], "rater": rater, "verdict": verdict,
+                         "label": mistake["label"], "prediction": mistake["prediction"]}])
+    return pd.concat([keep, row], ignore_index=True) if len(keep) else row
+
+
+def consensus(ratings: pd.DataFrame) -> dict[str, str]:
+    """Per rated image: 'prediction' or 'label' when more than half of its raters chose it, else
+    'unsure' (a split vote, or raters who found neither right: the paper's yellow)."""
+    out = {}
+    for image, g in ratings.groupby("image", sort=True):
+        counts = g["verdict"].value_counts()
+        top = counts.index[0]
+        out[str(image)] = top if top in ("prediction", "label") and counts.iloc[0] * 2 > len(g) else UNSURE
+    return out
+
+
+# ----------------------------------------------------------------------------- the rating form
+class RatingTool:
+    """An ipywidgets form: one mistake at a time (image, prediction over label), three buttons for
+    the verdict; every click is saved to `path` at once and moves to the next unrated mistake.
+
+        tool = RatingTool(mistakes(df), data_root, "ratings.csv", rater="ana")
+        tool.widget  # display it in JupyterLab
+    """
+
+    def __init__(self, mistakes: pd.DataFrame, root: str | Path, path: str | Path, rater: str,
+                 thumb: int = 320) -> None:
+        import ipywidgets as w  # the notebooks extra; the rest of the module works without it
+
+        if mistakes.empty:
+            raise BitlabError("no mistakes to rate")
+        self.mistakes, self.root, self.path, self.thumb = mistakes.reset_index(drop=True), Path(root), Path(path), thumb
+        self.rater = rater
+        self.ratings = read_ratings(self.path)
+        self.index = 0
+        self.image = w.Image(format="png")
+        self.caption = w.HTML()
+        self.status = w.HTML()
+        self.buttons = {v: w.Button(description=text, button_style=style, layout=w.Layout(width="auto"))
+                        for (v, text), style in zip(VERDICTS.items(), ("success", "danger", "warning"))}
+        for verdict, button in self.buttons.items():
+            button.on_click(lambda _, v=verdict: self.rate(v))
+        self.back, self.skip = w.Button(description="◀ back"), w.Button(description="skip ▶")
+        self.back.on_click(lambda _: self.show(self.index - 1))
+        self.skip.on_click(lambda _: self.show(self.index + 1))
+        self.widget = w.VBox([self.caption, self.image, w.HBox(list(self.buttons.values())),
+                              w.HBox([self.back, self.skip]), self.status])
+        self.show(self._next_unrated(0))
+
+    def _mine(self) -> pd.DataFrame:
+        return self.ratings[self.ratings["rater"] == self.rater]
+
+    def _next_unrated(self, start: int) -> int:
+        done = set(self._mine()["image"])
+        n = len(self.mistakes)
+        for i in (*range(start, n), *range(start)):
+            if self.mistakes.at[i, "image"] not in done:
+                return i
+        return min(start, n - 1)
+
+    def show(self, i: int) -> None:
+        from bitlab.data.transforms import decode_image, resize
+        import cv2
+
+        self.index = i % len(self.mistakes)
+        m = self.mistakes.loc[self.index]
+        img = decode_image(self.root / m["image"])
+        scale = self.thumb / max(img.shape[:2])
+        img = resize(img, max(1, round(img.shape[1] * scale)), max(1, round(img.shape[0] * scale)))
+        self.image.value = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))[1].tobytes()
+        mine = self._mine()
+        before = mine.loc[mine["image"] == m["image"], "verdict"]
+        self.caption.value = (f"<b>{self.index + 1} / {len(self.mistakes)}</b> &nbsp; {m['image']}<br>"
+                              f"prediction: <b>{m['prediction']}</b> ({m['prediction_prob']:.0%})<br>"
+                              f"label: <b>{m['label']}</b>"
+                              + (f"<br>your earlier verdict: {VERDICTS[before.iloc[0]]}" if len(before) else ""))
+        self.status.value = f"{self.rater}: {len(mine)} of {len(self.mistakes)} rated, saved in {self.path}"
+
+    def rate(self, verdict: str) -> None:
+        self.ratings = record(self.ratings, self.mistakes.loc[self.index], self.rater, verdict)
+        write_ratings(self.path, self.ratings)
+        self.show(self._next_unrated(self.index))
