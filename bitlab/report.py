@@ -412,7 +412,8 @@ def gallery_pairs(pairs: Sequence[tuple], n: int) -> list[tuple]:
 
 def duplicates_title(summary: Mapping) -> str:
     """What a `bitlab dedup` summary found, in words, for the gallery's title."""
-    rule = f"cosine ≥ {summary['threshold']:g}" if summary["metric"] == "cosine" else f"Hamming ≤ {summary['threshold']:g}"
+    t = summary["threshold"]
+    rule = f"cosine ≥ {t:g}" if summary["metric"] == "cosine" else f"Hamming ≤ {t:g}"
     return (f"{summary['embedding']} ({rule}): {summary['dups']} of {summary['downstream_images']} test images "
             f"have a near-duplicate among {summary['upstream_images']} training images")
 

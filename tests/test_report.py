@@ -99,3 +99,112 @@ def test_missing_or_unusable_results_are_named(results, tmp_path, capsys):
     with pytest.raises(BitlabError, match="nothing to draw"):
         report.make_report([results["real_val"]], tmp_path / "fig")
     assert not (tmp_path / "fig").exists()
+
+
+# ----------------------------------------------------------------------------- Fig. 7 / 11
+def _mistake_set(tmp_path, photos):
+    """Three mistakes on real photos, as `bitlab.eval.errors.mistakes` gives them."""
+    import cv2
+    import pandas as pd
+
+    rows = []
+    for i, (name, pred) in enumerate([("rocket", "solar dish"), ("rocket", "hammer"), ("coffee", "teapot")]):
+        rel = f"{name}/{i}.png"
+        (tmp_path / name).mkdir(exist_ok=True)
+        cv2.imwrite(str(tmp_path / rel), photos[name][..., ::-1])
+        rows.append({"image": rel, "label": name, "accepted": "missile, projectile" if name == "rocket" else name,
+                     "prediction": pred, "prediction_prob": 0.4, "target_prob": 0.1, "background": "",
+                     "topk_correct": i == 0, "k": 5})
+    return pd.DataFrame(rows)
+
+
+def test_fig_mistakes_prediction_over_label_coloured_by_raters(tmp_path, photos):
+    m = _mistake_set(tmp_path, photos)
+    verdicts = {"rocket/0.png": "prediction", "rocket/1.png": "label", "coffee/2.png": "unsure"}
+    fig = report.fig_mistakes({"all": m}, tmp_path, verdicts=verdicts)
+    ax = fig.subfigs[0].axes[0]
+    assert ax.get_title() == "solar dish" and ax.get_xlabel().startswith("rocket\n(right: missile")
+    assert fig.subfigs[0].axes[2].get_xlabel() == "coffee"  # no "(right: ...)" when the words agree
+    report.save(fig, tmp_path / "fig", "mistakes")
+    img = assert_real_figure(tmp_path / "fig" / "mistakes.png")
+    for hexa in report.VERDICT_COLOURS.values():
+        assert _has_colour(img, np.array([int(hexa[i:i + 2], 16) for i in (1, 3, 5)]))
+    unrated = report.fig_mistakes({"a": m.iloc[:1], "b": m.iloc[1:]}, tmp_path)
+    assert [s.get_suptitle() for s in unrated.subfigs] == ["a: 1 mistake", "b: 2 mistakes"]
+    with pytest.raises(BitlabError, match="no mistakes to draw"):
+        report.fig_mistakes({"all": m.iloc[:0]}, tmp_path)
+
+
+# ----------------------------------------------------------------------------- Fig. 9
+def test_gallery_marks_true_and_false_positives(tmp_path, photos):
+    import cv2
+
+    for name in ("chelsea", "coffee"):
+        cv2.imwrite(str(tmp_path / f"{name}.png"), photos[name][..., ::-1])
+    pairs = [(tmp_path / "chelsea.png", tmp_path / "chelsea.png", 0.99),
+             (tmp_path / "coffee.png", tmp_path / "chelsea.png", 0.71)]
+    summary = {"embedding": "phash", "metric": "hamming", "threshold": 10, "dims": 64, "dups": 2,
+               "downstream_images": 5, "upstream_images": 7}
+    fig = report.fig_duplicates(pairs, labels=[True, False], summary=summary)
+    assert fig.axes[1].get_title().endswith("Hamming distance 19 bits")  # (1 - 0.71) x 64
+    assert "phash (Hamming ≤ 10): 2 of 5 test images" in fig.get_suptitle()
+    report.save(fig, tmp_path, "g")
+    img = assert_real_figure(tmp_path / "g.png", min_h=200)
+    assert _has_colour(img, np.array([44, 160, 44]), pixels=500)  # matplotlib tab:green
+    assert _has_colour(img, np.array([214, 39, 40]), pixels=500)  # tab:red
+    with pytest.raises(BitlabError, match="1 labels for 2 pairs"):
+        report.fig_duplicates(pairs, labels=[True])
+
+
+def test_gallery_pairs_spread_over_similarity():
+    pairs = [(f"q{i}", f"m{i}", s) for i, s in enumerate([0.9, 0.75, 1.0, 0.8, 0.95])]
+    assert [p[2] for p in report.gallery_pairs(pairs, 3)] == [1.0, 0.9, 0.75]
+    assert len(report.gallery_pairs(pairs, 10)) == 5
+
+
+def test_fig_nearest_counts_what_the_threshold_flags(tmp_path):
+    summary = {"embedding": "model:x", "metric": "cosine", "threshold": 0.7, "dims": 8}
+    nearest = [{"query": q, "similarity": s, "distance": 1 - s} for q, s in
+               [("a", 0.95), ("b", 0.72), ("c", 0.69), ("d", 0.3)]]
+    fig = report.fig_nearest(summary, nearest, {"a": "copy", "b": "copy", "c": "copy", "d": "unrelated"})
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["copy", "unrelated"]
+    assert [t.get_text() for t in ax.texts] == ["2 of 3\nflagged", "0 of 1\nflagged"]
+    report.save(fig, tmp_path, "n")
+    assert_real_figure(tmp_path / "n.png", min_h=200)
+
+
+# ----------------------------------------------------------------------------- Fig. 2 / 5
+def test_fig_fewshot_draws_medians_and_every_trial(tmp_path):
+    import pandas as pd
+
+    runs = pd.DataFrame({"k": [1, 1, 1, 5, 5, 5], "seed": [0, 1, 2] * 2, "top1": [0.2, 0.4, 0.3, 0.7, 0.6, 0.9],
+                         "num_classes": 10, "curve": "tiny"})
+    fig = report.fig_fewshot(runs, series="curve")
+    ax = fig.axes[0]
+    line = ax.lines[0]
+    assert line.get_xdata().tolist() == [1, 5] and np.allclose(line.get_ydata(), [30, 70])  # medians, in %
+    assert len(ax.collections[0].get_offsets()) == 6  # every trial a dot
+    assert ax.get_xscale() == "log" and [t.get_text() for t in ax.get_xticklabels()] == ["1", "5"]
+    assert any(np.allclose(ln.get_ydata(), 10) for ln in ax.lines[1:])  # chance level for 10 classes
+    report.save(fig, tmp_path, "fs")
+    assert_real_figure(tmp_path / "fs.png")
+
+
+# ----------------------------------------------------------------------------- OOC tour
+def test_fig_ooc_grid_rows_objects_columns_backgrounds(tmp_path, photos):
+    from bitlab.eval import robustness
+
+    ev = robustness.load_eval_set(build_tiny_ooc(tmp_path / "ooc", photos))
+    fig = report.fig_ooc_grid(ev, max_backgrounds=3)
+    axes = np.array(fig.axes).reshape(3, 3)
+    assert [ax.get_ylabel() for ax in axes[:, 0]] == ["cat", "espresso", "missile"]
+    assert [ax.get_title() for ax in axes[0]] == ["brick", "grass", "gravel"]
+    assert all(ax.images for ax in axes.ravel())
+    assert "(1 not shown)" in fig.get_suptitle()
+    report.save(fig, tmp_path, "grid")
+    assert_real_figure(tmp_path / "grid.png")
+    only = report.fig_ooc_grid(ev, classes=["cat"])
+    assert len(only.axes) == 4
+    with pytest.raises(BitlabError, match="no images of the classes zebra"):
+        report.fig_ooc_grid(ev, classes=["zebra"])

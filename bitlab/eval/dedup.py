@@ -40,11 +40,11 @@ Outputs of `run_dedup` in `out/`: `config.json`, `duplicates.csv` (query, match,
 similarity, distance), `nearest.csv` (the closest match of every query), `summary.json` (the
 Table 6 counts: Full / Dedup accuracy when predictions are given, and Dups) and
 `duplicates.png` / `.pdf` (the Fig. 9 gallery, drawn by `bitlab.report.fig_duplicates`).
+Embeddings are cached per block under `cache/`, so an interrupted run resumes where it stopped
+and a new threshold or another downstream set against the same upstream costs only the search.
 
-`plant_near_duplicates` writes such copies of your own photos, to check a threshold on your data;
-`planted_demo` builds the offline example sets the `duplicates` notebook starts from. Embeddings are cached per block under `cache/`, so an
-interrupted run resumes where it stopped and a new threshold or another downstream set against
-the same upstream costs only the search.
+`plant_near_duplicates` writes the study's edited copies of your own photos, to check a threshold
+on your data; `planted_demo` builds the offline example sets the `duplicates` notebook starts from.
 """
 from __future__ import annotations
 

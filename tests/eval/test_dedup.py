@@ -1,5 +1,6 @@
 """Near-duplicate search: blocked top-k against brute force, the planted-duplicate acceptance test
-through `bitlab dedup`, Table 6 counts, errors, the embedding cache and the Fig. 9 gallery."""
+through `bitlab dedup`, Table 6 counts, errors, the embedding cache and planted copies (the Fig. 9
+gallery's own tests are in tests/test_report.py)."""
 from __future__ import annotations
 
 import csv
@@ -162,6 +163,8 @@ def test_phash_finds_resized_and_reencoded_copies(sets, tmp_path):
     assert max(hamming[q] for q in truth) <= 6  # documented: resized / JPEG copies differ in <= 6 bits
     assert min(hamming[q] for q in sets["unrelated"]) >= 20  # documented: unrelated photos in >= 20
     assert result.summary["metric"] == "hamming" and result.summary["dims"] == 64
+    # The gallery's pairs: each planted copy's file beside its original's file.
+    assert {(q.name, m.relative_to(sets["up"]).as_posix()) for q, m, _ in result.pairs()} == set(truth.items())
 
 
 def test_offline_sample_photos_are_duplicates_of_the_skimage_originals(tmp_path, photos):
@@ -358,23 +361,43 @@ def test_corrupt_cache_file_is_recomputed(tmp_path, photos):
     assert np.load(file, allow_pickle=False).shape == (1, 64)
 
 
-# ----------------------------------------------------------------------------- Fig. 9
-def test_gallery_marks_true_and_false_positives(tmp_path, photos):
-    for name in ("chelsea", "coffee"):
-        _write(tmp_path / f"{name}.png", photos[name])
-    pairs = [(tmp_path / "chelsea.png", tmp_path / "chelsea.png", 0.99),
-             (tmp_path / "coffee.png", tmp_path / "chelsea.png", 0.71)]
-    fig = dedup.plot_duplicates(pairs, labels=[True, False])
-    dedup.save_figure(fig, tmp_path / "g.png")
-    img = cv2.cvtColor(cv2.imread(str(tmp_path / "g.png")), cv2.COLOR_BGR2RGB).astype(int)
-    green = (abs(img - (44, 160, 44)).sum(-1) < 30).sum()  # matplotlib tab:green
-    red = (abs(img - (214, 39, 40)).sum(-1) < 30).sum()  # tab:red
-    assert green > 500 and red > 500
-    with pytest.raises(BitlabError, match="1 labels for 2 pairs"):
-        dedup.plot_duplicates(pairs, labels=[True])
+# ----------------------------------------------------------------------------- planted copies
+def test_plant_near_duplicates_writes_each_edit(tmp_path, photos):
+    original = tmp_path / "orig" / "chelsea.png"
+    _write(original, photos["chelsea"])
+    planted = dedup.plant_near_duplicates([original], tmp_path / "copies")
+    assert planted == {"chelsea_half.png": (original, "half"), "chelsea_jpeg30.jpg": (original, "jpeg30"),
+                       "chelsea_crop.png": (original, "crop")}
+    h, w = photos["chelsea"].shape[:2]
+    half = cv2.imread(str(tmp_path / "copies" / "chelsea_half.png"))
+    crop = cv2.imread(str(tmp_path / "copies" / "chelsea_crop.png"))
+    jpeg = cv2.imread(str(tmp_path / "copies" / "chelsea_jpeg30.jpg"))
+    assert half.shape[:2] == (h // 2, w // 2)
+    assert crop.shape[:2] == (h - 2 * int(h * 0.06), w - 2 * int(w * 0.06))
+    assert jpeg.shape[:2] == (h, w)
+    assert 2 < np.abs(jpeg.astype(int)[..., ::-1] - photos["chelsea"]).mean() < 20  # lossy, yet the same photo
+    with pytest.raises(BitlabError, match="unknown edit 'blur'"):
+        dedup.plant_near_duplicates([original], tmp_path / "x", edits=["blur"])
+    other = tmp_path / "other" / "chelsea.png"
+    _write(other, photos["coffee"])
+    with pytest.raises(BitlabError, match="two originals named 'chelsea'"):
+        dedup.plant_near_duplicates([original, other], tmp_path / "y")
 
 
-def test_gallery_pairs_spread_over_similarity():
-    pairs = [(f"q{i}", f"m{i}", s) for i, s in enumerate([0.9, 0.75, 1.0, 0.8, 0.95])]
-    assert [p[2] for p in dedup.gallery_pairs(pairs, 3)] == [1.0, 0.9, 0.75]
-    assert len(dedup.gallery_pairs(pairs, 10)) == 5
+def test_planted_demo_knows_its_truth(tmp_path):
+    ps = dedup.planted_demo(tmp_path)
+    up = dedup.list_images(ps.upstream)
+    down = dedup.list_images(ps.downstream)
+    assert len(up) == len(dedup.DEMO_PLANTED) + len(dedup.DEMO_UPSTREAM_ONLY)
+    assert sorted(down.names) == sorted([*ps.truth, *ps.unrelated])
+    assert set(ps.truth.values()) == {f"{n}.png" for n in dedup.DEMO_PLANTED}
+    assert set(ps.truth.values()) <= set(up.names)
+    kinds = ps.kinds()
+    assert kinds["clock_jpeg30.jpg"] == "JPEG quality-30 copy" and kinds["cell.png"] == "unrelated photo"
+    rows = [{"query": "clock_jpeg30.jpg", "match": "clock.png", "rank": 1},  # right
+            {"query": "moon_half.png", "match": "moon.png", "rank": 2},  # not a best match: ignored
+            {"query": "coffee_crop.png", "match": "chelsea.png", "rank": 1},  # wrong original
+            {"query": "cell.png", "match": "moon.png", "rank": 1}]  # unrelated photo flagged
+    score = ps.score(rows)
+    assert score["found"] == ["clock_jpeg30.jpg"] and score["false"] == ["cell.png", "coffee_crop.png"]
+    assert len(score["missed"]) == len(ps.truth) - 2 and "coffee_crop.png" not in score["missed"]

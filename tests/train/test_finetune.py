@@ -17,7 +17,7 @@ from bitlab.errors import BitlabError
 from bitlab.models import create_model, read_state_dict
 from bitlab.models.checkpoints import CheckpointError
 from bitlab.paths import REPO_ROOT
-from bitlab.train.finetune import FewShotConfig, FinetuneConfig, build_model, fewshot, finetune
+from bitlab.train.finetune import FewShotConfig, FinetuneConfig, build_model, fewshot, finetune, read_fewshot
 
 TINY = dict(model="R14x0.5", batch_size=8, resolution=[18, 16], workers=0, progress=False, base_lr=0.05)
 
@@ -138,6 +138,12 @@ def test_fewshot_runs_seeds_and_reports_spread(tiny_digits, tmp_path):
         tops = sorted(float(r["top1"]) for r in rows if r["k"] == s["k"])
         assert float(s["top1_min"]) == tops[0] and float(s["top1_max"]) == tops[-1]
         assert float(s["top1_median"]) == pytest.approx(sum(tops) / 2)
+    # What the few-shot notebook draws: every run, with the classes learnt (for chance level).
+    runs = read_fewshot(tmp_path)
+    assert runs[["k", "seed"]].values.tolist() == [[1, 0], [1, 1], [3, 0], [3, 1]]
+    assert runs["top1"].tolist() == [float(r["top1"]) for r in rows] and (runs["num_classes"] == 10).all()
+    with pytest.raises(BitlabError, match="no few-shot results"):
+        read_fewshot(tmp_path / "nowhere")
     picks = {d.name: (d / "fewshot_files.txt").read_text() for d in tmp_path.iterdir() if d.is_dir()}
     assert picks["k1_seed0"] != picks["k1_seed1"] and len(picks["k3_seed0"].splitlines()) == 30
     again = fewshot(FewShotConfig(**{**TINY, "data": str(tiny_digits), "out": str(tmp_path / "again"),
