@@ -546,38 +546,45 @@ def fig_fewshot(runs: pd.DataFrame, *, series: str | None = None, title: str | N
 def fig_ooc_grid(ev: robustness.EvalSet, *, classes: Sequence[str] | None = None, per_class: int = 1,
                  max_backgrounds: int | None = 12, thumb: int = 128) -> Figure:
     """The out-of-context set as a grid: a row per foreground object (`per_class` per class), a
-    column per background; an empty cell is a pair the set does not have."""
+    column per background; an empty cell is a pair the set does not have. A layout without
+    backgrounds (the official class folders) gets a row per class and its first images."""
     items = [it for it in ev.items if classes is None or it.cls in classes]
     if not items:
         raise BitlabError(f"{ev.root}: no images" + (f" of the classes {', '.join(classes)}" if classes else ""))
-    backgrounds = sorted({it.background for it in items})
-    if max_backgrounds is not None and len(backgrounds) > max_backgrounds:
-        backgrounds = backgrounds[:max_backgrounds]
-    rows: dict[tuple[str, str], dict[str, str]] = {}
-    for it in items:
-        rows.setdefault((it.cls, it.fg_uid or it.image), {})
+    limit = max_backgrounds if max_backgrounds is not None else len(items)
+    if any(it.background for it in items):
+        cells = {((it.cls, it.fg_uid or it.image), it.background): it.image for it in items}
+        all_columns = sorted({it.background for it in items})
+        what = f"{len({key for key, _ in cells})} objects, {len(all_columns)} backgrounds"
+        heading = "rows: foreground objects; columns: backgrounds"
+    else:
+        order: dict[str, int] = {}
+        cells = {}
+        for it in sorted(items, key=lambda it: (it.cls, it.image)):
+            order[it.cls] = order.get(it.cls, -1) + 1
+            cells[((it.cls, ""), order[it.cls])] = it.image
+        all_columns = sorted({col for _, col in cells})
+        what, heading = "no backgrounds recorded", "rows: classes; columns: their first images"
+    columns = all_columns[:limit]
     by_class: dict[str, list[tuple[str, str]]] = {}
-    for key in sorted(rows):
+    for key in sorted({key for key, _ in cells}):
         by_class.setdefault(key[0], []).append(key)
-    keep = [key for keys in by_class.values() for key in keys[:per_class]]
-    cells = {(it.cls, it.fg_uid or it.image, it.background): it.image for it in items}
-    fig = Figure(figsize=(1.15 * len(backgrounds) + 1.6, 1.15 * len(keep) + 1.2), layout="constrained")
-    axes = fig.subplots(len(keep), len(backgrounds), squeeze=False)
-    for r, (cls, fg) in enumerate(keep):
-        for c, bg in enumerate(backgrounds):
+    rows = [key for keys in by_class.values() for key in keys[:per_class]]
+    fig = Figure(figsize=(1.15 * len(columns) + 1.6, 1.15 * len(rows) + 1.2), layout="constrained")
+    axes = fig.subplots(len(rows), len(columns), squeeze=False)
+    for r, key in enumerate(rows):
+        for c, col in enumerate(columns):
             ax = axes[r, c]
             _bare(ax)
-            if (image := cells.get((cls, fg, bg))) is not None:
+            if (image := cells.get((key, col))) is not None:
                 ax.imshow(_thumbnail(ev.root / image, thumb))
-            if r == 0:
-                ax.set_title(_words(bg.replace("_", " "), 14), fontsize=8)
+            if r == 0 and isinstance(col, str):
+                ax.set_title(_words(col.replace("_", " "), 14), fontsize=8)
             if c == 0:
-                ax.set_ylabel(cls.replace("_", " "), fontsize=9, rotation=0, ha="right", va="center")
-    hidden = len({it.background for it in items}) - len(backgrounds)
-    fig.suptitle(f"{ev.name}: {len(items)} images, {len(by_class)} classes, {len(rows)} objects"
-                 + (f", {len({it.background for it in items})} backgrounds" if backgrounds != [""] else "")
-                 + (f" ({hidden} not shown)" if hidden else "")
-                 + "\nrows: foreground objects; columns: backgrounds", fontsize=10)
+                ax.set_ylabel(key[0].replace("_", " "), fontsize=9, rotation=0, ha="right", va="center")
+    hidden = len(all_columns) - len(columns)
+    fig.suptitle(f"{ev.name}: {len(items)} images, {len(by_class)} classes, {what}"
+                 + (f" ({hidden} more not shown)" if hidden else "") + f"\n{heading}", fontsize=10)
     return fig
 
 

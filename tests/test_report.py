@@ -201,10 +201,14 @@ def test_fig_ooc_grid_rows_objects_columns_backgrounds(tmp_path, photos):
     assert [ax.get_ylabel() for ax in axes[:, 0]] == ["cat", "espresso", "missile"]
     assert [ax.get_title() for ax in axes[0]] == ["brick", "grass", "gravel"]
     assert all(ax.images for ax in axes.ravel())
-    assert "(1 not shown)" in fig.get_suptitle()
+    assert "4 backgrounds (1 more not shown)" in fig.get_suptitle()
     report.save(fig, tmp_path, "grid")
     assert_real_figure(tmp_path / "grid.png")
     only = report.fig_ooc_grid(ev, classes=["cat"])
     assert len(only.axes) == 4
     with pytest.raises(BitlabError, match="no images of the classes zebra"):
         report.fig_ooc_grid(ev, classes=["zebra"])
+    (ev.root / "manifest.csv").unlink()  # now the official release's layout: class folders, no backgrounds
+    folders = report.fig_ooc_grid(robustness.load_eval_set(ev.root), max_backgrounds=2)
+    assert np.array(folders.axes).size == 3 * 2 and all(ax.images for ax in folders.axes)
+    assert "no backgrounds recorded" in folders.get_suptitle()

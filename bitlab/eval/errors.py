@@ -16,10 +16,12 @@ import re
 from pathlib import Path
 from typing import Mapping
 
+import cv2
 import pandas as pd
 
 from bitlab import io
 from bitlab.data import imagenet
+from bitlab.data.transforms import decode_image, resize
 from bitlab.errors import BitlabError
 from bitlab.eval import robustness
 
@@ -200,9 +202,6 @@ class RatingTool:
         return min(start, n - 1)
 
     def show(self, i: int) -> None:
-        from bitlab.data.transforms import decode_image, resize
-        import cv2
-
         self.index = i % len(self.mistakes)
         m = self.mistakes.loc[self.index]
         img = decode_image(self.root / m["image"])
