@@ -4,7 +4,15 @@
     model = bitlab.create_model("BiT-M-R50x1", num_classes=10, pretrained="BiT-M-R50x1.npz", zero_head=True)
 """
 from bitlab.errors import BitlabError
-from bitlab.models import create_model, list_models
 
 __version__ = "0.1.0"
 __all__ = ["BitlabError", "__version__", "create_model", "list_models"]
+
+
+def __getattr__(name: str):
+    # Lazy, so that `bitlab --help` and light imports do not pay for importing torch.
+    if name in ("create_model", "list_models"):
+        from bitlab import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'bitlab' has no attribute {name!r}")

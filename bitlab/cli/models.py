@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from bitlab.models import checkpoints, registry, zoo
+from bitlab.errors import BitlabError
+
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,16 +23,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("weights", help="official BiT weight files")
     wsub = p.add_subparsers(dest="weights_command", metavar="ACTION", required=True)
     w = wsub.add_parser("list", help="names of the official weight files")
-    w.set_defaults(func=lambda a: print("\n".join(zoo.WEIGHT_NAMES)))
+    w.set_defaults(func=_list_weights)
     w = wsub.add_parser("download", help="download official .npz files (checksummed, resumable)")
     w.add_argument("names", nargs="+", metavar="NAME", help="e.g. BiT-M-R50x1 or BiT-M-R50x1-ILSVRC2012")
     w.add_argument("--out", default="weights", help="folder for the files (default: ./weights)")
-    w.add_argument("--base-url", default=zoo.BIT_WEIGHTS_URL, help="mirror serving <NAME>.npz")
+    w.add_argument("--base-url", help="mirror serving <NAME>.npz (default: the official bucket)")
     w.add_argument("--sha256", help="expected sha256 (one NAME only)")
     w.set_defaults(func=_download)
 
 
+def _list_weights(args: argparse.Namespace) -> None:
+    from bitlab.models import zoo
+
+    print("\n".join(zoo.WEIGHT_NAMES))
+
+
 def _models(args: argparse.Namespace) -> None:
+    from bitlab.models import registry
+
     rows = [registry.describe(n) for n in registry.list_models(include_ablations=args.ablations)]
     if args.json:
         print("\n".join(json.dumps(r) for r in rows))
@@ -44,13 +53,18 @@ def _models(args: argparse.Namespace) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
+    from bitlab.models import checkpoints
+
     out = checkpoints.convert(args.src, args.dst, to=args.to)
     print(f"wrote {out}")
 
 
 def _download(args: argparse.Namespace) -> None:
     if args.sha256 and len(args.names) != 1:
-        raise SystemExit("--sha256 applies to one NAME only")
+        raise BitlabError("--sha256 applies to one NAME only")
+    from bitlab.models import zoo
+
     for name in args.names:
-        path = zoo.download_weights(name, args.out, base_url=args.base_url, sha256=args.sha256)
+        path = zoo.download_weights(name, args.out, base_url=args.base_url or zoo.BIT_WEIGHTS_URL,
+                                    sha256=args.sha256)
         print(f"{name}: {path}")

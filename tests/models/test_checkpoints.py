@@ -1,0 +1,170 @@
+"""Official npz, timm and bitlab files: schema, round trips, strict checks, parity with timm."""
+import pickle
+
+import cv2
+import numpy as np
+import pytest
+import timm
+import torch
+
+from bitlab.data.transforms import normalize, to_chw_tensor
+from bitlab.errors import BitlabError
+from bitlab.models import ResNetV2, ResNetV2Config, bitlab_to_timm, checkpoints, create_model, timm_to_bitlab
+from bitlab.models.checkpoints import CheckpointError
+
+
+def _randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights everywhere, GN affine and head included, so nothing matches by accident."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g) if name.endswith("weight")
+                        else 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def _batch(photos, size=128):
+    x = torch.stack([to_chw_tensor(cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA))
+                     for img in photos.values()])
+    return normalize(x)
+
+
+def _timm_bit(num_classes: int) -> torch.nn.Module:
+    model = timm.create_model("resnetv2_50x1_bit", num_classes=num_classes, pretrained=False)
+    for m in model.modules():  # timm's BiT uses eps 1e-8; the official value is 1e-10
+        if isinstance(m, timm.layers.StdConv2d):
+            m.eps = 1e-10
+    return model.eval()
+
+
+def test_official_key_schema_and_hwio(tmp_path):
+    model = _randomise(create_model("BiT-M-R50x1"))
+    path = checkpoints.save_npz(model, tmp_path / "BiT-M-R50x1.npz")
+    with np.load(path, allow_pickle=False) as f:
+        keys = set(f.files)
+        root = f["resnet/root_block/standardized_conv2d/kernel"]
+        head = f["resnet/head/conv2d/kernel"]
+    assert len(keys) == 153  # R50: 153 keys with the head (reference notes §2.8)
+    assert root.shape == (7, 7, 3, 64) and head.shape == (1, 1, 2048, 21843)
+    assert {"resnet/group_norm/gamma", "resnet/group_norm/beta", "resnet/head/conv2d/bias",
+            "resnet/block1/unit01/a/proj/standardized_conv2d/kernel",
+            "resnet/block4/unit03/c/group_norm/beta", "resnet/block3/unit06/b/standardized_conv2d/kernel"} <= keys
+    assert not any("proj" in k for k in keys if "unit01" not in k)
+    np.testing.assert_array_equal(root, model.root.conv.weight.detach().numpy().transpose(2, 3, 1, 0))
+
+
+def test_npz_round_trip_is_exact(tmp_path):
+    model = _randomise(create_model("R14x0.5", num_classes=7))
+    a = checkpoints.save_npz(model, tmp_path / "a.npz")
+    reloaded = create_model("R14x0.5", num_classes=7, pretrained=a)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, reloaded.state_dict()[k]), k
+    b = checkpoints.save_npz(reloaded, tmp_path / "b.npz")
+    with np.load(a) as fa, np.load(b) as fb:
+        assert fa.files == fb.files and all(np.array_equal(fa[k], fb[k]) for k in fa.files)
+
+
+def test_npz_loads_into_bitlab_and_timm_with_same_predictions(tmp_path, photos):
+    """Parity: the same random weights give the same logits in bitlab and timm (eps matched)."""
+    bit = _randomise(create_model("BiT-S-R50x1"))
+    path = checkpoints.save_npz(bit, tmp_path / "BiT-S-R50x1.npz")
+    ours = create_model("BiT-S-R50x1", pretrained=path).eval()
+    theirs = _timm_bit(1000)
+    theirs.load_pretrained(str(path))  # timm's own npz reader (official key schema)
+    x = _batch(photos)
+    with torch.no_grad():
+        a, b = ours(x), theirs(x)
+    assert (a - b).abs().max() < 1e-4
+    assert torch.equal(a.argmax(1), b.argmax(1))
+    assert a.std() > 1e-2  # logits are not trivially equal
+
+
+def test_timm_conversion_both_ways(photos):
+    bit = _randomise(create_model("R50x1", num_classes=10), seed=3)
+    theirs = _timm_bit(10)
+    theirs.load_state_dict(bitlab_to_timm(bit.state_dict()), strict=True)
+    back = create_model("R50x1", num_classes=10)
+    back.load_state_dict(timm_to_bitlab(theirs.state_dict()), strict=True)
+    x = _batch(photos)
+    with torch.no_grad():
+        assert (bit(x) - theirs(x)).abs().max() < 1e-4
+        assert torch.equal(bit(x), back.eval()(x))
+
+
+def test_convert_cli_chain_npz_timm_bitlab_npz(tmp_path):
+    model = _randomise(create_model("R14x0.5", num_classes=3))
+    src = checkpoints.save_npz(model, tmp_path / "m.npz")
+    checkpoints.convert(src, tmp_path / "m_timm.pth", to="timm")
+    checkpoints.convert(tmp_path / "m_timm.pth", tmp_path / "m.pt")
+    checkpoints.convert(tmp_path / "m.pt", tmp_path / "back.npz")
+    with np.load(src) as fa, np.load(tmp_path / "back.npz") as fb:
+        assert sorted(fa.files) == sorted(fb.files) and all(np.array_equal(fa[k], fb[k]) for k in fa.files)
+    assert checkpoints.detect_format(tmp_path / "m_timm.pth") == "timm"
+    assert checkpoints.detect_format(tmp_path / "m.pt") == "bitlab"
+
+
+def test_head_replaced_or_kept_and_headless_files(tmp_path):
+    upstream = _randomise(create_model("BiT-M-R50x1"))  # 21843-class head
+    path = checkpoints.save_npz(upstream, tmp_path / "BiT-M-R50x1.npz")
+    tuned = create_model("BiT-M-R50x1", num_classes=10, pretrained=path, zero_head=True)
+    assert torch.count_nonzero(tuned.head.conv.weight) == 0 and tuned.head.conv.weight.shape[0] == 10
+    assert torch.equal(tuned.body.block4.unit03.conv3.weight, upstream.body.block4.unit03.conv3.weight)
+    same = create_model("BiT-M-R50x1", pretrained=path)
+    assert torch.equal(same.head.conv.weight, upstream.head.conv.weight)
+    headless = {k: v for k, v in np.load(path).items() if not k.startswith("resnet/head/")}
+    np.savez(tmp_path / "headless.npz", **headless)
+    model = create_model("BiT-M-R50x1", num_classes=5, pretrained=tmp_path / "headless.npz")
+    assert torch.equal(model.root.conv.weight, upstream.root.conv.weight)
+
+
+def test_strict_errors_name_the_key_and_the_file(tmp_path):
+    model = _randomise(create_model("R14x0.5", num_classes=3))
+    arrays = checkpoints.state_dict_to_npz(model.state_dict())
+    missing = dict(arrays)
+    del missing["resnet/block2/unit01/b/group_norm/gamma"]
+    np.savez(tmp_path / "missing.npz", **missing)
+    with pytest.raises(CheckpointError, match=r"missing\.npz: missing key 'body\.block2\.unit01\.gn2\.weight'"):
+        create_model("R14x0.5", num_classes=3, pretrained=tmp_path / "missing.npz")
+    np.savez(tmp_path / "extra.npz", **arrays, **{"resnet/block9/unit01/x": np.zeros(3, np.float32)})
+    with pytest.raises(CheckpointError, match=r"extra\.npz.*'resnet/block9/unit01/x'"):
+        create_model("R14x0.5", num_classes=3, pretrained=tmp_path / "extra.npz")
+    with pytest.raises(CheckpointError, match=r"extra\.npz.*unexpected key"):
+        create_model("R14x0.5", num_classes=3, pretrained=tmp_path / "extra.npz")
+    # a checkpoint of another architecture: every shape is named
+    other = checkpoints.save_npz(_randomise(create_model("R50x1", num_classes=3)), tmp_path / "r50.npz")
+    with pytest.raises(CheckpointError, match=r"r50\.npz: key 'root\.conv\.weight' has shape \(64, 3, 7, 7\)"):
+        create_model("R14x0.5", num_classes=3, pretrained=other)
+
+
+def test_files_are_read_without_pickle(tmp_path):
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "evil.npz", "w") as zf:
+        zf.write(tmp_path / "obj.npy", "resnet/root_block/standardized_conv2d/kernel.npy")
+    with pytest.raises(BitlabError, match="evil.npz"):
+        create_model("R14x0.5", pretrained=tmp_path / "evil.npz")
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"state_dict": Payload()}, tmp_path / "evil.pt", pickle_module=pickle)
+    with pytest.raises(BitlabError, match="evil.pt"):
+        create_model("R14x0.5", pretrained=tmp_path / "evil.pt")
+
+
+def test_bitlab_file_keeps_ablation_config_and_npz_refuses_it(tmp_path):
+    bn = _randomise(create_model("R14x0.5-bn-plain", num_classes=4))
+    bn.train()(torch.randn(4, 3, 32, 32))  # populate running stats
+    path = checkpoints.save_bitlab(bn, tmp_path / "bn.pt", name="R14x0.5-bn-plain")
+    state, config = checkpoints.read_state_dict(path)
+    assert config == bn.config and config.norm == "batch" and config.conv == "plain"
+    assert torch.equal(state["body.block1.unit01.gn1.running_mean"], bn.body.block1.unit01.gn1.running_mean)
+    with pytest.raises(CheckpointError, match="GN\\+WS"):
+        checkpoints.save_npz(bn, tmp_path / "bn.npz")
+    with pytest.raises(CheckpointError, match="norm=batch"):
+        create_model("R14x0.5", num_classes=4, pretrained=path)
+    assert not (tmp_path / "bn.npz").exists()

@@ -1,0 +1,121 @@
+"""The architecture matches the official BiT definition (reference notes §2)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bitlab.models import ResNetV2, ResNetV2Config, StdConv2d, count_params, create_model
+from bitlab.models.resnetv2 import GN_EPS, GN_GROUPS, WS_EPS
+
+TINY = ResNetV2Config(block_units=(1, 1, 1, 1), width_factor=0.5, num_classes=10)
+
+
+def test_weight_standardisation_is_biased_variance_with_eps_inside_sqrt():
+    conv = StdConv2d(4, 3, kernel_size=3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn_like(conv.weight) * 1e-4)  # small kernels: eps matters
+    w = conv.weight.double()
+    mean = w.mean(dim=(1, 2, 3), keepdim=True)
+    var = ((w - mean) ** 2).mean(dim=(1, 2, 3), keepdim=True)  # biased (population) variance
+    expected = (w - mean) / torch.sqrt(var + 1e-10)
+    assert WS_EPS == 1e-10
+    torch.testing.assert_close(conv.standardized_weight().double(), expected, rtol=1e-5, atol=1e-5)
+    unbiased = (w - mean) / torch.sqrt(w.var(dim=(1, 2, 3), keepdim=True) + 1e-10)
+    assert not torch.allclose(conv.standardized_weight().double(), unbiased, atol=1e-3)
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(conv(x), F.conv2d(x, expected.float(), None, 1, 1))
+
+
+def test_group_norm_everywhere_with_32_groups_and_official_eps():
+    model = ResNetV2(TINY)
+    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(norms) == 3 * 4 + 1  # three per unit, one before the head
+    assert all(m.num_groups == GN_GROUPS == 32 and m.eps == GN_EPS == 1e-5 for m in norms)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def test_stride_on_3x3_and_projection_only_where_shape_changes():
+    model = create_model("R50x1")
+    for b, block in enumerate(model.body, start=1):
+        for u, unit in enumerate(block, start=1):
+            assert unit.conv1.stride == (1, 1) and unit.conv3.stride == (1, 1)
+            assert unit.conv2.stride == ((2, 2) if b > 1 and u == 1 else (1, 1))
+            assert (unit.downsample is not None) == (u == 1)
+    assert isinstance(model.head.conv, nn.Conv2d) and not isinstance(model.head.conv, StdConv2d)
+    assert model.head.conv.bias is not None
+
+
+def test_projection_takes_the_pre_activated_input():
+    unit = ResNetV2(TINY).body.block2.unit01
+    with torch.no_grad():
+        for p in unit.parameters():
+            p.copy_(torch.randn_like(p))
+    x = torch.randn(2, unit.gn1.num_channels, 8, 8)
+    preact = F.relu(unit.gn1(x))
+    out = unit.conv3(F.relu(unit.gn3(unit.conv2(F.relu(unit.gn2(unit.conv1(preact)))))))
+    torch.testing.assert_close(unit(x), out + unit.downsample(preact))
+    assert not torch.allclose(unit(x), out + unit.downsample(x), atol=1e-3)
+
+
+def test_root_zero_pads_then_pools_without_padding():
+    """Pins the official root: a MaxPool2d(padding=1) (pads with -inf) must not pass this test."""
+    torch.manual_seed(0)
+    model = ResNetV2(TINY)
+    x = torch.randn(1, 3, 32, 32)
+    conv_out = model.root.conv(x)
+    assert (conv_out < 0).any()  # no activation before the pool, so negative values reach it
+    zero_padded = F.max_pool2d(F.pad(conv_out, (1, 1, 1, 1), value=0.0), kernel_size=3, stride=2)
+    inf_padded = F.max_pool2d(conv_out, kernel_size=3, stride=2, padding=1)
+    got = model.root(x)
+    assert not torch.allclose(zero_padded, inf_padded)  # the two paddings differ on this input
+    torch.testing.assert_close(got, zero_padded)
+
+
+@pytest.mark.parametrize("size, final", [(128, 4), (224, 7), (480, 15)])
+def test_spatial_sizes(size, final):
+    model = ResNetV2(TINY)
+    assert model.root(torch.zeros(1, 3, size, size)).shape[-1] == (size // 2 + 2 - 3) // 2 + 1
+    assert model.forward_features(torch.zeros(1, 3, size, size)).shape[-2:] == (final, final)
+
+
+@pytest.mark.parametrize("arch, backbone_m", [
+    ("R50x1", 23.50), ("R50x3", 211.17), ("R101x1", 42.49), ("R101x3", 381.79), ("R152x2", 232.24), ("R152x4", 928.34),
+])
+def test_parameter_counts(arch, backbone_m):
+    with torch.device("meta"):  # the big ones never touch memory
+        model = create_model(arch, num_classes=21843)
+    assert round(count_params(model, backbone_only=True) / 1e6, 2) == backbone_m
+    assert count_params(model) - count_params(model, backbone_only=True) == model.num_features * 21843 + 21843
+
+
+def test_zero_head_gives_zero_logits_and_features_are_pre_logits():
+    model = ResNetV2(TINY, zero_head=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.count_nonzero(model(x)) == 0
+    feats = model.pre_logits(x)
+    assert feats.shape == (2, model.num_features) == (2, 1024)
+    model.reset_classifier(5, zero_init=False)
+    torch.testing.assert_close(model(x), model.head.conv(feats[:, :, None, None]).flatten(1))
+    headless = ResNetV2(ResNetV2Config(**{**TINY.to_dict(), "block_units": (1, 1, 1, 1), "num_classes": 0}))
+    assert headless(x).shape == (2, 1024)
+
+
+@pytest.mark.parametrize("name, norm_type, conv_type", [
+    ("R14x0.5", nn.GroupNorm, StdConv2d), ("R14x0.5-bn", nn.BatchNorm2d, StdConv2d),
+    ("R14x0.5-plain", nn.GroupNorm, nn.Conv2d), ("R14x0.5-bn-plain", nn.BatchNorm2d, nn.Conv2d),
+])
+def test_ablation_variants_by_name_and_argument(name, norm_type, conv_type):
+    for model in (create_model(name), create_model("R14x0.5", norm=create_model(name).config.norm,
+                                                   conv=create_model(name).config.conv)):
+        assert isinstance(model.body.block1.unit01.gn1, norm_type)
+        assert type(model.body.block1.unit01.conv1) is conv_type
+        assert type(model.root.conv) is conv_type
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
+
+
+def test_channels_last_matches_contiguous():
+    model = ResNetV2(TINY).eval()
+    x = torch.randn(2, 3, 64, 64)
+    ref = model(x)
+    model = model.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last)), ref, rtol=1e-4, atol=1e-4)

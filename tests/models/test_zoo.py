@@ -1,0 +1,74 @@
+"""Official weight downloads (against a real local HTTP server) and the real offline ImageNet model."""
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from bitlab.data import imagenet
+from bitlab.eval.predict import predict_files
+from bitlab.io import DownloadError
+from bitlab.models import checkpoints, create_model, zoo
+
+
+@pytest.fixture
+def served_npz(tmp_path, http_server):
+    torch.manual_seed(0)
+    path = checkpoints.save_npz(create_model("R14x0.5", num_classes=3), tmp_path / "src.npz")
+    data = path.read_bytes()
+    http_server.add("bit_models/BiT-M-R50x1.npz", data, goog_md5=True)  # name from the official table
+    return data
+
+
+def test_download_verifies_server_md5_and_writes_sha256(tmp_path, http_server, served_npz):
+    out = zoo.download_weights("BiT-M-R50x1", tmp_path / "w", base_url=f"{http_server.url}/bit_models", progress=False)
+    assert out.read_bytes() == served_npz
+    sha = hashlib.sha256(served_npz).hexdigest()
+    assert (tmp_path / "w" / "BiT-M-R50x1.npz.sha256").read_text().split()[0] == sha
+    # a second call is satisfied from disk (checked against the recorded sha256), no request made
+    n = len(http_server.requests)
+    zoo.download_weights("BiT-M-R50x1", tmp_path / "w", base_url=f"{http_server.url}/bit_models", progress=False)
+    assert len(http_server.requests) == n
+    assert create_model("R14x0.5", num_classes=3, pretrained=out) is not None
+
+
+def test_download_resumes_after_a_dropped_connection(tmp_path, http_server, served_npz):
+    http_server.truncate["bit_models/BiT-M-R50x1.npz"] = 1
+    out = zoo.download_weights("BiT-M-R50x1", tmp_path, base_url=f"{http_server.url}/bit_models", progress=False)
+    assert out.read_bytes() == served_npz
+    ranges = [r for _, p, r in http_server.requests if p.endswith(".npz")]
+    assert ranges[0] is None and ranges[1] == f"bytes={len(served_npz) // 2}-"  # second request resumed
+
+
+def test_corrupt_download_is_retried_then_refused(tmp_path, http_server, served_npz):
+    url = f"{http_server.url}/bit_models"
+    http_server.corrupt["bit_models/BiT-M-R50x1.npz"] = 1
+    assert zoo.download_weights("BiT-M-R50x1", tmp_path, base_url=url, progress=False).read_bytes() == served_npz
+    http_server.corrupt["bit_models/BiT-M-R50x1.npz"] = 99
+    with pytest.raises(DownloadError, match=r"BiT-M-R50x1\.npz.*md5 mismatch"):
+        zoo.download_weights("BiT-M-R50x1", tmp_path / "again", base_url=url, progress=False)
+    assert not list((tmp_path / "again").glob("*.npz*"))  # nothing half-written left behind
+    with pytest.raises(DownloadError, match=r"sha256 mismatch"):
+        zoo.download_weights("BiT-M-R50x1", tmp_path / "pinned", base_url=url, sha256="0" * 64, progress=False)
+
+
+def test_unknown_weights_name():
+    with pytest.raises(Exception, match="unknown BiT weights 'BiT-X-R50x1'"):
+        zoo.weights_url("BiT-X-R50x1")
+    assert len(zoo.WEIGHT_NAMES) == 18 and zoo.weights_url("BiT-M-R50x1-ILSVRC2012").endswith("/BiT-M-R50x1-ILSVRC2012.npz")
+
+
+def test_offline_imagenet_model_is_real(tmp_path, photos):
+    import cv2
+
+    paths = []
+    for name in ("chelsea", "coffee"):
+        paths.append(tmp_path / f"{name}.jpg")
+        cv2.imwrite(str(paths[-1]), cv2.cvtColor(photos[name], cv2.COLOR_RGB2BGR))
+    model = create_model(zoo.OFFLINE_IMAGENET_MODEL)
+    pred = predict_files(model, paths, topk=5, progress=False)
+    idx = imagenet.index_of()
+    cats = {idx[w] for w in ("n02123045", "n02123159", "n02124075")}  # tabby, tiger cat, Egyptian cat
+    assert pred.indices[0, 0] in cats
+    assert imagenet.names()[pred.indices[1, 0]] == "espresso"
+    assert np.all(np.diff(pred.probs, axis=1) <= 0) and pred.probs[1, 0] > 0.5

@@ -1,0 +1,50 @@
+"""Atomic writes, resumable downloads and safe archive extraction."""
+import zipfile
+
+import pytest
+
+from bitlab import io
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    target = tmp_path / "a.json"
+    io.write_json(target, {"v": 1})
+    with pytest.raises(RuntimeError):
+        with io.atomic_write(target, "w") as f:
+            f.write('{"v": 2')
+            raise RuntimeError("crash mid-write")
+    assert io.json.loads(target.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temp file left
+
+
+def test_download_restarts_when_server_ignores_range(tmp_path, http_server):
+    data = bytes(range(256)) * 1000
+    url = http_server.add("f.bin", data)
+    http_server.truncate["f.bin"] = 1
+    http_server.ignore_range = True
+    out = io.download(url, tmp_path / "f.bin", progress=False, md5=io.hashlib.md5(data).hexdigest())
+    assert out.read_bytes() == data
+
+
+def test_http_404_fails_fast_with_the_url(tmp_path, http_server):
+    with pytest.raises(io.DownloadError, match=r"/nope\.bin: HTTP 404"):
+        io.download(f"{http_server.url}/nope.bin", tmp_path / "x", progress=False)
+    assert len(http_server.requests) == 1
+
+
+def test_zip_extraction_refuses_escaping_members(tmp_path):
+    archive = tmp_path / "a.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("good/one.png", b"1")
+        zf.writestr("two.png", b"2")
+        zf.writestr("../evil.png", b"x")
+        zf.writestr("/abs.png", b"y")
+    out = tmp_path / "out"
+    got = io.extract_zip_members(archive, out, ["two.png"])  # only what is asked for
+    assert [p.name for p in got] == ["two.png"] and not (out / "good").exists()
+    for bad in ("../evil.png", "/abs.png"):
+        with pytest.raises(io.UnsafeArchiveError, match="outside|absolute"):
+            io.extract_zip_members(archive, out, ["good/one.png", bad])
+    assert not (tmp_path / "evil.png").exists() and not (out / "good").exists()  # checked before writing
+    with pytest.raises(io.BitlabError, match="missing member"):
+        io.extract_zip_members(archive, out, ["nope.png"])
