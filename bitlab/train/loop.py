@@ -324,7 +324,6 @@ def run(
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, raw, optimizer, scaler)
         start = int(ckpt["step"])
-        log.info("resumed from %s at step %d", ckpt_path, start)
     elif ckpt_path.exists() and not resume:
         raise BitlabError(f"{run_dir} already holds a training checkpoint; pass --resume to continue it "
                           "or choose another --out")
@@ -365,6 +364,8 @@ def run(
             total=config.total_steps, initial=start, unit="step", dynamic_ncols=True, desc="train",
             disable=not (dist.is_main and config.progress),
         ) as bar:
+            if start:  # logged here, inside log.txt's handler, so that a run's history shows its resumes
+                log.info("resumed from %s at step %d", ckpt_path, start)
             net.train()
             step = start
             window_loss, window_steps, window_images, window_t0 = 0.0, 0, 0, time.perf_counter()
