@@ -242,10 +242,11 @@ class ShardStream(IterableDataset):
     exact); `key = (epoch, shard, j)` identifies the sample for seeding its augmentation.
     `on_error(message)` makes the item yielded in place of an unreadable shard.
 
-    Resume: with `start_step` > 0 each reader skips the samples its worker fed into the first
-    `start_step` steps. A DataLoader hands out batches round-robin over its workers, so worker w
-    produced batches w, w + W, ... of the `micro_steps` x `start_step` batches consumed so far.
-    `start_epoch` starts a fresh pass at that epoch instead (used when the layout changed).
+    Resume: a DataLoader takes batches round-robin from its workers, so of the b = `micro_steps`
+    x `start_step` batches consumed so far, reader role r (of W per rank) made batches r, r + W, ...
+    A new DataLoader starts again at worker 0, which must therefore continue role b mod W (worker w
+    plays role (b + w) mod W), skipping the samples that role already gave. `start_epoch` starts a
+    fresh pass at that epoch instead (used when the layout changed).
     """
 
     def __init__(self, index: ShardIndex, transform: Callable[[list[Sample], int, tuple[int, int, int]], Any], *,
@@ -265,17 +266,21 @@ class ShardStream(IterableDataset):
         order = np.random.default_rng((self.seed, _SHARD_ORDER, epoch)).permutation(len(self.index.shards))
         return order[reader::self.readers]
 
-    def consumed(self, worker: int) -> int:
-        """Samples worker `worker` contributed to the first `start_step` steps."""
+    def role(self, worker: int) -> int:
+        """The reader role (0..W-1) DataLoader worker `worker` plays after `start_step` steps."""
+        return (self.start_step * self.micro_steps + worker) % self.workers
+
+    def consumed(self, role: int) -> int:
+        """Samples reader role `role` contributed to the first `start_step` steps."""
         batches = self.start_step * self.micro_steps
-        mine = (batches - worker + self.workers - 1) // self.workers if batches > worker else 0
+        mine = (batches - role + self.workers - 1) // self.workers if batches > role else 0
         return mine * self.micro_batch
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
-        reader = self.rank * self.workers + worker
-        skip, epoch = self.consumed(worker), self.start_epoch
+        role = self.role(info.id if info is not None else 0)
+        reader = self.rank * self.workers + role
+        skip, epoch = self.consumed(role), self.start_epoch
         while True:
             for s in self.shards_of(reader, epoch):
                 shard = self.index.shards[s]

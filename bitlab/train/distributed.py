@@ -64,9 +64,22 @@ def setup(device: str | torch.device | None = None) -> DistInfo:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, **_attempt_store(rank, world))
         log.info("rank %d/%d joined the %s process group on %s", rank, world, backend, dev)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def _attempt_store(rank: int, world: int) -> dict:
+    """Under torchrun, the process group's store, with a key prefix per restart attempt.
+
+    torchrun keeps one store for all attempts of a job (`--max-restarts`): a restarted attempt's
+    ranks would find the dead attempt's addresses under the same keys, try to connect to them and
+    hang until the process-group timeout. The prefix keeps the attempts apart."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ:
+        return {}
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world))
+    return {"store": dist.PrefixStore(f"bitlab/attempt{attempt}", store)}
 
 
 def teardown(info: DistInfo) -> None:

@@ -393,15 +393,20 @@ def run(
                         (scaler.scale(weighted) if scaler else weighted).backward()
                     step_loss += weighted.detach().float()
                 # One small all-reduce per step carries the mean loss (logging, NaN guard) and the stop
-                # flag, so that every rank takes the same decision.
+                # flag, so that every rank takes the same decision. The gradient norm joins the NaN
+                # guard: a finite loss can still overflow the gradients, and that one update would put
+                # NaNs into the weights and the next checkpoint (fp16's scaler skips such steps itself).
                 stop_flag = torch.tensor(float(stop.signal is not None), device=dist.device)
-                shared = all_reduce_sum(torch.stack([step_loss, stop_flag]), dist)
+                grad_norm = step_loss.new_zeros(()) if scaler else _grad_norm(raw)
+                shared = all_reduce_sum(torch.stack([step_loss, stop_flag, grad_norm]), dist)
                 mean_loss, stop_now = shared[0].item() / dist.world_size, shared[1].item() > 0
-                if not math.isfinite(mean_loss):
+                if not math.isfinite(mean_loss) or not math.isfinite(shared[2].item()):
                     optimizer.zero_grad(set_to_none=True)
                     kept = (f"the last good checkpoint ({ckpt_path}, step {_saved_step(ckpt_path)}) is kept"
                             if ckpt_path.exists() else "no checkpoint had been written yet")
-                    raise NonFiniteLossError(f"loss is {mean_loss} at step {step}: training stopped before that "
+                    what = (f"loss is {mean_loss}" if not math.isfinite(mean_loss)
+                            else f"gradients are not finite (loss {mean_loss:.4g})")
+                    raise NonFiniteLossError(f"{what} at step {step}: training stopped before that "
                                              f"update; {kept}. Lower the learning rate or check the data.")
                 if scaler:
                     scaler.step(optimizer)
@@ -450,6 +455,14 @@ def run(
     finally:
         if metrics is not None:
             metrics.close()
+
+
+def _grad_norm(model: nn.Module) -> torch.Tensor:
+    """L2 norm over all gradients (one fused pass); NaN/inf when any gradient is."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=next(model.parameters()).device)
+    return torch.nn.utils.get_total_norm(grads).float()
 
 
 def _saved_step(path: Path) -> int | str:
