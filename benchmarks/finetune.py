@@ -109,8 +109,8 @@ def bench_pipeline(root: Path, resize: int, crop: int, *, batch: int, workers: i
 
 
 def model_only(model_name: str, crop: int, batch: int, steps: int, *, device: str = "cpu", precision: str = "fp32",
-               channels_last: bool = False) -> float:
-    """Images/s of forward + backward + SGD on one batch of tensors already on the device."""
+               channels_last: bool = False) -> list[float]:
+    """Images/s of each forward + backward + SGD step on one batch of tensors already on the device."""
     from bitlab.models import create_model
     from bitlab.train.loop import autocast
 
@@ -134,13 +134,13 @@ def model_only(model_name: str, crop: int, batch: int, steps: int, *, device: st
             torch.cuda.synchronize()
         if i >= 2:  # the first steps allocate and pick kernels
             times.append(time.perf_counter() - t0)
-    return batch / statistics.median(times)
+    return [batch / t for t in times]
 
 
 def training(root: Path, model_name: str, resize: int, crop: int, batch: int, steps: int, workers: int,
-             **device_kw) -> float:
-    """Median images/s per step of `bitlab finetune`'s loop reading the JPEGs (first two steps left
-    out: they start the workers and allocate)."""
+             **device_kw) -> tuple[list[float], float]:
+    """Images/s of each step of `bitlab finetune`'s loop reading the JPEGs (the first two steps left
+    out: they start the workers and allocate), and the share of step time spent waiting for data."""
     from bitlab.train import loop
     from bitlab.train.finetune import FinetuneConfig, finetune
 
@@ -154,7 +154,8 @@ def training(root: Path, model_name: str, resize: int, crop: int, batch: int, st
                                 schedule=[1, steps, steps, steps, steps + 2], resolution=[resize, crop],
                                 workers=workers, progress=False, checkpoint_every=0, log_every=1, **device_kw))
         rows = [r for r in loop.read_metrics(Path(out) / "metrics.jsonl") if r["split"] == "train"]
-    return statistics.median(r["images_per_s"] for r in rows[2:])
+    rows = rows[2:]
+    return [r["images_per_s"] for r in rows], sum(r["data_s"] for r in rows) / sum(r["step_s"] for r in rows)
 
 
 def gpu(root: Path, model_name: str, workers: int) -> list[dict]:
@@ -162,15 +163,19 @@ def gpu(root: Path, model_name: str, workers: int) -> list[dict]:
     through the loop with the JPEG pipeline (`--batch-split 2` at 480 px)."""
     out = []
     for resize, crop, batch, split in ((160, 128, 256, 1), (512, 480, 64, 2)):
-        only = model_only(model_name, crop, batch // split, 10, device="cuda", precision="bf16", channels_last=True)
-        train = training(root, model_name, resize, crop, batch, 12, workers, device="cuda", batch_split=split)
+        only = statistics.median(model_only(model_name, crop, batch // split, 10, device="cuda", precision="bf16",
+                                            channels_last=True))
+        rates, waiting = training(root, model_name, resize, crop, batch, 12, workers, device="cuda", batch_split=split)
+        train = statistics.median(rates)
         row = {"model": model_name, "crop": crop, "batch": batch, "batch_split": split,
                "model_only_img_s": only, "train_img_s": train, "data_path_cost": 1 - train / only,
+               "data_wait_share": waiting,
                "max_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30, "gpu": torch.cuda.get_device_name()}
         torch.cuda.reset_peak_memory_stats()
         print(f"GPU {row['gpu']}: {model_name} at {crop} px, batch {batch} (split {split}), bf16, channels-last: "
               f"model-only {only:.0f} img/s, finetune loop with JPEGs {train:.0f} img/s "
-              f"(data path {100 * row['data_path_cost']:.1f}%), peak {row['max_memory_gib']:.1f} GiB")
+              f"(data path {100 * row['data_path_cost']:.1f}%), peak {row['max_memory_gib']:.1f} GiB", file=sys.stderr)
+        print(json.dumps({"bench": "finetune_gpu", **row}), flush=True)  # gpu_check.sh collects these lines
         out.append(row)
     return out
 
@@ -181,8 +186,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=datasets.default_workers())
     ap.add_argument("--model", default="R50x1")
     ap.add_argument("--part", choices=["all", "pipeline", "training", "gpu"], default="all")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     n_files, images, rounds, steps = (96, 96, 1, 4) if args.quick else (256, 384, 3, 6)
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores (load {os.getloadavg()[0]:.1f})",
                "torch_threads": torch.get_num_threads(), "workers": args.workers}
@@ -197,15 +205,22 @@ def main() -> None:
                       f"({p['speedup_uint8']:.2f}x), normalised on this CPU {p['bitlab_float_img_s']:.1f} img/s "
                       f"({p['speedup_float']:.2f}x)")
         if args.part in ("all", "training"):
-            batch, only, train = 16, [], []
-            for _ in range(max(1, rounds - 1)):  # alternate the two, as for the pipeline
-                only.append(model_only(args.model, 128, batch, steps))
-                train.append(training(root, args.model, 160, 128, batch, steps, workers=1))
-            o, t = statistics.median(only), statistics.median(train)
-            results["training"] = {"model": args.model, "crop": 128, "batch": batch, "model_only_img_s": only,
-                                   "train_img_s": train, "data_path_cost": 1 - t / o}
-            print(f"training {args.model} at 128 px, batch {batch}: model-only {o:.2f} img/s, through the loop with "
-                  f"the data path {t:.2f} img/s -> data path costs {100 * (1 - t / o):.1f}%")
+            batch, only, train, waits = 16, [], [], []
+            model_only(args.model, 128, batch, 1)  # warm the kernels for both sides (same shapes)
+            for _ in range(rounds):  # alternate the two, as for the pipeline
+                only += model_only(args.model, 128, batch, steps)
+                rates, waiting = training(root, args.model, 160, 128, batch, steps + 2, workers=1)
+                train += rates
+                waits.append(waiting)
+            row = {"model": args.model, "crop": 128, "batch": batch, "model_only_img_s": only, "train_img_s": train,
+                   "data_wait_share": statistics.median(waits)}
+            for stat, agg in (("median", statistics.median), ("best", max)):  # best: the least disturbed step
+                o, t = agg(only), agg(train)
+                row[f"data_path_cost_{stat}"] = 1 - t / o
+                print(f"training {args.model} at 128 px, batch {batch}, {stat} of {len(only)} steps each: model-only "
+                      f"{o:.2f} img/s, finetune loop on the JPEGs {t:.2f} img/s -> data path costs {100 * (1 - t / o):.1f}%")
+            print(f"  the loop waited for data {100 * row['data_wait_share']:.1f}% of its step time")
+            results["training"] = row
         if args.part == "gpu":
             results["gpu"] = gpu(root, args.model, args.workers)
     if args.json:

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import statistics
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -98,7 +98,10 @@ def build_model(name: str, num_classes: int, pretrained: str | None) -> nn.Modul
     other (timm) models load every tensor but the classifier, strictly, then get a new head.
     """
     if registry.resolve(name) is not None:
-        return registry.create_model(name, num_classes=num_classes, pretrained=pretrained, zero_head=True)
+        try:
+            return registry.create_model(name, num_classes=num_classes, pretrained=pretrained, zero_head=True)
+        except checkpoints.CheckpointError as e:
+            raise checkpoints.CheckpointError(f"{e} (is it a checkpoint for another architecture than {name}?)") from None
     model = registry.create_model(name)
     if pretrained is not None:
         _load_backbone(model, pretrained)

@@ -14,7 +14,8 @@ What the caller supplies (nothing here knows about HyperRule, MixUp or labels):
 
 Run directory (rank 0 writes): `checkpoint.pt` (latest, atomic: model, optimiser, scaler, step,
 RNG states), `final.pt` (the model alone), `metrics.jsonl` + `metrics.csv` (one row per log or
-eval event), `log.txt`, and TensorBoard events under `tb/` when tensorboard is installed.
+eval event; training rows carry loss, lr, images/s, seconds per step and seconds per step spent
+waiting for data), `log.txt`, and TensorBoard events under `tb/` when tensorboard is installed.
 
 Micro-batching: each micro-batch's loss is weighted by its share of the step's images, and DDP's
 gradient all-reduce runs only on the last micro-step (`no_sync()` on the others), so a step is
@@ -324,6 +325,8 @@ def run(
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, raw, optimizer, scaler)
         start = int(ckpt["step"])
+    elif resume:
+        log.info("no checkpoint in %s yet: starting from step 0", run_dir)
     elif ckpt_path.exists() and not resume:
         raise BitlabError(f"{run_dir} already holds a training checkpoint; pass --resume to continue it "
                           "or choose another --out")
@@ -368,7 +371,8 @@ def run(
                 log.info("resumed from %s at step %d", ckpt_path, start)
             net.train()
             step = start
-            window_loss, window_steps, window_images, window_t0 = 0.0, 0, 0, time.perf_counter()
+            window_loss, window_steps, window_images, window_data = 0.0, 0, 0, 0.0
+            window_t0 = time.perf_counter()
             total_images, total_time = 0, 0.0
             batches = data.steps(start)
             while step < config.total_steps:
@@ -379,6 +383,7 @@ def run(
                     group["lr"] = lr * group.get("lr_scale", 1.0)
                 t0 = time.perf_counter()
                 micro = next(batches)
+                data_s = time.perf_counter() - t0  # waiting for the input pipeline
                 n_step = getattr(micro, "num_images", None) or sum(len(x) for x, _ in micro)
                 step_loss = torch.zeros((), device=dist.device)
                 for k, (x, y) in enumerate(micro):
@@ -419,16 +424,19 @@ def run(
                 images = n_step * dist.world_size
                 total_time += time.perf_counter() - t0
                 total_images += images
-                window_loss, window_steps, window_images = window_loss + mean_loss, window_steps + 1, \
-                    window_images + images
+                window_loss, window_steps = window_loss + mean_loss, window_steps + 1
+                window_images, window_data = window_images + images, window_data + data_s
                 bar.update(1)
                 if step % config.log_every == 0 or step == config.total_steps:
+                    elapsed = time.perf_counter() - window_t0
                     row = {"step": step, "split": "train", "loss": window_loss / window_steps, "lr": lr,
-                           "images_per_s": window_images / max(time.perf_counter() - window_t0, 1e-9)}
+                           "images_per_s": window_images / max(elapsed, 1e-9), "step_s": elapsed / window_steps,
+                           "data_s": window_data / window_steps}
                     if metrics is not None:
                         metrics.write(row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{row['images_per_s']:.1f}")
-                    window_loss, window_steps, window_images, window_t0 = 0.0, 0, 0, time.perf_counter()
+                    window_loss, window_steps, window_images, window_data = 0.0, 0, 0, 0.0
+                    window_t0 = time.perf_counter()
                 if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
                     result.final_metrics = run_eval(step)
                     last_eval_step = step

@@ -71,3 +71,19 @@ def test_random_crop_covers_every_position():
 def test_crop_larger_than_resize_is_refused():
     with pytest.raises(BitlabError, match="crop"):
         TrainAugment(resize=32, crop=48)
+
+
+def test_normalize_is_the_exact_affine_map():
+    import torch
+
+    from bitlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+
+    batch = torch.arange(256, dtype=torch.uint8).repeat(2, 3, 1, 1)
+    for mean, std in (((0.5,) * 3, (0.5,) * 3), (IMAGENET_MEAN, IMAGENET_STD)):
+        ref = (batch.double() / 255 - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)) / \
+            torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
+        out = normalize(batch, mean, std)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-6)
+    bit = normalize(torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).repeat(1, 3, 1, 1))
+    assert bit.min() == -1 and bit.max() == 1  # BiT's [-1, 1]

@@ -72,7 +72,8 @@ def test_run_directory_contract(tmp_path):
     rows = loop.read_metrics(tmp_path / "metrics.jsonl")
     assert [(r["step"], r["split"]) for r in rows] == [(2, "train"), (4, "train"), (5, "val"), (6, "train"),
                                                        (8, "train"), (10, "train"), (10, "val")]
-    assert all(r["lr"] == 0.1 and r["loss"] > 0 and r["images_per_s"] > 0 for r in rows if r["split"] == "train")
+    assert all(r["lr"] == 0.1 and r["loss"] > 0 and r["images_per_s"] > 0 and 0 <= r["data_s"] <= r["step_s"]
+               for r in rows if r["split"] == "train")
     header, *lines = (tmp_path / "metrics.csv").read_text().splitlines()
     assert header.split(",")[:2] == ["step", "split"] and "top1" in header and len(lines) == 7
     ckpt = io.torch_load(tmp_path / "checkpoint.pt")
