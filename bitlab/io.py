@@ -39,16 +39,21 @@ class UnsafeArchiveError(BitlabError):
 
 # ----------------------------------------------------------------------------- atomic writes
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
-    """Open a temp file beside `path`; on success rename it over `path`, on error delete it."""
+def atomic_write(path: str | os.PathLike, mode: str = "wb", *, fsync: bool = True, **kwargs: Any) -> Iterator[IO]:
+    """Open a temp file beside `path`; on success rename it over `path`, on error delete it.
+
+    `fsync=False` still never shows a partial file to other processes (the rename is atomic),
+    but a power cut may lose the data; bulk writers that verify checksums on resume use it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -56,8 +61,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> It
         raise
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_write(path, "wb") as f:
+def write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> None:
+    with atomic_write(path, "wb", fsync=fsync) as f:
         f.write(data)
 
 

@@ -1,0 +1,120 @@
+"""The specification files: the committed tables are valid, and bad ones get precise errors."""
+from __future__ import annotations
+
+import pytest
+
+from bitlab.data import imagenet
+from bitlab.ooc import spec
+from bitlab.paths import OOC_DATASET_DIR, SAMPLE_DIR
+
+GOOD_CLASSES = (
+    "name,folder,mid,ilsvrc_wnids,ilsvrc_indices,n_foregrounds\n"
+    "Zebra,zebra,/m/0898b,n02391049,340,5\n"
+    "Shark,shark,/m/0by6g,n01484850;n01491361;n01494475,2;3;4,4\n"
+)
+
+
+@pytest.mark.parametrize("path,count,total", [(OOC_DATASET_DIR / "classes.csv", 20, 81),
+                                              (SAMPLE_DIR / "classes.csv", 3, 3)])
+def test_committed_class_tables(path, count, total):
+    classes = spec.load_classes(path)
+    assert len(classes) == count
+    assert sum(c.n_foregrounds for c in classes) == total  # paper F.1: 81 foregrounds
+    index = imagenet.index_of()
+    rows = {line: row for line, row in spec.read_table(path, ("ilsvrc_names",))}
+    for c in classes:
+        assert [index[w] for w in c.ilsvrc_wnids] == list(c.ilsvrc_indices)
+        # the human-readable column agrees with the ILSVRC-2012 names
+        assert rows[c.line]["ilsvrc_names"].split(";") == [imagenet.names()[i] for i in c.ilsvrc_indices]
+
+
+def test_sample_classes_cover_the_offline_model_predictions():
+    by = {c.folder: set(c.ilsvrc_indices) for c in spec.load_classes(SAMPLE_DIR / "classes.csv")}
+    assert {281, 282, 285} <= by["cat"]  # tabby, tiger cat, Egyptian cat
+    assert 967 in by["coffee_cup"]  # espresso
+    assert {657, 744} == by["rocket"]  # missile, projectile
+
+
+def test_committed_background_categories():
+    cats = spec.load_background_categories(OOC_DATASET_DIR / "backgrounds.csv")
+    assert len(cats) == 41  # paper F.1
+    names = {c.category for c in cats}
+    assert {"grass", "wood", "street_at_night", "underwater", "kitchen"} <= names  # the five the paper names
+    sample = spec.load_background_categories(SAMPLE_DIR / "background_categories.csv")
+    assert {c.category for c in sample} <= names
+
+
+@pytest.mark.parametrize("old,new,message", [
+    ("ilsvrc_indices,", "indices,", "missing column(s) ilsvrc_indices"),
+    ("Zebra,zebra,/m/0898b,n02391049,340", "Zebra,zebra,/m/0898b,n02391049,341",
+     "line 2: field 'ilsvrc_indices': 341 disagrees with n02391049, whose ILSVRC-2012 index is 340"),
+    ("n02391049,340", "n99999999,340", "line 2: field 'ilsvrc_wnids': 'n99999999' is not an ILSVRC-2012 wnid"),
+    ("2;3;4", "2;3", "line 3: 3 wnid(s) in 'ilsvrc_wnids' but 2 index(es)"),
+    ("Shark,shark,", "Shark,zebra,", "line 3: field 'folder' 'zebra' repeats line 2"),
+    ("Shark,shark,/m/0by6g", "Shark,shark,/m/0898b", "line 3: field 'mid' '/m/0898b' repeats line 2"),
+    ("Shark,shark,", "Shark,../shark,", "line 3: field 'folder' must be a plain folder name"),
+    ("/m/0by6g", "m0by6g", "line 3: field 'mid' must look like /m/0abc12"),
+    ("Zebra,", ",", "line 2: field 'name' is empty"),
+    ("340,5", "340,five", "line 2: field 'n_foregrounds' must be a whole number"),
+    ("2;3;4,4\n", "2;3;4,4,extra\n", "line 3: 7 values but the header has 6 columns"),
+])
+def test_class_table_errors_name_file_line_and_field(tmp_path, old, new, message):
+    path = tmp_path / "classes.csv"
+    assert old in GOOD_CLASSES
+    path.write_text(GOOD_CLASSES.replace(old, new, 1))
+    with pytest.raises(spec.SpecError) as e:
+        spec.load_classes(path)
+    assert str(path) in str(e.value) and message in str(e.value)
+
+
+def test_class_table_missing_and_empty(tmp_path):
+    with pytest.raises(spec.SpecError, match="no such file"):
+        spec.load_classes(tmp_path / "nope.csv")
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(spec.SpecError, match="empty file"):
+        spec.load_classes(tmp_path / "empty.csv")
+    (tmp_path / "header.csv").write_text(GOOD_CLASSES.splitlines()[0] + "\n")
+    with pytest.raises(spec.SpecError, match="no classes"):
+        spec.load_classes(tmp_path / "header.csv")
+
+
+def test_sample_selection_round_trip(tmp_path):
+    sel = spec.load_selection(SAMPLE_DIR / "selection.csv")
+    assert len(sel.foregrounds) == 3 and len(sel.backgrounds) == 4
+    out = sel.save(tmp_path / "again.csv")
+    assert out.read_bytes() == (SAMPLE_DIR / "selection.csv").read_bytes()
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t.replace("foreground,cat", "fg,cat"), "field 'kind' must be 'foreground' or 'background'"),
+    (lambda t: t.replace("grass/grass.png", "../grass.png"), "field 'file' must be a relative path inside"),
+    (lambda t: t.replace("d9ce3f9b1da15b67_m01yrx_bd42f470.png", "../x.png"), "field 'mask_path' must be a bare"),
+    (lambda t: t.replace("e8605ae62ddd946b", "zz"), "field 'sha256' is not a sha256 hex digest"),
+    (lambda t: t + t.splitlines()[-1] + "\n", "uid 'outer_space_skimage' repeats line"),
+    (lambda t: "\n".join(r for r in t.splitlines() if not r.startswith("background")) + "\n", "no background rows"),
+])
+def test_selection_errors(tmp_path, edit, message):
+    path = tmp_path / "selection.csv"
+    path.write_text(edit((SAMPLE_DIR / "selection.csv").read_text()))
+    with pytest.raises(spec.SpecError) as e:
+        spec.load_selection(path)
+    assert str(path) in str(e.value) and message in str(e.value)
+
+
+def test_seeded_order_is_stable():
+    keys = [f"k{i}" for i in range(50)]
+    a = spec.seeded_order(keys, 0)
+    assert a == spec.seeded_order(list(reversed(keys)), 0)  # input order does not matter
+    assert a != spec.seeded_order(keys, 1)  # the seed does
+    sub = spec.seeded_order(keys[:25], 0)  # removing candidates keeps the others' relative order
+    assert sub == [k for k in a if k in set(keys[:25])]
+
+
+def test_background_file_table_errors(tmp_path):
+    path = tmp_path / "backgrounds.csv"
+    path.write_text("category,file,uid\ngrass,grass/a.png,g1\ngrass,grass/b.png,g1\n")
+    with pytest.raises(spec.SpecError, match=r"line 3: uid 'g1' repeats line 2"):
+        spec.read_background_files(path)
+    path.write_text("category,file,uid,width\ngrass,/etc/passwd,g1,\n")
+    with pytest.raises(spec.SpecError, match=r"line 2: field 'file' must be a relative path"):
+        spec.read_background_files(path)
