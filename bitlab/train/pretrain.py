@@ -428,8 +428,9 @@ class ShardTrainTransform:
         return Item(None, _target([0], self.num_classes, self.multi), tuple(messages))
 
 
-def stop_on_errors(errors: Sequence[str], dist: D.DistInfo, what: str) -> None:
-    """Collective: if any rank has errors, every rank raises the same BadImageError naming the files.
+def stop_on_errors(errors: Sequence[str], dist: D.DistInfo, what: str, hint: bool = True) -> None:
+    """Collective: if any rank has errors, every rank raises the same BadImageError naming the files
+    (`hint`: mention --skip-bad-images).
 
     One tiny all-reduce per call; every rank must call it at the same point (once per step)."""
     flag = torch.tensor([float(len(errors))], device=dist.device)
@@ -437,9 +438,8 @@ def stop_on_errors(errors: Sequence[str], dist: D.DistInfo, what: str) -> None:
         return
     per_rank = D.all_gather_object(list(errors[:5]), dist)
     lines = [(f"rank {r}: " if dist.distributed else "") + m for r, msgs in enumerate(per_rank) for m in msgs]
-    hint = " (--skip-bad-images replaces unreadable images by others)" if "shard" not in " ".join(lines) else ""
     raise BadImageError(f"cannot read {what} data, stopping{' every rank' if dist.distributed else ''}: "
-                        + "; ".join(lines) + hint)
+                        + "; ".join(lines) + (" (--skip-bad-images replaces unreadable images)" if hint else ""))
 
 
 class _MicroBatches(Sequence):
@@ -481,10 +481,10 @@ class TrainData:
 
     def __init__(self, source: Source, aug: InceptionAugment, *, batch_size: int, micro_steps: int, seed: int,
                  num_classes: int, multi: bool, mean, std, dist: D.DistInfo, workers: int, skip_bad: bool,
-                 previous_readers: int | None = None) -> None:
+                 previous_layout: dict | None = None) -> None:
         self.source, self.aug, self.batch_size, self.micro_steps = source, aug, batch_size, micro_steps
         self.seed, self.num_classes, self.multi, self.mean, self.std = seed, num_classes, multi, mean, std
-        self.dist, self.skip_bad, self.previous_readers = dist, skip_bad, previous_readers
+        self.dist, self.skip_bad, self.previous_layout = dist, skip_bad, previous_layout
         self.micro = D.per_rank_batch(batch_size, micro_steps, dist)
         self.workers = workers
         if isinstance(source, ShardIndex):
@@ -492,21 +492,24 @@ class TrainData:
         self.bad: set[str] = set()
 
     @property
-    def readers(self) -> int | None:
-        """Shard sets: the number of readers (ranks x workers) the stream is laid out over."""
-        return self.dist.world_size * max(self.workers, 1) if isinstance(self.source, ShardIndex) else None
+    def layout(self) -> dict | None:
+        """Shard sets: what each reader's stream and its resume position depend on — the readers
+        (processes x workers) and the micro-batches they fill."""
+        if not isinstance(self.source, ShardIndex):
+            return None
+        return {"readers": self.dist.world_size * max(self.workers, 1), "micro_batch": self.micro,
+                "micro_steps": self.micro_steps}
 
     def _loader(self, start: int) -> DataLoader:
         if isinstance(self.source, ShardIndex):
             start_step, start_epoch = start, 0
-            if start and self.previous_readers not in (None, self.readers):
+            if start and self.previous_layout and self.previous_layout != self.layout:
                 # The per-reader streams depend on the layout: the consumed samples cannot be
                 # skipped exactly, so a fresh pass starts at the next epoch boundary.
                 start_step = 0
                 start_epoch = math.ceil(start * self.batch_size / self.source.num_samples)
-                log.warning("the shard stream was laid out over %d readers and is now over %d (processes x workers): "
-                            "resuming at the start of epoch %d instead of the exact sample", self.previous_readers,
-                            self.readers, start_epoch)
+                log.warning("the shard stream was read as %s and is now read as %s: resuming at the start of "
+                            "epoch %d instead of the exact sample", self.previous_layout, self.layout, start_epoch)
             transform = ShardTrainTransform(self.aug, num_classes=self.num_classes, multi=self.multi, seed=self.seed,
                                             skip_bad=self.skip_bad)
             stream = shards.ShardStream(self.source, transform, seed=self.seed, rank=self.dist.rank,
@@ -523,7 +526,8 @@ class TrainData:
         dev = self.dist.device
         while True:
             parts: list[Batch] = [next(it) for _ in range(self.micro_steps)]
-            stop_on_errors([e for b in parts for e in b.errors], self.dist, "training")
+            # with skip_bad, only whole unreadable shards remain errors here
+            stop_on_errors([e for b in parts for e in b.errors], self.dist, "training", hint=not self.skip_bad)
             for message in (w for b in parts for w in b.warnings):
                 if message not in self.bad:
                     log.warning("skipped: %s", message)
@@ -639,7 +643,7 @@ class Evaluator:
                 sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), hit[:, 0].sum().double(),
                                      hit.any(dim=1).sum().double(), n])
         # Every rank finishes its share first (no collective inside the loop: shares differ in size).
-        stop_on_errors(errors, self.dist, "validation")
+        stop_on_errors(errors, self.dist, "validation", hint=not self.skip_bad)
         loss, top1, top5, n = D.all_reduce_sum(sums, self.dist).tolist()
         if n == 0:
             raise BitlabError("no readable validation images")
@@ -732,14 +736,14 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, dist: D.DistInfo) -> PretrainR
     train_data = TrainData(data.train, aug, batch_size=cfg.batch_size, micro_steps=micro_steps, seed=cfg.seed,
                            num_classes=data.num_classes, multi=data.multi_label, mean=mean, std=std, dist=dist,
                            workers=workers, skip_bad=cfg.skip_bad_images,
-                           previous_readers=(previous or {}).get("readers"))
+                           previous_layout=(previous or {}).get("shard_layout"))
     plan = {"num_examples": len(data.train), "num_classes": data.num_classes, "multi_label": data.multi_label,
             "loss": "sigmoid_xent" if data.multi_label else "softmax_xent",
             "head_bias": (default_head_bias(data.num_classes) if cfg.head_bias is None else cfg.head_bias)
             if data.multi_label else None,
             "val_size": len(data.val) if data.val is not None else 0, "schedule": schedule.to_dict(),
             "world_size": dist.world_size, "micro_steps": micro_steps, "micro_batch": micro,
-            "workers": train_data.workers, "readers": train_data.readers, "augment": aug.to_dict(),
+            "workers": train_data.workers, "shard_layout": train_data.layout, "augment": aug.to_dict(),
             "precision": precision, "channels_last": channels_last,
             "data": "shards" if isinstance(data.train, ShardIndex) else "files"}
     if dist.is_main:

@@ -125,6 +125,8 @@ def test_cli_writes_one_set_per_split(tree, tmp_path, capsys):
     assert train.classes == val.classes
     assert main(["shards", "--data", str(tree), "--out", str(tmp_path / "t"), "--split", "train", "--no-progress"]) == 0
     assert shards.read_index(tmp_path / "t").num_samples == 20
+    assert main(["shards", "--data", str(tree / "nothing"), "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "nothing: no such dataset folder" in capsys.readouterr().err
 
 
 def test_bad_shards_are_named(tree, tmp_path):

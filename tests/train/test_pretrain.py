@@ -340,12 +340,13 @@ def test_multilabel_sigmoid_training_decreases_the_loss(multilabel, tmp_path):
 
 
 # ----------------------------------------------------------------------------- shards
-def test_shards_train_and_resume_exactly_with_workers(tree, tmp_path):
+def test_shards_train_and_resume_exactly_with_workers(tree, tmp_path, caplog):
     assert main(["shards", "--data", str(tree), "--out", str(tmp_path / "shards"), "--shard-size", "2",
                  "--no-progress"]) == 0
     common = dict(data=str(tmp_path / "shards"), epochs=4, decay_epochs=[3], workers=2, checkpoint_every=0)
     full = P.pretrain(config(tree, tmp_path / "full", **common))
-    assert full.completed and full.plan["data"] == "shards" and full.plan["readers"] == 2
+    assert full.completed and full.plan["data"] == "shards"
+    assert full.plan["shard_layout"] == {"readers": 2, "micro_batch": 8, "micro_steps": 1}
     assert full.metrics["n"] == 8  # validation from the val/ shard set
     stopped = P.pretrain(config(tree, tmp_path / "split", stop_after=3, **common))
     assert not stopped.completed and stopped.step == 3
@@ -356,6 +357,20 @@ def test_shards_train_and_resume_exactly_with_workers(tree, tmp_path):
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     assert train_losses(tmp_path / "split") == train_losses(tmp_path / "full")
+    # another reader layout cannot continue mid-stream: it resumes at the next epoch, and says so
+    P.pretrain(config(tree, tmp_path / "other", stop_after=3, **common))
+    again = P.pretrain(config(tree, tmp_path / "other", **{**common, "workers": 1}))
+    assert again.completed and again.step == 8
+    assert "resuming at the start of epoch 2 instead of the exact sample" in caplog.text
+
+
+def test_unreadable_shard_is_named(tree, tmp_path):
+    index = shards.write_shards(image_folder(tree / "train"), tmp_path / "s", shard_size=4, progress=False)
+    broken = index.path(2)
+    broken.write_bytes(broken.read_bytes()[:700])
+    cfg = config(tree, tmp_path / "run", data=str(tmp_path / "s"), epochs=2, decay_epochs=[], skip_bad_images=True)
+    with pytest.raises(BitlabError, match=rf"cannot read training data, stopping: .*{broken.name}"):
+        P.pretrain(cfg)
 
 
 # ----------------------------------------------------------------------------- bad input, CLI
