@@ -16,10 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: venv
-	$(BIN)/bitlab demo --out demo_out
+	$(BIN)/bitlab demo --out demo_out --figures figures
 
 test: venv
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) tests
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) demo_out figures .pytest_cache

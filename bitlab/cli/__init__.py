@@ -12,7 +12,7 @@ from bitlab.errors import BitlabError
 
 # One module per subsystem; the order is the order of `bitlab --help`.
 COMMAND_MODULES = ("bitlab.cli.models", "bitlab.cli.train", "bitlab.cli.pretrain", "bitlab.cli.ooc",
-                   "bitlab.cli.demo", "bitlab.cli.dedup")
+                   "bitlab.cli.eval", "bitlab.cli.dedup", "bitlab.cli.demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

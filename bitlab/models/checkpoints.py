@@ -249,10 +249,7 @@ def load_weights(model: nn.Module, path: str | Path, *, keep_model_head: bool = 
     """Load any supported checkpoint file into `model` (strict; see `load_into`)."""
     if isinstance(model, ResNetV2):
         state_dict, config = read_state_dict(path)
-        if config is not None and (config.norm, config.conv) != (model.config.norm, model.config.conv):
-            raise CheckpointError(f"{path}: saved for norm={config.norm}, conv={config.conv}; "
-                                  f"model has norm={model.config.norm}, conv={model.config.conv}")
-        load_into(model, state_dict, str(path), keep_model_head=keep_model_head)
+        load_resnetv2(model, state_dict, config, str(path), keep_model_head=keep_model_head)
         return model
     obj = io.torch_load(path)
     for key in ("model", "state_dict"):
@@ -265,6 +262,21 @@ def load_weights(model: nn.Module, path: str | Path, *, keep_model_head: bool = 
     except RuntimeError as e:
         raise CheckpointError(f"{path}: does not fit {type(model).__name__}: {e}") from None
     return model
+
+
+def load_resnetv2(model: ResNetV2, state_dict: dict[str, torch.Tensor], config: ResNetV2Config | None,
+                  source: str, *, keep_model_head: bool = False) -> None:
+    """`load_into`, after refusing a file saved for another norm/conv variant."""
+    if config is not None and (config.norm, config.conv) != (model.config.norm, model.config.conv):
+        raise CheckpointError(f"{source}: saved for norm={config.norm}, conv={config.conv}; "
+                              f"model has norm={model.config.norm}, conv={model.config.conv}")
+    load_into(model, state_dict, source, keep_model_head=keep_model_head)
+
+
+def head_size(state_dict: dict[str, torch.Tensor]) -> int | None:
+    """Number of classes of a bitlab-named state dict's head (None when it has no head)."""
+    head = state_dict.get("head.conv.weight")
+    return None if head is None else int(head.shape[0])
 
 
 # ----------------------------------------------------------------------------- writing files

@@ -111,21 +111,26 @@ def create_model(
 ) -> nn.Module:
     """Build a model by name, optionally loading weights from a file (npz, bitlab or timm).
 
-    `num_classes` defaults to the name's own head (21843 for BiT-M, 1000 otherwise). When the
-    file's head has a different size, the new head is zero-initialised with `zero_head=True`
+    `num_classes` defaults to the head of the `pretrained` file, else to the name's own head
+    (21843 for BiT-M, 1000 otherwise). When the file's head has a different size, the new head is zero-initialised with `zero_head=True`
     (BiT-HyperRule) or small-random otherwise. The returned model carries `data_config`
     (input size and normalisation) for pre-processing.
     """
     spec = resolve(name)
     if spec is not None:
-        overrides = {k: v for k, v in dict(norm=norm, conv=conv, ws_eps=ws_eps).items() if v is not None}
-        if num_classes is not None:
-            overrides["num_classes"] = num_classes
         if timm_kwargs:
             raise BitlabError(f"{name}: unexpected arguments {sorted(timm_kwargs)}")
-        model = ResNetV2(spec.config(**overrides), zero_head=zero_head)
+        overrides = {k: v for k, v in dict(norm=norm, conv=conv, ws_eps=ws_eps).items() if v is not None}
+        state = None
         if pretrained is not None:
-            checkpoints.load_weights(model, pretrained, keep_model_head=zero_head)
+            state, saved = checkpoints.read_state_dict(pretrained)
+            if num_classes is None:  # a fine-tuned file brings its own head size
+                num_classes = checkpoints.head_size(state)
+        if num_classes is not None:
+            overrides["num_classes"] = num_classes
+        model = ResNetV2(spec.config(**overrides), zero_head=zero_head)
+        if state is not None:
+            checkpoints.load_resnetv2(model, state, saved, str(pretrained), keep_model_head=zero_head)
         model.data_config = DataConfig(input_size=image_size or spec.resolution)
         model.model_name = name
         return model

@@ -168,3 +168,13 @@ def test_bitlab_file_keeps_ablation_config_and_npz_refuses_it(tmp_path):
     with pytest.raises(CheckpointError, match="norm=batch"):
         create_model("R14x0.5", num_classes=4, pretrained=path)
     assert not (tmp_path / "bn.npz").exists()
+
+
+def test_fine_tuned_file_brings_its_head_size(tmp_path):
+    tuned = _randomise(create_model("BiT-M-R50x1", num_classes=37))
+    path = checkpoints.save_bitlab(tuned, tmp_path / "final.pt", name="BiT-M-R50x1")
+    model = create_model("BiT-M-R50x1", pretrained=path)  # no num_classes: 37 from the file, not 21843
+    assert model.num_classes == 37 and torch.equal(model.head.conv.bias, tuned.head.conv.bias)
+    headless = create_model("R14x0.5", num_classes=0)
+    path = checkpoints.save_bitlab(headless, tmp_path / "headless.pt")
+    assert create_model("R14x0.5", pretrained=path).num_classes == 1000  # no head in the file: the name's default

@@ -1,0 +1,313 @@
+"""Evaluation sets and robustness scoring.
+
+An evaluation set is a list of images, each with the ILSVRC-2012 classes that count as a correct
+answer and, for out-of-context (OOC) sets, the background it was pasted on. Three layouts are read:
+
+- a folder with `manifest.csv` (bitlab's make-ooc output, or any manifest with a `file` column);
+- the officially released OOC zip: one folder per class, named after the class, no manifest. A
+  folder maps to its class through the class table (`classes.csv`: its `folder`, its OpenImages
+  `name`, or an ILSVRC-2012 wnid / name of one of its synsets); the background is unknown;
+- an ImageFolder validation set whose folders are ILSVRC-2012 wnids (`n01440764/…`).
+
+Scoring follows the robustness literature (ImageNet-9, reference notes §4): the 1000-way top-1
+(top-5) prediction is correct when it (any of the five) falls in the class's ILSVRC set. No
+restriction of the logits to the evaluated classes: that would inflate accuracy.
+"""
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bitlab.data import imagenet
+from bitlab.errors import BitlabError
+from bitlab.ooc.spec import OOCClass, load_classes
+from bitlab.paths import OOC_DATASET_DIR
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+MANIFEST = "manifest.csv"
+CLASS_TABLE = "classes.csv"
+DEFAULT_CLASS_TABLE = OOC_DATASET_DIR / CLASS_TABLE
+_WNID = re.compile(r"n\d{8}")
+# Background category of an object shown on its own photo: a control, not out of context. Scores
+# on it are reported apart, and the out-of-context scores leave it out.
+IN_CONTEXT = "in-context"
+
+
+def _parse_targets(row: dict, where: str) -> tuple[int, ...] | None:
+    """ILSVRC indices from a row's `ilsvrc_indices` (';'-separated, 0-based) or `ilsvrc_wnids`."""
+    raw = (row.get("ilsvrc_indices") or "").strip()
+    if raw:
+        try:
+            idx = tuple(int(v) for v in raw.split(";") if v.strip())
+        except ValueError:
+            raise BitlabError(f"{where}: ilsvrc_indices {raw!r} is not a ';'-separated list of integers") from None
+        if bad := [i for i in idx if not 0 <= i < imagenet.NUM_CLASSES]:
+            raise BitlabError(f"{where}: ilsvrc_indices {bad[0]} is outside 0..999")
+        return idx
+    raw = (row.get("ilsvrc_wnids") or "").strip()
+    if raw:
+        index_of = imagenet.index_of()
+        wnids = [w.strip() for w in raw.split(";") if w.strip()]
+        if bad := [w for w in wnids if w not in index_of]:
+            raise BitlabError(f"{where}: {bad[0]!r} is not an ILSVRC-2012 wnid")
+        return tuple(index_of[w] for w in wnids)
+    return None
+
+
+# ----------------------------------------------------------------------------- class folders
+def _norm(name: str) -> str:
+    return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
+
+
+def folder_lookup(classes: list[OOCClass]) -> dict[str, OOCClass]:
+    """Normalised folder names -> class: the table's folder and name, then the class's ILSVRC
+    wnids and lemmas (the official zip names folders after the class)."""
+    wnids, descriptions = imagenet.wnids(), imagenet.descriptions()
+    primary: dict[str, OOCClass] = {}
+    for c in classes:
+        primary.setdefault(_norm(c.folder), c)
+        primary.setdefault(_norm(c.name), c)
+    secondary: dict[str, list[OOCClass]] = {}
+    for c in classes:
+        for i in c.ilsvrc_indices:
+            for key in [wnids[i], *descriptions[i].split(",")]:
+                secondary.setdefault(_norm(key), []).append(c)
+    # An ILSVRC name shared by two table classes identifies neither.
+    return {**{k: v[0] for k, v in secondary.items() if len(set(v)) == 1}, **primary}
+
+
+# ----------------------------------------------------------------------------- evaluation sets
+@dataclass(frozen=True)
+class EvalItem:
+    """One image: its path relative to the set's root, its class and what counts as correct."""
+
+    image: str
+    cls: str
+    targets: tuple[int, ...]
+    background: str = ""
+    fg_uid: str = ""
+    bg_uid: str = ""
+
+
+@dataclass
+class EvalSet:
+    root: Path
+    kind: str  # "manifest" | "ooc-folders" | "imagefolder"
+    role: str  # "ooc" (out-of-context) | "val" (in-distribution validation)
+    items: list[EvalItem] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    def paths(self) -> list[Path]:
+        return [self.root / it.image for it in self.items]
+
+    def describe(self) -> dict:
+        return {"path": str(self.root), "name": self.name, "kind": self.kind, "role": self.role,
+                "num_images": len(self.items), "num_classes": len({it.cls for it in self.items}),
+                "num_backgrounds": len({it.background for it in self.items if it.background}),
+                "num_foregrounds": len({it.fg_uid for it in self.items if it.fg_uid})}
+
+
+def load_eval_set(root: str | Path, classes: str | Path | None = None, role: str | None = None) -> EvalSet:
+    """Read an evaluation set from `root` (manifest, official class folders or wnid ImageFolder)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise BitlabError(f"{root}: data folder not found")
+    if (root / MANIFEST).is_file():
+        ev = _from_manifest(root, classes)
+    else:
+        ev = _from_folders(root, classes)
+    if not ev.items:
+        raise BitlabError(f"{root}: empty dataset (no images found)")
+    if role is not None:
+        if role not in ("ooc", "val"):
+            raise BitlabError(f"role must be 'ooc' or 'val', not {role!r}")
+        ev.role = role
+    return ev
+
+
+def _class_table_for(root: Path, classes: str | Path | None) -> list[OOCClass]:
+    if classes is not None:
+        return load_classes(classes)
+    for candidate in (root / CLASS_TABLE, DEFAULT_CLASS_TABLE):
+        if candidate.is_file():
+            return load_classes(candidate)
+    raise BitlabError(f"{root}: no class table to map class names to ILSVRC-2012 classes "
+                      f"(looked for {root / CLASS_TABLE} and {DEFAULT_CLASS_TABLE}); pass --classes PATH")
+
+
+def _from_manifest(root: Path, classes: str | Path | None) -> EvalSet:
+    path = root / MANIFEST
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        header = reader.fieldnames or []
+    if "file" not in header:
+        raise BitlabError(f"{path}: missing column 'file' (columns: {', '.join(header) or 'none'})")
+    by_name: dict[str, OOCClass] | None = None
+    items = []
+    for n, row in enumerate(rows, start=2):
+        where = f"{path}: row {n}"
+        rel = (row.get("file") or "").strip()
+        if not rel:
+            raise BitlabError(f"{where}: empty 'file'")
+        file = (root / rel).resolve()
+        if not file.is_relative_to(root.resolve()):
+            raise BitlabError(f"{where}: file {rel!r} points outside {root}")
+        if not file.is_file():
+            raise BitlabError(f"{where}: image {rel!r} not found under {root}")
+        cls = (row.get("class") or row.get("fg_class") or "").strip() or Path(rel).parent.name
+        targets = _parse_targets(row, where)
+        if targets is None:
+            if by_name is None:
+                by_name = folder_lookup(_class_table_for(root, classes))
+            if (c := by_name.get(_norm(cls))) is None:
+                raise BitlabError(f"{where}: class {cls!r} has no ILSVRC targets in the row "
+                                  "and is not in the class table")
+            targets = c.ilsvrc_indices
+        items.append(EvalItem(rel, cls, targets, (row.get("bg_category") or row.get("background") or "").strip(),
+                              (row.get("fg_uid") or "").strip(), (row.get("bg_uid") or "").strip()))
+    role = "ooc" if any(it.background for it in items) else "val"
+    return EvalSet(root, "manifest", role, items)
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _from_folders(root: Path, classes: str | Path | None) -> EvalSet:
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise BitlabError(f"{root}: empty dataset: no {MANIFEST} and no class folders")
+    if all(_WNID.fullmatch(f.name) for f in folders):
+        index_of = imagenet.index_of()
+        if unknown := [f.name for f in folders if f.name not in index_of]:
+            raise BitlabError(f"{root / unknown[0]}: folder {unknown[0]!r} is not an ILSVRC-2012 wnid")
+        items = [EvalItem(p.relative_to(root).as_posix(), f.name, (index_of[f.name],))
+                 for f in folders for p in _images_in(f)]
+        return EvalSet(root, "imagefolder", "val", items)
+    lookup = folder_lookup(_class_table_for(root, classes))
+    items = []
+    for f in folders:
+        c = lookup.get(_norm(f.name))
+        if c is None:
+            known = sorted({c.folder for c in lookup.values()})
+            inner = [d.name for d in f.iterdir() if d.is_dir()]
+            hint = f"; did you mean --data {f}?" if len(folders) == 1 and inner else ""
+            raise BitlabError(f"{f}: class folder {f.name!r} is not in the class table "
+                              f"(known: {', '.join(known)}){hint}")
+        items += [EvalItem(p.relative_to(root).as_posix(), c.folder, c.ilsvrc_indices) for p in _images_in(f)]
+    return EvalSet(root, "ooc-folders", "ooc", items)
+
+
+# ----------------------------------------------------------------------------- scoring
+def read_label_map(path: str | Path) -> np.ndarray:
+    """Model output j -> ILSVRC-2012 index (-1: none), from a text file with one line per output:
+    a wnid, a 0-based index, or '-' / empty for an output with no ILSVRC counterpart."""
+    path = Path(path)
+    if not path.is_file():
+        raise BitlabError(f"{path}: label map not found")
+    index_of = imagenet.index_of()
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        v = line.split("#")[0].strip()
+        if v in ("", "-"):
+            out.append(-1)
+        elif v in index_of:
+            out.append(index_of[v])
+        elif v.isdigit() and int(v) < imagenet.NUM_CLASSES:
+            out.append(int(v))
+        else:
+            raise BitlabError(f"{path}: line {n}: {v!r} is neither an ILSVRC-2012 wnid nor an index 0..999")
+    if not out:
+        raise BitlabError(f"{path}: label map is empty")
+    return np.asarray(out, dtype=np.int64)
+
+
+def predictions_table(items: list[EvalItem], top_ids: np.ndarray, top_probs: np.ndarray,
+                      target_prob: np.ndarray) -> pd.DataFrame:
+    """One row per image: class, background, targets, top-k ILSVRC ids/names/probabilities
+    (id -1: a model output with no ILSVRC class), correctness and the probability on the targets."""
+    names = imagenet.names()
+    k = top_ids.shape[1]
+    df = pd.DataFrame({
+        "image": [it.image for it in items],
+        "class": [it.cls for it in items],
+        "background": [it.background for it in items],
+        "fg_uid": [it.fg_uid for it in items],
+        "bg_uid": [it.bg_uid for it in items],
+        "targets": [";".join(map(str, it.targets)) for it in items],
+    })
+    targets = [set(it.targets) for it in items]
+    df["top1_correct"] = [int(ids[0]) in t for ids, t in zip(top_ids, targets)]
+    df[f"top{k}_correct"] = [any(int(i) in t for i in ids) for ids, t in zip(top_ids, targets)]
+    df["target_prob"] = target_prob.astype(np.float32)
+    for j in range(k):
+        df[f"top{j + 1}_id"] = top_ids[:, j]
+        df[f"top{j + 1}_name"] = [names[i] if i >= 0 else "(no ILSVRC class)" for i in top_ids[:, j]]
+        df[f"top{j + 1}_prob"] = top_probs[:, j]
+    return df
+
+
+def _acc(df: pd.DataFrame, k: int) -> dict:
+    return {"n": int(len(df)), "top1": float(df["top1_correct"].mean()),
+            f"top{k}": float(df[f"top{k}_correct"].mean())}
+
+
+def topk_of(df: pd.DataFrame) -> int:
+    return max(int(c[3:-3]) for c in df.columns if re.fullmatch(r"top\d+_id", c))
+
+
+def summarize(df: pd.DataFrame, most_fooling: int = 10) -> dict:
+    """Overall, per-class, per-background and per-foreground accuracies of a predictions table."""
+    k = topk_of(df)
+    out = {**_acc(df, k), "mean_target_prob": float(df["target_prob"].mean()),
+           "per_class": {c: _acc(g, k) for c, g in df.groupby("class", sort=True)}}
+    if (df["background"] == IN_CONTEXT).any():
+        out["in_context"] = _acc(df[df["background"] == IN_CONTEXT], k)
+        out["out_of_context"] = _acc(df[~df["background"].isin(["", IN_CONTEXT])], k)
+    ooc = df[df["background"] != ""]
+    if len(ooc):
+        out["per_background"] = {b: _acc(g, k) for b, g in ooc.groupby("background", sort=True)}
+        out["class_background_top1"] = {
+            c: {b: float(v) for b, v in row.items() if not np.isnan(v)}
+            for c, row in ooc.pivot_table(index="class", columns="background", values="top1_correct",
+                                          aggfunc="mean").iterrows()}
+        out["most_fooling_backgrounds"] = most_fooling_backgrounds(ooc)[:most_fooling]
+    fg = df[df["fg_uid"] != ""]
+    if len(fg):
+        out["per_foreground"] = foreground_breakdown(fg)
+    return out
+
+
+def most_fooling_backgrounds(df: pd.DataFrame) -> list[dict]:
+    """Backgrounds by top-1 error, worst first, with the wrong labels they pull predictions to
+    (the paper's observation: ILSVRC models predict what fits the background)."""
+    rows = []
+    for bg, g in df[df["background"] != IN_CONTEXT].groupby("background", sort=True):
+        wrong = g[~g["top1_correct"]]
+        rows.append({"background": bg, "n": int(len(g)), "top1_error": float(1 - g["top1_correct"].mean()),
+                     "wrong_predictions": [[name, int(n)] for name, n in
+                                           wrong["top1_name"].value_counts().head(3).items()]})
+    return sorted(rows, key=lambda r: (-r["top1_error"], r["background"]))
+
+
+def foreground_breakdown(df: pd.DataFrame) -> dict:
+    """Per foreground object: on how many of its backgrounds the top-1 is wrong."""
+    per = {}
+    for uid, g in df.groupby("fg_uid", sort=True):
+        wrong = g[~g["top1_correct"]]
+        per[uid] = {"class": str(g["class"].iloc[0]), "n": int(len(g)), "fooled": int(len(wrong)),
+                    "fooling_backgrounds": sorted(wrong["background"].unique().tolist())}
+    fooled = np.array([v["fooled"] / v["n"] for v in per.values()])
+    return {"count": len(per), "fooled_by_any": int(sum(v["fooled"] > 0 for v in per.values())),
+            "fooled_by_all": int(sum(v["fooled"] == v["n"] for v in per.values())),
+            "mean_fooled_fraction": float(fooled.mean()), "objects": per}

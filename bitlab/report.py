@@ -1,0 +1,334 @@
+"""The robustness figures, one function per figure (the CLI and the notebooks call the same ones).
+
+- `fig_top5`: paper Fig. 12 left (one image) and Fig. 13 (several): each image beside the top-5
+  predictions of two models, bar length = probability on a log scale, correct labels in green;
+- `fig_val_vs_ooc`: paper Fig. 12 right: validation top-1 against out-of-context top-1, one point
+  per model, marker area by parameter count, colour by pre-training data;
+- `fig_backgrounds`: per-background top-1 as a classes x backgrounds heat map, beside the
+  backgrounds that fool the model most and what it predicts there.
+
+Every number comes from `bitlab evaluate` results folders. The paper publishes no per-model
+numbers for its out-of-context set, so no reference points are drawn.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from bitlab import io
+from bitlab.data import imagenet
+from bitlab.data.transforms import decode_image
+from bitlab.errors import BitlabError
+from bitlab.eval import robustness
+from bitlab.eval.evaluate import CONFIG, PREDICTIONS, SUMMARY
+
+log = logging.getLogger(__name__)
+
+CORRECT = "#2e7d32"  # green: a label in the image's ILSVRC target set
+WRONG = "#9e9e9e"
+PROB_FLOOR = 1e-4  # left end of the log axis; smaller probabilities are drawn as this
+
+
+@dataclass
+class Results:
+    """One `bitlab evaluate` output folder."""
+
+    path: Path
+    summary: dict
+    config: dict
+    predictions: pd.DataFrame
+
+    @property
+    def label(self) -> str:
+        return self.summary["model"]["label"]
+
+    @property
+    def role(self) -> str:
+        return self.summary["dataset"]["role"]
+
+    @property
+    def data_root(self) -> Path:
+        return Path(self.summary["dataset"]["path"])
+
+    @property
+    def k(self) -> int:
+        return robustness.topk_of(self.predictions)
+
+
+def load_results(path: str | Path) -> Results:
+    path = Path(path)
+    if not path.is_dir():
+        raise BitlabError(f"{path}: results folder not found")
+    for name in (SUMMARY, CONFIG, PREDICTIONS):
+        if not (path / name).is_file():
+            raise BitlabError(f"{path / name}: missing results file (run `bitlab evaluate --out {path}` first)")
+    try:
+        summary = json.loads((path / SUMMARY).read_text())
+        config = json.loads((path / CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise BitlabError(f"{path}: unreadable results file: {e}") from None
+    df = pd.read_csv(path / PREDICTIONS, keep_default_na=False,
+                     dtype={c: str for c in ("image", "class", "background", "fg_uid", "bg_uid", "targets")})
+    if df.empty:
+        raise BitlabError(f"{path / PREDICTIONS}: no predictions")
+    return Results(path, summary, config, df)
+
+
+def save(fig: Figure, out_dir: str | Path, stem: str) -> list[Path]:
+    """Write `fig` as PNG and PDF (atomically); returns both paths."""
+    paths = []
+    for fmt in ("png", "pdf"):
+        path = Path(out_dir) / f"{stem}.{fmt}"
+        with io.atomic_write(path, "wb") as f:
+            fig.savefig(f, format=fmt, dpi=150, bbox_inches="tight")
+        paths.append(path)
+    return paths
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._]+", "-", text).strip("-")
+
+
+# ----------------------------------------------------------------------------- Fig. 12 left / Fig. 13
+def choose_images(a: Results, b: Results, n: int) -> list[str]:
+    """Out-of-context images where model `a` errs and `b` does not (the paper's choice for
+    Fig. 13), most telling first (largest gain in probability on the right classes); one per
+    class before a class repeats, so the figure shows several objects."""
+    m = a.predictions.merge(b.predictions, on="image", suffixes=("_a", "_b"))
+    if m.empty:
+        raise BitlabError(f"{a.path} and {b.path} share no images: evaluate both models on the same data")
+    m["gain"] = m["target_prob_b"] - m["target_prob_a"]
+    m["in_context"] = m["background_a"] == robustness.IN_CONTEXT
+    m["telling"] = ~m["top1_correct_a"] & m["top1_correct_b"] & ~m["in_context"]
+    order = ["telling", "in_context", "gain"]
+    m = m.sort_values(order, ascending=[False, True, False])
+    m["repeat"] = m.groupby("class_a").cumcount()
+    return m.sort_values(["repeat", *order], ascending=[True, False, True, False])["image"].head(n).tolist()
+
+
+def _row(r: Results, image: str) -> pd.Series:
+    rows = r.predictions[r.predictions["image"] == image]
+    if rows.empty:
+        raise BitlabError(f"{r.path / PREDICTIONS}: no prediction for image {image!r}")
+    return rows.iloc[0]
+
+
+def _draw_top5(ax, row: pd.Series, k: int, title: str) -> None:
+    targets = {int(t) for t in str(row["targets"]).split(";") if t}
+    ids = [int(row[f"top{j}_id"]) for j in range(1, k + 1)]
+    names = [str(row[f"top{j}_name"]) for j in range(1, k + 1)]
+    probs = np.maximum([float(row[f"top{j}_prob"]) for j in range(1, k + 1)], PROB_FLOOR)
+    ok = [i in targets for i in ids]
+    y = np.arange(k)[::-1]  # most probable at the top
+    ax.barh(y, probs - PROB_FLOOR, left=PROB_FLOOR, color=[CORRECT if c else WRONG for c in ok], height=0.7)
+    ax.set_xscale("log")
+    ax.set_xlim(PROB_FLOOR, 1.0)
+    ax.set_yticks(y, names)
+    for tick, c in zip(ax.get_yticklabels(), ok):
+        tick.set_color(CORRECT if c else "black")
+        tick.set_fontweight("bold" if c else "normal")
+    for yy, p in zip(y, probs):
+        ax.text(min(p * 1.15, 0.5) if p < 0.5 else p / 1.15, yy, f"{p:.2g}" if p < 0.995 else "1.0",
+                va="center", ha="left" if p < 0.5 else "right", fontsize=8,
+                color="black" if p < 0.5 else "white")
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(axis="y", labelsize=9)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.spines[["top", "right"]].set_visible(False)
+
+
+def fig_top5(a: Results, b: Results, images: Sequence[str]) -> Figure:
+    """Fig. 12 left (one image) / Fig. 13 (several): image | top-5 of `a` | top-5 of `b`."""
+    if not images:
+        raise BitlabError("no images to draw")
+    fig = Figure(figsize=(10.5, 2.3 * len(images) + 0.6), layout="constrained")
+    axes = fig.subplots(len(images), 3, squeeze=False, width_ratios=[1, 1.6, 1.6])
+    for row_axes, image in zip(axes, images):
+        ra, rb = _row(a, image), _row(b, image)
+        ax = row_axes[0]
+        ax.imshow(decode_image(a.data_root / image))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        where = f"\nbackground: {ra['background']}" if ra["background"] else ""
+        ax.set_title(f"class: {ra['class']}{where}", fontsize=9)
+        names = [imagenet.names()[int(t)] for t in str(ra["targets"]).split(";") if t]
+        right = ", ".join(names[:3]) + (f" +{len(names) - 3} more" if len(names) > 3 else "")
+        ax.set_xlabel(f"correct: {right}\n{Path(image).name}", fontsize=7, color=CORRECT)
+        for ax, r, row in ((row_axes[1], a, ra), (row_axes[2], b, rb)):
+            verdict = "right" if row["top1_correct"] else "wrong"
+            _draw_top5(ax, row, a.k, f"{r.label}: top-1 {verdict}")
+    for ax in axes[-1, 1:]:
+        ax.set_xlabel("probability (log scale)", fontsize=8)
+    fig.suptitle(f"Top-{a.k} predictions on objects out of context: {a.label} vs. {b.label}", fontsize=10)
+    fig.legend(handles=[Line2D([], [], color=CORRECT, lw=6, label="correct label (in the class's ILSVRC set)"),
+                        Line2D([], [], color=WRONG, lw=6, label="other label")],
+               loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    return fig
+
+
+# ----------------------------------------------------------------------------- Fig. 12 right
+def val_vs_ooc_points(results: Sequence[Results]) -> pd.DataFrame:
+    """One row per model label that has both a validation and an out-of-context result."""
+    by_model: dict[str, dict[str, Results]] = {}
+    for r in results:
+        slot = by_model.setdefault(r.label, {})
+        if r.role in slot:
+            raise BitlabError(f"{r.path} and {slot[r.role].path}: two '{r.role}' results for {r.label!r}; "
+                              "give each model one validation and one out-of-context result")
+        slot[r.role] = r
+    rows = []
+    for label, slot in by_model.items():
+        if {"val", "ooc"} <= slot.keys():
+            m = slot["ooc"].summary["model"]
+            ooc = slot["ooc"].summary
+            rows.append({"label": label, "val_top1": slot["val"].summary["top1"],
+                         "ooc_top1": ooc.get("out_of_context", ooc)["top1"], "params_m": m["params_m"],
+                         "pretraining_data": m["pretraining_data"],
+                         "val_data": slot["val"].summary["dataset"], "ooc_data": slot["ooc"].summary["dataset"]})
+    return pd.DataFrame(rows)
+
+
+def _data_label(sets: Sequence[dict]) -> str:
+    names = sorted({f"{d['name']} ({d['num_images']} images)" for d in sets})
+    return names[0] if len(names) == 1 else "several sets"
+
+
+def _marker_area(params_m: pd.Series) -> np.ndarray:
+    # Like the paper's Fig. 4, bigger architectures get bigger markers: area grows with the square
+    # root of the parameter count, so R50x1 (25 M) is 80 pt^2 and R152x4 (936 M) about 490 pt^2;
+    # models under 6 M parameters all get the smallest visible marker.
+    return 80 * np.sqrt(params_m.clip(lower=6).to_numpy() / 25)
+
+
+def _label_points(ax, x: np.ndarray, y: np.ndarray, labels: list[str], span: float) -> None:
+    """Name each point; labels that would overprint an earlier one move up, with a leader line."""
+    placed: list[tuple[float, float]] = []
+    for i in np.argsort(y):
+        right = x[i] > ax.get_xlim()[0] + 0.6 * span  # label on the side with room
+        tx, ty = x[i] + (-1 if right else 1) * 0.03 * span, y[i] + 0.02 * span
+        while any(abs(tx - px) < 0.25 * span and abs(ty - py) < 0.045 * span for px, py in placed):
+            ty += 0.045 * span
+        placed.append((tx, ty))
+        moved = ty - y[i] > 0.03 * span
+        ax.annotate(labels[i], (x[i], y[i]), xytext=(tx, ty), fontsize=7, ha="right" if right else "left",
+                    va="center", arrowprops=dict(arrowstyle="-", color="#888888", lw=0.5) if moved else None)
+
+
+def fig_val_vs_ooc(results: Sequence[Results]) -> Figure:
+    """Fig. 12 right: validation top-1 (x) against out-of-context top-1 (y), one point per model;
+    marker size grows with the parameter count, colour = pre-training data."""
+    pts = val_vs_ooc_points(results)
+    if pts.empty:
+        raise BitlabError("Fig. 12 right needs, for at least one model, a validation result and an "
+                          "out-of-context result (same --label)")
+    fig = Figure(figsize=(6.4, 5.0), layout="constrained")
+    ax = fig.subplots()
+    palette = dict(zip(sorted(pts["pretraining_data"].unique()),
+                       ["#1565c0", "#ef6c00", "#2e7d32", "#6a1b9a", "#c62828", "#00838f", "#5d4037"] * 3))
+    x, y = pts["val_top1"].to_numpy() * 100, pts["ooc_top1"].to_numpy() * 100
+    ax.scatter(x, y, s=_marker_area(pts["params_m"]), c=pts["pretraining_data"].map(palette),
+               alpha=0.85, edgecolors="black", linewidths=0.6, zorder=3)
+    # Axes span the data in steps of 10 points, so close models stay apart.
+    lo = max(0.0, 10 * np.floor(min(x.min(), y.min()) / 10 - 0.5))
+    hi = min(100.0, 10 * np.ceil(max(x.max(), y.max()) / 10 + 0.5))
+    ax.set_xlim(lo - 3, hi + 3)
+    ax.set_ylim(lo - 3, hi + 3)
+    ax.plot([lo, hi], [lo, hi], ls=":", color="#bbbbbb", zorder=1)
+    _label_points(ax, x, y, pts["label"].tolist(), span=hi - lo)
+    ax.set_xlabel(f"validation top-1 (%) — {_data_label(pts['val_data'])}")
+    ax.set_ylabel(f"out-of-context top-1 (%) — {_data_label(pts['ooc_data'])}")
+    ax.grid(alpha=0.3)
+    colours = ax.legend(handles=[Line2D([], [], marker="o", ls="", color=c, markeredgecolor="black", markersize=8,
+                                        label=d) for d, c in palette.items()],
+                        title="pre-training data", fontsize=8, title_fontsize=8, loc="upper left")
+    ax.add_artist(colours)
+    lo_p, hi_p = pts["params_m"].min(), pts["params_m"].max()
+    refs = [p for p in (6, 25, 100, 400, 900) if lo_p / 2 <= p <= hi_p * 2] or [round(hi_p, 1)]
+    ax.legend(handles=[ax.scatter([], [], s=_marker_area(pd.Series([p])), color="#dddddd", edgecolors="black",
+                                  linewidths=0.6, label=f"≤ {p} M" if p == 6 else f"{p} M") for p in refs],
+              title="parameters", fontsize=8, title_fontsize=8, loc="lower right", labelspacing=1.2, borderpad=0.9)
+    ax.set_title("In-distribution accuracy vs. objects out of context (dotted: y = x)", fontsize=10)
+    return fig
+
+
+# ----------------------------------------------------------------------------- backgrounds
+def fig_backgrounds(r: Results, most_fooling: int = 10) -> Figure:
+    """Top-1 per class x background (heat map) beside the most fooling backgrounds."""
+    import seaborn as sns
+
+    df = r.predictions[r.predictions["background"] != ""]
+    if df.empty:
+        raise BitlabError(f"{r.path}: no background information (the official class-folder layout has none)")
+    grid = df.pivot_table(index="class", columns="background", values="top1_correct", aggfunc="mean") * 100
+    counts = df.pivot_table(index="class", columns="background", values="top1_correct", aggfunc="size")
+    # Columns from most to least fooling, so the heat map reads left to right like the bar chart.
+    order = grid.mean(axis=0).sort_values().index
+    grid, counts = grid[order], counts[order]
+    worst = robustness.most_fooling_backgrounds(df)[:most_fooling]
+    nrow, ncol = grid.shape
+    fig = Figure(figsize=(max(7.0, 0.42 * ncol + 2.5) + 5.0, max(3.6, 0.34 * nrow + 2.2)), layout="constrained")
+    ax, bx = fig.subplots(1, 2, width_ratios=[max(4.0, 0.42 * ncol + 1.5), 5.0])
+    annot = ncol * nrow <= 41 * 21  # the paper's full grid still fits a number per cell
+    sns.heatmap(grid, ax=ax, vmin=0, vmax=100, cmap="RdYlGn", annot=annot, fmt=".0f", linewidths=0.5,
+                linecolor="white", annot_kws={"fontsize": 7}, cbar_kws={"label": "top-1 accuracy (%)", "shrink": 0.8})
+    ax.set_xlabel("background (most fooling first)")
+    ax.set_ylabel("class")
+    ax.tick_params(axis="x", labelrotation=60, labelsize=8)
+    ax.tick_params(axis="y", labelrotation=0, labelsize=8)
+    n_img = int(counts.max().max())
+    ax.set_title(f"{r.label}: top-1 per class and background (all: {df['top1_correct'].mean():.0%})"
+                 + (f"\n(each cell: {n_img} image{'s' if n_img > 1 else ''})" if counts.min().min() == n_img else ""),
+                 fontsize=10)
+    worst = [w for w in worst if w["top1_error"] > 0][::-1]
+    bars = bx.barh([w["background"] for w in worst], [w["top1_error"] * 100 for w in worst], color="#c62828")
+    for bar, w in zip(bars, worst):
+        wrong = ", ".join(f"{n} ({c}x)" for n, c in w["wrong_predictions"][:2])
+        bx.text(bar.get_width() + 1.5, bar.get_y() + bar.get_height() / 2, wrong, va="center", fontsize=7)
+    if not worst:
+        bx.text(0.5, 0.5, "no background fools this model", ha="center", va="center", transform=bx.transAxes)
+        bx.set_yticks([])
+    bx.set_xlim(0, 100)
+    bx.set_xlabel("top-1 error (%)")
+    bx.set_title("most fooling backgrounds, with the commonest wrong\ntop-1 labels there (label, number of images)",
+                 fontsize=10)
+    bx.tick_params(axis="y", labelsize=8)
+    bx.spines[["top", "right"]].set_visible(False)
+    return fig
+
+
+# ----------------------------------------------------------------------------- all of it
+def make_report(result_dirs: Sequence[str | Path], out: str | Path, *, images: Sequence[str] | None = None,
+                num_images: int = 4) -> list[Path]:
+    """Every figure the results allow; returns the files written (PNG and PDF of each)."""
+    results = [load_results(p) for p in result_dirs]
+    ooc = [r for r in results if r.role == "ooc"]
+    out = Path(out)
+    files: list[Path] = []
+    for r in ooc:
+        if (r.predictions["background"] != "").any():
+            files += save(fig_backgrounds(r), out, f"backgrounds_{slug(r.label)}")
+        else:
+            log.warning("%s: no backgrounds recorded, no heat map", r.path)
+    if len(ooc) >= 2:
+        a, b = ooc[:2]
+        chosen = list(images) if images else choose_images(a, b, num_images)
+        files += save(fig_top5(a, b, chosen[:1]), out, "fig12_left_top5")
+        files += save(fig_top5(a, b, chosen), out, "fig13_top5")
+    else:
+        log.warning("Fig. 12 left / 13 need two models' out-of-context results; got %d", len(ooc))
+    if not val_vs_ooc_points(results).empty:
+        files += save(fig_val_vs_ooc(results), out, "fig12_right_val_vs_ooc")
+    else:
+        log.warning("Fig. 12 right needs a validation and an out-of-context result of the same model")
+    if not files:
+        raise BitlabError("nothing to draw: give out-of-context results (and validation results for Fig. 12 right)")
+    return files

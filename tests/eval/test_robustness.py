@@ -1,0 +1,175 @@
+"""Evaluation sets (manifest, official class folders, wnid ImageFolder) and robustness scoring."""
+from __future__ import annotations
+
+import csv
+import shutil
+
+import numpy as np
+import pytest
+
+from bitlab.data import imagenet
+from bitlab.errors import BitlabError
+from bitlab.eval import robustness
+from bitlab.eval.robustness import EvalItem
+from tests.fixtures.ooc_sets import write_classes
+
+
+def test_manifest_set_reads_classes_targets_and_backgrounds(tiny_ooc):
+    ev = robustness.load_eval_set(tiny_ooc)
+    assert (ev.kind, ev.role, len(ev.items)) == ("manifest", "ooc", 12)
+    cat = next(it for it in ev.items if it.image == "cat/chelsea__grass.png")
+    assert cat == EvalItem("cat/chelsea__grass.png", "cat", (281, 282, 285), "grass", "chelsea", "grass")
+    assert {it.background for it in ev.items} == {"grass", "brick", "gravel", "in-context"}
+    assert all(p.is_file() for p in ev.paths())
+    assert ev.describe()["num_foregrounds"] == 3
+
+
+def _official_layout(tiny_ooc, tmp_path, folders: dict[str, str]):
+    """The released zip's layout: one folder per class, no manifest, no backgrounds."""
+    root = tmp_path / "official"
+    for src, dst in folders.items():
+        shutil.copytree(tiny_ooc / src, root / dst)
+    return root
+
+
+def test_official_folders_map_by_folder_name_or_ilsvrc_name(tiny_ooc, tmp_path):
+    # 'cat' is the table's folder, 'Coffee' its OpenImages name, 'projectile' an ILSVRC lemma of the rocket's synsets
+    root = _official_layout(tiny_ooc, tmp_path, {"cat": "cat", "espresso": "Coffee", "missile": "projectile"})
+    ev = robustness.load_eval_set(root, classes=write_classes(tmp_path / "classes.csv"))
+    assert (ev.kind, ev.role) == ("ooc-folders", "ooc")
+    by_folder = {it.image.split("/")[0]: it for it in ev.items}
+    assert by_folder["projectile"].cls == "missile" and by_folder["projectile"].targets == (657, 744)
+    assert by_folder["Coffee"].targets == (967,)
+    assert all(it.background == "" for it in ev.items)
+
+
+def test_unknown_class_folder_is_named(tiny_ooc, tmp_path):
+    root = _official_layout(tiny_ooc, tmp_path, {"cat": "cat", "espresso": "teapot"})
+    with pytest.raises(BitlabError, match=r"teapot.*not in the class table.*known: cat, espresso, missile"):
+        robustness.load_eval_set(root, classes=write_classes(tmp_path / "classes.csv"))
+
+
+def test_zip_extracted_one_level_up_gets_a_hint(tiny_ooc, tmp_path):
+    root = _official_layout(tiny_ooc, tmp_path, {"cat": "bit_out_of_context_dataset/cat"})
+    with pytest.raises(BitlabError, match=r"did you mean --data .*official/bit_out_of_context_dataset\?"):
+        robustness.load_eval_set(root, classes=write_classes(tmp_path / "classes.csv"))
+
+
+def test_missing_class_table_is_an_error(tiny_ooc, tmp_path, monkeypatch):
+    monkeypatch.setattr(robustness, "DEFAULT_CLASS_TABLE", tmp_path / "nowhere.csv")
+    root = _official_layout(tiny_ooc, tmp_path, {"cat": "cat"})
+    with pytest.raises(BitlabError, match="no class table"):
+        robustness.load_eval_set(root)
+
+
+def test_wnid_imagefolder_is_a_validation_set(tiny_ooc, tmp_path):
+    root = tmp_path / "val"
+    shutil.copytree(tiny_ooc / "cat", root / "n02123045")
+    ev = robustness.load_eval_set(root)
+    assert (ev.kind, ev.role) == ("imagefolder", "val")
+    assert {it.targets for it in ev.items} == {(imagenet.index_of()["n02123045"],)} and len(ev.items) == 4
+    assert robustness.load_eval_set(root, role="ooc").role == "ooc"
+
+
+def test_empty_and_broken_sets_name_the_culprit(tiny_ooc, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BitlabError, match="empty dataset"):
+        robustness.load_eval_set(tmp_path / "empty")
+    (tmp_path / "empty" / "n02123045").mkdir()
+    with pytest.raises(BitlabError, match="empty dataset"):
+        robustness.load_eval_set(tmp_path / "empty")
+    with pytest.raises(BitlabError, match="not found"):
+        robustness.load_eval_set(tmp_path / "nope")
+
+    root = tmp_path / "m"
+    shutil.copytree(tiny_ooc, root)
+    rows = list(csv.DictReader((root / "manifest.csv").open()))
+    rows[3]["file"] = "cat/gone.png"
+    rows[5]["ilsvrc_indices"] = "1000"
+
+    def write(rs):
+        with (root / "manifest.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rs[0]))
+            w.writeheader()
+            w.writerows(rs)
+
+    write(rows)
+    with pytest.raises(BitlabError, match=r"manifest.csv: row 5: image 'cat/gone.png' not found"):
+        robustness.load_eval_set(root)
+    rows[3]["file"] = "../../etc/passwd"
+    write(rows)
+    with pytest.raises(BitlabError, match="row 5: file '../../etc/passwd' points outside"):
+        robustness.load_eval_set(root)
+    rows[3]["file"] = "cat/chelsea__grass.png"
+    write(rows)
+    with pytest.raises(BitlabError, match="row 7: ilsvrc_indices 1000 is outside 0..999"):
+        robustness.load_eval_set(root)
+
+
+def test_manifest_without_targets_uses_the_class_table(tiny_ooc, tmp_path):
+    root = tmp_path / "m"
+    shutil.copytree(tiny_ooc, root)
+    rows = [{"file": r["file"], "class": r["class"]} for r in csv.DictReader((root / "manifest.csv").open())]
+    with (root / "manifest.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["file", "class"])
+        w.writeheader()
+        w.writerows(rows)
+    ev = robustness.load_eval_set(root)  # root/classes.csv
+    assert ev.role == "val" and ev.items[0].targets == (281, 282, 285)
+
+
+def test_label_map_reads_wnids_indices_and_blanks(tmp_path):
+    f = tmp_path / "map.txt"
+    f.write_text("n01440764\n5\n-\n\n# comment only\n")
+    assert robustness.read_label_map(f).tolist() == [0, 5, -1, -1, -1]
+    f.write_text("n01440764\ncat\n")
+    with pytest.raises(BitlabError, match=r"map.txt: line 2: 'cat'"):
+        robustness.read_label_map(f)
+
+
+def _table():
+    """4 images, 2 classes x 2 backgrounds; targets: a -> {1}, b -> {2, 3}."""
+    items = [EvalItem("a1", "a", (1,), "sea", "fa", "s"), EvalItem("a2", "a", (1,), "road", "fa", "r"),
+             EvalItem("b1", "b", (2, 3), "sea", "fb", "s"), EvalItem("b2", "b", (2, 3), "road", "fb", "r")]
+    ids = np.array([[1, 9, 8, 7, 6],    # a on sea: right
+                    [9, 1, 8, 7, 6],    # a on road: top-5 only
+                    [3, 9, 8, 7, 6],    # b on sea: right (second synset)
+                    [9, 8, 7, 6, 5]])   # b on road: wrong
+    probs = np.full((4, 5), 0.1, np.float32)
+    return robustness.predictions_table(items, ids, probs, np.array([0.5, 0.2, 0.6, 0.0]))
+
+
+def test_scoring_is_top1_in_the_class_set():
+    df = _table()
+    assert df["top1_correct"].tolist() == [True, False, True, False]
+    assert df["top5_correct"].tolist() == [True, True, True, False]
+    assert df["top1_name"].tolist()[0] == imagenet.names()[1]
+
+
+def test_summary_breakdowns():
+    s = robustness.summarize(_table())
+    assert (s["top1"], s["top5"], s["n"]) == (0.5, 0.75, 4)
+    assert s["per_class"]["a"] == {"n": 2, "top1": 0.5, "top5": 1.0}
+    assert s["per_background"]["road"]["top1"] == 0.0 and s["per_background"]["sea"]["top1"] == 1.0
+    assert s["class_background_top1"] == {"a": {"road": 0.0, "sea": 1.0}, "b": {"road": 0.0, "sea": 1.0}}
+    worst = s["most_fooling_backgrounds"][0]
+    assert worst["background"] == "road" and worst["top1_error"] == 1.0
+    assert worst["wrong_predictions"] == [[imagenet.names()[9], 2]]
+    fg = s["per_foreground"]
+    assert fg["count"] == 2 and fg["fooled_by_any"] == 2 and fg["fooled_by_all"] == 0
+    assert fg["objects"]["fb"]["fooling_backgrounds"] == ["road"] and fg["mean_fooled_fraction"] == 0.5
+
+
+def test_official_folders_against_the_shipped_class_table(tiny_ooc, tmp_path):
+    """Folder names as the release might spell them: OpenImages names, ILSVRC lemmas, wnids."""
+    folders = ["Traffic light", "studio_couch", "hammerhead", "n02391049"]
+    root = _official_layout(tiny_ooc, tmp_path, {"cat": "Traffic light"})
+    for name in list(folders)[1:]:
+        shutil.copytree(tiny_ooc / "cat", root / name)
+    ev = robustness.load_eval_set(root, classes=robustness.DEFAULT_CLASS_TABLE)
+    assert ev.kind == "ooc-folders"
+    got = {it.image.split("/")[0]: (it.cls, it.targets) for it in ev.items}
+    assert got["Traffic light"] == ("traffic_light", (920,))
+    assert got["studio_couch"][0] == "couch"
+    assert got["hammerhead"] == ("shark", (2, 3, 4))  # a shark folder counts all three shark synsets
+    assert got["n02391049"][0] == "zebra"
