@@ -428,15 +428,33 @@ class ShardTrainTransform:
         return Item(None, _target([0], self.num_classes, self.multi), tuple(messages))
 
 
-def stop_on_errors(errors: Sequence[str], dist: D.DistInfo, what: str, hint: bool = True) -> None:
+def control_group(dist: D.DistInfo):
+    """A Gloo group for the per-step error check of GPU runs (None: use the default group).
+
+    An all-reduce on the NCCL group would make the host wait, every step, for the GPU work already
+    queued (the optimiser step) before it can launch the next forward; on CPU tensors over Gloo the
+    ranks agree on the host alone. CPU runs' default group is Gloo already."""
+    if not dist.distributed or dist.device.type != "cuda":
+        return None
+    return torch.distributed.new_group(backend="gloo")
+
+
+def stop_on_errors(errors: Sequence[str], dist: D.DistInfo, what: str, hint: bool = True, group=None) -> None:
     """Collective: if any rank has errors, every rank raises the same BadImageError naming the files
-    (`hint`: mention --skip-bad-images).
+    (`hint`: mention --skip-bad-images; `group`: from `control_group`).
 
     One tiny all-reduce per call; every rank must call it at the same point (once per step)."""
-    flag = torch.tensor([float(len(errors))], device=dist.device)
-    if D.all_reduce_sum(flag, dist).item() == 0:
+    if dist.distributed:
+        flag = torch.tensor([float(len(errors))], device="cpu" if group is not None else dist.device)
+        torch.distributed.all_reduce(flag, group=group)
+        if flag.item() == 0:
+            return
+        per_rank: list = [None] * dist.world_size
+        torch.distributed.all_gather_object(per_rank, list(errors[:5]), group=group)
+    elif not errors:
         return
-    per_rank = D.all_gather_object(list(errors[:5]), dist)
+    else:
+        per_rank = [list(errors[:5])]
     lines = [(f"rank {r}: " if dist.distributed else "") + m for r, msgs in enumerate(per_rank) for m in msgs]
     raise BadImageError(f"cannot read {what} data, stopping{' every rank' if dist.distributed else ''}: "
                         + "; ".join(lines) + (" (--skip-bad-images replaces unreadable images)" if hint else ""))
@@ -489,6 +507,7 @@ class TrainData:
         self.workers = workers
         if isinstance(source, ShardIndex):
             self.workers = shards.reader_layout(len(source.shards), dist.world_size, workers)
+        self.group = control_group(dist)
         self.bad: set[str] = set()
 
     @property
@@ -527,7 +546,8 @@ class TrainData:
         while True:
             parts: list[Batch] = [next(it) for _ in range(self.micro_steps)]
             # with skip_bad, only whole unreadable shards remain errors here
-            stop_on_errors([e for b in parts for e in b.errors], self.dist, "training", hint=not self.skip_bad)
+            stop_on_errors([e for b in parts for e in b.errors], self.dist, "training", hint=not self.skip_bad,
+                           group=self.group)
             for message in (w for b in parts for w in b.warnings):
                 if message not in self.bad:
                     log.warning("skipped: %s", message)
