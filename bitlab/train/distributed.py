@@ -12,10 +12,11 @@ on N devices, a run with `--batch-split N` and a plain run see the same images a
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -85,6 +86,37 @@ def _attempt_store(rank: int, world: int) -> dict:
 def teardown(info: DistInfo) -> None:
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(device: str | torch.device | None, info: DistInfo | None = None) -> Iterator[DistInfo]:
+    """`info` when the caller already joined the process group; else `setup` now and `teardown` after."""
+    if info is not None:
+        yield info
+        return
+    info = setup(device)
+    try:
+        yield info
+    finally:
+        teardown(info)
+
+
+T = TypeVar("T")
+
+
+def main_rank_call(fn: Callable[[], T], info: DistInfo) -> T:
+    """Run `fn` on rank 0 and hand its result to every rank; a `BitlabError` it raises is raised on
+    every rank, so that all of them stop together instead of the others waiting in a collective."""
+    result: Any = None
+    if info.is_main:
+        try:
+            result = fn()
+        except BitlabError as e:
+            result = e
+    result = broadcast_object(result, info)
+    if isinstance(result, BitlabError):
+        raise result
+    return result
 
 
 def barrier(info: DistInfo) -> None:

@@ -45,6 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitlab import io
+from bitlab.data.transforms import normalize
 from bitlab.errors import BitlabError
 from bitlab.train.distributed import DistInfo, all_reduce_sum, barrier, unwrap_model, wrap_model
 
@@ -103,6 +104,41 @@ class LoopResult:
 
 
 # ----------------------------------------------------------------------------- run directory
+class MicroBatches(Sequence):
+    """One step's micro-batches (uint8 on the device), normalised on access: one float micro-batch
+    in memory at a time."""
+
+    def __init__(self, images: torch.Tensor, targets: Any, split: int, mean, std) -> None:
+        self.images, self.targets, self.split, self.mean, self.std = images, targets, split, mean, std
+        self.num_images = len(images)
+        self.size = self.num_images // split
+
+    def __len__(self) -> int:
+        return self.split
+
+    def __getitem__(self, k: int) -> MicroBatch:
+        if not 0 <= k < self.split:
+            raise IndexError(k)
+        sl = slice(k * self.size, (k + 1) * self.size)
+        return normalize(self.images[sl], self.mean, self.std), self.targets[sl]
+
+
+def check_resume_settings(run_dir: Path, config: Any, keys: Sequence[str]) -> bool:
+    """True when `run_dir` holds a checkpoint to continue; refuses one written with other values
+    of `keys` (those that change what is trained), naming each changed field."""
+    if not (run_dir / CHECKPOINT).exists():
+        return False
+    path = run_dir / "config.json"
+    if not path.exists():
+        raise BitlabError(f"{run_dir}: a checkpoint without config.json (not a bitlab run?); use another --out")
+    old, new = json.loads(path.read_text()), asdict(config)
+    if changed := [k for k in keys if old.get(k) != new.get(k)]:
+        what = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise BitlabError(f"{path}: cannot resume this checkpoint with different settings ({what}); "
+                          "resume with the original settings or use another --out")
+    return True
+
+
 def write_config(run_dir: str | Path, config: Any) -> Path:
     """The command's dataclass as `config.json` (atomic)."""
     path = Path(run_dir) / "config.json"

@@ -59,7 +59,8 @@ from bitlab.data.transforms import (
 from bitlab.errors import BitlabError
 from bitlab.models import ResNetV2, registry
 from bitlab.train import distributed as D
-from bitlab.train.loop import LoopConfig, LoopResult, autocast, run, write_config
+from bitlab.train.loop import (LoopConfig, LoopResult, MicroBatches, autocast, check_resume_settings, run,
+                               write_config)
 
 log = logging.getLogger(__name__)
 
@@ -460,24 +461,6 @@ def stop_on_errors(errors: Sequence[str], dist: D.DistInfo, what: str, hint: boo
                         + "; ".join(lines) + (" (--skip-bad-images replaces unreadable images)" if hint else ""))
 
 
-class _MicroBatches(Sequence):
-    """One step's micro-batches, normalised on access: one float micro-batch in memory at a time."""
-
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, split: int, mean, std) -> None:
-        self.images, self.targets, self.split, self.mean, self.std = images, targets, split, mean, std
-        self.num_images = len(images)
-        self.size = self.num_images // split
-
-    def __len__(self) -> int:
-        return self.split
-
-    def __getitem__(self, k: int):
-        if not 0 <= k < self.split:
-            raise IndexError(k)
-        sl = slice(k * self.size, (k + 1) * self.size)
-        return normalize(self.images[sl], self.mean, self.std), self.targets[sl]
-
-
 def _worker_init(_: int) -> None:
     import signal
 
@@ -540,7 +523,7 @@ class TrainData:
         sampler = D.StepSampler(len(dataset), self.batch_size, seed=self.seed, start_step=start, info=self.dist)
         return _loader(dataset, self.micro, workers=self.workers, sampler=sampler, dist=self.dist)
 
-    def steps(self, start: int) -> Iterator[_MicroBatches]:
+    def steps(self, start: int) -> Iterator[MicroBatches]:
         it = iter(self._loader(start))
         dev = self.dist.device
         while True:
@@ -554,7 +537,7 @@ class TrainData:
                     self.bad.add(message)
             images = torch.cat([b.images for b in parts]).to(dev, non_blocking=True)
             targets = torch.cat([b.targets for b in parts]).to(dev, non_blocking=True)
-            yield _MicroBatches(images, targets, self.micro_steps, self.mean, self.std)
+            yield MicroBatches(images, targets, self.micro_steps, self.mean, self.std)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -690,21 +673,10 @@ def _schedule(cfg: PretrainConfig, num_examples: int) -> UpstreamSchedule:
                          warmup_steps=cfg.warmup_steps, base_lr=cfg.base_lr)
 
 
-def _check_resume(cfg: PretrainConfig, run_dir: Path) -> dict | None:
-    """The previous plan when this run continues a checkpoint; refuses other settings, with the reason."""
-    if not (cfg.resume and (run_dir / "checkpoint.pt").exists()):
+def _previous_plan(cfg: PretrainConfig, run_dir: Path) -> dict | None:
+    """The plan of the run this one continues (None for a fresh run); other settings are refused."""
+    if not (cfg.resume and check_resume_settings(run_dir, cfg, _RESUME_KEYS)):
         return None
-    path = run_dir / "config.json"
-    if not path.exists():
-        raise BitlabError(f"{run_dir}: a checkpoint without config.json (not a bitlab pretrain run?); "
-                          "use another --out")
-    old = json.loads(path.read_text())
-    new = asdict(cfg)
-    changed = [k for k in _RESUME_KEYS if old.get(k) != new.get(k)]
-    if changed:
-        what = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-        raise BitlabError(f"{path}: cannot resume this checkpoint with different settings ({what}); "
-                          "resume with the original settings or use another --out")
     plan_path = run_dir / "plan.json"
     return json.loads(plan_path.read_text()) if plan_path.exists() else {}
 
@@ -714,13 +686,8 @@ def pretrain(cfg: PretrainConfig, dist: D.DistInfo | None = None) -> PretrainRes
 
     Under torchrun every rank calls this; `dist` (from `distributed.setup`) is set up and torn
     down here when not given."""
-    if dist is not None:
+    with D.session(cfg.device, dist) as dist:
         return _pretrain(cfg, Path(cfg.out), dist)
-    dist = D.setup(cfg.device)
-    try:
-        return _pretrain(cfg, Path(cfg.out), dist)
-    finally:
-        D.teardown(dist)
 
 
 def _pretrain(cfg: PretrainConfig, run_dir: Path, dist: D.DistInfo) -> PretrainResult:
@@ -744,15 +711,8 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, dist: D.DistInfo) -> PretrainR
     data_cfg = getattr(model, "data_config", None)
     mean, std = (data_cfg.mean, data_cfg.std) if data_cfg else ((0.5,) * 3, (0.5,) * 3)
 
-    previous: Any = None
-    if dist.is_main:
-        try:
-            previous = _check_resume(cfg, run_dir)
-        except BitlabError as e:  # handed to every rank, so that all of them stop (none waits below)
-            previous = e
-    previous = D.broadcast_object(previous, dist)
-    if isinstance(previous, BitlabError):
-        raise previous
+    # rank 0 reads the run directory; a refusal stops every rank (none is left waiting below)
+    previous = D.main_rank_call(lambda: _previous_plan(cfg, run_dir), dist)
     train_data = TrainData(data.train, aug, batch_size=cfg.batch_size, micro_steps=micro_steps, seed=cfg.seed,
                            num_classes=data.num_classes, multi=data.multi_label, mean=mean, std=std, dist=dist,
                            workers=workers, skip_bad=cfg.skip_bad_images,

@@ -180,7 +180,7 @@ def test_bit_checkpoint_of_another_architecture(tiny_digits, tmp_path):
         build_model("R50x1", 10, str(tmp_path / "r14" / "final.pt"))
     # resuming a run directory with another model is refused before anything is trained
     finetune(cfg(tiny_digits, tmp_path / "run", stop_after=1))
-    with pytest.raises(BitlabError, match=r"--resume with different settings \(model: 'R14x0.5' -> 'R50x1'"):
+    with pytest.raises(BitlabError, match=r"cannot resume this checkpoint with different settings \(model: 'R14x0.5' -> 'R50x1'"):
         finetune(cfg(tiny_digits, tmp_path / "run", model="R50x1", resume=True))
 
 
