@@ -422,3 +422,18 @@ def test_nproc_under_torchrun_is_an_error(tree, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert main(["pretrain", "--model", "R14x0.5", "--data", str(tree), "--out", str(tmp_path), "--nproc", "2"]) == 2
     assert "already runs under torchrun" in capsys.readouterr().err
+
+
+def test_slurm_example_passes_only_real_options():
+    """The Slurm script cannot run here; its torchrun line must at least be a valid `bitlab pretrain`."""
+    import re
+    import shlex
+
+    from bitlab.cli import build_parser
+
+    script = (Path(__file__).resolve().parents[2] / "bitlab" / "train" / "slurm_pretrain.sh").read_text()
+    command = script[script.index("-m bitlab pretrain"):].split("\n\n")[0]
+    command = re.sub(r'"\$[A-Z_]+"', "1", command.replace("\\\n", " "))  # shell variables -> a value
+    argv = shlex.split(command)[2:]  # after "-m bitlab"
+    args = build_parser().parse_args(argv)  # SystemExit on any unknown option
+    assert args.command == "pretrain" and args.preset == "bit-m" and args.batch_size == 4096

@@ -2,7 +2,7 @@
 # BiT upstream pre-training on several GPU nodes: Slurm starts one torchrun per node, and the
 # torchruns meet through the c10d rendezvous on the first node; each starts one process per GPU.
 #
-#   sbatch examples/slurm_pretrain.sh            # edit DATA / RUN_DIR / the recipe below first
+#   sbatch bitlab/train/slurm_pretrain.sh          # edit DATA / RUN_DIR / the recipe below first
 #
 # The global batch (--batch-size) is fixed whatever the node count: each GPU runs micro-batches of
 # at most --device-batch images and gradients are accumulated (--batch-split is raised to fit), so
