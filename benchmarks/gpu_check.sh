@@ -25,3 +25,13 @@ run $PY benchmarks/finetune.py --part gpu --model R50x1
 $PY -m bitlab finetune --model R14x0.5 --data builtin:digits --out "${OUT:-/tmp}/finetune_digits" \
   --batch-size 128 --schedule 10 60 80 90 100 --base-lr 0.03 --resolution 36 32 --no-flip --no-progress \
   | tee "${OUT:-/tmp}/finetune_digits.txt"
+
+# 3. Pre-training (issue 6): images/s per GPU of R50x1 at 224 px, batch 128, bf16 autocast + channels-last:
+#    the `bitlab pretrain` loop (on bitlab's R50x1 and on timm's resnetv2_50x1_bit) against a minimal
+#    timm-style loop (timm's train.py is not in the wheel: its core written with timm.create_model and
+#    timm.optim.create_optimizer_v2), interleaved, plus `bitlab pretrain` end to end on real JPEGs.
+run $PY benchmarks/pretrain.py --part gpu --rounds 3 --steps 30
+#    and a short real pre-training run on the GPU (offline digits, Inception crops at 32 px, validation).
+$PY -m bitlab pretrain --model R14x0.5 --data builtin:digits --out "${OUT:-/tmp}/pretrain_digits" \
+  --batch-size 128 --epochs 2 --warmup-steps 5 --crop 32 --no-flip --log-every 5 --no-progress \
+  | tee "${OUT:-/tmp}/pretrain_digits.txt"

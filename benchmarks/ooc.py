@@ -19,6 +19,7 @@ It also prints the cost and size of PNG settings on 40 composites (why `--png fa
 
     PYTHONPATH=. python benchmarks/ooc.py              # the numbers in benchmarks/RESULTS.md
     PYTHONPATH=. python benchmarks/ooc.py --size 256   # quicker
+    PYTHONPATH=. python benchmarks/ooc.py --format jpg # JPEG output (build and bare both)
 """
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ def _sha(path: Path) -> str:
 _BARE: dict = {}
 
 
-def _bare_setup(inputs: dict, size: int) -> None:
+def _bare_setup(inputs: dict, size: int, fmt: str) -> None:
     """Untimed: background squares and each object's rectangle at output scale."""
     squares = {b.uid: compose.prepare_background(compose.decode(inputs["backgrounds"] / b.file), size)
                for b in inputs["bgs"]}
@@ -118,7 +119,7 @@ def _bare_setup(inputs: dict, size: int) -> None:
                                             inputs["openimages"] / "validation-masks" / f.mask_path)
         cut = compose.make_cutout(img, mask, size=size)
         rects[f.uid] = (cut.bgr, compose.paste_position(size, cut.size))
-    _BARE.update(inputs=inputs, squares=squares, rects=rects)
+    _BARE.update(inputs=inputs, squares=squares, rects=rects, fmt=fmt)
 
 
 def _bare_task(fg_index: int) -> int:
@@ -134,7 +135,7 @@ def _bare_task(fg_index: int) -> int:
     for b in inputs["bgs"]:
         out = squares[b.uid].copy()
         out[y:y + rect.shape[0], x:x + rect.shape[1]] = rect
-        n += len(compose.encode_png(out))
+        n += len(compose.encode(out, _BARE["fmt"]))
     return n
 
 
@@ -153,10 +154,10 @@ def bare(inputs: dict, workers: int, kind: str) -> tuple[float, float]:
     return time.perf_counter() - t, time.process_time() - c
 
 
-def run_build(inputs: dict, out: Path, size: int, workers: int) -> tuple[float, float, dict]:
+def run_build(inputs: dict, out: Path, size: int, workers: int, fmt: str) -> tuple[float, float, dict]:
     cfg = build.MakeOOCConfig(out=str(out), openimages=str(inputs["openimages"]),
                               backgrounds=str(inputs["backgrounds"]), selection=str(inputs["selection"]),
-                              classes=str(OOC_DATASET_DIR / "classes.csv"), size=size, workers=workers)
+                              classes=str(OOC_DATASET_DIR / "classes.csv"), size=size, workers=workers, format=fmt)
     t, c = time.perf_counter(), time.process_time()
     summary = build.build(cfg)
     return time.perf_counter() - t, time.process_time() - c, summary
@@ -204,6 +205,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--keep", help="a new folder to prepare the inputs in and keep (default: a temp folder)")
+    ap.add_argument("--format", choices=compose.FORMATS, default="png", help="output format (build and bare alike)")
     ap.add_argument("--png-only", action="store_true", help="only the PNG settings table")
     args = ap.parse_args()
     import logging
@@ -218,7 +220,7 @@ def main() -> None:
         if args.png_only:
             print("\n".join(png_table(inputs, args.size)))
             return
-        _bare_setup(inputs, args.size)
+        _bare_setup(inputs, args.size, args.format)
         n = len(inputs["fgs"]) * len(inputs["bgs"])
         times = {"build": [], "bare threads": [], "bare processes": [], "rerun": []}
         cpu = {"build": [], "bare threads": []}
@@ -229,11 +231,11 @@ def main() -> None:
                 times[f"bare {kind}"].append(wall)
                 if kind == "threads":
                     cpu["bare threads"].append(c)
-            wall, c, summary = run_build(inputs, out, args.size, args.workers)
+            wall, c, summary = run_build(inputs, out, args.size, args.workers, args.format)
             assert summary["images"] == n and summary["composed"] == n
             times["build"].append(wall)
             cpu["build"].append(c)
-            wall, _, summary = run_build(inputs, out, args.size, args.workers)
+            wall, _, summary = run_build(inputs, out, args.size, args.workers, args.format)
             assert summary["reused"] == n
             times["rerun"].append(wall)
             if r < args.repeats - 1:
@@ -249,9 +251,10 @@ def main() -> None:
         cpu_ratio = min(cpu["build"]) / min(cpu["bare threads"])
         print(f"build / bare (CPU seconds of the process, threads) = {cpu_ratio:.2f}x"
               f"   ({min(cpu['build']):.1f} s / {min(cpu['bare threads']):.1f} s)")
-        du = sum(p.stat().st_size for p in (root / f"out{args.repeats - 1}").glob("*/*.png"))
-        print(f"output: {du / 2**20:.0f} MiB of PNG ({du / n / 1024:.0f} KiB per image)")
-        print("\n".join(png_table(inputs, args.size)))
+        du = sum(p.stat().st_size for p in (root / f"out{args.repeats - 1}").glob(f"*/*.{args.format}"))
+        print(f"output: {du / 2**20:.0f} MiB of {args.format} ({du / n / 1024:.0f} KiB per image)")
+        if args.format == "png":
+            print("\n".join(png_table(inputs, args.size)))
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -11,8 +11,8 @@ from bitlab import __version__
 from bitlab.errors import BitlabError
 
 # One module per subsystem; the order is the order of `bitlab --help`.
-COMMAND_MODULES = ("bitlab.cli.models", "bitlab.cli.train", "bitlab.cli.ooc", "bitlab.cli.eval", "bitlab.cli.dedup",
-                   "bitlab.cli.demo")
+COMMAND_MODULES = ("bitlab.cli.models", "bitlab.cli.train", "bitlab.cli.pretrain", "bitlab.cli.ooc",
+                   "bitlab.cli.eval", "bitlab.cli.dedup", "bitlab.cli.demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bitlab.errors import BitlabError
 from bitlab.paths import OOC_DATASET_DIR
 
 _CLASSES = str(OOC_DATASET_DIR / "classes.csv")
@@ -60,8 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--feather", type=float, default=0.0, help="Gaussian sigma in px for a soft edge (default: hard)")
     p.add_argument("--erode", type=int, default=0, help="shrink the mask by N px before pasting")
     p.add_argument("--seed", type=int, default=0, help="seed for --placement random")
+    p.add_argument("--format", choices=["png", "jpg"], default="png",
+                   help="png (default, lossless) or jpg (about 10x faster to encode and 4x smaller; lossy)")
     p.add_argument("--png", choices=["fast", "default", "small"], default="fast",
                    help="PNG encoding: fast (default; Huffman-only), default (OpenCV's), small (level 9, slow)")
+    p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality for --format jpg (default 95)")
     p.add_argument("--workers", type=int, default=0, help="threads (default: one per core)")
     p.add_argument("--skip-bad", action="store_true", help="skip unusable inputs and report them instead of stopping")
     p.set_defaults(func=_make_ooc)
@@ -115,7 +119,7 @@ def _openimages_fetch(args: argparse.Namespace) -> None:
 
     out = args.out or args.out_pos
     if not out or (args.out and args.out_pos and args.out != args.out_pos):
-        raise SystemExit("bitlab openimages fetch: give the tree folder once, as OUT or --out")
+        raise BitlabError("give the tree folder once, as OUT or --out")
     cfg = openimages.FetchConfig(out=out, classes=args.classes, split=args.split, selection=args.selection,
                                  max_per_class=args.max_per_class, seed=args.seed, filters=_filters(args),
                                  workers=args.workers)
@@ -162,14 +166,15 @@ def _make_ooc(args: argparse.Namespace) -> None:
     from bitlab.ooc import build
 
     if not args.out:
-        raise SystemExit("bitlab make-ooc: --out is required")
+        raise BitlabError("--out is required")
     opts = dict(size=args.size, object_scale=args.object_scale, placement=args.placement, feather=args.feather,
-                erode=args.erode, seed=args.seed, png=args.png, workers=args.workers, skip_bad=args.skip_bad)
+                erode=args.erode, seed=args.seed, format=args.format, png=args.png, jpeg_quality=args.jpeg_quality,
+                workers=args.workers, skip_bad=args.skip_bad)
     if args.demo:
         cfg = build.demo_config(args.out, **opts)
     else:
         if not (args.openimages and args.backgrounds):
-            raise SystemExit("bitlab make-ooc: --openimages and --backgrounds are required (or --demo)")
+            raise BitlabError("--openimages and --backgrounds are required (or --demo)")
         cfg = build.MakeOOCConfig(out=args.out, openimages=args.openimages, backgrounds=args.backgrounds,
                                   selection=args.selection, classes=args.classes, **opts)
     # The command line as typed, when this process is the `bitlab` command (not a library caller).

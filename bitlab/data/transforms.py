@@ -143,3 +143,78 @@ def normalize(batch: torch.Tensor, mean=BIT_MEAN, std=BIT_STD) -> torch.Tensor:
     std_t = torch.tensor(std, device=batch.device, dtype=torch.float32).view(1, -1, 1, 1)
     mean_t = torch.tensor(mean, device=batch.device, dtype=torch.float32).view(1, -1, 1, 1)
     return batch.float().mul_(1.0 / (255.0 * std_t)).sub_(mean_t / std_t)
+
+
+# ----------------------------------------------------------------------------- upstream (pre-training)
+@dataclass(frozen=True)
+class InceptionAugment:
+    """BiT's upstream training view (paper §3.3, official issue #26): an Inception-style crop
+    resized to `crop` x `crop`, then a random horizontal flip.
+
+    The crop covers `area` (fractions of the image) with aspect ratio in `ratio`, as TF's
+    `sample_distorted_bounding_box` in big_vision's `inception_crop`: 5-100 % of the area (5 %, not
+    torchvision's 8 %, is the TF default the BiT authors' pipelines used), aspect 3/4-4/3.
+    """
+
+    crop: int = 224
+    area: tuple[float, float] = (0.05, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        if self.crop <= 0:
+            raise BitlabError(f"crop must be positive, got {self.crop}")
+        if not 0 < self.area[0] <= self.area[1] <= 1:
+            raise BitlabError(f"crop area range must satisfy 0 < min <= max <= 1, got {self.area}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# TF's sample_distorted_bounding_box tries this many boxes before falling back to the whole image.
+INCEPTION_ATTEMPTS = 100
+
+
+def inception_box(height: int, width: int, aug: InceptionAugment,
+                  rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random box with area and aspect ratio in `aug`'s ranges; the whole
+    image when no box fits after `INCEPTION_ATTEMPTS` tries (very elongated images)."""
+    area = height * width
+    log_lo, log_hi = np.log(aug.ratio[0]), np.log(aug.ratio[1])
+    for _ in range(INCEPTION_ATTEMPTS):
+        target = area * rng.uniform(*aug.area)
+        aspect = float(np.exp(rng.uniform(log_lo, log_hi)))
+        w = int(round(np.sqrt(target * aspect)))
+        h = int(round(np.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    return 0, 0, height, width
+
+
+def inception_image(img: np.ndarray, aug: InceptionAugment, rng: np.random.Generator) -> np.ndarray:
+    """The upstream training view of an RGB uint8 image: Inception crop -> resize to `aug.crop`
+    square -> flip with probability 1/2. All randomness comes from `rng`."""
+    top, left, h, w = inception_box(img.shape[0], img.shape[1], aug, rng)
+    img = resize(img[top:top + h, left:left + w], aug.crop, aug.crop)
+    if aug.flip and rng.random() < 0.5:
+        img = img[:, ::-1]
+    return img
+
+
+# Upstream evaluation: shorter side to crop / 0.875 (256 for 224), centre crop (big_vision bit_i1k).
+UPSTREAM_EVAL_CROP_PCT = 0.875
+
+
+def upstream_eval_image(img: np.ndarray, crop: int) -> np.ndarray:
+    """The upstream validation view: resize the shorter side to crop / 0.875, centre `crop` square."""
+    return eval_image(img, DataConfig(input_size=crop, crop_pct=UPSTREAM_EVAL_CROP_PCT))
+
+
+def decode_image_bytes(data: bytes, name: str) -> np.ndarray:
+    """`decode_image` for an encoded image held in memory (a tar shard member); `name` is what an
+    error reports."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    if img is None:
+        raise BadImageError(f"{name}: cannot decode image (corrupt or not an image)")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)

@@ -11,7 +11,6 @@ import logging
 from importlib import resources
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from bitlab import io

@@ -2,7 +2,7 @@
 
 Output (`OUT/`), compatible with the official release's one-folder-per-class layout:
 
-    <class folder>/<fg_uid>__<bg_uid>.png   one image per (foreground, background) pair
+    <class folder>/<fg_uid>__<bg_uid>.png   one image per (foreground, background) pair (.jpg with --format jpg)
     manifest.csv                              one row per image (MANIFEST_COLUMNS)
     dataset.json                              command, config, versions, input checksums, manifest hash
     ATTRIBUTION.md                            every source photo with its author and licence
@@ -77,7 +77,9 @@ class MakeOOCConfig:
     feather: float = 0.0  # Gaussian sigma of the alpha edge in output px (0: hard mask, as the paper)
     erode: int = 0  # shrink the mask by this many output px before pasting
     seed: int = 0  # used by placement='random' only
+    format: str = "png"  # compose.FORMATS: png (lossless) | jpg (lossy; faster and smaller)
     png: str = "fast"  # compose.PNG_SETTINGS: fast | default | small (all lossless)
+    jpeg_quality: int = 95
     workers: int = 0  # threads; 0 = one per core
     skip_bad: bool = False  # drop unusable inputs (and report them) instead of stopping
 
@@ -88,10 +90,19 @@ class MakeOOCConfig:
             raise BitlabError(f"--object-scale must be in (0, 1], got {self.object_scale}")
         if self.placement not in compose.PLACEMENTS:
             raise BitlabError(f"--placement must be one of {', '.join(compose.PLACEMENTS)}, got {self.placement!r}")
+        if self.format not in compose.FORMATS:
+            raise BitlabError(f"--format must be one of {', '.join(compose.FORMATS)}, got {self.format!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise BitlabError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
         if self.png not in compose.PNG_SETTINGS:
             raise BitlabError(f"--png must be one of {', '.join(compose.PNG_SETTINGS)}, got {self.png!r}")
         if self.feather < 0 or self.erode < 0:
             raise BitlabError("--feather and --erode must not be negative")
+
+    @property
+    def encoding(self) -> list:
+        """What decides the file bytes besides the pixels (recorded in dataset.json and the recipe)."""
+        return [self.format, *(compose.PNG_SETTINGS[self.png] if self.format == "png" else [self.jpeg_quality])]
 
     @property
     def blend(self) -> str:
@@ -128,7 +139,7 @@ def build(cfg: MakeOOCConfig, command: Sequence[str] | None = None) -> dict:
     out = Path(cfg.out)
     inp = _preflight(cfg)
     workers = cfg.workers or os.cpu_count() or 1
-    jobs = [_Job(f"{fg.folder}/{fg.uid}__{bg.uid}.png", fg, bg, _recipe(cfg, fg, bg))
+    jobs = [_Job(f"{fg.folder}/{fg.uid}__{bg.uid}.{cfg.format}", fg, bg, _recipe(cfg, fg, bg))
             for fg in inp.foregrounds for bg in inp.backgrounds]
     if len({j.file for j in jobs}) != len(jobs):
         raise BitlabError(f"{cfg.selection}: two foreground/background pairs give the same file name")
@@ -246,7 +257,7 @@ def _file_info(path: str | os.PathLike) -> dict:
 
 
 def _recipe(cfg: MakeOOCConfig, fg: Foreground, bg: Background) -> str:
-    parts = [COMPOSE_VERSION, cv2.__version__, compose.PNG_SETTINGS[cfg.png],
+    parts = [COMPOSE_VERSION, cv2.__version__, cfg.encoding,
              fg.image_sha256, fg.mask_sha256, bg.sha256, cfg.size, cfg.object_scale, cfg.placement, cfg.feather,
              cfg.erode, cfg.seed if cfg.placement == "random" else None]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
@@ -283,9 +294,9 @@ def _clean_temp(out: Path, folders: Iterable[str]) -> None:
 
 
 def _warn_strays(out: Path, files: set[str]) -> None:
-    strays = [p for p in out.glob("*/*.png") if p.relative_to(out).as_posix() not in files]
+    strays = [p for fmt in compose.FORMATS for p in out.glob(f"*/*.{fmt}") if p.relative_to(out).as_posix() not in files]
     if strays:
-        log.warning("%s: %d PNG file(s) not in this build's manifest (from an earlier selection?), e.g. %s",
+        log.warning("%s: %d image file(s) not in this build's manifest (from an earlier selection?), e.g. %s",
                     out, len(strays), strays[0])
 
 
@@ -334,12 +345,14 @@ def _compose_all(cfg: MakeOOCConfig, out: Path, todo: Sequence[_Job], cutouts: d
             bg, bg_side = squares[j.bg.uid]
             x, y = compose.paste_position(cfg.size, cut.size, cfg.placement, key=f"{cfg.seed}:{j.fg.uid}:{j.bg.uid}")
             img = compose.composite(bg, cut, (x, y))
-            data = compose.encode_png(img, cfg.png)
+            data = compose.encode(img, cfg.format, png=cfg.png, jpeg_quality=cfg.jpeg_quality)
             # No fsync per image: the rename is atomic, and a re-run re-checks each file's sha256.
             io.write_bytes(out / j.file, data, fsync=False)
             vb = visible[j.fg.uid]
             results.append((j, {
-                "sha256": hashlib.sha256(data).hexdigest(), "pixel_sha256": compose.pixel_sha256(img),
+                # a lossy file decodes to other pixels than the composite: no pixel hash for it
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "pixel_sha256": compose.pixel_sha256(img) if cfg.format == "png" else "",
                 "fg_box_src": ",".join(map(str, cut.box_src)), "fg_scale": round(cut.scale, 6),
                 "fg_size_out": f"{cut.size[0]},{cut.size[1]}",
                 "fg_bbox_out": "" if vb is None else f"{x + vb[0]},{y + vb[1]},{x + vb[2]},{y + vb[3]}",
@@ -442,7 +455,7 @@ def _dataset_json(cfg: MakeOOCConfig, inp: _Inputs, jobs: Sequence[_Job], comman
         "inputs": inp.inputs,
         "upstream_md5": UPSTREAM_MD5,
         "versions": {"python": platform.python_version(), "numpy": np.__version__, "opencv": cv2.__version__,
-                     "png_params": compose.PNG_SETTINGS[cfg.png]},
+                     "encoding": cfg.encoding},
         "skipped": inp.problems,
         "manifest_sha256": manifest_sha256,
     }

@@ -35,6 +35,9 @@ PNG_SETTINGS = {
 if hasattr(cv2, "IMWRITE_PNG_FILTER"):  # OpenCV >= 4.10
     PNG_SETTINGS["fast"] += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_AVG]
 
+# PNG is lossless (the default: pixels are exactly the composite). JPEG encodes ~10x faster and
+# is ~4x smaller at quality 95, at the price of compression artefacts on the pasted edges.
+FORMATS = ("png", "jpg")
 PLACEMENTS = ("center", "random")
 
 
@@ -183,10 +186,14 @@ def composite(background: np.ndarray, cutout: Cutout, xy: tuple[int, int]) -> np
     return out
 
 
-def encode_png(img: np.ndarray, png: str = "fast") -> bytes:
-    ok, buf = cv2.imencode(".png", img, PNG_SETTINGS[png])
+def encode(img: np.ndarray, fmt: str = "png", *, png: str = "fast", jpeg_quality: int = 95) -> bytes:
+    """Encode a BGR image as PNG (lossless; `png` picks the speed/size setting) or JPEG."""
+    if fmt not in FORMATS:
+        raise BitlabError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    params = PNG_SETTINGS[png] if fmt == "png" else [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]
+    ok, buf = cv2.imencode(f".{fmt}", img, params)
     if not ok:
-        raise BitlabError("OpenCV could not encode a PNG")
+        raise BitlabError(f"OpenCV could not encode a {fmt.upper()} image")
     return buf.tobytes()
 
 

@@ -12,10 +12,11 @@ on N devices, a run with `--batch-split N` and a plain run see the same images a
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -64,14 +65,58 @@ def setup(device: str | torch.device | None = None) -> DistInfo:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, **_attempt_store(rank, world))
         log.info("rank %d/%d joined the %s process group on %s", rank, world, backend, dev)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def _attempt_store(rank: int, world: int) -> dict:
+    """Under torchrun, the process group's store, with a key prefix per restart attempt.
+
+    torchrun keeps one store for all attempts of a job (`--max-restarts`): a restarted attempt's
+    ranks would find the dead attempt's addresses under the same keys, try to connect to them and
+    hang until the process-group timeout. The prefix keeps the attempts apart."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ:
+        return {}
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world))
+    return {"store": dist.PrefixStore(f"bitlab/attempt{attempt}", store)}
 
 
 def teardown(info: DistInfo) -> None:
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(device: str | torch.device | None, info: DistInfo | None = None) -> Iterator[DistInfo]:
+    """`info` when the caller already joined the process group; else `setup` now and `teardown` after."""
+    if info is not None:
+        yield info
+        return
+    info = setup(device)
+    try:
+        yield info
+    finally:
+        teardown(info)
+
+
+T = TypeVar("T")
+
+
+def main_rank_call(fn: Callable[[], T], info: DistInfo) -> T:
+    """Run `fn` on rank 0 and hand its result to every rank; a `BitlabError` it raises is raised on
+    every rank, so that all of them stop together instead of the others waiting in a collective."""
+    result: Any = None
+    if info.is_main:
+        try:
+            result = fn()
+        except BitlabError as e:
+            result = e
+    result = broadcast_object(result, info)
+    if isinstance(result, BitlabError):
+        raise result
+    return result
 
 
 def barrier(info: DistInfo) -> None:

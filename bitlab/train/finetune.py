@@ -30,7 +30,8 @@ from bitlab.data.transforms import BadImageError, TrainAugment, normalize
 from bitlab.errors import BitlabError
 from bitlab.models import checkpoints, registry
 from bitlab.train import distributed as D
-from bitlab.train.loop import LoopConfig, LoopResult, autocast, run, write_config
+from bitlab.train.loop import (LoopConfig, LoopResult, MicroBatches, autocast, check_resume_settings, run,
+                               write_config)
 
 log = logging.getLogger(__name__)
 
@@ -137,29 +138,19 @@ def _load_backbone(model: nn.Module, path: str) -> None:
 
 
 # ----------------------------------------------------------------------------- data
-class _MicroBatches(Sequence):
-    """One step's micro-batches, normalised (and mixed) on access: one float micro-batch at a time."""
+class _MixedMicroBatches(MicroBatches):
+    """Micro-batches mixed on access with their partners in the whole step batch (one λ per step)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, split: int, lam: float,
-                 perm: torch.Tensor | None, mean, std) -> None:
-        self.images, self.labels, self.split, self.lam, self.perm = images, labels, split, lam, perm
-        self.mean, self.std = mean, std
-        self.num_images = len(images)
-        self.size = self.num_images // split
-
-    def __len__(self) -> int:
-        return self.split
+                 perm: torch.Tensor, mean, std) -> None:
+        super().__init__(images, labels, split, mean, std)
+        self.lam, self.perm = lam, perm
 
     def __getitem__(self, k: int):
-        if not 0 <= k < self.split:
-            raise IndexError(k)
-        sl = slice(k * self.size, (k + 1) * self.size)
-        x = normalize(self.images[sl], self.mean, self.std)
-        if self.perm is None:
-            return x, self.labels[sl]
-        partner = self.perm[sl].to(self.images.device)
+        x, labels = super().__getitem__(k)
+        partner = self.perm[k * self.size:(k + 1) * self.size].to(self.images.device)
         x = mix(x, normalize(self.images[partner], self.mean, self.std), self.lam)
-        return x, MixedTargets(self.labels[sl], self.labels[partner], self.lam)
+        return x, MixedTargets(labels, self.targets[partner], self.lam)
 
 
 class TrainData:
@@ -174,7 +165,7 @@ class TrainData:
         self.workers, self.skip_bad = workers, skip_bad
         self.bad: set[str] = set()
 
-    def steps(self, start: int) -> Iterator[_MicroBatches]:
+    def steps(self, start: int) -> Iterator[MicroBatches]:
         sampler = D.StepSampler(len(self.dataset), self.batch_size, seed=self.seed, start_step=start, info=self.dist)
         loader = datasets.make_loader(self.dataset, sampler, self.micro, workers=self.workers,
                                       pin_memory=self.dist.device.type == "cuda")
@@ -187,7 +178,8 @@ class TrainData:
             images = torch.cat([b.images for b in parts]).to(self.dist.device, non_blocking=True)
             labels = torch.cat([b.labels for b in parts]).to(self.dist.device, non_blocking=True)
             lam, perm = step_mixup(self.alpha, self.seed, step, len(images))
-            yield _MicroBatches(images, labels, self.batch_split, lam, perm, self.mean, self.std)
+            yield (MicroBatches(images, labels, self.batch_split, self.mean, self.std) if perm is None
+                   else _MixedMicroBatches(images, labels, self.batch_split, lam, perm, self.mean, self.std))
             step += 1
 
 
@@ -256,30 +248,13 @@ def plan(cfg: FinetuneConfig, splits: Splits) -> dict:
             "mixup_alpha": rule.mixup_alpha if cfg.mixup is None else cfg.mixup}
 
 
-def _check_resume(cfg: FinetuneConfig, run_dir: Path) -> None:
-    path = run_dir / "config.json"
-    if not (cfg.resume and path.exists() and (run_dir / "checkpoint.pt").exists()):
-        return
-    old = json.loads(path.read_text())
-    new = asdict(cfg)
-    changed = [k for k in _RESUME_KEYS if old.get(k) != new.get(k)]
-    if changed:
-        raise BitlabError(f"{path}: --resume with different settings ({', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in changed)}); "
-                          "resume with the original settings or use another --out")
-
-
 def finetune(cfg: FinetuneConfig, dist: D.DistInfo | None = None) -> FinetuneResult:
     """Fine-tune `cfg.model` on `cfg.data` by BiT-HyperRule; writes the run directory `cfg.out`.
 
     Under torchrun every rank calls this; `dist` (from `distributed.setup`) is set up here when
     not given, and then also torn down here."""
-    if dist is not None:
+    with D.session(cfg.device, dist) as dist:
         return _finetune(cfg, Path(cfg.out), dist)
-    dist = D.setup(cfg.device)
-    try:
-        return _finetune(cfg, Path(cfg.out), dist)
-    finally:
-        D.teardown(dist)
 
 
 def _finetune(cfg: FinetuneConfig, run_dir: Path, dist: D.DistInfo) -> FinetuneResult:
@@ -298,8 +273,9 @@ def _finetune(cfg: FinetuneConfig, run_dir: Path, dist: D.DistInfo) -> FinetuneR
     if cfg.examples_per_class:
         splits = Splits(datasets.few_shot(splits.train, cfg.examples_per_class, cfg.seed), splits.val, splits.notes)
     p = plan(cfg, splits)
+    if cfg.resume:
+        D.main_rank_call(lambda: check_resume_settings(run_dir, cfg, _RESUME_KEYS), dist)
     if dist.is_main:
-        _check_resume(cfg, run_dir)
         write_config(run_dir, cfg)
         io.write_json(run_dir / "plan.json", p)
         if cfg.examples_per_class:  # the picked files, to see (and check) what a seed chose
@@ -366,11 +342,8 @@ def fewshot(cfg: FewShotConfig) -> dict:
     if not cfg.shots or not cfg.seeds:
         raise BitlabError("fewshot needs at least one --shots value and one --seeds value")
     base = {k: v for k, v in asdict(cfg).items() if k not in ("shots", "seeds")}
-    dist = D.setup(cfg.device)
-    try:
+    with D.session(cfg.device) as dist:
         return _fewshot(cfg, out, base, dist)
-    finally:
-        D.teardown(dist)
 
 
 def _fewshot(cfg: FewShotConfig, out: Path, base: dict, dist: D.DistInfo) -> dict:

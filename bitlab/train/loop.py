@@ -45,6 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitlab import io
+from bitlab.data.transforms import normalize
 from bitlab.errors import BitlabError
 from bitlab.train.distributed import DistInfo, all_reduce_sum, barrier, unwrap_model, wrap_model
 
@@ -103,6 +104,41 @@ class LoopResult:
 
 
 # ----------------------------------------------------------------------------- run directory
+class MicroBatches(Sequence):
+    """One step's micro-batches (uint8 on the device), normalised on access: one float micro-batch
+    in memory at a time."""
+
+    def __init__(self, images: torch.Tensor, targets: Any, split: int, mean, std) -> None:
+        self.images, self.targets, self.split, self.mean, self.std = images, targets, split, mean, std
+        self.num_images = len(images)
+        self.size = self.num_images // split
+
+    def __len__(self) -> int:
+        return self.split
+
+    def __getitem__(self, k: int) -> MicroBatch:
+        if not 0 <= k < self.split:
+            raise IndexError(k)
+        sl = slice(k * self.size, (k + 1) * self.size)
+        return normalize(self.images[sl], self.mean, self.std), self.targets[sl]
+
+
+def check_resume_settings(run_dir: Path, config: Any, keys: Sequence[str]) -> bool:
+    """True when `run_dir` holds a checkpoint to continue; refuses one written with other values
+    of `keys` (those that change what is trained), naming each changed field."""
+    if not (run_dir / CHECKPOINT).exists():
+        return False
+    path = run_dir / "config.json"
+    if not path.exists():
+        raise BitlabError(f"{run_dir}: a checkpoint without config.json (not a bitlab run?); use another --out")
+    old, new = json.loads(path.read_text()), asdict(config)
+    if changed := [k for k in keys if old.get(k) != new.get(k)]:
+        what = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise BitlabError(f"{path}: cannot resume this checkpoint with different settings ({what}); "
+                          "resume with the original settings or use another --out")
+    return True
+
+
 def write_config(run_dir: str | Path, config: Any) -> Path:
     """The command's dataclass as `config.json` (atomic)."""
     path = Path(run_dir) / "config.json"
@@ -325,7 +361,6 @@ def run(
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, raw, optimizer, scaler)
         start = int(ckpt["step"])
-        log.info("resumed from %s at step %d", ckpt_path, start)
     elif resume:
         log.info("no checkpoint in %s yet: starting from step 0", run_dir)
     elif ckpt_path.exists() and not resume:
@@ -368,6 +403,8 @@ def run(
             total=config.total_steps, initial=start, unit="step", dynamic_ncols=True, desc="train",
             disable=not (dist.is_main and config.progress),
         ) as bar:
+            if start:  # logged here, inside log.txt's handler, so that a run's history shows its resumes
+                log.info("resumed from %s at step %d", ckpt_path, start)
             net.train()
             step = start
             window_loss, window_steps, window_images, window_data = 0.0, 0, 0, 0.0
@@ -397,15 +434,20 @@ def run(
                         (scaler.scale(weighted) if scaler else weighted).backward()
                     step_loss += weighted.detach().float()
                 # One small all-reduce per step carries the mean loss (logging, NaN guard) and the stop
-                # flag, so that every rank takes the same decision.
+                # flag, so that every rank takes the same decision. The gradient norm joins the NaN
+                # guard: a finite loss can still overflow the gradients, and that one update would put
+                # NaNs into the weights and the next checkpoint (fp16's scaler skips such steps itself).
                 stop_flag = torch.tensor(float(stop.signal is not None), device=dist.device)
-                shared = all_reduce_sum(torch.stack([step_loss, stop_flag]), dist)
+                grad_norm = step_loss.new_zeros(()) if scaler else _grad_norm(raw)
+                shared = all_reduce_sum(torch.stack([step_loss, stop_flag, grad_norm]), dist)
                 mean_loss, stop_now = shared[0].item() / dist.world_size, shared[1].item() > 0
-                if not math.isfinite(mean_loss):
+                if not math.isfinite(mean_loss) or not math.isfinite(shared[2].item()):
                     optimizer.zero_grad(set_to_none=True)
                     kept = (f"the last good checkpoint ({ckpt_path}, step {_saved_step(ckpt_path)}) is kept"
                             if ckpt_path.exists() else "no checkpoint had been written yet")
-                    raise NonFiniteLossError(f"loss is {mean_loss} at step {step}: training stopped before that "
+                    what = (f"loss is {mean_loss}" if not math.isfinite(mean_loss)
+                            else f"gradients are not finite (loss {mean_loss:.4g})")
+                    raise NonFiniteLossError(f"{what} at step {step}: training stopped before that "
                                              f"update; {kept}. Lower the learning rate or check the data.")
                 if scaler:
                     scaler.step(optimizer)
@@ -457,6 +499,14 @@ def run(
     finally:
         if metrics is not None:
             metrics.close()
+
+
+def _grad_norm(model: nn.Module) -> torch.Tensor:
+    """L2 norm over all gradients (one fused pass); NaN/inf when any gradient is."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=next(model.parameters()).device)
+    return torch.nn.utils.get_total_norm(grads).float()
 
 
 def _saved_step(path: Path) -> int | str:

@@ -9,7 +9,7 @@ import torch
 
 from bitlab.data.transforms import normalize, to_chw_tensor
 from bitlab.errors import BitlabError
-from bitlab.models import ResNetV2, ResNetV2Config, bitlab_to_timm, checkpoints, create_model, timm_to_bitlab
+from bitlab.models import bitlab_to_timm, checkpoints, create_model, timm_to_bitlab
 from bitlab.models.checkpoints import CheckpointError
 
 

@@ -274,6 +274,21 @@ def test_png_settings_are_lossless(small_cfg, tmp_path):
     assert size["small"] < size["fast"]
 
 
+def test_jpeg_format(small_cfg, tmp_path):
+    cfg = MakeOOCConfig(**{**small_cfg.__dict__, "out": str(tmp_path / "jpg"), "format": "jpg", "jpeg_quality": 90})
+    assert build.build(cfg)["composed"] == 16
+    rows = _manifest(Path(cfg.out))
+    assert all(r["file"].endswith(".jpg") and r["pixel_sha256"] == "" for r in rows)
+    for r in rows:
+        data = (Path(cfg.out) / r["file"]).read_bytes()
+        assert data[:2] == b"\xff\xd8" and hashlib.sha256(data).hexdigest() == r["sha256"]
+        assert cv2.imread(str(Path(cfg.out) / r["file"])).shape == (48, 48, 3)
+    assert build.build(cfg)["reused"] == 16
+    assert build.build(MakeOOCConfig(**{**cfg.__dict__, "jpeg_quality": 50}))["composed"] == 16  # new bytes
+    with pytest.raises(BitlabError, match="--format must be one of png, jpg"):
+        build.build(MakeOOCConfig(**{**cfg.__dict__, "format": "gif"}))
+
+
 def test_feather_and_erode_recorded(small_cfg):
     s = build.build(MakeOOCConfig(**{**small_cfg.__dict__, "feather": 1.5, "erode": 1}))
     rows = _manifest(Path(s["out"]))

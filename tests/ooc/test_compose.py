@@ -124,7 +124,7 @@ def test_decode_errors_name_the_file(tmp_path):
 
 def test_png_round_trip_and_pixel_hash():
     img = compose.prepare_background(_hubble(), 64)
-    data = compose.encode_png(img)
+    data = compose.encode(img)
     back = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     assert np.array_equal(back, img)  # lossless
     assert compose.pixel_sha256(back) == compose.pixel_sha256(img)

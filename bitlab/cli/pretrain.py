@@ -1,0 +1,138 @@
+"""`bitlab pretrain` (upstream pre-training, torchrun / DDP) and `bitlab shards` (tar shards)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import signal
+import sys
+
+HELP_DATA = ("ImageFolder DIR (train/<class>/, val/<class>/), a folder of class folders, a CSV of path,label[,split], "
+             "a multi-label CSV (path,labels[,split]) or JSON lines ({path, labels, split}), a shard set "
+             "(DIR/shards.json, or DIR/train/ and DIR/val/ shard sets from `bitlab shards`), or builtin:digits")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="upstream pre-training (BiT recipe) on one or many processes",
+                       description="BiT upstream pre-training. Multi-GPU / multi-node: launch with "
+                       "`torchrun --nproc-per-node N -m bitlab pretrain ...` (see README), or use --nproc N.")
+    g = p.add_argument_group("what")
+    g.add_argument("--model", required=True, help="registry name: R50x1, R101x3, R14x0.5, ablations R50x1-bn, "
+                   "R50x1-plain, R50x1-bn-plain, or any timm name")
+    g.add_argument("--data", required=True, help=HELP_DATA)
+    g.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (resumed when it holds a checkpoint)")
+    g.add_argument("--val-data", help="upstream validation data (same forms as --data)")
+    g.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction of file data for validation")
+    g.add_argument("--classes", metavar="FILE", help="class list, one per line: fixes the label order")
+    g.add_argument("--label-sep", help="separator inside a multi-label CSV's labels cell (default: whitespace)")
+    g.add_argument("--seed", type=int, default=0, help="data order, augmentation and initialisation")
+
+    g = p.add_argument_group("recipe (paper §3.3; defaults: BiT-M)")
+    g.add_argument("--preset", choices=["bit-s", "bit-m", "bit-l"], default="bit-m",
+                   help="bit-s / bit-m: 90 epochs, lr/10 at 30, 60, 80; bit-l: 40 epochs, at 10, 23, 30, 37")
+    g.add_argument("--epochs", type=float, help="override the preset's epochs (its decays scale along)")
+    g.add_argument("--decay-epochs", type=float, nargs="*", metavar="EPOCH", help="override the lr decay epochs")
+    g.add_argument("--warmup-steps", type=int, default=5000, help="linear warm-up steps (default 5000)")
+    g.add_argument("--batch-size", type=int, default=4096, help="global batch over all processes (default 4096)")
+    g.add_argument("--batch-split", type=int, default=1, help="micro-steps per optimiser step (gradient accumulation)")
+    g.add_argument("--device-batch", type=int, metavar="N",
+                   help="at most N images per process per micro-step: --batch-split is raised to fit (elastic runs)")
+    g.add_argument("--base-lr", type=float, default=0.03, help="lr at batch 256, scaled by batch/256 (default 0.03)")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="default 1e-4")
+    g.add_argument("--decay-all", action="store_true", help="weight decay on norm parameters and biases too")
+    g.add_argument("--crop", type=int, default=224, help="training crop and validation size (default 224)")
+    g.add_argument("--crop-area-min", type=float, default=0.05, help="Inception crop: smallest area fraction (0.05)")
+    g.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flips")
+    g.add_argument("--head-bias", type=float, help="multi-label head bias (default -log(num_classes))")
+
+    g = p.add_argument_group("running")
+    g.add_argument("--nproc", type=int, metavar="N", help="launch N processes on this machine through torchrun")
+    g.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                   help="with --nproc: restart the job up to K times when a worker dies (resumes from the checkpoint)")
+    g.add_argument("--eval-every", type=int, default=0, metavar="STEPS", help="validate every N steps (and at the end)")
+    g.add_argument("--checkpoint-every", type=int, default=1000, metavar="STEPS", help="checkpoint every N steps")
+    g.add_argument("--log-every", type=int, default=50, metavar="STEPS", help="training metrics every N steps")
+    g.add_argument("--eval-batch-size", type=int, help="validation batch per process (default: the micro-batch)")
+    g.add_argument("--workers", type=int, help="data loading processes per rank (default: the CPU cores)")
+    g.add_argument("--device", help="cpu, cuda (default: cuda when available; torchrun ranks use their local GPU)")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast (default: bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format (default: on for GPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--skip-bad-images", action="store_true", help="replace unreadable images (listed in summary.json)")
+    g.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="refuse to continue an existing checkpoint (default: resume it)")
+    g.add_argument("--stop-after", type=int, metavar="STEPS", help="stop with a checkpoint after N steps")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("shards", help="pack an image data set into WebDataset-format tar shards",
+                       description="Writes DIR/shards.json and DIR/shard-NNNNNN.tar; a source with splits gets "
+                       "one shard set per split (DIR/train, DIR/val). Resumable.")
+    p.add_argument("--data", required=True, help="ImageFolder DIR, CSV of path,label[,split], or multi-label CSV/JSONL")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--split", help="write only this split (e.g. train)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--max-shard-mb", type=float, help="also cap shard size in MB")
+    p.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="keep the source order")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
+    p.add_argument("--classes", metavar="FILE", help="class list, one per line: fixes the label order")
+    p.add_argument("--label-sep", help="separator inside a multi-label CSV's labels cell (default: whitespace)")
+    p.add_argument("--workers", type=int, default=4, help="shards written in parallel (default 4)")
+    p.add_argument("--verify", action="store_true", help="re-read every shard afterwards (sha256, counts)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=_shards)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from bitlab.errors import BitlabError
+
+    if args.nproc is not None:
+        if "LOCAL_RANK" in os.environ:
+            raise BitlabError("--nproc launches torchrun; this process already runs under torchrun: leave it out")
+        from bitlab.train.pretrain import torchrun_command
+
+        cmd = torchrun_command(sys.argv[1:], args.nproc, max_restarts=args.max_restarts)
+        print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
+        os.execv(cmd[0], cmd)  # torchrun takes this process's place (signals reach it directly)
+    from bitlab.train.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)
+                            if hasattr(args, f.name)})
+    r = pretrain(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if r.bad_images:
+        print(f"skipped {len(r.bad_images)} unreadable image(s) (listed in {r.run_dir / 'summary.json'})")
+    if not r.completed:
+        print(f"stopped at step {r.step}/{r.total_steps} ({r.stopped_by}); checkpoint {r.run_dir / 'checkpoint.pt'}; "
+              "rerun the same command to continue")
+        return 128 + signal.Signals[r.stopped_by].value if r.stopped_by in ("SIGINT", "SIGTERM") else 0
+    m = r.metrics
+    if "map" in m:
+        print(f"validation: loss {m['loss']:.4f}, precision@1 {m['prec1']:.4f}, mAP {m['map']:.4f} ({m['n']} images)")
+    elif m:
+        print(f"validation: loss {m['loss']:.4f}, top-1 {m['top1']:.4f}, top-5 {m['top5']:.4f} ({m['n']} images)")
+    print(f"{r.step} steps on {r.plan['num_examples']} images, {r.plan['num_classes']} classes; "
+          f"run directory: {r.run_dir} (final.pt, metrics.csv, summary.json)")
+    return 0
+
+
+def _shards(args: argparse.Namespace) -> int:
+    from bitlab.data import shards
+
+    written = shards.write_source(args.data, args.out, split=args.split, label_sep=args.label_sep,
+                                  classes=args.classes, shard_size=args.shard_size,
+                                  max_bytes=int(args.max_shard_mb * 1e6) if args.max_shard_mb else None,
+                                  shuffle=args.shuffle, seed=args.seed, workers=args.workers, progress=args.progress)
+    status = 0
+    for split, index in written.items():
+        kind = "multi-label" if index.multi_label else "single-label"
+        print(f"{split}: {index.num_samples} images, {len(index.classes)} classes ({kind}) in {len(index.shards)} "
+              f"shard(s) -> {index.root / shards.INDEX}")
+        if args.verify:
+            problems = shards.verify(index, progress=args.progress)
+            for problem in problems:
+                print(f"  problem: {problem}", file=sys.stderr)
+            status = status or (1 if problems else 0)
+    return status

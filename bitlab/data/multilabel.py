@@ -1,0 +1,213 @@
+"""Multi-label image sets (ImageNet-21k / JFT style: any number of labels per image).
+
+Two file forms, paths relative to the file's folder (absolute paths are kept):
+- CSV with a header: an image path column (`path`, `file` or `filename`), a `labels` (or `tags`)
+  column holding the image's labels separated by whitespace (or by `label_sep`), and an optional
+  `split` column (train / val / ...). An empty labels cell is an image with no positive label.
+- JSON lines: one object per line, `{"path": "a.jpg", "labels": ["cat", "dog"], "split": "train"}`
+  (`labels` a list of names, `split` optional).
+
+Classes are the sorted union of the labels unless a class list is given (`read_classes`: one name
+per line), which fixes the output order (e.g. the 21,843 ImageNet-21k classes) and turns an
+unknown label into an error naming its line.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from bitlab.data.datasets import ImageSet, load_source
+from bitlab.errors import BitlabError
+
+PATH_COLUMNS = ("path", "file", "filename")
+LABEL_COLUMNS = ("labels", "tags")
+MULTILABEL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+@dataclass
+class MultiLabelSet:
+    """Image files with sets of labels: `labels[i]` are the class indices (into `classes`) of `paths[i]`."""
+
+    paths: list[Path]
+    labels: list[np.ndarray]
+    classes: list[str]
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.paths) != len(self.labels):
+            raise ValueError("paths and labels differ in length")
+        self.labels = [np.asarray(x, dtype=np.int64) for x in self.labels]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> "MultiLabelSet":
+        return MultiLabelSet([self.paths[i] for i in indices], [self.labels[i] for i in indices], self.classes,
+                             self.source)
+
+    def label_counts(self) -> np.ndarray:
+        """Images per class."""
+        flat = np.concatenate(self.labels) if self.labels else np.empty(0, np.int64)
+        return np.bincount(flat, minlength=len(self.classes))
+
+    def multi_hot(self, i: int) -> np.ndarray:
+        """uint8 vector of length `len(classes)`, 1 at the labels of image `i`."""
+        out = np.zeros(len(self.classes), dtype=np.uint8)
+        out[self.labels[i]] = 1
+        return out
+
+
+def read_classes(path: str | os.PathLike) -> list[str]:
+    """A class list: one name per line (blank lines ignored); names must be unique."""
+    path = Path(path)
+    try:
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise BitlabError(f"{path}: unreadable class list ({e})") from None
+    if not names:
+        raise BitlabError(f"{path}: empty class list")
+    seen: set[str] = set()
+    for n, name in enumerate(names, start=1):
+        if name in seen:
+            raise BitlabError(f"{path}: class {name!r} listed twice (second time at entry {n})")
+        seen.add(name)
+    return names
+
+
+def is_multilabel_file(path: str | os.PathLike) -> bool:
+    """A JSON-lines file, or a CSV whose header has a `labels`/`tags` column."""
+    path = Path(path)
+    if path.suffix.lower() in MULTILABEL_SUFFIXES:
+        return True
+    if path.suffix.lower() != ".csv" or not path.is_file():
+        return False
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+    return any(c.strip() in LABEL_COLUMNS for c in header)
+
+
+def read_multilabel(path: str | os.PathLike, *, label_sep: str | None = None,
+                    classes: Sequence[str] | None = None) -> dict[str, MultiLabelSet]:
+    """A multi-label CSV or JSON-lines file -> {split: MultiLabelSet} ('all' without a split field)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BitlabError(f"{path}: no such file")
+    rows = _jsonl_rows(path) if path.suffix.lower() in MULTILABEL_SUFFIXES else _csv_rows(path, label_sep)
+    if not rows:
+        raise BitlabError(f"{path}: no rows")
+    if classes is None:
+        classes = sorted({name for _, _, names, _ in rows for name in names})
+    index = {c: i for i, c in enumerate(classes)}
+    by_split: dict[str, tuple[list[Path], list[np.ndarray]]] = {}
+    for line, file, names, split in rows:
+        unknown = [n for n in names if n not in index]
+        if unknown:
+            raise BitlabError(f"{path}, line {line}: label {unknown[0]!r} is not in the class list")
+        paths, labels = by_split.setdefault(split, ([], []))
+        paths.append(Path(file) if Path(file).is_absolute() else path.parent / file)
+        labels.append(np.array(sorted({index[n] for n in names}), dtype=np.int64))
+    return {s: MultiLabelSet(p, lab, list(classes), f"{path} [{s}]") for s, (p, lab) in by_split.items()}
+
+
+def _csv_rows(path: Path, label_sep: str | None) -> list[tuple[int, str, list[str], str]]:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            raw = list(reader)
+            columns = [c.strip() for c in reader.fieldnames or []]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise BitlabError(f"{path}: unreadable CSV ({e})") from None
+    pcol = next((c for c in PATH_COLUMNS if c in columns), None)
+    lcol = next((c for c in LABEL_COLUMNS if c in columns), None)
+    if pcol is None or lcol is None:
+        missing = "image path" if pcol is None else "labels"
+        wanted = PATH_COLUMNS if pcol is None else LABEL_COLUMNS
+        raise BitlabError(f"{path}: no {missing} column (expected one of {', '.join(wanted)}; "
+                          f"found {', '.join(columns) or 'none'})")
+    rows = []
+    for line, row in enumerate(raw, start=2):  # line 1 is the header
+        row = {(k or "").strip(): v for k, v in row.items()}
+        file = (row.get(pcol) or "").strip()
+        if not file:
+            raise BitlabError(f"{path}, line {line}: empty {pcol!r}")
+        cell = row.get(lcol) or ""
+        names = [n.strip() for n in (cell.split(label_sep) if label_sep else cell.split()) if n.strip()]
+        split = (row.get("split") or "all").strip().lower() if "split" in columns else "all"
+        rows.append((line, file, names, split))
+    return rows
+
+
+def _jsonl_rows(path: Path) -> list[tuple[int, str, list[str], str]]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BitlabError(f"{path}: unreadable file ({e})") from None
+    rows = []
+    for line, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BitlabError(f"{path}, line {line}: not JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise BitlabError(f"{path}, line {line}: expected an object with 'path' and 'labels'")
+        file = next((obj[k] for k in PATH_COLUMNS if k in obj), None)
+        if not isinstance(file, str) or not file.strip():
+            raise BitlabError(f"{path}, line {line}: missing or empty 'path'")
+        names = obj.get("labels", obj.get("tags"))
+        if not isinstance(names, list) or not all(isinstance(n, (str, int)) for n in names):
+            raise BitlabError(f"{path}, line {line}: 'labels' must be a list of class names")
+        split = str(obj.get("split") or "all").strip().lower()
+        rows.append((line, file.strip(), [str(n) for n in names], split))
+    return rows
+
+
+def random_holdout(images: MultiLabelSet, fraction: float, seed: int) -> tuple[MultiLabelSet, MultiLabelSet]:
+    """Hold out `fraction` of the images at random (seeded; at least one on each side)."""
+    if not 0 < fraction < 1:
+        raise BitlabError(f"--val-fraction must be in (0, 1), got {fraction}")
+    if len(images) < 2:
+        raise BitlabError(f"{images.source}: a validation hold-out needs at least 2 images")
+    perm = np.random.default_rng(seed).permutation(len(images))
+    k = min(len(images) - 1, max(1, round(fraction * len(images))))
+    return images.subset(sorted(perm[k:])), images.subset(sorted(perm[:k]))
+
+
+def load_labelled(spec: str | os.PathLike, *, label_sep: str | None = None,
+                  classes: Sequence[str] | None = None) -> dict[str, ImageSet | MultiLabelSet]:
+    """Any labelled image source -> {split: set}: a multi-label CSV / JSON-lines file gives
+    `MultiLabelSet`s, everything `datasets.load_source` reads gives single-label `ImageSet`s.
+
+    All splits share one class list: `classes` when given, else the training split's (`train`,
+    else `all`); a label outside it is an error naming the split.
+    """
+    if Path(str(spec)).is_file() and is_multilabel_file(spec):
+        return read_multilabel(spec, label_sep=label_sep, classes=classes)
+    splits = load_source(spec)
+    reference = list(classes) if classes is not None else (splits.get("train") or splits.get("all")
+                                                           or next(iter(splits.values()))).classes
+    return {name: relabel(s, reference) for name, s in splits.items()}
+
+
+def relabel(images: ImageSet, classes: Sequence[str]) -> ImageSet:
+    """`images` with its labels re-indexed into `classes` (every class of `images` must be there)."""
+    if list(images.classes) == list(classes):
+        return images
+    index = {c: i for i, c in enumerate(classes)}
+    used = {images.classes[i] for i in np.unique(images.labels)}
+    unknown = sorted(used - set(index))
+    if unknown:
+        raise BitlabError(f"{images.source}: class(es) {', '.join(map(repr, unknown[:5]))} are not among the "
+                          f"{len(classes)} training classes")
+    remap = np.array([index.get(c, -1) for c in images.classes], dtype=np.int64)
+    return ImageSet(images.paths, remap[images.labels], list(classes), images.source)
