@@ -365,6 +365,7 @@ def fig_mistakes(groups: Mapping[str, pd.DataFrame], root: str | Path, *, verdic
     # At least three columns, so that a group of one image is a row of a table, not a poster.
     ncols = max(1, min(ncols, max(3, *(len(g) for g in shown.values()))))
     rows = {name: math.ceil(len(g) / ncols) for name, g in shown.items()}
+
     def below(m) -> str:  # the label, and the ILSVRC names it accepts when they are other words
         accepts = getattr(m, "accepted", "")
         return _words(m.label) + (f"\n(right: {_words(accepts, 28)})" if accepts and accepts != m.label else "")
