@@ -1,10 +1,11 @@
 """`bitlab demo`: the main flow on the embedded offline sample, in about a minute on 2 cores.
 
-make-ooc on the sample -> evaluate two models on it and on the sample's original photos (the
+make-ooc on the sample -> evaluate three models on it and on the sample's original photos (the
 stand-in for the ILSVRC-2012 validation set, which does not ship) -> the report's figures.
 
-The two models: the real offline ImageNet-1k classifier, and a bitlab BiT-S-R50x1 that goes
-through the official npz format and back. No official BiT weights install offline, so the
+The models: the two real ImageNet-1k classifiers that install offline (EfficientNet-Lite0, the
+baseline on the left of the top-5 figures, and the larger Lite2), and a bitlab BiT-S-R50x1 that
+goes through the official npz format and back. No official BiT weights install offline, so the
 BiT model has random weights and is labelled so in every figure: it shows the machinery, not
 the paper's result.
 """
@@ -70,13 +71,13 @@ class DemoResult:
 
 
 def run_demo(out: Path, figures: Path, sample_dir: Path = SAMPLE_DIR) -> DemoResult:
-    """make-ooc -> evaluate (offline ImageNet model, BiT-S-R50x1 via npz) -> report."""
+    """make-ooc -> evaluate (offline ImageNet models, BiT-S-R50x1 via npz) -> report."""
     out = Path(out)
     ooc = build_demo(out / "ooc", sample_dir)  # `bitlab make-ooc` on the embedded sample
     res = DemoResult(ooc, in_context_set(ooc, out / "in_context", sample_dir))
     torch.manual_seed(0)
     npz = save_npz(create_model("BiT-S-R50x1"), out / "BiT-S-R50x1-random.npz")
-    models = [dict(model=zoo.OFFLINE_IMAGENET_MODEL),
+    models = [dict(model=name) for name in zoo.OFFLINE_MODELS] + [
               dict(model="BiT-S-R50x1", pretrained=str(npz), image_size=BIT_DEMO_SIZE, label=BIT_DEMO_LABEL,
                    pretraining_data="none (random weights)")]
     dirs = []

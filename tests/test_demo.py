@@ -18,12 +18,14 @@ def test_demo_runs_the_main_flow_and_leaves_figures(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"the figures are in {tmp_path / 'figures'}" in printed
     for stem in ("fig12_left_top5", "fig13_top5", "fig12_right_val_vs_ooc",
-                 "backgrounds_efficientnet_lite0.offline_in1k", "backgrounds_BiT-S-R50x1-random-weights"):
+                 "backgrounds_efficientnet_lite0.offline_in1k", "backgrounds_efficientnet_lite2.offline_in1k",
+                 "backgrounds_BiT-S-R50x1-random-weights"):
         assert_real_figure(tmp_path / "figures" / f"{stem}.png")
         assert f"{tmp_path / 'figures' / stem}.png" in printed
     results = tmp_path / "demo_out" / "results"
-    real = json.loads((results / "efficientnet_lite0.offline_in1k_val" / "summary.json").read_text())
-    assert real["top1"] == 1.0  # the real model knows the sample's photos in their own context
+    for real in ("efficientnet_lite0.offline_in1k", "efficientnet_lite2.offline_in1k"):
+        summary = json.loads((results / f"{real}_val" / "summary.json").read_text())
+        assert summary["top1"] == 1.0  # the real models know the sample's photos in their own context
     bit = json.loads((results / "BiT-S-R50x1-random-weights_ooc" / "summary.json").read_text())
     assert bit["model"]["pretraining_data"] == "none (random weights)"
     manifest = (tmp_path / "demo_out" / "ooc" / "manifest.csv").read_text().strip().splitlines()

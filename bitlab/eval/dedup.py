@@ -185,7 +185,7 @@ class ModelEmbedding(Embedding):
     def __init__(self, name: str, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> None:
         from bitlab.models import create_model
 
-        if weights is None and name != zoo.OFFLINE_IMAGENET_MODEL:
+        if weights is None and name not in zoo.OFFLINE_MODELS:
             log.warning("%s without weights= has random weights: its embeddings find no real duplicates", name)
         self.spec = f"model:{name}"
         self.weights = None if weights is None else Path(weights)

@@ -68,7 +68,7 @@ def pretraining_data(cfg: EvaluateConfig) -> str:
     """The pre-training data to show in legends: given, or known from the model name and weights."""
     if cfg.pretraining_data:
         return cfg.pretraining_data
-    if cfg.model == zoo.OFFLINE_IMAGENET_MODEL:
+    if cfg.model in zoo.OFFLINE_MODELS:
         return "ILSVRC-2012"
     if cfg.pretrained is None:  # create_model never downloads: no file, no training
         return "none (random weights)"

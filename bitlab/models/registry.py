@@ -7,7 +7,8 @@ Names accepted by `create_model`:
   tiny CPU model for tests and demos (not in the paper);
 - the paper's Table 4-5 ablations as suffixes: `R50x1-bn` (BatchNorm + WS), `R50x1-plain`
   (GroupNorm + plain conv), `R50x1-bn-plain` (BatchNorm + plain conv); or `norm=`/`conv=` arguments;
-- `efficientnet_lite0.offline_in1k`: the real ImageNet-1k classifier that installs offline;
+- `efficientnet_lite0.offline_in1k`, `efficientnet_lite2.offline_in1k`: real ImageNet-1k
+  classifiers that install offline;
 - any other name is handed to `timm.create_model`.
 """
 from __future__ import annotations
@@ -94,7 +95,7 @@ def list_models(include_ablations: bool = False) -> list[str]:
     names = official_names() + [f"BiT-M-{a}-ILSVRC2012" for a in zoo.BIT_ARCHS] + list(ARCHITECTURES)
     if include_ablations:
         names += [a + s for a in ARCHITECTURES for s in ABLATIONS if s]
-    return names + [zoo.OFFLINE_IMAGENET_MODEL]
+    return names + list(zoo.OFFLINE_MODELS)
 
 
 def create_model(
@@ -134,10 +135,10 @@ def create_model(
         model.data_config = DataConfig(input_size=image_size or spec.resolution)
         model.model_name = name
         return model
-    if name == zoo.OFFLINE_IMAGENET_MODEL:
+    if name in zoo.OFFLINE_MODELS:
         if num_classes not in (None, 1000):
             raise BitlabError(f"{name} is a 1000-class ImageNet model; num_classes={num_classes} is not supported")
-        model = zoo.offline_imagenet_model()
+        model = zoo.offline_model(name)
         if pretrained is not None:
             checkpoints.load_weights(model, pretrained)
     else:

