@@ -66,7 +66,11 @@ def test_ddp_two_processes_equal_one(tiny_digits, tmp_path):
                           "-m", "bitlab", "finetune", *common, "--out", str(tmp_path / "ddp")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = subprocess.run([sys.executable, "-m", "bitlab", "finetune", *common, "--out", str(tmp_path / "one")],
+    # Same global batch of 8, split the same way as the 2 ranks split it (2 x 4): DDP's averaged
+    # all-reduce is then the same sum as accumulating 2 micro-batches (here bit for bit). Against
+    # one unsplit batch of 8 the weights differ by float rounding alone (~2e-6 after 4 steps).
+    single = subprocess.run([sys.executable, "-m", "bitlab", "finetune", *common, "--batch-split", "2",
+                             "--out", str(tmp_path / "one")],
                             env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     a, _ = read_state_dict(tmp_path / "ddp" / "final.pt")
