@@ -352,7 +352,7 @@ class TrainImages(Dataset):
         for attempt in range(MAX_SUBSTITUTES):
             i = (index + attempt) % len(self.images)
             try:
-                img = decode_image(self.images.paths[i])
+                img = decode_image(self.images.paths[i], min_side=self.aug.resize)
             except BadImageError as e:
                 bad.append(str(e))
                 if not self.skip_bad:
@@ -373,7 +373,7 @@ class EvalImages(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            img = decode_image(self.images.paths[i])
+            img = decode_image(self.images.paths[i], min_side=self.crop)
         except BadImageError as e:
             return None, -1, (str(e),)
         return to_chw_tensor(square_eval_image(img, self.crop)), int(self.images.labels[i]), ()

@@ -4,8 +4,9 @@ Workers return uint8 CHW tensors (4x less to move between processes than float32
 float conversion and normalisation happen once per batch with `normalize` (on the GPU when
 there is one). BiT models take RGB in [-1, 1], i.e. mean = std = 0.5.
 
-Resizing uses INTER_AREA when shrinking (anti-aliased, like PIL's bilinear resize that the
-official code uses through torchvision) and INTER_LINEAR when enlarging.
+Shrinking is anti-aliased (like PIL's bilinear resize that the official code uses through
+torchvision): JPEGs are decoded at 1/2, 1/4 or 1/8 size when the next resize allows it, then
+halved with a Gaussian pyramid and finished bilinearly (see `resize`); enlarging is bilinear.
 """
 from __future__ import annotations
 
@@ -50,20 +51,71 @@ class DataConfig:
         return asdict(self)
 
 
-def decode_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as RGB uint8 HxWx3; grey and RGBA inputs are converted."""
+def decode_image(path: str | os.PathLike, min_side: int | None = None) -> np.ndarray:
+    """Read an image file as RGB uint8 HxWx3; grey and RGBA inputs are converted.
+
+    `min_side`: the caller only needs an image whose shorter side is at least this many pixels
+    (it resizes down to it next). A JPEG that large by 2, 4 or 8 times is then decoded at that
+    fraction directly (libjpeg's DCT scaling): 2-4x less decoding for the usual downscales, with
+    the result anti-aliased like INTER_AREA. Other formats are decoded whole.
+    """
     data = np.fromfile(path, dtype=np.uint8) if Path(path).is_file() else None
     if data is None:
         raise BadImageError(f"{path}: no such image file")
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    flag = cv2.IMREAD_COLOR
+    if min_side and (size := jpeg_size(data)):
+        flag = _REDUCED.get(_reduction(size, min_side), cv2.IMREAD_COLOR)
+    img = cv2.imdecode(data, flag) if data.size else None
     if img is None:
         raise BadImageError(f"{path}: cannot decode image (corrupt or not an image)")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+_REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+# Start-of-frame markers (baseline, progressive, lossless...): their segment holds height and width.
+_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def jpeg_size(data: np.ndarray) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's frame header, or None if `data` is not a readable JPEG."""
+    buf = data.tobytes()[:1 << 16] if data.size > 1 << 16 else data.tobytes()
+    if buf[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 < len(buf):
+        if buf[i] != 0xFF:
+            return None
+        marker = buf[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        length = (buf[i + 2] << 8) | buf[i + 3]
+        if marker in _SOF:
+            return (buf[i + 5] << 8) | buf[i + 6], (buf[i + 7] << 8) | buf[i + 8]
+        i += 2 + length
+    return None
+
+
+def _reduction(size: tuple[int, int], min_side: int) -> int:
+    """The largest of 8, 4, 2 that keeps the shorter side at least `min_side` (1 if none)."""
+    shorter = min(size)
+    return next((r for r in (8, 4, 2) if -(-shorter // r) >= min_side), 1)
+
+
 def resize(img: np.ndarray, width: int, height: int) -> np.ndarray:
-    shrinking = width * height < img.shape[0] * img.shape[1]
-    return cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    """Resize to `width` x `height`, anti-aliased when shrinking.
+
+    Shrinking halves the image with `cv2.pyrDown` (a 5x5 Gaussian, then every other pixel) while
+    it is at least twice the target both ways, then finishes bilinearly (under 2x, bilinear
+    sampling does not alias). That is 5-10x faster than INTER_AREA on the CPU for the same
+    anti-aliasing; INTER_AREA remains for the rare image still 2x too large one way only.
+    """
+    while img.shape[1] >= 2 * width and img.shape[0] >= 2 * height:
+        img = cv2.pyrDown(img)
+    if img.shape[1] == width and img.shape[0] == height:
+        return img
+    lopsided = img.shape[1] >= 2 * width or img.shape[0] >= 2 * height
+    return cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA if lopsided else cv2.INTER_LINEAR)
 
 
 def resize_shorter(img: np.ndarray, size: int) -> np.ndarray:
@@ -78,11 +130,16 @@ def center_crop(img: np.ndarray, size: int) -> np.ndarray:
     return img[top:top + size, left:left + size]
 
 
+def eval_min_side(cfg: DataConfig) -> int:
+    """The shorter side `eval_image` resizes to: what `decode_image(min_side=)` may decode down to."""
+    return cfg.input_size if cfg.crop_pct >= 1.0 else int(cfg.input_size / cfg.crop_pct)
+
+
 def eval_image(img: np.ndarray, cfg: DataConfig) -> np.ndarray:
     """The evaluation view of an RGB image at `cfg`'s resolution (uint8 HxWx3)."""
     if cfg.crop_pct >= 1.0:
         return resize(img, cfg.input_size, cfg.input_size)
-    return center_crop(resize_shorter(img, int(cfg.input_size / cfg.crop_pct)), cfg.input_size)
+    return center_crop(resize_shorter(img, eval_min_side(cfg)), cfg.input_size)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from bitlab.data.transforms import DataConfig, decode_image, eval_image, normalize, to_chw_tensor
+from bitlab.data.transforms import DataConfig, decode_image, eval_image, eval_min_side, normalize, to_chw_tensor
 
 
 class EvalImages(Dataset):
@@ -30,7 +30,7 @@ class EvalImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return to_chw_tensor(eval_image(decode_image(self.paths[i]), self.cfg))
+        return to_chw_tensor(eval_image(decode_image(self.paths[i], eval_min_side(self.cfg)), self.cfg))
 
 
 @dataclass
