@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import signal
 import sys
+
+from bitlab.cli.train import add_running_args, config_from_args
 
 HELP_DATA = ("ImageFolder DIR (train/<class>/, val/<class>/), a folder of class folders, a CSV of path,label[,split], "
              "a multi-label CSV (path,labels[,split]) or JSON lines ({path, labels, split}), a shard set "
@@ -49,21 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--nproc", type=int, metavar="N", help="launch N processes on this machine through torchrun")
     g.add_argument("--max-restarts", type=int, default=0, metavar="K",
                    help="with --nproc: restart the job up to K times when a worker dies (resumes from the checkpoint)")
-    g.add_argument("--eval-every", type=int, default=0, metavar="STEPS", help="validate every N steps (and at the end)")
-    g.add_argument("--checkpoint-every", type=int, default=1000, metavar="STEPS", help="checkpoint every N steps")
-    g.add_argument("--log-every", type=int, default=50, metavar="STEPS", help="training metrics every N steps")
-    g.add_argument("--eval-batch-size", type=int, help="validation batch per process (default: the micro-batch)")
-    g.add_argument("--workers", type=int, help="data loading processes per rank (default: the CPU cores)")
-    g.add_argument("--device", help="cpu, cuda (default: cuda when available; torchrun ranks use their local GPU)")
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast (default: bf16 on GPU, fp32 on CPU)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels-last memory format (default: on for GPU)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--skip-bad-images", action="store_true", help="replace unreadable images (listed in summary.json)")
+    add_running_args(g, checkpoint_every=1000, log_every=50,
+                     skip_help="replace unreadable images (listed in summary.json)")
     g.add_argument("--no-resume", dest="resume", action="store_false",
                    help="refuse to continue an existing checkpoint (default: resume it)")
-    g.add_argument("--stop-after", type=int, metavar="STEPS", help="stop with a checkpoint after N steps")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_pretrain)
 
     p = sub.add_parser("shards", help="pack an image data set into WebDataset-format tar shards",
@@ -97,9 +87,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         os.execv(cmd[0], cmd)  # torchrun takes this process's place (signals reach it directly)
     from bitlab.train.pretrain import PretrainConfig, pretrain
 
-    cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)
-                            if hasattr(args, f.name)})
-    r = pretrain(cfg)
+    r = pretrain(config_from_args(PretrainConfig, args))
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     if r.bad_images:

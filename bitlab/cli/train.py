@@ -60,23 +60,32 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flips (e.g. text, digits)")
 
     g = p.add_argument_group("running")
+    add_running_args(g, checkpoint_every=100, log_every=10,
+                     skip_help="skip unreadable images (counted in summary.json)")
+    g.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+
+
+def add_running_args(g: argparse._ArgumentGroup, *, checkpoint_every: int, log_every: int, skip_help: str) -> None:
+    """How a training run runs (shared by finetune and pretrain; the loop's and the device's knobs)."""
     g.add_argument("--eval-every", type=int, default=0, metavar="STEPS", help="evaluate every N steps (and at the end)")
-    g.add_argument("--checkpoint-every", type=int, default=100, metavar="STEPS", help="checkpoint every N steps")
-    g.add_argument("--log-every", type=int, default=10, metavar="STEPS", help="training metrics every N steps")
-    g.add_argument("--eval-batch-size", type=int, help="evaluation batch (default: the micro-batch)")
-    g.add_argument("--workers", type=int, help="data loading processes (default: the CPU cores)")
-    g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    g.add_argument("--checkpoint-every", type=int, default=checkpoint_every, metavar="STEPS",
+                   help=f"checkpoint every N steps (default {checkpoint_every})")
+    g.add_argument("--log-every", type=int, default=log_every, metavar="STEPS",
+                   help=f"training metrics every N steps (default {log_every})")
+    g.add_argument("--eval-batch-size", type=int, help="evaluation batch per process (default: the micro-batch)")
+    g.add_argument("--workers", type=int, help="data loading processes per process (default: the CPU cores)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available; torchrun ranks use their local GPU)")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast (default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format (default: on for GPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted in summary.json)")
-    g.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    g.add_argument("--skip-bad-images", action="store_true", help=skip_help)
     g.add_argument("--stop-after", type=int, metavar="STEPS", help="stop with a checkpoint after N steps")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
-def _config(cls, args: argparse.Namespace):
+def config_from_args(cls, args: argparse.Namespace):
+    """The command's config dataclass, filled from the flags of the same names."""
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
 
 
@@ -120,13 +129,13 @@ def _report(result) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     from bitlab.train.finetune import FinetuneConfig, finetune
 
-    return _report(finetune(_config(FinetuneConfig, args)))
+    return _report(finetune(config_from_args(FinetuneConfig, args)))
 
 
 def _fewshot(args: argparse.Namespace) -> int:
     from bitlab.train.finetune import FewShotConfig, fewshot
 
-    out = fewshot(_config(FewShotConfig, args))
+    out = fewshot(config_from_args(FewShotConfig, args))
     if out["stopped"] is not None:
         return _report(out["stopped"])
     print(f"{'K':>4} {'runs':>4} {'top-1 median':>12} {'min':>7} {'max':>7} {'std':>7}")

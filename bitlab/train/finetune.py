@@ -30,8 +30,8 @@ from bitlab.data.transforms import BadImageError, TrainAugment, normalize
 from bitlab.errors import BitlabError
 from bitlab.models import checkpoints, registry
 from bitlab.train import distributed as D
-from bitlab.train.loop import (LoopConfig, LoopResult, MicroBatches, autocast, check_resume_settings, run,
-                               write_config)
+from bitlab.train.loop import (LoopConfig, LoopResult, MicroBatches, autocast, check_resume_settings,
+                               device_defaults, run, write_config)
 
 log = logging.getLogger(__name__)
 
@@ -258,9 +258,7 @@ def finetune(cfg: FinetuneConfig, dist: D.DistInfo | None = None) -> FinetuneRes
 
 
 def _finetune(cfg: FinetuneConfig, run_dir: Path, dist: D.DistInfo) -> FinetuneResult:
-    on_gpu = dist.device.type == "cuda"
-    precision = cfg.precision or ("bf16" if on_gpu else "fp32")
-    channels_last = on_gpu if cfg.channels_last is None else cfg.channels_last
+    precision, channels_last = device_defaults(dist.device, cfg.precision, cfg.channels_last)
     workers = datasets.default_workers() if cfg.workers is None else cfg.workers
     if cfg.batch_split < 1:
         raise BitlabError(f"--batch-split must be at least 1, got {cfg.batch_split}")

@@ -326,6 +326,12 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 
 # ----------------------------------------------------------------------------- the loop
+def device_defaults(device: torch.device, precision: str | None, channels_last: bool | None) -> tuple[str, bool]:
+    """bf16 autocast and channels-last on a GPU, fp32 and the default layout on a CPU, unless asked."""
+    on_gpu = device.type == "cuda"
+    return precision or ("bf16" if on_gpu else "fp32"), on_gpu if channels_last is None else channels_last
+
+
 def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()

@@ -59,8 +59,8 @@ from bitlab.data.transforms import (
 from bitlab.errors import BitlabError
 from bitlab.models import ResNetV2, registry
 from bitlab.train import distributed as D
-from bitlab.train.loop import (LoopConfig, LoopResult, MicroBatches, autocast, check_resume_settings, run,
-                               write_config)
+from bitlab.train.loop import (LoopConfig, LoopResult, MicroBatches, autocast, check_resume_settings,
+                               device_defaults, run, write_config)
 
 log = logging.getLogger(__name__)
 
@@ -691,9 +691,7 @@ def pretrain(cfg: PretrainConfig, dist: D.DistInfo | None = None) -> PretrainRes
 
 
 def _pretrain(cfg: PretrainConfig, run_dir: Path, dist: D.DistInfo) -> PretrainResult:
-    on_gpu = dist.device.type == "cuda"
-    precision = cfg.precision or ("bf16" if on_gpu else "fp32")
-    channels_last = on_gpu if cfg.channels_last is None else cfg.channels_last
+    precision, channels_last = device_defaults(dist.device, cfg.precision, cfg.channels_last)
     workers = datasets.default_workers() if cfg.workers is None else cfg.workers
     micro_steps = micro_batches(cfg.batch_size, dist.world_size, cfg.batch_split, cfg.device_batch)
     micro = D.per_rank_batch(cfg.batch_size, micro_steps, dist)
