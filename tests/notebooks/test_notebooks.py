@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
 
 from bitlab.paths import FIGURES_DIR, REPO_ROOT
 from tests.fixtures.figures import assert_real_figure
@@ -73,26 +71,20 @@ def _has(img, rgb, tol: int = 12, pixels: int = 200) -> bool:
     return bool((np.abs(img.astype(int) - np.array(rgb)).max(-1) <= tol).sum() > pixels)
 
 
-def run_notebook(name: str, **params) -> nbformat.NotebookNode:
-    """Execute a notebook as papermill does: a cell after the `parameters` cell overrides them."""
-    nb = _load(name)
-    # The kernel must be this interpreter (the project's venv), not whatever `python3` is on PATH.
-    lines = [f"{k} = {v!r}" for k, v in params.items()]
-    lines.append(f"import sys; assert sys.prefix == {sys.prefix!r}, sys.prefix")
-    # One intra-op thread, as in tests/train: `make test` runs two workers on two cores, and
-    # oversubscribed OpenMP threads spin-wait.
-    lines.append("import torch; torch.set_num_threads(1)")
-    at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
-    injected = nbformat.v4.new_code_cell("\n".join(lines), metadata={"tags": ["injected-parameters"]})
-    nb.cells.insert(at + 1, injected)
-    NotebookClient(nb, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
-    return nb
+def run_notebook(name: str, out_dir, **params) -> nbformat.NotebookNode:
+    """Execute a notebook with papermill (the parameters go in a cell after the `parameters` cell),
+    in a real kernel: jupyter_client starts `python3` kernels with this interpreter (the venv's)."""
+    import papermill
+
+    out = out_dir / f"{name}.ipynb"
+    papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(out), parameters=params,
+                               kernel_name="python3", cwd=str(NOTEBOOKS), progress_bar=False)
+    return nbformat.read(out, as_version=4)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FIGURES))
-def test_notebook_runs_on_the_offline_sample(name, tmp_path):
+def test_notebook_runs_on_the_offline_sample(name, tmp_path, monkeypatch):
     for stale in FIGURES_DIR.glob(f"{name}_*"):
         stale.unlink()  # a figure from an earlier run must not pass for this one
     params = {"WORK": str(tmp_path / "work")}
@@ -107,7 +99,10 @@ def test_notebook_runs_on_the_offline_sample(name, tmp_path):
                            + "".join(f"{image.format(bg)},{r},{v},rocket,x\n" for bg, r, v in rows))
         params["RATINGS"] = str(ratings)
     start = time.perf_counter()
-    nb = run_notebook(name, **params)
+    # One intra-op thread in the kernel, as in tests/train: `make test` runs two workers on two
+    # cores, and oversubscribed OpenMP threads spin-wait.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    nb = run_notebook(name, tmp_path, **params)
     elapsed = time.perf_counter() - start
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
@@ -131,8 +126,8 @@ def test_notebook_runs_on_the_offline_sample(name, tmp_path):
 
 def test_notebook_errors_fail_the_run(tmp_path):
     """A failing cell fails the test run (what makes CI catch a broken notebook)."""
-    from nbclient.exceptions import CellExecutionError
+    from papermill.exceptions import PapermillExecutionError
 
-    with pytest.raises(CellExecutionError, match="no such folder"):
-        run_notebook("duplicates", WORK=str(tmp_path), UPSTREAM=str(tmp_path / "nowhere"),
+    with pytest.raises(PapermillExecutionError, match="no such folder"):
+        run_notebook("duplicates", tmp_path, WORK=str(tmp_path), UPSTREAM=str(tmp_path / "nowhere"),
                      DOWNSTREAM=str(tmp_path / "nowhere"))
