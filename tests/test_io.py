@@ -48,3 +48,22 @@ def test_zip_extraction_refuses_escaping_members(tmp_path):
     assert not (tmp_path / "evil.png").exists() and not (out / "good").exists()  # checked before writing
     with pytest.raises(io.BitlabError, match="missing member"):
         io.extract_zip_members(archive, out, ["nope.png"])
+
+
+def test_write_bytes_is_atomic_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    target = tmp_path / "sub" / "a.bin"
+    io.write_bytes(target, b"old", fsync=False)  # creates the folder
+    real_write = io.os.write
+
+    def failing_write(fd, data):
+        real_write(fd, bytes(data[:1]))
+        raise OSError("disk full")
+
+    monkeypatch.setattr(io.os, "write", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        io.write_bytes(target, b"new contents")
+    monkeypatch.undo()
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in target.parent.iterdir()] == ["a.bin"]
+    io.write_bytes(target, b"x" * 3_000_000)  # large writes loop until every byte is out
+    assert target.stat().st_size == 3_000_000
