@@ -179,3 +179,22 @@ def test_write_config(tmp_path):
 
     path = loop.write_config(tmp_path / "run", Cfg(b=[1, 2]))
     assert json.loads(Path(path).read_text()) == {"a": 1, "b": [1, 2]}
+
+
+def test_metrics_go_to_jsonl_csv_and_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from bitlab.train.loop import MetricsWriter, read_metrics
+
+    writer = MetricsWriter(tmp_path)
+    writer.write({"step": 1, "split": "train", "loss": 2.5, "lr": 0.1})
+    writer.write({"step": 2, "split": "train", "loss": 1.5, "lr": 0.05})
+    writer.write({"step": 2, "split": "val", "top1": 0.75})  # a new column: the CSV is rewritten
+    writer.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 2]
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines[0].split(",") == ["step", "split", "loss", "lr", "top1"] and len(lines) == 4
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 2.5), (2, 1.5)]
+    assert [(e.step, e.value) for e in events.Scalars("val/top1")] == [(2, 0.75)]
