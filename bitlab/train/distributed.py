@@ -97,8 +97,13 @@ def session(device: str | torch.device | None, info: DistInfo | None = None) -> 
     info = setup(device)
     try:
         yield info
-    finally:
-        teardown(info)
+    except BaseException:
+        teardown(info)  # no barrier here: the other ranks may never reach one
+        raise
+    # Leave together: a rank that tears down and exits while another still finishes its last
+    # writes can make Gloo's connection threads abort the slower process at exit.
+    barrier(info)
+    teardown(info)
 
 
 T = TypeVar("T")

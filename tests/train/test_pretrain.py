@@ -90,6 +90,13 @@ def torchrun(args: list[str], nproc: int = 2, timeout: float = TIMEOUT) -> subpr
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
+def error_messages(stderr: str) -> list[str]:
+    """Each rank's `bitlab pretrain: error: ...` message. Ranks share one stderr pipe, so two
+    messages can land on one line; split on the marker rather than on lines."""
+    marker = "bitlab pretrain: error:"
+    return [marker + part.split("\n", 1)[0] for part in stderr.split(marker)[1:]]
+
+
 def assert_same_weights(a: Path, b: Path, exact: bool = False) -> None:
     wa, _ = read_state_dict(a / "final.pt")
     wb, _ = read_state_dict(b / "final.pt")
@@ -271,7 +278,7 @@ def test_unreadable_image_stops_every_rank_with_its_name(tree, tmp_path):
     t0 = time.monotonic()
     job = torchrun([*COMMON, "--data", str(data), "--out", str(tmp_path / "run")])
     assert job.returncode != 0 and time.monotonic() - t0 < TIMEOUT
-    errors = [line for line in job.stderr.splitlines() if "bitlab pretrain: error:" in line]
+    errors = error_messages(job.stderr)
     assert len(errors) == 2, job.stderr[-3000:]  # both ranks stopped, each saying why
     for line in errors:
         assert "cannot read training data, stopping every rank" in line and str(bad) in line
@@ -287,7 +294,7 @@ def test_nan_stops_every_rank_and_keeps_the_last_good_checkpoint(tree, tmp_path)
     args = [*COMMON, "--data", str(tree), "--out", str(out), "--base-lr", "1e6", "--checkpoint-every", "1",
             "--warmup-steps", "24"]
     job = torchrun(args)
-    errors = [line for line in job.stderr.splitlines() if "bitlab pretrain: error:" in line]
+    errors = error_messages(job.stderr)
     assert job.returncode != 0 and len(errors) == 2, job.stderr[-3000:]
     step = int(errors[0].split(" at step ")[1].split(":")[0])
     assert all("not finite" in e or "loss is nan" in e for e in errors)
