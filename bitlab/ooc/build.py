@@ -22,6 +22,7 @@ How it stays correct and fast:
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -78,7 +79,7 @@ class MakeOOCConfig:
     erode: int = 0  # shrink the mask by this many output px before pasting
     seed: int = 0  # used by placement='random' only
     format: str = "png"  # compose.FORMATS: png (lossless) | jpg (lossy; faster and smaller)
-    png: str = "fast"  # compose.PNG_SETTINGS: fast | default | small (all lossless)
+    png: str = "fast"  # compose.PNG_SETTINGS: fast | opencv | small (all lossless)
     jpeg_quality: int = 95
     workers: int = 0  # threads; 0 = one per core
     skip_bad: bool = False  # drop unusable inputs (and report them) instead of stopping
@@ -345,7 +346,7 @@ def _compose_all(cfg: MakeOOCConfig, out: Path, todo: Sequence[_Job], cutouts: d
             bg, bg_side = squares[j.bg.uid]
             x, y = compose.paste_position(cfg.size, cut.size, cfg.placement, key=f"{cfg.seed}:{j.fg.uid}:{j.bg.uid}")
             img = compose.composite(bg, cut, (x, y))
-            data = compose.encode(img, cfg.format, png=cfg.png, jpeg_quality=cfg.jpeg_quality)
+            data = compose.encode(img, cfg.format, png_setting=cfg.png, jpeg_quality=cfg.jpeg_quality)
             # No fsync per image: the rename is atomic, and a re-run re-checks each file's sha256.
             io.write_bytes(out / j.file, data, fsync=False)
             vb = visible[j.fg.uid]
@@ -455,7 +456,7 @@ def _dataset_json(cfg: MakeOOCConfig, inp: _Inputs, jobs: Sequence[_Job], comman
         "inputs": inp.inputs,
         "upstream_md5": UPSTREAM_MD5,
         "versions": {"python": platform.python_version(), "numpy": np.__version__, "opencv": cv2.__version__,
-                     "encoding": cfg.encoding},
+                     "isal": importlib.metadata.version("isal"), "encoding": cfg.encoding},
         "skipped": inp.problems,
         "manifest_sha256": manifest_sha256,
     }

@@ -22,18 +22,18 @@ import cv2
 import numpy as np
 
 from bitlab.errors import BitlabError
+from bitlab.ooc import png
 
-# PNG output. Photos gain little from zlib's LZ77 search; its cost dominates the build. On 512 px
-# composites (benchmarks/RESULTS.md, "make-ooc"): 'fast' (AVG row filter, Huffman-only coding)
-# encodes ~2x faster than OpenCV's default (level 1, adaptive filters) for files ~15% larger;
-# 'small' (level 9) makes them ~20% smaller at ~30x the time. All are lossless.
-PNG_SETTINGS = {
-    "fast": [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY],
-    "default": [cv2.IMWRITE_PNG_COMPRESSION, 1],
+# --png: how PNG output is encoded (all lossless: the manifest's pixel_sha256 is the same for each).
+# 'fast' (default) is bitlab's writer (png.py: Up filter + ISA-L deflate), ~3x faster than OpenCV's
+# fastest setting for files as small as OpenCV's default (benchmarks/RESULTS.md, "make-ooc");
+# 'opencv' is OpenCV's default (level 1, adaptive filters); 'small' is OpenCV at level 9, ~10%
+# smaller at ~15x the time of 'opencv'.
+PNG_SETTINGS: dict[str, list] = {
+    "fast": ["bitlab-png", "up", "isal", png.LEVEL],
+    "opencv": [cv2.IMWRITE_PNG_COMPRESSION, 1],
     "small": [cv2.IMWRITE_PNG_COMPRESSION, 9],
 }
-if hasattr(cv2, "IMWRITE_PNG_FILTER"):  # OpenCV >= 4.10
-    PNG_SETTINGS["fast"] += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_AVG]
 
 # PNG is lossless (the default: pixels are exactly the composite). JPEG encodes ~10x faster and
 # is ~4x smaller at quality 95, at the price of compression artefacts on the pasted edges.
@@ -186,11 +186,13 @@ def composite(background: np.ndarray, cutout: Cutout, xy: tuple[int, int]) -> np
     return out
 
 
-def encode(img: np.ndarray, fmt: str = "png", *, png: str = "fast", jpeg_quality: int = 95) -> bytes:
-    """Encode a BGR image as PNG (lossless; `png` picks the speed/size setting) or JPEG."""
+def encode(img: np.ndarray, fmt: str = "png", *, png_setting: str = "fast", jpeg_quality: int = 95) -> bytes:
+    """Encode a BGR image as PNG (lossless; `png_setting` picks the speed/size trade-off) or JPEG."""
     if fmt not in FORMATS:
         raise BitlabError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    params = PNG_SETTINGS[png] if fmt == "png" else [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]
+    if fmt == "png" and png_setting == "fast":
+        return png.encode_bgr(img)
+    params = PNG_SETTINGS[png_setting] if fmt == "png" else [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]
     ok, buf = cv2.imencode(f".{fmt}", img, params)
     if not ok:
         raise BitlabError(f"OpenCV could not encode a {fmt.upper()} image")
