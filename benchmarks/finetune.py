@@ -180,7 +180,7 @@ def gpu(root: Path, model_name: str, workers: int) -> list[dict]:
     return out
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--workers", type=int, default=datasets.default_workers())
@@ -188,7 +188,11 @@ def main() -> None:
     ap.add_argument("--part", choices=["all", "pipeline", "training", "gpu"], default="all")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     ap.add_argument("--json", help="also write the results here")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     n_files, images, rounds, steps = (96, 96, 1, 4) if args.quick else (256, 384, 3, 6)

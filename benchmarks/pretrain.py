@@ -229,7 +229,7 @@ def gpu(batch: int, crop: int, steps: int, rounds: int, workers: int, dev: torch
     return row
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["cpu", "gpu"], default="cpu")
     ap.add_argument("--rounds", type=int, default=3)
@@ -239,7 +239,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 16), help="end-to-end loader workers")
     ap.add_argument("--device", default="cuda", help="gpu part: the device (cpu only to smoke-test this script)")
     ap.add_argument("--json", help="also write the result here")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.part == "cpu":
         row = cpu(args.rounds, args.steps or 30, args.batch or 32, args.crop or 64)
     else:

@@ -198,3 +198,76 @@ def test_metrics_go_to_jsonl_csv_and_tensorboard(tmp_path):
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 2.5), (2, 1.5)]
     assert [(e.step, e.value) for e in events.Scalars("val/top1")] == [(2, 0.75)]
+
+
+def test_device_defaults_bf16_and_channels_last_on_gpus_only():
+    assert loop.device_defaults(torch.device("cuda", 0), None, None) == ("bf16", True)
+    assert loop.device_defaults(torch.device("cpu"), None, None) == ("fp32", False)
+    assert loop.device_defaults(torch.device("cuda", 0), "fp16", False) == ("fp16", False)  # what the user asks wins
+    assert loop.device_defaults(torch.device("cpu"), "bf16", True) == ("bf16", True)
+
+
+# Run by torchrun on 2 ranks: counts DDP's gradient all-reduces (a comm hook on each bucket) for one
+# unsplit batch and for 4 micro-batches per step; with no_sync() on the inner micro-steps both count
+# the same, without it the split run would all-reduce 4 times per step.
+_COUNT_ALLREDUCES = '''
+import json, sys
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from bitlab.train import distributed as D, loop
+
+calls = []
+
+def counting_wrap(model, info):
+    net = D.wrap_model(model, info)
+    net.register_comm_hook(None, lambda state, bucket: calls.append(1) or allreduce_hook(state, bucket))
+    return net
+
+loop.wrap_model = counting_wrap
+
+class Stream:
+    def __init__(self, split):
+        self.split = split
+    def steps(self, start):
+        step = start
+        while True:
+            g = torch.Generator().manual_seed(step)
+            x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+            yield [(x[i * 8 // self.split:(i + 1) * 8 // self.split], y[i * 8 // self.split:(i + 1) * 8 // self.split])
+                   for i in range(self.split)]
+            step += 1
+
+counts = {}
+with D.session("cpu") as info:
+    for split in (1, 4):
+        calls.clear()
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+        loop.run(net, make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1), data=Stream(split),
+                 lr_at=lambda s: 0.1, loss_fn=F.cross_entropy, run_dir=f"{sys.argv[1]}/split{split}",
+                 config=loop.LoopConfig(total_steps=3, progress=False), dist=info)
+        counts[split] = len(calls)
+    if info.is_main:
+        with open(f"{sys.argv[1]}/counts.json", "w") as f:
+            json.dump(counts, f)
+'''
+
+
+def test_accumulation_all_reduces_gradients_once_per_step(tmp_path):
+    import subprocess
+    import sys
+
+    from bitlab.paths import REPO_ROOT
+
+    script = tmp_path / "count_allreduces.py"
+    script.write_text(_COUNT_ALLREDUCES)
+    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    counts = json.loads((tmp_path / "counts.json").read_text())
+    assert counts["1"] >= 3  # at least one bucket all-reduced per step: the hook sees them
+    assert counts["4"] == counts["1"]  # 4 micro-batches, still one all-reduce per step
