@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset-size", type=int, required=True, metavar="N", help="training examples actually used")
     p.add_argument("--image-size", type=int, nargs=2, required=True, metavar=("H", "W"), help="typical image size")
     p.add_argument("--batch-size", type=int, default=512, help="global batch (default 512, the rule's)")
-    p.add_argument("--base-lr", type=float, default=0.003, help="lr at batch 512 (default 0.003)")
+    p.add_argument("--base-lr", type=float, default=0.003,
+                   help="peak lr (default 0.003, the rule's at batch 512; not scaled with the batch, as officially)")
     p.add_argument("--scale-schedule", action="store_true", help="scale step counts by 512/batch (not official)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_hyperrule)

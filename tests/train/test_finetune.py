@@ -235,6 +235,11 @@ def test_hyperrule_cli(capsys):
     code, out, _ = _cli(capsys, "hyperrule", "--dataset-size", "19999", "--image-size", "95", "96", "--json")
     rule = json.loads(out)
     assert (rule["resize"], rule["crop"], rule["total_steps"], rule["mixup_alpha"]) == (160, 128, 500, 0.0)
+    # The official schedule ignores the batch size; --scale-schedule keeps the epochs instead.
+    for flag, steps in (((), "10000 steps"), (("--scale-schedule",), "40000 steps: warm-up 2000")):
+        code, out, _ = _cli(capsys, "hyperrule", "--dataset-size", "20000", "--image-size", "96", "96",
+                            "--batch-size", "128", *flag)
+        assert code == 0 and steps in out and "lr 0.003," in out
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

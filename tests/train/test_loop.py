@@ -102,15 +102,18 @@ def test_micro_batches_equal_one_batch(tmp_path):
     assert_same(weights(one), weights(four), exact=False)
 
 
-def test_sigterm_checkpoints_and_stops(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_checkpoints_and_stops(tmp_path, sig):
+    before = signal.getsignal(sig)
+
     def hook(step):
         if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)  # a real signal, mid-step
+            os.kill(os.getpid(), sig)  # a real signal, mid-step
 
     net, result = train(tmp_path, steps=10, data=Stream(hook=hook))
-    assert not result.completed and result.stopped_by == "SIGTERM" and result.step == 4
+    assert not result.completed and result.stopped_by == sig.name and result.step == 4
     assert io.torch_load(tmp_path / "checkpoint.pt")["step"] == 4
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    assert signal.getsignal(sig) is before  # handlers restored
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
