@@ -1,6 +1,7 @@
 """`bitlab evaluate` end to end with the real offline ImageNet model on a tiny OOC set from real photos."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -132,3 +133,26 @@ def test_cli_evaluate_prints_scores_and_errors_name_the_culprit(tiny_ooc, tmp_pa
     (tmp_path / "empty").mkdir()
     assert main(["evaluate", "--model", "R14x0.5", "--data", str(tmp_path / "empty"), "--out", str(out)]) == 2
     assert "empty dataset" in capsys.readouterr().err
+
+
+def test_any_timm_model_with_its_own_preprocessing(tiny_ooc, tmp_path):
+    """A plain timm name (not in bitlab's registry) with a timm state dict: its ImageNet mean/std,
+    1000-way head; predictions equal a direct forward pass of the timm model."""
+    import timm
+
+    torch.manual_seed(0)
+    ref = timm.create_model("resnet18", pretrained=False).eval()
+    torch.save(ref.state_dict(), tmp_path / "resnet18.pt")
+    out = tmp_path / "r"
+    summary = evaluate(EvaluateConfig(model="resnet18", pretrained=str(tmp_path / "resnet18.pt"), data=str(tiny_ooc),
+                                      out=str(out), image_size=96))
+    assert summary["n"] == 12 and summary["model"]["num_outputs"] == 1000
+    cfg = create_model("resnet18").data_config
+    assert cfg.mean == pytest.approx((0.485, 0.456, 0.406)) and cfg.std == pytest.approx((0.229, 0.224, 0.225))
+    df = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    cfg = dataclasses.replace(cfg, input_size=96)
+    for _, row in df.iloc[::4].iterrows():
+        x = normalize(to_chw_tensor(eval_image(decode_image(tiny_ooc / row["image"]), cfg))[None], cfg.mean, cfg.std)
+        with torch.inference_mode():
+            top = ref(x).softmax(-1)[0].topk(5)
+        assert [row[f"top{j}_id"] for j in range(1, 6)] == top.indices.tolist(), row["image"]

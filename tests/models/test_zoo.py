@@ -83,3 +83,22 @@ def test_offline_weights_are_checked_against_the_architecture(monkeypatch):
     monkeypatch.setitem(zoo.OFFLINE_MODELS, "mismatched", wrong)
     with pytest.raises(BitlabError, match=r"efficientnet-lite0-57934424\.pth: .*(tensors|shape)"):
         zoo.offline_model("mismatched")
+
+
+def test_weights_cli_lists_and_downloads(tmp_path, http_server, served_npz, capsys):
+    from bitlab.cli import main
+
+    assert main(["weights", "list"]) == 0
+    names = capsys.readouterr().out.split()
+    assert names == list(zoo.WEIGHT_NAMES) and "BiT-M-R152x4-ILSVRC2012" in names
+    url = f"{http_server.url}/bit_models"
+    sha = hashlib.sha256(served_npz).hexdigest()
+    assert main(["weights", "download", "BiT-M-R50x1", "--out", str(tmp_path), "--base-url", url, "--sha256", sha]) == 0
+    assert (tmp_path / "BiT-M-R50x1.npz").read_bytes() == served_npz
+    assert f"BiT-M-R50x1: {tmp_path / 'BiT-M-R50x1.npz'}" in capsys.readouterr().out
+    # a wrong pin, an unknown name: exit 2 with the culprit named, nothing left behind
+    assert main(["weights", "download", "BiT-M-R50x1", "--out", str(tmp_path / "bad"), "--base-url", url,
+                 "--sha256", "0" * 64]) == 2
+    assert "sha256 mismatch" in capsys.readouterr().err and not list((tmp_path / "bad").glob("*.npz*"))
+    assert main(["weights", "download", "BiT-X-R50x1", "--out", str(tmp_path), "--base-url", url]) == 2
+    assert "unknown BiT weights 'BiT-X-R50x1'" in capsys.readouterr().err
