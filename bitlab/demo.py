@@ -73,7 +73,8 @@ class DemoResult:
 def run_demo(out: Path, figures: Path, sample_dir: Path = SAMPLE_DIR) -> DemoResult:
     """make-ooc -> evaluate (offline ImageNet models, BiT-S-R50x1 via npz) -> report."""
     out = Path(out)
-    ooc = build_demo(out / "ooc", sample_dir)  # `bitlab make-ooc` on the embedded sample
+    same_as = ["bitlab", "make-ooc", "--demo", "--out", str(out / "ooc")] if sample_dir == SAMPLE_DIR else None
+    ooc = build_demo(out / "ooc", sample_dir, command=same_as)  # `bitlab make-ooc --demo`
     res = DemoResult(ooc, in_context_set(ooc, out / "in_context", sample_dir))
     torch.manual_seed(0)
     npz = save_npz(create_model("BiT-S-R50x1"), out / "BiT-S-R50x1-random.npz")

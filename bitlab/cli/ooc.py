@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from bitlab.errors import BitlabError
 from bitlab.paths import OOC_DATASET_DIR
@@ -178,9 +177,7 @@ def _make_ooc(args: argparse.Namespace) -> None:
             raise BitlabError("--openimages and --backgrounds are required (or --demo)")
         cfg = build.MakeOOCConfig(out=args.out, openimages=args.openimages, backgrounds=args.backgrounds,
                                   selection=args.selection, classes=args.classes, **opts)
-    # The command line as typed, when this process is the `bitlab` command (not a library caller).
-    command = ["bitlab", *sys.argv[sys.argv.index("make-ooc"):]] if "make-ooc" in sys.argv else None
-    s = build.build(cfg, command=command)
+    s = build.build(cfg, command=["bitlab", *args.argv])
     print(f"{s['out']}: {s['images']} images ({s['classes']} classes, {s['foregrounds']} foregrounds x "
           f"{s['backgrounds']} backgrounds); built {s['composed']}, kept {s['reused']} in {s['seconds']} s")
     if s["skipped"]:

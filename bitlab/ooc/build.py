@@ -58,7 +58,7 @@ MANIFEST_COLUMNS = (
     "bg_category", "bg_uid", "bg_file", "bg_image_sha256", "bg_crop",
     "fg_title", "fg_author", "fg_author_url", "fg_landing_url", "fg_license",
     "bg_title", "bg_author", "bg_author_url", "bg_landing_url", "bg_license", "bg_license_url",
-    "annotations_license", "modified")
+    "bg_provider", "bg_source_id", "bg_attribution", "annotations_license", "modified")
 # Fields computed while compositing (kept in the journal so that resumed images need no work).
 _COMPUTED = ("sha256", "pixel_sha256", "fg_box_src", "fg_scale", "fg_size_out", "fg_bbox_out", "paste_xy", "bg_crop")
 
@@ -400,7 +400,8 @@ def _manifest_row(cfg: MakeOOCConfig, inp: _Inputs, j: _Job, computed: dict) -> 
         "fg_author_url": meta.get("AuthorProfileURL", ""), "fg_landing_url": meta.get("OriginalLandingURL", ""),
         "fg_license": meta.get("License", ""), "bg_title": bg.title, "bg_author": bg.author,
         "bg_author_url": bg.author_url, "bg_landing_url": bg.landing_url, "bg_license": bg.license,
-        "bg_license_url": bg.license_url, "annotations_license": ANNOTATIONS_LICENSE, "modified": "true",
+        "bg_license_url": bg.license_url, "bg_provider": bg.provider, "bg_source_id": bg.source_id,
+        "bg_attribution": bg.attribution, "annotations_license": ANNOTATIONS_LICENSE, "modified": "true",
         **computed}
 
 
@@ -428,14 +429,16 @@ def _attribution(inp: _Inputs, jobs: Sequence[_Job]) -> str:
             author = f"[{_md(author)}]({m['AuthorProfileURL']})"
         lines.append(f"| {f.folder} | {f.uid} | {_md(m.get('Title', ''))} | {_md(author)} | "
                      f"{_md(m.get('License', ''))} | {_md(m.get('OriginalLandingURL', ''))} |")
-    lines += ["", "## Backgrounds", "", "| category | background | title | author | licence | source |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "## Backgrounds", "",
+              "| category | background | title | author | licence | source | provider | credit line (as given) |",
+              "|---|---|---|---|---|---|---|---|"]
     for b in bgs:
         m = inp.bg_meta[b.uid]
         author = f"[{_md(m.author)}]({m.author_url})" if m.author_url else m.author
         licence = f"[{_md(m.license)}]({m.license_url})" if m.license_url else m.license
+        provider = f"{m.provider} {m.source_id}".strip()
         lines.append(f"| {b.category} | {b.uid} | {_md(m.title)} | {_md(author)} | {_md(licence)} | "
-                     f"{_md(m.landing_url or m.provider)} |")
+                     f"{_md(m.landing_url)} | {_md(provider)} | {_md(m.attribution)} |")
     return "\n".join(lines) + "\n"
 
 

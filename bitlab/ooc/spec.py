@@ -183,6 +183,10 @@ class BackgroundCategory:
     category: str
     search_terms: str
     description: str = ""
+    # Class folders that are usually seen in this context (the paper's own backgrounds include some:
+    # underwater for sharks, a street at night for traffic lights): filter these pairs out to keep
+    # only truly out-of-context images.
+    usual_for: tuple[str, ...] = ()
     line: int = field(default=0, compare=False)
 
 
@@ -190,13 +194,17 @@ def load_background_categories(path: str | os.PathLike) -> list[BackgroundCatego
     path = Path(path)
     out: list[BackgroundCategory] = []
     seen: dict[str, int] = {}
-    for line, row in read_table(path, ("category", "search_terms"), ("description",)):
+    for line, row in read_table(path, ("category", "search_terms"), ("description", "usual_for")):
         cat = _need(path, line, row, "category")
         _check(bool(SAFE_NAME.match(cat)), path, line,
                f"field 'category' must be a plain folder name (letters, digits, _ . -), got {cat!r}")
         _check(cat not in seen, path, line, f"category {cat!r} repeats line {seen.get(cat)}")
         seen[cat] = line
-        out.append(BackgroundCategory(cat, _need(path, line, row, "search_terms"), row.get("description", ""), line))
+        usual = tuple(f for f in (row.get("usual_for") or "").split(";") if f)
+        _check(all(SAFE_NAME.match(f) for f in usual), path, line,
+               f"field 'usual_for' must list class folders separated by ';', got {row.get('usual_for')!r}")
+        out.append(BackgroundCategory(cat, _need(path, line, row, "search_terms"), row.get("description", ""), usual,
+                                      line))
     if not out:
         raise SpecError(f"{path}: no background categories")
     return out

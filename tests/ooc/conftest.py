@@ -129,7 +129,8 @@ def write_backgrounds(root: Path, categories: list[str], *, per_category: int = 
                          "sha256": hashlib.sha256((root / rel).read_bytes()).hexdigest(), "width": width,
                          "height": height, "title": f"{cat} {k}", "author": "a | b", "license": "cc0",
                          "license_url": "https://creativecommons.org/publicdomain/zero/1.0/",
-                         "landing_url": f"https://example.org/{cat}/{k}", "provider": "test"})
+                         "landing_url": f"https://example.org/{cat}/{k}", "provider": "test",
+                         "source_id": f"id-{cat}-{k}", "attribution": f'"{cat} {k}" by a | b is marked with CC0 1.0'})
     if listed:
         write_table(root / "backgrounds.csv", BACKGROUND_FILE_COLUMNS, rows)
     return root

@@ -65,6 +65,9 @@ def test_acceptance_3321_images(full_build, capsys):
         img = cv2.imread(str(out / r["file"]))
         assert img.shape == (32, 32, 3) and compose.pixel_sha256(img) == r["pixel_sha256"]
         assert r["fg_license"] and r["bg_license"] == "cc0" and r["modified"] == "true"
+        cat, k = r["bg_uid"].rsplit("_", 1)
+        assert (r["bg_provider"], r["bg_source_id"]) == ("test", f"id-{cat}-{k}")
+        assert r["bg_attribution"] == f'"{cat} {k}" by a | b is marked with CC0 1.0'  # the source's credit line
     # the filtered-out instances (group-of, rotated) never appear
     used = {r["fg_image_id"] for r in rows}
     bad = {i.image_id for i in full_build["instances"] if i.flags or i.rotation != "0.0"}
@@ -73,10 +76,14 @@ def test_acceptance_3321_images(full_build, capsys):
     assert meta["counts"] == {"images": 3321, "classes": 20, "foregrounds": 81, "backgrounds": 41}
     assert meta["manifest_sha256"] == hashlib.sha256((out / "manifest.csv").read_bytes()).hexdigest()
     assert meta["inputs"]["selection"]["sha256"] == hashlib.sha256(full_build["selection"].read_bytes()).hexdigest()
+    assert meta["command"] == ["bitlab", *full_build["argv"]]  # the command line as given
+    assert meta["selection_seed"] == 0 and meta["config"]["size"] == 32 and meta["config"]["png"] == "fast"
+    assert {"python", "numpy", "opencv", "isal", "encoding"} <= set(meta["versions"])
     assert load_classes(out / "classes.csv") == classes  # the output describes itself
     attribution = (out / "ATTRIBUTION.md").read_text()
     assert sum(line.startswith("| ") for line in attribution.splitlines()) == 2 + 81 + 41  # 2 headers
     assert "CC BY 4.0" in attribution and "a \\| b" in attribution  # '|' escaped inside tables
+    assert '| test id-grass-0 | "grass 0" by a \\| b is marked with CC0 1.0 |' in attribution
 
 
 def test_second_run_is_byte_identical_and_skips(full_build, capsys):

@@ -42,6 +42,20 @@ def test_committed_background_categories():
     assert {"grass", "wood", "street_at_night", "underwater", "kitchen"} <= names  # the five the paper names
     sample = spec.load_background_categories(SAMPLE_DIR / "background_categories.csv")
     assert {c.category for c in sample} <= names
+    # Where an object is usually seen: named, so that those pairs can be told apart or left out.
+    folders = {c.folder for c in spec.load_classes(OOC_DATASET_DIR / "classes.csv")}
+    by_cat = {c.category: set(c.usual_for) for c in cats}
+    assert set().union(*by_cat.values()) <= folders
+    assert "traffic_light" in by_cat["street_at_night"] and "shark" in by_cat["underwater"]  # the paper's own
+    n_usual = sum(len(v) for v in by_cat.values())
+    assert 0 < n_usual < 0.05 * len(cats) * len(folders)  # the rest, over 95% of the pairs, are out of context
+
+
+def test_background_usual_for_must_name_folders(tmp_path):
+    p = tmp_path / "b.csv"
+    p.write_text("category,search_terms,usual_for\ngrass,lawn,zebra;../x\n")
+    with pytest.raises(spec.SpecError, match=r"b.csv line 2: field 'usual_for' must list class folders"):
+        spec.load_background_categories(p)
 
 
 @pytest.mark.parametrize("old,new,message", [
