@@ -131,3 +131,29 @@ def test_notebook_errors_fail_the_run(tmp_path):
     with pytest.raises(PapermillExecutionError, match="no such folder"):
         run_notebook("duplicates", tmp_path, WORK=str(tmp_path), UPSTREAM=str(tmp_path / "nowhere"),
                      DOWNSTREAM=str(tmp_path / "nowhere"))
+
+
+@pytest.mark.slow
+def test_notebook_runs_on_a_users_data(tmp_path, monkeypatch):
+    """The parameter cell points a notebook at the user's data: here an OOC set laid out as the
+    official release (class folders of images and no manifest; a classes.csv beside them maps the
+    folders), figures saved where the user says."""
+    import shutil
+
+    from bitlab.ooc.build import build_demo
+
+    built = build_demo(tmp_path / "built", format="jpg", size=96)
+    release = tmp_path / "release"
+    for image in sorted(built.glob("*/*.jpg"))[::2]:
+        (release / image.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, release / image.parent.name / image.name)
+    shutil.copy(built / "classes.csv", release / "classes.csv")
+    n = len(list(release.glob("*/*.jpg")))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    nb = run_notebook("ooc_tour", tmp_path, OOC_DATA=str(release), WORK=str(tmp_path / "work"),
+                      FIGURES=str(tmp_path / "figs"), MAX_BACKGROUNDS=3)
+    text = json.dumps([c.outputs for c in nb.cells if c.cell_type == "code"])
+    assert f"{release}: {n} images" in text and "no manifest.csv (class folders only)" in text
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["ooc_tour_grid.pdf", "ooc_tour_grid.png"]
+    assert_real_figure(tmp_path / "figs" / "ooc_tour_grid.png")
+    assert not (tmp_path / "work" / "ooc").exists()  # the embedded sample was not built instead
