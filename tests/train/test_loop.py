@@ -203,6 +203,25 @@ def test_metrics_go_to_jsonl_csv_and_tensorboard(tmp_path):
     assert [(e.step, e.value) for e in events.Scalars("val/top1")] == [(2, 0.75)]
 
 
+def test_compiled_model_trains_like_the_eager_one(tmp_path, monkeypatch):
+    """--compile: torch.compile (Inductor, C++ on the CPU) gives the eager weights, and checkpoints
+    hold the plain module's keys (no `_orig_mod.` prefix), so they load without the compiler."""
+    compiled_modules = []
+    real_compile = torch.compile
+
+    def spy(module, *args, **kwargs):  # the real compiler, recording what it was given
+        compiled_modules.append(module)
+        return real_compile(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    eager, _ = train(tmp_path / "eager", steps=4)
+    assert not compiled_modules
+    compiled, result = train(tmp_path / "compiled", steps=4, compile=True)
+    assert result.completed and compiled_modules == [compiled]
+    assert_same(weights(eager), weights(compiled), exact=False)
+    assert io.torch_load(tmp_path / "compiled" / "final.pt").keys() == eager.state_dict().keys()
+
+
 def test_device_defaults_bf16_and_channels_last_on_gpus_only():
     assert loop.device_defaults(torch.device("cuda", 0), None, None) == ("bf16", True)
     assert loop.device_defaults(torch.device("cpu"), None, None) == ("fp32", False)
