@@ -26,7 +26,7 @@ from bitlab.ooc import png
 
 # --png: how PNG output is encoded (all lossless: the manifest's pixel_sha256 is the same for each).
 # 'fast' (default) is bitlab's writer (png.py: Up filter + ISA-L deflate), ~3x faster than OpenCV's
-# fastest setting for files as small as OpenCV's default (benchmarks/RESULTS.md, "make-ooc");
+# fastest setting for files about as small as OpenCV's default (benchmarks/RESULTS.md, "make-ooc");
 # 'opencv' is OpenCV's default (level 1, adaptive filters); 'small' is OpenCV at level 9, ~10%
 # smaller at ~15x the time of 'opencv'.
 PNG_SETTINGS: dict[str, list] = {
