@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -84,8 +85,9 @@ def reference(tree, tmp_path_factory) -> Path:
     return out
 
 
-def torchrun(args: list[str], nproc: int = 2, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+def torchrun(args: list[str], nproc: int = 2, timeout: float = TIMEOUT, launcher: Sequence[str] = ()
+             ) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *launcher,
            "-m", "bitlab", "pretrain", *args]
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
@@ -202,9 +204,17 @@ def test_two_processes_with_accumulation_equal_one(tree, tmp_path):
     """2 ranks x 2 micro-steps x 2 images == 1 rank x 8 images: same weights, same losses."""
     one = P.pretrain(config(tree, tmp_path / "one", epochs=2, decay_epochs=[1.5], warmup_steps=2))
     assert one.completed and one.step == 4
-    ddp = torchrun([*COMMON, *SHORT, "--data", str(tree), "--out", str(tmp_path / "ddp"), "--batch-split", "2"])
+    # With the progress bar on, each rank's output in its own file (torchrun --redirects): rank 0
+    # alone logs and draws the bar.
+    with_bar = [a for a in COMMON if a != "--no-progress"]
+    ddp = torchrun([*with_bar, *SHORT, "--data", str(tree), "--out", str(tmp_path / "ddp"), "--batch-split", "2"],
+                   launcher=["--log-dir", str(tmp_path / "logs"), "--redirects", "3"])
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert "global batch 8 = 2 process(es) x 2 micro-step(s) x 2" in ddp.stderr
+    rank_err = {int(f.parent.name): f.read_text() for f in (tmp_path / "logs").rglob("stderr.log")}
+    assert sorted(rank_err) == [0, 1]
+    assert "global batch 8 = 2 process(es) x 2 micro-step(s) x 2" in rank_err[0]
+    assert "train: 100%" in rank_err[0] and "4/4" in rank_err[0]
+    assert "train:" not in rank_err[1] and "global batch" not in rank_err[1]
     assert_same_weights(tmp_path / "ddp", tmp_path / "one")
     a, b = train_losses(tmp_path / "ddp"), train_losses(tmp_path / "one")
     assert list(a) == list(range(1, 5)) and a == pytest.approx(b, rel=1e-5)
