@@ -26,38 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bitlab.data import datasets  # noqa: E402
-from bitlab.data.transforms import BIT_MEAN, BIT_STD, TrainAugment, decode_image, normalize  # noqa: E402
-from bitlab.paths import SAMPLE_DIR  # noqa: E402
+from bitlab.data.transforms import BIT_MEAN, BIT_STD, TrainAugment, normalize  # noqa: E402
 from bitlab.train.distributed import StepSampler  # noqa: E402
-
-
-def make_jpegs(root: Path, n: int, classes: int = 4) -> Path:
-    """`n` distinct JPEGs (quality 90, ~500x375) from real photos, as `root/train/<class>/`."""
-    import sklearn.datasets
-
-    sources = [Path(sklearn.datasets.__file__).parent / "images" / f for f in ("china.jpg", "flower.jpg")]
-    sources += sorted((SAMPLE_DIR / "openimages" / "validation").glob("*.jpg"))
-    photos = [decode_image(p) for p in sources]
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        img = photos[i % len(photos)]
-        h, w = img.shape[:2]
-        ch, cw = int(h * rng.uniform(0.6, 1.0)), int(w * rng.uniform(0.6, 1.0))
-        top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-        crop = img[top:top + ch, left:left + cw]
-        scale = 500 / max(ch, cw)
-        crop = cv2.resize(crop, (round(cw * scale), round(ch * scale)), interpolation=cv2.INTER_AREA)
-        folder = root / "train" / f"c{i % classes}"
-        folder.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(folder / f"{i:05d}.jpg"), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
-    return root
+from photos import make_jpegs  # noqa: E402 (benchmarks/)
 
 
 def _rate(batches, n_images: int, warmup: int) -> float:
@@ -199,7 +175,8 @@ def main() -> None:
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores (load {os.getloadavg()[0]:.1f})",
                "torch_threads": torch.get_num_threads(), "workers": args.workers}
     with tempfile.TemporaryDirectory() as tmp:
-        root = make_jpegs(Path(tmp) / "jpegs", 512 if args.part == "gpu" else n_files)
+        root = Path(tmp) / "jpegs"
+        make_jpegs(root / "train", 512 if args.part == "gpu" else n_files)
         if args.part in ("all", "pipeline"):
             results["pipeline"] = [bench_pipeline(root, r, c, batch=32, workers=args.workers, images=images,
                                                   rounds=rounds) for r, c in ((512, 480), (160, 128))]

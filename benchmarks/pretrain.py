@@ -35,37 +35,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bitlab.data.transforms import decode_image  # noqa: E402
-from bitlab.paths import REPO_ROOT, SAMPLE_DIR  # noqa: E402
+from bitlab.paths import REPO_ROOT  # noqa: E402
 from bitlab.train.loop import read_metrics  # noqa: E402
-
-
-def make_jpegs(root: Path, n: int, classes: int = 4, longest: int = 160) -> Path:
-    """`n` distinct JPEGs from real photos (random crops, longest side `longest`) as `root/<class>/`."""
-    import sklearn.datasets
-
-    sources = [Path(sklearn.datasets.__file__).parent / "images" / f for f in ("china.jpg", "flower.jpg")]
-    sources += sorted((SAMPLE_DIR / "openimages" / "validation").glob("*.jpg"))
-    photos = [decode_image(p) for p in sources]
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        img = photos[i % len(photos)]
-        h, w = img.shape[:2]
-        ch, cw = int(h * rng.uniform(0.6, 1.0)), int(w * rng.uniform(0.6, 1.0))
-        top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-        scale = longest / max(ch, cw)
-        crop = cv2.resize(img[top:top + ch, left:left + cw], (round(cw * scale), round(ch * scale)),
-                          interpolation=cv2.INTER_AREA)
-        folder = root / f"c{i % classes}"
-        folder.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(folder / f"{i:05d}.jpg"), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
-    return root
+from photos import make_jpegs  # noqa: E402 (benchmarks/)
 
 
 def _rates(run_dir: Path, skip: int) -> list[float]:
@@ -94,7 +70,7 @@ def cpu_run(data: Path, out: Path, *, nproc: int, threads: int, steps: int, batc
 
 def cpu(rounds: int, steps: int, batch: int, crop: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        data = make_jpegs(Path(tmp) / "data", 256)
+        data = make_jpegs(Path(tmp) / "data", 256, longest=160)
         results: dict[str, list[float]] = {"1 process x 1 thread": [], "2 processes x 1 thread": [],
                                            "1 process x 2 threads": []}
         loads: list[float] = []  # 1-minute load average after each run: other jobs share these cores

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 
-from bitlab.cli.train import add_running_args, config_from_args
+from bitlab.cli.train import add_running_args, config_from_args, report_unfinished
 
 HELP_DATA = ("ImageFolder DIR (train/<class>/, val/<class>/), a folder of class folders, a CSV of path,label[,split], "
              "a multi-label CSV (path,labels[,split]) or JSON lines ({path, labels, split}), a shard set "
@@ -90,12 +89,9 @@ def _pretrain(args: argparse.Namespace) -> int:
     r = pretrain(config_from_args(PretrainConfig, args))
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
-    if r.bad_images:
-        print(f"skipped {len(r.bad_images)} unreadable image(s) (listed in {r.run_dir / 'summary.json'})")
-    if not r.completed:
-        print(f"stopped at step {r.step}/{r.total_steps} ({r.stopped_by}); checkpoint {r.run_dir / 'checkpoint.pt'}; "
-              "rerun the same command to continue")
-        return 128 + signal.Signals[r.stopped_by].value if r.stopped_by in ("SIGINT", "SIGTERM") else 0
+    code = report_unfinished(r, r.total_steps, "rerun the same command to continue")
+    if code is not None:
+        return code
     m = r.metrics
     if "map" in m:
         print(f"validation: loss {m['loss']:.4f}, precision@1 {m['prec1']:.4f}, mAP {m['map']:.4f} ({m['n']} images)")

@@ -110,16 +110,25 @@ def _hyperrule(args: argparse.Namespace) -> None:
     print("lr             " + ", ".join(f"step {s}: {rule.lr(s):.3g}" for s in sorted(set(points))) + f", step {total}: end")
 
 
+def report_unfinished(r, total_steps: int, how_to_continue: str) -> int | None:
+    """Print skipped images and, for a run that stopped early, where it stopped and how to go on.
+    Returns the exit code of a stopped run (128 + signal, as a shell reports it), None if it finished."""
+    if r.bad_images:
+        print(f"skipped {len(r.bad_images)} unreadable image(s) (listed in {r.run_dir / 'summary.json'})")
+    if r.completed:
+        return None
+    print(f"stopped at step {r.step}/{total_steps} ({r.stopped_by}); checkpoint {r.run_dir / 'checkpoint.pt'}; "
+          f"{how_to_continue}")
+    return 128 + signal.Signals[r.stopped_by].value if r.stopped_by in ("SIGINT", "SIGTERM") else 0
+
+
 def _report(result) -> int:
     from bitlab.train.finetune import FinetuneResult
 
     r: FinetuneResult = result
-    if r.bad_images:
-        print(f"skipped {len(r.bad_images)} unreadable image(s) (listed in {r.run_dir / 'summary.json'})")
-    if not r.completed:
-        print(f"stopped at step {r.step}/{r.plan['total_steps']} ({r.stopped_by}); checkpoint {r.run_dir / 'checkpoint.pt'}; "
-              "rerun with --resume to continue")
-        return 128 + signal.Signals[r.stopped_by].value if r.stopped_by in ("SIGINT", "SIGTERM") else 0
+    code = report_unfinished(r, r.plan["total_steps"], "rerun with --resume to continue")
+    if code is not None:
+        return code
     m = r.metrics
     print(f"{r.step} steps on {r.plan['dataset_size']} images, {r.plan['num_classes']} classes: "
           f"top-1 {m['top1']:.4f}, top-5 {m['top5']:.4f}, loss {m['loss']:.4f} ({m['n']} validation images)")

@@ -30,8 +30,8 @@ from bitlab.data.transforms import BadImageError, TrainAugment, normalize
 from bitlab.errors import BitlabError
 from bitlab.models import checkpoints, registry
 from bitlab.train import distributed as D
-from bitlab.train.loop import (LoopConfig, LoopResult, MicroBatches, autocast, check_resume_settings,
-                               device_defaults, run, write_config)
+from bitlab.train.loop import (LoopConfig, LoopResult, MicroBatches, check_resume_settings, device_defaults,
+                               eval_logits, run, write_config)
 
 log = logging.getLogger(__name__)
 
@@ -214,13 +214,9 @@ class Evaluator:
             _check_bad(batch, self.skip_bad, self.bad)
             if not len(batch.images):
                 continue
-            x = normalize(batch.images.to(dev, non_blocking=True), self.mean, self.std)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            logits = eval_logits(model, batch.images, mean=self.mean, std=self.std, device=dev,
+                                 precision=self.precision, channels_last=self.channels_last)
             y = batch.labels.to(dev, non_blocking=True)
-            with autocast(dev, self.precision):
-                logits = model(x)
-            logits = logits.float()
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hit = top == y[:, None]
             sums += torch.stack([torch.nn.functional.cross_entropy(logits, y, reduction="sum").double(),

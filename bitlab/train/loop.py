@@ -338,6 +338,17 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+def eval_logits(model: nn.Module, images: torch.Tensor, *, mean: Sequence[float], std: Sequence[float],
+                device: torch.device, precision: str, channels_last: bool) -> torch.Tensor:
+    """float32 logits of a uint8 NCHW batch, prepared as in training (normalised on the device,
+    channels-last and autocast when the run uses them)."""
+    x = normalize(images.to(device, non_blocking=True), mean, std)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device, precision):
+        return model(x).float()
+
+
 def run(
     model: nn.Module,
     *,

@@ -53,14 +53,14 @@ from bitlab.data.datasets import ImageSet
 from bitlab.data.multilabel import MultiLabelSet, load_labelled, random_holdout, read_classes, relabel
 from bitlab.data.shards import ShardIndex
 from bitlab.data.transforms import (
-    BadImageError, InceptionAugment, decode_image, decode_image_bytes, inception_image, normalize, to_chw_tensor,
+    BadImageError, InceptionAugment, decode_image, decode_image_bytes, inception_image, to_chw_tensor,
     upstream_eval_image,
 )
 from bitlab.errors import BitlabError
 from bitlab.models import ResNetV2, registry
 from bitlab.train import distributed as D
-from bitlab.train.loop import (LoopConfig, LoopResult, MicroBatches, autocast, check_resume_settings,
-                               device_defaults, run, write_config)
+from bitlab.train.loop import (LoopConfig, LoopResult, MicroBatches, check_resume_settings, device_defaults,
+                               eval_logits, run, write_config)
 
 log = logging.getLogger(__name__)
 
@@ -626,13 +626,9 @@ class Evaluator:
                             self.bad.add(m)
             if not len(batch.images) or errors:
                 continue
-            x = normalize(batch.images.to(dev, non_blocking=True), self.mean, self.std)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            logits = eval_logits(model, batch.images, mean=self.mean, std=self.std, device=dev,
+                                 precision=self.precision, channels_last=self.channels_last)
             y = batch.targets.to(dev, non_blocking=True)
-            with autocast(dev, self.precision):
-                logits = model(x)
-            logits = logits.float()
             n = torch.tensor(float(len(y)), dtype=torch.float64, device=dev)
             if self.multi:
                 loss = F.binary_cross_entropy_with_logits(logits, y.float(), reduction="none").sum()
