@@ -28,6 +28,11 @@ from bitlab.errors import BitlabError
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
+# mkstemp creates files 0600; files users keep get the mode `open` would give them (0666 less the
+# umask), read once here because os.umask can only be read by setting it.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
 
 
 class DownloadError(BitlabError):
@@ -50,6 +55,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, fsync: bool = Tru
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
             if fsync:
@@ -68,10 +74,10 @@ def write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     except FileNotFoundError:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
         try:
             view = memoryview(data)

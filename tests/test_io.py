@@ -17,6 +17,16 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temp file left
 
 
+def test_written_files_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    # Datasets and figures are shared: a file only its owner can read breaks a shared copy.
+    umask = io.os.umask(0o022)
+    io.os.umask(umask)
+    io.write_text(tmp_path / "a.txt", "x")
+    io.write_bytes(tmp_path / "b.bin", b"x")
+    for name in ("a.txt", "b.bin"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
 def test_download_restarts_when_server_ignores_range(tmp_path, http_server):
     data = bytes(range(256)) * 1000
     url = http_server.add("f.bin", data)
