@@ -43,13 +43,13 @@ def in_context_set(ooc: Path, out: Path, sample_dir: Path = SAMPLE_DIR) -> Path:
     """The original photos behind `ooc`'s foregrounds, as a manifest folder with their classes:
     each object in its own context."""
     with (ooc / "manifest.csv").open(newline="", encoding="utf-8") as f:
-        rows = {r["fg_image_id"]: r for r in csv.DictReader(f)}
+        rows = {r["fg_uid"]: r for r in csv.DictReader(f)}  # a photo may hold two foregrounds
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     manifest = []
-    for image_id, r in sorted(rows.items()):
-        src = sample_dir / "openimages" / (r.get("fg_split") or "validation") / f"{image_id}.jpg"
+    for _, r in sorted(rows.items()):
+        src = sample_dir / "openimages" / (r.get("fg_split") or "validation") / f"{r['fg_image_id']}.jpg"
         dst = Path(r["class"]) / src.name
         (out / dst.parent).mkdir(exist_ok=True)
         shutil.copyfile(src, out / dst)

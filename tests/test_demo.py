@@ -1,6 +1,7 @@
 """`bitlab demo`: make-ooc -> evaluate -> report on the embedded sample, offline, figures on disk."""
 from __future__ import annotations
 
+import csv
 import json
 import time
 
@@ -30,3 +31,25 @@ def test_demo_runs_the_main_flow_and_leaves_figures(tmp_path, capsys):
     assert bit["model"]["pretraining_data"] == "none (random weights)"
     manifest = (tmp_path / "demo_out" / "ooc" / "manifest.csv").read_text().strip().splitlines()
     assert bit["dataset"]["num_images"] == len(manifest) - 1  # every make-ooc image evaluated
+
+
+def test_in_context_set_keeps_every_foreground_of_a_photo(tmp_path):
+    # Two objects cut from one photo are two in-context examples, one per class.
+    from bitlab.demo import in_context_set
+
+    photo = tmp_path / "sample" / "openimages" / "validation" / "abc.jpg"
+    photo.parent.mkdir(parents=True)
+    photo.write_bytes(b"jpeg bytes")
+    ooc = tmp_path / "ooc"
+    ooc.mkdir()
+    rows = [{"fg_uid": f"abc_{c}", "fg_image_id": "abc", "fg_split": "validation", "class": c,
+             "ilsvrc_wnids": "n0", "ilsvrc_indices": "0"} for c in ("Cat", "Dog")]
+    with (ooc / "manifest.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows + rows[1:])  # Dog's foreground pasted on two backgrounds
+    out = in_context_set(ooc, tmp_path / "val", sample_dir=tmp_path / "sample")
+    with (out / "manifest.csv").open(newline="") as f:
+        got = sorted((r["class"], r["file"]) for r in csv.DictReader(f))
+    assert got == [("Cat", "Cat/abc.jpg"), ("Dog", "Dog/abc.jpg")]
+    assert (out / "Dog" / "abc.jpg").read_bytes() == b"jpeg bytes"

@@ -25,6 +25,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import platform
 import time
@@ -87,7 +88,7 @@ class MakeOOCConfig:
     def validate(self) -> None:
         if self.size < 8:
             raise BitlabError(f"--size must be at least 8 px, got {self.size}")
-        if not 0 < self.object_scale <= 1:
+        if not 0 < self.object_scale <= 1:  # also refuses NaN
             raise BitlabError(f"--object-scale must be in (0, 1], got {self.object_scale}")
         if self.placement not in compose.PLACEMENTS:
             raise BitlabError(f"--placement must be one of {', '.join(compose.PLACEMENTS)}, got {self.placement!r}")
@@ -97,8 +98,8 @@ class MakeOOCConfig:
             raise BitlabError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
         if self.png not in compose.PNG_SETTINGS:
             raise BitlabError(f"--png must be one of {', '.join(compose.PNG_SETTINGS)}, got {self.png!r}")
-        if self.feather < 0 or self.erode < 0:
-            raise BitlabError("--feather and --erode must not be negative")
+        if not (math.isfinite(self.feather) and self.feather >= 0) or self.erode < 0:
+            raise BitlabError(f"--feather and --erode must be finite and not negative, got {self.feather}, {self.erode}")
 
     @property
     def encoding(self) -> list:

@@ -303,7 +303,8 @@ def test_feather_and_erode_recorded(small_cfg):
 
 
 def test_invalid_options(small_cfg):
-    for bad in ({"size": 4}, {"object_scale": 1.5}, {"placement": "left"}, {"feather": -1}, {"png": "tiny"}):
+    for bad in ({"size": 4}, {"object_scale": 1.5}, {"placement": "left"}, {"feather": -1},
+                {"feather": float("nan")}, {"object_scale": float("nan")}, {"png": "tiny"}):
         with pytest.raises(BitlabError):
             build.build(MakeOOCConfig(**{**small_cfg.__dict__, **bad}))
 
