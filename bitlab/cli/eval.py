@@ -47,7 +47,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     d = s["dataset"]
     print(f"{s['model']['label']} on {d['path']} ({d['num_images']} images, {d['role']}): "
           f"top-1 {s['top1']:.1%}, top-5 {s['top5']:.1%}")
-    for part in ("out_of_context", "in_context"):
+    for part in ("out_of_context", "excluding_usual_context", "in_context"):
         if part in s:
             print(f"  {part.replace('_', '-')}: top-1 {s[part]['top1']:.1%} ({s[part]['n']} images)")
     if fg := s.get("per_foreground"):

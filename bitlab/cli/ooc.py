@@ -52,6 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backgrounds", help="backgrounds root (see `bitlab backgrounds fetch`)")
     p.add_argument("--selection", default=_SELECTION, help=f"selection from `make-ooc plan` (default: {_SELECTION})")
     p.add_argument("--classes", default=_CLASSES, help=f"class table (default: {_CLASSES})")
+    p.add_argument("--background-categories", default=_CATEGORIES,
+                   help=f"background categories with `usual_for` (default: {_CATEGORIES})")
     p.add_argument("--size", type=int, default=512, help="output side in px (default 512)")
     p.add_argument("--object-scale", type=float, default=0.8,
                    help="object's longest side / output side (paper: 0.8)")
@@ -176,7 +178,8 @@ def _make_ooc(args: argparse.Namespace) -> None:
         if not (args.openimages and args.backgrounds):
             raise BitlabError("--openimages and --backgrounds are required (or --demo)")
         cfg = build.MakeOOCConfig(out=args.out, openimages=args.openimages, backgrounds=args.backgrounds,
-                                  selection=args.selection, classes=args.classes, **opts)
+                                  selection=args.selection, classes=args.classes,
+                                  background_categories=args.background_categories, **opts)
     s = build.build(cfg, command=["bitlab", *args.argv])
     print(f"{s['out']}: {s['images']} images ({s['classes']} classes, {s['foregrounds']} foregrounds x "
           f"{s['backgrounds']} backgrounds); built {s['composed']}, kept {s['reused']} in {s['seconds']} s")

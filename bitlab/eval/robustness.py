@@ -92,6 +92,7 @@ class EvalItem:
     background: str = ""
     fg_uid: str = ""
     bg_uid: str = ""
+    usual_context: bool = False  # the background is a usual context for the class (make-ooc's `usual_for`)
 
 
 @dataclass
@@ -173,9 +174,17 @@ def _from_manifest(root: Path, classes: str | Path | None) -> EvalSet:
                                   "and is not in the class table")
             targets = c.ilsvrc_indices
         items.append(EvalItem(rel, cls, targets, (row.get("bg_category") or row.get("background") or "").strip(),
-                              (row.get("fg_uid") or "").strip(), (row.get("bg_uid") or "").strip()))
+                              (row.get("fg_uid") or "").strip(), (row.get("bg_uid") or "").strip(),
+                              _flag(row.get("usual_context"), "usual_context", where)))
     role = "ooc" if any(it.background for it in items) else "val"
     return EvalSet(root, "manifest", role, items)
+
+
+def _flag(value: str | None, field_name: str, where: str) -> bool:
+    value = (value or "").strip().lower()
+    if value not in ("", "true", "false"):
+        raise BitlabError(f"{where}: field '{field_name}' must be true or false, got {value!r}")
+    return value == "true"
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -244,6 +253,7 @@ def predictions_table(items: list[EvalItem], top_ids: np.ndarray, top_probs: np.
         "background": [it.background for it in items],
         "fg_uid": [it.fg_uid for it in items],
         "bg_uid": [it.bg_uid for it in items],
+        "usual_context": [it.usual_context for it in items],
         "targets": [";".join(map(str, it.targets)) for it in items],
     })
     targets = [set(it.targets) for it in items]
@@ -275,6 +285,10 @@ def summarize(df: pd.DataFrame, most_fooling: int = 10) -> dict:
         out["in_context"] = _acc(df[df["background"] == IN_CONTEXT], k)
         out["out_of_context"] = _acc(df[~df["background"].isin(["", IN_CONTEXT])], k)
     ooc = df[df["background"] != ""]
+    if "usual_context" in df and df["usual_context"].any():
+        # Pairs like underwater/shark are not out of context: report the rest alone as well.
+        away = ooc[(ooc["background"] != IN_CONTEXT) & ~ooc["usual_context"].astype(bool)]
+        out["excluding_usual_context"] = _acc(away, k)
     if len(ooc):
         out["per_background"] = {b: _acc(g, k) for b, g in ooc.groupby("background", sort=True)}
         out["class_background_top1"] = {

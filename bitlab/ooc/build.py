@@ -43,9 +43,9 @@ from bitlab.errors import BitlabError
 from bitlab.ooc import backgrounds as bgmod
 from bitlab.ooc import compose
 from bitlab.ooc.openimages import ANNOTATIONS_LICENSE, UPSTREAM_MD5, Tree, read_image_metadata
-from bitlab.ooc.spec import (CLASS_COLUMNS, Background, Foreground, OOCClass, class_row, load_classes, load_selection,
-                             table_text, write_table)
-from bitlab.paths import SAMPLE_DIR
+from bitlab.ooc.spec import (CLASS_COLUMNS, Background, Foreground, OOCClass, class_row, load_background_categories,
+                             load_classes, load_selection, table_text, write_table)
+from bitlab.paths import OOC_DATASET_DIR, SAMPLE_DIR
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ MANIFEST_COLUMNS = (
     "file", "sha256", "pixel_sha256", "size", "class", "fg_class", "fg_mid", "ilsvrc_wnids", "ilsvrc_indices",
     "fg_uid", "fg_split", "fg_image_id", "fg_box_id", "fg_mask_path", "fg_predicted_iou", "fg_image_sha256",
     "fg_mask_sha256", "fg_box_src", "fg_scale", "fg_size_out", "fg_bbox_out", "paste_xy", "blend",
-    "bg_category", "bg_uid", "bg_file", "bg_image_sha256", "bg_crop",
+    "bg_category", "bg_uid", "bg_file", "bg_image_sha256", "bg_crop", "usual_context",
     "fg_title", "fg_author", "fg_author_url", "fg_landing_url", "fg_license",
     "bg_title", "bg_author", "bg_author_url", "bg_landing_url", "bg_license", "bg_license_url",
     "bg_provider", "bg_source_id", "bg_attribution", "annotations_license", "modified")
@@ -73,6 +73,9 @@ class MakeOOCConfig:
     backgrounds: str
     selection: str
     classes: str
+    # Names, per category, the classes for which it is a usual context (`usual_for`): recorded per
+    # image as `usual_context`, so that evaluation can report those pairs apart.
+    background_categories: str = str(OOC_DATASET_DIR / "backgrounds.csv")
     size: int = 512  # output side in px
     object_scale: float = 0.8  # paper F.1: longest object side = 80% of the background width
     placement: str = "center"  # the paper states none; centred keeps the object whole and prominent
@@ -130,6 +133,7 @@ class _Inputs:
     backgrounds: list[Background]
     fg_meta: dict[str, dict[str, str]]  # uid -> images-CSV row
     bg_meta: dict[str, bgmod.BackgroundFile]  # uid -> backgrounds.csv row
+    usual_for: dict[str, set[str]]  # background category -> class folders it is a usual context for
     problems: list[str]
     inputs: dict[str, dict]
 
@@ -222,6 +226,8 @@ def _preflight(cfg: MakeOOCConfig) -> _Inputs:
         else:
             continue
         bad_fg.add(fg.uid)
+    categories = {c.category: c for c in load_background_categories(cfg.background_categories)}
+    inputs["background_categories"] = _file_info(cfg.background_categories)
     bg_root = Path(cfg.backgrounds)
     bg_table = {b.file: b for b in bgmod.scan(bg_root)}
     if (bg_root / bgmod.TABLE).exists():
@@ -230,7 +236,9 @@ def _preflight(cfg: MakeOOCConfig) -> _Inputs:
     for bg in sel.backgrounds:
         path = bg_root / bg.file
         where = f"{cfg.selection} line {bg.line} ({bg.uid})"
-        if not path.is_file():
+        if bg.category not in categories:
+            problems.append(f"{where}: background category {bg.category!r} is not in {cfg.background_categories}")
+        elif not path.is_file():
             problems.append(f"{where}: background {path} is missing")
         elif io.sha256_file(path) != bg.sha256:
             problems.append(f"{where}: {path} does not match the selection's sha256")
@@ -245,7 +253,8 @@ def _preflight(cfg: MakeOOCConfig) -> _Inputs:
     bgs = sorted((b for b in sel.backgrounds if b.uid not in bad_bg), key=lambda b: (b.category, b.uid))
     if not fgs or not bgs:
         _raise(problems + ["nothing left to build"])
-    return _Inputs(classes, fgs, bgs, fg_meta, bg_meta, problems, inputs)
+    usual_for = {c.category: set(c.usual_for) for c in categories.values()}
+    return _Inputs(classes, fgs, bgs, fg_meta, bg_meta, usual_for, problems, inputs)
 
 
 def _raise(problems: Sequence[str]) -> None:
@@ -397,6 +406,7 @@ def _manifest_row(cfg: MakeOOCConfig, inp: _Inputs, j: _Job, computed: dict) -> 
         "fg_mask_path": j.fg.mask_path, "fg_predicted_iou": j.fg.predicted_iou,
         "fg_image_sha256": j.fg.image_sha256, "fg_mask_sha256": j.fg.mask_sha256, "blend": cfg.blend,
         "bg_category": j.bg.category, "bg_uid": j.bg.uid, "bg_file": j.bg.file, "bg_image_sha256": j.bg.sha256,
+        "usual_context": str(c.folder in inp.usual_for[j.bg.category]).lower(),
         "fg_title": meta.get("Title", ""), "fg_author": meta.get("Author", ""),
         "fg_author_url": meta.get("AuthorProfileURL", ""), "fg_landing_url": meta.get("OriginalLandingURL", ""),
         "fg_license": meta.get("License", ""), "bg_title": bg.title, "bg_author": bg.author,
@@ -472,7 +482,8 @@ def demo_config(out: str | os.PathLike, sample_dir: Path = SAMPLE_DIR, **overrid
     return replace(MakeOOCConfig(out=str(out), openimages=str(sample_dir / "openimages"),
                                  backgrounds=str(sample_dir / "backgrounds"),
                                  selection=str(sample_dir / "selection.csv"),
-                                 classes=str(sample_dir / "classes.csv")), **overrides)
+                                 classes=str(sample_dir / "classes.csv"),
+                                 background_categories=str(sample_dir / "background_categories.csv")), **overrides)
 
 
 def build_demo(out: str | os.PathLike, sample_dir: Path = SAMPLE_DIR, command: Sequence[str] | None = None,

@@ -71,6 +71,17 @@ def test_wnid_imagefolder_is_a_validation_set(tiny_ooc, tmp_path):
     assert robustness.load_eval_set(root, role="ooc").role == "ooc"
 
 
+def test_usual_context_pairs_are_reported_apart():
+    items = [EvalItem("a1", "a", (1,), "sea", "fa", "s", usual_context=True), EvalItem("a2", "a", (1,), "road", "fa", "r"),
+             EvalItem("b1", "b", (2, 3), "sea", "fb", "s"), EvalItem("b2", "b", (2, 3), "road", "fb", "r")]
+    df = robustness.predictions_table(items, _table()[[f"top{j}_id" for j in range(1, 6)]].to_numpy(),
+                                      np.full((4, 5), 0.1, np.float32), np.zeros(4))
+    s = robustness.summarize(df)
+    assert s["top1"] == 0.5  # a on sea (its usual context) was right
+    assert s["excluding_usual_context"] == {"n": 3, "top1": 1 / 3, "top5": 2 / 3}
+    assert "excluding_usual_context" not in robustness.summarize(_table())  # none marked: nothing to exclude
+
+
 def test_empty_and_broken_sets_name_the_culprit(tiny_ooc, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(BitlabError, match="empty dataset"):
@@ -104,6 +115,16 @@ def test_empty_and_broken_sets_name_the_culprit(tiny_ooc, tmp_path):
     write(rows)
     with pytest.raises(BitlabError, match="row 7: ilsvrc_indices 1000 is outside 0..999"):
         robustness.load_eval_set(root)
+    rows[5]["ilsvrc_indices"] = rows[4]["ilsvrc_indices"]
+    for r in rows:
+        r["usual_context"] = "false"
+    rows[2]["usual_context"] = "yes"
+    write(rows)
+    with pytest.raises(BitlabError, match="row 4: field 'usual_context' must be true or false, got 'yes'"):
+        robustness.load_eval_set(root)
+    rows[2]["usual_context"] = "true"
+    write(rows)
+    assert [it.usual_context for it in robustness.load_eval_set(root).items].count(True) == 1
 
 
 def test_manifest_without_targets_uses_the_class_table(tiny_ooc, tmp_path):

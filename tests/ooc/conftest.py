@@ -169,8 +169,9 @@ def small_inputs(tmp_path) -> dict:
                {"name": "Coffee cup", "folder": "coffee_cup", "mid": "/m/02p5f1q", "ilsvrc_wnids": "n07920052",
                 "ilsvrc_indices": "967", "n_foregrounds": 2}]
     write_table(tmp_path / "classes.csv", CLASS_COLUMNS, classes)
-    write_table(tmp_path / "categories.csv", ["category", "search_terms"],
-                [{"category": "grass", "search_terms": "grass"}, {"category": "space", "search_terms": "space"}])
+    write_table(tmp_path / "categories.csv", ["category", "search_terms", "usual_for"],
+                [{"category": "grass", "search_terms": "grass", "usual_for": "cat"},
+                 {"category": "space", "search_terms": "space", "usual_for": ""}])
     instances = []
     for c, photo in (("/m/01yrx", 0), ("/m/02p5f1q", 1)):
         instances += [Inst(image_id(c, k), c, photo=photo) for k in range(3)]

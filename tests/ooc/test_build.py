@@ -15,7 +15,7 @@ from bitlab.cli import main
 from bitlab.errors import BitlabError
 from bitlab.ooc import build, compose
 from bitlab.ooc.build import MakeOOCConfig, build_demo
-from bitlab.ooc.spec import load_classes
+from bitlab.ooc.spec import load_background_categories, load_classes
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -57,6 +57,11 @@ def test_acceptance_3321_images(full_build, capsys):
     per_class = {c.folder: sum(r["class"] == c.folder for r in rows) for c in classes}
     assert per_class == {c.folder: c.n_foregrounds * 41 for c in classes}
     by_folder = {c.folder: c for c in classes}
+    usual = {(c.category, f) for c in load_background_categories(full_build["categories"]) for f in c.usual_for}
+    assert len(usual) == 26
+    assert {(r["bg_category"], r["class"]) for r in rows if r["usual_context"] == "true"} == usual
+    n_usual = sum(by_folder[f].n_foregrounds for _, f in usual)  # one image per foreground of the class
+    assert sum(r["usual_context"] == "true" for r in rows) == n_usual
     for r in rows[:: 97]:
         c = by_folder[r["class"]]
         assert r["ilsvrc_indices"] == ";".join(map(str, c.ilsvrc_indices))
@@ -167,7 +172,7 @@ def small_cfg(plan_small, tmp_path):
     inp, sel = plan_small
     return MakeOOCConfig(out=str(tmp_path / "out"), openimages=str(inp["openimages"]),
                          backgrounds=str(inp["backgrounds"]), selection=str(sel), classes=str(inp["classes"]),
-                         size=48, workers=2)
+                         background_categories=str(inp["categories"]), size=48, workers=2)
 
 
 def _selection_rows(cfg) -> list[dict]:
@@ -190,6 +195,16 @@ def test_small_build_and_geometry_on_real_pixels(small_cfg):
         assert r["bg_crop"] == f"0,0,{side}" and r["size"] == "48"
         bx = [int(v) for v in r["fg_bbox_out"].split(",")]
         assert abs(bx[0] - x0) <= 1 and abs(bx[2] - x1) <= 1 and abs(bx[1] - y0) <= 1 and abs(bx[3] - y1) <= 1
+        # categories.csv: grass is a usual context for cats (usual_for), space for nothing
+        assert r["usual_context"] == str(r["class"] == "cat" and r["bg_category"] == "grass").lower()
+
+
+def test_background_category_missing_from_the_table_is_named(small_cfg, tmp_path):
+    table = tmp_path / "only_grass.csv"
+    table.write_text("category,search_terms\ngrass,grass\n")
+    with pytest.raises(BitlabError, match=r"line \d+ \(space_0\): background category 'space' is not in .*only_grass"):
+        build.build(MakeOOCConfig(**{**small_cfg.__dict__, "background_categories": str(table)}))
+    assert not Path(small_cfg.out).exists()
 
 
 def test_corrupt_input_stops_before_writing(small_cfg):
@@ -251,7 +266,8 @@ def test_bad_inputs_are_named_and_skippable(small_cfg, damage, message, left, ca
     assert not Path(small_cfg.out).exists()
     # the CLI: exit 2 with the message; with --skip-bad: the rest is built and the skips listed
     argv = ["make-ooc", "--openimages", small_cfg.openimages, "--backgrounds", small_cfg.backgrounds,
-            "--selection", small_cfg.selection, "--classes", small_cfg.classes, "--size", "48", "--out", small_cfg.out]
+            "--selection", small_cfg.selection, "--classes", small_cfg.classes,
+            "--background-categories", small_cfg.background_categories, "--size", "48", "--out", small_cfg.out]
     capsys.readouterr()
     assert main(argv) == 2
     assert "nothing was written" in capsys.readouterr().err
