@@ -168,6 +168,15 @@ def test_fetch_a_committed_selection(small_inputs, http_server, tmp_path):
 
     want = {f.image_id for f in load_selection(sel).foregrounds}
     assert {p.stem for p in (tmp_path / "a" / "validation").iterdir()} == want
+    # the selection already names the instances: only the images CSV (licences) is fetched
+    assert sorted(p for p in _requested(http_server, "oi/") if p.endswith(".csv")) == [
+        "oi/" + openimages.remote_path("{split}-images-with-rotation.csv", "validation")]
+    # a mask edited on disk is a local problem, not upstream's: the fetch restores it
+    mask = next((tmp_path / "a" / "validation-masks").iterdir())
+    good = mask.read_bytes()
+    shutil.copyfile(next(p for p in (tmp_path / "a" / "validation-masks").iterdir() if p != mask), mask)
+    fetch(_fetch_cfg(small_inputs, urls, tmp_path / "a", selection=str(sel)))
+    assert mask.read_bytes() == good
     # upstream re-encodes one JPEG: the pinned sha256 no longer matches
     victim = sorted(want)[0]
     shutil.copyfile(small_inputs["openimages"] / "validation" / f"{sorted(want)[1]}.jpg",
