@@ -17,7 +17,8 @@ How it stays correct and fast:
 - Each image is written to a temp file and renamed; a journal (`.make-ooc-journal.jsonl`)
   records its sha256 and recipe (input checksums, options, OpenCV version). A re-run skips
   every image whose file still has the journalled sha256 for the same recipe.
-- Same inputs, options and library versions give byte-identical files (no timestamps anywhere).
+- Same inputs, options and library versions give byte-identical images and tables (no timestamps
+  anywhere); only dataset.json and config.json, the provenance, name this machine's paths.
 """
 from __future__ import annotations
 
