@@ -65,13 +65,13 @@ def _norm(name: str) -> str:
 
 
 def folder_lookup(classes: list[OOCClass]) -> dict[str, OOCClass]:
-    """Normalised folder names -> class: the table's folder and name, then the class's ILSVRC
-    wnids and lemmas (the official zip names folders after the class)."""
+    """Normalised folder names -> class: the table's folder, name and aliases, then the class's
+    ILSVRC wnids and lemmas (the official zip names folders after the class)."""
     wnids, descriptions = imagenet.wnids(), imagenet.descriptions()
     primary: dict[str, OOCClass] = {}
     for c in classes:
-        primary.setdefault(_norm(c.folder), c)
-        primary.setdefault(_norm(c.name), c)
+        for key in (c.folder, c.name, *c.aliases):
+            primary.setdefault(_norm(key), c)
     secondary: dict[str, list[OOCClass]] = {}
     for c in classes:
         for i in c.ilsvrc_indices:

@@ -108,7 +108,8 @@ def safe_relative(path: Path, line: int, field: str, value: str) -> str:
 
 
 # ----------------------------------------------------------------------------- classes.csv
-CLASS_COLUMNS = ("name", "folder", "mid", "ilsvrc_wnids", "ilsvrc_indices", "n_foregrounds", "ilsvrc_names", "notes")
+CLASS_COLUMNS = ("name", "folder", "mid", "ilsvrc_wnids", "ilsvrc_indices", "n_foregrounds", "ilsvrc_names", "aliases",
+                 "notes")
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ class OOCClass:
     ilsvrc_indices: tuple[int, ...]  # 0-based, sorted-wnid order (bitlab.data.imagenet.index_of)
     n_foregrounds: int | None = None  # how many foregrounds `make-ooc plan` picks (None: use --per-class)
     line: int = field(default=0, compare=False)  # where it was read, for messages
+    aliases: tuple[str, ...] = ()  # other names a class folder may have (the paper's "Sofa" for Couch)
 
     @property
     def where(self) -> str:
@@ -161,7 +163,8 @@ def load_classes(path: str | os.PathLike) -> list[OOCClass]:
         for key, value in (("name", name), ("folder", folder), ("mid", mid)):
             _check(value not in seen[key], path, line, f"field '{key}' {value!r} repeats line {seen[key].get(value)}")
             seen[key][value] = line
-        classes.append(OOCClass(name, folder, mid, wnids, indices, int(n) if n else None, line))
+        classes.append(OOCClass(name, folder, mid, wnids, indices, int(n) if n else None, line,
+                                _split_list(row.get("aliases") or "")))
     if not classes:
         raise SpecError(f"{path}: no classes")
     return classes
@@ -172,7 +175,7 @@ def class_row(c: OOCClass) -> dict:
 
     return {"name": c.name, "folder": c.folder, "mid": c.mid, "ilsvrc_wnids": c.ilsvrc_wnids,
             "ilsvrc_indices": c.ilsvrc_indices, "n_foregrounds": c.n_foregrounds,
-            "ilsvrc_names": [names()[i] for i in c.ilsvrc_indices]}
+            "ilsvrc_names": [names()[i] for i in c.ilsvrc_indices], "aliases": c.aliases}
 
 
 # ----------------------------------------------------------------------------- background categories

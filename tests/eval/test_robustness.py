@@ -182,8 +182,9 @@ def test_summary_breakdowns():
 
 
 def test_official_folders_against_the_shipped_class_table(tiny_ooc, tmp_path):
-    """Folder names as the release might spell them: OpenImages names, ILSVRC lemmas, wnids."""
-    folders = ["Traffic light", "studio_couch", "hammerhead", "n02391049"]
+    """Folder names as the release might spell them: OpenImages names, ILSVRC lemmas, wnids, the
+    paper's own names (aliases)."""
+    folders = ["Traffic light", "studio_couch", "hammerhead", "n02391049", "Sofa"]
     root = _official_layout(tiny_ooc, tmp_path, {"cat": "Traffic light"})
     for name in list(folders)[1:]:
         shutil.copytree(tiny_ooc / "cat", root / name)
@@ -194,3 +195,4 @@ def test_official_folders_against_the_shipped_class_table(tiny_ooc, tmp_path):
     assert got["studio_couch"][0] == "couch"
     assert got["hammerhead"] == ("shark", (2, 3, 4))  # a shark folder counts all three shark synsets
     assert got["n02391049"][0] == "zebra"
+    assert got["Sofa"] == ("couch", (831,))  # paper F.2 names the couch class "Sofa"
