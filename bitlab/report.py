@@ -445,14 +445,21 @@ def fig_duplicates(pairs: Sequence[tuple], labels: Sequence[bool] | None = None,
         ax = axes.ravel()[i]
         ax.imshow(img)
         how = (f"Hamming distance {round((1 - s) * summary['dims'])} bits" if hamming else f"similarity {s:.3f}")
-        ax.set_title(f"{Path(q).name} | {Path(m).name}\n{how}", fontsize=7)
+        ax.set_title(f"{_short(Path(q).name)} | {_short(Path(m).name)}\n{how}", fontsize=7)
         if labels is not None:
             _frame(ax, "tab:green" if labels[i] else "tab:red", 4)
     note = "left: test image, right: its nearest training image"
     if labels is not None:
         note += "; green border: true duplicate, red: false positive"
+    else:
+        note += "; not reviewed: a person judges each pair, as in the paper"
     fig.suptitle(f"{duplicates_title(summary)}\n({note})" if summary else note, fontsize=9)
     return fig
+
+
+def _short(name: str, keep: int = 30) -> str:
+    """A long file name cut in the middle: pairs of make-ooc names would crowd the panel."""
+    return name if len(name) <= keep else f"{name[:keep // 2 - 1]}…{name[-(keep // 2):]}"
 
 
 def _side_by_side(a: np.ndarray, b: np.ndarray, height: int, gap: int = 6) -> np.ndarray:

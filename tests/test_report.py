@@ -154,6 +154,12 @@ def test_gallery_marks_true_and_false_positives(tmp_path, photos):
     assert _has_colour(img, np.array([214, 39, 40]), pixels=500)  # tab:red
     with pytest.raises(BitlabError, match="1 labels for 2 pairs"):
         report.fig_duplicates(pairs, labels=[True])
+    # unlabelled make-ooc names: said to be unreviewed, names cut in the middle
+    long = tmp_path / "d9ce3f9b1da15b67_m01yrx_bd42f470__grass_skimage.png"
+    long.write_bytes((tmp_path / "chelsea.png").read_bytes())
+    fig = report.fig_duplicates([(long, long, 1.0)], summary=summary)
+    assert "not reviewed" in fig.get_suptitle()
+    assert fig.axes[0].get_title().split("\n")[0] == "d9ce3f9b1da15b…ass_skimage.png | d9ce3f9b1da15b…ass_skimage.png"
 
 
 def test_gallery_pairs_spread_over_similarity():
