@@ -44,7 +44,7 @@ VAL_SPLIT_NAMES = ("val", "validation", "test")
 SPLIT_VALUES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 MAX_LISTED = 20  # problems listed by name in one error; the rest are counted
 BUILTIN = ("digits",)
-# A bad training image is replaced by the next decodable one; give up after this many in a row.
+# A bad training image is replaced by the next decodable one of its class; give up after this many in a row.
 MAX_SUBSTITUTES = 64
 _AUG_STREAM = 0x617567  # keeps augmentation randomness apart from other streams of the same seed
 
@@ -386,12 +386,18 @@ class Batch(NamedTuple):
 class TrainImages(Dataset):
     """Training views keyed by `(index, stream position)` pairs from `StepSampler`.
 
-    A file that fails to decode is, with `skip_bad`, replaced by the next decodable file (the
-    batch keeps its size) and reported in `Batch.bad`; without it, the batch carries the error.
+    A file that fails to decode is, with `skip_bad`, replaced by the next decodable file of the
+    same class (so the batch keeps its size and a few-shot set its class balance) and reported in
+    `Batch.bad`; without it, the batch carries the error.
     """
 
     def __init__(self, images: ImageSet, aug: TrainAugment, seed: int = 0, skip_bad: bool = False) -> None:
         self.images, self.aug, self.seed, self.skip_bad = images, aug, seed, skip_bad
+        # Each class's indices, and each image's place among them: where its substitutes come from.
+        self.by_class = [np.flatnonzero(images.labels == c) for c in range(len(images.classes))]
+        self.rank = np.empty(len(images), dtype=np.int64)
+        for idx in self.by_class:
+            self.rank[idx] = np.arange(len(idx))
 
     def __len__(self) -> int:
         return len(self.images)
@@ -399,9 +405,10 @@ class TrainImages(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         index, position = key
         rng = np.random.default_rng((self.seed, _AUG_STREAM, position))
+        same_class = self.by_class[self.images.labels[index]]
         bad: list[str] = []
-        for attempt in range(MAX_SUBSTITUTES):
-            i = (index + attempt) % len(self.images)
+        for attempt in range(min(MAX_SUBSTITUTES, len(same_class))):
+            i = same_class[(self.rank[index] + attempt) % len(same_class)]
             try:
                 img = decode_image(self.images.paths[i], min_side=self.aug.resize)
             except BadImageError as e:

@@ -236,3 +236,23 @@ def test_csv_header_with_spaces_and_excel_bom(tmp_path, photos):
         splits = ds.load_splits(tmp_path / name)
         assert [p.name for p in splits.train.paths] == ["a0.png", "b0.png"] and splits.classes == ["cat", "rocket"]
 
+
+def test_bad_image_is_replaced_by_one_of_its_class(tmp_path, photos):
+    """Sorted by path, cat/1.jpg is followed by cat/2.jpg, and the class's last file by the next class."""
+    root = tmp_path / "t"
+    for i in range(3):
+        _write(root / "cat" / f"{i}.jpg", photos["chelsea"][i * 10:, i * 10:])
+        _write(root / "coffee" / f"{i}.jpg", photos["coffee"][i * 10:, i * 10:])
+    (root / "cat" / "2.jpg").write_bytes(b"not a jpeg")
+    images = ds.image_folder(root)
+    dataset = ds.TrainImages(images, TrainAugment(40, 32), skip_bad=True)
+    img, label, bad = dataset[(2, 0)]  # cat/2.jpg: its class continues at cat/0.jpg, not coffee/0.jpg
+    assert label == 0 and len(bad) == 1 and "2.jpg" in bad[0]
+    rng = np.random.default_rng((0, ds._AUG_STREAM, 0))
+    from bitlab.data.transforms import decode_image, to_chw_tensor, train_image
+    expected = to_chw_tensor(train_image(decode_image(images.paths[0], min_side=40), TrainAugment(40, 32), rng))
+    assert torch.equal(img, expected)
+    for p in (root / "cat").glob("*.jpg"):
+        p.write_bytes(b"broken")
+    img, label, bad = dataset[(1, 0)]  # a class with no readable file gives up after its own files
+    assert img is None and len(bad) == 3 and all("cat" in m for m in bad)
