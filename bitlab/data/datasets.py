@@ -104,7 +104,10 @@ def image_folder(root: str | os.PathLike) -> ImageSet:
         raise BitlabError(f"{root}: no such folder")
     pairs = []
     for class_dir in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
-        pairs += [(p, class_dir.name) for p in sorted(class_dir.rglob("*")) if _is_image(p)]
+        found = [(p, class_dir.name) for p in sorted(class_dir.rglob("*")) if _is_image(p)]
+        if not found:  # not a class: said, since a class lost in a copy would otherwise vanish unnoticed
+            log.warning("%s: no images in class folder %r; left out of the classes", root, class_dir.name)
+        pairs += found
     if not pairs:
         raise BitlabError(f"{root}: no images found in class sub-folders (expected {root}/<class>/<image>)")
     return ImageSet.from_pairs(pairs, str(root))

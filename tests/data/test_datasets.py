@@ -237,6 +237,14 @@ def test_csv_header_with_spaces_and_excel_bom(tmp_path, photos):
         assert [p.name for p in splits.train.paths] == ["a0.png", "b0.png"] and splits.classes == ["cat", "rocket"]
 
 
+def test_empty_class_folder_is_reported(photo_tree, caplog):
+    (photo_tree / "train" / "dog").mkdir()
+    with caplog.at_level("WARNING", logger="bitlab.data.datasets"):
+        train = ds.image_folder(photo_tree / "train")
+    assert train.classes == ["cat", "coffee"]
+    assert "no images in class folder 'dog'" in caplog.text and str(photo_tree / "train") in caplog.text
+
+
 def test_bad_image_is_replaced_by_one_of_its_class(tmp_path, photos):
     """Sorted by path, cat/1.jpg is followed by cat/2.jpg, and the class's last file by the next class."""
     root = tmp_path / "t"
