@@ -106,8 +106,9 @@ def _hyperrule(args: argparse.Namespace) -> None:
     print(f"optimiser      SGD lr {rule.base_lr:g}, momentum {rule.momentum}, weight decay {rule.weight_decay:g}, "
           "zero-initialised head")
     print(f"mixup          alpha {rule.mixup_alpha:g}" + ("" if rule.mixup_alpha else " (off below 20,000 examples)"))
-    points = [0, warm // 2, warm, *decays, *(d + 1 for d in decays), total - 1]
-    print("lr             " + ", ".join(f"step {s}: {rule.lr(s):.3g}" for s in sorted(set(points))) + f", step {total}: end")
+    # the steps where the lr changes; a decay right before the end has no step after it
+    points = {s for s in (0, warm // 2, warm, *decays, *(d + 1 for d in decays), total - 1) if s < total}
+    print("lr             " + ", ".join(f"step {s}: {rule.lr(s):.3g}" for s in sorted(points)) + f", step {total}: end")
 
 
 def report_unfinished(r, total_steps: int, how_to_continue: str) -> int | None:

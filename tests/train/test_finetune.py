@@ -240,6 +240,13 @@ def test_hyperrule_cli(capsys):
         code, out, _ = _cli(capsys, "hyperrule", "--dataset-size", "20000", "--image-size", "96", "96",
                             "--batch-size", "128", *flag)
         assert code == 0 and steps in out and "lr 0.003," in out
+    # batch 51200 scales the small schedule to 1 2 3 4 5: the last decay (step 4) has no step 5 to print
+    code, out, _ = _cli(capsys, "hyperrule", "--dataset-size", "1000", "--image-size", "300", "300",
+                        "--batch-size", "51200", "--scale-schedule")
+    assert code == 0 and "step 4: 3e-05, step 5: end" in out
+    code, _, err = _cli(capsys, "hyperrule", "--dataset-size", "1000", "--image-size", "300", "300",
+                        "--batch-size", "100000", "--scale-schedule")
+    assert code == 2 and "supports coincide" in err
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
