@@ -43,10 +43,13 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-split", help="name of the validation split (default: val, validation, then test)")
     g.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction of each class for validation")
     g.add_argument("--seed", type=int, default=0, help="few-shot subset, data order, augmentation, MixUp, init")
+    g.add_argument("--split-seed", type=int, default=0,
+                   help="the --val-fraction hold-out's seed (default 0; not --seed, so few-shot seeds share it)")
 
     g = p.add_argument_group("BiT-HyperRule (defaults: the rule's choices)")
     g.add_argument("--batch-size", type=int, default=512, help="global batch (default 512)")
-    g.add_argument("--batch-split", type=int, default=1, help="micro-batches per step (same result, less memory)")
+    g.add_argument("--batch-split", type=int, default=1,
+                   help="micro-batches per step (less memory; the same result unless the model has BatchNorm)")
     g.add_argument("--base-lr", type=float, default=0.003, help="peak lr (default 0.003)")
     g.add_argument("--schedule", type=int, nargs="+", metavar="STEP",
                    help="override the steps: WARMUP DECAY1 DECAY2 DECAY3 TOTAL")
