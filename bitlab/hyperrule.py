@@ -64,9 +64,15 @@ def get_schedule(dataset_size: int) -> tuple[int, ...]:
 
 
 def scale_schedule(supports: tuple[int, ...], batch_size: int) -> tuple[int, ...]:
-    """Step counts scaled by 512/batch (same epochs at another batch size), at least 1 step each."""
+    """Step counts scaled by 512/batch (same epochs at another batch size), at least 1 step each.
+    A batch so large that two supports round to the same step (warm-up, decays or end on top of
+    each other) is refused: that schedule is not the rule's any more."""
     factor = REFERENCE_BATCH / batch_size
-    return tuple(max(1, round(s * factor)) for s in supports)
+    scaled = tuple(max(1, round(s * factor)) for s in supports)
+    if any(a >= b for a, b in zip(scaled, scaled[1:])):
+        raise BitlabError(f"--scale-schedule at batch {batch_size} squeezes the schedule {list(supports)} into "
+                          f"{list(scaled)} steps (supports coincide); use a smaller batch or give --schedule")
+    return scaled
 
 
 def lr_at(step: int, supports: tuple[int, ...], base_lr: float = BASE_LR) -> float | None:

@@ -91,3 +91,10 @@ def test_hyperrule_record_and_scaling():
 def test_bad_input(call):
     with pytest.raises(BitlabError):
         call()
+
+
+def test_scaled_schedule_that_collapses_is_refused():
+    # batch 100000: (100, 200, 300, 400, 500) would become (1, 1, 2, 2, 3)
+    with pytest.raises(BitlabError, match=r"squeezes the schedule \[100, 200, 300, 400, 500\] into \[1, 1, 2, 2, 3\]"):
+        hr.hyperrule(1000, (300, 300), batch_size=100_000, scale_with_batch=True)
+    assert hr.hyperrule(1000, (300, 300), batch_size=51_200, scale_with_batch=True).supports == (1, 2, 3, 4, 5)

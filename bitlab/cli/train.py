@@ -43,10 +43,13 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-split", help="name of the validation split (default: val, validation, then test)")
     g.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction of each class for validation")
     g.add_argument("--seed", type=int, default=0, help="few-shot subset, data order, augmentation, MixUp, init")
+    g.add_argument("--split-seed", type=int, default=0,
+                   help="the --val-fraction hold-out's seed (default 0; not --seed, so few-shot seeds share it)")
 
     g = p.add_argument_group("BiT-HyperRule (defaults: the rule's choices)")
     g.add_argument("--batch-size", type=int, default=512, help="global batch (default 512)")
-    g.add_argument("--batch-split", type=int, default=1, help="micro-batches per step (same result, less memory)")
+    g.add_argument("--batch-split", type=int, default=1,
+                   help="micro-batches per step (less memory; the same result unless the model has BatchNorm)")
     g.add_argument("--base-lr", type=float, default=0.003, help="peak lr (default 0.003)")
     g.add_argument("--schedule", type=int, nargs="+", metavar="STEP",
                    help="override the steps: WARMUP DECAY1 DECAY2 DECAY3 TOTAL")
@@ -106,8 +109,9 @@ def _hyperrule(args: argparse.Namespace) -> None:
     print(f"optimiser      SGD lr {rule.base_lr:g}, momentum {rule.momentum}, weight decay {rule.weight_decay:g}, "
           "zero-initialised head")
     print(f"mixup          alpha {rule.mixup_alpha:g}" + ("" if rule.mixup_alpha else " (off below 20,000 examples)"))
-    points = [0, warm // 2, warm, *decays, *(d + 1 for d in decays), total - 1]
-    print("lr             " + ", ".join(f"step {s}: {rule.lr(s):.3g}" for s in sorted(set(points))) + f", step {total}: end")
+    # the steps where the lr changes; a decay right before the end has no step after it
+    points = {s for s in (0, warm // 2, warm, *decays, *(d + 1 for d in decays), total - 1) if s < total}
+    print("lr             " + ", ".join(f"step {s}: {rule.lr(s):.3g}" for s in sorted(points)) + f", step {total}: end")
 
 
 def report_unfinished(r, total_steps: int, how_to_continue: str) -> int | None:

@@ -3,9 +3,12 @@
 Two file forms, paths relative to the file's folder (absolute paths are kept):
 - CSV with a header: an image path column (`path`, `file` or `filename`), a `labels` (or `tags`)
   column holding the image's labels separated by whitespace (or by `label_sep`), and an optional
-  `split` column (train / val / ...). An empty labels cell is an image with no positive label.
+  `split` column (train, val or validation, test). An empty labels cell (`a.jpg,,train`) is an
+  image with no positive label; a row without the cell (`a.jpg`) is an error.
 - JSON lines: one object per line, `{"path": "a.jpg", "labels": ["cat", "dog"], "split": "train"}`
-  (`labels` a list of names, `split` optional).
+  (`labels` a list of names, `[]` for none; `split` optional).
+
+Every listed file must exist (checked when the file is read, naming the line of each missing one).
 
 Classes are the sorted union of the labels unless a class list is given (`read_classes`: one name
 per line), which fixes the output order (e.g. the 21,843 ImageNet-21k classes) and turns an
@@ -22,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from bitlab.data.datasets import ImageSet, load_source
+from bitlab.data.datasets import ImageSet, check_files_exist, check_splits, load_source, parse_split, read_csv_rows
 from bitlab.errors import BitlabError
 
 PATH_COLUMNS = ("path", "file", "filename")
@@ -88,7 +91,7 @@ def is_multilabel_file(path: str | os.PathLike) -> bool:
     if path.suffix.lower() != ".csv" or not path.is_file():
         return False
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             header = next(csv.reader(f), [])
     except (OSError, UnicodeDecodeError, csv.Error):
         return False
@@ -107,25 +110,23 @@ def read_multilabel(path: str | os.PathLike, *, label_sep: str | None = None,
     if classes is None:
         classes = sorted({name for _, _, names, _ in rows for name in names})
     index = {c: i for i, c in enumerate(classes)}
-    by_split: dict[str, tuple[list[Path], list[np.ndarray]]] = {}
-    for line, file, names, split in rows:
+    for line, _, names, _ in rows:
         unknown = [n for n in names if n not in index]
         if unknown:
             raise BitlabError(f"{path}, line {line}: label {unknown[0]!r} is not in the class list")
+    check_splits(path, [(line, split) for line, _, _, split in rows])
+    files = [(line, path.parent / file) for line, file, _, _ in rows]  # an absolute `file` stays as it is
+    check_files_exist(path, files)
+    by_split: dict[str, tuple[list[Path], list[np.ndarray]]] = {}
+    for (line, file), (_, _, names, split) in zip(files, rows):
         paths, labels = by_split.setdefault(split, ([], []))
-        paths.append(Path(file) if Path(file).is_absolute() else path.parent / file)
+        paths.append(file)
         labels.append(np.array(sorted({index[n] for n in names}), dtype=np.int64))
     return {s: MultiLabelSet(p, lab, list(classes), f"{path} [{s}]") for s, (p, lab) in by_split.items()}
 
 
 def _csv_rows(path: Path, label_sep: str | None) -> list[tuple[int, str, list[str], str]]:
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            raw = list(reader)
-            columns = [c.strip() for c in reader.fieldnames or []]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise BitlabError(f"{path}: unreadable CSV ({e})") from None
+    columns, raw = read_csv_rows(path)
     pcol = next((c for c in PATH_COLUMNS if c in columns), None)
     lcol = next((c for c in LABEL_COLUMNS if c in columns), None)
     if pcol is None or lcol is None:
@@ -134,15 +135,16 @@ def _csv_rows(path: Path, label_sep: str | None) -> list[tuple[int, str, list[st
         raise BitlabError(f"{path}: no {missing} column (expected one of {', '.join(wanted)}; "
                           f"found {', '.join(columns) or 'none'})")
     rows = []
-    for line, row in enumerate(raw, start=2):  # line 1 is the header
-        row = {(k or "").strip(): v for k, v in row.items()}
+    for line, row in raw:
         file = (row.get(pcol) or "").strip()
         if not file:
             raise BitlabError(f"{path}, line {line}: empty {pcol!r}")
-        cell = row.get(lcol) or ""
+        cell = row.get(lcol)
+        if cell is None:  # a short row: a truncated export, not a deliberate "no labels" (that is an empty cell)
+            raise BitlabError(f"{path}, line {line}: no {lcol!r} cell (the row is shorter than the header; "
+                              "an image without labels needs an empty cell)")
         names = [n.strip() for n in (cell.split(label_sep) if label_sep else cell.split()) if n.strip()]
-        split = (row.get("split") or "all").strip().lower() if "split" in columns else "all"
-        rows.append((line, file, names, split))
+        rows.append((line, file, names, parse_split(path, line, row.get("split"))))
     return rows
 
 
@@ -167,8 +169,7 @@ def _jsonl_rows(path: Path) -> list[tuple[int, str, list[str], str]]:
         names = obj.get("labels", obj.get("tags"))
         if not isinstance(names, list) or not all(isinstance(n, (str, int)) for n in names):
             raise BitlabError(f"{path}, line {line}: 'labels' must be a list of class names")
-        split = str(obj.get("split") or "all").strip().lower()
-        rows.append((line, file.strip(), [str(n) for n in names], split))
+        rows.append((line, file.strip(), [str(n) for n in names], parse_split(path, line, obj.get("split"))))
     return rows
 
 

@@ -36,9 +36,12 @@ from bitlab.train.loop import (LoopConfig, LoopResult, MicroBatches, check_resum
 log = logging.getLogger(__name__)
 
 # What a resumed run must share with the run that wrote the checkpoint (else the data differ).
-_RESUME_KEYS = ("model", "data", "val_data", "val_split", "val_fraction", "examples_per_class", "seed",
-                "batch_size", "schedule", "scale_schedule", "image_size", "resolution", "mixup",
+_RESUME_KEYS = ("model", "data", "val_data", "val_split", "val_fraction", "split_seed", "examples_per_class",
+                "seed", "batch_size", "schedule", "scale_schedule", "image_size", "resolution", "mixup",
                 "square_resize", "random_crop", "flip")
+# What a finished few-shot run must share with the sweep that finds it, to be reused: the data and
+# everything else that changes the result (a resumed run may change its lr, say after a NaN).
+_REUSE_KEYS = (*_RESUME_KEYS, "pretrained", "base_lr")
 
 
 @dataclass
@@ -54,6 +57,7 @@ class FinetuneConfig:
     val_fraction: float = 0.0
     examples_per_class: int | None = None
     seed: int = 0
+    split_seed: int = 0  # the --val-fraction hold-out's, apart from --seed: a sweep's seeds share one
     batch_size: int = hyperrule.REFERENCE_BATCH
     batch_split: int = 1
     eval_batch_size: int | None = None  # default: the micro-batch size
@@ -78,6 +82,36 @@ class FinetuneConfig:
     resume: bool = False
     stop_after: int | None = None
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+def _validate(cfg: FinetuneConfig) -> None:
+    """Refuse values no run can use, naming the flag, before any data is read. (The loop's own
+    knobs, --eval-every, --checkpoint-every, --log-every and --stop-after, are LoopConfig's.)"""
+    def need(ok: bool, name: str, what: str) -> None:
+        if not ok:
+            raise BitlabError(f"--{name.replace('_', '-')} must be {what}, got {getattr(cfg, name)}")
+
+    def positive(values: Sequence[int] | None) -> bool:
+        return values is None or (len(values) == 2 and min(values) > 0)
+
+    need(cfg.batch_size >= 1, "batch_size", "at least 1")
+    need(cfg.batch_split >= 1, "batch_split", "at least 1")
+    need(cfg.eval_batch_size is None or cfg.eval_batch_size >= 1, "eval_batch_size", "at least 1")
+    need(math.isfinite(cfg.base_lr) and cfg.base_lr > 0, "base_lr", "a positive number")
+    need(cfg.mixup is None or (math.isfinite(cfg.mixup) and cfg.mixup >= 0), "mixup", "0 (off) or more")
+    need(0 <= cfg.val_fraction < 1, "val_fraction", "at least 0 and below 1")
+    need(cfg.seed >= 0, "seed", "0 or more")
+    need(cfg.split_seed >= 0, "split_seed", "0 or more")
+    need(cfg.workers is None or cfg.workers >= 0, "workers", "0 (load in the main process) or more")
+    s = cfg.schedule
+    need(s is None or (len(s) >= 2 and min(s) >= 0 and list(s) == sorted(s) and s[-1] > 0), "schedule",
+         "increasing step counts WARMUP DECAY... TOTAL with TOTAL > 0")
+    need(positive(cfg.image_size), "image_size", "two positive numbers H W")
+    need(positive(cfg.resolution) and (cfg.resolution is None or cfg.resolution[1] <= cfg.resolution[0]),
+         "resolution", "RESIZE CROP with 0 < CROP <= RESIZE")
 
 
 @dataclass
@@ -235,13 +269,31 @@ def plan(cfg: FinetuneConfig, splits: Splits) -> dict:
     rule = hyperrule.hyperrule(len(splits.train), image_size, batch_size=cfg.batch_size, base_lr=cfg.base_lr,
                                scale_with_batch=cfg.scale_schedule)
     supports = tuple(cfg.schedule) if cfg.schedule else rule.supports
-    if len(supports) < 2 or list(supports) != sorted(supports) or supports[0] < 0:
-        raise BitlabError(f"--schedule must be increasing step counts [warm-up, decay..., total], got {list(supports)}")
     resize, crop = cfg.resolution or (rule.resize, rule.crop)
     return {"hyperrule": rule.to_dict(), "dataset_size": len(splits.train), "num_classes": len(splits.classes),
             "val_size": len(splits.val), "image_size": list(image_size), "supports": list(supports),
             "total_steps": supports[-1], "resize": resize, "crop": crop, "base_lr": cfg.base_lr,
             "mixup_alpha": rule.mixup_alpha if cfg.mixup is None else cfg.mixup}
+
+
+def load_data(cfg: FinetuneConfig) -> Splits:
+    """The run's training and validation sets. A --val-fraction hold-out is drawn with
+    --split-seed, not --seed, so every seed of a few-shot sweep is scored on the same images and
+    draws its K per class from the same pool; --examples-per-class then picks by --seed."""
+    splits = datasets.load_splits(cfg.data, val_data=cfg.val_data, val_split=cfg.val_split,
+                                  val_fraction=cfg.val_fraction, seed=cfg.split_seed)
+    if cfg.examples_per_class is not None:  # 0 too: few_shot refuses it
+        splits = Splits(datasets.few_shot(splits.train, cfg.examples_per_class, cfg.seed), splits.val, splits.notes)
+    return splits
+
+
+def batch_norm_warning(model: nn.Module, batch_size: int, micro: int) -> str | None:
+    """Micro-batches give the same result as one batch only without BatchNorm, whose statistics
+    come from each micro-batch (the official trainer had the same property)."""
+    if micro >= batch_size or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return None
+    return (f"the model has BatchNorm, which normalises over each micro-batch of {micro} images rather than "
+            f"the batch of {batch_size}: --batch-split (and the process count) change the results, not only memory")
 
 
 def finetune(cfg: FinetuneConfig, dist: D.DistInfo | None = None) -> FinetuneResult:
@@ -256,31 +308,30 @@ def finetune(cfg: FinetuneConfig, dist: D.DistInfo | None = None) -> FinetuneRes
 def _finetune(cfg: FinetuneConfig, run_dir: Path, dist: D.DistInfo) -> FinetuneResult:
     precision, channels_last = device_defaults(dist.device, cfg.precision, cfg.channels_last)
     workers = datasets.default_workers() if cfg.workers is None else cfg.workers
-    if cfg.batch_split < 1:
-        raise BitlabError(f"--batch-split must be at least 1, got {cfg.batch_split}")
     micro = D.per_rank_batch(cfg.batch_size, cfg.batch_split, dist)
 
-    splits = datasets.load_splits(cfg.data, val_data=cfg.val_data, val_split=cfg.val_split,
-                                  val_fraction=cfg.val_fraction, seed=cfg.seed)
+    splits = load_data(cfg)
     for note in splits.notes:
         log.info(note)
-    if cfg.examples_per_class:
-        splits = Splits(datasets.few_shot(splits.train, cfg.examples_per_class, cfg.seed), splits.val, splits.notes)
     p = plan(cfg, splits)
     if cfg.resume:
         D.main_rank_call(lambda: check_resume_settings(run_dir, cfg, _RESUME_KEYS), dist)
+
+    torch.manual_seed(cfg.seed)  # random initialisation (models trained from scratch) is seeded too
+    model = build_model(cfg.model, len(splits.classes), cfg.pretrained)
+    p["warnings"] = [w for w in (batch_norm_warning(model, cfg.batch_size, micro),) if w]
     if dist.is_main:
+        for warning in p["warnings"]:
+            log.warning(warning)
         write_config(run_dir, cfg)
         io.write_json(run_dir / "plan.json", p)
-        if cfg.examples_per_class:  # the picked files, to see (and check) what a seed chose
+        if cfg.examples_per_class is not None:  # the picked files, to see (and check) what a seed chose
             io.write_text(run_dir / "fewshot_files.txt", "".join(
                 f"{path}\t{splits.classes[label]}\n" for path, label in zip(splits.train.paths, splits.train.labels)))
     log.info("BiT-HyperRule: %d training images, %d classes, image %sx%s -> resize %d, crop %d; steps %s; "
              "mixup %.2g; lr %.3g at batch %d", p["dataset_size"], p["num_classes"], *p["image_size"], p["resize"],
              p["crop"], p["supports"], p["mixup_alpha"], cfg.base_lr, cfg.batch_size)
 
-    torch.manual_seed(cfg.seed)  # random initialisation (models trained from scratch) is seeded too
-    model = build_model(cfg.model, len(splits.classes), cfg.pretrained)
     data_cfg = getattr(model, "data_config", None)
     mean, std = (data_cfg.mean, data_cfg.std) if data_cfg else ((0.5,) * 3, (0.5,) * 3)
     aug = TrainAugment(p["resize"], p["crop"], cfg.square_resize, cfg.random_crop, cfg.flip)
@@ -323,6 +374,13 @@ class FewShotConfig(FinetuneConfig):
     shots: list[int] = field(default_factory=lambda: [1, 5, 10])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if bad := [k for k in self.shots if k < 1]:
+            raise BitlabError(f"--shots must be positive, got {bad[0]}")
+        if bad := [s for s in self.seeds if s < 0]:
+            raise BitlabError(f"--seeds must be 0 or more, got {bad[0]}")
+
 
 FEWSHOT_COLUMNS = ("k", "seed", "top1", "top5", "loss", "train_size", "steps", "run_dir")
 SUMMARY_COLUMNS = ("k", "runs", "top1_median", "top1_min", "top1_max", "top1_std", "top5_median", "loss_median")
@@ -330,8 +388,9 @@ SUMMARY_COLUMNS = ("k", "runs", "top1_median", "top1_min", "top1_max", "top1_std
 
 def fewshot(cfg: FewShotConfig) -> dict:
     """Run every (K, seed) under `cfg.out/k{K}_seed{S}` (finished runs are kept, interrupted ones
-    resume), then write `fewshot.csv` (one row per run) and `fewshot_summary.csv` (per K: median,
-    min, max, std of top-1): the data of the paper's Fig. 2/5 few-shot curves."""
+    resume; either only if made with the same settings), then write `fewshot.csv` (one row per
+    run) and `fewshot_summary.csv` (per K: median, min, max, std of top-1): the data of the paper's
+    Fig. 2/5 few-shot curves."""
     out = Path(cfg.out)
     if not cfg.shots or not cfg.seeds:
         raise BitlabError("fewshot needs at least one --shots value and one --seeds value")
@@ -341,24 +400,27 @@ def fewshot(cfg: FewShotConfig) -> dict:
 
 
 def _fewshot(cfg: FewShotConfig, out: Path, base: dict, dist: D.DistInfo) -> dict:
+    runs = {(k, seed): FinetuneConfig(**{**base, "out": str(out / f"k{k}_seed{seed}"), "examples_per_class": k,
+                                         "seed": seed, "resume": (out / f"k{k}_seed{seed}" / "checkpoint.pt").exists()})
+            for k in cfg.shots for seed in cfg.seeds}
+    # Every earlier run (finished or not; both keep checkpoint.pt) must have been made with these
+    # settings, checked before anything is written: else its numbers would join the new ones.
+    D.main_rank_call(lambda: [check_resume_settings(Path(c.out), c, _REUSE_KEYS) for c in runs.values()], dist)
     if dist.is_main:
         write_config(out, cfg)
     rows = []
-    for k in cfg.shots:
-        for seed in cfg.seeds:
-            run_dir = out / f"k{k}_seed{seed}"
-            summary = _read_summary(run_dir)
-            if not (summary and summary.get("completed")):
-                log.info("few-shot run: %d per class, seed %d -> %s", k, seed, run_dir)
-                run_cfg = FinetuneConfig(**{**base, "out": str(run_dir), "examples_per_class": k, "seed": seed,
-                                            "resume": (run_dir / "checkpoint.pt").exists()})
-                result = finetune(run_cfg, dist)
-                if not result.completed:
-                    return {"runs": rows, "stopped": result}
-                summary = {**result.metrics, "dataset_size": result.plan["dataset_size"], "step": result.step}
-            rows.append({"k": k, "seed": seed, "top1": summary["top1"], "top5": summary["top5"],
-                         "loss": summary["loss"], "train_size": summary["dataset_size"], "steps": summary["step"],
-                         "run_dir": run_dir.name})
+    for (k, seed), run_cfg in runs.items():
+        run_dir = Path(run_cfg.out)
+        summary = _read_summary(run_dir)
+        if not (summary and summary.get("completed")):
+            log.info("few-shot run: %d per class, seed %d -> %s", k, seed, run_dir)
+            result = finetune(run_cfg, dist)
+            if not result.completed:
+                return {"runs": rows, "stopped": result}
+            summary = {**result.metrics, "dataset_size": result.plan["dataset_size"], "step": result.step}
+        rows.append({"k": k, "seed": seed, "top1": summary["top1"], "top5": summary["top5"],
+                     "loss": summary["loss"], "train_size": summary["dataset_size"], "steps": summary["step"],
+                     "run_dir": run_dir.name})
     summary_rows = summarize_fewshot(rows)
     if dist.is_main:
         _write_csv(out / "fewshot.csv", FEWSHOT_COLUMNS, rows)

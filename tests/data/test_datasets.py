@@ -171,3 +171,96 @@ def test_corrupt_image_is_named_or_skipped(photo_tree):
     assert len(evals.images) == 7 and str(bad) in evals.bad[0]
     with pytest.raises(BadImageError, match="cannot decode"):
         ds.decode_image(bad)
+
+
+def _csv_set(tmp_path, photos, n: int = 3) -> Path:
+    """img/a{i}.png (cat) and img/b{i}.png (rocket), real photo crops."""
+    for i in range(n):
+        _write(tmp_path / "img" / f"a{i}.png", photos["chelsea"][:50, :50])
+        _write(tmp_path / "img" / f"b{i}.png", photos["rocket"][:50, :50])
+    return tmp_path
+
+
+def test_missing_files_are_named_with_their_lines_at_load_time(tmp_path, photos):
+    _csv_set(tmp_path, photos)
+    rows = ["path,label", "img/a0.png,cat", "img/gone.png,cat", "img/b0.png,rocket", "/nowhere/x.png,rocket"]
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(BitlabError) as e:
+        ds.load_source(tmp_path / "data.csv")
+    message = str(e.value)
+    assert f"data.csv, line 3: file {tmp_path / 'img' / 'gone.png'} not found" in message
+    assert "data.csv, line 5: file /nowhere/x.png not found" in message
+    assert "line 2" not in message and "line 4" not in message
+    # many: the first 20 by line, then a count
+    (tmp_path / "many.csv").write_text("path,label\n" + "".join(f"img/no{i}.png,cat\n" for i in range(25)))
+    with pytest.raises(BitlabError, match=r"25 of the 25 files") as e:
+        ds.load_source(tmp_path / "many.csv")
+    assert "line 21: file" in str(e.value) and "line 22: file" not in str(e.value)
+    assert str(e.value).endswith("... and 5 more")
+
+
+@pytest.mark.parametrize("split, line", [("Train ", None), ("validation", None), ("dev", 3), ("", 3)])
+def test_csv_split_values(tmp_path, photos, split, line):
+    """train/val/validation/test only ('validation' is val); a blank beside 'train' rows is refused."""
+    _csv_set(tmp_path, photos)
+    rows = ["path,label,split", "img/a0.png,cat,train", f"img/a1.png,cat,{split}", "img/b0.png,rocket,train",
+            "img/a2.png,cat,val", "img/b2.png,rocket,val"]
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    if line is not None:
+        with pytest.raises(BitlabError, match=rf"data.csv, line {line}: (unknown split 'dev'|empty 'split')"):
+            ds.load_source(tmp_path / "data.csv")
+        return
+    splits = ds.load_splits(tmp_path / "data.csv")
+    expected_train = ["a0.png", "a1.png", "b0.png"] if split.strip() == "Train" else ["a0.png", "b0.png"]
+    assert [p.name for p in splits.train.paths] == expected_train
+    expected_val = ["a2.png", "b2.png"] if split.strip() == "Train" else ["a1.png", "a2.png", "b2.png"]
+    assert [p.name for p in splits.val.paths] == expected_val  # 'validation' rows join 'val', not dropped
+    assert len(ds.load_splits(tmp_path / "data.csv", val_split="validation").val) == len(expected_val)
+
+
+def test_csv_without_train_rows_trains_on_the_blank_ones(tmp_path, photos):
+    _csv_set(tmp_path, photos)
+    rows = ["path,label,split", "img/a0.png,cat,", "img/a1.png,cat,", "img/b0.png,rocket,", "img/b1.png,rocket,",
+            "img/a2.png,cat,test", "img/b2.png,rocket,test"]
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    splits = ds.load_splits(tmp_path / "data.csv")
+    assert len(splits.train) == 4 and len(splits.val) == 2
+
+
+def test_csv_header_with_spaces_and_excel_bom(tmp_path, photos):
+    _csv_set(tmp_path, photos)
+    body = "img/a0.png , cat , train\nimg/b0.png,rocket,train\nimg/a1.png,cat,val\nimg/b1.png,rocket,val\n"
+    (tmp_path / "spaces.csv").write_text(" path , label , split \n" + body)
+    (tmp_path / "bom.csv").write_bytes("path,label,split\n".encode("utf-8-sig") + body.encode())
+    for name in ("spaces.csv", "bom.csv"):
+        splits = ds.load_splits(tmp_path / name)
+        assert [p.name for p in splits.train.paths] == ["a0.png", "b0.png"] and splits.classes == ["cat", "rocket"]
+
+
+def test_empty_class_folder_is_reported(photo_tree, caplog):
+    (photo_tree / "train" / "dog").mkdir()
+    with caplog.at_level("WARNING", logger="bitlab.data.datasets"):
+        train = ds.image_folder(photo_tree / "train")
+    assert train.classes == ["cat", "coffee"]
+    assert "no images in class folder 'dog'" in caplog.text and str(photo_tree / "train") in caplog.text
+
+
+def test_bad_image_is_replaced_by_one_of_its_class(tmp_path, photos):
+    """Sorted by path, cat/1.jpg is followed by cat/2.jpg, and the class's last file by the next class."""
+    root = tmp_path / "t"
+    for i in range(3):
+        _write(root / "cat" / f"{i}.jpg", photos["chelsea"][i * 10:, i * 10:])
+        _write(root / "coffee" / f"{i}.jpg", photos["coffee"][i * 10:, i * 10:])
+    (root / "cat" / "2.jpg").write_bytes(b"not a jpeg")
+    images = ds.image_folder(root)
+    dataset = ds.TrainImages(images, TrainAugment(40, 32), skip_bad=True)
+    img, label, bad = dataset[(2, 0)]  # cat/2.jpg: its class continues at cat/0.jpg, not coffee/0.jpg
+    assert label == 0 and len(bad) == 1 and "2.jpg" in bad[0]
+    rng = np.random.default_rng((0, ds._AUG_STREAM, 0))
+    from bitlab.data.transforms import decode_image, to_chw_tensor, train_image
+    expected = to_chw_tensor(train_image(decode_image(images.paths[0], min_side=40), TrainAugment(40, 32), rng))
+    assert torch.equal(img, expected)
+    for p in (root / "cat").glob("*.jpg"):
+        p.write_bytes(b"broken")
+    img, label, bad = dataset[(1, 0)]  # a class with no readable file gives up after its own files
+    assert img is None and len(bad) == 3 and all("cat" in m for m in bad)

@@ -1,5 +1,6 @@
 """Multi-label CSV / JSON-lines sets: parsing, class lists, splits and errors that name the line."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,14 +11,23 @@ from bitlab.data.multilabel import (
 from bitlab.errors import BitlabError
 
 
+def touch(folder: Path, *names: str) -> None:
+    """Empty files: reading a list checks that its files exist, not what they hold."""
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"")
+
+
 def test_csv_with_splits_and_empty_labels(tmp_path):
     f = tmp_path / "labels.csv"
-    f.write_text("path,labels,split\na.jpg,cat dog,train\nsub/b.jpg,,train\n/abs/c.png,dog,val\n")
+    elsewhere = tmp_path / "elsewhere" / "c.png"
+    touch(tmp_path, "a.jpg", "sub/b.jpg", "elsewhere/c.png")
+    f.write_text(f"path,labels,split\na.jpg,cat dog,train\nsub/b.jpg,,train\n{elsewhere},dog,val\n")
     assert is_multilabel_file(f)
     sets = read_multilabel(f)
     train, val = sets["train"], sets["val"]
     assert train.classes == val.classes == ["cat", "dog"]
-    assert train.paths == [tmp_path / "a.jpg", tmp_path / "sub" / "b.jpg"] and val.paths[0].as_posix() == "/abs/c.png"
+    assert train.paths == [tmp_path / "a.jpg", tmp_path / "sub" / "b.jpg"] and val.paths == [elsewhere]  # absolute kept
     assert [x.tolist() for x in train.labels] == [[0, 1], []]
     assert train.multi_hot(0).tolist() == [1, 1] and train.multi_hot(1).tolist() == [0, 0]
     assert train.label_counts().tolist() == [1, 1]
@@ -25,6 +35,7 @@ def test_csv_with_splits_and_empty_labels(tmp_path):
 
 def test_separator_and_class_list(tmp_path):
     f = tmp_path / "l.csv"
+    touch(tmp_path, "a.jpg", "b.jpg")
     f.write_text("file,tags\na.jpg,tabby cat|sofa\n")
     assert read_multilabel(f, label_sep="|")["all"].classes == ["sofa", "tabby cat"]
     classes = tmp_path / "classes.txt"
@@ -38,6 +49,7 @@ def test_separator_and_class_list(tmp_path):
 
 def test_jsonl(tmp_path):
     f = tmp_path / "d.jsonl"
+    touch(tmp_path, "x.jpg", "y.jpg")
     f.write_text(json.dumps({"path": "x.jpg", "labels": ["b", "a", "a"]}) + "\n\n"
                  + json.dumps({"path": "y.jpg", "labels": [], "split": "Val"}) + "\n")
     sets = read_multilabel(f)
@@ -102,3 +114,32 @@ def test_load_labelled_aligns_single_label_splits(tmp_path):
     with pytest.raises(BitlabError, match="'z' are not among the 3 training classes"):
         load_labelled(tmp_path)
     assert np.array_equal(load_labelled(tmp_path / "train")["all"].labels, [0, 1, 2])
+
+
+def test_missing_files_splits_and_short_rows_name_the_line(tmp_path):
+    touch(tmp_path, "a.jpg", "b.jpg")
+    f = tmp_path / "l.csv"
+    f.write_text("path,labels\na.jpg,cat\nmissing.jpg,dog\nb.jpg,\n")
+    with pytest.raises(BitlabError, match=r"l.csv, line 3: file .*missing.jpg not found"):
+        read_multilabel(f)
+    f.write_text("path,labels,split\na.jpg,cat,train\nb.jpg,dog,holdout\n")
+    with pytest.raises(BitlabError, match=r"l.csv, line 3: unknown split 'holdout'"):
+        read_multilabel(f)
+    f.write_text("path,labels,split\na.jpg,cat,train\nb.jpg\n")
+    with pytest.raises(BitlabError, match=r"l.csv, line 3: no 'labels' cell"):
+        read_multilabel(f)
+    f.write_text("path,labels,split\na.jpg,cat,train\nb.jpg,,validation\n")  # an empty cell: no labels
+    assert read_multilabel(f)["val"].labels[0].tolist() == []
+    j = tmp_path / "l.jsonl"
+    j.write_text(json.dumps({"path": "a.jpg", "labels": ["cat"], "split": "train"}) + "\n"
+                 + json.dumps({"path": "b.jpg", "labels": ["cat"]}) + "\n")
+    with pytest.raises(BitlabError, match=r"l.jsonl, line 2: empty 'split'"):
+        read_multilabel(j)
+
+
+def test_csv_with_excel_bom_and_spaced_header(tmp_path):
+    touch(tmp_path, "a.jpg")
+    f = tmp_path / "l.csv"
+    f.write_bytes(" path , labels \na.jpg,cat dog\n".encode("utf-8-sig"))
+    assert is_multilabel_file(f)
+    assert read_multilabel(f)["all"].labels[0].tolist() == [0, 1]

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,8 @@ from bitlab.errors import BitlabError
 from bitlab.models import create_model, read_state_dict
 from bitlab.models.checkpoints import CheckpointError
 from bitlab.paths import REPO_ROOT
-from bitlab.train.finetune import FewShotConfig, FinetuneConfig, build_model, fewshot, finetune, read_fewshot
+from bitlab.train.finetune import (FewShotConfig, FinetuneConfig, build_model, fewshot, finetune, load_data,
+                                   read_fewshot)
 
 TINY = dict(model="R14x0.5", batch_size=8, resolution=[18, 16], workers=0, progress=False, base_lr=0.05)
 
@@ -240,6 +242,13 @@ def test_hyperrule_cli(capsys):
         code, out, _ = _cli(capsys, "hyperrule", "--dataset-size", "20000", "--image-size", "96", "96",
                             "--batch-size", "128", *flag)
         assert code == 0 and steps in out and "lr 0.003," in out
+    # batch 51200 scales the small schedule to 1 2 3 4 5: the last decay (step 4) has no step 5 to print
+    code, out, _ = _cli(capsys, "hyperrule", "--dataset-size", "1000", "--image-size", "300", "300",
+                        "--batch-size", "51200", "--scale-schedule")
+    assert code == 0 and "step 4: 3e-05, step 5: end" in out
+    code, _, err = _cli(capsys, "hyperrule", "--dataset-size", "1000", "--image-size", "300", "300",
+                        "--batch-size", "100000", "--scale-schedule")
+    assert code == 2 and "supports coincide" in err
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -268,3 +277,85 @@ def test_bit_model_from_official_npz_and_from_a_run(tiny_digits, tmp_path):
     again = build_model("R14x0.5", 3, str(tmp_path / "a" / "final.pt"))
     trained = read_state_dict(tmp_path / "a" / "final.pt")[0]
     assert torch.equal(again.state_dict()["root.conv.weight"], trained["root.conv.weight"])
+
+
+def test_fewshot_refuses_runs_made_with_other_settings(tiny_digits, tmp_path):
+    """A finished k*_seed* run is reused only if made with the same settings (the model, the lr...)."""
+    sweep = dict(TINY, data=str(tiny_digits), out=str(tmp_path), schedule=[1, 1, 1, 1, 2], shots=[1], seeds=[0])
+    first = fewshot(FewShotConfig(**sweep))
+    assert first["stopped"] is None
+    for change, named in (({"base_lr": 0.01}, "base_lr: 0.05 -> 0.01"),
+                          ({"model": "R14x0.5-bn"}, "model: 'R14x0.5' -> 'R14x0.5-bn'"),
+                          ({"pretrained": str(tmp_path / "k1_seed0" / "final.pt")}, "pretrained: None ->")):
+        with pytest.raises(BitlabError, match=rf"k1_seed0/config.json: .*different settings \({named}"):
+            fewshot(FewShotConfig(**{**sweep, **change}))
+        assert json.loads((tmp_path / "config.json").read_text())["base_lr"] == 0.05  # the sweep's record stays
+    # the same settings with one more seed: the finished run is reused, the new one made
+    again = fewshot(FewShotConfig(**{**sweep, "seeds": [0, 1]}))
+    assert again["runs"][0]["top1"] == first["runs"][0]["top1"] and len(again["runs"]) == 2
+
+
+def test_val_fraction_holdout_is_shared_by_the_seeds(tiny_digits, tmp_path):
+    """--val-fraction draws with --split-seed: few-shot seeds differ in their K, not in their validation set."""
+    def data(**kw):
+        return load_data(cfg(tiny_digits / "train", tmp_path, val_fraction=0.34, examples_per_class=2, **kw))
+
+    a, b, other = data(seed=0), data(seed=1), data(seed=0, split_seed=1)
+    assert a.val.paths == b.val.paths and len(a.val) == 20
+    assert a.train.paths != b.train.paths  # each seed its own few-shot picks ...
+    assert not set(a.train.paths + b.train.paths) & set(a.val.paths)  # ... from the same pool
+    assert other.val.paths != a.val.paths
+    with pytest.raises(BitlabError, match="--examples-per-class must be positive, got 0"):
+        load_data(cfg(tiny_digits, tmp_path, examples_per_class=0))
+
+
+def test_split_seed_flag_is_recorded(tiny_digits, tmp_path, capsys):
+    code, _, _ = _cli(capsys, "finetune", "--model", "R14x0.5", "--data", str(tiny_digits / "train"), "--out",
+                      str(tmp_path), "--val-fraction", "0.34", "--split-seed", "3", "--batch-size", "8",
+                      "--resolution", "18", "16", "--schedule", "1", "1", "1", "1", "1", "--workers", "0",
+                      "--no-progress")
+    assert code == 0 and json.loads((tmp_path / "config.json").read_text())["split_seed"] == 3
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"workers": -1}, "--workers must be 0 (load in the main process) or more, got -1"),
+    ({"mixup": -1.0}, "--mixup must be 0 (off) or more, got -1.0"),
+    ({"base_lr": -1.0}, "--base-lr must be a positive number, got -1.0"),
+    ({"base_lr": float("nan")}, "--base-lr must be a positive number, got nan"),
+    ({"schedule": [5, 3, 4, 6, 8]}, "--schedule must be increasing"),
+    ({"schedule": [-1, 2, 3, 4, 5]}, "--schedule must be increasing"),
+    ({"schedule": [0, 0, 0, 0, 0]}, "TOTAL > 0"),
+    ({"resolution": [16, 18]}, "--resolution must be RESIZE CROP with 0 < CROP <= RESIZE"),
+    ({"image_size": [0, 8]}, "--image-size must be two positive numbers"),
+    ({"seed": -1}, "--seed must be 0 or more"),
+    ({"split_seed": -2}, "--split-seed must be 0 or more"),
+    ({"val_fraction": 1.0}, "--val-fraction must be at least 0 and below 1"),
+    ({"batch_split": 0}, "--batch-split must be at least 1"),
+    ({"eval_batch_size": 0}, "--eval-batch-size must be at least 1"),
+])
+def test_config_refuses_unusable_values(tmp_path, change, message):
+    with pytest.raises(BitlabError, match=re.escape(message)):
+        cfg("unused", tmp_path, **change)
+    assert not any(tmp_path.iterdir())  # refused before anything is read or written
+
+
+def test_cli_names_a_bad_flag(tmp_path, capsys):
+    code, _, err = _cli(capsys, "finetune", "--model", "R14x0.5", "--data", "unused", "--out", str(tmp_path),
+                        "--workers", "-1")
+    assert code == 2 and "--workers must be 0" in err
+    code, _, err = _cli(capsys, "fewshot", "--model", "R14x0.5", "--data", "unused", "--out", str(tmp_path),
+                        "--shots", "0", "5")
+    assert code == 2 and "--shots must be positive, got 0" in err
+
+
+def test_batch_norm_with_micro_batches_is_warned(tiny_digits, tmp_path, caplog):
+    warning = "BatchNorm, which normalises over each micro-batch of 4 images rather than the batch of 8"
+    with caplog.at_level("WARNING", logger="bitlab.train.finetune"):
+        finetune(cfg(tiny_digits, tmp_path / "bn", model="R14x0.5-bn", batch_split=2, schedule=[1, 1, 1, 1, 1]))
+    assert warning in caplog.text
+    assert warning in json.loads((tmp_path / "bn" / "plan.json").read_text())["warnings"][0]
+    caplog.clear()
+    for name, kw in (("gn", dict(batch_split=2)), ("one", dict(model="R14x0.5-bn"))):  # GroupNorm; no split
+        finetune(cfg(tiny_digits, tmp_path / name, schedule=[1, 1, 1, 1, 1], **kw))
+        assert json.loads((tmp_path / name / "plan.json").read_text())["warnings"] == []
+    assert "BatchNorm" not in caplog.text
