@@ -178,3 +178,58 @@ def test_fine_tuned_file_brings_its_head_size(tmp_path):
     headless = create_model("R14x0.5", num_classes=0)
     path = checkpoints.save_bitlab(headless, tmp_path / "headless.pt")
     assert create_model("R14x0.5", pretrained=path).num_classes == 1000  # no head in the file: the name's default
+
+
+# ----------------------------------------------------------------------------- variants, timm names, bad files
+def _truncated(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d, m: _truncated(checkpoints.save_npz(m, d / "f.npz")), r"f\.npz: truncated or damaged zip archive"),
+    (lambda d, m: _truncated(checkpoints.save_bitlab(m, d / "f.pt")), r"f\.pt: truncated or damaged zip archive"),
+    (lambda d, m: (d / "f.bin").write_bytes(bytes(range(101, 201))) and d / "f.bin",
+     r"f\.bin: not a checkpoint \(neither an npz archive nor a torch file"),
+    (lambda d, m: (d / "f.pt").write_bytes(b"") or d / "f.pt", r"f\.pt: not a checkpoint .*an empty file"),
+    (lambda d, m: np.savez(d / "f.npz", **{**checkpoints.state_dict_to_npz(m.state_dict()),
+                                          "resnet/group_norm/beta": np.array(["a"] * 1024)}) or d / "f.npz",
+     r"f\.npz: key 'resnet/group_norm/beta' has dtype <U1, expected floating-point weights"),
+    (lambda d, m: torch.save({"format": "bitlab-model", "config": {"depth": 50}, "state_dict": {}}, d / "f.pt")
+     or d / "f.pt", r"f\.pt: key 'config' is not a ResNetV2 config"),
+    (lambda d, m: torch.save({"root.conv.weight": 3}, d / "f.pt") or d / "f.pt",
+     r"f\.pt: key 'root\.conv\.weight' holds a int, not a tensor"),
+])
+def test_bad_files_are_named_with_the_key(tmp_path, make, message):
+    path = make(tmp_path, create_model("R14x0.5", num_classes=3))
+    with pytest.raises(CheckpointError, match=message):
+        create_model("R14x0.5", num_classes=3, pretrained=path)
+
+
+def test_convert_and_build_model_name_the_file_and_hint_only_on_mismatch(tmp_path):
+    from bitlab.train.finetune import build_model
+
+    torch.save({"a": torch.zeros(1)}, tmp_path / "notsd.pt")
+    with pytest.raises(CheckpointError, match=r"notsd\.pt: state dict is not a BiT ResNetV2"):
+        checkpoints.convert(tmp_path / "notsd.pt", tmp_path / "x.npz")
+    with pytest.raises(CheckpointError, match=r"nothing\.npz: no such checkpoint file$"):
+        build_model("R14x0.5", 3, str(tmp_path / "nothing.npz"))
+    with pytest.raises(CheckpointError,
+                       match=r"notsd\.pt: missing key 'root\.conv\.weight'.*another architecture than R14x0\.5"):
+        build_model("R14x0.5", 3, str(tmp_path / "notsd.pt"))
+
+
+def test_a_torch_file_is_loaded_once(tmp_path, monkeypatch):
+    path = checkpoints.save_bitlab(create_model("R14x0.5", num_classes=3), tmp_path / "m.pt")
+    calls = []
+    real = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    create_model("R14x0.5", pretrained=path)
+    assert len(calls) == 1
+    assert checkpoints.detect_format(path) == "bitlab" and len(calls) == 2
