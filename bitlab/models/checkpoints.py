@@ -14,7 +14,8 @@ Key tables (reference notes §2.8 and timm `_load_weights`), bitlab names on the
 
 npz kernels are HWIO; torch weights are OIHW (`transpose(3, 2, 0, 1)` and back). Every file is
 read safely (`np.load(allow_pickle=False)`, `torch.load(weights_only=True)`) and once; its format
-comes from its magic bytes.
+comes from its magic bytes. npz and timm files carry no config: they imply GN+WS (norm=group,
+conv=std). bitlab's ResNetV2 and timm's `resnetv2_*_bit` load all three formats.
 """
 from __future__ import annotations
 
@@ -160,6 +161,8 @@ def state_dict_to_npz(state_dict: dict[str, torch.Tensor]) -> dict[str, np.ndarr
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first member header / an empty zip
 # torch's legacy (pre-1.6, non-zip) files open with the pickled magic number 0x1950a86a20f9469cfc6c.
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+# Official npz and timm BiT files carry no config: both only ever hold GN+WS weights.
+_BIT_VARIANT = {"norm": "group", "conv": "std"}
 
 
 def _container(path: Path) -> Literal["npz", "torch"]:
@@ -213,11 +216,11 @@ def _check_tensor(source: str | Path, key: str, value: object) -> None:
 
 
 def _read(path: str | Path) -> tuple[Format, dict[str, torch.Tensor], ResNetV2Config | None]:
-    """(format, bitlab-named state dict, config saved in the file if any); loads the file once."""
+    """(format, bitlab-named state dict, config saved in or implied by the file); loads the file once."""
     path = Path(path)
     if _container(path) == "npz":
         state_dict = npz_to_state_dict(_read_npz(path), source=str(path))
-        return "npz", state_dict, None
+        return "npz", state_dict, infer_config(state_dict, str(path), **_BIT_VARIANT)
     obj = io.torch_load(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
@@ -236,7 +239,8 @@ def _read(path: str | Path) -> tuple[Format, dict[str, torch.Tensor], ResNetV2Co
     for key, value in obj.items():
         _check_tensor(path, key, value)
     if any(k.startswith("stem.") for k in obj):
-        return "timm", timm_to_bitlab(obj), config
+        state_dict = timm_to_bitlab(obj)
+        return "timm", state_dict, infer_config(state_dict, str(path), **_BIT_VARIANT)
     return "bitlab", obj, config
 
 
@@ -249,7 +253,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], ResNetV2
     """Any supported file -> (bitlab-named state dict, config).
 
     Accepts the official npz, bitlab model files, bitlab training checkpoints (`model` entry) and
-    timm state dicts (bare or under `state_dict`). The config is the one saved in bitlab files.
+    timm state dicts (bare or under `state_dict`). The config is the one saved in bitlab files;
+    npz and timm files imply GN+WS (norm=group, conv=std) and the architecture of their tensors;
+    a bare bitlab-named state dict has none (its conv type cannot be told from its keys).
     """
     _, state_dict, config = _read(path)
     return state_dict, config
@@ -275,15 +281,25 @@ def infer_config(state_dict: dict[str, torch.Tensor], source: str, **overrides) 
     return ResNetV2Config(**cfg)
 
 
-def load_into(model: ResNetV2, state_dict: dict[str, torch.Tensor], source: str,
+def is_timm_bit(model: nn.Module) -> bool:
+    """timm's BiT ResNetV2 (`resnetv2_*_bit`: StdConv2d stem, GroupNorm): bitlab's layout under timm names."""
+    from timm.layers import StdConv2d
+    from timm.models.resnetv2 import ResNetV2 as TimmResNetV2
+
+    return (isinstance(model, TimmResNetV2) and isinstance(getattr(model.stem, "conv", None), StdConv2d)
+            and isinstance(model.norm, nn.GroupNorm))
+
+
+def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
               *, keep_model_head: bool = False) -> None:
-    """Copy a bitlab-named state dict into `model`, strictly.
+    """Copy a bitlab-named state dict into a bitlab ResNetV2 or timm's BiT ResNetV2, strictly.
 
     Missing, unexpected or mis-shaped keys raise `CheckpointMismatch` naming the key and `source`.
     The classifier is the one exception: when the file's head has a different number of classes
     than the model (or `keep_model_head`), the model keeps its own head and this is logged.
     """
-    own = model.state_dict()
+    timm_names = not isinstance(model, ResNetV2)
+    own = timm_to_bitlab(model.state_dict()) if timm_names else model.state_dict()
     file_head = state_dict.get("head.conv.weight")
     model_head = own.get("head.conv.weight")
     skip_head = keep_model_head or file_head is None or model_head is None or file_head.shape != model_head.shape
@@ -299,18 +315,25 @@ def load_into(model: ResNetV2, state_dict: dict[str, torch.Tensor], source: str,
     if extra := sorted(set(state_dict) - set(own)):
         raise CheckpointMismatch(f"{source}: unexpected key {extra[0]!r}"
                                  + (f" and {len(extra) - 1} more" if len(extra) > 1 else ""))
-    model.load_state_dict(state_dict, strict=not skip_head)
+    model.load_state_dict(bitlab_to_timm(state_dict) if timm_names else state_dict, strict=not skip_head)
     if skip_head and file_head is not None and model_head is not None and not keep_model_head:
         log.info("%s: head has %d classes, model has %d: keeping the model's own head",
                  source, file_head.shape[0], model_head.shape[0])
 
 
 def load_weights(model: nn.Module, path: str | Path, *, keep_model_head: bool = False) -> nn.Module:
-    """Load any supported checkpoint file into `model` (strict; see `load_into`)."""
-    if isinstance(model, ResNetV2):
+    """Load any supported checkpoint file into `model` (strict; see `load_into`).
+
+    BiT models, bitlab's or timm's `resnetv2_*_bit`, take npz, bitlab and timm files alike; other
+    models take a torch state dict of their own (bare, or under `model` / `state_dict`).
+    """
+    if isinstance(model, ResNetV2) or is_timm_bit(model):
         state_dict, config = read_state_dict(path)
         load_resnetv2(model, state_dict, config, str(path), keep_model_head=keep_model_head)
         return model
+    if _container(Path(path)) == "npz":
+        raise CheckpointError(f"{path}: an official BiT npz loads into BiT ResNetV2 models only, "
+                              f"not {type(model).__name__}")
     obj = io.torch_load(path)
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -326,12 +349,15 @@ def load_weights(model: nn.Module, path: str | Path, *, keep_model_head: bool = 
     return model
 
 
-def load_resnetv2(model: ResNetV2, state_dict: dict[str, torch.Tensor], config: ResNetV2Config | None,
+def load_resnetv2(model: nn.Module, state_dict: dict[str, torch.Tensor], config: ResNetV2Config | None,
                   source: str, *, keep_model_head: bool = False) -> None:
-    """`load_into`, after refusing a file saved for another norm/conv variant."""
-    if config is not None and (config.norm, config.conv) != (model.config.norm, model.config.conv):
-        raise CheckpointError(f"{source}: saved for norm={config.norm}, conv={config.conv}; "
-                              f"model has norm={model.config.norm}, conv={model.config.conv}")
+    """`load_into`, after refusing weights of another norm/conv variant: WS kernels through a
+    plain conv, or GroupNorm weights in a BatchNorm net, would give meaningless outputs."""
+    norm, conv = (model.config.norm, model.config.conv) if isinstance(model, ResNetV2) else ("group", "std")
+    if config is not None and (config.norm, config.conv) != (norm, conv):
+        raise CheckpointError(f"{source}: holds norm={config.norm}, conv={config.conv} weights, the model is "
+                              f"norm={norm}, conv={conv}; weights only fit the variant they were trained as "
+                              "(official npz and timm BiT files are always norm=group, conv=std)")
     load_into(model, state_dict, source, keep_model_head=keep_model_head)
 
 

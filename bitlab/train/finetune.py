@@ -116,6 +116,9 @@ def build_model(name: str, num_classes: int, pretrained: str | None) -> nn.Modul
 
 
 def _load_backbone(model: nn.Module, path: str) -> None:
+    if checkpoints.is_timm_bit(model):  # takes official npz and bitlab files too, renamed for timm
+        checkpoints.load_weights(model, path, keep_model_head=True)
+        return
     state = io.torch_load(path)
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):

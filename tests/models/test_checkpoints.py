@@ -181,6 +181,47 @@ def test_fine_tuned_file_brings_its_head_size(tmp_path):
 
 
 # ----------------------------------------------------------------------------- variants, timm names, bad files
+@pytest.mark.parametrize("suffix", ["-plain", "-bn", "-bn-plain"])
+def test_npz_and_timm_files_refuse_other_norm_or_conv(tmp_path, suffix):
+    """npz and timm files carry no config but only ever hold GN+WS weights: raw WS kernels through a
+    plain conv (or GN weights in BN) would load and give meaningless outputs."""
+    model = _randomise(create_model("R14x0.5", num_classes=3))
+    npz = checkpoints.save_npz(model, tmp_path / "m.npz")
+    timm_file = checkpoints.save_timm(model, tmp_path / "m_timm.pth")
+    for path in (npz, timm_file):
+        with pytest.raises(CheckpointError, match=rf"{path.name}: holds norm=group, conv=std weights, the model is "
+                                                  rf"norm={'batch' if '-bn' in suffix else 'group'}"):
+            create_model(f"R14x0.5{suffix}", num_classes=3, pretrained=path)
+    assert torch.equal(create_model("R14x0.5", pretrained=timm_file).root.conv.weight, model.root.conv.weight)
+
+
+def test_timm_names_load_npz_and_bitlab_files_with_parity(tmp_path, photos):
+    """`resnetv2_50x1_bit` takes the official npz and bitlab files (timm loads the npz itself too)."""
+    from bitlab.train.finetune import build_model
+
+    ours = _randomise(create_model("R50x1", num_classes=5), seed=4)
+    files = [checkpoints.save_npz(ours, tmp_path / "m.npz"), checkpoints.save_bitlab(ours, tmp_path / "m.pt")]
+    x = _batch(photos, size=64)
+    with torch.no_grad():
+        ref = ours(x)
+    for path in files:
+        theirs = create_model("resnetv2_50x1_bit", num_classes=5, pretrained=path).eval()
+        for m in theirs.modules():  # timm's BiT uses eps 1e-8; the official value is 1e-10
+            if isinstance(m, timm.layers.StdConv2d):
+                m.eps = 1e-10
+        with torch.no_grad():
+            assert (theirs(x) - ref).abs().max() < 1e-4, path
+    assert ref.std() > 1e-2
+    other = create_model("resnetv2_50x1_bit", pretrained=files[0])  # timm's 1000-class head stays as built
+    assert torch.equal(other.stem.conv.weight, ours.root.conv.weight)
+    tuned = build_model("resnetv2_50x1_bit", 4, str(files[0]))  # `finetune --model resnetv2_50x1_bit --pretrained`
+    assert torch.equal(tuned.stages[3].blocks[2].conv3.weight, ours.body.block4.unit03.conv3.weight)
+    assert tuned.get_classifier().out_channels == 4 and not tuned.get_classifier().weight.any()
+    bn = checkpoints.save_bitlab(create_model("R50x1-bn", num_classes=5), tmp_path / "bn.pt")
+    with pytest.raises(CheckpointError, match=r"bn\.pt: holds norm=batch, conv=std weights, the model is norm=group"):
+        create_model("resnetv2_50x1_bit", num_classes=5, pretrained=bn)
+
+
 def _truncated(path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
