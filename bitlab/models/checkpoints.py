@@ -131,7 +131,8 @@ def timm_to_bitlab(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def npz_to_state_dict(arrays: dict[str, np.ndarray], source: str = "npz") -> dict[str, torch.Tensor]:
-    """Official npz arrays -> bitlab state dict (HWIO -> OIHW). Unknown keys and non-float arrays are an error."""
+    """Official npz arrays -> bitlab state dict (HWIO -> OIHW). Unknown keys, non-float or non-finite
+    arrays are an error."""
     out: dict[str, torch.Tensor] = {}
     for key, value in arrays.items():
         name = _npz_to_bitlab_key(key)
@@ -143,6 +144,7 @@ def npz_to_state_dict(arrays: dict[str, np.ndarray], source: str = "npz") -> dic
         if value.ndim == 4:
             value = value.transpose(3, 2, 0, 1)
         out[name] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+        _check_tensor(source, key, out[name])
     return out
 
 
@@ -211,8 +213,11 @@ def _saved_config(path: Path, obj: dict, key: str) -> ResNetV2Config:
 
 
 def _check_tensor(source: str | Path, key: str, value: object) -> None:
+    """A tensor with finite weights: NaN/inf weights would load silently and only show as NaN logits."""
     if not isinstance(value, torch.Tensor):
         raise CheckpointError(f"{source}: key {key!r} holds a {type(value).__name__}, not a tensor")
+    if value.is_floating_point() and not torch.isfinite(value).all():
+        raise CheckpointError(f"{source}: key {key!r} has non-finite values (NaN or inf)")
 
 
 def _read(path: str | Path) -> tuple[Format, dict[str, torch.Tensor], ResNetV2Config | None]:
@@ -295,8 +300,8 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str
     """Copy a bitlab-named state dict into a bitlab ResNetV2 or timm's BiT ResNetV2, strictly.
 
     Missing, unexpected or mis-shaped keys raise `CheckpointMismatch` naming the key and `source`.
-    The classifier is the one exception: when the file's head has a different number of classes
-    than the model (or `keep_model_head`), the model keeps its own head and this is logged.
+    The classifier is the one exception: when the file has no head, a head of another size, or
+    `keep_model_head`, the model keeps its own (freshly initialised) head and this is logged.
     """
     timm_names = not isinstance(model, ResNetV2)
     own = timm_to_bitlab(model.state_dict()) if timm_names else model.state_dict()
@@ -316,9 +321,12 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str
         raise CheckpointMismatch(f"{source}: unexpected key {extra[0]!r}"
                                  + (f" and {len(extra) - 1} more" if len(extra) > 1 else ""))
     model.load_state_dict(bitlab_to_timm(state_dict) if timm_names else state_dict, strict=not skip_head)
-    if skip_head and file_head is not None and model_head is not None and not keep_model_head:
-        log.info("%s: head has %d classes, model has %d: keeping the model's own head",
-                 source, file_head.shape[0], model_head.shape[0])
+    if skip_head and model_head is not None:
+        why = ("a new head was asked for (zero_head)" if keep_model_head
+               else "the file has no head" if file_head is None
+               else f"the file's head has {file_head.shape[0]} classes")
+        log.info("%s: %s: the model's %d-class head keeps its %s initialisation", source, why,
+                 model_head.shape[0], "random" if model_head.any() else "zero")
 
 
 def load_weights(model: nn.Module, path: str | Path, *, keep_model_head: bool = False) -> nn.Module:

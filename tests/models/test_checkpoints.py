@@ -195,7 +195,7 @@ def test_npz_and_timm_files_refuse_other_norm_or_conv(tmp_path, suffix):
     assert torch.equal(create_model("R14x0.5", pretrained=timm_file).root.conv.weight, model.root.conv.weight)
 
 
-def test_timm_names_load_npz_and_bitlab_files_with_parity(tmp_path, photos):
+def test_timm_names_load_npz_and_bitlab_files_with_parity(tmp_path, photos, caplog):
     """`resnetv2_50x1_bit` takes the official npz and bitlab files (timm loads the npz itself too)."""
     from bitlab.train.finetune import build_model
 
@@ -212,7 +212,9 @@ def test_timm_names_load_npz_and_bitlab_files_with_parity(tmp_path, photos):
         with torch.no_grad():
             assert (theirs(x) - ref).abs().max() < 1e-4, path
     assert ref.std() > 1e-2
-    other = create_model("resnetv2_50x1_bit", pretrained=files[0])  # timm's 1000-class head stays as built
+    with caplog.at_level("INFO"):  # timm's default 1000-class head: the body loads, the head stays as built
+        other = create_model("resnetv2_50x1_bit", pretrained=files[0])
+    assert "the file's head has 5 classes: the model's 1000-class head keeps its random initialisation" in caplog.text
     assert torch.equal(other.stem.conv.weight, ours.root.conv.weight)
     tuned = build_model("resnetv2_50x1_bit", 4, str(files[0]))  # `finetune --model resnetv2_50x1_bit --pretrained`
     assert torch.equal(tuned.stages[3].blocks[2].conv3.weight, ours.body.block4.unit03.conv3.weight)
@@ -274,3 +276,35 @@ def test_a_torch_file_is_loaded_once(tmp_path, monkeypatch):
     create_model("R14x0.5", pretrained=path)
     assert len(calls) == 1
     assert checkpoints.detect_format(path) == "bitlab" and len(calls) == 2
+
+
+def test_random_weights_and_fresh_heads_are_logged(tmp_path, caplog):
+    with caplog.at_level("INFO"), torch.device("meta"):
+        create_model("BiT-M-R50x1-ILSVRC2012")
+        create_model("R50x1")  # an architecture name is built to be trained: nothing to say
+    assert [r.getMessage() for r in caplog.records] == [
+        "BiT-M-R50x1-ILSVRC2012: no pretrained file given: random weights "
+        "(the official ones: `bitlab weights download BiT-M-R50x1-ILSVRC2012`)"]
+    headless = checkpoints.save_npz(_randomise(create_model("R14x0.5", num_classes=0)), tmp_path / "headless.npz")
+    for zero_head, init in ((False, "random"), (True, "zero")):
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            create_model("R14x0.5", num_classes=5, pretrained=headless, zero_head=zero_head)
+        why = "a new head was asked for (zero_head)" if zero_head else "the file has no head"
+        assert f"headless.npz: {why}: the model's 5-class head keeps its {init} initialisation" in caplog.text
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(tmp_path, bad):
+    model = _randomise(create_model("R14x0.5", num_classes=3))
+    arrays = checkpoints.state_dict_to_npz(model.state_dict())
+    arrays["resnet/block3/unit01/b/standardized_conv2d/kernel"][0, 0, 0, 0] = bad
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(CheckpointError, match=r"bad\.npz: key 'resnet/block3/unit01/b/standardized_conv2d/kernel' "
+                                              r"has non-finite values"):
+        create_model("R14x0.5", num_classes=3, pretrained=tmp_path / "bad.npz")
+    with torch.no_grad():
+        model.head.conv.bias[1] = bad
+    checkpoints.save_bitlab(model, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=r"bad\.pt: key 'head\.conv\.bias' has non-finite values"):
+        create_model("R14x0.5", pretrained=tmp_path / "bad.pt")
