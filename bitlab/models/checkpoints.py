@@ -134,10 +134,15 @@ def npz_to_state_dict(arrays: dict[str, np.ndarray], source: str = "npz") -> dic
     """Official npz arrays -> bitlab state dict (HWIO -> OIHW). Unknown keys, non-float or non-finite
     arrays are an error."""
     out: dict[str, torch.Tensor] = {}
+    file_key: dict[str, str] = {}
     for key, value in arrays.items():
-        name = _npz_to_bitlab_key(key)
+        # Some exported files number their convs `standardized_conv2d_N`; big_vision's loader
+        # (maybe_convert_big_transfer_format, reference notes timm-and-big_vision §1.4) renames them back.
+        name = _npz_to_bitlab_key(re.sub(r"/standardized_conv2d_\d+/", "/standardized_conv2d/", key))
         if name is None:
             raise CheckpointError(f"{source}: unexpected key {key!r} (not in the official BiT schema)")
+        if name in out:
+            raise CheckpointError(f"{source}: keys {file_key[name]!r} and {key!r} are the same parameter")
         value = np.asarray(value)
         if value.dtype.kind != "f":
             raise CheckpointError(f"{source}: key {key!r} has dtype {value.dtype}, expected floating-point weights")
@@ -145,6 +150,7 @@ def npz_to_state_dict(arrays: dict[str, np.ndarray], source: str = "npz") -> dic
             value = value.transpose(3, 2, 0, 1)
         out[name] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
         _check_tensor(source, key, out[name])
+        file_key[name] = key
     return out
 
 

@@ -308,3 +308,20 @@ def test_non_finite_weights_are_refused(tmp_path, bad):
     checkpoints.save_bitlab(model, tmp_path / "bad.pt")
     with pytest.raises(CheckpointError, match=r"bad\.pt: key 'head\.conv\.bias' has non-finite values"):
         create_model("R14x0.5", pretrained=tmp_path / "bad.pt")
+
+
+def test_numbered_standardized_conv2d_keys_are_accepted(tmp_path):
+    """Some exported npz files name kernels `standardized_conv2d_N` (big_vision renames them back)."""
+    model = _randomise(create_model("R14x0.5", num_classes=3))
+    arrays = checkpoints.state_dict_to_npz(model.state_dict())
+    numbered = {k.replace("/standardized_conv2d/", f"/standardized_conv2d_{i}/"): v
+                for i, (k, v) in enumerate(arrays.items())}
+    assert numbered.keys() != arrays.keys()
+    np.savez(tmp_path / "numbered.npz", **numbered)
+    loaded = create_model("R14x0.5", pretrained=tmp_path / "numbered.npz")
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    root = "resnet/root_block/standardized_conv2d/kernel"
+    np.savez(tmp_path / "twice.npz", **arrays, **{root.replace("conv2d/", "conv2d_1/"): arrays[root]})
+    with pytest.raises(CheckpointError, match=r"twice\.npz: keys '.*root_block/standardized_conv2d.*/kernel' and "
+                                              r"'.*' are the same parameter"):
+        create_model("R14x0.5", pretrained=tmp_path / "twice.npz")
