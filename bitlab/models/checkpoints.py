@@ -13,7 +13,9 @@ Key tables (reference notes §2.8 and timm `_load_weights`), bitlab names on the
     head.conv.{weight,bias}              resnet/head/conv2d/{kernel,bias}                head.fc.*
 
 npz kernels are HWIO; torch weights are OIHW (`transpose(3, 2, 0, 1)` and back). Every file is
-read safely: `np.load(allow_pickle=False)`, `torch.load(weights_only=True)`.
+read safely (`np.load(allow_pickle=False)`, `torch.load(weights_only=True)`) and once; its format
+comes from its magic bytes. npz and timm files carry no config: they imply GN+WS (norm=group,
+conv=std). bitlab's ResNetV2 and timm's `resnetv2_*_bit` load all three formats.
 """
 from __future__ import annotations
 
@@ -40,7 +42,11 @@ HEAD_KEYS = ("head.conv.weight", "head.conv.bias")
 
 
 class CheckpointError(BitlabError):
-    """A checkpoint that does not fit the model: names the file and the key."""
+    """A checkpoint that cannot be read or does not fit the model: names the file and the key."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """The file's keys or shapes differ from the model's (often a checkpoint of another architecture)."""
 
 
 # ----------------------------------------------------------------------------- key tables
@@ -125,16 +131,26 @@ def timm_to_bitlab(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def npz_to_state_dict(arrays: dict[str, np.ndarray], source: str = "npz") -> dict[str, torch.Tensor]:
-    """Official npz arrays -> bitlab state dict (HWIO -> OIHW). Unknown keys are an error."""
-    out = {}
+    """Official npz arrays -> bitlab state dict (HWIO -> OIHW). Unknown keys, non-float or non-finite
+    arrays are an error."""
+    out: dict[str, torch.Tensor] = {}
+    file_key: dict[str, str] = {}
     for key, value in arrays.items():
-        name = _npz_to_bitlab_key(key)
+        # Some exported files number their convs `standardized_conv2d_N`; big_vision's loader
+        # (maybe_convert_big_transfer_format, reference notes timm-and-big_vision §1.4) renames them back.
+        name = _npz_to_bitlab_key(re.sub(r"/standardized_conv2d_\d+/", "/standardized_conv2d/", key))
         if name is None:
             raise CheckpointError(f"{source}: unexpected key {key!r} (not in the official BiT schema)")
+        if name in out:
+            raise CheckpointError(f"{source}: keys {file_key[name]!r} and {key!r} are the same parameter")
         value = np.asarray(value)
+        if value.dtype.kind != "f":
+            raise CheckpointError(f"{source}: key {key!r} has dtype {value.dtype}, expected floating-point weights")
         if value.ndim == 4:
             value = value.transpose(3, 2, 0, 1)
         out[name] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+        _check_tensor(source, key, out[name])
+        file_key[name] = key
     return out
 
 
@@ -150,59 +166,120 @@ def state_dict_to_npz(state_dict: dict[str, torch.Tensor]) -> dict[str, np.ndarr
 
 
 # ----------------------------------------------------------------------------- reading files
-def detect_format(path: str | Path) -> Format:
-    """'npz' for the official numpy archive; else a torch file: 'bitlab' or 'timm' by its keys."""
-    path = Path(path)
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first member header / an empty zip
+# torch's legacy (pre-1.6, non-zip) files open with the pickled magic number 0x1950a86a20f9469cfc6c.
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+# Official npz and timm BiT files carry no config: both only ever hold GN+WS weights.
+_BIT_VARIANT = {"norm": "group", "conv": "std"}
+
+
+def _container(path: Path) -> Literal["npz", "torch"]:
+    """'npz' or 'torch' from the file's magic bytes and zip member names, without loading it.
+
+    Both formats are zip archives (npz: only `*.npy` members; torch: `<archive>/data.pkl`), so a
+    damaged archive is reported as such instead of as torch's or numpy's internal errors.
+    """
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    if zipfile.is_zipfile(path):
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_TORCH_MAGIC))
+    if head.startswith(_LEGACY_TORCH_MAGIC):
+        return "torch"
+    if head[:4] not in _ZIP_MAGIC:
+        found = "an empty file" if not head else f"it starts with {head[:4]!r}"
+        raise CheckpointError(f"{path}: not a checkpoint (neither an npz archive nor a torch file; {found})")
+    try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
-        if names and all(n.endswith(".npy") for n in names):
-            return "npz"
-    obj = io.torch_load(path)
-    return "bitlab" if isinstance(obj, dict) and obj.get("format") == FORMAT_TAG else "timm"
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path}: truncated or damaged zip archive ({e}); copy or download it again") from None
+    if names and all(n.endswith(".npy") for n in names):
+        return "npz"
+    if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        return "torch"
+    raise CheckpointError(f"{path}: a zip archive that is neither an npz (only .npy arrays) nor a torch checkpoint")
 
 
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], ResNetV2Config | None]:
-    """Any supported file -> (bitlab-named state dict, saved config if the file has one).
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    arrays = {}
+    with np.load(path, allow_pickle=False) as f:
+        for key in f.files:
+            try:
+                arrays[key] = f[key]
+            except (ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile) as e:
+                raise CheckpointError(f"{path}: key {key!r} is unreadable ({type(e).__name__}: {e})") from None
+    return arrays
 
-    Accepts the official npz, bitlab model files, bitlab training checkpoints (`model` entry)
-    and timm state dicts (bare or under `state_dict`).
-    """
+
+def _saved_config(path: Path, obj: dict, key: str) -> ResNetV2Config:
+    try:
+        return ResNetV2Config.from_dict(obj[key])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: key {key!r} is not a ResNetV2 config ({type(e).__name__}: {e})") from None
+
+
+def _check_tensor(source: str | Path, key: str, value: object) -> None:
+    """A tensor with finite weights: NaN/inf weights would load silently and only show as NaN logits."""
+    if not isinstance(value, torch.Tensor):
+        raise CheckpointError(f"{source}: key {key!r} holds a {type(value).__name__}, not a tensor")
+    if value.is_floating_point() and not torch.isfinite(value).all():
+        raise CheckpointError(f"{source}: key {key!r} has non-finite values (NaN or inf)")
+
+
+def _read(path: str | Path) -> tuple[Format, dict[str, torch.Tensor], ResNetV2Config | None]:
+    """(format, bitlab-named state dict, config saved in or implied by the file); loads the file once."""
     path = Path(path)
-    fmt = detect_format(path)
-    if fmt == "npz":
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                arrays = {k: f[k] for k in f.files}
-        except ValueError as e:
-            raise CheckpointError(f"{path}: unreadable npz ({e})") from None
-        return npz_to_state_dict(arrays, source=str(path)), None
+    if _container(path) == "npz":
+        state_dict = npz_to_state_dict(_read_npz(path), source=str(path))
+        return "npz", state_dict, infer_config(state_dict, str(path), **_BIT_VARIANT)
     obj = io.torch_load(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    config = None
     if obj.get("format") == FORMAT_TAG:
-        return obj["state_dict"], ResNetV2Config.from_dict(obj["config"])
-    config = ResNetV2Config.from_dict(obj["model_config"]) if isinstance(obj.get("model_config"), dict) else None
+        config, obj = _saved_config(path, obj, "config"), obj.get("state_dict")
+    elif isinstance(obj.get("model_config"), dict):  # bitlab training checkpoint
+        config = _saved_config(path, obj, "model_config")
     for key in ("model", "state_dict"):  # training checkpoint / timm checkpoint wrapper
-        if isinstance(obj.get(key), dict):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: no state dict in the file (found {type(obj).__name__})")
     obj = {k.removeprefix("module."): v for k, v in obj.items()}  # DDP / DataParallel prefixes
+    for key, value in obj.items():
+        _check_tensor(path, key, value)
     if any(k.startswith("stem.") for k in obj):
-        obj = timm_to_bitlab(obj)
-    return obj, config
+        state_dict = timm_to_bitlab(obj)
+        return "timm", state_dict, infer_config(state_dict, str(path), **_BIT_VARIANT)
+    return "bitlab", obj, config
 
 
-def infer_config(state_dict: dict[str, torch.Tensor], **overrides) -> ResNetV2Config:
+def detect_format(path: str | Path) -> Format:
+    """'npz' for the official numpy archive; 'timm' or 'bitlab' for a torch file, by its key names."""
+    return "npz" if _container(Path(path)) == "npz" else _read(path)[0]
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], ResNetV2Config | None]:
+    """Any supported file -> (bitlab-named state dict, config).
+
+    Accepts the official npz, bitlab model files, bitlab training checkpoints (`model` entry) and
+    timm state dicts (bare or under `state_dict`). The config is the one saved in bitlab files;
+    npz and timm files imply GN+WS (norm=group, conv=std) and the architecture of their tensors;
+    a bare bitlab-named state dict has none (its conv type cannot be told from its keys).
+    """
+    _, state_dict, config = _read(path)
+    return state_dict, config
+
+
+def infer_config(state_dict: dict[str, torch.Tensor], source: str, **overrides) -> ResNetV2Config:
     """Architecture from a bitlab state dict: units per block, width, classes, norm type."""
     units: dict[int, int] = {}
     for key in state_dict:
         if m := re.match(r"body\.block(\d+)\.unit(\d+)\.", key):
             units[int(m[1])] = max(units.get(int(m[1]), 0), int(m[2]))
     if "root.conv.weight" not in state_dict or not units:
-        raise CheckpointError("state dict is not a BiT ResNetV2 (no root.conv.weight / body blocks)")
+        raise CheckpointError(f"{source}: state dict is not a BiT ResNetV2 (no root.conv.weight / body blocks)")
     width = state_dict["root.conv.weight"].shape[0] / 64
     head = state_dict.get("head.conv.weight")
     cfg = dict(
@@ -215,61 +292,86 @@ def infer_config(state_dict: dict[str, torch.Tensor], **overrides) -> ResNetV2Co
     return ResNetV2Config(**cfg)
 
 
-def load_into(model: ResNetV2, state_dict: dict[str, torch.Tensor], source: str,
-              *, keep_model_head: bool = False) -> None:
-    """Copy a bitlab-named state dict into `model`, strictly.
+def is_timm_bit(model: nn.Module) -> bool:
+    """timm's BiT ResNetV2 (`resnetv2_*_bit`: StdConv2d stem, GroupNorm): bitlab's layout under timm names."""
+    from timm.layers import StdConv2d
+    from timm.models.resnetv2 import ResNetV2 as TimmResNetV2
 
-    Missing, unexpected or mis-shaped keys raise `CheckpointError` naming the key and `source`.
-    The classifier is the one exception: when the file's head has a different number of classes
-    than the model (or `keep_model_head`), the model keeps its own head and this is logged.
+    return (isinstance(model, TimmResNetV2) and isinstance(getattr(model.stem, "conv", None), StdConv2d)
+            and isinstance(model.norm, nn.GroupNorm))
+
+
+def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
+              *, keep_model_head: bool = False) -> None:
+    """Copy a bitlab-named state dict into a bitlab ResNetV2 or timm's BiT ResNetV2, strictly.
+
+    Missing, unexpected or mis-shaped keys raise `CheckpointMismatch` naming the key and `source`.
+    The classifier is the one exception: when the file has no head, a head of another size, or
+    `keep_model_head`, the model keeps its own (freshly initialised) head and this is logged.
     """
-    own = model.state_dict()
+    timm_names = not isinstance(model, ResNetV2)
+    own = timm_to_bitlab(model.state_dict()) if timm_names else model.state_dict()
     file_head = state_dict.get("head.conv.weight")
     model_head = own.get("head.conv.weight")
     skip_head = keep_model_head or file_head is None or model_head is None or file_head.shape != model_head.shape
     if skip_head:
-        if file_head is not None and not keep_model_head:
-            log.info("%s: head has %d classes, model has %d: keeping the model's own head",
-                     source, file_head.shape[0], model.num_classes)
         state_dict = {k: v for k, v in state_dict.items() if k not in HEAD_KEYS}
         own = {k: v for k, v in own.items() if k not in HEAD_KEYS}
     for key, ref in own.items():
         if key not in state_dict:
-            raise CheckpointError(f"{source}: missing key {key!r} (expected shape {tuple(ref.shape)})")
+            raise CheckpointMismatch(f"{source}: missing key {key!r} (expected shape {tuple(ref.shape)})")
         if state_dict[key].shape != ref.shape:
-            raise CheckpointError(f"{source}: key {key!r} has shape {tuple(state_dict[key].shape)}, "
-                                  f"model expects {tuple(ref.shape)}")
+            raise CheckpointMismatch(f"{source}: key {key!r} has shape {tuple(state_dict[key].shape)}, "
+                                     f"model expects {tuple(ref.shape)}")
     if extra := sorted(set(state_dict) - set(own)):
-        raise CheckpointError(f"{source}: unexpected key {extra[0]!r}"
-                              + (f" and {len(extra) - 1} more" if len(extra) > 1 else ""))
-    model.load_state_dict(state_dict, strict=not skip_head)
+        raise CheckpointMismatch(f"{source}: unexpected key {extra[0]!r}"
+                                 + (f" and {len(extra) - 1} more" if len(extra) > 1 else ""))
+    model.load_state_dict(bitlab_to_timm(state_dict) if timm_names else state_dict, strict=not skip_head)
+    if skip_head and model_head is not None:
+        why = ("a new head was asked for (zero_head)" if keep_model_head
+               else "the file has no head" if file_head is None
+               else f"the file's head has {file_head.shape[0]} classes")
+        log.info("%s: %s: the model's %d-class head keeps its %s initialisation", source, why,
+                 model_head.shape[0], "random" if model_head.any() else "zero")
 
 
 def load_weights(model: nn.Module, path: str | Path, *, keep_model_head: bool = False) -> nn.Module:
-    """Load any supported checkpoint file into `model` (strict; see `load_into`)."""
-    if isinstance(model, ResNetV2):
+    """Load any supported checkpoint file into `model` (strict; see `load_into`).
+
+    BiT models, bitlab's or timm's `resnetv2_*_bit`, take npz, bitlab and timm files alike; other
+    models take a torch state dict of their own (bare, or under `model` / `state_dict`).
+    """
+    if isinstance(model, ResNetV2) or is_timm_bit(model):
         state_dict, config = read_state_dict(path)
         load_resnetv2(model, state_dict, config, str(path), keep_model_head=keep_model_head)
         return model
+    if _container(Path(path)) == "npz":
+        raise CheckpointError(f"{path}: an official BiT npz loads into BiT ResNetV2 models only, "
+                              f"not {type(model).__name__}")
     obj = io.torch_load(path)
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
     obj = {k.removeprefix("module."): v for k, v in obj.items()}
     try:
         model.load_state_dict(obj, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: does not fit {type(model).__name__}: {e}") from None
+        raise CheckpointMismatch(f"{path}: does not fit {type(model).__name__}: {e}") from None
     return model
 
 
-def load_resnetv2(model: ResNetV2, state_dict: dict[str, torch.Tensor], config: ResNetV2Config | None,
+def load_resnetv2(model: nn.Module, state_dict: dict[str, torch.Tensor], config: ResNetV2Config | None,
                   source: str, *, keep_model_head: bool = False) -> None:
-    """`load_into`, after refusing a file saved for another norm/conv variant."""
-    if config is not None and (config.norm, config.conv) != (model.config.norm, model.config.conv):
-        raise CheckpointError(f"{source}: saved for norm={config.norm}, conv={config.conv}; "
-                              f"model has norm={model.config.norm}, conv={model.config.conv}")
+    """`load_into`, after refusing weights of another norm/conv variant: WS kernels through a
+    plain conv, or GroupNorm weights in a BatchNorm net, would give meaningless outputs."""
+    norm, conv = (model.config.norm, model.config.conv) if isinstance(model, ResNetV2) else ("group", "std")
+    if config is not None and (config.norm, config.conv) != (norm, conv):
+        raise CheckpointError(f"{source}: holds norm={config.norm}, conv={config.conv} weights, the model is "
+                              f"norm={norm}, conv={conv}; weights only fit the variant they were trained as "
+                              "(official npz and timm BiT files are always norm=group, conv=std)")
     load_into(model, state_dict, source, keep_model_head=keep_model_head)
 
 
@@ -313,7 +415,7 @@ def convert(src: str | Path, dst: str | Path, to: Format | None = None) -> Path:
     (.npz -> npz, anything else -> bitlab). The architecture is read from the file itself."""
     to = to or ("npz" if str(dst).endswith(".npz") else "bitlab")
     state_dict, config = read_state_dict(src)
-    model = ResNetV2(config or infer_config(state_dict))
+    model = ResNetV2(config or infer_config(state_dict, str(src)))
     load_into(model, state_dict, str(src))
     writer = {"npz": save_npz, "timm": save_timm, "bitlab": save_bitlab}[to]
     return writer(model, dst)

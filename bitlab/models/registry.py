@@ -127,6 +127,9 @@ def create_model(
             state, saved = checkpoints.read_state_dict(pretrained)
             if num_classes is None:  # a fine-tuned file brings its own head size
                 num_classes = checkpoints.head_size(state)
+        elif spec.upstream is not None:  # an official name promises trained weights: say it has none
+            log.warning("%s: no pretrained file given: random weights (the official ones: "
+                        "`bitlab weights download %s`)", name, name)
         if num_classes is not None:
             overrides["num_classes"] = num_classes
         model = ResNetV2(spec.config(**overrides), zero_head=zero_head)

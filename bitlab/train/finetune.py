@@ -135,8 +135,8 @@ def build_model(name: str, num_classes: int, pretrained: str | None) -> nn.Modul
     if registry.resolve(name) is not None:
         try:
             return registry.create_model(name, num_classes=num_classes, pretrained=pretrained, zero_head=True)
-        except checkpoints.CheckpointError as e:
-            raise checkpoints.CheckpointError(f"{e} (is it a checkpoint for another architecture than {name}?)") from None
+        except checkpoints.CheckpointMismatch as e:
+            raise checkpoints.CheckpointMismatch(f"{e} (is it a checkpoint for another architecture than {name}?)") from None
     model = registry.create_model(name)
     if pretrained is not None:
         _load_backbone(model, pretrained)
@@ -150,6 +150,9 @@ def build_model(name: str, num_classes: int, pretrained: str | None) -> nn.Modul
 
 
 def _load_backbone(model: nn.Module, path: str) -> None:
+    if checkpoints.is_timm_bit(model):  # takes official npz and bitlab files too, renamed for timm
+        checkpoints.load_weights(model, path, keep_model_head=True)
+        return
     state = io.torch_load(path)
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):

@@ -178,3 +178,150 @@ def test_fine_tuned_file_brings_its_head_size(tmp_path):
     headless = create_model("R14x0.5", num_classes=0)
     path = checkpoints.save_bitlab(headless, tmp_path / "headless.pt")
     assert create_model("R14x0.5", pretrained=path).num_classes == 1000  # no head in the file: the name's default
+
+
+# ----------------------------------------------------------------------------- variants, timm names, bad files
+@pytest.mark.parametrize("suffix", ["-plain", "-bn", "-bn-plain"])
+def test_npz_and_timm_files_refuse_other_norm_or_conv(tmp_path, suffix):
+    """npz and timm files carry no config but only ever hold GN+WS weights: raw WS kernels through a
+    plain conv (or GN weights in BN) would load and give meaningless outputs."""
+    model = _randomise(create_model("R14x0.5", num_classes=3))
+    npz = checkpoints.save_npz(model, tmp_path / "m.npz")
+    timm_file = checkpoints.save_timm(model, tmp_path / "m_timm.pth")
+    for path in (npz, timm_file):
+        with pytest.raises(CheckpointError, match=rf"{path.name}: holds norm=group, conv=std weights, the model is "
+                                                  rf"norm={'batch' if '-bn' in suffix else 'group'}"):
+            create_model(f"R14x0.5{suffix}", num_classes=3, pretrained=path)
+    assert torch.equal(create_model("R14x0.5", pretrained=timm_file).root.conv.weight, model.root.conv.weight)
+
+
+def test_timm_names_load_npz_and_bitlab_files_with_parity(tmp_path, photos, caplog):
+    """`resnetv2_50x1_bit` takes the official npz and bitlab files (timm loads the npz itself too)."""
+    from bitlab.train.finetune import build_model
+
+    ours = _randomise(create_model("R50x1", num_classes=5), seed=4)
+    files = [checkpoints.save_npz(ours, tmp_path / "m.npz"), checkpoints.save_bitlab(ours, tmp_path / "m.pt")]
+    x = _batch(photos, size=64)
+    with torch.no_grad():
+        ref = ours(x)
+    for path in files:
+        theirs = create_model("resnetv2_50x1_bit", num_classes=5, pretrained=path).eval()
+        for m in theirs.modules():  # timm's BiT uses eps 1e-8; the official value is 1e-10
+            if isinstance(m, timm.layers.StdConv2d):
+                m.eps = 1e-10
+        with torch.no_grad():
+            assert (theirs(x) - ref).abs().max() < 1e-4, path
+    assert ref.std() > 1e-2
+    with caplog.at_level("INFO"):  # timm's default 1000-class head: the body loads, the head stays as built
+        other = create_model("resnetv2_50x1_bit", pretrained=files[0])
+    assert "the file's head has 5 classes: the model's 1000-class head keeps its random initialisation" in caplog.text
+    assert torch.equal(other.stem.conv.weight, ours.root.conv.weight)
+    tuned = build_model("resnetv2_50x1_bit", 4, str(files[0]))  # `finetune --model resnetv2_50x1_bit --pretrained`
+    assert torch.equal(tuned.stages[3].blocks[2].conv3.weight, ours.body.block4.unit03.conv3.weight)
+    assert tuned.get_classifier().out_channels == 4 and not tuned.get_classifier().weight.any()
+    bn = checkpoints.save_bitlab(create_model("R50x1-bn", num_classes=5), tmp_path / "bn.pt")
+    with pytest.raises(CheckpointError, match=r"bn\.pt: holds norm=batch, conv=std weights, the model is norm=group"):
+        create_model("resnetv2_50x1_bit", num_classes=5, pretrained=bn)
+
+
+def _truncated(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d, m: _truncated(checkpoints.save_npz(m, d / "f.npz")), r"f\.npz: truncated or damaged zip archive"),
+    (lambda d, m: _truncated(checkpoints.save_bitlab(m, d / "f.pt")), r"f\.pt: truncated or damaged zip archive"),
+    (lambda d, m: (d / "f.bin").write_bytes(bytes(range(101, 201))) and d / "f.bin",
+     r"f\.bin: not a checkpoint \(neither an npz archive nor a torch file"),
+    (lambda d, m: (d / "f.pt").write_bytes(b"") or d / "f.pt", r"f\.pt: not a checkpoint .*an empty file"),
+    (lambda d, m: np.savez(d / "f.npz", **{**checkpoints.state_dict_to_npz(m.state_dict()),
+                                          "resnet/group_norm/beta": np.array(["a"] * 1024)}) or d / "f.npz",
+     r"f\.npz: key 'resnet/group_norm/beta' has dtype <U1, expected floating-point weights"),
+    (lambda d, m: torch.save({"format": "bitlab-model", "config": {"depth": 50}, "state_dict": {}}, d / "f.pt")
+     or d / "f.pt", r"f\.pt: key 'config' is not a ResNetV2 config"),
+    (lambda d, m: torch.save({"root.conv.weight": 3}, d / "f.pt") or d / "f.pt",
+     r"f\.pt: key 'root\.conv\.weight' holds a int, not a tensor"),
+])
+def test_bad_files_are_named_with_the_key(tmp_path, make, message):
+    path = make(tmp_path, create_model("R14x0.5", num_classes=3))
+    with pytest.raises(CheckpointError, match=message):
+        create_model("R14x0.5", num_classes=3, pretrained=path)
+
+
+def test_convert_and_build_model_name_the_file_and_hint_only_on_mismatch(tmp_path):
+    from bitlab.train.finetune import build_model
+
+    torch.save({"a": torch.zeros(1)}, tmp_path / "notsd.pt")
+    with pytest.raises(CheckpointError, match=r"notsd\.pt: state dict is not a BiT ResNetV2"):
+        checkpoints.convert(tmp_path / "notsd.pt", tmp_path / "x.npz")
+    with pytest.raises(CheckpointError, match=r"nothing\.npz: no such checkpoint file$"):
+        build_model("R14x0.5", 3, str(tmp_path / "nothing.npz"))
+    with pytest.raises(CheckpointError,
+                       match=r"notsd\.pt: missing key 'root\.conv\.weight'.*another architecture than R14x0\.5"):
+        build_model("R14x0.5", 3, str(tmp_path / "notsd.pt"))
+
+
+def test_a_torch_file_is_loaded_once(tmp_path, monkeypatch):
+    path = checkpoints.save_bitlab(create_model("R14x0.5", num_classes=3), tmp_path / "m.pt")
+    calls = []
+    real = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    create_model("R14x0.5", pretrained=path)
+    assert len(calls) == 1
+    assert checkpoints.detect_format(path) == "bitlab" and len(calls) == 2
+
+
+def test_random_weights_and_fresh_heads_are_logged(tmp_path, caplog):
+    with caplog.at_level("INFO"), torch.device("meta"):
+        create_model("BiT-M-R50x1-ILSVRC2012")
+        create_model("R50x1")  # an architecture name is built to be trained: nothing to say
+    assert [r.getMessage() for r in caplog.records] == [
+        "BiT-M-R50x1-ILSVRC2012: no pretrained file given: random weights "
+        "(the official ones: `bitlab weights download BiT-M-R50x1-ILSVRC2012`)"]
+    headless = checkpoints.save_npz(_randomise(create_model("R14x0.5", num_classes=0)), tmp_path / "headless.npz")
+    for zero_head, init in ((False, "random"), (True, "zero")):
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            create_model("R14x0.5", num_classes=5, pretrained=headless, zero_head=zero_head)
+        why = "a new head was asked for (zero_head)" if zero_head else "the file has no head"
+        assert f"headless.npz: {why}: the model's 5-class head keeps its {init} initialisation" in caplog.text
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(tmp_path, bad):
+    model = _randomise(create_model("R14x0.5", num_classes=3))
+    arrays = checkpoints.state_dict_to_npz(model.state_dict())
+    arrays["resnet/block3/unit01/b/standardized_conv2d/kernel"][0, 0, 0, 0] = bad
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(CheckpointError, match=r"bad\.npz: key 'resnet/block3/unit01/b/standardized_conv2d/kernel' "
+                                              r"has non-finite values"):
+        create_model("R14x0.5", num_classes=3, pretrained=tmp_path / "bad.npz")
+    with torch.no_grad():
+        model.head.conv.bias[1] = bad
+    checkpoints.save_bitlab(model, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=r"bad\.pt: key 'head\.conv\.bias' has non-finite values"):
+        create_model("R14x0.5", pretrained=tmp_path / "bad.pt")
+
+
+def test_numbered_standardized_conv2d_keys_are_accepted(tmp_path):
+    """Some exported npz files name kernels `standardized_conv2d_N` (big_vision renames them back)."""
+    model = _randomise(create_model("R14x0.5", num_classes=3))
+    arrays = checkpoints.state_dict_to_npz(model.state_dict())
+    numbered = {k.replace("/standardized_conv2d/", f"/standardized_conv2d_{i}/"): v
+                for i, (k, v) in enumerate(arrays.items())}
+    assert numbered.keys() != arrays.keys()
+    np.savez(tmp_path / "numbered.npz", **numbered)
+    loaded = create_model("R14x0.5", pretrained=tmp_path / "numbered.npz")
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    root = "resnet/root_block/standardized_conv2d/kernel"
+    np.savez(tmp_path / "twice.npz", **arrays, **{root.replace("conv2d/", "conv2d_1/"): arrays[root]})
+    with pytest.raises(CheckpointError, match=r"twice\.npz: keys '.*root_block/standardized_conv2d.*/kernel' and "
+                                              r"'.*' are the same parameter"):
+        create_model("R14x0.5", pretrained=tmp_path / "twice.npz")
