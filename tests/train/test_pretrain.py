@@ -314,6 +314,38 @@ def test_nan_stops_every_rank_and_keeps_the_last_good_checkpoint(tree, tmp_path)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through /proc (Linux)")
+def test_sigterm_under_torchrun_stops_the_job_instead_of_restarting_it(tree, tmp_path):
+    """SIGTERM to the workers (Kubernetes, `scancel --signal=TERM`): every rank checkpoints and
+    exits 0, so that torchrun --max-restarts does not count a failure and restart the job."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "bitlab", "pretrain", *COMMON, "--epochs", "100", "--data", str(tree),
+           "--out", str(out), "--nproc", "2", "--max-restarts", "1"]
+    job = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (out / "checkpoint.pt").exists():
+            assert job.poll() is None, job.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.02)
+        for pid in _children(job.pid):
+            os.kill(pid, signal.SIGTERM)
+        stdout, stderr = job.communicate(timeout=TIMEOUT)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, stderr[-3000:]
+    log_txt = (out / "log.txt").read_text()
+    assert "resumed from" not in log_txt and "will restart worker group" not in stderr
+    step = io.torch_load(out / "checkpoint.pt")["step"]
+    assert 2 <= step < 200 and not (out / "final.pt").exists()
+    assert f"stopped at step {step} (SIGTERM)" in log_txt and "rerun" in log_txt
+    assert "under torchrun: exit status 0" in stderr and f"stopped at step {step}/200" in stdout
+    # rank 0 alone logs INFO; the other rank's warnings name it
+    assert stderr.count(f"stopped at step {step} (SIGTERM)") == 1 and stderr.count("pre-training R14x0.5") == 1
+    assert "rank 1 WARNING bitlab.train.loop: SIGTERM received" in stderr
+
+
 # ----------------------------------------------------------------------------- multi-label
 @pytest.fixture(scope="module")
 def multilabel(photos, tmp_path_factory) -> Path:
