@@ -4,9 +4,10 @@ import os
 import sys
 
 from bitlab.cli import main
+from bitlab.train.torchrun import under_torchrun
 
 code = main()
-if "TORCHELASTIC_RUN_ID" in os.environ:
+if under_torchrun():
     # A torchrun worker. Its work is done: files written atomically, the process group destroyed.
     # Gloo can still abort the process in C++ static destructors at interpreter exit ("terminate
     # called without an active exception", SIGABRT, seen here with other local services binding

@@ -9,6 +9,7 @@ import sys
 
 from bitlab import __version__
 from bitlab.errors import BitlabError
+from bitlab.train.torchrun import env_rank
 
 # One module per subsystem; the order is the order of `bitlab --help`.
 COMMAND_MODULES = ("bitlab.cli.models", "bitlab.cli.train", "bitlab.cli.pretrain", "bitlab.cli.ooc",
@@ -29,8 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed: recorded by make-ooc
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Under torchrun all ranks share one terminal: rank 0 tells the story (INFO); the others show
+    # only warnings and errors, naming their rank (all of them log everything with --verbose).
+    rank = env_rank()
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s " + (f"rank {rank} " if rank else "") + "%(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
     try:
         return int(args.func(args) or 0)
     except BitlabError as e:

@@ -6,6 +6,7 @@ import os
 import sys
 
 from bitlab.cli.train import add_running_args, config_from_args, report_unfinished
+from bitlab.train.torchrun import env_rank
 
 HELP_DATA = ("ImageFolder DIR (train/<class>/, val/<class>/), a folder of class folders, a CSV of path,label[,split], "
              "a multi-label CSV (path,labels[,split]) or JSON lines ({path, labels, split}), a shard set "
@@ -47,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     g = p.add_argument_group("running")
     g.add_argument("--nproc", type=int, metavar="N", help="launch N processes on this machine through torchrun")
-    g.add_argument("--max-restarts", type=int, default=0, metavar="K",
+    g.add_argument("--max-restarts", type=int, metavar="K",
                    help="with --nproc: restart the job up to K times when a worker dies (resumes from the checkpoint)")
     add_running_args(g, checkpoint_every=1000, log_every=50,
                      skip_help="replace unreadable images (listed in summary.json)")
@@ -76,22 +77,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _pretrain(args: argparse.Namespace) -> int:
     from bitlab.errors import BitlabError
 
+    if args.max_restarts is not None and (args.nproc is None or args.max_restarts < 0):
+        raise BitlabError("--max-restarts needs --nproc (it restarts the torchrun job that --nproc launches; "
+                          "under your own torchrun pass torchrun's --max-restarts)" if args.nproc is None
+                          else f"--max-restarts must be 0 or more, got {args.max_restarts}")
     if args.nproc is not None:
         if "LOCAL_RANK" in os.environ:
             raise BitlabError("--nproc launches torchrun; this process already runs under torchrun: leave it out")
         from bitlab.train.pretrain import torchrun_command
 
-        cmd = torchrun_command(sys.argv[1:], args.nproc, max_restarts=args.max_restarts)
+        cmd = torchrun_command(sys.argv[1:], args.nproc, max_restarts=args.max_restarts or 0)
         print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
         os.execv(cmd[0], cmd)  # torchrun takes this process's place (signals reach it directly)
     from bitlab.train.pretrain import PretrainConfig, pretrain
 
     r = pretrain(config_from_args(PretrainConfig, args))
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0
     code = report_unfinished(r, r.total_steps, "rerun the same command to continue")
-    if code is not None:
-        return code
+    if code is not None or env_rank() != 0:
+        return code or 0
     m = r.metrics
     if "map" in m:
         print(f"validation: loss {m['loss']:.4f}, precision@1 {m['prec1']:.4f}, mAP {m['map']:.4f} ({m['n']} images)")

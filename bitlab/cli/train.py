@@ -4,7 +4,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import signal
+
+from bitlab.train.torchrun import env_rank, under_torchrun
+
+log = logging.getLogger(__name__)
 
 HELP_DATA = ("DIR with train/ and val/ (or test/) class folders, a folder of class folders, make-ooc output "
              "(manifest.csv), a CSV of path,label[,split], or builtin:digits")
@@ -115,15 +120,27 @@ def _hyperrule(args: argparse.Namespace) -> None:
 
 
 def report_unfinished(r, total_steps: int, how_to_continue: str) -> int | None:
-    """Print skipped images and, for a run that stopped early, where it stopped and how to go on.
-    Returns the exit code of a stopped run (128 + signal, as a shell reports it), None if it finished."""
-    if r.bad_images:
+    """Print (rank 0) skipped images and, for a run that stopped early, where it stopped and how to
+    go on. Returns None if the run finished, else the exit code, the same on every rank: 0 after
+    --stop-after; after a signal 128 + signal, as a shell reports it, except under torchrun, which
+    counts any non-zero code as a failed worker and restarts the job (--max-restarts) instead of
+    stopping: there a signal stop, which left a checkpoint, exits 0 and a rerun resumes."""
+    main = env_rank() == 0
+    if r.bad_images and main:
         print(f"skipped {len(r.bad_images)} unreadable image(s) (listed in {r.run_dir / 'summary.json'})")
     if r.completed:
         return None
-    print(f"stopped at step {r.step}/{total_steps} ({r.stopped_by}); checkpoint {r.run_dir / 'checkpoint.pt'}; "
-          f"{how_to_continue}")
-    return 128 + signal.Signals[r.stopped_by].value if r.stopped_by in ("SIGINT", "SIGTERM") else 0
+    if main:
+        print(f"stopped at step {r.step}/{total_steps} ({r.stopped_by}); checkpoint {r.run_dir / 'checkpoint.pt'}; "
+              f"{how_to_continue}")
+    if r.stopped_by not in ("SIGINT", "SIGTERM"):
+        return 0
+    if under_torchrun():
+        if main:
+            log.info("stopped on %s under torchrun: exit status 0, so that torchrun does not restart the job; "
+                     "it resumes from the checkpoint when rerun", r.stopped_by)
+        return 0
+    return 128 + signal.Signals[r.stopped_by].value
 
 
 def _report(result) -> int:
@@ -131,8 +148,8 @@ def _report(result) -> int:
 
     r: FinetuneResult = result
     code = report_unfinished(r, r.plan["total_steps"], "rerun with --resume to continue")
-    if code is not None:
-        return code
+    if code is not None or env_rank() != 0:
+        return code or 0
     m = r.metrics
     print(f"{r.step} steps on {r.plan['dataset_size']} images, {r.plan['num_classes']} classes: "
           f"top-1 {m['top1']:.4f}, top-5 {m['top5']:.4f}, loss {m['loss']:.4f} ({m['n']} validation images)")

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import Sampler
 
 from bitlab.errors import BitlabError
+from bitlab.train.torchrun import env_rank
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def default_device() -> torch.device:
 def setup(device: str | torch.device | None = None) -> DistInfo:
     """Read torchrun's environment and join the process group (no-op for a single process)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = env_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = torch.device(device) if device is not None else default_device()
     if dev.type == "cuda":
@@ -66,7 +67,8 @@ def setup(device: str | torch.device | None = None) -> DistInfo:
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, rank=rank, world_size=world, **_attempt_store(rank, world))
-        log.info("rank %d/%d joined the %s process group on %s", rank, world, backend, dev)
+        if rank == 0:  # joining is a rendezvous: every rank is in once it returns
+            log.info("%d processes joined the %s process group (rank 0 on %s)", world, backend, dev)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 

@@ -17,7 +17,7 @@ import math
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import ClassVar, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -30,8 +30,8 @@ from bitlab.data.transforms import BadImageError, TrainAugment, normalize
 from bitlab.errors import BitlabError
 from bitlab.models import checkpoints, registry
 from bitlab.train import distributed as D
-from bitlab.train.loop import (LoopConfig, LoopResult, MicroBatches, check_resume_settings, device_defaults,
-                               eval_logits, run, write_config)
+from bitlab.train.loop import (LoopConfig, LoopResult, MicroBatches, RunRecord, check_resume_settings,
+                               device_defaults, eval_logits, run, write_config)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,8 @@ class FinetuneConfig:
     resume: bool = False
     stop_after: int | None = None
     progress: bool = True
+
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("data", "val_data", "pretrained")  # compared resolved on resume
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -304,11 +306,11 @@ def finetune(cfg: FinetuneConfig, dist: D.DistInfo | None = None) -> FinetuneRes
 
     Under torchrun every rank calls this; `dist` (from `distributed.setup`) is set up here when
     not given, and then also torn down here."""
-    with D.session(cfg.device, dist) as dist:
-        return _finetune(cfg, Path(cfg.out), dist)
+    with D.session(cfg.device, dist) as dist, RunRecord(cfg.out, dist) as record:
+        return _finetune(cfg, Path(cfg.out), dist, record)
 
 
-def _finetune(cfg: FinetuneConfig, run_dir: Path, dist: D.DistInfo) -> FinetuneResult:
+def _finetune(cfg: FinetuneConfig, run_dir: Path, dist: D.DistInfo, record: RunRecord) -> FinetuneResult:
     precision, channels_last = device_defaults(dist.device, cfg.precision, cfg.channels_last)
     workers = datasets.default_workers() if cfg.workers is None else cfg.workers
     micro = D.per_rank_batch(cfg.batch_size, cfg.batch_split, dist)
@@ -317,8 +319,9 @@ def _finetune(cfg: FinetuneConfig, run_dir: Path, dist: D.DistInfo) -> FinetuneR
     for note in splits.notes:
         log.info(note)
     p = plan(cfg, splits)
-    if cfg.resume:
-        D.main_rank_call(lambda: check_resume_settings(run_dir, cfg, _RESUME_KEYS), dist)
+    D.main_rank_call(lambda: check_resume_settings(run_dir, cfg, _RESUME_KEYS, resume=cfg.resume, counts={
+        "dataset_size": p["dataset_size"], "num_classes": p["num_classes"]}), dist)
+    record.claim()  # the run directory is this run's now: a failure below goes into its summary.json
 
     torch.manual_seed(cfg.seed)  # random initialisation (models trained from scratch) is seeded too
     model = build_model(cfg.model, len(splits.classes), cfg.pretrained)

@@ -10,7 +10,8 @@ What the caller supplies (nothing here knows about HyperRule, MixUp or labels):
 - `loss_fn(outputs, targets)`: the mean loss of one micro-batch;
 - `make_optimizer(model)`: called after the model is on its device;
 - `evaluate(model, step)`: optional, returns a dict of metrics (called every `eval_every` steps and
-  at the end, on every rank: it may use collectives).
+  at the end, on every rank: it may use collectives). It runs after that step's checkpoint (and, at
+  the end, after `final.pt`), so a failing evaluation loses no training.
 
 Run directory (rank 0 writes): `checkpoint.pt` (latest, atomic: model, optimiser, scaler, step,
 RNG states), `final.pt` (the model alone), `metrics.jsonl` + `metrics.csv` (one row per log or
@@ -21,7 +22,18 @@ Micro-batching: each micro-batch's loss is weighted by its share of the step's i
 gradient all-reduce runs only on the last micro-step (`no_sync()` on the others), so a step is
 the same update as one big batch. A non-finite loss stops the run *before* the update; the last
 good checkpoint is left untouched. SIGINT/SIGTERM finish the current step, write a checkpoint and
-return (a second Ctrl-C aborts at once).
+return (a second Ctrl-C aborts at once). A data error raised by `data.steps` (an unreadable image)
+first checkpoints the last completed step when that is safe: in one process, or when every rank
+raises it at the same step (`EveryRankError`).
+
+RNGs: each rank's global RNG states (torch, CUDA, numpy, random: what dropout or drop-path draw
+from) are gathered into the checkpoint and each rank restores its own, so a resumed run draws what
+an uninterrupted one would. On another number of processes the ranks the checkpoint has states for
+restore theirs and the others start streams seeded by (step, rank), with a warning: such a run
+continues correctly but not bit for bit.
+
+`RunRecord` wraps a whole command (data loading included): `log.txt` from its first line, and when
+the run dies, the error in `log.txt` and `summary.json` (`completed: false`).
 """
 from __future__ import annotations
 
@@ -31,6 +43,7 @@ import io as _io
 import json
 import logging
 import math
+import os
 import random
 import signal
 import threading
@@ -47,7 +60,8 @@ from tqdm.auto import tqdm
 from bitlab import io
 from bitlab.data.transforms import normalize
 from bitlab.errors import BitlabError
-from bitlab.train.distributed import DistInfo, all_reduce_sum, barrier, unwrap_model, wrap_model
+from bitlab.train.distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, unwrap_model,
+                                      wrap_model)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +85,22 @@ class NonFiniteLossError(BitlabError):
     """The loss became NaN or infinite; the run stopped before applying that update."""
 
 
+class EveryRankError(BitlabError):
+    """A data error that `StepData.steps` raises on every rank at the same step (a collective
+    decision): the ranks can still write a checkpoint together before stopping."""
+
+
+def check_running(cfg: Any) -> None:
+    """The loop's step counts as the flags of the same names (`cfg`: LoopConfig or a command's config)."""
+    if cfg.log_every < 1:
+        raise BitlabError(f"--log-every must be at least 1, got {cfg.log_every}")
+    for flag, value in (("--checkpoint-every", cfg.checkpoint_every), ("--eval-every", cfg.eval_every)):
+        if value < 0:
+            raise BitlabError(f"{flag} must be 0 (only at the end) or a positive step count, got {value}")
+    if cfg.stop_after is not None and cfg.stop_after < 1:
+        raise BitlabError(f"--stop-after must be at least 1 step, got {cfg.stop_after}")
+
+
 @dataclass
 class LoopConfig:
     """How the engine runs (the command's own dataclass holds what to train)."""
@@ -90,6 +120,7 @@ class LoopConfig:
             raise BitlabError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.total_steps <= 0:
             raise BitlabError(f"the schedule has no steps (total {self.total_steps})")
+        check_running(self)
 
 
 @dataclass
@@ -123,26 +154,60 @@ class MicroBatches(Sequence):
         return normalize(self.images[sl], self.mean, self.std), self.targets[sl]
 
 
-def check_resume_settings(run_dir: Path, config: Any, keys: Sequence[str]) -> bool:
-    """True when `run_dir` holds a checkpoint to continue; refuses one written with other values
-    of `keys` (those that change what is trained), naming each changed field."""
+def _refuse_overwrite(run_dir: Path) -> None:
+    raise BitlabError(f"{run_dir} already holds a training checkpoint; pass --resume to continue it "
+                      "or choose another --out")
+
+
+def _resolved(value: Any) -> Any:
+    """An existing path as an absolute one (the same data from another directory); else unchanged
+    (builtin:digits, or a path that is gone and is compared as written)."""
+    return str(Path(value).resolve()) if isinstance(value, str) and Path(value).exists() else value
+
+
+def recorded_config(config: Any) -> dict:
+    """The command's dataclass as config.json records it: the fields its class lists in
+    `PATH_FIELDS` as absolute paths, so that a rerun from another directory compares equal."""
+    out = asdict(config) if is_dataclass(config) else dict(config)
+    for key in getattr(config, "PATH_FIELDS", ()):
+        out[key] = _resolved(out.get(key))
+    return out
+
+
+def check_resume_settings(run_dir: Path, config: Any, keys: Sequence[str], *, resume: bool = True,
+                          counts: dict[str, int] | None = None) -> dict | None:
+    """The previous run's plan.json (`{}` if it has none) when `run_dir` holds a checkpoint to
+    continue, None when there is none. Refuses a checkpoint without `resume`, one written with
+    other values of `keys` (what is trained; `PATH_FIELDS` compared as resolved paths), and one
+    whose plan counted other `counts` (e.g. images added under the same --data folder: the
+    schedule and data order would change under the checkpoint), naming each change."""
     if not (run_dir / CHECKPOINT).exists():
-        return False
+        return None
+    if not resume:
+        _refuse_overwrite(run_dir)
     path = run_dir / "config.json"
     if not path.exists():
         raise BitlabError(f"{run_dir}: a checkpoint without config.json (not a bitlab run?); use another --out")
-    old, new = json.loads(path.read_text()), asdict(config)
+    old, new = json.loads(path.read_text()), recorded_config(config)
+    for key in getattr(config, "PATH_FIELDS", ()):  # older runs recorded paths as typed
+        old[key] = _resolved(old.get(key))
     if changed := [k for k in keys if old.get(k) != new.get(k)]:
         what = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
         raise BitlabError(f"{path}: cannot resume this checkpoint with different settings ({what}); "
                           "resume with the original settings or use another --out")
-    return True
+    plan_path = run_dir / "plan.json"
+    plan = json.loads(plan_path.read_text()) if plan_path.exists() else {}
+    if changed := [k for k, v in (counts or {}).items() if k in plan and plan[k] != v]:
+        what = ", ".join(f"{k}: {plan[k]} -> {counts[k]}" for k in changed)
+        raise BitlabError(f"{plan_path}: the data changed since this checkpoint was written ({what}); its schedule "
+                          "and data order no longer apply: restore the data or use another --out")
+    return plan
 
 
 def write_config(run_dir: str | Path, config: Any) -> Path:
-    """The command's dataclass as `config.json` (atomic)."""
+    """The command's dataclass as `config.json` (atomic; see `recorded_config`)."""
     path = Path(run_dir) / "config.json"
-    io.write_json(path, asdict(config) if is_dataclass(config) else dict(config))
+    io.write_json(path, recorded_config(config))
     return path
 
 
@@ -213,12 +278,19 @@ def _columns(rows: list[dict]) -> list[str]:
 
 
 @contextlib.contextmanager
-def _log_to_file(path: Path, enabled: bool):
-    """Mirror the `bitlab` loggers into `log.txt` (appending, so resumed runs keep their history)."""
-    if not enabled:
-        yield
-        return
+def _log_to_file(path: Path, enabled: bool) -> Iterator[logging.Handler | None]:
+    """Mirror the `bitlab` loggers into `log.txt` (appending, so resumed runs keep their history).
+    Yields the handler; when one for this file is attached already (a `RunRecord` around the
+    loop), that one, and nothing is added."""
     logger = logging.getLogger("bitlab")
+    if not enabled:
+        yield None
+        return
+    if same := [h for h in logger.handlers if isinstance(h, logging.FileHandler)
+                and h.baseFilename == os.path.abspath(path)]:  # how FileHandler names its file
+        yield same[0]
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     old_level = logger.level
@@ -226,11 +298,49 @@ def _log_to_file(path: Path, enabled: bool):
         logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     try:
-        yield
+        yield handler
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
         handler.close()
+
+
+class RunRecord:
+    """Around a whole command: `log.txt` from its first line (data loading, the plan), and when the
+    run dies, the error in `log.txt` and in `summary.json` (`completed: false`, the error, the step
+    `checkpoint.pt` holds). Rank 0 writes.
+
+    `summary.json` is written only once `claim()` was called, i.e. once the command has checked the
+    directory is its own to write (resume settings accepted): a refused rerun must not overwrite
+    the summary of the run that is there."""
+
+    def __init__(self, run_dir: str | Path, dist: DistInfo) -> None:
+        self.run_dir, self.dist, self.claimed = Path(run_dir), dist, False
+        self._stack = contextlib.ExitStack()
+        self._handler: logging.Handler | None = None
+
+    def __enter__(self) -> "RunRecord":
+        self._handler = self._stack.enter_context(_log_to_file(self.run_dir / "log.txt", self.dist.is_main))
+        return self
+
+    def claim(self) -> None:
+        """From now on a failure is this run's: record it in summary.json."""
+        self.claimed = True
+
+    def __exit__(self, kind, error, tb) -> None:
+        try:
+            if error is not None and isinstance(error, (Exception, KeyboardInterrupt)) and self.dist.is_main:
+                message = str(error) or type(error).__name__
+                if self._handler is not None:  # to the file only: the CLI prints the error on stderr itself
+                    self._handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0,
+                                                        "run stopped by an error: %s", (message,), None))
+                if self.claimed:
+                    ckpt = self.run_dir / CHECKPOINT
+                    io.write_json(self.run_dir / "summary.json", {
+                        "completed": False, "error": message, "error_type": type(error).__name__,
+                        "checkpoint_step": _saved_step(ckpt) if ckpt.exists() else None})
+        finally:
+            self._stack.close()
 
 
 class _StopFlag:
@@ -286,6 +396,24 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _restore_rng(saved: list[dict] | dict, dist: DistInfo, step: int) -> None:
+    """This rank's own RNG states from a checkpoint (module docs: other process counts). A single
+    dict is an older checkpoint's rank-0 state."""
+    states = saved if isinstance(saved, list) else [saved]
+    if len(states) != dist.world_size and dist.is_main:
+        log.warning("the checkpoint holds the RNG states of %d process(es), this run has %d: %s; global-RNG "
+                    "randomness (dropout, drop-path) will differ from an uninterrupted run", len(states),
+                    dist.world_size, "ranks %d and up start streams seeded by (step, rank)" % len(states)
+                    if dist.world_size > len(states) else "the extra states are left unused")
+    if dist.rank < len(states):
+        _set_rng_state(states[dist.rank])
+        return
+    seed = int(np.random.SeedSequence((step, dist.rank)).generate_state(1)[0])
+    torch.manual_seed(seed)  # CUDA generators too
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 def model_signature(model: nn.Module) -> dict[str, list[int]]:
     """Parameter/buffer names and shapes: what a checkpoint must match to be resumed into `model`."""
     return {k: list(v.shape) for k, v in model.state_dict().items()}
@@ -304,8 +432,8 @@ def save_model(model: nn.Module, path: str | Path, name: str | None = None) -> P
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler | None) -> dict:
-    """Restore model, optimiser, scaler and RNG states from a training checkpoint; returns it."""
+                    scaler: torch.amp.GradScaler | None, dist: DistInfo = DistInfo()) -> dict:
+    """Restore model, optimiser, scaler and this rank's RNG states from a training checkpoint; returns it."""
     ckpt = io.torch_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise BitlabError(f"{path}: not a bitlab training checkpoint")
@@ -321,7 +449,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    _set_rng_state(ckpt["rng"])
+    _restore_rng(ckpt["rng"], dist, int(ckpt["step"]))
     return ckpt
 
 
@@ -374,15 +502,14 @@ def run(
     optimizer = make_optimizer(raw)
     scaler = torch.amp.GradScaler(dist.device.type) if config.precision == "fp16" else None
 
-    start = 0
+    start, saved = 0, None  # saved: the step checkpoint.pt holds
     if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, raw, optimizer, scaler)
-        start = int(ckpt["step"])
+        ckpt = load_checkpoint(ckpt_path, raw, optimizer, scaler, dist)
+        start = saved = int(ckpt["step"])
     elif resume:
         log.info("no checkpoint in %s yet: starting from step 0", run_dir)
     elif ckpt_path.exists() and not resume:
-        raise BitlabError(f"{run_dir} already holds a training checkpoint; pass --resume to continue it "
-                          "or choose another --out")
+        _refuse_overwrite(run_dir)
     barrier(dist)
 
     net = wrap_model(raw, dist)
@@ -393,12 +520,15 @@ def run(
         metrics.truncate(start)
 
     def save_checkpoint(step: int) -> Path:
+        nonlocal saved
+        rng = all_gather_object(_rng_state(), dist)  # every rank's own streams, in rank order
         if dist.is_main:
-            io.torch_save({"format": CHECKPOINT_FORMAT, "version": 1, "step": step, "model_name": model_name,
+            io.torch_save({"format": CHECKPOINT_FORMAT, "version": 2, "step": step, "model_name": model_name,
                            "model": raw.state_dict(), "model_config": _model_config(raw),
                            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                           "rng": _rng_state(), "world_size": dist.world_size}, ckpt_path)
+                           "rng": rng, "world_size": dist.world_size}, ckpt_path)
         barrier(dist)
+        saved = step
         return ckpt_path
 
     def run_eval(step: int) -> dict:
@@ -413,7 +543,7 @@ def run(
                                                           for k, v in out.items()))
         return out
 
-    result = LoopResult(step=start, completed=False)
+    result = LoopResult(step=start, completed=False, checkpoint=ckpt_path if saved is not None else None)
     last_eval_step = -1
     try:
         with _log_to_file(run_dir / "log.txt", dist.is_main), _StopFlag() as stop, tqdm(
@@ -435,7 +565,15 @@ def run(
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
                 t0 = time.perf_counter()
-                micro = next(batches)
+                try:
+                    micro = next(batches)
+                except BitlabError as e:
+                    # An unreadable image: the weights are those of a completed step, so keep them,
+                    # when all ranks are here to write together (else one would wait in a collective).
+                    if step > (saved or 0) and (not dist.distributed or isinstance(e, EveryRankError)):
+                        result.checkpoint = save_checkpoint(step)
+                        log.info("checkpoint of step %d written before stopping on a data error", step)
+                    raise
                 data_s = time.perf_counter() - t0  # waiting for the input pipeline
                 n_step = getattr(micro, "num_images", None) or sum(len(x) for x, _ in micro)
                 step_loss = torch.zeros((), device=dist.device)
@@ -490,28 +628,34 @@ def run(
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{row['images_per_s']:.1f}")
                     window_loss, window_steps, window_images, window_data = 0.0, 0, 0, 0.0
                     window_t0 = time.perf_counter()
-                if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
+                eval_now = bool(config.eval_every) and step % config.eval_every == 0 and step < config.total_steps
+                # Checkpoint before evaluating: an evaluation that fails (a bad validation image)
+                # must not lose the steps trained since the last checkpoint.
+                if (eval_now or config.checkpoint_every and step % config.checkpoint_every == 0) \
+                        and step < config.total_steps:
+                    result.checkpoint = save_checkpoint(step)
+                if eval_now:
                     result.final_metrics = run_eval(step)
                     last_eval_step = step
-                if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.total_steps:
-                    result.checkpoint = save_checkpoint(step)
                 stopping = stop_now or (config.stop_after is not None and step >= config.stop_after)
                 if stopping and step < config.total_steps:
-                    result.checkpoint = save_checkpoint(step)
+                    if saved != step:
+                        result.checkpoint = save_checkpoint(step)
                     result.stopped_by = signal.Signals(stop.signal).name if stop.signal else "stop_after"
                     log.info("stopped at step %d (%s); checkpoint %s; rerun with --resume to continue",
                              step, result.stopped_by, ckpt_path)
                     result.images_per_s = total_images / max(total_time, 1e-9)
                     return result
             result.images_per_s = total_images / max(total_time, 1e-9)
-            result.completed = True
-            if last_eval_step != step:
-                result.final_metrics = run_eval(step)
-            result.checkpoint = save_checkpoint(step)
+            # The weights first, then the final evaluation: a finished run keeps them even if it fails.
+            result.checkpoint = save_checkpoint(step) if saved != step else ckpt_path
             if dist.is_main:
                 result.final = save_model(raw, final_path, model_name)
-                log.info("done: %d steps, final model %s", step, final_path)
             barrier(dist)
+            if last_eval_step != step:
+                result.final_metrics = run_eval(step)
+            result.completed = True
+            log.info("done: %d steps, final model %s", step, final_path)
             return result
     finally:
         if metrics is not None:

@@ -26,20 +26,21 @@ DistributedSampler's set_epoch does — sharded over ranks by global position, s
 the same on any number of processes); shard sets stream per reader (`ShardStream`).
 
 Faults: a rank that cannot read an image or shard tells every rank through one small all-reduce
-per step, and all of them stop with the file names (no rank hangs in a collective); a NaN loss
-stops every rank before the update, keeping the last good checkpoint (`loop.run`); `resume`
-refuses a checkpoint written with other settings or for another model. With `torchrun
---max-restarts N` a dead worker restarts the job, which resumes from `checkpoint.pt`.
+per step, and all of them checkpoint the last completed step and stop with the file names (no rank
+hangs in a collective); a NaN loss stops every rank before the update, keeping the last good
+checkpoint (`loop.run`); `resume` refuses a checkpoint written with other settings, for other data
+(image or class count) or for another model. With `torchrun --max-restarts N` a dead worker
+restarts the job, which resumes from `checkpoint.pt`; a SIGTERM stop exits 0 on every rank
+(`cli.train.report_unfinished`), so it is not restarted.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, ClassVar, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -59,8 +60,8 @@ from bitlab.data.transforms import (
 from bitlab.errors import BitlabError
 from bitlab.models import ResNetV2, registry
 from bitlab.train import distributed as D
-from bitlab.train.loop import (LoopConfig, LoopResult, MicroBatches, check_resume_settings, device_defaults,
-                               eval_logits, run, write_config)
+from bitlab.train.loop import (EveryRankError, LoopConfig, LoopResult, MicroBatches, RunRecord, check_resume_settings,
+                               check_running, device_defaults, eval_logits, run, write_config)
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,11 @@ class PretrainConfig:
     resume: bool = True  # continue from out/checkpoint.pt when there is one (torchrun restarts, requeues)
     stop_after: int | None = None
     progress: bool = True
+
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("data", "val_data", "classes")  # compared resolved on resume
+
+    def __post_init__(self) -> None:
+        check_running(self)  # before any data is read
 
 
 @dataclass
@@ -440,9 +446,13 @@ def control_group(dist: D.DistInfo):
     return torch.distributed.new_group(backend="gloo")
 
 
+class UnreadableDataError(BadImageError, EveryRankError):
+    """Raised by `stop_on_errors` on every rank at once (the loop may still checkpoint together)."""
+
+
 def stop_on_errors(errors: Sequence[str], dist: D.DistInfo, what: str, hint: bool = True, group=None) -> None:
-    """Collective: if any rank has errors, every rank raises the same BadImageError naming the files
-    (`hint`: mention --skip-bad-images; `group`: from `control_group`).
+    """Collective: if any rank has errors, every rank raises the same UnreadableDataError naming the
+    files (`hint`: mention --skip-bad-images; `group`: from `control_group`).
 
     One tiny all-reduce per call; every rank must call it at the same point (once per step)."""
     if dist.distributed:
@@ -457,7 +467,7 @@ def stop_on_errors(errors: Sequence[str], dist: D.DistInfo, what: str, hint: boo
     else:
         per_rank = [list(errors[:5])]
     lines = [(f"rank {r}: " if dist.distributed else "") + m for r, msgs in enumerate(per_rank) for m in msgs]
-    raise BadImageError(f"cannot read {what} data, stopping{' every rank' if dist.distributed else ''}: "
+    raise UnreadableDataError(f"cannot read {what} data, stopping{' every rank' if dist.distributed else ''}: "
                         + "; ".join(lines) + (" (--skip-bad-images replaces unreadable images)" if hint else ""))
 
 
@@ -669,24 +679,24 @@ def _schedule(cfg: PretrainConfig, num_examples: int) -> UpstreamSchedule:
                          warmup_steps=cfg.warmup_steps, base_lr=cfg.base_lr)
 
 
-def _previous_plan(cfg: PretrainConfig, run_dir: Path) -> dict | None:
-    """The plan of the run this one continues (None for a fresh run); other settings are refused."""
-    if not (cfg.resume and check_resume_settings(run_dir, cfg, _RESUME_KEYS)):
-        return None
-    plan_path = run_dir / "plan.json"
-    return json.loads(plan_path.read_text()) if plan_path.exists() else {}
+def _previous_plan(cfg: PretrainConfig, run_dir: Path, data: UpstreamData) -> dict | None:
+    """The plan of the run this one continues (None for a fresh run); other settings, or data that
+    changed under the same path, are refused."""
+    return check_resume_settings(run_dir, cfg, _RESUME_KEYS, resume=cfg.resume,
+                                 counts={"num_examples": len(data.train), "num_classes": data.num_classes})
 
 
 def pretrain(cfg: PretrainConfig, dist: D.DistInfo | None = None) -> PretrainResult:
-    """Pre-train `cfg.model` on `cfg.data`; writes the run directory `cfg.out`.
+    """Pre-train `cfg.model` on `cfg.data`; writes the run directory `cfg.out` (with the reason
+    when the run dies: `loop.RunRecord`).
 
     Under torchrun every rank calls this; `dist` (from `distributed.setup`) is set up and torn
     down here when not given."""
-    with D.session(cfg.device, dist) as dist:
-        return _pretrain(cfg, Path(cfg.out), dist)
+    with D.session(cfg.device, dist) as dist, RunRecord(cfg.out, dist) as record:
+        return _pretrain(cfg, Path(cfg.out), dist, record)
 
 
-def _pretrain(cfg: PretrainConfig, run_dir: Path, dist: D.DistInfo) -> PretrainResult:
+def _pretrain(cfg: PretrainConfig, run_dir: Path, dist: D.DistInfo, record: RunRecord) -> PretrainResult:
     precision, channels_last = device_defaults(dist.device, cfg.precision, cfg.channels_last)
     workers = datasets.default_workers() if cfg.workers is None else cfg.workers
     micro_steps = micro_batches(cfg.batch_size, dist.world_size, cfg.batch_split, cfg.device_batch)
@@ -698,6 +708,9 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, dist: D.DistInfo) -> PretrainR
     data = load_data(cfg)
     for note in data.notes:
         log.info(note)
+    if cfg.head_bias is not None and not data.multi_label:
+        raise BitlabError(f"--head-bias sets the multi-label head's bias, but {cfg.data} is single-label "
+                          "(softmax, whose head starts at zero): leave --head-bias out")
     schedule = _schedule(cfg, len(data.train))
     aug = InceptionAugment(crop=cfg.crop, area=(cfg.crop_area_min, 1.0), flip=cfg.flip)
     torch.manual_seed(cfg.seed)  # the random initialisation is seeded
@@ -706,7 +719,8 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, dist: D.DistInfo) -> PretrainR
     mean, std = (data_cfg.mean, data_cfg.std) if data_cfg else ((0.5,) * 3, (0.5,) * 3)
 
     # rank 0 reads the run directory; a refusal stops every rank (none is left waiting below)
-    previous = D.main_rank_call(lambda: _previous_plan(cfg, run_dir), dist)
+    previous = D.main_rank_call(lambda: _previous_plan(cfg, run_dir, data), dist)
+    record.claim()  # the run directory is this run's now: a failure below goes into its summary.json
     train_data = TrainData(data.train, aug, batch_size=cfg.batch_size, micro_steps=micro_steps, seed=cfg.seed,
                            num_classes=data.num_classes, multi=data.multi_label, mean=mean, std=std, dist=dist,
                            workers=workers, skip_bad=cfg.skip_bad_images,

@@ -16,6 +16,11 @@
 #SBATCH --time=48:00:00
 #SBATCH --requeue                  # preempted or failed nodes: the job is requeued and resumes
 #SBATCH --signal=TERM@300          # 5 min before the time limit: stop at a step boundary, checkpoint
+# On SIGTERM every worker finishes its step, rank 0 writes checkpoint.pt, and all of them exit 0:
+# torchrun must not take a signal stop for a failure and restart the job (--max-restarts) into the
+# time limit. A torchrun signalled itself forwards the signal and kills workers still running after
+# its --shutdown-timeout (30 s): keep a step plus a checkpoint well within it. Resubmit (or
+# requeue) the job to continue from the checkpoint; a crash (non-zero exit) is still restarted.
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 

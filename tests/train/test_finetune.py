@@ -359,3 +359,39 @@ def test_batch_norm_with_micro_batches_is_warned(tiny_digits, tmp_path, caplog):
         finetune(cfg(tiny_digits, tmp_path / name, schedule=[1, 1, 1, 1, 1], **kw))
         assert json.loads((tmp_path / name / "plan.json").read_text())["warnings"] == []
     assert "BatchNorm" not in caplog.text
+
+
+def test_bad_validation_image_keeps_the_trained_weights(tiny_digits, tmp_path, capsys):
+    """The final evaluation fails on an unreadable image: the trained weights are already saved, and
+    the run directory says why the run stopped."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_digits, data)
+    (data / "val" / "3" / "1.jpg").write_text("x\n")
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", "R14x0.5", "--data", str(data), "--out", str(out), "--batch-size", "6",
+                 "--schedule", "1", "2", "3", "4", "8", "--resolution", "40", "32", "--workers", "0",
+                 "--no-progress"]) == 2
+    assert "1.jpg" in capsys.readouterr().err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 8 and (out / "final.pt").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["completed"] is False and "1.jpg" in summary["error"] and summary["checkpoint_step"] == 8
+    log_txt = (out / "log.txt").read_text()
+    assert "BiT-HyperRule: 60 training images" in log_txt and "run stopped by an error" in log_txt
+
+
+def test_resume_refuses_changed_data_and_keeps_an_existing_run(tiny_digits, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_digits, data)
+    out = tmp_path / "run"
+    finetune(cfg(data, out, stop_after=2))
+    config_before = (out / "config.json").read_text()
+    with pytest.raises(BitlabError, match="already holds a training checkpoint; pass --resume"):
+        finetune(cfg(data, out))
+    assert (out / "config.json").read_text() == config_before  # refused before anything was written
+    shutil.copy(data / "train" / "3" / sorted(os.listdir(data / "train" / "3"))[0], data / "train" / "3" / "new.png")
+    with pytest.raises(BitlabError, match=r"the data changed .*dataset_size: 60 -> 61"):
+        finetune(cfg(data, out, resume=True))

@@ -293,3 +293,134 @@ def test_accumulation_all_reduces_gradients_once_per_step(tmp_path):
     counts = json.loads((tmp_path / "counts.json").read_text())
     assert counts["1"] >= 3  # at least one bucket all-reduced per step: the hook sees them
     assert counts["4"] == counts["1"]  # 4 micro-batches, still one all-reduce per step
+
+
+def dropout_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+
+
+def test_resume_restores_the_global_rng_that_dropout_draws_from(tmp_path):
+    """Dropout masks come from the global torch RNG: a resumed run equals an uninterrupted one only
+    if the checkpoint's RNG state is restored (the model's init would leave another one)."""
+    full, _ = train(tmp_path / "full", steps=8, net=dropout_model())
+    train(tmp_path / "part", steps=8, stop_after=3, net=dropout_model())
+    resumed, result = train(tmp_path / "part", steps=8, resume=True, net=dropout_model())
+    assert result.completed
+    assert_same(weights(resumed), weights(full))
+
+
+def test_rng_of_missing_ranks_is_seeded_by_step_and_rank(caplog):
+    """A checkpoint of 1 process resumed on 2: rank 0 restores its state, rank 1 (none saved)
+    starts a stream seeded by (step, rank) — reproducible, different from rank 0's — with a warning."""
+    from bitlab.train.distributed import DistInfo
+
+    torch.manual_seed(7)
+    saved = [loop._rng_state()]
+    ref = torch.rand(3)
+    loop._restore_rng(saved, DistInfo(rank=0, world_size=2), step=5)
+    assert torch.equal(torch.rand(3), ref)
+    assert "RNG states of 1 process(es), this run has 2: ranks 1 and up start streams" in caplog.text
+    draws = []
+    for _ in range(2):
+        loop._restore_rng(saved, DistInfo(rank=1, world_size=2), step=5)
+        draws.append(torch.rand(3))
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], ref)
+
+
+def test_checkpoint_is_written_before_evaluation(tmp_path):
+    """An evaluation that fails loses no training: mid-run the step is checkpointed first, and at
+    the end checkpoint.pt and final.pt are written before the final evaluation."""
+    def failing_at(bad_step):
+        def evaluate(m, step):
+            if step == bad_step:
+                raise BitlabError("cannot read validation image")
+            return {"top1": 1.0}
+        return evaluate
+
+    cfg = LoopConfig(total_steps=6, progress=False, checkpoint_every=0, eval_every=3)
+    kw = dict(make_optimizer=sgd, data=Stream(), lr_at=lambda s: 0.1, loss_fn=F.cross_entropy, config=cfg)
+    with pytest.raises(BitlabError, match="validation image"):
+        loop.run(model(), run_dir=tmp_path / "mid", evaluate=failing_at(3), **kw)
+    assert io.torch_load(tmp_path / "mid" / "checkpoint.pt")["step"] == 3
+    net = model()
+    with pytest.raises(BitlabError, match="validation image"):
+        loop.run(net, run_dir=tmp_path / "end", evaluate=failing_at(6), **kw)
+    assert io.torch_load(tmp_path / "end" / "checkpoint.pt")["step"] == 6
+    assert_same(io.torch_load(tmp_path / "end" / "final.pt"), net.state_dict())
+
+
+def test_data_error_checkpoints_the_last_completed_step(tmp_path):
+    def hook(step):
+        if step == 5:
+            raise BitlabError("x.jpg: cannot decode")
+
+    with pytest.raises(BitlabError, match="cannot decode"):
+        train(tmp_path / "bad", steps=10, data=Stream(hook=hook), checkpoint_every=0)
+    ckpt = io.torch_load(tmp_path / "bad" / "checkpoint.pt")
+    good, _ = train(tmp_path / "ref", steps=10, stop_after=5)
+    assert ckpt["step"] == 5
+    assert_same(ckpt["model"], weights(good))
+
+
+@pytest.mark.parametrize("field, value, flag", [("log_every", 0, "--log-every"),
+                                                ("checkpoint_every", -1, "--checkpoint-every"),
+                                                ("eval_every", -1, "--eval-every"),
+                                                ("stop_after", 0, "--stop-after")])
+def test_step_counts_are_validated(field, value, flag):
+    with pytest.raises(BitlabError, match=f"^{flag} must"):
+        LoopConfig(total_steps=10, **{field: value})
+
+
+# Run by torchrun on 2 ranks whose global RNGs differ (as they may, e.g. seeded by rank): a dropout
+# model stopped after 3 steps and resumed must equal the uninterrupted run, which needs each rank
+# to get its own RNG state back (rank 0's on both would change rank 1's masks).
+_RANK_RNG = '''
+import sys
+import torch
+import torch.nn.functional as F
+from torch import nn
+from bitlab.train import distributed as D, loop
+
+class Stream:
+    def __init__(self, rank):
+        self.rank = rank
+    def steps(self, start):
+        step = start
+        while True:
+            g = torch.Generator().manual_seed(100 * step + self.rank)
+            yield [(torch.randn(4, 6, generator=g), torch.randint(0, 3, (4,), generator=g))]
+            step += 1
+
+def run(info, out, **kw):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+    torch.manual_seed(1000 + info.rank)  # per-rank dropout streams
+    loop.run(net, make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1), data=Stream(info.rank),
+             lr_at=lambda s: 0.1, loss_fn=F.cross_entropy, run_dir=f"{sys.argv[1]}/{out}",
+             config=loop.LoopConfig(total_steps=6, progress=False, **kw), dist=info, resume=True)
+    return net
+
+with D.session("cpu") as info:
+    full = run(info, "full")
+    run(info, "part", stop_after=3)
+    resumed = run(info, "part")
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+'''
+
+
+def test_each_rank_resumes_its_own_rng(tmp_path):
+    import subprocess
+    import sys
+
+    from bitlab.paths import REPO_ROOT
+
+    script = tmp_path / "rank_rng.py"
+    script.write_text(_RANK_RNG)
+    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(io.torch_load(tmp_path / "part" / "checkpoint.pt")["rng"]) == 2

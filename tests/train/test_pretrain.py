@@ -281,9 +281,13 @@ def test_killed_worker_is_restarted_and_training_continues_from_the_checkpoint(t
 def test_unreadable_image_stops_every_rank_with_its_name(tree, tmp_path):
     import shutil
 
+    from bitlab.train.distributed import StepSampler
+
     data = tmp_path / "data"
     shutil.copytree(tree, data)
-    bad = data / "train" / "coffee" / "2.png"
+    # an image of step 1 (the second half of epoch 0's permutation): step 0 trains first
+    files = P.load_data(config(data, tmp_path / "x")).train.paths
+    bad = Path(files[StepSampler(len(files), 8, seed=0).permutation(0)[8]])
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
     t0 = time.monotonic()
     job = torchrun([*COMMON, "--data", str(data), "--out", str(tmp_path / "run")])
@@ -294,6 +298,12 @@ def test_unreadable_image_stops_every_rank_with_its_name(tree, tmp_path):
         assert "cannot read training data, stopping every rank" in line and str(bad) in line
         assert "--skip-bad-images" in line
     assert "Connection reset" not in job.stderr and "Timeout" not in job.stderr  # a decision, not a crash
+    # the completed step is kept (--checkpoint-every 2 would not have saved step 1), and the reason recorded
+    assert io.torch_load(tmp_path / "run" / "checkpoint.pt")["step"] == 1
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["completed"] is False and str(bad) in summary["error"] and summary["checkpoint_step"] == 1
+    assert "ERROR bitlab.train.loop: run stopped by an error: cannot read training data" in \
+        (tmp_path / "run" / "log.txt").read_text()
     # skipping instead: the run completes and lists the file
     result = P.pretrain(config(data, tmp_path / "skip", epochs=1, decay_epochs=[], skip_bad_images=True))
     assert result.completed and any(str(bad) in m for m in result.bad_images)
@@ -312,6 +322,38 @@ def test_nan_stops_every_rank_and_keeps_the_last_good_checkpoint(tree, tmp_path)
     ckpt = io.torch_load(out / "checkpoint.pt")
     assert ckpt["step"] == step > 0
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through /proc (Linux)")
+def test_sigterm_under_torchrun_stops_the_job_instead_of_restarting_it(tree, tmp_path):
+    """SIGTERM to the workers (Kubernetes, `scancel --signal=TERM`): every rank checkpoints and
+    exits 0, so that torchrun --max-restarts does not count a failure and restart the job."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "bitlab", "pretrain", *COMMON, "--epochs", "100", "--data", str(tree),
+           "--out", str(out), "--nproc", "2", "--max-restarts", "1"]
+    job = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (out / "checkpoint.pt").exists():
+            assert job.poll() is None, job.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.02)
+        for pid in _children(job.pid):
+            os.kill(pid, signal.SIGTERM)
+        stdout, stderr = job.communicate(timeout=TIMEOUT)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, stderr[-3000:]
+    log_txt = (out / "log.txt").read_text()
+    assert "resumed from" not in log_txt and "will restart worker group" not in stderr
+    step = io.torch_load(out / "checkpoint.pt")["step"]
+    assert 2 <= step < 200 and not (out / "final.pt").exists()
+    assert f"stopped at step {step} (SIGTERM)" in log_txt and "rerun" in log_txt
+    assert "under torchrun: exit status 0" in stderr and f"stopped at step {step}/200" in stdout
+    # rank 0 alone logs INFO; the other rank's warnings name it
+    assert stderr.count(f"stopped at step {step} (SIGTERM)") == 1 and stderr.count("pre-training R14x0.5") == 1
+    assert "rank 1 WARNING bitlab.train.loop: SIGTERM received" in stderr
 
 
 # ----------------------------------------------------------------------------- multi-label
@@ -403,6 +445,68 @@ def test_resume_with_other_settings_is_refused(tree, tmp_path):
     (out / "config.json").write_text(json.dumps({**json.loads((out / "config.json").read_text()), "seed": 1}))
     with pytest.raises(BitlabError, match=r"seed: 1 -> 0"):
         P.pretrain(config(tree, out))
+
+
+def test_resume_checks_the_data_not_the_path_string(tree, tmp_path, monkeypatch):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tree, data)
+    out = tmp_path / "run"
+    P.pretrain(config(data, out, stop_after=2, **dict(zip(("epochs", "decay_epochs", "warmup_steps"), (2, [1.5], 2)))))
+    extra = data / "train" / "chelsea" / "extra.png"
+    shutil.copy(data / "train" / "chelsea" / "0.png", extra)  # an image added under the same path
+    with pytest.raises(BitlabError, match=r"plan.json: the data changed .*num_examples: 16 -> 17"):
+        P.pretrain(config(data, out, epochs=2, decay_epochs=[1.5], warmup_steps=2))
+    extra.unlink()
+    monkeypatch.chdir(tmp_path)  # the same data by a relative path (a requeue from another directory)
+    resumed = P.pretrain(config("data", out, epochs=2, decay_epochs=[1.5], warmup_steps=2))
+    assert resumed.completed and resumed.step == 4
+    assert json.loads((out / "config.json").read_text())["data"] == str(data.resolve())
+
+
+def test_a_failed_run_records_why(tree, tmp_path):
+    """The plan and the error in log.txt, and summary.json saying it did not complete."""
+    out = tmp_path / "run"
+    with pytest.raises(BitlabError, match="at step 3"):
+        P.pretrain(config(tree, out, base_lr=1e8, warmup_steps=6, checkpoint_every=1))
+    log_txt = (out / "log.txt").read_text()
+    assert "pre-training R14x0.5 on 16 images" in log_txt
+    assert "ERROR bitlab.train.loop: run stopped by an error: gradients are not finite" in log_txt
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["completed"] is False and summary["error_type"] == "NonFiniteLossError"
+    assert "at step 3" in summary["error"] and summary["checkpoint_step"] == 3
+    # a rerun refused for other settings does not overwrite that record
+    with pytest.raises(BitlabError, match="cannot resume"):
+        P.pretrain(config(tree, out, batch_size=16))
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+
+def test_bad_validation_image_keeps_the_trained_weights(tree, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tree, data)
+    (data / "val" / "coffee" / "0.png").write_bytes(b"x\n")
+    out = tmp_path / "run"
+    with pytest.raises(BitlabError, match="cannot read validation data"):
+        P.pretrain(config(data, out, epochs=1, decay_epochs=[], checkpoint_every=0))
+    assert io.torch_load(out / "checkpoint.pt")["step"] == 2 and (out / "final.pt").is_file()
+    assert json.loads((out / "summary.json").read_text())["completed"] is False
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--log-every", "0"], "--log-every must be at least 1"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every must be 0"),
+    (["--stop-after", "0"], "--stop-after must be at least 1"),
+    (["--head-bias", "-3"], "--head-bias sets the multi-label head's bias"),
+    (["--max-restarts", "1"], "--max-restarts needs --nproc"),
+])
+def test_running_flags_are_checked(tree, tmp_path, capsys, flags, message):
+    argv = ["pretrain", *COMMON, "--epochs", "1", "--decay-epochs", "--data", str(tree), "--out", str(tmp_path / "r")]
+    assert main([*argv, *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
 
 
 def test_checkpoint_of_another_model_is_refused(tree, tmp_path):
