@@ -26,12 +26,12 @@ from bitlab import hyperrule, io
 from bitlab.data import datasets
 from bitlab.data.datasets import Batch, ImageSet, Splits
 from bitlab.data.mixup import MixedTargets, mix, mixup_cross_entropy, step_mixup
-from bitlab.data.transforms import BadImageError, TrainAugment, normalize
+from bitlab.data.transforms import TrainAugment, normalize
 from bitlab.errors import BitlabError
 from bitlab.models import checkpoints, registry
 from bitlab.train import distributed as D
-from bitlab.train.loop import (LoopConfig, LoopResult, MicroBatches, RunRecord, check_resume_settings,
-                               device_defaults, eval_logits, run, write_config)
+from bitlab.train.loop import (LoopConfig, LoopResult, MicroBatches, RunRecord, check_resume_settings, check_running,
+                               control_group, device_defaults, eval_logits, run, stop_on_errors, write_config)
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         _validate(self)
+        check_running(self)  # the loop's flags too, before any data is read
 
 
 def _validate(cfg: FinetuneConfig) -> None:
@@ -203,6 +204,7 @@ class TrainData:
         self.alpha, self.mean, self.std, self.dist = mixup_alpha, mean, std, dist
         self.workers, self.skip_bad = workers, skip_bad
         self.bad: set[str] = set()
+        self.group = control_group(dist)
 
     def steps(self, start: int) -> Iterator[MicroBatches]:
         sampler = D.StepSampler(len(self.dataset), self.batch_size, seed=self.seed, start_step=start, info=self.dist)
@@ -212,8 +214,7 @@ class TrainData:
         step = start
         while True:
             parts: list[Batch] = [next(it) for _ in range(self.batch_split)]
-            for b in parts:
-                _check_bad(b, self.skip_bad, self.bad)
+            _check_bad([m for b in parts for m in b.bad], "training", self.skip_bad, self.bad, self.dist, self.group)
             images = torch.cat([b.images for b in parts]).to(self.dist.device, non_blocking=True)
             labels = torch.cat([b.labels for b in parts]).to(self.dist.device, non_blocking=True)
             lam, perm = step_mixup(self.alpha, self.seed, step, len(images))
@@ -222,12 +223,11 @@ class TrainData:
             step += 1
 
 
-def _check_bad(batch: Batch, skip: bool, seen: set[str]) -> None:
-    if not batch.bad:
-        return
-    if not skip:
-        raise BadImageError(f"{batch.bad[0]} (pass --skip-bad-images to leave such files out)")
-    for message in batch.bad:
+def _check_bad(bad: Sequence[str], what: str, skip: bool, seen: set[str], dist: D.DistInfo, group=None) -> None:
+    """Unreadable images: replaced and warned about once each with `skip`, else every rank stops
+    together (a collective: every rank calls it at the same point)."""
+    stop_on_errors([] if skip else list(bad), dist, what, group=group)
+    for message in bad if skip else ():
         if message not in seen:
             log.warning("skipped: %s", message)
             seen.add(message)
@@ -249,8 +249,9 @@ class Evaluator:
     def __call__(self, model: nn.Module, step: int) -> dict:
         dev = self.dist.device
         sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, top1, top5, n
+        bad: list[str] = []
         for batch in self.loader:
-            _check_bad(batch, self.skip_bad, self.bad)
+            bad += batch.bad
             if not len(batch.images):
                 continue
             logits = eval_logits(model, batch.images, mean=self.mean, std=self.std, device=dev,
@@ -261,6 +262,8 @@ class Evaluator:
             sums += torch.stack([torch.nn.functional.cross_entropy(logits, y, reduction="sum").double(),
                                  hit[:, 0].sum().double(), hit.any(dim=1).sum().double(),
                                  torch.tensor(float(len(y)), dtype=torch.float64, device=dev)])
+        # Every rank finishes its share first (no collective inside the loop: shares differ in size).
+        _check_bad(bad, "validation", self.skip_bad, self.bad, self.dist)
         loss, top1, top5, n = D.all_reduce_sum(sums, self.dist).tolist()
         if n == 0:
             raise BitlabError("no readable validation images")

@@ -60,8 +60,8 @@ from bitlab.data.transforms import (
 from bitlab.errors import BitlabError
 from bitlab.models import ResNetV2, registry
 from bitlab.train import distributed as D
-from bitlab.train.loop import (EveryRankError, LoopConfig, LoopResult, MicroBatches, RunRecord, check_resume_settings,
-                               check_running, device_defaults, eval_logits, run, write_config)
+from bitlab.train.loop import (LoopConfig, LoopResult, MicroBatches, RunRecord, check_resume_settings, check_running,
+                               control_group, device_defaults, eval_logits, run, stop_on_errors, write_config)
 
 log = logging.getLogger(__name__)
 
@@ -433,42 +433,6 @@ class ShardTrainTransform:
     def error(self, messages: str | list[str]) -> Item:
         messages = [messages] if isinstance(messages, str) else messages
         return Item(None, _target([0], self.num_classes, self.multi), tuple(messages))
-
-
-def control_group(dist: D.DistInfo):
-    """A Gloo group for the per-step error check of GPU runs (None: use the default group).
-
-    An all-reduce on the NCCL group would make the host wait, every step, for the GPU work already
-    queued (the optimiser step) before it can launch the next forward; on CPU tensors over Gloo the
-    ranks agree on the host alone. CPU runs' default group is Gloo already."""
-    if not dist.distributed or dist.device.type != "cuda":
-        return None
-    return torch.distributed.new_group(backend="gloo")
-
-
-class UnreadableDataError(BadImageError, EveryRankError):
-    """Raised by `stop_on_errors` on every rank at once (the loop may still checkpoint together)."""
-
-
-def stop_on_errors(errors: Sequence[str], dist: D.DistInfo, what: str, hint: bool = True, group=None) -> None:
-    """Collective: if any rank has errors, every rank raises the same UnreadableDataError naming the
-    files (`hint`: mention --skip-bad-images; `group`: from `control_group`).
-
-    One tiny all-reduce per call; every rank must call it at the same point (once per step)."""
-    if dist.distributed:
-        flag = torch.tensor([float(len(errors))], device="cpu" if group is not None else dist.device)
-        torch.distributed.all_reduce(flag, group=group)
-        if flag.item() == 0:
-            return
-        per_rank: list = [None] * dist.world_size
-        torch.distributed.all_gather_object(per_rank, list(errors[:5]), group=group)
-    elif not errors:
-        return
-    else:
-        per_rank = [list(errors[:5])]
-    lines = [(f"rank {r}: " if dist.distributed else "") + m for r, msgs in enumerate(per_rank) for m in msgs]
-    raise UnreadableDataError(f"cannot read {what} data, stopping{' every rank' if dist.distributed else ''}: "
-                        + "; ".join(lines) + (" (--skip-bad-images replaces unreadable images)" if hint else ""))
 
 
 def _worker_init(_: int) -> None:

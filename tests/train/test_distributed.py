@@ -83,3 +83,34 @@ def test_ddp_two_processes_equal_one(tiny_digits, tmp_path):
     import json
     ma, mb = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("ddp", "one"))
     assert ma["n"] == mb["n"] == 30 and np.isclose(ma["loss"], mb["loss"], rtol=1e-4)
+
+
+def test_ddp_unreadable_training_image_stops_every_rank(tiny_digits, tmp_path):
+    """One rank meets a corrupt image: both ranks stop at that step naming it (no hang, no rank
+    left waiting in an all-reduce), after checkpointing the step completed before it."""
+    import json
+    import shutil
+
+    from bitlab import io
+    from bitlab.train.finetune import FinetuneConfig, load_data
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_digits, data)
+    files = load_data(FinetuneConfig(model="R14x0.5", data=str(data), out=str(tmp_path / "x"))).train.paths
+    bad = files[StepSampler(len(files), 8, seed=0).permutation(0)[8 + 4]]  # step 1, rank 1's half
+    open(bad, "wb").write(b"\x89PNG not really")
+    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "bitlab", "finetune", "--model", "R14x0.5", "--data", str(data), "--batch-size", "8",
+                          "--schedule", "1", "2", "3", "3", "4", "--resolution", "18", "16", "--workers", "0",
+                          "--device", "cpu", "--no-progress", "--out", str(out)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert job.returncode != 0
+    marker = "bitlab finetune: error:"
+    errors = [part.split("\n", 1)[0] for part in job.stderr.split(marker)[1:]]
+    assert len(errors) == 2, job.stderr[-3000:]  # each rank says why it stopped
+    assert all("stopping every rank" in e and f"rank 1: {bad}" in e for e in errors)
+    assert io.torch_load(out / "checkpoint.pt")["step"] == 1
+    assert json.loads((out / "summary.json").read_text())["checkpoint_step"] == 1

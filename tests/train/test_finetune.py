@@ -332,6 +332,8 @@ def test_split_seed_flag_is_recorded(tiny_digits, tmp_path, capsys):
     ({"val_fraction": 1.0}, "--val-fraction must be at least 0 and below 1"),
     ({"batch_split": 0}, "--batch-split must be at least 1"),
     ({"eval_batch_size": 0}, "--eval-batch-size must be at least 1"),
+    ({"log_every": 0}, "--log-every must be at least 1"),
+    ({"stop_after": 0}, "--stop-after must be at least 1 step"),
 ])
 def test_config_refuses_unusable_values(tmp_path, change, message):
     with pytest.raises(BitlabError, match=re.escape(message)):
