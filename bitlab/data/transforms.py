@@ -10,6 +10,7 @@ halved with a Gaussian pyramid and finished bilinearly (see `resize`); enlarging
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -208,14 +209,14 @@ class InceptionAugment:
     """BiT's upstream training view (paper §3.3, official issue #26): an Inception-style crop
     resized to `crop` x `crop`, then a random horizontal flip.
 
-    The crop covers `area` (fractions of the image) with aspect ratio in `ratio`, as TF's
-    `sample_distorted_bounding_box` in big_vision's `inception_crop`: 5-100 % of the area (5 %, not
-    torchvision's 8 %, is the TF default the BiT authors' pipelines used), aspect 3/4-4/3.
+    The crop box is drawn as TF's `sample_distorted_bounding_box` draws it in big_vision's
+    `inception_crop` (`inception_box`): 5-100 % of the area (5 %, not torchvision's 8 %) and TF's
+    default aspect range 0.75-1.33 (width / height), no object to cover.
     """
 
     crop: int = 224
     area: tuple[float, float] = (0.05, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    ratio: tuple[float, float] = (0.75, 1.33)  # TF's default, which big_vision keeps (not 4/3)
     flip: bool = True
 
     def __post_init__(self) -> None:
@@ -223,6 +224,8 @@ class InceptionAugment:
             raise BitlabError(f"crop must be positive, got {self.crop}")
         if not 0 < self.area[0] <= self.area[1] <= 1:
             raise BitlabError(f"crop area range must satisfy 0 < min <= max <= 1, got {self.area}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise BitlabError(f"crop aspect range must satisfy 0 < min <= max, got {self.ratio}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -234,17 +237,35 @@ INCEPTION_ATTEMPTS = 100
 
 def inception_box(height: int, width: int, aug: InceptionAugment,
                   rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of a random box with area and aspect ratio in `aug`'s ranges; the whole
-    image when no box fits after `INCEPTION_ATTEMPTS` tries (very elongated images)."""
-    area = height * width
-    log_lo, log_hi = np.log(aug.ratio[0]), np.log(aug.ratio[1])
+    """(top, left, h, w) of a random box, drawn as TF draws it: per attempt an aspect ratio
+    uniform in `aug.ratio`, then a height uniform over the whole pixels that keep the area in
+    `aug.area` (so sizes are uniform in side length, not in area as in torchvision), the width
+    rounded from it, and a uniform position. The whole image when no attempt fits."""
+    lo_area, hi_area = aug.area[0] * height * width, aug.area[1] * height * width
     for _ in range(INCEPTION_ATTEMPTS):
-        target = area * rng.uniform(*aug.area)
-        aspect = float(np.exp(rng.uniform(log_lo, log_hi)))
-        w = int(round(np.sqrt(target * aspect)))
-        h = int(round(np.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+        aspect = aug.ratio[0] + rng.random() * (aug.ratio[1] - aug.ratio[0])
+        h = round(math.sqrt(lo_area / aspect))  # round: half to even, as TF's lrintf
+        h_max = round(math.sqrt(hi_area / aspect))
+        if round(h_max * aspect) > width:  # the tallest box whose rounded width still fits
+            h_max = int((width + 0.5 - 1e-7) / aspect)
+            if round(h_max * aspect) > width:
+                h_max -= 1
+        h_max = min(h_max, height)
+        h = min(h, h_max)
+        if h < h_max:
+            h += int(rng.integers(0, h_max - h + 1))
+        w = round(h * aspect)
+        if w * h < lo_area:  # rounding left it just too small or too large: one pixel of slack
+            h += 1
+            w = round(h * aspect)
+        if w * h > hi_area:
+            h -= 1
+            w = round(h * aspect)
+        if lo_area <= w * h <= hi_area and 0 < w <= width and 0 < h <= height:
+            # TF draws offsets in [0, H - h) (never the last one), and 0 for a full-height box
+            top = int(rng.integers(0, height - h)) if h < height else 0
+            left = int(rng.integers(0, width - w)) if w < width else 0
+            return top, left, h, w
     return 0, 0, height, width
 
 

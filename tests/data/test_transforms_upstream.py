@@ -20,8 +20,25 @@ def test_boxes_follow_the_area_and_aspect_ranges():
     areas, ratios = np.array(areas), np.array(ratios)
     assert areas.min() >= 0.045 and areas.max() <= 1.0
     assert np.mean(areas < 0.08) > 0.01  # the 5 % floor, not torchvision's 8 %
-    assert ratios.min() >= 0.74 and ratios.max() <= 1.35
+    assert ratios.min() >= 0.74 and ratios.max() <= 1.34  # TF's default 0.75-1.33, not 3/4-4/3
     assert areas.max() > 0.8  # large boxes too (those that do not fit are redrawn, as in TF)
+
+
+def test_box_sides_are_uniform_as_tf_draws_them():
+    """TF draws the height uniformly over the whole pixels that keep the area in range, so with
+    a fixed aspect of 1 on a 400 x 400 image sides are uniform over 90..400 (mean 244.5); drawing
+    the area uniformly instead (torchvision) would give a mean side of 278."""
+    aug = InceptionAugment(crop=64, ratio=(1.0, 1.0))
+    rng = np.random.default_rng(0)
+    boxes = np.array([inception_box(400, 400, aug, rng) for _ in range(4000)])
+    top, left, h, w = boxes.T
+    assert (h == w).all() and h.min() == 90 and h.max() == 400  # 89 x 89 < 5 %: one pixel more, as TF
+    assert abs(h.mean() - 244.5) < 4
+    # offsets as TF's: uniform in [0, 400 - h), 0 for a full-size box
+    assert (top + h < 400)[h < 400].all() and (left + w < 400)[w < 400].all()
+    assert (top[h == 400] == 0).all()
+    with pytest.raises(BitlabError, match="aspect range"):
+        InceptionAugment(ratio=(1.5, 1.0))
 
 
 def test_whole_image_when_no_box_fits():
