@@ -69,6 +69,11 @@ class Results:
         return Path(self.summary["dataset"]["path"])
 
     @property
+    def has_backgrounds(self) -> bool:
+        """Whether the images record their backgrounds (the official class-folder layout does not)."""
+        return bool((self.predictions["background"] != "").any())
+
+    @property
     def k(self) -> int:
         return robustness.topk_of(self.predictions)
 
@@ -605,7 +610,7 @@ def make_report(result_dirs: Sequence[str | Path], out: str | Path, *, images: S
     out = Path(out)
     files: list[Path] = []
     for r in ooc:
-        if (r.predictions["background"] != "").any():
+        if r.has_backgrounds:
             files += save(fig_backgrounds(r), out, f"backgrounds_{slug(r.label)}")
         else:
             log.warning("%s: no backgrounds recorded, no heat map", r.path)

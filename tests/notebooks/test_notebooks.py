@@ -133,11 +133,10 @@ def test_notebook_errors_fail_the_run(tmp_path):
                      DOWNSTREAM=str(tmp_path / "nowhere"))
 
 
-@pytest.mark.slow
-def test_notebook_runs_on_a_users_data(tmp_path, monkeypatch):
-    """The parameter cell points a notebook at the user's data: here an OOC set laid out as the
-    official release (class folders of images and no manifest; a classes.csv beside them maps the
-    folders), figures saved where the user says."""
+@pytest.fixture
+def release(tmp_path):
+    """An OOC set laid out as the official release: class folders of images, no manifest and no
+    backgrounds (a classes.csv beside them maps the folders)."""
     import shutil
 
     from bitlab.ooc.build import build_demo
@@ -148,6 +147,13 @@ def test_notebook_runs_on_a_users_data(tmp_path, monkeypatch):
         (release / image.parent.name).mkdir(parents=True, exist_ok=True)
         shutil.copy(image, release / image.parent.name / image.name)
     shutil.copy(built / "classes.csv", release / "classes.csv")
+    return release
+
+
+@pytest.mark.slow
+def test_notebook_runs_on_a_users_data(release, tmp_path, monkeypatch):
+    """The parameter cell points a notebook at the user's data: here an OOC set laid out as the
+    official release, figures saved where the user says."""
     n = len(list(release.glob("*/*.jpg")))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     nb = run_notebook("ooc_tour", tmp_path, OOC_DATA=str(release), WORK=str(tmp_path / "work"),
@@ -157,3 +163,19 @@ def test_notebook_runs_on_a_users_data(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["ooc_tour_grid.pdf", "ooc_tour_grid.png"]
     assert_real_figure(tmp_path / "figs" / "ooc_tour_grid.png")
     assert not (tmp_path / "work" / "ooc").exists()  # the embedded sample was not built instead
+
+
+@pytest.mark.slow
+def test_robustness_runs_on_the_release_layout(release, tmp_path, monkeypatch):
+    """Without backgrounds (the official release) the heat maps are skipped, saying so, and the
+    top-5 figures are still drawn."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    models = [dict(model="efficientnet_lite0.offline_in1k", label="Lite0"),
+              dict(model="efficientnet_lite2.offline_in1k", label="Lite2")]
+    nb = run_notebook("robustness", tmp_path, OOC_DATA=str(release), WORK=str(tmp_path / "work"),
+                      FIGURES=str(tmp_path / "figs"), MODELS=models, NUM_IMAGES=2)
+    text = json.dumps([c.outputs for c in nb.cells if c.cell_type == "code"])
+    assert "Lite0: no backgrounds recorded" in text and "Lite2: no backgrounds recorded" in text
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == sorted(
+        f"robustness_{s}.{ext}" for s in ("fig12_left_top5", "fig13_top5") for ext in ("png", "pdf"))
+    assert_real_figure(tmp_path / "figs" / "robustness_fig13_top5.png")
