@@ -66,7 +66,18 @@ class Results:
 
     @property
     def data_root(self) -> Path:
-        return Path(self.summary["dataset"]["path"])
+        """The evaluated data folder. Results made before paths were stored absolute hold it relative
+        to where `bitlab evaluate` ran: then it is looked for beside the results folder's parents."""
+        stored = Path(self.summary["dataset"]["path"])
+        if stored.is_dir():
+            return stored
+        if not stored.is_absolute():
+            for parent in self.path.resolve().parents:
+                if (parent / stored).is_dir():
+                    return parent / stored
+        raise BitlabError(f"{self.path / SUMMARY}: dataset.path {str(stored)!r} not found (neither from "
+                          f"{Path.cwd()} nor beside the parents of {self.path}): move the data back or "
+                          "re-run `bitlab evaluate`")
 
     @property
     def has_backgrounds(self) -> bool:

@@ -1,6 +1,7 @@
 """`bitlab report`: every figure is drawn from real evaluation results and is a real picture."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -61,6 +62,29 @@ def test_make_report_draws_every_figure(results, tmp_path, capsys):
         assert _has_colour(right, 0.85 * np.array(rgb) + 0.15 * 255, tol=10, pixels=30), rgb
     heat = assert_real_figure(tmp_path / "fig" / "backgrounds_efficientnet_lite0.offline_in1k.png")
     assert _has_colour(heat, np.array([0, 104, 55]))  # RdYlGn at 100%: the in-context column
+
+
+def test_results_find_their_data_from_another_directory(results, tmp_path, monkeypatch):
+    """Results store the data folder absolute; older ones, relative to where `evaluate` ran, are found
+    beside the results folder's parents (a notebook in notebooks/ reading ../demo_out/results/...)."""
+    real = report.load_results(results["real_ooc"])
+    assert Path(real.summary["dataset"]["path"]).is_absolute()
+    work = tmp_path / "work"
+    shutil.copytree(real.data_root, work / "demo_out" / "ooc")
+    shutil.copytree(results["real_ooc"], work / "demo_out" / "results" / "real")
+    summary = work / "demo_out" / "results" / "real" / "summary.json"
+    old = json.loads(summary.read_text())
+    old["dataset"]["path"] = "demo_out/ooc"  # as `bitlab evaluate --data demo_out/ooc` run in work/ wrote it
+    summary.write_text(json.dumps(old))
+    (work / "notebooks").mkdir()
+    monkeypatch.chdir(work / "notebooks")
+    moved = report.load_results("../demo_out/results/real")
+    assert moved.data_root.resolve() == (work / "demo_out" / "ooc").resolve()
+    report.fig_top5(moved, moved, moved.predictions["image"][:1].tolist())  # reads the image from there
+    shutil.rmtree(work / "demo_out" / "ooc")
+    with pytest.raises(BitlabError, match=r"real/summary.json: dataset.path 'demo_out/ooc' not found \(neither "
+                                          r"from .*notebooks nor beside the parents of \.\./demo_out/results/real\)"):
+        report.load_results("../demo_out/results/real").data_root
 
 
 def test_fig13_shows_images_where_the_first_model_errs_and_the_second_does_not(results):

@@ -110,7 +110,7 @@ class EvalSet:
         return [self.root / it.image for it in self.items]
 
     def describe(self) -> dict:
-        return {"path": str(self.root), "name": self.name, "kind": self.kind, "role": self.role,
+        return {"path": str(self.root.resolve()), "name": self.name, "kind": self.kind, "role": self.role,
                 "num_images": len(self.items), "num_classes": len({it.cls for it in self.items}),
                 "num_backgrounds": len({it.background for it in self.items if it.background}),
                 "num_foregrounds": len({it.fg_uid for it in self.items if it.fg_uid})}

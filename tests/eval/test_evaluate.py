@@ -156,3 +156,11 @@ def test_any_timm_model_with_its_own_preprocessing(tiny_ooc, tmp_path):
         with torch.inference_mode():
             top = ref(x).softmax(-1)[0].topk(5)
         assert [row[f"top{j}_id"] for j in range(1, 6)] == top.indices.tolist(), row["image"]
+
+
+def test_summary_stores_the_data_folder_absolute(tiny_ooc, tmp_path, monkeypatch):
+    """A relative --data is stored resolved: figures drawn from another directory find the images."""
+    monkeypatch.chdir(tiny_ooc.parent)
+    summary = evaluate(EvaluateConfig(model="R14x0.5", image_size=32, data=tiny_ooc.name, out=str(tmp_path)))
+    assert summary["dataset"]["path"] == str(tiny_ooc.resolve())
+    assert json.loads((tmp_path / "summary.json").read_text())["dataset"]["path"] == str(tiny_ooc.resolve())
