@@ -5,9 +5,12 @@
 - `by_topk`, `by_confusion`: Fig. 7 right's groups (top-1 wrong but top-5 right / top-5 wrong)
   and the commonest (label, prediction) pairs;
 - ratings: per mistake and rater, whether the rater agrees with the `prediction`, the `label` or
-  `neither` (unsure, or neither fits). Stored as a CSV (`image, rater, verdict, label, prediction`);
-  `consensus` turns them into Fig. 7 left's colours (green: raters side with the prediction, red:
-  with the label, yellow: unsure or neither). `RatingTool` is the ipywidgets form that writes them.
+  `neither` (unsure, or neither fits). Stored as a CSV (`image, rater, verdict, label, prediction`),
+  one verdict per (image, prediction, rater): a verdict on a prediction says nothing about another
+  model's (or a re-evaluation's) prediction for the same image, so only ratings of the mistakes as
+  they are now count (`current_ratings`). `consensus` turns those into Fig. 7 left's colours
+  (green: raters side with the prediction, red: with the label, yellow: unsure or neither).
+  `RatingTool` is the ipywidgets form that writes them.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from bitlab.eval import robustness
 VERDICTS = {"prediction": "agree with the prediction", "label": "agree with the label",
             "neither": "unsure / neither fits"}
 RATING_COLUMNS = ("image", "rater", "verdict", "label", "prediction")
+REQUIRED_COLUMNS = ("image", "rater", "verdict", "prediction")
 # Consensus of an image's raters: one of VERDICTS' first two, or this one (Fig. 7 left's yellow).
 UNSURE = "unsure"
 _WNID = re.compile(r"n\d{8}")
@@ -107,11 +111,11 @@ def read_ratings(path: str | Path, missing_ok: bool = True) -> pd.DataFrame:
         raise BitlabError(f"{path}: no such ratings file")
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        if missing := [c for c in RATING_COLUMNS[:3] if c not in (reader.fieldnames or [])]:
+        if missing := [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]:
             raise BitlabError(f"{path}: missing column(s) {', '.join(missing)} "
                               f"(expected {', '.join(RATING_COLUMNS)})")
         rows = []
-        seen: dict[tuple[str, str], int] = {}
+        seen: dict[tuple[str, str, str], int] = {}
         for line, rec in enumerate(reader, start=2):
             row = {c: (rec.get(c) or "").strip() for c in RATING_COLUMNS}
             if not row["image"] or not row["rater"]:
@@ -119,10 +123,10 @@ def read_ratings(path: str | Path, missing_ok: bool = True) -> pd.DataFrame:
             if row["verdict"] not in VERDICTS:
                 raise BitlabError(f"{path}, line {line}: verdict {row['verdict']!r} is not one of "
                                   f"{', '.join(VERDICTS)}")
-            key = (row["image"], row["rater"])
+            key = (row["image"], row["prediction"], row["rater"])
             if key in seen:
-                raise BitlabError(f"{path}, line {line}: {row['rater']!r} rated {row['image']!r} "
-                                  f"already on line {seen[key]}")
+                raise BitlabError(f"{path}, line {line}: {row['rater']!r} rated {row['image']!r} predicted as "
+                                  f"{row['prediction']!r} already on line {seen[key]}")
             seen[key] = line
             rows.append(row)
     return pd.DataFrame(rows, columns=list(RATING_COLUMNS)) if rows else empty_ratings()
@@ -131,26 +135,38 @@ def read_ratings(path: str | Path, missing_ok: bool = True) -> pd.DataFrame:
 def write_ratings(path: str | Path, ratings: pd.DataFrame) -> None:
     """Atomically: a crash while saving never loses the ratings already on disk."""
     with io.atomic_write(path, "w", newline="", encoding="utf-8") as f:
-        ratings.loc[:, list(RATING_COLUMNS)].sort_values(["image", "rater"]).to_csv(f, index=False)
+        ratings.loc[:, list(RATING_COLUMNS)].sort_values(["image", "prediction", "rater"]).to_csv(f, index=False)
 
 
 def record(ratings: pd.DataFrame, mistake: Mapping, rater: str, verdict: str) -> pd.DataFrame:
-    """`ratings` with `rater`'s verdict on `mistake` (a row of `mistakes`), replacing an earlier one."""
+    """`ratings` with `rater`'s verdict on `mistake` (a row of `mistakes`), replacing an earlier one
+    on the same image and prediction."""
     if verdict not in VERDICTS:
         raise BitlabError(f"verdict {verdict!r} is not one of {', '.join(VERDICTS)}")
     if not rater.strip():
         raise BitlabError("a rating needs the rater's name")
-    keep = ratings[~((ratings["image"] == mistake["image"]) & (ratings["rater"] == rater))]
+    keep = ratings[~((ratings["image"] == mistake["image"]) & (ratings["prediction"] == mistake["prediction"])
+                     & (ratings["rater"] == rater))]
     row = pd.DataFrame([{"image": mistake["image"], "rater": rater, "verdict": verdict,
                          "label": mistake["label"], "prediction": mistake["prediction"]}])
     return pd.concat([keep, row], ignore_index=True) if len(keep) else row
 
 
-def consensus(ratings: pd.DataFrame) -> dict[str, str]:
-    """Per rated image: 'prediction' or 'label' when more than half of its raters chose it, else
-    'unsure' (a split vote, or raters who found neither right: the paper's yellow)."""
+def current_ratings(ratings: pd.DataFrame, mistakes: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`ratings` split into those of `mistakes` as they are now (same image, same prediction) and the
+    stale rest (made for another prediction, or for an image that is no longer a mistake)."""
+    now = set(zip(mistakes["image"], mistakes["prediction"]))
+    match = pd.Series([(i, p) in now for i, p in zip(ratings["image"], ratings["prediction"])],
+                      index=ratings.index, dtype=bool)
+    return ratings[match], ratings[~match]
+
+
+def consensus(ratings: pd.DataFrame, mistakes: pd.DataFrame) -> dict[str, str]:
+    """Per rated mistake (image): 'prediction' or 'label' when more than half of its raters chose it,
+    else 'unsure' (a split vote, or raters who found neither right: the paper's yellow). Only
+    ratings of the mistakes' current predictions count (`current_ratings`)."""
     out = {}
-    for image, g in ratings.groupby("image", sort=True):
+    for image, g in current_ratings(ratings, mistakes)[0].groupby("image", sort=True):
         counts = g["verdict"].value_counts()
         top = counts.index[0]
         out[str(image)] = top if top in ("prediction", "label") and counts.iloc[0] * 2 > len(g) else UNSURE
@@ -191,7 +207,8 @@ class RatingTool:
         self.show(self._next_unrated(0))
 
     def _mine(self) -> pd.DataFrame:
-        return self.ratings[self.ratings["rater"] == self.rater]
+        """This rater's ratings of the mistakes as they are (a stale verdict is asked again)."""
+        return current_ratings(self.ratings[self.ratings["rater"] == self.rater], self.mistakes)[0]
 
     def _next_unrated(self, start: int) -> int:
         done = set(self._mine()["image"])
@@ -214,7 +231,9 @@ class RatingTool:
                               f"prediction: <b>{m['prediction']}</b> ({m['prediction_prob']:.0%})<br>"
                               f"label: <b>{m['label']}</b>"
                               + (f"<br>your earlier verdict: {VERDICTS[before.iloc[0]]}" if len(before) else ""))
-        self.status.value = f"{self.rater}: {len(mine)} of {len(self.mistakes)} rated, saved in {self.path}"
+        stale = len(current_ratings(self.ratings[self.ratings["rater"] == self.rater], self.mistakes)[1])
+        self.status.value = (f"{self.rater}: {len(mine)} of {len(self.mistakes)} rated, saved in {self.path}"
+                             + (f" ({stale} earlier rating(s) of other predictions ignored)" if stale else ""))
 
     def rate(self, verdict: str) -> None:
         self.ratings = record(self.ratings, self.mistakes.loc[self.index], self.rater, verdict)

@@ -66,19 +66,41 @@ def test_ratings_round_trip_replace_and_consensus(predictions, tmp_path):
     back = errors.read_ratings(path)
     assert len(back) == 5 and set(back.columns) == set(errors.RATING_COLUMNS)
     assert back.loc[back["image"] == "rocket/b.png", "prediction"].tolist() == ["solar dish"] * 2
-    assert errors.consensus(back) == {"rocket/b.png": "prediction", "rocket/c.png": errors.UNSURE,
-                                      "rocket/d.png": errors.UNSURE}
+    assert errors.consensus(back, m) == {"rocket/b.png": "prediction", "rocket/c.png": errors.UNSURE,
+                                         "rocket/d.png": errors.UNSURE}
     three = errors.record(back, m.loc["rocket/c.png"], "cy", "label")  # 2 of 3 now side with the label
-    assert errors.consensus(three)["rocket/c.png"] == "label"
+    assert errors.consensus(three, m)["rocket/c.png"] == "label"
     with pytest.raises(BitlabError, match="verdict 'maybe'"):
         errors.record(r, m.loc["rocket/b.png"], "ana", "maybe")
 
 
+def test_ratings_of_another_prediction_are_ignored(predictions, tmp_path):
+    """A verdict judged one prediction: when the image is predicted otherwise now (another model, or
+    a re-evaluation sharing the ratings file), it neither colours the figure nor counts as rated."""
+    m = errors.mistakes(predictions).set_index("image", drop=False)
+    r = errors.record(errors.empty_ratings(), m.loc["rocket/b.png"], "ana", "prediction")
+    other = predictions.assign(top1_name=predictions["top1_name"].replace("solar dish", "radio telescope"))
+    now = errors.mistakes(other).set_index("image", drop=False)
+    assert errors.consensus(r, m) == {"rocket/b.png": "prediction"}
+    assert errors.consensus(r, now) == {}
+    current, stale = errors.current_ratings(r, now)
+    assert current.empty and stale["image"].tolist() == ["rocket/b.png"]
+    # Rated again for the new prediction: both verdicts are kept, each for its own prediction.
+    both = errors.record(r, now.loc["rocket/b.png"], "ana", "label")
+    errors.write_ratings(tmp_path / "r.csv", both)
+    back = errors.read_ratings(tmp_path / "r.csv")
+    assert sorted(back["prediction"]) == ["radio telescope", "solar dish"]
+    assert errors.consensus(back, now) == {"rocket/b.png": "label"}
+    assert errors.consensus(back, m) == {"rocket/b.png": "prediction"}
+
+
 @pytest.mark.parametrize("text,message", [
-    ("image,rater\nx,a\n", "missing column\\(s\\) verdict"),
-    ("image,rater,verdict\nx,a,maybe\n", "line 2: verdict 'maybe'"),
-    ("image,rater,verdict\nx,a,label\nx,a,prediction\n", "line 3: 'a' rated 'x' already on line 2"),
-    ("image,rater,verdict\nx,,label\n", "line 2: empty image or rater"),
+    ("image,rater,prediction\nx,a,p\n", "missing column\\(s\\) verdict"),
+    ("image,rater,verdict\nx,a,label\n", "missing column\\(s\\) prediction"),
+    ("image,rater,verdict,prediction\nx,a,maybe,p\n", "line 2: verdict 'maybe'"),
+    ("image,rater,verdict,prediction\nx,a,label,p\nx,a,prediction,p\n",
+     "line 3: 'a' rated 'x' predicted as 'p' already on line 2"),
+    ("image,rater,verdict,prediction\nx,,label,p\n", "line 2: empty image or rater"),
 ])
 def test_bad_ratings_files_name_the_line(tmp_path, text, message):
     path = tmp_path / "r.csv"
@@ -112,5 +134,12 @@ def test_rating_tool_saves_every_click_and_resumes(predictions, tmp_path, photos
     assert again.index == 2
     other = errors.RatingTool(m, tmp_path, path, rater="bo")  # another rater starts from the beginning
     assert other.index == 0
+    # Another model's mistakes on the same images: ana's verdicts judged other predictions, so she is
+    # asked again from the first one, and told how many earlier ratings are set aside.
+    renamed = m.assign(prediction=m["prediction"] + " (other model)")
+    moved_on = errors.RatingTool(renamed, tmp_path, path, rater="ana")
+    assert moved_on.index == 0 and "earlier verdict" not in moved_on.caption.value
+    assert "0 of 4 rated" in moved_on.status.value and "2 earlier rating(s) of other predictions ignored" in \
+        moved_on.status.value
     with pytest.raises(BitlabError, match="no mistakes"):
         errors.RatingTool(m.iloc[:0], tmp_path, path, rater="ana")

@@ -90,13 +90,15 @@ def test_notebook_runs_on_the_offline_sample(name, tmp_path, monkeypatch):
     params = {"WORK": str(tmp_path / "work")}
     if name == "error_analysis":
         # Headless: no clicks, so ratings come from a CSV, as a team's would. Two raters agree with the
-        # prediction on one rocket, split on another (-> unsure), one sides with the label on a third.
-        rows = [("brick_wall", "a", "prediction"), ("brick_wall", "b", "prediction"), ("grass", "a", "label"),
-                ("gravel", "a", "prediction"), ("gravel", "b", "neither")]
+        # prediction on one rocket, split on another (-> unsure), one sides with the label on a third;
+        # a rating of another model's prediction for the fourth is ignored.
+        rows = [("brick_wall", "a", "prediction", "solar dish"), ("brick_wall", "b", "prediction", "solar dish"),
+                ("grass", "a", "label", "plunger"), ("gravel", "a", "prediction", "plunger"),
+                ("gravel", "b", "neither", "plunger"), ("outer_space", "a", "prediction", "missile")]
         image = "rocket/11ec6abc282e3e38_m09rvcxw_07a13432__{}_skimage.png"
         ratings = tmp_path / "ratings.csv"
         ratings.write_text("image,rater,verdict,label,prediction\n"
-                           + "".join(f"{image.format(bg)},{r},{v},rocket,x\n" for bg, r, v in rows))
+                           + "".join(f"{image.format(bg)},{r},{v},rocket,{p}\n" for bg, r, v, p in rows))
         params["RATINGS"] = str(ratings)
     start = time.perf_counter()
     # One intra-op thread in the kernel, as in tests/train: `make test` runs two workers on two
@@ -117,7 +119,7 @@ def test_notebook_runs_on_the_offline_sample(name, tmp_path, monkeypatch):
         assert _has(gallery, GREEN) and _has(gallery, RED) and _has(gallery, YELLOW)
         # The rated mistakes are counted in the notebook's verdict table.
         text = json.dumps([c.outputs for c in nb.cells if c.cell_type == "code"])
-        assert "5 ratings by 2 rater(s) of 3 of 4 mistakes" in text
+        assert "5 ratings by 2 rater(s) of 3 of 4 mistakes" in text and "1 rating(s) ignored" in text
     if name == "duplicates":
         text = json.dumps([c.outputs for c in nb.cells if c.cell_type == "code"])
         assert "found 15 of 15 planted copies; missed none; false positives none" in text
