@@ -30,8 +30,9 @@ from bitlab.data.transforms import TrainAugment, normalize
 from bitlab.errors import BitlabError
 from bitlab.models import checkpoints, registry
 from bitlab.train import distributed as D
-from bitlab.train.loop import (LoopConfig, LoopResult, MicroBatches, RunRecord, check_resume_settings, check_running,
-                               control_group, device_defaults, eval_logits, run, stop_on_errors, write_config)
+from bitlab.train.loop import (CHECKPOINT, LoopConfig, LoopResult, MicroBatches, RunRecord, check_resume_settings,
+                               check_running, check_settings, control_group, device_defaults, eval_logits, run,
+                               stop_on_errors, write_config)
 
 log = logging.getLogger(__name__)
 
@@ -397,7 +398,8 @@ SUMMARY_COLUMNS = ("k", "runs", "top1_median", "top1_min", "top1_max", "top1_std
 
 def fewshot(cfg: FewShotConfig) -> dict:
     """Run every (K, seed) under `cfg.out/k{K}_seed{S}` (finished runs are kept, interrupted ones
-    resume; either only if made with the same settings), then write `fewshot.csv` (one row per
+    resume; either only if made with the same settings; a finished run keeps final.pt, not its
+    checkpoint.pt, which only resuming needs), then write `fewshot.csv` (one row per
     run) and `fewshot_summary.csv` (per K: median, min, max, std of top-1): the data of the paper's
     Fig. 2/5 few-shot curves."""
     out = Path(cfg.out)
@@ -410,11 +412,19 @@ def fewshot(cfg: FewShotConfig) -> dict:
 
 def _fewshot(cfg: FewShotConfig, out: Path, base: dict, dist: D.DistInfo) -> dict:
     runs = {(k, seed): FinetuneConfig(**{**base, "out": str(out / f"k{k}_seed{seed}"), "examples_per_class": k,
-                                         "seed": seed, "resume": (out / f"k{k}_seed{seed}" / "checkpoint.pt").exists()})
+                                         "seed": seed, "resume": (out / f"k{k}_seed{seed}" / CHECKPOINT).exists()})
             for k in cfg.shots for seed in cfg.seeds}
-    # Every earlier run (finished or not; both keep checkpoint.pt) must have been made with these
-    # settings, checked before anything is written: else its numbers would join the new ones.
-    D.main_rank_call(lambda: [check_resume_settings(Path(c.out), c, _REUSE_KEYS) for c in runs.values()], dist)
+
+    def check(c: FinetuneConfig) -> None:
+        run_dir = Path(c.out)
+        if _read_summary(run_dir) is not None and not (run_dir / CHECKPOINT).exists():
+            check_settings(run_dir, c, _REUSE_KEYS)  # finished, its checkpoint removed: config.json says how
+        else:
+            check_resume_settings(run_dir, c, _REUSE_KEYS)
+
+    # Every earlier run (finished or interrupted) must have been made with these settings, checked
+    # before anything is written: else its numbers would join the new ones.
+    D.main_rank_call(lambda: [check(c) for c in runs.values()], dist)
     if dist.is_main:
         write_config(out, cfg)
     rows = []
@@ -427,6 +437,9 @@ def _fewshot(cfg: FewShotConfig, out: Path, base: dict, dist: D.DistInfo) -> dic
             if not result.completed:
                 return {"runs": rows, "stopped": result}
             summary = {**result.metrics, "dataset_size": result.plan["dataset_size"], "step": result.step}
+        if dist.is_main and _read_summary(run_dir) is not None:
+            # Finished and summarised: the resume state (optimizer, RNG) is dead weight beside final.pt.
+            (run_dir / CHECKPOINT).unlink(missing_ok=True)
         rows.append({"k": k, "seed": seed, "top1": summary["top1"], "top5": summary["top5"],
                      "loss": summary["loss"], "train_size": summary["dataset_size"], "steps": summary["step"],
                      "run_dir": run_dir.name})

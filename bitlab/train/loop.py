@@ -221,16 +221,7 @@ def check_resume_settings(run_dir: Path, config: Any, keys: Sequence[str], *, re
         return None
     if not resume:
         _refuse_overwrite(run_dir)
-    path = run_dir / "config.json"
-    if not path.exists():
-        raise BitlabError(f"{run_dir}: a checkpoint without config.json (not a bitlab run?); use another --out")
-    old, new = json.loads(path.read_text()), recorded_config(config)
-    for key in getattr(config, "PATH_FIELDS", ()):  # older runs recorded paths as typed
-        old[key] = _resolved(old.get(key))
-    if changed := [k for k in keys if old.get(k) != new.get(k)]:
-        what = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-        raise BitlabError(f"{path}: cannot resume this checkpoint with different settings ({what}); "
-                          "resume with the original settings or use another --out")
+    check_settings(run_dir, config, keys, what="a checkpoint", action="resume this checkpoint")
     plan_path = run_dir / "plan.json"
     plan = json.loads(plan_path.read_text()) if plan_path.exists() else {}
     if changed := [k for k, v in (counts or {}).items() if k in plan and plan[k] != v]:
@@ -238,6 +229,22 @@ def check_resume_settings(run_dir: Path, config: Any, keys: Sequence[str], *, re
         raise BitlabError(f"{plan_path}: the data changed since this checkpoint was written ({what}); its schedule "
                           "and data order no longer apply: restore the data or use another --out")
     return plan
+
+
+def check_settings(run_dir: Path, config: Any, keys: Sequence[str], *, what: str = "a finished run",
+                   action: str = "reuse this run") -> None:
+    """Refuse `run_dir` when its config.json was written with other values of `keys` (`PATH_FIELDS`
+    compared as resolved paths), naming each change; `what` and `action` word the error."""
+    path = run_dir / "config.json"
+    if not path.exists():
+        raise BitlabError(f"{run_dir}: {what} without config.json (not a bitlab run?); use another --out")
+    old, new = json.loads(path.read_text()), recorded_config(config)
+    for key in getattr(config, "PATH_FIELDS", ()):  # older runs recorded paths as typed
+        old[key] = _resolved(old.get(key))
+    if changed := [k for k in keys if old.get(k) != new.get(k)]:
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise BitlabError(f"{path}: cannot {action} with different settings ({diff}); "
+                          "use the original settings or another --out")
 
 
 def write_config(run_dir: str | Path, config: Any) -> Path:

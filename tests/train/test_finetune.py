@@ -284,6 +284,8 @@ def test_fewshot_refuses_runs_made_with_other_settings(tiny_digits, tmp_path):
     sweep = dict(TINY, data=str(tiny_digits), out=str(tmp_path), schedule=[1, 1, 1, 1, 2], shots=[1], seeds=[0])
     first = fewshot(FewShotConfig(**sweep))
     assert first["stopped"] is None
+    # A finished run keeps its model and summary, not the resume state: the settings check reads config.json.
+    assert (tmp_path / "k1_seed0" / "final.pt").is_file() and not (tmp_path / "k1_seed0" / "checkpoint.pt").exists()
     for change, named in (({"base_lr": 0.01}, "base_lr: 0.05 -> 0.01"),
                           ({"model": "R14x0.5-bn"}, "model: 'R14x0.5' -> 'R14x0.5-bn'"),
                           ({"pretrained": str(tmp_path / "k1_seed0" / "final.pt")}, "pretrained: None ->")):
