@@ -124,20 +124,42 @@ def slug(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------- Fig. 12 left / Fig. 13
-def choose_images(a: Results, b: Results, n: int) -> list[str]:
-    """Out-of-context images where model `a` errs and `b` does not (the paper's choice for
-    Fig. 13), most telling first (largest gain in probability on the right classes); one per
-    class before a class repeats, so the figure shows several objects."""
+def _paired(a: Results, b: Results) -> pd.DataFrame:
+    """Both models' predictions side by side, with `telling`: the paper's rule for Fig. 13 (out of
+    context, `a` wrong, `b` right) and `gain` (how much more `b` puts on the right classes)."""
     m = a.predictions.merge(b.predictions, on="image", suffixes=("_a", "_b"))
     if m.empty:
         raise BitlabError(f"{a.path} and {b.path} share no images: evaluate both models on the same data")
     m["gain"] = m["target_prob_b"] - m["target_prob_a"]
     m["in_context"] = m["background_a"] == robustness.IN_CONTEXT
     m["telling"] = ~m["top1_correct_a"] & m["top1_correct_b"] & ~m["in_context"]
-    order = ["telling", "in_context", "gain"]
-    m = m.sort_values(order, ascending=[False, True, False])
-    m["repeat"] = m.groupby("class_a").cumcount()
-    return m.sort_values(["repeat", *order], ascending=[True, False, True, False])["image"].head(n).tolist()
+    return m
+
+
+def telling_images(a: Results, b: Results) -> list[str]:
+    """The images that meet the paper's rule for Fig. 13: out of context, `a` wrong and `b` right."""
+    m = _paired(a, b)
+    return m.loc[m["telling"], "image"].tolist()
+
+
+def choose_images(a: Results, b: Results, n: int) -> list[str]:
+    """Fig. 13's images: those that meet the paper's rule (`telling_images`) first, then, when
+    fewer than `n` do, other out-of-context images as filler (`fig_top5` marks them), in-context
+    ones last. Within each, one per class before a class repeats (so the figure shows several
+    objects), the largest gain in probability on the right classes first."""
+    m = _paired(a, b).sort_values("gain", ascending=False)
+    m["repeat"] = m.groupby(["telling", "class_a"]).cumcount()
+    order = ["telling", "in_context", "repeat", "gain"]
+    return m.sort_values(order, ascending=[False, True, True, False], kind="stable")["image"].head(n).tolist()
+
+
+def _filler_note(ra: pd.Series, rb: pd.Series, a: Results) -> str:
+    """Why an image of `fig_top5` does not meet the paper's rule ('' when it does)."""
+    if ra["background"] == robustness.IN_CONTEXT:
+        return "(filler: in context)"
+    if ra["top1_correct"] == rb["top1_correct"]:
+        return "(filler: both right)" if ra["top1_correct"] else "(filler: both wrong)"
+    return "" if rb["top1_correct"] else f"(filler: only {a.label} right)"
 
 
 def _row(r: Results, image: str) -> pd.Series:
@@ -184,7 +206,8 @@ def fig_top5(a: Results, b: Results, images: Sequence[str]) -> Figure:
         ax.set_xticks([])
         ax.set_yticks([])
         where = f"\nbackground: {ra['background']}" if ra["background"] else ""
-        ax.set_title(f"class: {ra['class']}{where}", fontsize=9)
+        note = _filler_note(ra, rb, a)
+        ax.set_title(f"class: {ra['class']}{where}" + (f"\n{note}" if note else ""), fontsize=9)
         names = [imagenet.names()[int(t)] for t in str(ra["targets"]).split(";") if t]
         right = ", ".join(names[:3]) + (f" +{len(names) - 3} more" if len(names) > 3 else "")
         ax.set_xlabel(f"correct: {right}\n{Path(image).name}", fontsize=7, color=CORRECT)
@@ -627,6 +650,8 @@ def make_report(result_dirs: Sequence[str | Path], out: str | Path, *, images: S
             log.warning("%s: no backgrounds recorded, no heat map", r.path)
     if len(ooc) >= 2:
         a, b = ooc[:2]
+        log.info("%d images meet the paper's rule for Fig. 13 (out of context, %s wrong, %s right)",
+                 len(telling_images(a, b)), a.label, b.label)
         chosen = list(images) if images else choose_images(a, b, num_images)
         files += save(fig_top5(a, b, chosen[:1]), out, "fig12_left_top5")
         files += save(fig_top5(a, b, chosen), out, "fig13_top5")

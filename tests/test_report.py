@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -87,17 +88,39 @@ def test_results_find_their_data_from_another_directory(results, tmp_path, monke
         report.load_results("../demo_out/results/real").data_root
 
 
-def test_fig13_shows_images_where_the_first_model_errs_and_the_second_does_not(results):
+def _results(rows: list[tuple]) -> report.Results:
+    """A `Results` holding only the predictions `choose_images` reads: (image, class, background,
+    top-1 right, probability on the right classes)."""
+    df = pd.DataFrame(rows, columns=["image", "class", "background", "top1_correct", "target_prob"])
+    return report.Results(Path("synthetic"), {}, {}, df)
+
+
+def test_choose_images_takes_every_rule_image_before_fillers():
+    """Fig. 13 shows what the paper's rule picks (out of context, baseline wrong, other right), every
+    such image before any filler, even when they share a class."""
+    a = _results([("cat/1", "cat", "grass", False, 0.1), ("cat/2", "cat", "sky", False, 0.2),
+                  ("cat/3", "cat", "road", False, 0.3), ("dog/1", "dog", "grass", True, 0.9),
+                  ("fish/1", "fish", "grass", False, 0.1), ("fish/0", "fish", "in-context", True, 0.9)])
+    b = _results([("cat/1", "cat", "grass", True, 0.9), ("cat/2", "cat", "sky", True, 0.5),
+                  ("cat/3", "cat", "road", True, 0.8), ("dog/1", "dog", "grass", True, 0.95),
+                  ("fish/1", "fish", "grass", False, 0.2), ("fish/0", "fish", "in-context", True, 0.9)])
+    assert report.telling_images(a, b) == ["cat/1", "cat/2", "cat/3"]
+    assert report.choose_images(a, b, 4) == ["cat/1", "cat/3", "cat/2", "fish/1"]  # by gain; then fillers
+    assert report.choose_images(a, b, 6)[-1] == "fish/0"  # in context: last
+
+
+def test_fig13_marks_images_that_do_not_meet_the_paper_rule(results):
     a, b = report.load_results(results["random_ooc"]), report.load_results(results["real_ooc"])
+    telling = set(report.telling_images(a, b))
+    assert telling and len(telling) < len(a.predictions)
+    chosen = report.choose_images(a, b, len(telling) + 2)
+    assert set(chosen[:len(telling)]) == telling
+    titles = [ax.get_title() for ax in report.fig_top5(a, b, chosen).axes[0::3]]
+    assert ["(filler: " in t for t in titles] == [image not in telling for image in chosen]
     pa, pb = a.predictions.set_index("image"), b.predictions.set_index("image")
-    is_telling = ~pa["top1_correct"] & pb["top1_correct"] & (pb["background"] != "in-context")
-    telling_classes = set(pb.loc[is_telling, "class"])
-    assert 0 < len(telling_classes) < 3  # the real model misses some objects off context, not all
-    chosen = report.choose_images(a, b, 3)
-    # First one telling image per class that has one, then the other classes, still off context.
-    assert is_telling.loc[chosen].tolist() == [True] * len(telling_classes) + [False] * (3 - len(telling_classes))
-    assert len(set(pb.loc[chosen, "class"])) == 3
-    assert (pb.loc[chosen, "background"] != "in-context").all()  # the controls are not out of context
+    for title, image in zip(titles[len(telling):], chosen[len(telling):]):
+        assert not pa.loc[image, "top1_correct"] and not pb.loc[image, "top1_correct"]  # the missile, off context
+        assert title.endswith("(filler: both wrong)"), title
 
 
 def test_fig12_right_points_come_from_the_results(results):
