@@ -551,10 +551,17 @@ def fig_nearest(summary: Mapping, nearest: Sequence[Mapping], groups: Mapping[st
 def fig_fewshot(runs: pd.DataFrame, *, series: str | None = None, title: str | None = None) -> Figure:
     """Fig. 2 / 5: top-1 (%) against examples per class (log axis at the K values run); every
     trial (seed) a light dot, the median over trials a line. `runs` has `k`, `seed`, `top1`
-    (`bitlab.train.finetune.read_fewshot`), optionally `num_classes` (draws chance level) and a
-    `series` column that splits it into curves (models, data sets, pre-training)."""
+    (`bitlab.train.finetune.read_fewshot`), optionally `num_classes` (draws chance level),
+    `pretrained` (the weights the runs started from; empty: trained from scratch, which the title
+    or the curve's legend entry then says, as it is no transfer) and a `series` column that
+    splits it into curves (models, data sets, pre-training)."""
     if runs.empty:
         raise BitlabError("no few-shot runs to draw")
+
+    def from_scratch(g: pd.DataFrame) -> bool:
+        return "pretrained" in g and bool(g["pretrained"].isna().all())
+
+    all_scratch = from_scratch(runs)
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.subplots()
     groups = list(runs.groupby(series, sort=False)) if series else [(None, runs)]
@@ -569,6 +576,8 @@ def fig_fewshot(runs: pd.DataFrame, *, series: str | None = None, title: str | N
         med = g.groupby("k")["top1"].median() * 100
         n = g.groupby("k").size()
         what = f"median of {n.min()}" + (f"-{n.max()}" if n.max() != n.min() else "") + " trials"
+        if from_scratch(g) and not all_scratch:
+            what += ", trained from scratch"
         ax.plot(med.index, med.to_numpy(), "-o", color=colour, ms=5, lw=2, zorder=3,
                 label=f"{name}: {what}" if name is not None else what)
     if "num_classes" in runs and runs["num_classes"].notna().all() and runs["num_classes"].nunique() == 1:
@@ -585,7 +594,8 @@ def fig_fewshot(runs: pd.DataFrame, *, series: str | None = None, title: str | N
     ax.set_ylabel("top-1 accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best", title="light dots: every trial (seed)", title_fontsize=8)
-    ax.set_title(title or "Few-shot transfer", fontsize=10)
+    ax.set_title((title or "Few-shot transfer") + ("\n(trained from scratch, no pre-training)" if all_scratch else ""),
+                 fontsize=10)
     return fig
 
 

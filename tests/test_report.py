@@ -240,8 +240,17 @@ def test_fig_fewshot_draws_medians_and_every_trial(tmp_path):
     assert len(ax.collections[0].get_offsets()) == 6  # every trial a dot
     assert ax.get_xscale() == "log" and [t.get_text() for t in ax.get_xticklabels()] == ["1", "5"]
     assert any(np.allclose(ln.get_ydata(), 10) for ln in ax.lines[1:])  # chance level for 10 classes
+    assert "scratch" not in ax.get_title() + ax.get_legend().texts[0].get_text()  # not said to be known
     report.save(fig, tmp_path, "fs")
     assert_real_figure(tmp_path / "fs.png")
+    # Trained from scratch is no transfer: the title says so, or the curve's legend entry when mixed.
+    scratch = report.fig_fewshot(runs.assign(pretrained=None), series="curve").axes[0]
+    assert scratch.get_title() == "Few-shot transfer\n(trained from scratch, no pre-training)"
+    mixed = pd.concat([runs.assign(pretrained="bit.npz"), runs.assign(curve="tiny 2", pretrained=None)])
+    ax = report.fig_fewshot(mixed, series="curve").axes[0]
+    assert ax.get_title() == "Few-shot transfer"
+    assert [t.get_text() for t in ax.get_legend().texts] == ["tiny: median of 3 trials",
+                                                             "tiny 2: median of 3 trials, trained from scratch"]
 
 
 # ----------------------------------------------------------------------------- OOC tour

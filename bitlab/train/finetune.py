@@ -465,7 +465,9 @@ def summarize_fewshot(rows: list[dict]) -> list[dict]:
 
 def read_fewshot(out: str | Path):
     """`fewshot.csv` of a `bitlab fewshot` folder as a DataFrame (one row per K and seed), with the
-    number of classes each run learnt (`num_classes`, from its summary.json) for chance level."""
+    number of classes each run learnt (`num_classes`, from its summary.json) for chance level and
+    the weights the sweep started from (`pretrained`, from its config.json; None: from scratch,
+    "unknown" without a config.json)."""
     import pandas as pd
 
     out = Path(out)
@@ -476,6 +478,8 @@ def read_fewshot(out: str | Path):
     if missing := [c for c in ("k", "seed", "top1") if c not in runs.columns]:
         raise BitlabError(f"{path}: missing column(s) {', '.join(missing)}")
     runs["num_classes"] = [(_read_summary(out / d) or {}).get("num_classes") for d in runs["run_dir"]]
+    config = out / "config.json"
+    runs["pretrained"] = json.loads(config.read_text()).get("pretrained") if config.is_file() else "unknown"
     return runs
 
 

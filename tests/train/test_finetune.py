@@ -144,6 +144,7 @@ def test_fewshot_runs_seeds_and_reports_spread(tiny_digits, tmp_path):
     runs = read_fewshot(tmp_path)
     assert runs[["k", "seed"]].values.tolist() == [[1, 0], [1, 1], [3, 0], [3, 1]]
     assert runs["top1"].tolist() == [float(r["top1"]) for r in rows] and (runs["num_classes"] == 10).all()
+    assert runs["pretrained"].isna().all()  # trained from scratch: the figure says so
     with pytest.raises(BitlabError, match="no few-shot results"):
         read_fewshot(tmp_path / "nowhere")
     picks = {d.name: (d / "fewshot_files.txt").read_text() for d in tmp_path.iterdir() if d.is_dir()}
