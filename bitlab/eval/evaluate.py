@@ -56,6 +56,7 @@ class EvaluateConfig:
     batch_size: int = 32
     workers: int | None = None
     device: str | None = None
+    progress: bool = True  # a tqdm bar (notebooks turn it off: a saved notebook keeps the bar's first frame)
 
 
 def model_label(cfg: EvaluateConfig) -> str:
@@ -123,7 +124,7 @@ def _predict_chunks(model: nn.Module, ev: robustness.EvalSet, cfg: EvaluateConfi
     else:
         target_outputs = [np.asarray(it.targets) for it in ev.items]
     chunks = []
-    bar = tqdm(total=len(paths), desc=f"evaluate {model_label(cfg)}", unit="img")
+    bar = tqdm(total=len(paths), desc=f"evaluate {model_label(cfg)}", unit="img", disable=not cfg.progress)
     try:
         for start in range(0, len(paths), CHUNK):
             file = partial / f"{key}-{start:07d}.npz"
