@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 CORRECT = "#2e7d32"  # green: a label in the image's ILSVRC target set
 WRONG = "#9e9e9e"
+FILE_NAME = "#757575"  # grey, darker than WRONG's bars so small text stays readable
 PROB_FLOOR = 1e-4  # left end of the log axis; smaller probabilities are drawn as this
 
 
@@ -121,6 +122,11 @@ def save(fig: Figure, out_dir: str | Path, stem: str) -> list[Path]:
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._]+", "-", text).strip("-")
+
+
+def spaced(name: str) -> str:
+    """A class or background folder name as figure text: 'coffee_cup' -> 'coffee cup'."""
+    return name.replace("_", " ")
 
 
 # ----------------------------------------------------------------------------- Fig. 12 left / Fig. 13
@@ -205,12 +211,15 @@ def fig_top5(a: Results, b: Results, images: Sequence[str]) -> Figure:
         ax.imshow(decode_image(a.data_root / image))
         ax.set_xticks([])
         ax.set_yticks([])
-        where = f"\nbackground: {ra['background']}" if ra["background"] else ""
+        where = f"\nbackground: {spaced(ra['background'])}" if ra["background"] else ""
         note = _filler_note(ra, rb, a)
-        ax.set_title(f"class: {ra['class']}{where}" + (f"\n{note}" if note else ""), fontsize=9)
+        ax.set_title(f"class: {spaced(ra['class'])}{where}" + (f"\n{note}" if note else ""), fontsize=9)
         names = [imagenet.names()[int(t)] for t in str(ra["targets"]).split(";") if t]
         right = ", ".join(names[:3]) + (f" +{len(names) - 3} more" if len(names) > 3 else "")
-        ax.set_xlabel(f"correct: {right}\n{Path(image).name}", fontsize=7, color=CORRECT)
+        ax.set_xlabel(f"correct: {right}", fontsize=7, color=CORRECT)
+        # The file name below it in grey: green is for right answers only.
+        ax.annotate(Path(image).name, (0.5, 0), xycoords=ax.xaxis.label, xytext=(0, -1), textcoords="offset points",
+                    ha="center", va="top", fontsize=7, color=FILE_NAME)
         for ax, r, row in ((row_axes[1], a, ra), (row_axes[2], b, rb)):
             verdict = "right" if row["top1_correct"] else "wrong"
             _draw_top5(ax, row, a.k, f"{r.label}: top-1 {verdict}")
@@ -250,11 +259,14 @@ def _data_label(sets: Sequence[dict]) -> str:
     return names[0] if len(names) == 1 else "several sets"
 
 
+SMALLEST_M = 5  # millions of parameters: smaller models are drawn this size (EfficientNet-Lite0 has 4.7 M)
+
+
 def _marker_area(params_m: pd.Series) -> np.ndarray:
     # Like the paper's Fig. 4, bigger architectures get bigger markers: area grows with the square
     # root of the parameter count, so R50x1 (25 M) is 80 pt^2 and R152x4 (936 M) about 490 pt^2;
-    # models under 6 M parameters all get the smallest visible marker.
-    return 80 * np.sqrt(params_m.clip(lower=6).to_numpy() / 25)
+    # models of SMALLEST_M or fewer parameters all get the smallest visible marker.
+    return 80 * np.sqrt(params_m.clip(lower=SMALLEST_M).to_numpy() / 25)
 
 
 def _label_points(ax, x: np.ndarray, y: np.ndarray, labels: list[str], span: float) -> None:
@@ -300,9 +312,9 @@ def fig_val_vs_ooc(results: Sequence[Results]) -> Figure:
                         title="pre-training data", fontsize=8, title_fontsize=8, loc="upper left")
     ax.add_artist(colours)
     lo_p, hi_p = pts["params_m"].min(), pts["params_m"].max()
-    refs = [p for p in (6, 25, 100, 400, 900) if lo_p / 2 <= p <= hi_p * 2] or [round(hi_p, 1)]
+    refs = [p for p in (SMALLEST_M, 25, 100, 400, 900) if lo_p / 2 <= p <= hi_p * 2] or [round(hi_p, 1)]
     ax.legend(handles=[ax.scatter([], [], s=_marker_area(pd.Series([p])), color="#dddddd", edgecolors="black",
-                                  linewidths=0.6, label=f"≤ {p} M" if p == 6 else f"{p} M") for p in refs],
+                                  linewidths=0.6, label=f"≤ {p} M" if p == SMALLEST_M else f"{p} M") for p in refs],
               title="parameters", fontsize=8, title_fontsize=8, loc="lower right", labelspacing=1.2, borderpad=0.9)
     ax.set_title("In-distribution accuracy vs. objects out of context (dotted: y = x)", fontsize=10)
     return fig
@@ -318,6 +330,7 @@ def fig_backgrounds(r: Results, most_fooling: int = 10) -> Figure:
         raise BitlabError(f"{r.path}: no background information (the official class-folder layout has none)")
     grid = df.pivot_table(index="class", columns="background", values="top1_correct", aggfunc="mean") * 100
     counts = df.pivot_table(index="class", columns="background", values="top1_correct", aggfunc="size")
+    grid, counts = (t.rename(index=spaced, columns=spaced) for t in (grid, counts))
     # Columns from most to least fooling, so the heat map reads left to right like the bar chart.
     order = grid.mean(axis=0).sort_values().index
     grid, counts = grid[order], counts[order]
@@ -337,7 +350,7 @@ def fig_backgrounds(r: Results, most_fooling: int = 10) -> Figure:
                  + (f"\n(each cell: {n_img} image{'s' if n_img > 1 else ''})" if counts.min().min() == n_img else ""),
                  fontsize=10)
     worst = [w for w in worst if w["top1_error"] > 0][::-1]
-    bars = bx.barh([w["background"] for w in worst], [w["top1_error"] * 100 for w in worst], color="#c62828")
+    bars = bx.barh([spaced(w["background"]) for w in worst], [w["top1_error"] * 100 for w in worst], color="#c62828")
     for bar, w in zip(bars, worst):
         wrong = ", ".join(f"{n} ({c}x)" for n, c in w["wrong_predictions"][:2])
         bx.text(bar.get_width() + 1.5, bar.get_y() + bar.get_height() / 2, wrong, va="center", fontsize=7)
@@ -383,6 +396,8 @@ def _words(text: str, width: int = 18) -> str:
 # Fig. 7 left's colours: raters side with the prediction (green), with the label (red), or are
 # unsure / find neither right (yellow). Mistakes nobody rated yet are grey.
 VERDICT_COLOURS = {"prediction": "#2e7d32", "label": "#c62828", UNSURE: "#f9a825"}
+# The predicted word in the verdict's colour, but yellow text is hard to read on white: dark amber.
+VERDICT_TEXT = {**VERDICT_COLOURS, UNSURE: "#9a6700"}
 UNRATED = "#9e9e9e"
 VERDICT_LEGEND = {"prediction": "raters agree with the prediction", "label": "raters agree with the label",
                   UNSURE: "raters unsure, or neither fits"}
@@ -427,7 +442,7 @@ def fig_mistakes(groups: Mapping[str, pd.DataFrame], root: str | Path, *, verdic
             verdict = verdicts.get(m.image)
             colour = VERDICT_COLOURS.get(verdict, UNRATED)
             _frame(ax, colour, 4 if verdict else 1)
-            ax.set_title(_words(m.prediction), fontsize=8, color=colour if verdict else "black", fontweight="bold")
+            ax.set_title(_words(m.prediction), fontsize=8, color=VERDICT_TEXT.get(verdict, "black"), fontweight="bold")
             ax.set_xlabel(below(m), fontsize=7.5)
     counts = pd.Series([verdicts.get(img) for g in groups.values() for img in g["image"]]).value_counts()
     handles = [Line2D([], [], color=VERDICT_COLOURS[v], lw=6, label=f"{text} ({int(counts.get(v, 0))})")
@@ -476,7 +491,9 @@ def fig_duplicates(pairs: Sequence[tuple], labels: Sequence[bool] | None = None,
     # Rows as tall as the pictures are (the pairs are wide), plus two caption lines.
     aspect = float(np.mean([im.shape[1] / im.shape[0] for im in images])) if images else 2.0
     width = 3.2
-    fig = Figure(figsize=(max(width * ncols, 6.4), (width / aspect + 0.45) * nrows + 0.7), layout="constrained")
+    fig = Figure(figsize=(max(width * ncols, 6.4), (width / aspect + 0.6) * nrows + 0.7), layout="constrained")
+    # Pairs narrower than the mean fill their panel's height, and their captions would touch the row above.
+    fig.get_layout_engine().set(h_pad=0.12)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.ravel():
         _bare(ax)
@@ -601,7 +618,7 @@ def fig_fewshot(runs: pd.DataFrame, *, series: str | None = None, title: str | N
 
 # ----------------------------------------------------------------------------- OOC tour
 def fig_ooc_grid(ev: robustness.EvalSet, *, classes: Sequence[str] | None = None, per_class: int = 1,
-                 max_backgrounds: int | None = 12, thumb: int = 128) -> Figure:
+                 max_backgrounds: int | None = 12, thumb: int = 200) -> Figure:
     """The out-of-context set as a grid: a row per foreground object (`per_class` per class), a
     column per background; an empty cell is a pair the set does not have. A layout without
     backgrounds (the official class folders) gets a row per class and its first images."""
@@ -636,9 +653,9 @@ def fig_ooc_grid(ev: robustness.EvalSet, *, classes: Sequence[str] | None = None
             if (image := cells.get((key, col))) is not None:
                 ax.imshow(_thumbnail(ev.root / image, thumb))
             if r == 0 and isinstance(col, str):
-                ax.set_title(_words(col.replace("_", " "), 14), fontsize=8)
+                ax.set_title(_words(spaced(col), 14), fontsize=8)
             if c == 0:
-                ax.set_ylabel(key[0].replace("_", " "), fontsize=9, rotation=0, ha="right", va="center")
+                ax.set_ylabel(spaced(key[0]), fontsize=9, rotation=0, ha="right", va="center")
     hidden = len(all_columns) - len(columns)
     fig.suptitle(f"{ev.name}: {len(items)} images, {len(by_class)} classes, {what}"
                  + (f" ({hidden} more not shown)" if hidden else "") + f"\n{heading}", fontsize=10)

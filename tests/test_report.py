@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from matplotlib.colors import to_hex, to_rgba
 
 from bitlab import report
 from bitlab.cli import main
@@ -135,6 +136,35 @@ def test_fig12_right_points_come_from_the_results(results):
         report.val_vs_ooc_points(loaded + loaded[:1])
 
 
+def test_fig12_right_size_legend_is_true():
+    """The smallest size in the legend ("≤ 5 M") is what every model of 5 M or fewer gets, and a
+    6.1 M model (EfficientNet-Lite2) is drawn bigger than it."""
+    area = report._marker_area(pd.Series([4.7, 5.0, 6.1, 25.0]))
+    assert area[0] == area[1] < area[2] < area[3]
+    pts = [report.Results(Path(role), {"model": {"label": label, "params_m": params, "pretraining_data": "x"},
+                                       "dataset": {"role": role, "name": "d", "num_images": 1}, "top1": 0.5},
+                          {}, pd.DataFrame()) for label, params in (("Lite0", 4.7), ("Lite2", 6.1))
+           for role in ("val", "ooc")]
+    ax = report.fig_val_vs_ooc(pts).axes[0]
+    assert [t.get_text() for t in ax.get_legend().texts] == ["≤ 5 M"]
+
+
+def test_folder_names_are_shown_as_words(results):
+    """'brick_wall' is drawn 'brick wall' (heat map ticks, bars, Fig. 13 titles); the file name under
+    an image is grey, only the right labels are green."""
+    r = report.load_results(results["real_ooc"])
+    r.predictions["background"] = r.predictions["background"].replace({"brick": "brick_wall"})
+    heat, bars = report.fig_backgrounds(r).axes[:2]
+    ticks = [t.get_text() for t in heat.get_xticklabels()] + [t.get_text() for t in bars.get_yticklabels()]
+    assert "brick wall" in ticks and not any("_" in t for t in ticks)
+    image = r.predictions.loc[r.predictions["background"] == "brick_wall", "image"].iloc[0]
+    ax = report.fig_top5(r, r, [image]).axes[0]
+    assert "background: brick wall" in ax.get_title()
+    assert to_hex(ax.xaxis.label.get_color()) == report.CORRECT
+    name = [t for t in ax.texts if t.get_text() == Path(image).name]
+    assert len(name) == 1 and to_hex(name[0].get_color()) == report.FILE_NAME
+
+
 def test_missing_or_unusable_results_are_named(results, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(results["real_ooc"], broken)
@@ -172,6 +202,10 @@ def test_fig_mistakes_prediction_over_label_coloured_by_raters(tmp_path, photos)
     ax = fig.subfigs[0].axes[0]
     assert ax.get_title() == "solar dish" and ax.get_xlabel().startswith("rocket\n(right: missile")
     assert fig.subfigs[0].axes[2].get_xlabel() == "coffee"  # no "(right: ...)" when the words agree
+    # Unsure: a yellow frame, but the predicted word in dark amber (yellow text is unreadable on white).
+    unsure = fig.subfigs[0].axes[2]
+    assert unsure.spines["top"].get_edgecolor() == to_rgba(report.VERDICT_COLOURS["unsure"])
+    assert to_hex(unsure.title.get_color()) == "#9a6700"
     report.save(fig, tmp_path / "fig", "mistakes")
     img = assert_real_figure(tmp_path / "fig" / "mistakes.png")
     for hexa in report.VERDICT_COLOURS.values():
