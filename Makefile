@@ -22,4 +22,5 @@ test: venv
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) tests
 
 clean:
-	rm -rf $(VENV) demo_out figures .pytest_cache
+	rm -rf $(VENV) demo_out .pytest_cache
+	find figures -type f ! -name README.md -delete  # figures/README.md is committed
