@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from bitlab import io
 from bitlab.errors import BitlabError
-from bitlab.ooc.spec import SAFE_NAME, OOCClass, SpecError, load_classes, load_selection, seeded_order
+from bitlab.ooc.spec import SAFE_NAME, OOCClass, Selection, SpecError, load_classes, load_selection, seeded_order
 
 log = logging.getLogger(__name__)
 
@@ -346,6 +346,7 @@ class FetchConfig:
 
 def fetch(cfg: FetchConfig) -> dict:
     """Download what a build needs into the tree at `cfg.out`; returns a summary (also fetch.json)."""
+    sel = _check_fetch(cfg)
     tree = Tree(Path(cfg.out), cfg.split)
     tree.root.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -358,7 +359,7 @@ def fetch(cfg: FetchConfig) -> dict:
         _download(f"{cfg.base_url}/{remote}", local, cfg.pins.get(remote), cfg.retries)
         files[local.name] = {"url": f"{cfg.base_url}/{remote}", "md5": io.file_digest(local, "md5"),
                              "sha256": io.sha256_file(local)}
-    wanted = _wanted_instances(tree, cfg)
+    wanted = _wanted_instances(tree, cfg, sel)
     masks = fetch_masks(tree, {w[0]: w[3] for w in wanted}, base_url=cfg.base_url, pins=cfg.pins, retries=cfg.retries)
     images = fetch_images(tree, {w[1]: w[2] for w in wanted}, images_url=cfg.images_url, workers=cfg.workers,
                           retries=cfg.retries)
@@ -380,14 +381,30 @@ def _download(url: str, dest: Path, md5: str | None, retries: int) -> None:
         raise io.DownloadError(f"{e}{hint}") from None
 
 
-def _wanted_instances(tree: Tree, cfg: FetchConfig) -> list[tuple[str, str, str | None, str | None]]:
+def _check_fetch(cfg: FetchConfig) -> Selection | None:
+    """Everything local that can be wrong, before the first byte is downloaded: the numbers, the
+    split, and the selection or class table (read here; a fetch can take hours)."""
+    if cfg.split not in SPLITS:
+        raise BitlabError(f"--split must be one of {', '.join(SPLITS)}, got {cfg.split!r}")
+    for flag, value in (("--max-per-class", cfg.max_per_class), ("--workers", cfg.workers),
+                        ("retries", cfg.retries)):
+        if value < 1:
+            raise BitlabError(f"{flag} must be at least 1, got {value}")
+    if not cfg.selection:
+        load_classes(cfg.classes)
+        return None
+    sel = load_selection(cfg.selection)
+    other = sorted({f.split for f in sel.foregrounds} - {cfg.split})
+    if other:
+        raise BitlabError(f"{cfg.selection}: foregrounds from split(s) {', '.join(other)}; "
+                          "fetch each split with --split")
+    return sel
+
+
+def _wanted_instances(tree: Tree, cfg: FetchConfig, sel: Selection | None
+                      ) -> list[tuple[str, str, str | None, str | None]]:
     """(mask_path, image_id, image_sha256, mask_sha256) to fetch: a selection's, or a seeded pool."""
-    if cfg.selection:
-        sel = load_selection(cfg.selection)
-        other = sorted({f.split for f in sel.foregrounds} - {cfg.split})
-        if other:
-            raise BitlabError(f"{cfg.selection}: foregrounds from split(s) {', '.join(other)}; "
-                              f"fetch each split with --split")
+    if sel is not None:
         return [(f.mask_path, f.image_id, f.image_sha256, f.mask_sha256) for f in sel.foregrounds]
     classes = load_classes(cfg.classes)
     names = read_class_descriptions(tree.class_descriptions)

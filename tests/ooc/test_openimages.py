@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import zipfile
 from collections import defaultdict
@@ -183,6 +184,20 @@ def test_fetch_a_committed_selection(small_inputs, http_server, tmp_path):
                     http_server.root / "img" / "validation" / f"{victim}.jpg")
     with pytest.raises(io.DownloadError, match=rf"{victim}.jpg: gave up after 3 attempts: sha256 mismatch"):
         fetch(_fetch_cfg(small_inputs, urls, tmp_path / "b", selection=str(sel)))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"split": "bogus"}, "--split must be one of train, validation, test, got 'bogus'"),
+    ({"max_per_class": -1}, "--max-per-class must be at least 1, got -1"),
+    ({"classes": "nope.csv"}, "nope.csv: no such file"),
+    ({"selection": "nope.csv"}, "nope.csv: no such file"),
+])
+def test_fetch_checks_local_inputs_before_any_download(small_inputs, http_server, tmp_path, change, message):
+    cfg = _fetch_cfg(small_inputs, {"base_url": f"{http_server.url}/oi", "images_url": f"{http_server.url}/img"},
+                     tmp_path / "tree", **change)
+    with pytest.raises(BitlabError, match=re.escape(message)):
+        fetch(cfg)
+    assert http_server.requests == [] and not (tmp_path / "tree").exists()
 
 
 def test_readers_and_filters(small_inputs, tmp_path):
