@@ -76,7 +76,7 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
 
 def add_running_args(g: argparse._ArgumentGroup, *, checkpoint_every: int, log_every: int, skip_help: str) -> None:
     """How a training run runs (shared by finetune and pretrain; the loop's and the device's knobs)."""
-    g.add_argument("--eval-every", type=int, default=0, metavar="STEPS", help="evaluate every N steps (and at the end)")
+    g.add_argument("--eval-every", type=int, default=0, metavar="STEPS", help="evaluate every N steps and at the end (default 0: only at the end)")
     g.add_argument("--checkpoint-every", type=int, default=checkpoint_every, metavar="STEPS",
                    help=f"checkpoint every N steps (default {checkpoint_every})")
     g.add_argument("--log-every", type=int, default=log_every, metavar="STEPS",
@@ -89,7 +89,8 @@ def add_running_args(g: argparse._ArgumentGroup, *, checkpoint_every: int, log_e
                    help="channels-last memory format (default: on for GPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--skip-bad-images", action="store_true", help=skip_help)
-    g.add_argument("--stop-after", type=int, metavar="STEPS", help="stop with a checkpoint after N steps")
+    g.add_argument("--stop-after", type=int, metavar="STEPS",
+                   help="stop with a checkpoint after N steps of this invocation (a resumed run goes N steps further)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 

@@ -85,6 +85,7 @@ class FinetuneConfig:
     progress: bool = True
 
     PATH_FIELDS: ClassVar[tuple[str, ...]] = ("data", "val_data", "pretrained")  # compared resolved on resume
+    RESUME_HINT: ClassVar[str] = "pass --resume"  # how a refused rerun continues a checkpoint
 
     def __post_init__(self) -> None:
         _validate(self)

@@ -148,7 +148,9 @@ class LoopConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a gradient scaler)
     channels_last: bool = False
     compile: bool = False
-    stop_after: int | None = None  # stop with a checkpoint once this many steps are done (as if interrupted)
+    # stop with a checkpoint (as if interrupted) after this many steps of this call, counted from
+    # the resumed step: the same --stop-after N advances any run by N steps (scripts training in chunks)
+    stop_after: int | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -190,9 +192,8 @@ class MicroBatches(Sequence):
         return normalize(self.images[sl], self.mean, self.std), self.targets[sl]
 
 
-def _refuse_overwrite(run_dir: Path) -> None:
-    raise BitlabError(f"{run_dir} already holds a training checkpoint; pass --resume to continue it "
-                      "or choose another --out")
+def _refuse_overwrite(run_dir: Path, how: str) -> None:
+    raise BitlabError(f"{run_dir} already holds a training checkpoint; {how} to continue it or choose another --out")
 
 
 def _resolved(value: Any) -> Any:
@@ -213,14 +214,15 @@ def recorded_config(config: Any) -> dict:
 def check_resume_settings(run_dir: Path, config: Any, keys: Sequence[str], *, resume: bool = True,
                           counts: dict[str, int] | None = None) -> dict | None:
     """The previous run's plan.json (`{}` if it has none) when `run_dir` holds a checkpoint to
-    continue, None when there is none. Refuses a checkpoint without `resume`, one written with
+    continue, None when there is none. Refuses a checkpoint without `resume` (saying how to resume
+    by the config's `RESUME_HINT`: each command resumes by other flags), one written with
     other values of `keys` (what is trained; `PATH_FIELDS` compared as resolved paths), and one
     whose plan counted other `counts` (e.g. images added under the same --data folder: the
     schedule and data order would change under the checkpoint), naming each change."""
     if not (run_dir / CHECKPOINT).exists():
         return None
     if not resume:
-        _refuse_overwrite(run_dir)
+        _refuse_overwrite(run_dir, getattr(config, "RESUME_HINT", "pass resume=True"))
     check_settings(run_dir, config, keys, what="a checkpoint", action="resume this checkpoint")
     plan_path = run_dir / "plan.json"
     plan = json.loads(plan_path.read_text()) if plan_path.exists() else {}
@@ -552,7 +554,7 @@ def run(
     elif resume:
         log.info("no checkpoint in %s yet: starting from step 0", run_dir)
     elif ckpt_path.exists() and not resume:
-        _refuse_overwrite(run_dir)
+        _refuse_overwrite(run_dir, "pass resume=True")
     barrier(dist)
 
     net = wrap_model(raw, dist)
@@ -680,12 +682,12 @@ def run(
                 if eval_now:
                     result.final_metrics = run_eval(step)
                     last_eval_step = step
-                stopping = stop_now or (config.stop_after is not None and step >= config.stop_after)
+                stopping = stop_now or (config.stop_after is not None and step >= start + config.stop_after)
                 if stopping and step < config.total_steps:
                     if saved != step:
                         result.checkpoint = save_checkpoint(step)
                     result.stopped_by = signal.Signals(stop.signal).name if stop.signal else "stop_after"
-                    log.info("stopped at step %d (%s); checkpoint %s; rerun with --resume to continue",
+                    log.info("stopped at step %d (%s); checkpoint %s; a rerun that resumes it continues",
                              step, result.stopped_by, ckpt_path)
                     result.images_per_s = total_images / max(total_time, 1e-9)
                     return result

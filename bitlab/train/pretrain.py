@@ -132,6 +132,7 @@ class PretrainConfig:
     progress: bool = True
 
     PATH_FIELDS: ClassVar[tuple[str, ...]] = ("data", "val_data", "classes")  # compared resolved on resume
+    RESUME_HINT: ClassVar[str] = "leave out --no-resume"  # pretrain resumes by default
 
     def __post_init__(self) -> None:
         check_running(self)  # before any data is read

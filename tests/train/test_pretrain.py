@@ -442,7 +442,8 @@ def test_resume_with_other_settings_is_refused(tree, tmp_path):
         P.pretrain(config(tree, out, batch_size=16))
     with pytest.raises(BitlabError, match=r"cannot resume .*model: 'R14x0.5' -> 'R14x0.5-bn'"):
         P.pretrain(config(tree, out, model="R14x0.5-bn"))
-    with pytest.raises(BitlabError, match="already holds a training checkpoint"):
+    # pretrain resumes by default: the advice is to drop --no-resume (it has no --resume)
+    with pytest.raises(BitlabError, match="already holds a training checkpoint; leave out --no-resume to continue"):
         P.pretrain(config(tree, out, resume=False))
     (out / "config.json").write_text(json.dumps({**json.loads((out / "config.json").read_text()), "seed": 1}))
     with pytest.raises(BitlabError, match=r"seed: 1 -> 0"):
