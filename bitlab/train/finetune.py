@@ -387,6 +387,11 @@ class FewShotConfig(FinetuneConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        # Set per run by the sweep: a value given here would be silently overwritten.
+        if self.seed != 0:
+            raise BitlabError(f"fewshot: seed={self.seed} is not used; each run's seed comes from seeds (--seeds)")
+        if self.resume:
+            raise BitlabError("fewshot: resume=True is not used; a sweep resumes its stopped runs by itself")
         if bad := [k for k in self.shots if k < 1]:
             raise BitlabError(f"--shots must be positive, got {bad[0]}")
         if bad := [s for s in self.seeds if s < 0]:
