@@ -357,14 +357,22 @@ class RunRecord:
 
     `summary.json` is written only once `claim()` was called, i.e. once the command has checked the
     directory is its own to write (resume settings accepted): a refused rerun must not overwrite
-    the summary of the run that is there."""
+    the summary of the run that is there. A command that fails before `claim()` (bad data, an
+    unknown model, a refused resume) leaves nothing behind: its new `log.txt` and the folders it
+    made are removed (the CLI prints the error); a log.txt or folder that was there stays."""
 
     def __init__(self, run_dir: str | Path, dist: DistInfo) -> None:
         self.run_dir, self.dist, self.claimed = Path(run_dir), dist, False
         self._stack = contextlib.ExitStack()
         self._handler: logging.Handler | None = None
+        self._made: Path | None = None  # the topmost folder this command creates (None: run_dir exists)
+        self._new_log = False
 
     def __enter__(self) -> "RunRecord":
+        if self.dist.is_main:
+            self._made = next((p for p in reversed([self.run_dir, *self.run_dir.parents])
+                               if not p.exists()), None)
+            self._new_log = not (self.run_dir / "log.txt").exists()
         self._handler = self._stack.enter_context(_log_to_file(self.run_dir / "log.txt", self.dist.is_main))
         return self
 
@@ -386,6 +394,24 @@ class RunRecord:
                         "checkpoint_step": _saved_step(ckpt) if ckpt.exists() else None})
         finally:
             self._stack.close()
+            if error is not None and not self.claimed and self.dist.is_main:
+                self._remove_own_traces()
+
+    def _remove_own_traces(self) -> None:
+        """log.txt if this command made it, then the folders it made, innermost first, while empty."""
+        if self._new_log:
+            (self.run_dir / "log.txt").unlink(missing_ok=True)
+        if self._made is None:
+            return
+        folder = self.run_dir
+        while True:
+            try:
+                folder.rmdir()  # only an empty folder: never what someone else put there
+            except OSError:
+                return
+            if folder == self._made:
+                return
+            folder = folder.parent
 
 
 class _StopFlag:
