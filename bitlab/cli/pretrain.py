@@ -69,6 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", metavar="FILE", help="class list, one per line: fixes the label order")
     p.add_argument("--label-sep", help="separator inside a multi-label CSV's labels cell (default: whitespace)")
     p.add_argument("--workers", type=int, default=4, help="shards written in parallel (default 4)")
+    p.add_argument("--skip-bad-images", dest="skip_bad", action="store_true",
+                   help="leave out images that do not decode (listed in shards.json's skipped; default: stop, "
+                   "naming the file)")
     p.add_argument("--verify", action="store_true", help="re-read every shard afterwards (sha256, counts)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_shards)
@@ -110,13 +113,16 @@ def _shards(args: argparse.Namespace) -> int:
 
     written = shards.write_source(args.data, args.out, split=args.split, label_sep=args.label_sep,
                                   classes=args.classes, shard_size=args.shard_size,
-                                  max_bytes=int(args.max_shard_mb * 1e6) if args.max_shard_mb else None,
-                                  shuffle=args.shuffle, seed=args.seed, workers=args.workers, progress=args.progress)
+                                  max_bytes=None if args.max_shard_mb is None else int(args.max_shard_mb * 1e6),
+                                  shuffle=args.shuffle, seed=args.seed, workers=args.workers, progress=args.progress,
+                                  skip_bad=args.skip_bad)
     status = 0
     for split, index in written.items():
         kind = "multi-label" if index.multi_label else "single-label"
         print(f"{split}: {index.num_samples} images, {len(index.classes)} classes ({kind}) in {len(index.shards)} "
               f"shard(s) -> {index.root / shards.INDEX}")
+        if index.skipped:
+            print(f"  left out {len(index.skipped)} image(s) that do not decode (listed in {shards.INDEX})")
         if args.verify:
             problems = shards.verify(index, progress=args.progress)
             for problem in problems:

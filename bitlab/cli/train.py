@@ -27,18 +27,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_hyperrule)
 
     p = sub.add_parser("finetune", help="fine-tune a model on an image dataset by BiT-HyperRule")
-    _add_finetune_args(p)
+    _add_finetune_args(p, sweep=False)
     p.add_argument("--examples-per-class", type=int, metavar="K", help="few-shot: K training images per class")
     p.set_defaults(func=_finetune)
 
     p = sub.add_parser("fewshot", help="few-shot fine-tuning over several K and seeds; median and spread per K")
-    _add_finetune_args(p)
+    _add_finetune_args(p, sweep=True)
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10], metavar="K", help="K values (default 1 5 10)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="S", help="seeds (default 0 1 2)")
     p.set_defaults(func=_fewshot)
 
 
-def _add_finetune_args(p: argparse.ArgumentParser) -> None:
+def _add_finetune_args(p: argparse.ArgumentParser, *, sweep: bool) -> None:
+    """finetune's flags; a few-shot `sweep` has no --seed (its --seeds) nor --resume (it resumes by itself)."""
     g = p.add_argument_group("what")
     g.add_argument("--model", required=True, help="bitlab name (BiT-M-R50x1, R50x1, R14x0.5, ...) or any timm name")
     g.add_argument("--pretrained", metavar="PATH", help="weights: official .npz, bitlab or timm checkpoint")
@@ -47,7 +48,10 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-data", help="validation data from elsewhere (same forms as --data)")
     g.add_argument("--val-split", help="name of the validation split (default: val, validation, then test)")
     g.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction of each class for validation")
-    g.add_argument("--seed", type=int, default=0, help="few-shot subset, data order, augmentation, MixUp, init")
+    if sweep:  # refused by name: else argparse would take --seed as short for --seeds
+        g.add_argument("--seed", nargs=1, action=_NotInSweep, why="each run's seed comes from --seeds")
+    else:
+        g.add_argument("--seed", type=int, default=0, help="few-shot subset, data order, augmentation, MixUp, init")
     g.add_argument("--split-seed", type=int, default=0,
                    help="the --val-fraction hold-out's seed (default 0; not --seed, so few-shot seeds share it)")
 
@@ -71,12 +75,26 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("running")
     add_running_args(g, checkpoint_every=100, log_every=10,
                      skip_help="skip unreadable images (counted in summary.json)")
-    g.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    if sweep:
+        g.add_argument("--resume", nargs=0, action=_NotInSweep, why="a sweep resumes its stopped runs by itself")
+    else:
+        g.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+
+
+class _NotInSweep(argparse.Action):
+    """A finetune flag that a few-shot sweep sets per run: refused (exit 2) with `why`, not shown in help."""
+
+    def __init__(self, option_strings: list[str], dest: str, *, why: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+        self.why = why
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(f"{option_string} is not a fewshot flag: {self.why}")
 
 
 def add_running_args(g: argparse._ArgumentGroup, *, checkpoint_every: int, log_every: int, skip_help: str) -> None:
     """How a training run runs (shared by finetune and pretrain; the loop's and the device's knobs)."""
-    g.add_argument("--eval-every", type=int, default=0, metavar="STEPS", help="evaluate every N steps (and at the end)")
+    g.add_argument("--eval-every", type=int, default=0, metavar="STEPS", help="evaluate every N steps and at the end (default 0: only at the end)")
     g.add_argument("--checkpoint-every", type=int, default=checkpoint_every, metavar="STEPS",
                    help=f"checkpoint every N steps (default {checkpoint_every})")
     g.add_argument("--log-every", type=int, default=log_every, metavar="STEPS",
@@ -89,7 +107,8 @@ def add_running_args(g: argparse._ArgumentGroup, *, checkpoint_every: int, log_e
                    help="channels-last memory format (default: on for GPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--skip-bad-images", action="store_true", help=skip_help)
-    g.add_argument("--stop-after", type=int, metavar="STEPS", help="stop with a checkpoint after N steps")
+    g.add_argument("--stop-after", type=int, metavar="STEPS",
+                   help="stop with a checkpoint after N steps of this invocation (a resumed run goes N steps further)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -143,11 +162,11 @@ def report_unfinished(r, total_steps: int, how_to_continue: str) -> int | None:
     return 128 + signal.Signals[r.stopped_by].value
 
 
-def _report(result) -> int:
+def _report(result, how_to_continue: str = "rerun with --resume to continue") -> int:
     from bitlab.train.finetune import FinetuneResult
 
     r: FinetuneResult = result
-    code = report_unfinished(r, r.plan["total_steps"], "rerun with --resume to continue")
+    code = report_unfinished(r, r.plan["total_steps"], how_to_continue)
     if code is not None or env_rank() != 0:
         return code or 0
     m = r.metrics
@@ -168,7 +187,7 @@ def _fewshot(args: argparse.Namespace) -> int:
 
     out = fewshot(config_from_args(FewShotConfig, args))
     if out["stopped"] is not None:
-        return _report(out["stopped"])
+        return _report(out["stopped"], "rerun the same command to continue")
     print(f"{'K':>4} {'runs':>4} {'top-1 median':>12} {'min':>7} {'max':>7} {'std':>7}")
     for row in out["summary"]:
         print(f"{row['k']:>4} {row['runs']:>4} {row['top1_median']:>12.4f} {row['top1_min']:>7.4f} "

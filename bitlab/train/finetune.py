@@ -85,6 +85,7 @@ class FinetuneConfig:
     progress: bool = True
 
     PATH_FIELDS: ClassVar[tuple[str, ...]] = ("data", "val_data", "pretrained")  # compared resolved on resume
+    RESUME_HINT: ClassVar[str] = "pass --resume"  # how a refused rerun continues a checkpoint
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -110,6 +111,8 @@ def _validate(cfg: FinetuneConfig) -> None:
     need(cfg.seed >= 0, "seed", "0 or more")
     need(cfg.split_seed >= 0, "split_seed", "0 or more")
     need(cfg.workers is None or cfg.workers >= 0, "workers", "0 (load in the main process) or more")
+    if cfg.pretrained is not None and not Path(cfg.pretrained).is_file():
+        raise BitlabError(f"--pretrained {cfg.pretrained}: no such file")
     s = cfg.schedule
     need(s is None or (len(s) >= 2 and min(s) >= 0 and list(s) == sorted(s) and s[-1] > 0), "schedule",
          "increasing step counts WARMUP DECAY... TOTAL with TOTAL > 0")
@@ -323,12 +326,13 @@ def _finetune(cfg: FinetuneConfig, run_dir: Path, dist: D.DistInfo, record: RunR
     for note in splits.notes:
         log.info(note)
     p = plan(cfg, splits)
+    # The model before the claim: an unknown name or unusable weights file leaves no run folder behind.
+    torch.manual_seed(cfg.seed)  # random initialisation (models trained from scratch) is seeded too
+    model = build_model(cfg.model, len(splits.classes), cfg.pretrained)
     D.main_rank_call(lambda: check_resume_settings(run_dir, cfg, _RESUME_KEYS, resume=cfg.resume, counts={
         "dataset_size": p["dataset_size"], "num_classes": p["num_classes"]}), dist)
     record.claim()  # the run directory is this run's now: a failure below goes into its summary.json
 
-    torch.manual_seed(cfg.seed)  # random initialisation (models trained from scratch) is seeded too
-    model = build_model(cfg.model, len(splits.classes), cfg.pretrained)
     p["warnings"] = [w for w in (batch_norm_warning(model, cfg.batch_size, micro),) if w]
     if dist.is_main:
         for warning in p["warnings"]:
@@ -386,6 +390,11 @@ class FewShotConfig(FinetuneConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        # Set per run by the sweep: a value given here would be silently overwritten.
+        if self.seed != 0:
+            raise BitlabError(f"fewshot: seed={self.seed} is not used; each run's seed comes from seeds (--seeds)")
+        if self.resume:
+            raise BitlabError("fewshot: resume=True is not used; a sweep resumes its stopped runs by itself")
         if bad := [k for k in self.shots if k < 1]:
             raise BitlabError(f"--shots must be positive, got {bad[0]}")
         if bad := [s for s in self.seeds if s < 0]:

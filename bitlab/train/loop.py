@@ -148,7 +148,9 @@ class LoopConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a gradient scaler)
     channels_last: bool = False
     compile: bool = False
-    stop_after: int | None = None  # stop with a checkpoint once this many steps are done (as if interrupted)
+    # stop with a checkpoint (as if interrupted) after this many steps of this call, counted from
+    # the resumed step: the same --stop-after N advances any run by N steps (scripts training in chunks)
+    stop_after: int | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -190,9 +192,8 @@ class MicroBatches(Sequence):
         return normalize(self.images[sl], self.mean, self.std), self.targets[sl]
 
 
-def _refuse_overwrite(run_dir: Path) -> None:
-    raise BitlabError(f"{run_dir} already holds a training checkpoint; pass --resume to continue it "
-                      "or choose another --out")
+def _refuse_overwrite(run_dir: Path, how: str) -> None:
+    raise BitlabError(f"{run_dir} already holds a training checkpoint; {how} to continue it or choose another --out")
 
 
 def _resolved(value: Any) -> Any:
@@ -213,14 +214,15 @@ def recorded_config(config: Any) -> dict:
 def check_resume_settings(run_dir: Path, config: Any, keys: Sequence[str], *, resume: bool = True,
                           counts: dict[str, int] | None = None) -> dict | None:
     """The previous run's plan.json (`{}` if it has none) when `run_dir` holds a checkpoint to
-    continue, None when there is none. Refuses a checkpoint without `resume`, one written with
+    continue, None when there is none. Refuses a checkpoint without `resume` (saying how to resume
+    by the config's `RESUME_HINT`: each command resumes by other flags), one written with
     other values of `keys` (what is trained; `PATH_FIELDS` compared as resolved paths), and one
     whose plan counted other `counts` (e.g. images added under the same --data folder: the
     schedule and data order would change under the checkpoint), naming each change."""
     if not (run_dir / CHECKPOINT).exists():
         return None
     if not resume:
-        _refuse_overwrite(run_dir)
+        _refuse_overwrite(run_dir, getattr(config, "RESUME_HINT", "pass resume=True"))
     check_settings(run_dir, config, keys, what="a checkpoint", action="resume this checkpoint")
     plan_path = run_dir / "plan.json"
     plan = json.loads(plan_path.read_text()) if plan_path.exists() else {}
@@ -355,14 +357,22 @@ class RunRecord:
 
     `summary.json` is written only once `claim()` was called, i.e. once the command has checked the
     directory is its own to write (resume settings accepted): a refused rerun must not overwrite
-    the summary of the run that is there."""
+    the summary of the run that is there. A command that fails before `claim()` (bad data, an
+    unknown model, a refused resume) leaves nothing behind: its new `log.txt` and the folders it
+    made are removed (the CLI prints the error); a log.txt or folder that was there stays."""
 
     def __init__(self, run_dir: str | Path, dist: DistInfo) -> None:
         self.run_dir, self.dist, self.claimed = Path(run_dir), dist, False
         self._stack = contextlib.ExitStack()
         self._handler: logging.Handler | None = None
+        self._made: Path | None = None  # the topmost folder this command creates (None: run_dir exists)
+        self._new_log = False
 
     def __enter__(self) -> "RunRecord":
+        if self.dist.is_main:
+            self._made = next((p for p in reversed([self.run_dir, *self.run_dir.parents])
+                               if not p.exists()), None)
+            self._new_log = not (self.run_dir / "log.txt").exists()
         self._handler = self._stack.enter_context(_log_to_file(self.run_dir / "log.txt", self.dist.is_main))
         return self
 
@@ -384,6 +394,24 @@ class RunRecord:
                         "checkpoint_step": _saved_step(ckpt) if ckpt.exists() else None})
         finally:
             self._stack.close()
+            if error is not None and not self.claimed and self.dist.is_main:
+                self._remove_own_traces()
+
+    def _remove_own_traces(self) -> None:
+        """log.txt if this command made it, then the folders it made, innermost first, while empty."""
+        if self._new_log:
+            (self.run_dir / "log.txt").unlink(missing_ok=True)
+        if self._made is None:
+            return
+        folder = self.run_dir
+        while True:
+            try:
+                folder.rmdir()  # only an empty folder: never what someone else put there
+            except OSError:
+                return
+            if folder == self._made:
+                return
+            folder = folder.parent
 
 
 class _StopFlag:
@@ -552,7 +580,7 @@ def run(
     elif resume:
         log.info("no checkpoint in %s yet: starting from step 0", run_dir)
     elif ckpt_path.exists() and not resume:
-        _refuse_overwrite(run_dir)
+        _refuse_overwrite(run_dir, "pass resume=True")
     barrier(dist)
 
     net = wrap_model(raw, dist)
@@ -680,12 +708,12 @@ def run(
                 if eval_now:
                     result.final_metrics = run_eval(step)
                     last_eval_step = step
-                stopping = stop_now or (config.stop_after is not None and step >= config.stop_after)
+                stopping = stop_now or (config.stop_after is not None and step >= start + config.stop_after)
                 if stopping and step < config.total_steps:
                     if saved != step:
                         result.checkpoint = save_checkpoint(step)
                     result.stopped_by = signal.Signals(stop.signal).name if stop.signal else "stop_after"
-                    log.info("stopped at step %d (%s); checkpoint %s; rerun with --resume to continue",
+                    log.info("stopped at step %d (%s); checkpoint %s; a rerun that resumes it continues",
                              step, result.stopped_by, ckpt_path)
                     result.images_per_s = total_images / max(total_time, 1e-9)
                     return result

@@ -132,9 +132,38 @@ class PretrainConfig:
     progress: bool = True
 
     PATH_FIELDS: ClassVar[tuple[str, ...]] = ("data", "val_data", "classes")  # compared resolved on resume
+    RESUME_HINT: ClassVar[str] = "leave out --no-resume"  # pretrain resumes by default
 
     def __post_init__(self) -> None:
-        check_running(self)  # before any data is read
+        _validate(self)  # before any data is read or any folder made
+        check_running(self)
+
+
+def _validate(cfg: PretrainConfig) -> None:
+    """Refuse values no run can use, naming the flag. (The loop's own knobs are `check_running`'s.)"""
+    def need(ok: bool, name: str, what: str) -> None:
+        if not ok:
+            raise BitlabError(f"--{name.replace('_', '-')} must be {what}, got {getattr(cfg, name)}")
+
+    def finite(x: float) -> bool:
+        return math.isfinite(x)
+
+    if cfg.preset not in PRESETS:
+        raise BitlabError(f"unknown --preset {cfg.preset!r} (choose from {', '.join(PRESETS)})")
+    epochs, decays = _recipe(cfg)
+    check_recipe(epochs, decays, cfg.warmup_steps)
+    need(cfg.batch_size >= 1, "batch_size", "at least 1")
+    need(cfg.batch_split >= 1, "batch_split", "at least 1")
+    need(cfg.device_batch is None or cfg.device_batch >= 1, "device_batch", "at least 1")
+    need(cfg.eval_batch_size is None or cfg.eval_batch_size >= 1, "eval_batch_size", "at least 1")
+    need(finite(cfg.base_lr) and cfg.base_lr > 0, "base_lr", "a positive number")
+    need(finite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", "0 (none) or more")
+    need(cfg.crop >= 1, "crop", "at least 1 pixel")
+    need(0 < cfg.crop_area_min <= 1, "crop_area_min", "above 0 and at most 1")
+    need(0 <= cfg.val_fraction < 1, "val_fraction", "at least 0 and below 1")
+    need(cfg.head_bias is None or finite(cfg.head_bias), "head_bias", "a finite number")
+    need(cfg.seed >= 0, "seed", "0 or more")
+    need(cfg.workers is None or cfg.workers >= 0, "workers", "0 (load in the main process) or more")
 
 
 @dataclass
@@ -179,27 +208,29 @@ def make_schedule(num_examples: int, batch_size: int, *, epochs: float, decay_ep
     """Epochs -> optimiser steps for `num_examples` images at `batch_size` (the global batch)."""
     if num_examples <= 0 or batch_size <= 0:
         raise BitlabError(f"need images and a positive batch (got {num_examples} images, batch {batch_size})")
-    if epochs <= 0:
-        raise BitlabError(f"--epochs must be positive, got {epochs}")
-    if list(decay_epochs) != sorted(decay_epochs) or any(not 0 < e < epochs for e in decay_epochs):
-        raise BitlabError(f"--decay-epochs must increase and lie inside (0, {epochs}), got {list(decay_epochs)}")
-    if warmup_steps < 0:
-        raise BitlabError(f"--warmup-steps must be >= 0, got {warmup_steps}")
+    check_recipe(epochs, decay_epochs, warmup_steps)
     per_epoch = num_examples / batch_size
     return UpstreamSchedule(peak_lr=base_lr * batch_size / REFERENCE_BATCH, warmup_steps=warmup_steps,
                             decay_steps=tuple(round(e * per_epoch) for e in decay_epochs),
                             total_steps=max(1, math.ceil(epochs * per_epoch)), steps_per_epoch=per_epoch)
 
 
+def check_recipe(epochs: float, decay_epochs: Sequence[float], warmup_steps: int) -> None:
+    """Refuse an epoch count, decay epochs or warm-up that no schedule can use, naming the flag."""
+    if not (math.isfinite(epochs) and epochs > 0):
+        raise BitlabError(f"--epochs must be positive, got {epochs}")
+    if list(decay_epochs) != sorted(decay_epochs) or any(not 0 < e < epochs for e in decay_epochs):
+        raise BitlabError(f"--decay-epochs must increase and lie inside (0, {epochs}), got {list(decay_epochs)}")
+    if warmup_steps < 0:
+        raise BitlabError(f"--warmup-steps must be >= 0, got {warmup_steps}")
+
+
 def micro_batches(batch_size: int, world_size: int, batch_split: int = 1, device_batch: int | None = None) -> int:
     """Micro-steps per optimiser step on each process: `batch_split`, raised until a micro-batch
-    holds at most `device_batch` images and the global batch still splits evenly."""
-    if batch_split < 1:
-        raise BitlabError(f"--batch-split must be at least 1, got {batch_split}")
+    holds at most `device_batch` images and the global batch still splits evenly (both at least 1:
+    `PretrainConfig` checks them)."""
     if device_batch is None:
         return batch_split
-    if device_batch < 1:
-        raise BitlabError(f"--device-batch must be positive, got {device_batch}")
     for split in range(batch_split, batch_size + 1):
         parts = world_size * split
         if batch_size % parts == 0 and batch_size // parts <= device_batch:
@@ -630,15 +661,19 @@ class Evaluator:
 
 
 # ----------------------------------------------------------------------------- the command
-def _schedule(cfg: PretrainConfig, num_examples: int) -> UpstreamSchedule:
-    if cfg.preset not in PRESETS:
-        raise BitlabError(f"unknown --preset {cfg.preset!r} (choose from {', '.join(PRESETS)})")
+def _recipe(cfg: PretrainConfig) -> tuple[float, tuple[float, ...]]:
+    """(epochs, decay epochs): the preset's unless overridden."""
     epochs, decays = PRESETS[cfg.preset]
     epochs = cfg.epochs if cfg.epochs is not None else epochs
     if cfg.decay_epochs is not None:
         decays = tuple(cfg.decay_epochs)
     elif cfg.epochs is not None:  # a shorter or longer run keeps the preset's decays at the same fractions
         decays = tuple(d * epochs / PRESETS[cfg.preset][0] for d in decays)
+    return epochs, decays
+
+
+def _schedule(cfg: PretrainConfig, num_examples: int) -> UpstreamSchedule:
+    epochs, decays = _recipe(cfg)
     return make_schedule(num_examples, cfg.batch_size, epochs=epochs, decay_epochs=decays,
                          warmup_steps=cfg.warmup_steps, base_lr=cfg.base_lr)
 

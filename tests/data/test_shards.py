@@ -157,6 +157,39 @@ def test_missing_source_file_is_named_before_writing(tree, tmp_path):
     assert not list((tmp_path / "s").glob("*.tar"))
 
 
+def test_undecodable_image_is_named_while_packing(tree, tmp_path, capsys):
+    """Refused by default, naming the source file (not shard.tar:key at training time); or left out."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tree / "train", data)
+    bad = data / "coffee" / "1.jpg"
+    bad.write_bytes(b"not an image\n")
+    argv = ["shards", "--data", str(data), "--shard-size", "6", "--no-progress", "--verify"]
+    assert main([*argv, "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: cannot decode image" in err and "--skip-bad-images" in err and "Traceback" not in err
+    assert not (tmp_path / "s" / shards.INDEX).exists()
+
+    assert main([*argv, "--out", str(tmp_path / "s"), "--skip-bad-images"]) == 0
+    assert "left out 1 image(s) that do not decode" in capsys.readouterr().out
+    index = shards.read_index(tmp_path / "s")
+    assert index.skipped == [str(bad)] and index.num_samples == 19 and sum(index.label_counts) == 19
+    assert index.label_counts[index.classes.index("coffee")] == 4
+    assert all(decode_image_bytes(s.image()[1], s.name) is not None for s in all_samples(index))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-shard-mb", "-1"], "--max-shard-mb must be positive, got -1"),
+    (["--max-shard-mb", "0"], "--max-shard-mb must be positive, got 0"),
+    (["--shard-size", "0"], "--shard-size must be positive, got 0"),
+])
+def test_shard_limits_are_refused_before_writing(tree, tmp_path, capsys, flags, message):
+    assert main(["shards", "--data", str(tree), "--out", str(tmp_path / "s"), "--no-progress", *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
 def test_sample_without_image_or_labels(tmp_path):
     path = tmp_path / "odd.tar"
     with tarfile.open(path, "w") as tar:

@@ -353,6 +353,36 @@ def test_cli_names_a_bad_flag(tmp_path, capsys):
     assert code == 2 and "--shots must be positive, got 0" in err
 
 
+def test_bad_arguments_leave_no_run_folder(tiny_digits, tmp_path, capsys):
+    """An unknown model, a missing weights file, a bad CSV or a batch that does not split: exit 2, no RUN_DIR."""
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("path,label\nmissing.png,cat\n")
+    common = ["--data", str(tiny_digits), "--batch-size", "8", "--resolution", "18", "16", "--workers", "0",
+              "--no-progress", "--schedule", "1", "1", "1", "1", "2"]
+    for flags, message in ((["--model", "no_such_model"], "unknown model 'no_such_model'"),
+                           (["--pretrained", str(tmp_path / "none.npz")], "none.npz: no such file"),
+                           (["--data", str(bad_csv)], "file " + str(tmp_path / "missing.png") + " not found"),
+                           (["--batch-split", "3"], "8")):
+        out = tmp_path / "runs" / "r"
+        code, _, err = _cli(capsys, "finetune", "--model", "R14x0.5", *common, "--out", str(out), *flags)
+        assert code == 2 and message in err, err
+        assert not (tmp_path / "runs").exists(), flags
+
+
+def test_fewshot_offers_no_seed_or_resume(tmp_path, capsys):
+    """A sweep sets each run's seed (--seeds) and resumes by itself: --seed / --resume would be ignored."""
+    for flag in (["--seed", "3"], ["--resume"]):
+        with pytest.raises(SystemExit) as e:
+            main(["fewshot", "--model", "R14x0.5", "--data", "unused", "--out", str(tmp_path), *flag])
+        assert e.value.code == 2 and f"{flag[0]} is not a fewshot flag" in capsys.readouterr().err
+    base = {**TINY, "data": "unused", "out": str(tmp_path)}
+    with pytest.raises(BitlabError, match="each run's seed comes from seeds"):
+        FewShotConfig(**base, seed=3)
+    with pytest.raises(BitlabError, match="resumes its stopped runs by itself"):
+        FewShotConfig(**base, resume=True)
+    assert not any(tmp_path.iterdir())
+
+
 def test_batch_norm_with_micro_batches_is_warned(tiny_digits, tmp_path, caplog):
     warning = "BatchNorm, which normalises over each micro-batch of 4 images rather than the batch of 8"
     with caplog.at_level("WARNING", logger="bitlab.train.finetune"):

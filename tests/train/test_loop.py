@@ -96,6 +96,16 @@ def test_stop_and_resume_gives_the_same_weights(tmp_path):
     assert steps == [2, 4, 6, 8, 10]
 
 
+def test_stop_after_counts_the_steps_of_this_call(tmp_path):
+    """--stop-after N advances a resumed run by N steps (not to global step N): chunked scripts."""
+    train(tmp_path, steps=10, stop_after=3)
+    _, result = train(tmp_path, steps=10, resume=True, stop_after=2)
+    assert result.stopped_by == "stop_after" and result.step == 5
+    assert io.torch_load(tmp_path / "checkpoint.pt")["step"] == 5
+    _, result = train(tmp_path, steps=10, resume=True, stop_after=9)  # past the end: the run just finishes
+    assert result.completed and result.step == 10
+
+
 def test_micro_batches_equal_one_batch(tmp_path):
     one, _ = train(tmp_path / "a", steps=5, data=Stream(split=1))
     four, _ = train(tmp_path / "b", steps=5, data=Stream(split=4))
@@ -136,7 +146,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_existing_checkpoint_needs_resume(tmp_path):
     train(tmp_path, steps=2)
-    with pytest.raises(BitlabError, match="already holds a training checkpoint; pass --resume"):
+    with pytest.raises(BitlabError, match="already holds a training checkpoint; pass resume=True to continue"):
         train(tmp_path, steps=2)
 
 

@@ -442,7 +442,8 @@ def test_resume_with_other_settings_is_refused(tree, tmp_path):
         P.pretrain(config(tree, out, batch_size=16))
     with pytest.raises(BitlabError, match=r"cannot resume .*model: 'R14x0.5' -> 'R14x0.5-bn'"):
         P.pretrain(config(tree, out, model="R14x0.5-bn"))
-    with pytest.raises(BitlabError, match="already holds a training checkpoint"):
+    # pretrain resumes by default: the advice is to drop --no-resume (it has no --resume)
+    with pytest.raises(BitlabError, match="already holds a training checkpoint; leave out --no-resume to continue"):
         P.pretrain(config(tree, out, resume=False))
     (out / "config.json").write_text(json.dumps({**json.loads((out / "config.json").read_text()), "seed": 1}))
     with pytest.raises(BitlabError, match=r"seed: 1 -> 0"):
@@ -509,6 +510,33 @@ def test_running_flags_are_checked(tree, tmp_path, capsys, flags, message):
     assert main([*argv, *flags]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "-1"], "--epochs must be positive, got -1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--crop", "-3"], "--crop must be at least 1 pixel, got -3"),
+    (["--warmup-steps", "-5"], "--warmup-steps must be >= 0, got -5"),
+    (["--weight-decay", "-1"], "--weight-decay must be 0 (none) or more, got -1"),
+    (["--batch-split", "0"], "--batch-split must be at least 1, got 0"),
+    (["--model", "no_such_model"], "unknown model 'no_such_model'"),
+    (["--data", "no/such/data"], "no/such/data"),
+])
+def test_bad_arguments_leave_no_run_folder(tree, tmp_path, capsys, flags, message):
+    """Refused with exit 2 and the flag named, and RUN_DIR (two new levels) is not left behind."""
+    out = tmp_path / "runs" / "r"
+    assert main(["pretrain", *COMMON, "--data", str(tree), "--out", str(out), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_failed_start_keeps_a_folder_that_was_there(tree, tmp_path, capsys):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    assert main(["pretrain", *COMMON, "--data", str(tree), "--out", str(out), "--model", "no_such_model"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # its new log.txt went, the rest stays
+    assert P.PretrainConfig(model="R14x0.5", data="unused", out=str(out), weight_decay=0).weight_decay == 0
 
 
 def test_checkpoint_of_another_model_is_refused(tree, tmp_path):
