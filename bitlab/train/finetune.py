@@ -10,6 +10,7 @@ and any random initialisation.
 from __future__ import annotations
 
 import csv
+import functools
 import io as _io
 import json
 import logging
@@ -31,7 +32,7 @@ from bitlab.errors import BitlabError
 from bitlab.models import checkpoints, registry
 from bitlab.train import distributed as D
 from bitlab.train.loop import (CHECKPOINT, LoopConfig, LoopResult, MicroBatches, RunRecord, check_resume_settings,
-                               check_running, check_settings, control_group, device_defaults, eval_logits, run,
+                               check_running, check_settings, control_group, device_defaults, eval_logits, require, run,
                                stop_on_errors, write_config)
 
 log = logging.getLogger(__name__)
@@ -95,9 +96,7 @@ class FinetuneConfig:
 def _validate(cfg: FinetuneConfig) -> None:
     """Refuse values no run can use, naming the flag, before any data is read. (The loop's own
     knobs, --eval-every, --checkpoint-every, --log-every and --stop-after, are LoopConfig's.)"""
-    def need(ok: bool, name: str, what: str) -> None:
-        if not ok:
-            raise BitlabError(f"--{name.replace('_', '-')} must be {what}, got {getattr(cfg, name)}")
+    need = functools.partial(require, cfg)
 
     def positive(values: Sequence[int] | None) -> bool:
         return values is None or (len(values) == 2 and min(values) > 0)
@@ -143,7 +142,8 @@ def build_model(name: str, num_classes: int, pretrained: str | None) -> nn.Modul
         try:
             return registry.create_model(name, num_classes=num_classes, pretrained=pretrained, zero_head=True)
         except checkpoints.CheckpointMismatch as e:
-            raise checkpoints.CheckpointMismatch(f"{e} (is it a checkpoint for another architecture than {name}?)") from None
+            raise checkpoints.CheckpointMismatch(
+                f"{e} (is it a checkpoint for another architecture than {name}?)") from None
     model = registry.create_model(name)
     if pretrained is not None:
         _load_backbone(model, pretrained)
@@ -177,7 +177,8 @@ def _load_backbone(model: nn.Module, path: str) -> None:
             raise checkpoints.CheckpointError(f"{path}: key {key!r} has shape {tuple(state[key].shape)}, "
                                               f"model expects {tuple(ref.shape)}")
     if extra := sorted(set(state) - set(own)):
-        raise checkpoints.CheckpointError(f"{path}: unexpected key {extra[0]!r}: a checkpoint for another architecture?")
+        raise checkpoints.CheckpointError(
+            f"{path}: unexpected key {extra[0]!r}: a checkpoint for another architecture?")
     model.load_state_dict(state, strict=False)
 
 

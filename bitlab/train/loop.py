@@ -126,6 +126,12 @@ def stop_on_errors(errors: Sequence[str], dist: DistInfo, what: str, hint: bool 
                         + "; ".join(lines) + (" (--skip-bad-images replaces unreadable images)" if hint else ""))
 
 
+def require(cfg: Any, ok: bool, name: str, what: str) -> None:
+    """Refuse `cfg.<name>` unless `ok`, naming it as its flag: "--base-lr must be ..., got -1"."""
+    if not ok:
+        raise BitlabError(f"--{name.replace('_', '-')} must be {what}, got {getattr(cfg, name)}")
+
+
 def check_running(cfg: Any) -> None:
     """The loop's step counts as the flags of the same names (`cfg`: LoopConfig or a command's config)."""
     if cfg.log_every < 1:

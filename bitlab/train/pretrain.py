@@ -35,6 +35,7 @@ restarts the job, which resumes from `checkpoint.pt`; a SIGTERM stop exits 0 on 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -61,7 +62,7 @@ from bitlab.errors import BitlabError
 from bitlab.models import ResNetV2, registry
 from bitlab.train import distributed as D
 from bitlab.train.loop import (LoopConfig, LoopResult, MicroBatches, RunRecord, check_resume_settings, check_running,
-                               control_group, device_defaults, eval_logits, run, stop_on_errors, write_config)
+                               control_group, device_defaults, eval_logits, require, run, stop_on_errors, write_config)
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +142,8 @@ class PretrainConfig:
 
 def _validate(cfg: PretrainConfig) -> None:
     """Refuse values no run can use, naming the flag. (The loop's own knobs are `check_running`'s.)"""
-    def need(ok: bool, name: str, what: str) -> None:
-        if not ok:
-            raise BitlabError(f"--{name.replace('_', '-')} must be {what}, got {getattr(cfg, name)}")
-
-    def finite(x: float) -> bool:
-        return math.isfinite(x)
+    need = functools.partial(require, cfg)
+    finite = math.isfinite
 
     if cfg.preset not in PRESETS:
         raise BitlabError(f"unknown --preset {cfg.preset!r} (choose from {', '.join(PRESETS)})")
