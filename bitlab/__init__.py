@@ -3,6 +3,9 @@
     import bitlab
     model = bitlab.create_model("BiT-M-R50x1", num_classes=10, pretrained="BiT-M-R50x1.npz", zero_head=True)
 """
+import importlib
+import importlib.util
+
 from bitlab.errors import BitlabError
 
 __version__ = "0.1.0"
@@ -15,4 +18,8 @@ def __getattr__(name: str):
         from bitlab import models
 
         return getattr(models, name)
+    # Submodules too (`bitlab.hyperrule`, `bitlab.report`, ... as the README writes them), imported
+    # on first use; a name that is no submodule stays an AttributeError.
+    if importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'bitlab' has no attribute {name!r}")

@@ -72,6 +72,8 @@ class DemoResult:
 
 def run_demo(out: Path, figures: Path, sample_dir: Path = SAMPLE_DIR) -> DemoResult:
     """make-ooc -> evaluate (offline ImageNet models, BiT-S-R50x1 via npz) -> report."""
+    io.check_can_create_folder(out, "--out")  # before the minute of work, not after it
+    io.check_can_create_folder(figures, "--figures")
     out = Path(out)
     same_as = ["bitlab", "make-ooc", "--demo", "--out", str(out / "ooc")] if sample_dir == SAMPLE_DIR else None
     ooc = build_demo(out / "ooc", sample_dir, command=same_as)  # `bitlab make-ooc --demo`

@@ -17,6 +17,7 @@ is *not* scaled with the batch size (the official code has that line commented o
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from bitlab.errors import BitlabError
@@ -128,6 +129,8 @@ def hyperrule(dataset_size: int, image_size: tuple[int, int], *, batch_size: int
     """Apply BiT-HyperRule to a task of `dataset_size` training examples of `image_size` = (H, W)."""
     if batch_size <= 0:
         raise BitlabError(f"batch size must be positive, got {batch_size}")
+    if not (math.isfinite(base_lr) and base_lr > 0):
+        raise BitlabError(f"--base-lr must be a positive number, got {base_lr}")
     supports = get_schedule(dataset_size)
     if scale_with_batch:
         supports = scale_schedule(supports, batch_size)

@@ -68,6 +68,21 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, fsync: bool = Tru
         raise
 
 
+def check_can_create_folder(path: str | os.PathLike, flag: str) -> None:
+    """Refuse (BitlabError naming `flag`) a folder that is neither there nor makeable, without
+    creating anything: for commands that would otherwise find out only after long work."""
+    p = Path(path).absolute()
+    if p.exists():
+        if not p.is_dir():
+            raise BitlabError(f"{flag} {path}: exists and is not a folder")
+        return
+    ancestor = next(a for a in p.parents if a.exists())
+    if not ancestor.is_dir():
+        raise BitlabError(f"{flag} {path}: {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise BitlabError(f"{flag} {path}: no permission to create folders in {ancestor}")
+
+
 def write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> None:
     """`atomic_write` for bytes in hand, on bare file descriptors: a third cheaper per file, which
     counts for bulk writers (make-ooc writes thousands). The temp name is unique per thread."""

@@ -18,6 +18,7 @@ per-model numbers for its out-of-context set, so no reference points are drawn.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -666,13 +667,31 @@ def fig_ooc_grid(ev: robustness.EvalSet, *, classes: Sequence[str] | None = None
 def make_report(result_dirs: Sequence[str | Path], out: str | Path, *, images: Sequence[str] | None = None,
                 num_images: int = 4) -> list[Path]:
     """Every figure the results allow; returns the files written (PNG and PDF of each)."""
+    if num_images < 1:
+        raise BitlabError(f"--num-images must be at least 1, got {num_images}")
     results = [load_results(p) for p in result_dirs]
-    ooc = [r for r in results if r.role == "ooc"]
     out = Path(out)
+    existed = out.exists()
     files: list[Path] = []
+    try:
+        _draw_all(results, out, images, num_images, files)
+    except BaseException:
+        if not existed:  # a failed report leaves no half-filled (or empty) folder of its own behind
+            for f in files:
+                f.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    return files
+
+
+def _draw_all(results: list[Results], out: Path, images: Sequence[str] | None, num_images: int,
+              files: list[Path]) -> None:
+    """make_report's drawing; appends each file to `files` as soon as it is written."""
+    ooc = [r for r in results if r.role == "ooc"]
     for r in ooc:
         if r.has_backgrounds:
-            files += save(fig_backgrounds(r), out, f"backgrounds_{slug(r.label)}")
+            files.extend(save(fig_backgrounds(r), out, f"backgrounds_{slug(r.label)}"))
         else:
             log.warning("%s: no backgrounds recorded, no heat map", r.path)
     if len(ooc) >= 2:
@@ -680,14 +699,13 @@ def make_report(result_dirs: Sequence[str | Path], out: str | Path, *, images: S
         log.info("%d images meet the paper's rule for Fig. 13 (out of context, %s wrong, %s right)",
                  len(telling_images(a, b)), a.label, b.label)
         chosen = list(images) if images else choose_images(a, b, num_images)
-        files += save(fig_top5(a, b, chosen[:1]), out, "fig12_left_top5")
-        files += save(fig_top5(a, b, chosen), out, "fig13_top5")
+        files.extend(save(fig_top5(a, b, chosen[:1]), out, "fig12_left_top5"))
+        files.extend(save(fig_top5(a, b, chosen), out, "fig13_top5"))
     else:
         log.warning("Fig. 12 left / 13 need two models' out-of-context results; got %d", len(ooc))
     if not val_vs_ooc_points(results).empty:
-        files += save(fig_val_vs_ooc(results), out, "fig12_right_val_vs_ooc")
+        files.extend(save(fig_val_vs_ooc(results), out, "fig12_right_val_vs_ooc"))
     else:
         log.warning("Fig. 12 right needs a validation and an out-of-context result of the same model")
     if not files:
         raise BitlabError("nothing to draw: give out-of-context results (and validation results for Fig. 12 right)")
-    return files

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from bitlab import __version__
@@ -24,7 +25,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    _name_commands(parser)
     return parser
+
+
+def _name_commands(parser: argparse.ArgumentParser) -> None:
+    """Give every (sub-)subcommand its full name as `args.prog` ("bitlab weights download"), for
+    error messages: the innermost parser's default wins when argparse merges the namespaces."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.set_defaults(prog=sub.prog)
+                _name_commands(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,10 +49,23 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s " + (f"rank {rank} " if rank else "") + "%(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, so that a closed pipe is caught below and not at exit
+        return code
     except BitlabError as e:
-        print(f"bitlab {args.command}: error: {e}", file=sys.stderr)
+        print(f"{args.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # The reader left (`bitlab models --json | head`): stop quietly, as other unix tools do.
+        # Python would flush stdout again at exit and fail once more, so point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the broken pipe
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: a bug, keep its traceback
+            raise
+        # An output (or input) path that cannot be made or read: the user's to fix, not a bug.
+        print(f"{args.prog}: error: {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"bitlab {args.command}: interrupted", file=sys.stderr)
+        print(f"{args.prog}: interrupted", file=sys.stderr)
         return 130

@@ -35,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--cache", help="embedding cache folder, reusable between runs (default: OUT/cache)")
     p.add_argument("--gallery", type=int, default=16, help="pairs drawn in duplicates.png (0: none; default: 16)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=_dedup)
 
@@ -46,12 +47,13 @@ def _dedup(args: argparse.Namespace) -> None:
                       weights=args.weights, threshold=args.threshold, topk=args.topk, block_size=args.block_size,
                       query_block_size=args.query_block_size, batch_size=args.batch_size, workers=args.workers,
                       device=args.device, predictions=args.predictions,
-                      correct_column=args.correct_column, cache=args.cache, gallery=args.gallery)
+                      correct_column=args.correct_column, cache=args.cache, gallery=args.gallery,
+                      progress=args.progress)
     s = run_dedup(cfg).summary
     unit = "cosine >=" if s["metric"] == "cosine" else "Hamming <="
     print(f"{s['embedding']} ({unit} {s['threshold']}): {s['dups']} of {s['downstream_images']} test images have a "
           f"near-duplicate among {s['upstream_images']} upstream images ({s['duplicate_pairs']} pairs)")
     if "full" in s:
-        print(f"accuracy  Full {s['full']:.2f}  Dedup {s['dedup'] if s['dedup'] is None else round(s['dedup'], 2)}"
-              f"  Dups {s['dups']}")
+        dedup = "n/a (every test image has a duplicate)" if s["dedup"] is None else f"{s['dedup']:.2f}"
+        print(f"accuracy  Full {s['full']:.2f}  Dedup {dedup}  Dups {s['dups']}")
     print(f"wrote {args.out}/duplicates.csv, nearest.csv, summary.json")

@@ -20,9 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--role", choices=["ooc", "val"], help="what the data is to the report (default: from its layout)")
     p.add_argument("--label", help="model name shown in figures")
     p.add_argument("--pretraining-data", help="pre-training data shown in figures (default: from the model name)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, help="decoding processes (default: CPU count, at most 8)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    p.add_argument("--workers", type=int, help="decoding processes, 0: none (default: CPU count, at most 8)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("report", help="draw the robustness figures from evaluation results")
@@ -31,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="figures", help="folder for the figures (default: ./figures)")
     p.add_argument("--images", nargs="+", metavar="IMAGE", help="images for Fig. 13 (paths as in predictions.csv; "
                    "default: where the first model errs and the second does not)")
-    p.add_argument("--num-images", type=int, default=4, help="images in Fig. 13 when chosen automatically")
+    p.add_argument("--num-images", type=int, default=4, help="images in Fig. 13 when chosen automatically (default: 4)")
     p.set_defaults(func=_report)
 
 
@@ -42,7 +43,7 @@ def _evaluate(args: argparse.Namespace) -> None:
                          num_classes=args.num_classes, image_size=args.image_size, classes=args.classes,
                          label_map=args.label_map, role=args.role, label=args.label,
                          pretraining_data=args.pretraining_data, batch_size=args.batch_size,
-                         workers=args.workers, device=args.device)
+                         workers=args.workers, device=args.device, progress=args.progress)
     s = evaluate(cfg)
     d = s["dataset"]
     print(f"{s['model']['label']} on {d['path']} ({d['num_images']} images, {d['role']}): "

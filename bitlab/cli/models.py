@@ -7,7 +7,6 @@ import json
 from bitlab.errors import BitlabError
 
 
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the model registry with parameter counts")
     p.add_argument("--ablations", action="store_true", help="also list the BN / plain-conv variants (Tables 4-5)")
@@ -45,10 +44,17 @@ def _models(args: argparse.Namespace) -> None:
     if args.json:
         print("\n".join(json.dumps(r) for r in rows))
         return
-    print(f"{'name':<32} {'upstream':<14} {'classes':>7} {'res':>4} {'backbone M':>10} {'total M':>8}")
-    for r in rows:
-        print(f"{r['name']:<32} {r['upstream']:<14} {r['classes']:>7} {r.get('resolution', 224):>4} "
-              f"{r.get('backbone_params_m', ''):>10} {r.get('params_m', ''):>8}")
+    def millions(value: float | None) -> str:
+        return "" if value is None else f"{value:.2f}"  # README's "23.50 M": always two decimals
+
+    table = [(r["name"], r["upstream"], str(r["classes"]), str(r.get("resolution", 224)),
+              millions(r.get("backbone_params_m")), millions(r.get("params_m"))) for r in rows]
+    header = ("name", "upstream", "classes", "res", "backbone M", "total M")
+    # Columns as wide as their longest entry; text left-aligned, numbers right-aligned.
+    widths = [max(len(row[i]) for row in (header, *table)) for i in range(len(header))]
+    for row in (header, *table):
+        print("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
     print("Any timm model name is accepted too (e.g. resnetv2_50x1_bit, resnet50).")
 
 

@@ -45,7 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--api-url", help="Openverse images endpoint (default: the public API)")
     f.set_defaults(func=_backgrounds_fetch)
 
-    p = sub.add_parser("make-ooc", help="build the out-of-context dataset (or `make-ooc plan` its selection)")
+    # The step is optional (no step: build), which argparse's "STEP ..." would hide: say both forms.
+    p = sub.add_parser("make-ooc", help="build the out-of-context dataset (or `make-ooc plan` its selection)",
+                       usage="%(prog)s [options]         build (--demo, or --openimages and --backgrounds)\n"
+                             "       %(prog)s plan [options]    choose the selection first (see plan --help)")
     p.add_argument("--demo", action="store_true", help="build from the embedded offline sample (seconds)")
     p.add_argument("--out", help="output folder")
     p.add_argument("--openimages", help="OpenImages tree (see `bitlab openimages fetch`)")
@@ -56,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"background categories with `usual_for` (default: {_CATEGORIES})")
     p.add_argument("--size", type=int, default=512, help="output side in px (default 512)")
     p.add_argument("--object-scale", type=float, default=0.8,
-                   help="object's longest side / output side (paper: 0.8)")
+                   help="object's longest side / output side (default 0.8, the paper's)")
     p.add_argument("--placement", choices=["center", "random"], default="center",
                    help="where the object goes (default: centred; random is seeded)")
     p.add_argument("--feather", type=float, default=0.0, help="Gaussian sigma in px for a soft edge (default: hard)")
@@ -71,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=0, help="threads (default: one per core)")
     p.add_argument("--skip-bad", action="store_true", help="skip unusable inputs and report them instead of stopping")
     p.set_defaults(func=_make_ooc)
-    psub = p.add_subparsers(dest="make_ooc_step", metavar="STEP")
+    psub = p.add_subparsers(dest="make_ooc_step", metavar="[plan]", prog=p.prog)  # not from the usage above
     q = psub.add_parser("plan", help="choose foregrounds and backgrounds; write selection.csv (+ .json)")
     q.add_argument("--out", required=True, help="the selection.csv to write")
     q.add_argument("--openimages", required=True, help="OpenImages tree")
@@ -79,8 +82,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--classes", default=_CLASSES, help=f"class table (default: {_CLASSES})")
     q.add_argument("--background-categories", default=_CATEGORIES,
                    help=f"background category table (default: {_CATEGORIES})")
-    q.add_argument("--split", default="validation")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--split", default="validation",
+                   help="the OpenImages split to choose foregrounds from (default: validation)")
+    q.add_argument("--seed", type=int, default=0, help="which candidates are chosen (seeded order; default 0)")
     q.add_argument("--per-class", type=int, help="foregrounds per class (default: classes.csv n_foregrounds)")
     q.add_argument("--per-category", type=int, default=1, help="background files per category (default 1)")
     q.add_argument("--min-object-px", type=int, default=200, help="smallest longest side of an object, in px")

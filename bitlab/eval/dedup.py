@@ -70,6 +70,7 @@ from tqdm.auto import tqdm
 from bitlab import io
 from bitlab.data.transforms import (BadImageError, DataConfig, decode_image, eval_image, normalize, resize,
                                     to_chw_tensor)
+from bitlab.device import parse_device
 from bitlab.errors import BitlabError
 from bitlab.models import zoo
 
@@ -185,12 +186,13 @@ class ModelEmbedding(Embedding):
     def __init__(self, name: str, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> None:
         from bitlab.models import create_model
 
-        if weights is None and name not in zoo.OFFLINE_MODELS:
-            log.warning("%s without weights= has random weights: its embeddings find no real duplicates", name)
         self.spec = f"model:{name}"
         self.weights = None if weights is None else Path(weights)
         self.device = torch.device(device)
         self.model = create_model(name, pretrained=weights).eval().to(self.device)
+        # Only now: an unknown name must fail before anything is said about its weights.
+        if weights is None and name not in zoo.OFFLINE_MODELS:
+            log.warning("%s without weights= has random weights: its embeddings find no real duplicates", name)
         self.cfg: DataConfig = getattr(self.model, "data_config", None) or DataConfig()
         self.view = partial(model_view, cfg=self.cfg)
         # The weights' digest, not their path: a retrained checkpoint must not reuse old embeddings.
@@ -266,16 +268,24 @@ def _collate(items: list[torch.Tensor | str]) -> torch.Tensor | str:
 
 
 def embed_files(embedding: Embedding, paths: Sequence[Path], *, batch_size: int = 64, workers: int = 0,
-                progress: bool = True, desc: str = "embed") -> torch.Tensor:
-    """Embeddings of image files (N, D) float32 on the CPU, in file order."""
+                progress: bool | tqdm = True, desc: str = "embed") -> torch.Tensor:
+    """Embeddings of image files (N, D) float32 on the CPU, in file order. `progress` may be a
+    tqdm bar to advance (by images) instead of one of its own."""
     loader = DataLoader(_Views(list(paths), embedding.view), batch_size=batch_size, collate_fn=_collate,
                         num_workers=workers if len(paths) > batch_size else 0,
                         pin_memory=embedding.device.type == "cuda")
+    bar = progress if isinstance(progress, tqdm) else tqdm(
+        total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
     out = []
-    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
-        if isinstance(batch, str):
-            raise BadImageError(batch)
-        out.append(embedding.embed(batch).cpu())
+    try:
+        for batch in loader:
+            if isinstance(batch, str):
+                raise BadImageError(batch)
+            out.append(embedding.embed(batch).cpu())
+            bar.update(len(batch))
+    finally:
+        if bar is not progress:
+            bar.close()
     return torch.cat(out)
 
 
@@ -431,12 +441,14 @@ class DedupResult:
 
 def run_dedup(cfg: DedupConfig) -> DedupResult:
     """Embed, search, threshold, count and draw; writes the files listed in the module docstring."""
-    for field in ("topk", "block_size", "query_block_size", "batch_size"):
-        if getattr(cfg, field) < 1:
-            raise BitlabError(f"{field} must be >= 1 (got {getattr(cfg, field)})")
+    for field, least in (("topk", 1), ("block_size", 1), ("query_block_size", 1), ("batch_size", 1),
+                         ("gallery", 0), ("workers", 0)):
+        value = getattr(cfg, field)
+        if value is not None and value < least:
+            raise BitlabError(f"--{field.replace('_', '-')} must be at least {least}, got {value}")
+    device = parse_device(cfg.device)
     out = Path(cfg.out)
     downstream, upstream = list_images(cfg.downstream), list_images(cfg.upstream)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     embedding = make_embedding(cfg.embedding, cfg.weights, device)
     threshold = DEFAULT_THRESHOLDS[embedding.metric] if cfg.threshold is None else float(cfg.threshold)
     _check_threshold(embedding.metric, threshold)
@@ -456,9 +468,14 @@ def run_dedup(cfg: DedupConfig) -> DedupResult:
              len(downstream), len(upstream), embedding.spec, dim, threshold)
 
     def upstream_blocks() -> Iterator[tuple[int, torch.Tensor]]:
-        starts = range(0, len(upstream), cfg.block_size)
-        for start in tqdm(starts, desc="search upstream", unit="block", disable=not cfg.progress):
-            yield start, cache.get(upstream.paths[start:start + cfg.block_size], desc="embed upstream", **kw)
+        # One bar over all upstream images, advanced while a block is embedded and by a whole
+        # block read from the cache: nested bars print cursor escapes ("[A") into logs.
+        with tqdm(total=len(upstream), desc="embed + search upstream", unit="img", disable=not cfg.progress) as bar:
+            for start in range(0, len(upstream), cfg.block_size):
+                paths = upstream.paths[start:start + cfg.block_size]
+                block = cache.get(paths, **dict(kw, progress=bar))
+                bar.update(start + len(paths) - bar.n)
+                yield start, block
 
     top = search_blocks(queries, upstream_blocks(), k=cfg.topk, query_block_size=cfg.query_block_size, device=device)
     dots, idx = top.values.cpu().numpy(), top.indices.cpu().numpy()

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitlab import io
+from bitlab.device import parse_device
 from bitlab.errors import BitlabError
 from bitlab.eval import robustness
 from bitlab.eval.predict import data_config_of, iter_probs
@@ -57,6 +58,14 @@ class EvaluateConfig:
     workers: int | None = None
     device: str | None = None
     progress: bool = True  # a tqdm bar (notebooks turn it off: a saved notebook keeps the bar's first frame)
+
+    def __post_init__(self) -> None:
+        # Refused here, before any file is read or written: a size below 1 made the resize loop
+        # forever and 0 fell back silently to the model's default.
+        for name, least in (("image_size", 1), ("batch_size", 1), ("workers", 0)):
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise BitlabError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
 
 
 def model_label(cfg: EvaluateConfig) -> str:
@@ -161,6 +170,7 @@ def _predict_chunks(model: nn.Module, ev: robustness.EvalSet, cfg: EvaluateConfi
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Evaluate `cfg.model` on `cfg.data`; write predictions, summary and config to `cfg.out`.
     Returns the summary."""
+    parse_device(cfg.device)  # a bad --device fails before anything is read or written
     ev = robustness.load_eval_set(cfg.data, cfg.classes, cfg.role)
     label_map = robustness.read_label_map(cfg.label_map) if cfg.label_map else None
     model = registry.create_model(cfg.model, num_classes=cfg.num_classes, pretrained=cfg.pretrained,

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from bitlab.data.transforms import DataConfig, decode_image, eval_image, eval_min_side, normalize, to_chw_tensor
+from bitlab.device import parse_device
 
 
 class EvalImages(Dataset):
@@ -45,10 +46,6 @@ def data_config_of(model: nn.Module) -> DataConfig:
     return getattr(model, "data_config", None) or DataConfig()
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def default_workers() -> int:
     # Decoding + resizing a 500 px image takes a few ms; more than 8 workers rarely pays off.
     return min(os.cpu_count() or 1, 8)
@@ -61,7 +58,7 @@ def iter_probs(model: nn.Module, paths: Sequence[str | os.PathLike], *, batch_si
     """Softmax probabilities of `model` over image files, one (B, num_outputs) float32 CPU tensor
     per batch, in file order. `progress` may be a tqdm bar to advance (by images)."""
     cfg = data_config_of(model)
-    device = resolve_device(device)
+    device = parse_device(device)
     # channels_last: oneDNN's (and cuDNN's) fast layout for convolutions; same numbers.
     model = model.eval().to(device, memory_format=torch.channels_last)
     workers = default_workers() if workers is None else workers

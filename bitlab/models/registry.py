@@ -146,7 +146,9 @@ def create_model(
             checkpoints.load_weights(model, pretrained)
     else:
         model = _create_timm(name, num_classes, pretrained, **timm_kwargs)
-    if image_size:
+    if image_size is not None:
+        if image_size < 1:
+            raise BitlabError(f"image_size must be at least 1, got {image_size}")
         model.data_config = DataConfig(**{**model.data_config.to_dict(), "input_size": image_size})
     model.model_name = name
     return model

@@ -7,7 +7,10 @@ bitlab records the sha256 of what it received beside the file.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
+import urllib.parse
 from importlib import resources
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +44,24 @@ def download_weights(name: str, out_dir: str | Path, *, base_url: str = BIT_WEIG
     Writes `<name>.npz.sha256` with the digest of the verified file, so later copies can be
     checked with `sha256sum -c`.
     """
-    dest = Path(out_dir) / f"{name}.npz"
+    url = weights_url(name, base_url)
+    if urllib.parse.urlsplit(base_url).scheme not in ("http", "https", "file"):
+        raise BitlabError(f"--base-url {base_url}: not an http://, https:// or file:// URL")
+    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+        raise BitlabError(f"--sha256 {sha256}: not a sha256 digest (64 hex digits)")
+    out = Path(out_dir)
+    dest = out / f"{name}.npz"
     sidecar = dest.with_name(dest.name + ".sha256")
     if sha256 is None and sidecar.exists():
         sha256 = sidecar.read_text().split()[0]
-    io.download(weights_url(name, base_url), dest, sha256=sha256, progress=progress)
+    existed = out.exists()
+    try:
+        io.download(url, dest, sha256=sha256, progress=progress)
+    except BaseException:
+        if not existed:  # a failed first download leaves no empty folder (a resumable .part stays)
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     io.write_text(sidecar, f"{io.sha256_file(dest)}  {dest.name}\n")
     return dest
 

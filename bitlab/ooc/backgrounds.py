@@ -106,6 +106,8 @@ class BackgroundsConfig:
 
 def fetch(cfg: BackgroundsConfig) -> dict:
     """Fill `cfg.out` with `per_category` images per category; returns counts per category."""
+    if cfg.per_category < 1:
+        raise BitlabError(f"--per-category must be at least 1, got {cfg.per_category}")
     root = Path(cfg.out)
     categories = load_background_categories(cfg.spec)
     if cfg.categories:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Sampler
 
+from bitlab.device import parse_device
 from bitlab.errors import BitlabError
 from bitlab.train.torchrun import env_rank
 
@@ -49,19 +50,13 @@ class DistInfo:
         return self.rank == 0
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def setup(device: str | torch.device | None = None) -> DistInfo:
     """Read torchrun's environment and join the process group (no-op for a single process)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = env_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = torch.device(device) if device is not None else default_device()
+    dev = parse_device(device)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BitlabError("--device cuda was asked for but no CUDA device is available")
         dev = torch.device("cuda", local_rank if world > 1 else (dev.index or 0))
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
