@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--erode", type=int, default=0, help="shrink the mask by N px before pasting")
     p.add_argument("--seed", type=int, default=0, help="seed for --placement random")
     p.add_argument("--format", choices=["png", "jpg"], default="png",
-                   help="png (default, lossless) or jpg (about 10x faster to encode and 4x smaller; lossy)")
+                   help="png (default, lossless) or jpg (about 2.4x faster to build and 4x smaller; lossy)")
     p.add_argument("--png", choices=["fast", "opencv", "small"], default="fast",
                    help="PNG encoding, all lossless: fast (default; bitlab's writer, ~3x OpenCV's speed), "
                         "opencv (OpenCV's default), small (OpenCV level 9: ~10%% smaller, slow)")
