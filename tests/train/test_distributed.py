@@ -1,5 +1,4 @@
 """Sharding, and a real 2-process DDP run (torchrun, Gloo) that must equal one process."""
-import os
 import subprocess
 import sys
 
@@ -9,8 +8,8 @@ import torch
 
 from bitlab.errors import BitlabError
 from bitlab.models.checkpoints import read_state_dict
-from bitlab.paths import REPO_ROOT
 from bitlab.train.distributed import DistInfo, ShardSampler, StepSampler, per_rank_batch, setup
+from tests.fixtures.processes import ENV, torchrun
 
 
 def take(sampler, n):
@@ -60,18 +59,14 @@ def test_single_process_setup():
 def test_ddp_two_processes_equal_one(tiny_digits, tmp_path):
     common = ["--model", "R14x0.5", "--data", str(tiny_digits), "--batch-size", "8", "--schedule", "1", "2", "3", "3",
               "4", "--resolution", "18", "16", "--workers", "0", "--device", "cpu", "--no-progress", "--base-lr", "0.05"]
-    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "bitlab", "finetune", *common, "--out", str(tmp_path / "ddp")],
-                         env=env, capture_output=True, text=True, timeout=300)
+    ddp = torchrun(["-m", "bitlab", "finetune", *common, "--out", str(tmp_path / "ddp")])
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     # Same global batch of 8, split the same way as the 2 ranks split it (2 x 4): DDP's averaged
     # all-reduce is then the same sum as accumulating 2 micro-batches (here bit for bit). Against
     # one unsplit batch of 8 the weights differ by float rounding alone (~2e-6 after 4 steps).
     single = subprocess.run([sys.executable, "-m", "bitlab", "finetune", *common, "--batch-split", "2",
                              "--out", str(tmp_path / "one")],
-                            env=env, capture_output=True, text=True, timeout=300)
+                            env=ENV, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     a, _ = read_state_dict(tmp_path / "ddp" / "final.pt")
     b, _ = read_state_dict(tmp_path / "one" / "final.pt")
@@ -99,14 +94,10 @@ def test_ddp_unreadable_training_image_stops_every_rank(tiny_digits, tmp_path):
     files = load_data(FinetuneConfig(model="R14x0.5", data=str(data), out=str(tmp_path / "x"))).train.paths
     bad = files[StepSampler(len(files), 8, seed=0).permutation(0)[8 + 4]]  # step 1, rank 1's half
     open(bad, "wb").write(b"\x89PNG not really")
-    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
     out = tmp_path / "run"
-    job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "bitlab", "finetune", "--model", "R14x0.5", "--data", str(data), "--batch-size", "8",
-                          "--schedule", "1", "2", "3", "3", "4", "--resolution", "18", "16", "--workers", "0",
-                          "--device", "cpu", "--no-progress", "--out", str(out)],
-                         env=env, capture_output=True, text=True, timeout=300)
+    job = torchrun(["-m", "bitlab", "finetune", "--model", "R14x0.5", "--data", str(data), "--batch-size", "8",
+                    "--schedule", "1", "2", "3", "3", "4", "--resolution", "18", "16", "--workers", "0",
+                    "--device", "cpu", "--no-progress", "--out", str(out)])
     assert job.returncode != 0
     marker = "bitlab finetune: error:"
     errors = [part.split("\n", 1)[0] for part in job.stderr.split(marker)[1:]]

@@ -17,9 +17,9 @@ from bitlab.data.datasets import EvalImages, load_splits
 from bitlab.errors import BitlabError
 from bitlab.models import create_model, read_state_dict
 from bitlab.models.checkpoints import CheckpointError
-from bitlab.paths import REPO_ROOT
 from bitlab.train.finetune import (FewShotConfig, FinetuneConfig, build_model, fewshot, finetune, load_data,
                                    read_fewshot)
+from tests.fixtures.processes import ENV
 
 TINY = dict(model="R14x0.5", batch_size=8, resolution=[18, 16], workers=0, progress=False, base_lr=0.05)
 
@@ -101,10 +101,8 @@ def test_sigterm_then_resume_gives_the_same_weights(tiny_digits, tmp_path):
     args = ["finetune", "--model", "R14x0.5", "--data", str(tiny_digits), "--batch-size", "8", "--resolution", "18",
             "16", "--schedule", "2", "10", "20", "25", "30", "--base-lr", "0.05", "--workers", "2", "--no-progress",
             "--log-every", "1", "--checkpoint-every", "0"]
-    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "bitlab", *args, "--out", str(run)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "bitlab", *args, "--out", str(run)], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 120
@@ -119,7 +117,7 @@ def test_sigterm_then_resume_gives_the_same_weights(tiny_digits, tmp_path):
     assert not (run / "final.pt").exists()
     step = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
     assert 2 <= step < 30
-    done = subprocess.run([sys.executable, "-m", "bitlab", *args, "--out", str(run), "--resume"], env=env,
+    done = subprocess.run([sys.executable, "-m", "bitlab", *args, "--out", str(run), "--resume"], env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"resumed from {run / 'checkpoint.pt'} at step {step}" in done.stderr

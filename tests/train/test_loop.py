@@ -14,6 +14,7 @@ from bitlab import io
 from bitlab.errors import BitlabError
 from bitlab.train import loop
 from bitlab.train.loop import LoopConfig, NonFiniteLossError
+from tests.fixtures.processes import torchrun
 
 
 class Stream:
@@ -288,17 +289,9 @@ with D.session("cpu") as info:
 
 
 def test_accumulation_all_reduces_gradients_once_per_step(tmp_path):
-    import subprocess
-    import sys
-
-    from bitlab.paths import REPO_ROOT
-
     script = tmp_path / "count_allreduces.py"
     script.write_text(_COUNT_ALLREDUCES)
-    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    run = torchrun([str(script), str(tmp_path)])
     assert run.returncode == 0, run.stderr[-3000:]
     counts = json.loads((tmp_path / "counts.json").read_text())
     assert counts["1"] >= 3  # at least one bucket all-reduced per step: the hook sees them
@@ -421,16 +414,8 @@ with D.session("cpu") as info:
 
 
 def test_each_rank_resumes_its_own_rng(tmp_path):
-    import subprocess
-    import sys
-
-    from bitlab.paths import REPO_ROOT
-
     script = tmp_path / "rank_rng.py"
     script.write_text(_RANK_RNG)
-    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    run = torchrun([str(script), str(tmp_path)])
     assert run.returncode == 0, run.stderr[-3000:]
     assert len(io.torch_load(tmp_path / "part" / "checkpoint.pt")["rng"]) == 2

@@ -25,12 +25,11 @@ from bitlab.data import shards
 from bitlab.data.datasets import image_folder
 from bitlab.errors import BitlabError
 from bitlab.models.checkpoints import read_state_dict
-from bitlab.paths import REPO_ROOT
 from bitlab.train import pretrain as P
 from bitlab.train.loop import read_metrics
+from tests.fixtures import processes
+from tests.fixtures.processes import ENV
 
-ENV = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-       "OMP_NUM_THREADS": "1"}
 TIMEOUT = 240  # seconds for one multi-process job: a hang fails the test instead of blocking the suite
 
 
@@ -89,9 +88,7 @@ def reference(tree, tmp_path_factory) -> Path:
 
 def torchrun(args: list[str], nproc: int = 2, timeout: float = TIMEOUT, launcher: Sequence[str] = ()
              ) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *launcher,
-           "-m", "bitlab", "pretrain", *args]
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return processes.torchrun(["-m", "bitlab", "pretrain", *args], nproc, timeout, launcher)
 
 
 def error_messages(stderr: str) -> list[str]:
