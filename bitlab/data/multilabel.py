@@ -25,7 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
-from bitlab.data.datasets import ImageSet, check_files_exist, check_splits, load_source, parse_split, read_csv_rows
+from bitlab.data.datasets import (ImageSet, PackedPaths, check_files_exist, check_splits, load_source, parse_split,
+                                  read_csv_rows)
 from bitlab.errors import BitlabError
 
 PATH_COLUMNS = ("path", "file", "filename")
@@ -33,19 +34,48 @@ LABEL_COLUMNS = ("labels", "tags")
 MULTILABEL_SUFFIXES = (".jsonl", ".ndjson")
 
 
+class PackedLabels(Sequence[np.ndarray]):
+    """Each image's class indices as one flat int64 array and offsets (CSR), not one small array
+    object per image: shared by forked DataLoader workers as `PackedPaths` is (14 M objects for
+    ImageNet-21k would be copied into every worker)."""
+
+    def __init__(self, labels: Sequence[Sequence[int]]) -> None:
+        if isinstance(labels, PackedLabels):
+            self.flat, self._ends = labels.flat, labels._ends
+            return
+        arrays = [np.asarray(x, dtype=np.int64).reshape(-1) for x in labels]
+        self._ends = np.cumsum([len(a) for a in arrays], dtype=np.int64)
+        self.flat = np.concatenate(arrays) if arrays else np.empty(0, np.int64)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i):  # an index -> that image's labels (a read-only view)
+        if isinstance(i, slice):
+            return PackedLabels([self[j] for j in range(*i.indices(len(self)))])
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"label index {i} out of range for {len(self)} images")
+        view = self.flat[(int(self._ends[i - 1]) if i else 0):int(self._ends[i])]
+        view.flags.writeable = False
+        return view
+
+
 @dataclass
 class MultiLabelSet:
     """Image files with sets of labels: `labels[i]` are the class indices (into `classes`) of `paths[i]`."""
 
-    paths: list[Path]
-    labels: list[np.ndarray]
+    paths: Sequence[Path]  # kept as PackedPaths
+    labels: Sequence[np.ndarray]  # kept as PackedLabels
     classes: list[str]
     source: str = ""
 
     def __post_init__(self) -> None:
         if len(self.paths) != len(self.labels):
             raise ValueError("paths and labels differ in length")
-        self.labels = [np.asarray(x, dtype=np.int64) for x in self.labels]
+        self.paths, self.labels = PackedPaths(self.paths), PackedLabels(self.labels)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -56,8 +86,7 @@ class MultiLabelSet:
 
     def label_counts(self) -> np.ndarray:
         """Images per class."""
-        flat = np.concatenate(self.labels) if self.labels else np.empty(0, np.int64)
-        return np.bincount(flat, minlength=len(self.classes))
+        return np.bincount(self.labels.flat, minlength=len(self.classes))
 
     def multi_hot(self, i: int) -> np.ndarray:
         """uint8 vector of length `len(classes)`, 1 at the labels of image `i`."""

@@ -264,3 +264,22 @@ def test_bad_image_is_replaced_by_one_of_its_class(tmp_path, photos):
         p.write_bytes(b"broken")
     img, label, bad = dataset[(1, 0)]  # a class with no readable file gives up after its own files
     assert img is None and len(bad) == 3 and all("cat" in m for m in bad)
+
+
+def test_packed_paths_behave_as_a_list_and_hold_no_path_objects(tmp_path):
+    """Forked loader workers must not touch per-path Python objects (their reference counts would
+    copy the parent's pages into every worker): the set keeps two arrays, and reads back exactly."""
+    import gc
+
+    from bitlab.data.datasets import ImageSet, PackedPaths
+
+    names = [tmp_path / f"class {i % 3}" / f"ünï_{i}.jpg" for i in range(1000)]
+    images = ImageSet(names, [i % 3 for i in range(1000)], ["a", "b", "c"])
+    assert isinstance(images.paths, PackedPaths) and len(images.paths) == 1000
+    assert list(images.paths) == names and images.paths[-1] == names[-1] and images.paths == names
+    assert images.subset([5, 7]).paths == [names[5], names[7]]
+    with pytest.raises(IndexError):
+        images.paths[1000]
+    held = gc.get_referents(*gc.get_referents(images.paths))  # what the packed form refers to
+    assert not any(isinstance(x, (Path, list)) for x in held)
+    assert {type(x) for x in vars(images.paths).values()} == {np.ndarray}

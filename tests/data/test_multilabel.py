@@ -143,3 +143,15 @@ def test_csv_with_excel_bom_and_spaced_header(tmp_path):
     f.write_bytes(" path , labels \na.jpg,cat dog\n".encode("utf-8-sig"))
     assert is_multilabel_file(f)
     assert read_multilabel(f)["all"].labels[0].tolist() == [0, 1]
+
+
+def test_labels_are_packed_and_read_back():
+    from bitlab.data.multilabel import PackedLabels
+
+    labels = [[0, 2], [], [1], [2, 1, 0]]
+    s = MultiLabelSet([f"{i}.jpg" for i in range(4)], labels, ["a", "b", "c"])
+    assert isinstance(s.labels, PackedLabels) and [x.tolist() for x in s.labels] == labels
+    assert s.label_counts().tolist() == [2, 2, 2] and s.multi_hot(3).tolist() == [1, 1, 1]
+    assert [x.tolist() for x in s.subset([3, 1]).labels] == [[2, 1, 0], []]
+    with pytest.raises(ValueError):
+        s.labels[0][0] = 5  # a view into the shared array: read-only

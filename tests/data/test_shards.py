@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from bitlab.cli import main
 from bitlab.data import shards
-from bitlab.data.datasets import image_folder
+from bitlab.data.datasets import ImageSet, image_folder
 from bitlab.data.multilabel import read_multilabel
 from bitlab.data.transforms import decode_image_bytes
 from bitlab.errors import BitlabError
@@ -151,7 +151,9 @@ def test_bad_shards_are_named(tree, tmp_path):
 
 def test_missing_source_file_is_named_before_writing(tree, tmp_path):
     images = image_folder(tree / "train")
-    images.paths[3] = tree / "gone.jpg"
+    paths = list(images.paths)
+    paths[3] = tree / "gone.jpg"
+    images = ImageSet(paths, images.labels, images.classes, images.source)
     with pytest.raises(BitlabError, match="gone.jpg"):
         shards.write_shards(images, tmp_path / "s", progress=False)
     assert not list((tmp_path / "s").glob("*.tar"))

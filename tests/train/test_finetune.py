@@ -304,7 +304,7 @@ def test_val_fraction_holdout_is_shared_by_the_seeds(tiny_digits, tmp_path):
     a, b, other = data(seed=0), data(seed=1), data(seed=0, split_seed=1)
     assert a.val.paths == b.val.paths and len(a.val) == 20
     assert a.train.paths != b.train.paths  # each seed its own few-shot picks ...
-    assert not set(a.train.paths + b.train.paths) & set(a.val.paths)  # ... from the same pool
+    assert not set([*a.train.paths, *b.train.paths]) & set(a.val.paths)  # ... from the same pool
     assert other.val.paths != a.val.paths
     with pytest.raises(BitlabError, match="--examples-per-class must be positive, got 0"):
         load_data(cfg(tiny_digits, tmp_path, examples_per_class=0))
