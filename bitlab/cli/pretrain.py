@@ -1,4 +1,5 @@
-"""`bitlab pretrain` (upstream pre-training, torchrun / DDP) and `bitlab shards` (tar shards)."""
+"""`bitlab pretrain` (upstream pre-training, torchrun / DDP), `bitlab shards` (tar shards) and
+`bitlab shards-index` (an index for tar shards written by other tools)."""
 from __future__ import annotations
 
 import argparse
@@ -76,6 +77,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_shards)
 
+    p = sub.add_parser("shards-index", help="make WebDataset tars written by another tool a shard set",
+                       description="Reads the tars in DIR once each (in name order; samples: <key>.jpg/.png/... "
+                       "with a label in <key>.cls or <key>.json's labels / label / cls), checks every sample and "
+                       "writes DIR/shards.json, after which DIR trains like a set from `bitlab shards`.")
+    p.add_argument("dir", metavar="DIR", help="folder of tar shards")
+    p.add_argument("--pattern", default="*.tar", help="shard file names in DIR (default '*.tar')")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--classes", metavar="FILE", help="class names, one per line, in class-index order")
+    g.add_argument("--num-classes", type=int, metavar="N",
+                   help="N classes named 0..N-1 (default: 0..the largest label found)")
+    p.add_argument("--multi-label", action="store_true", help="samples carry a list of labels (any number)")
+    p.add_argument("--workers", type=int, default=4, help="shards read in parallel (default 4)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=_shards_index)
+
 
 def _pretrain(args: argparse.Namespace) -> int:
     from bitlab.errors import BitlabError
@@ -129,3 +145,20 @@ def _shards(args: argparse.Namespace) -> int:
                 print(f"  problem: {problem}", file=sys.stderr)
             status = status or (1 if problems else 0)
     return status
+
+
+def _shards_index(args: argparse.Namespace) -> int:
+    from bitlab.data import shards
+    from bitlab.data.multilabel import read_classes
+    from bitlab.errors import BitlabError
+
+    if args.num_classes is not None and args.num_classes <= 0:
+        raise BitlabError(f"--num-classes must be positive, got {args.num_classes}")
+    classes = (read_classes(args.classes) if args.classes else
+               None if args.num_classes is None else [str(i) for i in range(args.num_classes)])
+    index = shards.index_shards(args.dir, pattern=args.pattern, classes=classes, multi_label=args.multi_label,
+                                workers=args.workers, progress=args.progress)
+    kind = "multi-label" if index.multi_label else "single-label"
+    print(f"{index.num_samples} images, {len(index.classes)} classes ({kind}) in {len(index.shards)} shard(s) "
+          f"-> {index.root / shards.INDEX}")
+    return 0

@@ -17,6 +17,12 @@ member name up to the first dot of its base name):
 so the files also read with the `webdataset` package or plain `tar`. Samples are shuffled when
 written (seeded), so that a reader streaming a few shards already sees a mix of classes.
 
+Shards written by other tools (webdataset's ShardWriter, img2dataset, `tar`) become a shard set
+with `index_shards` (`bitlab shards-index DIR`): it reads each tar once, checks that every sample
+has one image and a label, and writes the same `shards.json`. Labels are read from `.json`'s
+`labels` list (or its `label` / `cls` integer) or else from `.cls`; the samples keep the order
+they have in the tars (shuffle when writing them, or training sees each shard's classes together).
+
 Reading for training (`ShardStream`) needs no random access: every epoch the shards are permuted
 with the seed (seed, epoch) and dealt out to the *readers* (rank x DataLoader worker); a reader
 loads one shard at a time (its encoded bytes: keep shards at a few hundred MB) and yields its
@@ -26,16 +32,18 @@ function of the seed and the reader layout, and a resumed run skips what was con
 """
 from __future__ import annotations
 
+import hashlib
 import io as _io
 import json
 import logging
 import os
 import re
 import tarfile
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import IO, Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
@@ -58,6 +66,8 @@ SHARD_SIZE = 1000
 _SHARD_ORDER = 0x73686472
 _SAMPLE_ORDER = 0x736D706C
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # key = dirname + base name up to the first dot
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 class ShardError(BitlabError):
@@ -124,17 +134,30 @@ class Sample:
                          f"found .{', .'.join(sorted(self.fields)) or 'nothing'})")
 
     def labels(self) -> list[int]:
-        """Class indices from `.json` (`labels`) or, for single-label sets, `.cls`."""
+        """Class indices: `.json`'s `labels` list, or its `label` / `cls` integer (other writers'
+        names); else `.cls` (decimal text). A `.json` without labels (img2dataset's metadata) defers
+        to `.cls`; one that does not parse, or whose `labels` are not integers, is an error."""
         try:
-            if "json" in self.fields:
-                labels = json.loads(self.fields["json"])["labels"]
-                if isinstance(labels, list) and all(isinstance(x, int) for x in labels):
-                    return labels
-            elif "cls" in self.fields:
+            meta = json.loads(self.fields["json"]) if "json" in self.fields else {}
+            if not isinstance(meta, dict):
+                raise ValueError("not an object")
+            if "labels" in meta:
+                labels = meta["labels"]
+                if not (isinstance(labels, list) and all(_is_index(x) for x in labels)):
+                    raise ValueError("labels must be a list of integers")
+                return labels
+            for name in ("label", "cls"):
+                if _is_index(meta.get(name)):
+                    return [meta[name]]
+            if "cls" in self.fields:
                 return [int(self.fields["cls"].decode().strip())]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError):
             pass
-        raise ShardError(f"{self.name}: no readable labels (.json with 'labels' or .cls)")
+        raise ShardError(f"{self.name}: no readable labels (.json with 'labels', 'label' or 'cls', or .cls)")
+
+
+def _is_index(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # JSON true is no class index
 
 
 # ----------------------------------------------------------------------------- index
@@ -195,25 +218,46 @@ def verify(index: ShardIndex, progress: bool = False) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- reading
-def iter_shard(path: str | os.PathLike) -> Iterator[Sample]:
-    """The samples of one tar shard, streamed in file order (members grouped by key)."""
+class _HashingReader:
+    """A file read front to back through `read`, hashing the bytes that pass: the sha256 of a
+    shard from the same single pass that reads its samples."""
+
+    def __init__(self, f: IO[bytes], digest: Any) -> None:
+        self.f, self.digest = f, digest
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.digest.update(data)
+        return data
+
+
+def iter_shard(path: str | os.PathLike, digest: Any = None) -> Iterator[Sample]:
+    """The samples of one tar shard, streamed in file order (members grouped by key). `digest`
+    (a `hashlib` object) is fed the whole file's bytes on the way."""
     path = Path(path)
     key, fields = None, {}
     try:
-        with tarfile.open(path, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                m = _KEY.match(member.name)
-                if m is None:
-                    continue  # no extension: not part of any sample (WebDataset skips these too)
-                k, ext = m[1], m[2].lower()
-                if k != key:
-                    if key is not None:
-                        yield Sample(key, fields, path)
-                    key, fields = k, {}
-                f = tar.extractfile(member)
-                fields[ext] = f.read() if f is not None else b""
+        with open(path, "rb") as raw:
+            source = raw if digest is None else _HashingReader(raw, digest)
+            with tarfile.open(fileobj=source, mode="r|*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    m = _KEY.match(member.name)
+                    if m is None:
+                        continue  # no extension: not part of any sample (WebDataset skips these too)
+                    k, ext = m[1], m[2].lower()
+                    if k != key:
+                        if key is not None:
+                            yield Sample(key, fields, path)
+                        key, fields = k, {}
+                    elif ext in fields:  # as webdataset refuses it: which of the two is the sample's?
+                        raise ShardError(f"{path}:{member.name}: member appears twice")
+                    f = tar.extractfile(member)
+                    fields[ext] = f.read() if f is not None else b""
+            if digest is not None:  # tarfile stops at the end-of-archive block: hash the padding too
+                while source.read(1 << 20):
+                    pass
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         raise ShardError(f"{path}: unreadable tar shard ({e.__class__.__name__}: {e})") from None
     if key is not None:
@@ -378,6 +422,23 @@ def _member_names(path: Path) -> list[str] | None:
         return None
 
 
+def _map_shards(fn: Callable[[_T], _R], items: Sequence[_T], *, workers: int, desc: str,
+                progress: bool) -> list[_R]:
+    """`fn` over `items` (one per shard) in `workers` threads, results in order. The first error
+    cancels the shards not yet started, rather than reporting it after working through them all."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, tqdm(
+            total=len(items), desc=desc, unit="shard", disable=not progress) as bar:
+        results = []
+        try:
+            for result in pool.map(fn, items):
+                results.append(result)
+                bar.update(1)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return results
+
+
 def write_shards(images: ImageSet | MultiLabelSet, out: str | os.PathLike, *, shard_size: int = SHARD_SIZE,
                  max_bytes: int | None = None, shuffle: bool = True, seed: int = 0, prefix: str = "shard",
                  workers: int = 4, progress: bool = True, skip_bad: bool = False) -> ShardIndex:
@@ -453,13 +514,11 @@ def write_shards(images: ImageSet | MultiLabelSet, out: str | os.PathLike, *, sh
                     _member(tar, f"{key}.json", json.dumps({"labels": lab, "path": rel}).encode())
         return ShardInfo(name, len(plan) - len(skipped), path.stat().st_size, io.sha256_file(path)), skipped
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, tqdm(
-            total=len(groups), desc="shards", unit="shard", disable=not progress) as bar:
-        infos, skipped = [], []
-        for info, left_out in pool.map(write_one, range(len(groups))):
-            infos.append(info)
-            skipped += left_out
-            bar.update(1)
+    infos, skipped = [], []
+    for info, left_out in _map_shards(write_one, range(len(groups)), workers=workers, desc="shards",
+                                      progress=progress):
+        infos.append(info)
+        skipped += left_out
     if len(skipped) == n:
         raise BitlabError(f"{images.source}: none of the {n} images decodes")
     planned = {i.name for i in infos}
@@ -502,3 +561,66 @@ def write_source(data: str | os.PathLike, out: str | os.PathLike, *, split: str 
     if list(splits) == ["all"]:
         return {"all": write_shards(splits["all"], out, **kwargs)}
     return {name: write_shards(s, Path(out) / name, **kwargs) for name, s in sorted(splits.items())}
+
+
+# ----------------------------------------------------------------------------- indexing foreign shards
+def index_shards(root: str | os.PathLike, *, pattern: str = "*.tar", classes: Sequence[str] | None = None,
+                 multi_label: bool = False, workers: int = 4, progress: bool = True) -> ShardIndex:
+    """`bitlab shards-index`: make the WebDataset tars matching `pattern` in `root` (written by
+    another tool) a shard set, writing `root/shards.json` as `write_shards` does.
+
+    Each tar is read once, in name order: its samples counted and checked (one image, readable
+    labels in range: one each unless `multi_label`), its sha256 taken on the way. `classes` names
+    the class indices; without it they are "0" .. the largest label seen. An error names the
+    shard and sample; nothing is written then.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ShardError(f"{root}: no such folder")
+    if (root / INDEX).exists():
+        # Re-indexing would replace the class names (and a writer's source, seed, skipped list).
+        raise ShardError(f"{root / INDEX}: already a shard set (delete it to index the tars again)")
+    if Path(pattern).name != pattern:
+        raise ShardError(f"--pattern {pattern!r}: a file name pattern in {root}, not a path")
+    paths = sorted(p for p in root.glob(pattern) if p.is_file())
+    if not paths:
+        raise ShardError(f"{root}: no files match {pattern!r}")
+    limit = None if classes is None else len(classes)
+
+    def scan(path: Path) -> tuple[ShardInfo, Counter[int]]:
+        digest, counts, keys = hashlib.sha256(), Counter(), set()
+        for sample in iter_shard(path, digest):
+            if sample.key in keys:
+                raise ShardError(f"{sample.name}: a second sample with this key (its members are not consecutive)")
+            keys.add(sample.key)
+            images = [ext for ext in IMAGE_FIELDS if ext in sample.fields]
+            if len(images) != 1:
+                raise ShardError(f"{sample.name}: {len(images)} image members, a sample needs exactly one "
+                                 f"(found .{', .'.join(sorted(sample.fields))})")
+            labels = sample.labels()
+            if not multi_label and len(labels) != 1:
+                raise ShardError(f"{sample.name}: {len(labels)} labels {labels} in a single-label set "
+                                 "(--multi-label for several per image)")
+            for label in labels:
+                if label < 0 or (limit is not None and label >= limit):
+                    raise ShardError(f"{sample.name}: label {label} out of range " + (
+                        "(class indices are 0 or more)" if limit is None else f"for {limit} classes (0..{limit - 1})"))
+            counts.update(set(labels))  # an image counts once per class, as the writer counts
+        if not keys:
+            # A reader dealt only empty shards would never yield: the writer makes none either.
+            raise ShardError(f"{path}: no samples")
+        return ShardInfo(path.name, len(keys), path.stat().st_size, digest.hexdigest()), counts
+
+    results = _map_shards(scan, paths, workers=workers, desc="index", progress=progress)
+    total: Counter[int] = Counter()
+    for _, counts in results:
+        total.update(counts)
+    if classes is None:
+        if not total:
+            raise ShardError(f"{root}: no sample has a label; name the classes (--classes or --num-classes)")
+        classes = [str(i) for i in range(max(total) + 1)]
+    index = ShardIndex(root, [info for info, _ in results], list(classes), multi_label, str(root),
+                       label_counts=[total[i] for i in range(len(classes))])
+    io.write_json(root / INDEX, index.to_dict())
+    log.info("%s: indexed %d samples in %d shards", root, index.num_samples, len(index.shards))
+    return index

@@ -267,3 +267,115 @@ def test_pass_reads_each_sample_once_over_ranks_and_workers(tree, tmp_path):
         ds = shards.ShardPass(index, lambda s: int(s.key), rank=rank, world_size=2)
         keys += [k for b in DataLoader(ds, batch_size=4, num_workers=2) for k in b.tolist()]
     assert sorted(keys) == sorted(int(s.key) for s in all_samples(index))
+
+
+# ----------------------------------------------------------------------------- foreign shards
+def _foreign_tar(path: Path, members) -> None:
+    """A tar as other tools write it (Python's tarfile, default format and padding), not bitlab's writer."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, __import__("io").BytesIO(data))
+
+
+def _read_back(index):
+    """(key, image bytes, labels) of every sample, through the training and evaluation readers."""
+    passed = list(shards.ShardPass(index, lambda s: (s.key, s.image()[1], s.labels())))
+    stream = iter(shards.ShardStream(index, lambda samples, j, key: (samples[j].key, samples[j].image()[1],
+                                                                     samples[j].labels()), seed=0))
+    streamed = [next(stream) for _ in range(index.num_samples)]  # one epoch
+    assert sorted(streamed) == sorted(passed)
+    return passed
+
+
+def test_foreign_single_label_shards_are_indexed_and_read_back(tree, tmp_path):
+    files = sorted((tree / "train").rglob("*.*"))
+    classes = sorted(p.name for p in (tree / "train").iterdir())
+    out = tmp_path / "wds"
+    out.mkdir()
+    expected = []
+    for s, chunk in enumerate((files[:7], files[7:15], files[15:])):
+        members = []
+        for i, f in enumerate(chunk):
+            key, label = f"{s}/{i:05d}", classes.index(f.parent.name)
+            members.append((f"{key}{f.suffix}", f.read_bytes()))
+            if s == 0:  # webdataset ShardWriter's `cls`
+                members.append((f"{key}.cls", f"{label}\n".encode()))
+            elif s == 1:  # a .json with a "label" integer (and other fields)
+                members.append((f"{key}.json", json.dumps({"label": label, "caption": "x"}).encode()))
+            else:  # img2dataset: metadata .json without labels, and the label in .cls
+                members += [(f"{key}.json", json.dumps({"url": "http://x", "status": "success"}).encode()),
+                            (f"{key}.cls", str(label).encode()), (f"{key}.txt", b"a caption")]
+            expected.append((key, f.read_bytes(), [label]))
+        _foreign_tar(out / f"data-{s:06d}.tar", members)
+    _foreign_tar(out / "other.tar", [("z.jpg", b"not matched by the pattern")])
+
+    index = shards.index_shards(out, pattern="data-*.tar", progress=False)
+    assert [s.name for s in index.shards] == ["data-000000.tar", "data-000001.tar", "data-000002.tar"]
+    assert [s.count for s in index.shards] == [7, 8, 5] and not index.multi_label
+    assert index.classes == ["0", "1", "2", "3"] and index.label_counts == [5, 5, 5, 5]
+    for i, s in enumerate(index.shards):  # hashed in the reading pass, padding included
+        assert s.sha256 == shards.io.sha256_file(index.path(i)) and s.bytes == index.path(i).stat().st_size
+    again = shards.read_index(out)
+    assert again.to_dict() == index.to_dict() and shards.verify(again) == []
+    assert sorted(_read_back(again)) == sorted(expected)
+
+
+def test_foreign_multilabel_shards_through_the_cli(tree, tmp_path, capsys):
+    files = sorted((tree / "train").rglob("*.jpg"))[:6]
+    labels = [[0, 2], [], [1], [2, 1, 0], [2], [0]]
+    out = tmp_path / "wds"
+    out.mkdir()
+    for s in range(2):
+        _foreign_tar(out / f"shard{s}.tar", [m for i in range(3 * s, 3 * s + 3) for m in (
+            (f"k{i}.jpg", files[i].read_bytes()), (f"k{i}.json", json.dumps({"labels": labels[i]}).encode()))])
+    (tmp_path / "classes.txt").write_text("cat\nlamp\nsofa\n")
+    assert main(["shards-index", str(out), "--classes", str(tmp_path / "classes.txt"), "--multi-label",
+                 "--no-progress"]) == 0
+    assert "6 images, 3 classes (multi-label) in 2 shard(s)" in capsys.readouterr().out
+    index = shards.read_index(out)
+    assert index.multi_label and index.classes == ["cat", "lamp", "sofa"] and index.label_counts == [3, 2, 3]
+    assert sorted(_read_back(index)) == sorted((f"k{i}", files[i].read_bytes(), labels[i]) for i in range(6))
+    # the same tars as a single-label set: refused, naming the first sample with two labels
+    (out / shards.INDEX).unlink()
+    assert main(["shards-index", str(out), "--num-classes", "3", "--no-progress"]) == 2
+    assert "shard0.tar:k0: 2 labels [0, 2] in a single-label set (--multi-label" in capsys.readouterr().err
+    assert not (out / shards.INDEX).exists()
+
+
+JPG = b"\xff\xd8 some jpeg"
+
+
+@pytest.mark.parametrize("members, flags, message", [
+    ([("a.jpg", JPG), ("a.cls", b"0"), ("b.jpg", JPG)], {}, r"data-1.tar:b: no readable labels"),
+    ([("b.jpg", JPG), ("b.png", JPG), ("b.cls", b"0")], {}, r"data-1.tar:b: 2 image members"),
+    ([("b.txt", b"x"), ("b.cls", b"0")], {}, r"data-1.tar:b: 0 image members.*found .cls, .txt"),
+    ([("b.jpg", JPG), ("b.cls", b"5")], {"classes": ["x", "y"]}, r"data-1.tar:b: label 5 out of range for 2 classes"),
+    ([("b.jpg", JPG), ("b.cls", b"-1")], {}, r"data-1.tar:b: label -1 out of range"),
+    ([("b.jpg", JPG), ("b.json", b'{"labels": ["cat"]}')], {}, r"data-1.tar:b: no readable labels"),
+    ([("b.jpg", JPG), ("b.jpg", JPG), ("b.cls", b"0")], {}, r"data-1.tar:b.jpg: member appears twice"),
+    ([("b.jpg", JPG), ("b.cls", b"0"), ("c.jpg", JPG), ("c.cls", b"0"), ("b.jpg", JPG), ("b.cls", b"0")], {},
+     r"data-1.tar:b: a second sample with this key"),
+    ([], {}, r"data-1.tar: no samples"),
+    (b"not a tar at all", {}, r"data-1.tar: unreadable tar shard"),
+])
+def test_bad_foreign_shards_are_named(tmp_path, members, flags, message):
+    _foreign_tar(tmp_path / "data-0.tar", [("a.jpg", JPG), ("a.cls", b"1")])
+    if isinstance(members, bytes):
+        (tmp_path / "data-1.tar").write_bytes(members)
+    else:
+        _foreign_tar(tmp_path / "data-1.tar", members)
+    with pytest.raises(shards.ShardError, match=message):
+        shards.index_shards(tmp_path, progress=False, **flags)
+    assert not (tmp_path / shards.INDEX).exists()
+
+
+def test_index_refuses_an_indexed_folder_and_an_empty_match(tree, tmp_path):
+    shards.write_shards(image_folder(tree / "train"), tmp_path / "s", shard_size=6, progress=False)
+    with pytest.raises(shards.ShardError, match="already a shard set"):
+        shards.index_shards(tmp_path / "s", progress=False)
+    with pytest.raises(shards.ShardError, match=r"no files match 'x-\*.tar'"):
+        shards.index_shards(tmp_path, pattern="x-*.tar", progress=False)
+    with pytest.raises(shards.ShardError, match="not a path"):
+        shards.index_shards(tmp_path, pattern="s/*.tar", progress=False)
