@@ -49,7 +49,30 @@ MAX_SUBSTITUTES = 64
 _AUG_STREAM = 0x617567  # keeps augmentation randomness apart from other streams of the same seed
 
 
-class PackedPaths(Sequence[Path]):
+class Packed:
+    """Variable-length items end to end in one numpy array, with each item's end offset: indexed
+    like a sequence, without one Python object per item (see `PackedPaths`)."""
+
+    _ends: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i):  # an index -> the item (`_item`); a slice -> the same kind of sequence
+        if isinstance(i, slice):
+            return type(self)([self[j] for j in range(*i.indices(len(self)))])
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} items")
+        return self._item(int(self._ends[i - 1]) if i else 0, int(self._ends[i]))
+
+    def _item(self, start: int, end: int):
+        raise NotImplementedError
+
+
+class PackedPaths(Packed, Sequence[Path]):
     """File paths as two numpy arrays (their UTF-8 bytes end to end, and offsets), not a list of
     objects. DataLoader workers are forked: indexing a list of Paths updates each object's
     reference count (and the garbage collector walks them), so a worker copies the parent's list:
@@ -64,19 +87,8 @@ class PackedPaths(Sequence[Path]):
         self._ends = np.cumsum([len(b) for b in encoded], dtype=np.int64)
         self._bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
 
-    def __len__(self) -> int:
-        return len(self._ends)
-
-    def __getitem__(self, i):  # an index -> Path; a slice -> PackedPaths
-        if isinstance(i, slice):
-            return PackedPaths([self[j] for j in range(*i.indices(len(self)))])
-        i = int(i)
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"path index {i} out of range for {len(self)} paths")
-        start = int(self._ends[i - 1]) if i else 0
-        return Path(os.fsdecode(self._bytes[start:int(self._ends[i])].tobytes()))
+    def _item(self, start: int, end: int) -> Path:
+        return Path(os.fsdecode(self._bytes[start:end].tobytes()))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and len(self) == len(other) and all(

@@ -25,8 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
-from bitlab.data.datasets import (ImageSet, PackedPaths, check_files_exist, check_splits, load_source, parse_split,
-                                  read_csv_rows)
+from bitlab.data.datasets import (ImageSet, Packed, PackedPaths, check_files_exist, check_splits, load_source,
+                                  parse_split, read_csv_rows)
 from bitlab.errors import BitlabError
 
 PATH_COLUMNS = ("path", "file", "filename")
@@ -34,7 +34,7 @@ LABEL_COLUMNS = ("labels", "tags")
 MULTILABEL_SUFFIXES = (".jsonl", ".ndjson")
 
 
-class PackedLabels(Sequence[np.ndarray]):
+class PackedLabels(Packed, Sequence[np.ndarray]):
     """Each image's class indices as one flat int64 array and offsets (CSR), not one small array
     object per image: shared by forked DataLoader workers as `PackedPaths` is (14 M objects for
     ImageNet-21k would be copied into every worker)."""
@@ -47,18 +47,8 @@ class PackedLabels(Sequence[np.ndarray]):
         self._ends = np.cumsum([len(a) for a in arrays], dtype=np.int64)
         self.flat = np.concatenate(arrays) if arrays else np.empty(0, np.int64)
 
-    def __len__(self) -> int:
-        return len(self._ends)
-
-    def __getitem__(self, i):  # an index -> that image's labels (a read-only view)
-        if isinstance(i, slice):
-            return PackedLabels([self[j] for j in range(*i.indices(len(self)))])
-        i = int(i)
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"label index {i} out of range for {len(self)} images")
-        view = self.flat[(int(self._ends[i - 1]) if i else 0):int(self._ends[i])]
+    def _item(self, start: int, end: int) -> np.ndarray:  # a read-only view into the shared array
+        view = self.flat[start:end]
         view.flags.writeable = False
         return view
 
