@@ -440,8 +440,8 @@ def _fewshot(cfg: FewShotConfig, out: Path, base: dict, dist: D.DistInfo) -> dic
     rows = []
     for (k, seed), run_cfg in runs.items():
         run_dir = Path(run_cfg.out)
-        summary = _read_summary(run_dir)
-        if not (summary and summary.get("completed")):
+        summary = _read_summary(run_dir)  # None until the run finished (and was scored)
+        if summary is None:
             log.info("few-shot run: %d per class, seed %d -> %s", k, seed, run_dir)
             result = finetune(run_cfg, dist)
             if not result.completed:

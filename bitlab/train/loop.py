@@ -123,7 +123,7 @@ def stop_on_errors(errors: Sequence[str], dist: DistInfo, what: str, hint: bool 
         per_rank = [list(errors[:5])]
     lines = [(f"rank {r}: " if dist.distributed else "") + m for r, msgs in enumerate(per_rank) for m in msgs]
     raise UnreadableDataError(f"cannot read {what} data, stopping{' every rank' if dist.distributed else ''}: "
-                        + "; ".join(lines) + (" (--skip-bad-images replaces unreadable images)" if hint else ""))
+                              + "; ".join(lines) + (" (--skip-bad-images replaces unreadable images)" if hint else ""))
 
 
 def require(cfg: Any, ok: bool, name: str, what: str) -> None:
