@@ -6,6 +6,7 @@ from torch import nn
 
 from bitlab.models import ResNetV2, ResNetV2Config, StdConv2d, count_params, create_model
 from bitlab.models.resnetv2 import GN_EPS, GN_GROUPS, WS_EPS
+from tests.fixtures import numerics
 
 TINY = ResNetV2Config(block_units=(1, 1, 1, 1), width_factor=0.5, num_classes=10)
 
@@ -116,6 +117,7 @@ def test_ablation_variants_by_name_and_argument(name, norm_type, conv_type):
 def test_channels_last_matches_contiguous():
     model = ResNetV2(TINY).eval()
     x = torch.randn(2, 3, 64, 64)
-    ref = model(x)
+    exact, floor = numerics.exact_and_floor(model, x)
     model = model.to(memory_format=torch.channels_last)
-    torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last)), ref, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        numerics.assert_near_exact(model(x.contiguous(memory_format=torch.channels_last)), exact, floor, "channels-last")

@@ -32,13 +32,10 @@ def weights(run_dir: Path) -> dict:
     return read_state_dict(run_dir / "final.pt")[0]
 
 
-def assert_same(a: dict, b: dict, exact: bool = True) -> None:
+def assert_same(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
-        if exact:
-            assert torch.equal(a[k], b[k]), k
-        else:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_tiny_bit_learns_real_digits(digits_root, tmp_path):
