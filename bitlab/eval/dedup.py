@@ -193,7 +193,7 @@ class ModelEmbedding(Embedding):
         # Only now: an unknown name must fail before anything is said about its weights.
         if weights is None and name not in zoo.OFFLINE_MODELS:
             log.warning("%s without weights= has random weights: its embeddings find no real duplicates", name)
-        self.cfg: DataConfig = getattr(self.model, "data_config", None) or DataConfig()
+        self.cfg: DataConfig = self.model.data_config
         self.view = partial(model_view, cfg=self.cfg)
         # The weights' digest, not their path: a retrained checkpoint must not reuse old embeddings.
         digest = io.sha256_file(self.weights) if self.weights is not None else "builtin"

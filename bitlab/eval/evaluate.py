@@ -27,8 +27,8 @@ from bitlab import io
 from bitlab.device import parse_device
 from bitlab.errors import BitlabError
 from bitlab.eval import robustness
-from bitlab.eval.predict import data_config_of, iter_probs
-from bitlab.models import registry, zoo
+from bitlab.eval.predict import iter_probs
+from bitlab.models import data_config_of, registry, zoo
 
 log = logging.getLogger(__name__)
 
