@@ -37,9 +37,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
 
-from bitlab.paths import REPO_ROOT  # noqa: E402
 from bitlab.train.loop import read_metrics  # noqa: E402
 from photos import make_jpegs  # noqa: E402 (benchmarks/)
 

@@ -35,7 +35,8 @@ BIT_DEMO_LABEL = "BiT-S-R50x1 (random weights)"
 def sample_photos(sample_dir: Path = SAMPLE_DIR) -> list[Path]:
     photos = sorted((sample_dir / "openimages" / "validation").glob("*.jpg"))
     if not photos:
-        raise FileNotFoundError(f"{sample_dir}: the embedded sample is missing (it ships with the source tree)")
+        raise FileNotFoundError(f"{sample_dir}: the embedded sample is missing (it ships with bitlab: "
+                                "ooc_dataset/sample in the source tree, bitlab/ooc_dataset/sample in a wheel)")
     return photos
 
 

@@ -13,18 +13,17 @@
   the median over seeds a line (`bitlab fewshot`);
 - `fig_ooc_grid`: the out-of-context set at a glance, foreground objects x backgrounds (make-ooc).
 
-The robustness numbers come from `bitlab evaluate` results folders. The paper publishes no
+The robustness numbers come from `bitlab evaluate` results folders (`bitlab.eval.results` reads
+them); figures import the evaluation modules, never the reverse. The paper publishes no
 per-model numbers for its out-of-context set, so no reference points are drawn.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import re
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -38,8 +37,9 @@ from bitlab.data import imagenet
 from bitlab.data.transforms import decode_image, resize
 from bitlab.errors import BitlabError
 from bitlab.eval import robustness
+from bitlab.eval.dedup import DedupResult
 from bitlab.eval.errors import UNSURE
-from bitlab.eval.evaluate import CONFIG, PREDICTIONS, SUMMARY
+from bitlab.eval.results import PREDICTIONS, Results, load_results
 
 log = logging.getLogger(__name__)
 
@@ -47,67 +47,6 @@ CORRECT = "#2e7d32"  # green: a label in the image's ILSVRC target set
 WRONG = "#9e9e9e"
 FILE_NAME = "#757575"  # grey, darker than WRONG's bars so small text stays readable
 PROB_FLOOR = 1e-4  # left end of the log axis; smaller probabilities are drawn as this
-
-
-@dataclass
-class Results:
-    """One `bitlab evaluate` output folder."""
-
-    path: Path
-    summary: dict
-    config: dict
-    predictions: pd.DataFrame
-
-    @property
-    def label(self) -> str:
-        return self.summary["model"]["label"]
-
-    @property
-    def role(self) -> str:
-        return self.summary["dataset"]["role"]
-
-    @property
-    def data_root(self) -> Path:
-        """The evaluated data folder. Results made before paths were stored absolute hold it relative
-        to where `bitlab evaluate` ran: then it is looked for beside the results folder's parents."""
-        stored = Path(self.summary["dataset"]["path"])
-        if stored.is_dir():
-            return stored
-        if not stored.is_absolute():
-            for parent in self.path.resolve().parents:
-                if (parent / stored).is_dir():
-                    return parent / stored
-        raise BitlabError(f"{self.path / SUMMARY}: dataset.path {str(stored)!r} not found (neither from "
-                          f"{Path.cwd()} nor beside the parents of {self.path}): move the data back or "
-                          "re-run `bitlab evaluate`")
-
-    @property
-    def has_backgrounds(self) -> bool:
-        """Whether the images record their backgrounds (the official class-folder layout does not)."""
-        return bool((self.predictions["background"] != "").any())
-
-    @property
-    def k(self) -> int:
-        return robustness.topk_of(self.predictions)
-
-
-def load_results(path: str | Path) -> Results:
-    path = Path(path)
-    if not path.is_dir():
-        raise BitlabError(f"{path}: results folder not found")
-    for name in (SUMMARY, CONFIG, PREDICTIONS):
-        if not (path / name).is_file():
-            raise BitlabError(f"{path / name}: missing results file (run `bitlab evaluate --out {path}` first)")
-    try:
-        summary = json.loads((path / SUMMARY).read_text())
-        config = json.loads((path / CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise BitlabError(f"{path}: unreadable results file: {e}") from None
-    df = pd.read_csv(path / PREDICTIONS, keep_default_na=False,
-                     dtype={c: str for c in ("image", "class", "background", "fg_uid", "bg_uid", "targets")})
-    if df.empty:
-        raise BitlabError(f"{path / PREDICTIONS}: no predictions")
-    return Results(path, summary, config, df)
 
 
 def save(fig: Figure, out_dir: str | Path, stem: str) -> list[Path]:
@@ -512,6 +451,14 @@ def fig_duplicates(pairs: Sequence[tuple], labels: Sequence[bool] | None = None,
         note += "; not reviewed: a person judges each pair, as in the paper"
     fig.suptitle(f"{duplicates_title(summary)}\n({note})" if summary else note, fontsize=9)
     return fig
+
+
+def save_duplicates_gallery(result: DedupResult, n: int) -> list[Path]:
+    """`bitlab dedup`'s Fig. 9: up to `n` of `result`'s pairs as `duplicates.png` / `.pdf` in its
+    output folder (nothing when `n` is 0 or nothing was found)."""
+    if not n or not result.duplicates:
+        return []
+    return save(fig_duplicates(gallery_pairs(result.pairs(), n), summary=result.summary), result.out, "duplicates")
 
 
 def _short(name: str, keep: int = 30) -> str:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import importlib.util
 import re
 import shlex
+from pathlib import Path
 
 from bitlab.cli import build_parser
-from bitlab.paths import REPO_ROOT
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = REPO_ROOT / "benchmarks" / "gpu_check.sh"
 

@@ -1,7 +1,6 @@
 """`bitlab report`: every figure is drawn from real evaluation results and is a real picture."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from bitlab import report
 from bitlab.cli import main
 from bitlab.errors import BitlabError
 from bitlab.eval.evaluate import EvaluateConfig, evaluate
+from bitlab.eval.results import Results, load_results
 from bitlab.models import zoo
 from tests.fixtures.figures import assert_real_figure
 from tests.fixtures.ooc_sets import build_tiny_ooc
@@ -66,34 +66,11 @@ def test_make_report_draws_every_figure(results, tmp_path, capsys):
     assert _has_colour(heat, np.array([0, 104, 55]))  # RdYlGn at 100%: the in-context column
 
 
-def test_results_find_their_data_from_another_directory(results, tmp_path, monkeypatch):
-    """Results store the data folder absolute; older ones, relative to where `evaluate` ran, are found
-    beside the results folder's parents (a notebook in notebooks/ reading ../demo_out/results/...)."""
-    real = report.load_results(results["real_ooc"])
-    assert Path(real.summary["dataset"]["path"]).is_absolute()
-    work = tmp_path / "work"
-    shutil.copytree(real.data_root, work / "demo_out" / "ooc")
-    shutil.copytree(results["real_ooc"], work / "demo_out" / "results" / "real")
-    summary = work / "demo_out" / "results" / "real" / "summary.json"
-    old = json.loads(summary.read_text())
-    old["dataset"]["path"] = "demo_out/ooc"  # as `bitlab evaluate --data demo_out/ooc` run in work/ wrote it
-    summary.write_text(json.dumps(old))
-    (work / "notebooks").mkdir()
-    monkeypatch.chdir(work / "notebooks")
-    moved = report.load_results("../demo_out/results/real")
-    assert moved.data_root.resolve() == (work / "demo_out" / "ooc").resolve()
-    report.fig_top5(moved, moved, moved.predictions["image"][:1].tolist())  # reads the image from there
-    shutil.rmtree(work / "demo_out" / "ooc")
-    with pytest.raises(BitlabError, match=r"real/summary.json: dataset.path 'demo_out/ooc' not found \(neither "
-                                          r"from .*notebooks nor beside the parents of \.\./demo_out/results/real\)"):
-        report.load_results("../demo_out/results/real").data_root
-
-
-def _results(rows: list[tuple]) -> report.Results:
+def _results(rows: list[tuple]) -> Results:
     """A `Results` holding only the predictions `choose_images` reads: (image, class, background,
     top-1 right, probability on the right classes)."""
     df = pd.DataFrame(rows, columns=["image", "class", "background", "top1_correct", "target_prob"])
-    return report.Results(Path("synthetic"), {}, {}, df)
+    return Results(Path("synthetic"), {}, {}, df)
 
 
 def test_choose_images_takes_every_rule_image_before_fillers():
@@ -111,7 +88,7 @@ def test_choose_images_takes_every_rule_image_before_fillers():
 
 
 def test_fig13_marks_images_that_do_not_meet_the_paper_rule(results):
-    a, b = report.load_results(results["random_ooc"]), report.load_results(results["real_ooc"])
+    a, b = load_results(results["random_ooc"]), load_results(results["real_ooc"])
     telling = set(report.telling_images(a, b))
     assert telling and len(telling) < len(a.predictions)
     chosen = report.choose_images(a, b, len(telling) + 2)
@@ -125,7 +102,7 @@ def test_fig13_marks_images_that_do_not_meet_the_paper_rule(results):
 
 
 def test_fig12_right_points_come_from_the_results(results):
-    loaded = [report.load_results(results[k]) for k in ("real_ooc", "real_val", "random_ooc", "random_val")]
+    loaded = [load_results(results[k]) for k in ("real_ooc", "real_val", "random_ooc", "random_val")]
     pts = report.val_vs_ooc_points(loaded).set_index("label")
     real = pts.loc[zoo.OFFLINE_IMAGENET_MODEL]
     assert real["val_top1"] == loaded[1].summary["top1"] == 1.0
@@ -141,7 +118,7 @@ def test_fig12_right_size_legend_is_true():
     6.1 M model (EfficientNet-Lite2) is drawn bigger than it."""
     area = report._marker_area(pd.Series([4.7, 5.0, 6.1, 25.0]))
     assert area[0] == area[1] < area[2] < area[3]
-    pts = [report.Results(Path(role), {"model": {"label": label, "params_m": params, "pretraining_data": "x"},
+    pts = [Results(Path(role), {"model": {"label": label, "params_m": params, "pretraining_data": "x"},
                                        "dataset": {"role": role, "name": "d", "num_images": 1}, "top1": 0.5},
                           {}, pd.DataFrame()) for label, params in (("Lite0", 4.7), ("Lite2", 6.1))
            for role in ("val", "ooc")]
@@ -152,7 +129,7 @@ def test_fig12_right_size_legend_is_true():
 def test_folder_names_are_shown_as_words(results):
     """'brick_wall' is drawn 'brick wall' (heat map ticks, bars, Fig. 13 titles); the file name under
     an image is grey, only the right labels are green."""
-    r = report.load_results(results["real_ooc"])
+    r = load_results(results["real_ooc"])
     r.predictions["background"] = r.predictions["background"].replace({"brick": "brick_wall"})
     heat, bars = report.fig_backgrounds(r).axes[:2]
     ticks = [t.get_text() for t in heat.get_xticklabels()] + [t.get_text() for t in bars.get_yticklabels()]
@@ -241,6 +218,28 @@ def test_gallery_marks_true_and_false_positives(tmp_path, photos):
     fig = report.fig_duplicates([(long, long, 1.0)], summary=summary)
     assert "not reviewed" in fig.get_suptitle()
     assert fig.axes[0].get_title().split("\n")[0] == "d9ce3f9b1da15b…ass_skimage.png | d9ce3f9b1da15b…ass_skimage.png"
+
+
+def test_dedup_gallery_is_drawn_from_the_result(tmp_path, photos):
+    """`bitlab dedup` draws Fig. 9 from what `run_dedup` returned, into its folder; nothing to show, no file."""
+    import cv2
+
+    from bitlab.eval.dedup import DedupResult, ImageFiles
+
+    for name in ("chelsea", "coffee"):
+        cv2.imwrite(str(tmp_path / f"{name}.png"), photos[name][..., ::-1])
+    names = ["chelsea.png", "coffee.png"]
+    files = ImageFiles(str(tmp_path), [tmp_path / n for n in names], names)
+    summary = {"embedding": "phash", "metric": "hamming", "threshold": 10, "dims": 64, "dups": 1,
+               "downstream_images": 2, "upstream_images": 2}
+    found = [{"query": "chelsea.png", "match": "coffee.png", "rank": 1, "similarity": 0.9, "distance": 3.0}]
+    result = DedupResult(summary, found, found, tmp_path / "o", upstream=files, downstream=files)
+    assert report.save_duplicates_gallery(result, 0) == []
+    assert report.save_duplicates_gallery(DedupResult(summary, [], [], tmp_path / "o", files, files), 4) == []
+    assert not (tmp_path / "o").exists()
+    written = report.save_duplicates_gallery(result, 4)
+    assert written == [tmp_path / "o" / "duplicates.png", tmp_path / "o" / "duplicates.pdf"]
+    assert_real_figure(written[0], min_h=150)
 
 
 def test_gallery_pairs_spread_over_similarity():

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from bitlab.errors import BitlabError
+
 # Spelled out rather than imported from bitlab.models.zoo: `bitlab --help` must not import torch.
 OFFLINE_IMAGENET_MODEL = "efficientnet_lite0.offline_in1k"
 
@@ -41,19 +43,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _dedup(args: argparse.Namespace) -> None:
+    if args.gallery < 0:
+        raise BitlabError(f"--gallery must be at least 0, got {args.gallery}")
+    from bitlab import report
     from bitlab.eval.dedup import DedupConfig, run_dedup
 
     cfg = DedupConfig(upstream=args.upstream, downstream=args.downstream, out=args.out, embedding=args.embedding,
                       weights=args.weights, threshold=args.threshold, topk=args.topk, block_size=args.block_size,
                       query_block_size=args.query_block_size, batch_size=args.batch_size, workers=args.workers,
                       device=args.device, predictions=args.predictions,
-                      correct_column=args.correct_column, cache=args.cache, gallery=args.gallery,
-                      progress=args.progress)
-    s = run_dedup(cfg).summary
+                      correct_column=args.correct_column, cache=args.cache, progress=args.progress)
+    result = run_dedup(cfg)
+    gallery = report.save_duplicates_gallery(result, args.gallery)
+    s = result.summary
     unit = "cosine >=" if s["metric"] == "cosine" else "Hamming <="
     print(f"{s['embedding']} ({unit} {s['threshold']}): {s['dups']} of {s['downstream_images']} test images have a "
           f"near-duplicate among {s['upstream_images']} upstream images ({s['duplicate_pairs']} pairs)")
     if "full" in s:
         dedup = "n/a (every test image has a duplicate)" if s["dedup"] is None else f"{s['dedup']:.2f}"
         print(f"accuracy  Full {s['full']:.2f}  Dedup {dedup}  Dups {s['dups']}")
-    print(f"wrote {args.out}/duplicates.csv, nearest.csv, summary.json")
+    print(f"wrote {args.out}/duplicates.csv, nearest.csv, summary.json" + (", duplicates.png" if gallery else ""))

@@ -12,6 +12,12 @@ _SELECTION = str(OOC_DATASET_DIR / "selection.csv")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    _register_openimages(sub)
+    _register_backgrounds(sub)
+    _register_make_ooc(sub)
+
+
+def _register_openimages(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("openimages", help="OpenImages segmentation data for make-ooc")
     osub = p.add_subparsers(dest="openimages_command", metavar="ACTION", required=True)
     f = osub.add_parser("fetch", help="download the CSVs, only the needed mask zips/members and JPEGs "
@@ -26,11 +32,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--seed", type=int, default=0, help="which candidates (seeded order)")
     f.add_argument("--base-url", help="mirror of the annotation bucket")
     f.add_argument("--images-url", help="mirror of the image bucket (<URL>/<split>/<ImageID>.jpg)")
-    f.add_argument("--no-pins", action="store_true", help="do not require the reference's md5 of upstream files")
+    f.add_argument("--no-pins", action="store_true",
+                   help="do not require the md5s bitlab pins for upstream files (observed 2020-07-15)")
     f.add_argument("--workers", type=int, default=8, help="parallel image downloads")
     _filter_args(f)
     f.set_defaults(func=_openimages_fetch)
 
+
+def _register_backgrounds(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("backgrounds", help="background photos for make-ooc")
     bsub = p.add_subparsers(dest="backgrounds_command", metavar="ACTION", required=True)
     f = bsub.add_parser("fetch", help="openly licensed backgrounds from Openverse (or a folder), with licences")
@@ -45,6 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--api-url", help="Openverse images endpoint (default: the public API)")
     f.set_defaults(func=_backgrounds_fetch)
 
+
+def _register_make_ooc(sub: argparse._SubParsersAction) -> None:
     # The step is optional (no step: build), which argparse's "STEP ..." would hide: say both forms.
     p = sub.add_parser("make-ooc", help="build the out-of-context dataset (or `make-ooc plan` its selection)",
                        usage="%(prog)s [options]         build (--demo, or --openimages and --backgrounds)\n"
@@ -74,7 +85,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=0, help="threads (default: one per core)")
     p.add_argument("--skip-bad", action="store_true", help="skip unusable inputs and report them instead of stopping")
     p.set_defaults(func=_make_ooc)
-    psub = p.add_subparsers(dest="make_ooc_step", metavar="[plan]", prog=p.prog)  # not from the usage above
+    _register_plan(p.add_subparsers(dest="make_ooc_step", metavar="[plan]", prog=p.prog))  # not from the usage above
+
+
+def _register_plan(psub: argparse._SubParsersAction) -> None:
     q = psub.add_parser("plan", help="choose foregrounds and backgrounds; write selection.csv (+ .json)")
     q.add_argument("--out", required=True, help="the selection.csv to write")
     q.add_argument("--openimages", required=True, help="OpenImages tree")

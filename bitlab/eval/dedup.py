@@ -38,8 +38,9 @@ gallery around the threshold before trusting counts on a new dataset.
 
 Outputs of `run_dedup` in `out/`: `config.json`, `duplicates.csv` (query, match, rank,
 similarity, distance), `nearest.csv` (the closest match of every query), `summary.json` (the
-Table 6 counts: Full / Dedup accuracy when predictions are given, and Dups) and
-`duplicates.png` / `.pdf` (the Fig. 9 gallery, drawn by `bitlab.report.fig_duplicates`).
+Table 6 counts: Full / Dedup accuracy when predictions are given, and Dups). `bitlab dedup` adds
+`duplicates.png` / `.pdf`, the Fig. 9 gallery that `bitlab.report.save_duplicates_gallery` draws
+from the returned `DedupResult`.
 Embeddings are cached per block under `cache/`, so an interrupted run resumes where it stopped
 and a new threshold or another downstream set against the same upstream costs only the search.
 
@@ -89,7 +90,7 @@ PHASH_FREQS = 8
 
 # ----------------------------------------------------------------------------- image sets
 @dataclass
-class ImageSet:
+class ImageFiles:
     """Image files and the names tables show for them (relative to the folder or as listed)."""
 
     source: str
@@ -100,7 +101,7 @@ class ImageSet:
         return len(self.paths)
 
 
-def list_images(source: str | os.PathLike) -> ImageSet:
+def list_images(source: str | os.PathLike) -> ImageFiles:
     """A folder (searched recursively, sorted) or a text file listing one image path per line
     (relative paths are relative to the list's folder; blank lines and `#` comments skipped)."""
     src = Path(source)
@@ -124,7 +125,7 @@ def list_images(source: str | os.PathLike) -> ImageSet:
                 raise BitlabError(f"{src}: listed image {name!r} does not exist ({p})")
     else:
         raise BitlabError(f"{src}: no such folder or image list")
-    return ImageSet(str(src), paths, names)
+    return ImageFiles(str(src), paths, names)
 
 
 # ----------------------------------------------------------------------------- embeddings
@@ -193,7 +194,7 @@ class ModelEmbedding(Embedding):
         # Only now: an unknown name must fail before anything is said about its weights.
         if weights is None and name not in zoo.OFFLINE_MODELS:
             log.warning("%s without weights= has random weights: its embeddings find no real duplicates", name)
-        self.cfg: DataConfig = getattr(self.model, "data_config", None) or DataConfig()
+        self.cfg: DataConfig = self.model.data_config
         self.view = partial(model_view, cfg=self.cfg)
         # The weights' digest, not their path: a retrained checkpoint must not reuse old embeddings.
         digest = io.sha256_file(self.weights) if self.weights is not None else "builtin"
@@ -415,7 +416,6 @@ class DedupConfig:
     predictions: str | None = None  # CSV with `image` and `correct` columns -> Table 6 accuracies
     correct_column: str = "correct"  # the predictions column holding per-image correctness
     cache: str | None = None  # embedding cache folder (None: OUT/cache); share it between runs
-    gallery: int = 16  # pairs drawn in duplicates.png
     progress: bool = True
 
     def to_dict(self) -> dict:
@@ -428,8 +428,8 @@ class DedupResult:
     duplicates: list[dict]  # query, match, rank, similarity, distance (sorted by query, rank)
     nearest: list[dict]  # one row per query: its best match
     out: Path
-    upstream: ImageSet | None = None
-    downstream: ImageSet | None = None
+    upstream: ImageFiles | None = None
+    downstream: ImageFiles | None = None
 
     def pairs(self) -> list[tuple[Path, Path, float]]:
         """(test image, its best upstream match, similarity) of every test image with a duplicate:
@@ -440,9 +440,10 @@ class DedupResult:
 
 
 def run_dedup(cfg: DedupConfig) -> DedupResult:
-    """Embed, search, threshold, count and draw; writes the files listed in the module docstring."""
+    """Embed, search, threshold and count; writes the files listed in the module docstring (the
+    gallery is drawn from the result: `bitlab.report.save_duplicates_gallery`)."""
     for field, least in (("topk", 1), ("block_size", 1), ("query_block_size", 1), ("batch_size", 1),
-                         ("gallery", 0), ("workers", 0)):
+                         ("workers", 0)):
         value = getattr(cfg, field)
         if value is not None and value < least:
             raise BitlabError(f"--{field.replace('_', '-')} must be at least {least}, got {value}")
@@ -498,13 +499,7 @@ def run_dedup(cfg: DedupConfig) -> DedupResult:
     _write_csv(out / "duplicates.csv", duplicates)
     _write_csv(out / "nearest.csv", nearest)
     io.write_json(out / "summary.json", summary)
-    result = DedupResult(summary, duplicates, nearest, out, upstream, downstream)
-    if cfg.gallery and duplicates:
-        from bitlab import report  # all figures live in report.py (it imports the evaluation modules)
-
-        fig = report.fig_duplicates(report.gallery_pairs(result.pairs(), cfg.gallery), summary=summary)
-        report.save(fig, out, "duplicates")
-    return result
+    return DedupResult(summary, duplicates, nearest, out, upstream, downstream)
 
 
 def _check_threshold(metric: str, threshold: float) -> None:
@@ -530,7 +525,7 @@ _TRUE = {"1", "true", "t", "yes", "y", "1.0"}
 _FALSE = {"0", "false", "f", "no", "n", "0.0"}
 
 
-def read_predictions(path: str | os.PathLike, images: ImageSet, column: str = "correct") -> np.ndarray:
+def read_predictions(path: str | os.PathLike, images: ImageFiles, column: str = "correct") -> np.ndarray:
     """Per-image correctness (bool, in `images` order) from a CSV with `image` and `correct` columns.
 
     `image` is the image's name as listed (path relative to the folder) or, when file names are

@@ -1,10 +1,7 @@
 """`bitlab evaluate`: run a model over an evaluation set and score it.
 
-Writes to the results folder:
-- `predictions.csv`: one row per image (class, background, top-5 ILSVRC ids, names, probabilities,
-  correctness, probability on the correct classes);
-- `summary.json`: the model, the data set and every accuracy breakdown (`robustness.summarize`);
-- `config.json`: the `EvaluateConfig` that produced them.
+Writes the results folder that `bitlab.eval.results` describes and reads back: `predictions.csv`,
+`summary.json` (the accuracy breakdowns of `robustness.summarize`) and `config.json`.
 
 Long runs resume: predictions are saved in chunks under `.partial/` (atomically) and a rerun
 with the same model, weights and images skips the chunks already done.
@@ -27,14 +24,12 @@ from bitlab import io
 from bitlab.device import parse_device
 from bitlab.errors import BitlabError
 from bitlab.eval import robustness
-from bitlab.eval.predict import data_config_of, iter_probs
-from bitlab.models import registry, zoo
+from bitlab.eval.predict import iter_probs
+from bitlab.eval.results import CONFIG, PREDICTIONS, SUMMARY
+from bitlab.models import data_config_of, registry, zoo
 
 log = logging.getLogger(__name__)
 
-PREDICTIONS = "predictions.csv"
-SUMMARY = "summary.json"
-CONFIG = "config.json"
 PARTIAL = ".partial"
 # Images per resumable chunk: ~1 min of CPU work for an R50 at 224 px, so an interrupt loses little.
 CHUNK = 512

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from bitlab.data.transforms import DataConfig, decode_image, eval_image, eval_min_side, normalize, to_chw_tensor
 from bitlab.device import parse_device
+from bitlab.models.registry import data_config_of
 
 
 class EvalImages(Dataset):
@@ -40,10 +41,6 @@ class Predictions:
 
     indices: np.ndarray  # (N, k) int64
     probs: np.ndarray  # (N, k) float32
-
-
-def data_config_of(model: nn.Module) -> DataConfig:
-    return getattr(model, "data_config", None) or DataConfig()
 
 
 def default_workers() -> int:

@@ -9,7 +9,8 @@ answer and, for out-of-context (OOC) sets, the background it was pasted on. Thre
   `name`, or an ILSVRC-2012 wnid / name of one of its synsets); the background is unknown;
 - an ImageFolder validation set whose folders are ILSVRC-2012 wnids (`n01440764/…`).
 
-Scoring follows the robustness literature (ImageNet-9, reference notes §4): the 1000-way top-1
+Scoring follows the robustness literature (ImageNet-9: Xiao et al. 2020, "Noise or Signal: The Role
+of Image Backgrounds in Object Recognition"): the 1000-way top-1
 (top-5) prediction is correct when it (any of the five) falls in the class's ILSVRC set. No
 restriction of the logits to the evaluated classes: that would inflate accuracy.
 """

@@ -2,11 +2,15 @@
 from bitlab.models.checkpoints import (
     bitlab_to_timm, convert, load_weights, read_state_dict, save_bitlab, save_npz, save_timm, timm_to_bitlab,
 )
-from bitlab.models.registry import ARCHITECTURES, create_model, describe, list_models, official_names, resolve
+from bitlab.models.registry import (
+    ARCHITECTURES, FAMILIES, create_model, data_config_of, describe, family_of, list_models, official_names,
+    register_family, resolve,
+)
 from bitlab.models.resnetv2 import PreActBottleneck, ResNetV2, ResNetV2Config, StdConv2d, count_params
 
 __all__ = [
-    "ARCHITECTURES", "PreActBottleneck", "ResNetV2", "ResNetV2Config", "StdConv2d", "bitlab_to_timm", "convert",
-    "count_params", "create_model", "describe", "list_models", "load_weights", "official_names", "read_state_dict",
-    "resolve", "save_bitlab", "save_npz", "save_timm", "timm_to_bitlab",
+    "ARCHITECTURES", "FAMILIES", "PreActBottleneck", "ResNetV2", "ResNetV2Config", "StdConv2d", "bitlab_to_timm",
+    "convert", "count_params", "create_model", "data_config_of", "describe", "family_of", "list_models",
+    "load_weights", "official_names", "read_state_dict", "register_family", "resolve", "save_bitlab", "save_npz",
+    "save_timm", "timm_to_bitlab",
 ]

@@ -1,6 +1,7 @@
 """Checkpoints: the official BiT `.npz` schema, timm state dicts and bitlab files, with strict checks.
 
-Key tables (reference notes §2.8 and timm `_load_weights`), bitlab names on the left:
+Key tables (the official `ResNetV2.load_from` in big_transfer's bit_pytorch/models.py and timm's
+`_load_weights`), bitlab names on the left:
 
     root.conv.weight                     resnet/root_block/standardized_conv2d/kernel   stem.conv.weight
     body.blockB.unitNN.gnK.{weight,bias} resnet/blockB/unitNN/{a,b,c}/group_norm/{gamma,beta}
@@ -137,7 +138,7 @@ def npz_to_state_dict(arrays: dict[str, np.ndarray], source: str = "npz") -> dic
     file_key: dict[str, str] = {}
     for key, value in arrays.items():
         # Some exported files number their convs `standardized_conv2d_N`; big_vision's loader
-        # (maybe_convert_big_transfer_format, reference notes timm-and-big_vision §1.4) renames them back.
+        # (maybe_convert_big_transfer_format in big_vision/models/bit.py) renames them back.
         name = _npz_to_bitlab_key(re.sub(r"/standardized_conv2d_\d+/", "/standardized_conv2d/", key))
         if name is None:
             raise CheckpointError(f"{source}: unexpected key {key!r} (not in the official BiT schema)")
@@ -301,6 +302,15 @@ def is_timm_bit(model: nn.Module) -> bool:
             and isinstance(model.norm, nn.GroupNorm))
 
 
+def bit_variant(model: nn.Module) -> tuple[str, str] | None:
+    """(norm, conv) of a BiT ResNetV2, None for any other model: bitlab's carry their
+    `ResNetV2Config`, timm's `resnetv2_*_bit` are GN+WS by construction."""
+    config = getattr(model, "config", None)
+    if isinstance(config, ResNetV2Config):
+        return config.norm, config.conv
+    return ("group", "std") if is_timm_bit(model) else None
+
+
 def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
               *, keep_model_head: bool = False) -> None:
     """Copy a bitlab-named state dict into a bitlab ResNetV2 or timm's BiT ResNetV2, strictly.
@@ -309,8 +319,10 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str
     The classifier is the one exception: when the file has no head, a head of another size, or
     `keep_model_head`, the model keeps its own (freshly initialised) head and this is logged.
     """
-    timm_names = not isinstance(model, ResNetV2)
-    own = timm_to_bitlab(model.state_dict()) if timm_names else model.state_dict()
+    own = model.state_dict()
+    timm_names = "stem.conv.weight" in own  # timm's name for the root conv
+    if timm_names:
+        own = timm_to_bitlab(own)
     file_head = state_dict.get("head.conv.weight")
     model_head = own.get("head.conv.weight")
     skip_head = keep_model_head or file_head is None or model_head is None or file_head.shape != model_head.shape
@@ -341,7 +353,7 @@ def load_weights(model: nn.Module, path: str | Path, *, keep_model_head: bool = 
     BiT models, bitlab's or timm's `resnetv2_*_bit`, take npz, bitlab and timm files alike; other
     models take a torch state dict of their own (bare, or under `model` / `state_dict`).
     """
-    if isinstance(model, ResNetV2) or is_timm_bit(model):
+    if bit_variant(model) is not None:
         state_dict, config = read_state_dict(path)
         load_resnetv2(model, state_dict, config, str(path), keep_model_head=keep_model_head)
         return model
@@ -367,7 +379,7 @@ def load_resnetv2(model: nn.Module, state_dict: dict[str, torch.Tensor], config:
                   source: str, *, keep_model_head: bool = False) -> None:
     """`load_into`, after refusing weights of another norm/conv variant: WS kernels through a
     plain conv, or GroupNorm weights in a BatchNorm net, would give meaningless outputs."""
-    norm, conv = (model.config.norm, model.config.conv) if isinstance(model, ResNetV2) else ("group", "std")
+    norm, conv = bit_variant(model)
     if config is not None and (config.norm, config.conv) != (norm, conv):
         raise CheckpointError(f"{source}: holds norm={config.norm}, conv={config.conv} weights, the model is "
                               f"norm={norm}, conv={conv}; weights only fit the variant they were trained as "

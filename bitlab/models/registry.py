@@ -1,22 +1,32 @@
-"""Model names -> models: the official BiT names, architecture names, ablations, timm and the offline model.
+"""Model names -> models: one registry entry per model family, in the shape of timm's `register_model`.
 
-Names accepted by `create_model`:
-- official BiT names: `BiT-M-R50x1` (ImageNet-21k, 21843 classes), `BiT-S-R50x1` (ILSVRC-2012,
-  1000 classes), and `BiT-M-R50x1-ILSVRC2012` (BiT-M fine-tuned on ILSVRC-2012, 1000 classes);
-- architecture names: `R50x1`, `R50x3`, `R101x1`, `R101x3`, `R152x2`, `R152x4`, and `R14x0.5`, a
-  tiny CPU model for tests and demos (not in the paper);
-- the paper's Table 4-5 ablations as suffixes: `R50x1-bn` (BatchNorm + WS), `R50x1-plain`
-  (GroupNorm + plain conv), `R50x1-bn-plain` (BatchNorm + plain conv); or `norm=`/`conv=` arguments;
-- `efficientnet_lite0.offline_in1k`, `efficientnet_lite2.offline_in1k`: real ImageNet-1k
+A family is a builder function registered with `@register_family`, together with the names it
+accepts and the names `bitlab models` lists. `create_model` asks the families in registration
+order; the first that accepts a name builds it:
+- `bit`: the official BiT names `BiT-M-R50x1` (ImageNet-21k, 21843 classes), `BiT-S-R50x1`
+  (ILSVRC-2012, 1000 classes) and `BiT-M-R50x1-ILSVRC2012` (BiT-M fine-tuned on ILSVRC-2012, 1000
+  classes); architecture names `R50x1`, `R50x3`, `R101x1`, `R101x3`, `R152x2`, `R152x4`, and
+  `R14x0.5`, a tiny CPU model for tests and demos (not in the paper); the paper's Table 4-5
+  ablations as suffixes: `R50x1-bn` (BatchNorm + WS), `R50x1-plain` (GroupNorm + plain conv),
+  `R50x1-bn-plain` (BatchNorm + plain conv), or as `norm=`/`conv=` arguments;
+- `offline`: `efficientnet_lite0.offline_in1k`, `efficientnet_lite2.offline_in1k`, real ImageNet-1k
   classifiers that install offline;
-- any other name is handed to `timm.create_model`.
+- `timm`: any other name, handed to `timm.create_model` (the last family: timm says whether it
+  knows the name).
+
+Every model a builder returns carries `data_config` (input size, mean/std and evaluation crop; the
+resize itself is `bitlab.data.transforms`', the same for every model) and `model_name`: bitlab's
+ResNetV2 takes both in its constructor, and the timm-built families set them where they build
+the model, as timm's own builder sets `pretrained_cfg`.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -28,7 +38,81 @@ from bitlab.models.resnetv2 import ResNetV2, ResNetV2Config, count_params
 
 log = logging.getLogger(__name__)
 
-# name -> (block units, width factor); reference notes §2.7.
+Builder = Callable[..., nn.Module]  # (name, num_classes, pretrained, **options) -> model
+
+
+@dataclass(frozen=True)
+class Family:
+    """One registry entry: a family's builder, the names it accepts and the names it lists."""
+
+    name: str
+    build: Builder
+    accepts: Callable[[str], bool]
+    listed: Callable[[bool], list[str]]  # the names `bitlab models` shows (True: with the ablations)
+    describe: Callable[[str], dict]  # one `bitlab models` row
+
+
+FAMILIES: dict[str, Family] = {}  # in registration order, the order `create_model` asks them
+
+
+def register_family(name: str, *, accepts: Callable[[str], bool],
+                    listed: Callable[[bool], list[str]] = lambda ablations: [],
+                    describe: Callable[[str], dict] = lambda name: {"name": name}) -> Callable[[Builder], Builder]:
+    """Decorator: register `build` as the builder of the family `name`."""
+    def register(build: Builder) -> Builder:
+        if name in FAMILIES:
+            raise ValueError(f"model family {name!r} is registered twice")
+        FAMILIES[name] = Family(name, build, accepts, listed, describe)
+        return build
+    return register
+
+
+def family_of(name: str) -> Family:
+    """The registry entry that builds `name` (the `timm` family accepts every other name)."""
+    return next(f for f in FAMILIES.values() if f.accepts(name))
+
+
+def create_model(name: str, num_classes: int | None = None, pretrained: str | Path | None = None,
+                 **options) -> nn.Module:
+    """Build a model by name, optionally loading weights from a file (npz, bitlab or timm).
+
+    `num_classes` defaults to the head of the `pretrained` file, else to the name's own head
+    (21843 for BiT-M, 1000 otherwise). `options` depend on the family: `image_size` (the
+    evaluation resolution, default the model's) for all; for BiT names `zero_head` (a head of
+    another size than the file's is zero-initialised, as BiT-HyperRule does, instead of
+    small-random), `norm`, `conv` and `ws_eps`; for timm names any `timm.create_model` keyword.
+    The model carries `data_config` (input size and normalisation) and `model_name`.
+    """
+    image_size = options.get("image_size")
+    if image_size is not None and image_size < 1:
+        raise BitlabError(f"image_size must be at least 1, got {image_size}")
+    family = family_of(name)
+    params = inspect.signature(family.build).parameters.values()
+    known = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
+    if all(p.kind is not p.VAR_KEYWORD for p in params) and (unexpected := set(options) - set(known)):
+        raise BitlabError(f"{name}: unexpected arguments {sorted(unexpected)} "
+                          f"(the {family.name} family takes {', '.join(known)})")
+    return family.build(name, num_classes, pretrained, **options)
+
+
+def data_config_of(model: nn.Module) -> DataConfig:
+    """How `model` wants its input: its own `data_config` (every registry model has one), else
+    BiT's (a module built outside the registry)."""
+    return getattr(model, "data_config", None) or DataConfig()
+
+
+def list_models(include_ablations: bool = False) -> list[str]:
+    return [name for family in FAMILIES.values() for name in family.listed(include_ablations)]
+
+
+def describe(name: str) -> dict:
+    """Registry row for `bitlab models`."""
+    return family_of(name).describe(name)
+
+
+# ----------------------------------------------------------------------------- BiT ResNet-v2
+# name -> (block units, width factor): the official registry (`KNOWN_MODELS` in
+# big_transfer's bit_pytorch/models.py).
 ARCHITECTURES: dict[str, tuple[tuple[int, ...], float]] = {
     "R50x1": ((3, 4, 6, 3), 1),
     "R50x3": ((3, 4, 6, 3), 3),
@@ -50,7 +134,7 @@ UPSTREAM_RESOLUTION = 224
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A bitlab-registered ResNetV2 name, resolved."""
+    """A BiT ResNetV2 name, resolved."""
 
     name: str
     arch: str
@@ -71,7 +155,7 @@ _ARCH = re.compile(r"(R\d+x[\d.]+)(-bn-plain|-bn|-plain)?")
 
 
 def resolve(name: str) -> ModelSpec | None:
-    """The bitlab spec for `name`, or None if it is not a bitlab ResNetV2 name."""
+    """The spec for `name`, or None if it is not a BiT ResNetV2 name."""
     if (m := _OFFICIAL.fullmatch(name)) and m[2] in ARCHITECTURES:
         if m[3] and m[1] == "S":
             return None  # only BiT-M was released fine-tuned on ILSVRC-2012
@@ -91,91 +175,16 @@ def official_names() -> list[str]:
     return [f"BiT-{u}-{a}" for u in "MS" for a in zoo.BIT_ARCHS]
 
 
-def list_models(include_ablations: bool = False) -> list[str]:
+def _bit_names(include_ablations: bool) -> list[str]:
     names = official_names() + [f"BiT-M-{a}-ILSVRC2012" for a in zoo.BIT_ARCHS] + list(ARCHITECTURES)
     if include_ablations:
         names += [a + s for a in ARCHITECTURES for s in ABLATIONS if s]
-    return names + list(zoo.OFFLINE_MODELS)
+    return names
 
 
-def create_model(
-    name: str,
-    num_classes: int | None = None,
-    pretrained: str | Path | None = None,
-    *,
-    zero_head: bool = False,
-    norm: str | None = None,
-    conv: str | None = None,
-    ws_eps: float | None = None,
-    image_size: int | None = None,
-    **timm_kwargs,
-) -> nn.Module:
-    """Build a model by name, optionally loading weights from a file (npz, bitlab or timm).
-
-    `num_classes` defaults to the head of the `pretrained` file, else to the name's own head
-    (21843 for BiT-M, 1000 otherwise). When the file's head has a different size, the new head is zero-initialised with `zero_head=True`
-    (BiT-HyperRule) or small-random otherwise. The returned model carries `data_config`
-    (input size and normalisation) for pre-processing.
-    """
+def _describe_bit(name: str) -> dict:
+    """Sizes are counted on the meta device (no memory used)."""
     spec = resolve(name)
-    if spec is not None:
-        if timm_kwargs:
-            raise BitlabError(f"{name}: unexpected arguments {sorted(timm_kwargs)}")
-        overrides = {k: v for k, v in dict(norm=norm, conv=conv, ws_eps=ws_eps).items() if v is not None}
-        state = None
-        if pretrained is not None:
-            state, saved = checkpoints.read_state_dict(pretrained)
-            if num_classes is None:  # a fine-tuned file brings its own head size
-                num_classes = checkpoints.head_size(state)
-        elif spec.upstream is not None:  # an official name promises trained weights: say it has none
-            log.warning("%s: no pretrained file given: random weights (the official ones: "
-                        "`bitlab weights download %s`)", name, name)
-        if num_classes is not None:
-            overrides["num_classes"] = num_classes
-        model = ResNetV2(spec.config(**overrides), zero_head=zero_head)
-        if state is not None:
-            checkpoints.load_resnetv2(model, state, saved, str(pretrained), keep_model_head=zero_head)
-        model.data_config = DataConfig(input_size=image_size or spec.resolution)
-        model.model_name = name
-        return model
-    if name in zoo.OFFLINE_MODELS:
-        if num_classes not in (None, 1000):
-            raise BitlabError(f"{name} is a 1000-class ImageNet model; num_classes={num_classes} is not supported")
-        model = zoo.offline_model(name)
-        if pretrained is not None:
-            checkpoints.load_weights(model, pretrained)
-    else:
-        model = _create_timm(name, num_classes, pretrained, **timm_kwargs)
-    if image_size is not None:
-        if image_size < 1:
-            raise BitlabError(f"image_size must be at least 1, got {image_size}")
-        model.data_config = DataConfig(**{**model.data_config.to_dict(), "input_size": image_size})
-    model.model_name = name
-    return model
-
-
-def _create_timm(name: str, num_classes: int | None, pretrained, **kwargs) -> nn.Module:
-    import timm
-
-    if not timm.is_model(name.split(".")[0]):
-        raise BitlabError(f"unknown model {name!r}: not a bitlab name ({', '.join(list_models()[:3])}, ...; "
-                          "see `bitlab models`) nor a timm model")
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    model = timm.create_model(name, pretrained=False, **kwargs)
-    if pretrained is not None:
-        checkpoints.load_weights(model, pretrained)
-    cfg = timm.data.resolve_data_config({}, model=model)
-    model.data_config = DataConfig(input_size=cfg["input_size"][-1], mean=tuple(cfg["mean"]),
-                                   std=tuple(cfg["std"]), crop_pct=cfg["crop_pct"])
-    return model
-
-
-def describe(name: str) -> dict:
-    """Registry row for `bitlab models`: sizes are counted on the meta device (no memory used)."""
-    spec = resolve(name)
-    if spec is None:
-        return {"name": name, "upstream": "ILSVRC-2012 (offline weights)", "classes": 1000}
     with torch.device("meta"):
         model = ResNetV2(spec.config())
     return {
@@ -189,3 +198,68 @@ def describe(name: str) -> dict:
         "backbone_params_m": round(count_params(model, backbone_only=True) / 1e6, 2),
         "params_m": round(count_params(model) / 1e6, 2),
     }
+
+
+@register_family("bit", accepts=lambda name: resolve(name) is not None, listed=_bit_names, describe=_describe_bit)
+def bit(name: str, num_classes: int | None = None, pretrained: str | Path | None = None, *,
+        zero_head: bool = False, norm: str | None = None, conv: str | None = None, ws_eps: float | None = None,
+        image_size: int | None = None) -> ResNetV2:
+    """A BiT ResNet-v2; `pretrained` may be an official npz, a bitlab or a timm file."""
+    spec = resolve(name)
+    overrides = {k: v for k, v in dict(norm=norm, conv=conv, ws_eps=ws_eps).items() if v is not None}
+    state = saved = None
+    if pretrained is not None:
+        state, saved = checkpoints.read_state_dict(pretrained)
+        if num_classes is None:  # a fine-tuned file brings its own head size
+            num_classes = checkpoints.head_size(state)
+    elif spec.upstream is not None:  # an official name promises trained weights: say it has none
+        log.warning("%s: no pretrained file given: random weights (the official ones: "
+                    "`bitlab weights download %s`)", name, name)
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    model = ResNetV2(spec.config(**overrides), zero_head=zero_head,
+                     data_config=DataConfig(input_size=image_size or spec.resolution), name=name)
+    if state is not None:
+        checkpoints.load_resnetv2(model, state, saved, str(pretrained), keep_model_head=zero_head)
+    return model
+
+
+# ----------------------------------------------------------------------------- timm-built families
+def _with_data_config(model: nn.Module, name: str, data_config: DataConfig, image_size: int | None) -> nn.Module:
+    """What every registry model carries, given to a timm model by the builder that made it."""
+    model.data_config = replace(data_config, input_size=image_size) if image_size else data_config
+    model.model_name = name
+    return model
+
+
+@register_family("offline", accepts=lambda name: name in zoo.OFFLINE_MODELS,
+                 listed=lambda ablations: list(zoo.OFFLINE_MODELS),
+                 describe=lambda name: {"name": name, "upstream": "ILSVRC-2012 (offline weights)", "classes": 1000})
+def offline(name: str, num_classes: int | None = None, pretrained: str | Path | None = None, *,
+            image_size: int | None = None) -> nn.Module:
+    """A real ImageNet-1k classifier whose weights install as a Python package (`zoo.OFFLINE_MODELS`)."""
+    if num_classes not in (None, 1000):
+        raise BitlabError(f"{name} is a 1000-class ImageNet model; num_classes={num_classes} is not supported")
+    model = zoo.offline_model(name)
+    if pretrained is not None:
+        checkpoints.load_weights(model, pretrained)
+    return _with_data_config(model, name, zoo.OFFLINE_MODELS[name].data_config, image_size)
+
+
+@register_family("timm", accepts=lambda name: True)
+def timm_model(name: str, num_classes: int | None = None, pretrained: str | Path | None = None, *,
+               image_size: int | None = None, **timm_kwargs) -> nn.Module:
+    """`timm.create_model(name)` with timm's pre-processing for it; weights only from a file."""
+    import timm
+
+    if not timm.is_model(name.split(".")[0]):
+        raise BitlabError(f"unknown model {name!r}: not a bitlab name ({', '.join(list_models()[:3])}, ...; "
+                          "see `bitlab models`) nor a timm model")
+    if num_classes is not None:
+        timm_kwargs["num_classes"] = num_classes
+    model = timm.create_model(name, pretrained=False, **timm_kwargs)
+    if pretrained is not None:
+        checkpoints.load_weights(model, pretrained)
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return _with_data_config(model, name, DataConfig(input_size=cfg["input_size"][-1], mean=tuple(cfg["mean"]),
+                                                     std=tuple(cfg["std"]), crop_pct=cfg["crop_pct"]), image_size)

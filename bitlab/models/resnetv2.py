@@ -1,6 +1,6 @@
 """The BiT ResNet-v2: pre-activation bottlenecks with Group Norm and Weight Standardisation.
 
-Numerics follow the official `bit_pytorch/models.py` exactly (see the reference notes, §2):
+Numerics follow the official `bit_pytorch/models.py` (google-research/big_transfer) exactly:
 weight standardisation with the *biased* variance and eps 1e-10 inside the square root; GroupNorm
 with 32 groups and eps 1e-5; the stride on the 3x3 conv; the projection fed the pre-activated
 input; a root of 7x7/2 conv -> zero pad 1 -> 3x3/2 max-pool without padding; a head of
@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from bitlab.data.transforms import DataConfig
 
 # Official BiT value, also bit_jax/bit_tf2 and big_vision's bit_paper: the standardised kernel is
 # (w - mean) / sqrt(var + 1e-10). timm uses 1e-8, which changes logits when the stored kernels'
@@ -124,11 +126,17 @@ class ResNetV2(nn.Module):
     """BiT ResNet-v2. Inputs are RGB in [-1, 1] (mean = std = 0.5), NCHW.
 
     `num_classes=0` drops the classifier: `forward` then returns the pre-logits features.
+    `data_config` (how the model wants its input; BiT's normalisation at 224 px by default) and
+    `model_name` (the registry name it was built as, if any) travel with the model, as with
+    every model `bitlab.models.create_model` returns.
     """
 
-    def __init__(self, config: ResNetV2Config = ResNetV2Config(), zero_head: bool = False) -> None:
+    def __init__(self, config: ResNetV2Config = ResNetV2Config(), zero_head: bool = False, *,
+                 data_config: DataConfig = DataConfig(), name: str | None = None) -> None:
         super().__init__()
         self.config = config
+        self.data_config = data_config
+        self.model_name = name
         wf = config.width_factor
         conv = _conv_layer(config.conv, config.ws_eps)
         norm = _norm_layer(config.norm)
@@ -179,6 +187,10 @@ class ResNetV2(nn.Module):
     def num_classes(self) -> int:
         return self.config.num_classes
 
+    def get_classifier(self) -> nn.Module:
+        """The classifier (timm's name for the query): the head's 1x1 conv, Identity without a head."""
+        return self.head.conv
+
     def reset_classifier(self, num_classes: int, zero_init: bool = True) -> None:
         """New head for `num_classes`; BiT-HyperRule zero-initialises it (`zero_init=True`)."""
         device = self.head.gn.weight.device
@@ -214,6 +226,6 @@ class ResNetV2(nn.Module):
 def count_params(model: nn.Module, backbone_only: bool = False) -> int:
     """Parameter count; `backbone_only` leaves out the classifier conv (the paper's convention)."""
     skip = set()
-    if backbone_only and isinstance(model, ResNetV2):
-        skip = {id(p) for p in model.head.conv.parameters()}
+    if backbone_only and hasattr(model, "get_classifier"):  # bitlab's ResNetV2 and timm models
+        skip = {id(p) for p in model.get_classifier().parameters()}
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)

@@ -1,6 +1,6 @@
 """Where weights live: the official BiT files, and the one real ImageNet model that installs offline.
 
-Official BiT weights (README of google-research/big_transfer, reference notes §2.9) are served
+Official BiT weights (the README of google-research/big_transfer) are served
 from a public cloud-storage bucket as `<name>.npz`. No checksums were ever published; the bucket
 announces each object's MD5 in its `x-goog-hash` header, which `bitlab.io.download` verifies, and
 bitlab records the sha256 of what it received beside the file.
@@ -126,5 +126,4 @@ def offline_model(name: str = OFFLINE_IMAGENET_MODEL) -> nn.Module:
                               f"but the tensor it maps to, {dst_key}, has {tuple(ref.shape)}")
         mapped[dst_key] = tensor
     model.load_state_dict(mapped, strict=True)
-    model.data_config = spec.data_config
     return model.eval()

@@ -4,7 +4,7 @@ The rules (paper appendix F.1, and what it leaves open, decided here):
 - background: the largest square from its top-left corner, resized to `size` x `size`;
 - foreground: the instance mask is resized to the photo's exact (W, H) with nearest neighbour
   (OpenImages masks have another resolution than their images, and scaling by a factor rounds
-  differently: reference §1.3); the object is the tight box of that mask;
+  differently: openimages/dataset issue #92); the object is the tight box of that mask;
 - the object's longest side becomes `round(object_scale * size)` px (paper: 80% of the
   background width), the other side keeps the aspect ratio;
 - placement: centred (the paper states none), or a seeded uniform position;

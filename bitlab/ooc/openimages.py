@@ -10,7 +10,7 @@ has works as it is:
     ROOT/{split}-masks/<MaskPath>            (extracted zip members)
     ROOT/{split}/<ImageID>.jpg
 
-`fetch` downloads the CSVs (md5-pinned where the reference lists a digest), then only the mask
+`fetch` downloads the CSVs (md5-pinned where `UPSTREAM_MD5` lists a digest), then only the mask
 zips that hold the masks it needs, extracts only those members, and downloads only the needed
 JPEGs. Everything resumes; nothing is written outside ROOT.
 """
@@ -35,7 +35,7 @@ from bitlab.ooc.spec import SAFE_NAME, OOCClass, Selection, SpecError, load_clas
 log = logging.getLogger(__name__)
 
 BASE_URL = "https://storage.googleapis.com/openimages"
-# Plain HTTPS to the CVDF bucket that the official downloader reads (reference §1.4).
+# Plain HTTPS to the CVDF bucket that the official downloader (openimages/dataset downloader.py) reads.
 IMAGES_URL = "https://open-images-dataset.s3.amazonaws.com"
 SPLITS = ("train", "validation", "test")
 
@@ -50,9 +50,9 @@ _REMOTE = {
                                          "validation": "2018_04/validation/validation-images-with-rotation.csv",
                                          "test": "2018_04/test/test-images-with-rotation.csv"},
 }
-# MD5s observed 2020-07-15 by a third party (reference §1.1), keyed by upstream path. They are
-# expectations, not signatures: a mismatch stops the fetch with a message (`--no-pins` skips
-# them; the server's own x-goog-hash MD5 is still checked).
+# MD5s observed 2020-07-15 by a third party (the `md5sums` of datasets-mila/datasets--open_images),
+# keyed by upstream path. They are expectations, not signatures: a mismatch stops the fetch with a
+# message (`--no-pins` skips them; the server's own x-goog-hash MD5 is still checked).
 UPSTREAM_MD5 = {
     "v5/class-descriptions-boxable.csv": "9846fd22fd2e68b45e3f3810a4c2a32a",
     "v5/train-annotations-object-segmentation.csv": "fa69369843fcf6e294d9195aeed1f2c6",
@@ -129,7 +129,7 @@ def remote_path(pattern: str, split: str) -> str:
 
 
 def mask_zip_remote(split: str, mask_path: str) -> str:
-    """Masks are sharded into 16 zips by the first hex digit of the ImageID (reference §1.1)."""
+    """Masks are sharded into 16 zips by the first hex digit of the ImageID (OpenImages V5 download page)."""
     return f"v5/{split}-masks/{split}-masks-{mask_path[0].lower()}.zip"
 
 
@@ -286,7 +286,8 @@ def annotated_candidates(tree: Tree, classes: Sequence[OOCClass], flt: Annotatio
 
     Stages: masks (rows in the segmentation CSV) -> predicted_iou -> box_size -> box_flags (the
     box-CSV join: group-of, depiction, truncated) -> rotation (only images whose `Rotation` is 0:
-    masks refer to the stored pixels, and 2.6% of images need a rotation, reference §1.3).
+    masks refer to the stored pixels, and 2.6% of images need a rotation, per OpenImages' 2018-05-17
+    rotation notes).
     """
     by_mid = {c.mid: c for c in classes}
     instances = read_segmentations(tree.segmentations, by_mid)
@@ -377,7 +378,7 @@ def _download(url: str, dest: Path, md5: str | None, retries: int) -> None:
     try:
         io.download(url, dest, md5=md5, retries=retries)
     except io.DownloadError as e:
-        hint = " (pinned md5 from the reference notes; pass --no-pins if upstream changed the file)" if md5 else ""
+        hint = " (pinned md5, observed 2020-07-15; pass --no-pins if upstream changed the file)" if md5 else ""
         raise io.DownloadError(f"{e}{hint}") from None
 
 

@@ -326,7 +326,7 @@ class Selection:
 
 
 def mask_stem(image_id: str, mid: str, box_id: str) -> str:
-    """OpenImages' MaskPath stem: `/m/04yx4` -> `m04yx4` (reference §1.2)."""
+    """OpenImages' MaskPath stem, `<ImageID>_<MID without "/">_<BoxID>` (`/m/04yx4` -> `m04yx4`)."""
     return f"{image_id}_{mid.replace('/', '')}_{box_id}"
 
 

@@ -347,8 +347,8 @@ def _finetune(cfg: FinetuneConfig, run_dir: Path, dist: D.DistInfo, record: RunR
              "mixup %.2g; lr %.3g at batch %d", p["dataset_size"], p["num_classes"], *p["image_size"], p["resize"],
              p["crop"], p["supports"], p["mixup_alpha"], cfg.base_lr, cfg.batch_size)
 
-    data_cfg = getattr(model, "data_config", None)
-    mean, std = (data_cfg.mean, data_cfg.std) if data_cfg else ((0.5,) * 3, (0.5,) * 3)
+    data_cfg = registry.data_config_of(model)
+    mean, std = data_cfg.mean, data_cfg.std
     aug = TrainAugment(p["resize"], p["crop"], cfg.square_resize, cfg.random_crop, cfg.flip)
     train_data = TrainData(splits.train, aug, batch_size=cfg.batch_size, batch_split=cfg.batch_split,
                            seed=cfg.seed, mixup_alpha=p["mixup_alpha"], mean=mean, std=std, dist=dist,

@@ -175,7 +175,7 @@ def test_offline_sample_photos_are_duplicates_of_the_skimage_originals(tmp_path,
     listing = tmp_path / "upstream.txt"
     listing.write_text("# originals\nup/chelsea.png\n\nup/coffee.png\nup/rocket.png\n")
     result = dedup.run_dedup(dedup.DedupConfig(upstream=str(listing), downstream=str(SAMPLE_DIR),
-                                               out=str(tmp_path / "o"), workers=0, progress=False, gallery=0))
+                                               out=str(tmp_path / "o"), workers=0, progress=False, ))
     found = {Path(r["query"]).name: r["match"] for r in result.duplicates}
     assert found == {"d9ce3f9b1da15b67.jpg": "up/chelsea.png", "477fca715251f3a5.jpg": "up/coffee.png",
                      "11ec6abc282e3e38.jpg": "up/rocket.png"}
@@ -250,7 +250,7 @@ def test_table6_counts():
 
 
 def test_read_predictions_matches_names_and_bare_file_names(tmp_path):
-    images = dedup.ImageSet("test", [Path("a/x.jpg"), Path("b/y.jpg")], ["a/x.jpg", "b/y.jpg"])
+    images = dedup.ImageFiles("test", [Path("a/x.jpg"), Path("b/y.jpg")], ["a/x.jpg", "b/y.jpg"])
     p = tmp_path / "p.csv"
     p.write_text("image,correct,label\ny.jpg,true,3\na/x.jpg,0,1\n")
     assert dedup.read_predictions(p, images).tolist() == [False, True]
@@ -266,7 +266,7 @@ def test_read_predictions_matches_names_and_bare_file_names(tmp_path):
     ("image,correct\nx.jpg,1\n", r"no prediction for 1 downstream image\(s\), e.g. y.jpg"),
 ])
 def test_read_predictions_errors_name_the_row(tmp_path, text, message):
-    images = dedup.ImageSet("test", [Path("x.jpg"), Path("y.jpg")], ["x.jpg", "y.jpg"])
+    images = dedup.ImageFiles("test", [Path("x.jpg"), Path("y.jpg")], ["x.jpg", "y.jpg"])
     (tmp_path / "p.csv").write_text(text)
     with pytest.raises(BitlabError, match=message):
         dedup.read_predictions(tmp_path / "p.csv", images)
@@ -337,7 +337,7 @@ def test_cache_reuses_blocks_and_recomputes_changed_files(tmp_path, photos, monk
     monkeypatch.setattr(dedup, "embed_files",
                         lambda emb, paths, **kw: calls.append(len(paths)) or real(emb, paths, **kw))
     cfg = dedup.DedupConfig(upstream=str(up), downstream=str(down), out=str(tmp_path / "o"), embedding="phash",
-                            block_size=2, workers=0, progress=False, gallery=0)
+                            block_size=2, workers=0, progress=False)
     first = dedup.run_dedup(cfg)
     assert calls == [1, 2, 2]  # downstream, then two upstream blocks
     calls.clear()

@@ -48,7 +48,7 @@ def test_official_key_schema_and_hwio(tmp_path):
         keys = set(f.files)
         root = f["resnet/root_block/standardized_conv2d/kernel"]
         head = f["resnet/head/conv2d/kernel"]
-    assert len(keys) == 153  # R50: 153 keys with the head (reference notes §2.8)
+    assert len(keys) == 153  # R50: 153 keys with the head, as the official load_from reads them
     assert root.shape == (7, 7, 3, 64) and head.shape == (1, 1, 2048, 21843)
     assert {"resnet/group_norm/gamma", "resnet/group_norm/beta", "resnet/head/conv2d/bias",
             "resnet/block1/unit01/a/proj/standardized_conv2d/kernel",
@@ -325,3 +325,19 @@ def test_numbered_standardized_conv2d_keys_are_accepted(tmp_path):
     with pytest.raises(CheckpointError, match=r"twice\.npz: keys '.*root_block/standardized_conv2d.*/kernel' and "
                                               r"'.*' are the same parameter"):
         create_model("R14x0.5", pretrained=tmp_path / "twice.npz")
+
+
+def test_bit_variant_asks_the_model_what_it_is():
+    """Weights load by what a model says it is (its ResNetV2 config, or timm's GN+WS BiT layout),
+    so a subclass of bitlab's ResNetV2 loads files like its parent."""
+    from bitlab.models import ResNetV2
+
+    class Tagged(ResNetV2):
+        pass
+
+    with torch.device("meta"):
+        assert checkpoints.bit_variant(create_model("R14x0.5-bn-plain")) == ("batch", "plain")
+        assert checkpoints.bit_variant(Tagged(create_model("R14x0.5").config)) == ("group", "std")
+        assert checkpoints.bit_variant(timm.create_model("resnetv2_50x1_bit")) == ("group", "std")
+        assert checkpoints.bit_variant(timm.create_model("resnetv2_50")) is None  # pre-act, but BatchNorm
+        assert checkpoints.bit_variant(timm.create_model("resnet18")) is None

@@ -1,4 +1,4 @@
-"""The architecture matches the official BiT definition (reference notes §2)."""
+"""The architecture matches the official BiT definition (big_transfer's bit_pytorch/models.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -87,6 +87,14 @@ def test_parameter_counts(arch, backbone_m):
         model = create_model(arch, num_classes=21843)
     assert round(count_params(model, backbone_only=True) / 1e6, 2) == backbone_m
     assert count_params(model) - count_params(model, backbone_only=True) == model.num_features * 21843 + 21843
+
+
+def test_backbone_count_leaves_out_the_classifier_of_timm_models_too():
+    """The classifier is found by asking the model (`get_classifier`, timm's query), not by its class."""
+    with torch.device("meta"):
+        model = create_model("resnet18", num_classes=10)
+    assert count_params(model) - count_params(model, backbone_only=True) == 512 * 10 + 10
+    assert create_model("R14x0.5", num_classes=3).get_classifier().out_channels == 3
 
 
 def test_zero_head_gives_zero_logits_and_features_are_pre_logits():

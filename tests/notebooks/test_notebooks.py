@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import re
 import time
+from pathlib import Path
 
 import nbformat
 import pytest
 
-from bitlab.paths import FIGURES_DIR, REPO_ROOT
+from bitlab.paths import default_dir
 from tests.fixtures.figures import assert_real_figure
 
-NOTEBOOKS = REPO_ROOT / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
+FIGURES_DIR = default_dir("figures")  # the checkout's figures/: where a notebook saves by default
 # The figures each notebook saves (PNG + PDF) under figures/, as listed in figures/README.md.
 FIGURES = {
     "ooc_tour": ["ooc_tour_grid"],
