@@ -128,14 +128,41 @@ def torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 def torch_load(path: str | os.PathLike) -> Any:
     """`torch.load` with `weights_only=True`: checkpoints can never execute code."""
+    import pickle
+
     import torch
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise BitlabError(f"{path}: no such file") from None
+    except pickle.UnpicklingError:
+        raise BitlabError(f"{path}: {_pickled_objects(path)}") from None
     except Exception as e:  # pickle / zip errors are cryptic; name the file
-        raise BitlabError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise BitlabError(f"{path}: not a readable torch checkpoint ({type(e).__name__}"
+                          + (f": {detail})" if detail and "weights_only" not in str(e) else ")")) from None
+
+
+def _pickled_objects(path: str | os.PathLike) -> str:
+    """What a torch file that the safe loader refuses holds, and how to convert it without risk.
+
+    torch's own message suggests turning the protection off; bitlab never relays that advice.
+    """
+    import torch
+
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # a legacy (pre-zip) file or a damaged one: the types cannot be listed
+        names = []
+    what = (f"Python objects besides tensors ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+            if names else "Python objects besides tensors")
+    return (f"a torch file holding pickled {what}, such as a whole model saved with torch.save(model); "
+            "bitlab loads only tensors and plain containers, because unpickling other objects can run "
+            "arbitrary code. To convert it safely: if you trust its source, open it in an isolated "
+            "environment with the code that wrote it and save only the weights, "
+            "torch.save(model.state_dict(), 'weights.pt'), then use weights.pt (or ask its publisher for "
+            "an .npz or a state dict)")
 
 
 # ----------------------------------------------------------------------------- checksums
