@@ -10,6 +10,7 @@ http(s) and never from https down to http, and a byte cap on what one download m
 from __future__ import annotations
 
 import base64
+import codecs
 import contextlib
 import hashlib
 import http.client
@@ -121,6 +122,30 @@ def write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def text_lines(path: str | os.PathLike) -> Iterator[str]:
+    """The lines of a UTF-8 text file, line ends kept (for `csv.reader`), a leading BOM dropped.
+
+    Lines are decoded one at a time, so a byte that is not UTF-8 is reported with its line and
+    column (`BitlabError`) instead of as a bare `UnicodeDecodeError`, and the file is never held
+    in memory whole. The file is opened here: a missing one raises `FileNotFoundError` at once.
+    """
+    f = open(path, "rb")
+    return _decoded_lines(f, path)
+
+
+def _decoded_lines(f: IO[bytes], path: str | os.PathLike) -> Iterator[str]:
+    with f:
+        for n, raw in enumerate(f, start=1):
+            if n == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)  # as spreadsheet programs save "CSV UTF-8"
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                column = len(raw[:e.start].decode("utf-8", errors="replace")) + 1
+                raise BitlabError(f"{path} line {n}: byte 0x{raw[e.start]:02x} at column {column} is not UTF-8 "
+                                  "text; save the file as UTF-8") from None
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
