@@ -16,9 +16,9 @@ from typing import Union
 import cv2
 import numpy as np
 
-# 2^27 = 134 M px (400 MB as 8-bit BGR): more than any camera's frame (a 100 MP medium-format
-# sensor gives 102 M px), so only a damaged or hostile file is refused.
-MAX_IMAGE_PIXELS = 1 << 27
+# 2^28 = 268 M px (805 MB as 8-bit BGR): above the largest camera frames (a 150 MP medium-format
+# back gives 151 M px), so only a damaged or hostile file, or a giant stitched panorama, is refused.
+MAX_IMAGE_PIXELS = 1 << 28
 
 Buffer = Union[bytes, bytearray, memoryview, np.ndarray]
 
