@@ -1,4 +1,5 @@
 """Atomic writes, resumable downloads and safe archive extraction."""
+import urllib.parse
 import zipfile
 
 import pytest
@@ -170,3 +171,30 @@ def test_parse_size():
     for bad in ("", "abc", "-1M", "0", "8X", "nanG", "inf"):
         with pytest.raises(ValueError, match="is not a size"):
             io.parse_size(bad)
+
+
+@pytest.mark.parametrize("origin,target,allowed", [
+    ("https://example.org/a.npz", "http://example.org/a.npz", False),  # a downgrade
+    ("https://example.org/a.npz", "ftp://example.org/a.npz", False),
+    ("http://example.org/a.npz", "https://mirror.example.org/a.npz", True),  # an upgrade
+    ("https://example.org/a.npz", "/elsewhere/a.npz", True),  # relative: same scheme
+])
+def test_the_redirect_rule(origin, target, allowed):
+    """No https server runs here, so the handler that every download uses is called as urllib calls it."""
+    import email.message
+    import io as pyio
+    import types
+    import urllib.request
+
+    headers = email.message.Message()
+    headers["Location"] = target
+    handler = io._SafeRedirect()
+    handler.parent = types.SimpleNamespace(open=lambda request, timeout: request.full_url)  # where it would go
+    request = urllib.request.Request(origin)
+    request.timeout = 10
+    if allowed:
+        assert handler.http_error_302(request, pyio.BytesIO(), 302, "Found", headers) == urllib.parse.urljoin(
+            origin, target)
+    else:
+        with pytest.raises(io.UnsafeURLError, match="never from https to http"):
+            handler.http_error_302(request, pyio.BytesIO(), 302, "Found", headers)
