@@ -69,3 +69,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{args.prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def download_size_arg(p: argparse.ArgumentParser, default: int, what: str) -> None:
+    """`--max-download SIZE` for every command that downloads (`bitlab.io.download`'s cap)."""
+    from bitlab.io import parse_size
+
+    def size(text: str) -> int:
+        try:
+            return parse_size(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    shown = next(f"{default >> s}{u}" for s, u in ((40, "T"), (30, "G"), (20, "M"), (10, "K"), (0, ""))
+                 if default % (1 << s) == 0)
+    p.add_argument("--max-download", type=size, default=default, metavar="SIZE",
+                   help=f"largest {what} to download, e.g. 500M or 8G (default {shown}); a server announcing "
+                        "or sending more is refused")

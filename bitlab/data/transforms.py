@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import torch
 
+from bitlab.data.imagesize import imdecode, jpeg_size
 from bitlab.errors import BitlabError
 
 # Keep OpenCV from spawning its own thread pool inside every DataLoader worker.
@@ -66,35 +67,13 @@ def decode_image(path: str | os.PathLike, min_side: int | None = None) -> np.nda
     flag = cv2.IMREAD_COLOR
     if min_side and (size := jpeg_size(data)):
         flag = _REDUCED.get(_reduction(size, min_side), cv2.IMREAD_COLOR)
-    img = cv2.imdecode(data, flag) if data.size else None
+    img = imdecode(data, flag, str(path), BadImageError)  # refuses absurd sizes before allocating them
     if img is None:
         raise BadImageError(f"{path}: cannot decode image (corrupt or not an image)")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 _REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
-# Start-of-frame markers (baseline, progressive, lossless...): their segment holds height and width.
-_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
-
-
-def jpeg_size(data: np.ndarray) -> tuple[int, int] | None:
-    """(height, width) from a JPEG's frame header, or None if `data` is not a readable JPEG."""
-    buf = data.tobytes()[:1 << 16] if data.size > 1 << 16 else data.tobytes()
-    if buf[:2] != b"\xff\xd8":
-        return None
-    i = 2
-    while i + 9 < len(buf):
-        if buf[i] != 0xFF:
-            return None
-        marker = buf[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        length = (buf[i + 2] << 8) | buf[i + 3]
-        if marker in _SOF:
-            return (buf[i + 5] << 8) | buf[i + 6], (buf[i + 7] << 8) | buf[i + 8]
-        i += 2 + length
-    return None
 
 
 def _reduction(size: tuple[int, int], min_side: int) -> int:
@@ -292,7 +271,7 @@ def decode_image_bytes(data: bytes, name: str) -> np.ndarray:
     """`decode_image` for an encoded image held in memory (a tar shard member); `name` is what an
     error reports."""
     buf = np.frombuffer(data, dtype=np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    img = imdecode(buf, cv2.IMREAD_COLOR, name, BadImageError)
     if img is None:
         raise BadImageError(f"{name}: cannot decode image (corrupt or not an image)")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)

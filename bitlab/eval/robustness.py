@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bitlab import io
 from bitlab.data import imagenet
 from bitlab.errors import BitlabError
 from bitlab.ooc.spec import OOCClass, load_classes
@@ -145,17 +146,32 @@ def _class_table_for(root: Path, classes: str | Path | None) -> list[OOCClass]:
                       f"(looked for {root / CLASS_TABLE} and {DEFAULT_CLASS_TABLE}); pass --classes PATH")
 
 
-def _from_manifest(root: Path, classes: str | Path | None) -> EvalSet:
-    path = root / MANIFEST
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
+def _manifest_rows(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
+    """(header, [(line, row)]) of a manifest: UTF-8 with or without a BOM; an undecodable byte or
+    broken quoting is an error naming the line."""
+    reader = csv.DictReader(io.text_lines(path), strict=True)
+    rows, done = [], 1
+    try:
+        for row in reader:
+            rows.append((done + 1, row))
+            done = reader.line_num
         header = reader.fieldnames or []
+    except csv.Error as e:
+        raise BitlabError(f"{path}: row {done + 1}: malformed CSV ({e})") from None
+    return header, rows
+
+
+def _from_manifest(root: Path, classes: str | Path | None) -> EvalSet:
+    """Items of `root/manifest.csv`. A file listed twice is an error naming both rows: counting it
+    twice would weigh it double in every score, and two rows may disagree about its class."""
+    path = root / MANIFEST
+    header, rows = _manifest_rows(path)
     if "file" not in header:
         raise BitlabError(f"{path}: missing column 'file' (columns: {', '.join(header) or 'none'})")
     by_name: dict[str, OOCClass] | None = None
     items = []
-    for n, row in enumerate(rows, start=2):
+    seen: dict[Path, int] = {}
+    for n, row in rows:
         where = f"{path}: row {n}"
         rel = (row.get("file") or "").strip()
         if not rel:
@@ -165,6 +181,10 @@ def _from_manifest(root: Path, classes: str | Path | None) -> EvalSet:
             raise BitlabError(f"{where}: file {rel!r} points outside {root}")
         if not file.is_file():
             raise BitlabError(f"{where}: image {rel!r} not found under {root}")
+        if file in seen:
+            raise BitlabError(f"{where}: image {rel!r} is listed again (first on row {seen[file]}); "
+                              "each image may appear once")
+        seen[file] = n
         cls = (row.get("class") or row.get("fg_class") or "").strip() or Path(rel).parent.name
         targets = _parse_targets(row, where)
         if targets is None:

@@ -1,11 +1,15 @@
 """Training-time views: square resize, random crop, flip, each switchable; seeded and exact."""
+import struct
+
 import numpy as np
 import pytest
 
 from bitlab.data.transforms import (
-    TrainAugment, random_crop, resize, resize_shorter, square_eval_image, train_image,
+    BadImageError, TrainAugment, decode_image, decode_image_bytes, random_crop, resize, resize_shorter,
+    square_eval_image, train_image,
 )
 from bitlab.errors import BitlabError
+from tests.fixtures.images import jpeg_declaring, png_declaring
 
 
 def test_train_view_matches_manual_recipe(photos):
@@ -87,3 +91,15 @@ def test_normalize_is_the_exact_affine_map():
         torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-6)
     bit = normalize(torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).repeat(1, 3, 1, 1))
     assert bit.min() == -1 and bit.max() == 1  # BiT's [-1, 1]
+
+
+@pytest.mark.parametrize("data", [png_declaring(40000, 40000), jpeg_declaring(40000, 40000),
+                                  b"GIF89a" + struct.pack("<HH", 65535, 65535) + bytes(8)])
+def test_huge_declared_sizes_are_refused_before_decoding(tmp_path, data):
+    path = tmp_path / "huge.img"
+    path.write_bytes(data)
+    with pytest.raises(BadImageError, match=r"huge\.img: the file declares \d+ x \d+ px \(\d+ M px\), more than "
+                                            r"the 268 M px bitlab decodes"):
+        decode_image(path)
+    with pytest.raises(BadImageError, match=r"shard\.tar:k\.png: the file declares"):
+        decode_image_bytes(data, "shard.tar:k.png")

@@ -95,6 +95,7 @@ def test_empty_and_broken_sets_name_the_culprit(tiny_ooc, tmp_path):
     root = tmp_path / "m"
     shutil.copytree(tiny_ooc, root)
     rows = list(csv.DictReader((root / "manifest.csv").open()))
+    original = rows[3]["file"]
     rows[3]["file"] = "cat/gone.png"
     rows[5]["ilsvrc_indices"] = "1000"
 
@@ -111,7 +112,7 @@ def test_empty_and_broken_sets_name_the_culprit(tiny_ooc, tmp_path):
     write(rows)
     with pytest.raises(BitlabError, match="row 5: file '../../etc/passwd' points outside"):
         robustness.load_eval_set(root)
-    rows[3]["file"] = "cat/chelsea__grass.png"
+    rows[3]["file"] = original
     write(rows)
     with pytest.raises(BitlabError, match="row 7: ilsvrc_indices 1000 is outside 0..999"):
         robustness.load_eval_set(root)
@@ -196,3 +197,35 @@ def test_official_folders_against_the_shipped_class_table(tiny_ooc, tmp_path):
     assert got["hammerhead"] == ("shark", (2, 3, 4))  # a shark folder counts all three shark synsets
     assert got["n02391049"][0] == "zebra"
     assert got["Sofa"] == ("couch", (831,))  # paper F.2 names the couch class "Sofa"
+
+
+def _evaluate_cli(root, out, capsys) -> tuple[int, str]:
+    from bitlab.cli import main
+
+    rc = main(["evaluate", "--model", "R14x0.5", "--image-size", "32", "--data", str(root), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return rc, err
+
+
+def test_manifest_encodings_and_repeated_rows(tiny_ooc, tmp_path, capsys):
+    root = tmp_path / "m"
+    shutil.copytree(tiny_ooc, root)
+    manifest = root / "manifest.csv"
+    good = manifest.read_bytes()
+    n_rows = len(good.splitlines()) - 1
+    # a BOM, as spreadsheet programs write "CSV UTF-8": read as usual
+    manifest.write_bytes(b"\xef\xbb\xbf" + good)
+    assert len(robustness.load_eval_set(root).items) == n_rows
+    # a byte that is not UTF-8: the file, the line and the byte, through the CLI, nothing written
+    lines = good.splitlines(keepends=True)
+    manifest.write_bytes(b"".join(lines[:2]) + lines[2].rstrip(b"\n") + b"\xff\n" + b"".join(lines[3:]))
+    rc, err = _evaluate_cli(root, tmp_path / "out", capsys)
+    assert rc == 2 and f"error: {manifest} line 3: byte 0xff at column" in err and "not UTF-8" in err
+    assert not (tmp_path / "out").exists()
+    # the same image twice: an error naming both rows (counted twice it would weigh double)
+    manifest.write_bytes(good + lines[3])
+    rc, err = _evaluate_cli(root, tmp_path / "out", capsys)
+    file = next(csv.DictReader([lines[0].decode(), lines[3].decode()]))["file"]
+    assert rc == 2 and f"error: {manifest}: row {n_rows + 2}: image '{file}' is listed again (first on row 4)" in err
+    assert not (tmp_path / "out").exists()

@@ -237,6 +237,27 @@ def test_undecodable_input_with_matching_checksum(small_cfg):
     assert meta["skipped"] == s["skipped"]
 
 
+def test_huge_declared_background_is_named_and_skippable(small_cfg, capsys):
+    """A background whose header declares 40000 x 40000 px: a clear error, also under --skip-bad."""
+    from tests.fixtures.images import png_declaring
+
+    sel = Path(small_cfg.selection)
+    bg = next(r for r in _selection_rows(small_cfg) if r["kind"] == "background")
+    path = Path(small_cfg.backgrounds) / bg["file"]
+    path.write_bytes(png_declaring(40000, 40000))
+    sel.write_text(sel.read_text().replace(bg["sha256"], hashlib.sha256(path.read_bytes()).hexdigest()))
+    argv = ["make-ooc", "--openimages", small_cfg.openimages, "--backgrounds", small_cfg.backgrounds,
+            "--selection", small_cfg.selection, "--classes", small_cfg.classes,
+            "--background-categories", small_cfg.background_categories, "--size", "48", "--out", small_cfg.out]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"({bg['uid']}): {path}: the file declares 40000 x 40000 px" in err
+    assert not Path(small_cfg.out).exists()
+    assert main([*argv, "--skip-bad"]) == 0
+    assert "skipped 1 bad input(s)" in capsys.readouterr().out
+    assert len(_manifest(Path(small_cfg.out))) == 4 * 3
+
+
 @pytest.mark.parametrize("damage,message,left", [
     ("mask", "line 2 .*: mask .* is missing", 3 * 4),
     ("image", "line 2 .*: the mask's image .* is missing", 3 * 4),

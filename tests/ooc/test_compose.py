@@ -131,3 +131,17 @@ def test_png_round_trip_and_pixel_hash():
     import hashlib
 
     assert compose.pixel_sha256(img) == hashlib.sha256(img[:, :, ::-1].tobytes()).hexdigest()
+
+
+def test_huge_declared_sizes_are_refused_before_decoding(tmp_path):
+    from tests.fixtures.images import png_declaring
+
+    bg = tmp_path / "huge.png"
+    bg.write_bytes(png_declaring(40000, 40000))  # OpenCV: an assertion traceback
+    with pytest.raises(compose.BadInputError, match=r"huge\.png: the file declares 40000 x 40000 px \(1600 M px\)"):
+        compose.decode(bg)
+    mask = tmp_path / "mask.png"
+    mask.write_bytes(png_declaring(20000, 20000, depth=1, colour=0, rows=20000))  # a whole, empty 1-bit mask
+    assert mask.stat().st_size < 100_000  # about 50 KB that would decode to 400 MB, then 1.5 GB in all
+    with pytest.raises(compose.BadInputError, match=r"mask\.png: the file declares 20000 x 20000 px"):
+        compose.load_foreground(OI / "validation" / "d9ce3f9b1da15b67.jpg", mask)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from bitlab.data import imagenet
+from bitlab.errors import BitlabError
 from bitlab.ooc import spec
 from bitlab.paths import OOC_DATASET_DIR, SAMPLE_DIR
 
@@ -132,3 +133,57 @@ def test_background_file_table_errors(tmp_path):
     path.write_text("category,file,uid,width\ngrass,/etc/passwd,g1,\n")
     with pytest.raises(spec.SpecError, match=r"line 2: field 'file' must be a relative path"):
         spec.read_background_files(path)
+
+
+# ----------------------------------------------------------------------------- encodings and quoting
+def _classes_bytes() -> bytes:
+    return (OOC_DATASET_DIR / "classes.csv").read_bytes()
+
+
+def test_a_byte_that_is_not_utf8_is_named_with_file_and_line(tmp_path, capsys):
+    from bitlab.cli import main
+
+    lines = _classes_bytes().splitlines(keepends=True)
+    lines[2] = lines[2].replace(b",", b",Caf\xe9 ", 1)  # Latin-1, as an old spreadsheet saves it
+    bad = tmp_path / "classes.csv"
+    bad.write_bytes(b"".join(lines))
+    with pytest.raises(BitlabError, match=rf"{bad} line 3: byte 0xe9 at column \d+ is not UTF-8 text"):
+        spec.load_classes(bad)
+    out = tmp_path / "oi"
+    assert main(["openimages", "fetch", "--classes", str(bad), "--out", str(out),
+                 "--base-url", "http://127.0.0.1:9", "--images-url", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"error: {bad} line 3: byte 0xe9" in err and not out.exists()
+    table = tmp_path / "backgrounds.csv"
+    table.write_bytes(b"category,file,uid,author\ngrass,grass/a.png,g1,J\xf6rg\n")
+    with pytest.raises(BitlabError, match=rf"{table} line 2: byte 0xf6 at column 23 is not UTF-8 text"):
+        spec.read_background_files(table)
+    categories = tmp_path / "categories.csv"
+    categories.write_bytes(b"category,search_terms\ngrass,gr\xffass\n")
+    with pytest.raises(BitlabError, match=rf"{categories} line 2: byte 0xff"):
+        spec.load_background_categories(categories)
+
+
+def test_a_bom_is_accepted_everywhere(tmp_path):
+    path = tmp_path / "classes.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + _classes_bytes())
+    assert spec.load_classes(path) == spec.load_classes(OOC_DATASET_DIR / "classes.csv")
+    sel = tmp_path / "selection.csv"
+    sel.write_bytes(b"\xef\xbb\xbf" + (SAMPLE_DIR / "selection.csv").read_bytes())
+    assert spec.load_selection(sel).rows() == spec.load_selection(SAMPLE_DIR / "selection.csv").rows()
+
+
+def test_an_unterminated_quote_is_reported_as_such_with_its_line(tmp_path):
+    lines = (SAMPLE_DIR / "selection.csv").read_text().splitlines(keepends=True)
+    kind, group, rest = lines[2].split(",", 2)
+    lines[2] = f'{kind},{group},"{rest}'  # the quote opened before uid never closes
+    path = tmp_path / "selection.csv"
+    path.write_text("".join(lines))
+    with pytest.raises(spec.SpecError, match=rf"{path} line 3: a quoted field opens on this line and is never "
+                                             r"closed \(an unmatched \"\)"):
+        spec.load_selection(path)
+    lines[2] = f'{kind},{group},"{rest.replace(",", "", 1)}'  # closed by a stray quote further down
+    lines[4] = lines[4].replace(",", '",', 1)
+    path.write_text("".join(lines))
+    with pytest.raises(spec.SpecError, match=rf"{path} line 3: "):
+        spec.load_selection(path)
