@@ -117,7 +117,7 @@ def training(root: Path, model_name: str, resize: int, crop: int, batch: int, st
              **device_kw) -> tuple[list[float], float]:
     """Images/s of each step of `bitlab finetune`'s loop reading the JPEGs (the first two steps left
     out: they start the workers and allocate), and the share of step time spent waiting for data."""
-    from bitlab.train import loop
+    from bitlab.train import rundir
     from bitlab.train.finetune import FinetuneConfig, finetune
 
     for c in (root / "train").iterdir():  # a one-image-per-class val split (evaluation is not timed)
@@ -129,7 +129,7 @@ def training(root: Path, model_name: str, resize: int, crop: int, batch: int, st
         finetune(FinetuneConfig(model=model_name, data=str(root), out=out, batch_size=batch,
                                 schedule=[1, steps, steps, steps, steps + 2], resolution=[resize, crop],
                                 workers=workers, progress=False, checkpoint_every=0, log_every=1, **device_kw))
-        rows = [r for r in loop.read_metrics(Path(out) / "metrics.jsonl") if r["split"] == "train"]
+        rows = [r for r in rundir.read_metrics(Path(out) / "metrics.jsonl") if r["split"] == "train"]
     rows = rows[2:]
     return [r["images_per_s"] for r in rows], sum(r["data_s"] for r in rows) / sum(r["step_s"] for r in rows)
 

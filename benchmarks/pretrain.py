@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bitlab.paths import REPO_ROOT  # noqa: E402
-from bitlab.train.loop import read_metrics  # noqa: E402
+from bitlab.train.rundir import read_metrics  # noqa: E402
 from photos import make_jpegs  # noqa: E402 (benchmarks/)
 
 

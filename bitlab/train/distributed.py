@@ -16,7 +16,7 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Sampler
 
+from bitlab.data.transforms import BadImageError
 from bitlab.device import parse_device
 from bitlab.errors import BitlabError
 from bitlab.train.torchrun import env_rank
@@ -104,6 +105,47 @@ def session(device: str | torch.device | None, info: DistInfo | None = None) -> 
 
 
 T = TypeVar("T")
+
+
+class EveryRankError(BitlabError):
+    """A data error raised on every rank at the same step (a collective decision): the ranks can
+    still write a checkpoint together before stopping."""
+
+
+class UnreadableDataError(BadImageError, EveryRankError):
+    """Raised by `stop_on_errors` on every rank at once."""
+
+
+def control_group(info: DistInfo):
+    """A Gloo group for the per-step error check of GPU runs (None: use the default group).
+
+    An all-reduce on the NCCL group would make the host wait, every step, for the GPU work already
+    queued (the optimiser step) before it can launch the next forward; on CPU tensors over Gloo the
+    ranks agree on the host alone. CPU runs' default group is Gloo already."""
+    if not info.distributed or info.device.type != "cuda":
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def stop_on_errors(errors: Sequence[str], info: DistInfo, what: str, hint: bool = True, group=None) -> None:
+    """Collective: if any rank has errors, every rank raises the same UnreadableDataError naming the
+    files (`hint`: mention --skip-bad-images; `group`: from `control_group`).
+
+    One tiny all-reduce per call; every rank must call it at the same point (once per step)."""
+    if info.distributed:
+        flag = torch.tensor([float(len(errors))], device="cpu" if group is not None else info.device)
+        dist.all_reduce(flag, group=group)
+        if flag.item() == 0:
+            return
+        per_rank: list = [None] * info.world_size
+        dist.all_gather_object(per_rank, list(errors[:5]), group=group)
+    elif not errors:
+        return
+    else:
+        per_rank = [list(errors[:5])]
+    lines = [(f"rank {r}: " if info.distributed else "") + m for r, msgs in enumerate(per_rank) for m in msgs]
+    raise UnreadableDataError(f"cannot read {what} data, stopping{' every rank' if info.distributed else ''}: "
+                              + "; ".join(lines) + (" (--skip-bad-images replaces unreadable images)" if hint else ""))
 
 
 def main_rank_call(fn: Callable[[], T], info: DistInfo) -> T:

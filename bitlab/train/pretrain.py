@@ -61,8 +61,10 @@ from bitlab.data.transforms import (
 from bitlab.errors import BitlabError
 from bitlab.models import ResNetV2, registry
 from bitlab.train import distributed as D
-from bitlab.train.loop import (LoopConfig, LoopResult, MicroBatches, RunRecord, check_resume_settings, check_running,
-                               control_group, device_defaults, eval_logits, require, run, stop_on_errors, write_config)
+from bitlab.train.config import LoopConfig, check_running, require
+from bitlab.train.distributed import control_group, stop_on_errors
+from bitlab.train.loop import LoopResult, MicroBatches, device_defaults, eval_logits, run
+from bitlab.train.rundir import RunRecord, check_resume_settings, write_config
 
 log = logging.getLogger(__name__)
 

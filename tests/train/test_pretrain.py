@@ -26,7 +26,7 @@ from bitlab.data.datasets import image_folder
 from bitlab.errors import BitlabError
 from bitlab.models.checkpoints import read_state_dict
 from bitlab.train import pretrain as P
-from bitlab.train.loop import read_metrics
+from bitlab.train.rundir import read_metrics
 from tests.fixtures import processes
 from tests.fixtures.processes import ENV
 
@@ -301,7 +301,7 @@ def test_unreadable_image_stops_every_rank_with_its_name(tree, tmp_path):
     assert io.torch_load(tmp_path / "run" / "checkpoint.pt")["step"] == 1
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["completed"] is False and str(bad) in summary["error"] and summary["checkpoint_step"] == 1
-    assert "ERROR bitlab.train.loop: run stopped by an error: cannot read training data" in \
+    assert "ERROR bitlab.train.rundir: run stopped by an error: cannot read training data" in \
         (tmp_path / "run" / "log.txt").read_text()
     # skipping instead: the run completes and lists the file
     result = P.pretrain(config(data, tmp_path / "skip", epochs=1, decay_epochs=[], skip_bad_images=True))
@@ -472,7 +472,7 @@ def test_a_failed_run_records_why(tree, tmp_path):
         P.pretrain(config(tree, out, base_lr=1e8, warmup_steps=6, checkpoint_every=1))
     log_txt = (out / "log.txt").read_text()
     assert "pre-training R14x0.5 on 16 images" in log_txt
-    assert "ERROR bitlab.train.loop: run stopped by an error: gradients are not finite" in log_txt
+    assert "ERROR bitlab.train.rundir: run stopped by an error: gradients are not finite" in log_txt
     summary = json.loads((out / "summary.json").read_text())
     assert summary["completed"] is False and summary["error_type"] == "NonFiniteLossError"
     assert "at step 3" in summary["error"] and summary["checkpoint_step"] == 3
