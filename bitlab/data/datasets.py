@@ -9,10 +9,7 @@ Sources (`load_splits`):
 - `builtin:digits`: scikit-learn's 1,797 real 8x8 handwritten digits (10 classes), written once
   as an ImageFolder tree; offline, for tests and the demo.
 
-Workers decode and augment with OpenCV and return uint8 CHW tensors; normalisation (and MixUp)
-happens once per batch in the main process. Training augmentation draws from a generator seeded by
-(run seed, the sample's position in the stream), so the n-th image of a run is augmented the same
-way whatever the worker count, the `--batch-split` or an interruption.
+How they become batches (views, workers, bad images): `bitlab.data.loader`.
 """
 from __future__ import annotations
 
@@ -20,21 +17,16 @@ import csv
 import logging
 import os
 import shutil
-import signal
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
 
-from bitlab.data.transforms import (
-    BadImageError, TrainAugment, decode_image, square_eval_image, to_chw_tensor, train_image,
-)
-from bitlab.errors import BitlabError
+from bitlab.data.transforms import BadImageError
+from bitlab.errors import BitlabError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +36,6 @@ VAL_SPLIT_NAMES = ("val", "validation", "test")
 SPLIT_VALUES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 MAX_LISTED = 20  # problems listed by name in one error; the rest are counted
 BUILTIN = ("digits",)
-# A bad training image is replaced by the next decodable one of its class; give up after this many in a row.
-MAX_SUBSTITUTES = 64
-_AUG_STREAM = 0x617567  # keeps augmentation randomness apart from other streams of the same seed
 
 
 class Packed:
@@ -321,7 +310,7 @@ def load_source(spec: str | os.PathLike) -> dict[str, ImageSet]:
 def stratified_holdout(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
     """Hold out `fraction` of every class (at least one image, never all of a class), seeded."""
     if not 0 < fraction < 1:
-        raise BitlabError(f"--val-fraction must be in (0, 1), got {fraction}")
+        raise ConfigError("val_fraction", f"must be in (0, 1), got {fraction}")
     rng = np.random.default_rng(seed)
     train_idx, val_idx = [], []
     for c in range(len(images.classes)):
@@ -399,14 +388,14 @@ def few_shot(images: ImageSet, k: int, seed: int) -> ImageSet:
     generator, over the files in their stable (sorted) order.
     """
     if k <= 0:
-        raise BitlabError(f"--examples-per-class must be positive, got {k}")
+        raise ConfigError("examples_per_class", f"must be positive, got {k}")
     rng = np.random.default_rng(seed)
     picked = []
     for c, name in enumerate(images.classes):
         idx = np.flatnonzero(images.labels == c)
         if len(idx) < k:
-            raise BitlabError(f"{images.source}: class {name!r} has {len(idx)} training image(s), "
-                              f"fewer than --examples-per-class {k}")
+            raise ConfigError("examples_per_class", f"{images.source}: class {name!r} has {len(idx)} training "
+                              f"image(s), fewer than {{setting}} {k}")
         picked += sorted(rng.choice(idx, size=k, replace=False).tolist())
     return images.subset(picked)
 
@@ -429,99 +418,3 @@ def typical_image_size(images: ImageSet, sample: int = 256, seed: int = 0) -> tu
         raise BadImageError(f"{images.source}: none of {len(idx)} sampled images could be read")
     h, w = np.median(np.array(sizes), axis=0)
     return int(h), int(w)
-
-
-# ----------------------------------------------------------------------------- torch datasets
-class Batch(NamedTuple):
-    """A collated batch: uint8 NCHW images, int64 labels, and messages for images that were bad."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    bad: tuple[str, ...]
-
-
-class TrainImages(Dataset):
-    """Training views keyed by `(index, stream position)` pairs from `StepSampler`.
-
-    A file that fails to decode is, with `skip_bad`, replaced by the next decodable file of the
-    same class (so the batch keeps its size and a few-shot set its class balance) and reported in
-    `Batch.bad`; without it, the batch carries the error.
-    """
-
-    def __init__(self, images: ImageSet, aug: TrainAugment, seed: int = 0, skip_bad: bool = False) -> None:
-        self.images, self.aug, self.seed, self.skip_bad = images, aug, seed, skip_bad
-        # Each class's indices, and each image's place among them: where its substitutes come from.
-        self.by_class = [np.flatnonzero(images.labels == c) for c in range(len(images.classes))]
-        self.rank = np.empty(len(images), dtype=np.int64)
-        for idx in self.by_class:
-            self.rank[idx] = np.arange(len(idx))
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, key: tuple[int, int]):
-        index, position = key
-        rng = np.random.default_rng((self.seed, _AUG_STREAM, position))
-        same_class = self.by_class[self.images.labels[index]]
-        bad: list[str] = []
-        for attempt in range(min(MAX_SUBSTITUTES, len(same_class))):
-            i = same_class[(self.rank[index] + attempt) % len(same_class)]
-            try:
-                img = decode_image(self.images.paths[i], min_side=self.aug.resize)
-            except BadImageError as e:
-                bad.append(str(e))
-                if not self.skip_bad:
-                    return None, -1, tuple(bad)
-                continue
-            return to_chw_tensor(train_image(img, self.aug, rng)), int(self.images.labels[i]), tuple(bad)
-        return None, -1, tuple(bad)
-
-
-class EvalImages(Dataset):
-    """Evaluation views (whole image resized to `crop` x `crop`); bad files come back as None."""
-
-    def __init__(self, images: ImageSet, crop: int) -> None:
-        self.images, self.crop = images, crop
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int):
-        try:
-            img = decode_image(self.images.paths[i], min_side=self.crop)
-        except BadImageError as e:
-            return None, -1, (str(e),)
-        return to_chw_tensor(square_eval_image(img, self.crop)), int(self.images.labels[i]), ()
-
-
-def collate(items) -> Batch:
-    """Stack the decodable items; keep the messages of the bad ones."""
-    good = [(img, label) for img, label, _ in items if img is not None]
-    bad = tuple(m for _, _, msgs in items for m in msgs)
-    if not good:
-        return Batch(torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), bad)
-    return Batch(torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good], dtype=torch.int64), bad)
-
-
-def _worker_init(_: int) -> None:
-    # Ctrl-C reaches the whole process group; only the main process should react (it checkpoints
-    # and stops), so workers keep serving the batches the current step still needs.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, *, workers: int,
-                pin_memory: bool = False, persistent: bool = False) -> DataLoader:
-    """DataLoader with bitlab's collate, OpenCV-friendly workers and sensible prefetching."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
-                      pin_memory=pin_memory, worker_init_fn=_worker_init if workers else None,
-                      persistent_workers=persistent and workers > 0, prefetch_factor=4 if workers else None,
-                      # Its own generator: creating a loader iterator must not consume the global
-                      # torch RNG, or a resumed run (one extra iterator) would drift from an unbroken one.
-                      generator=torch.Generator().manual_seed(0))

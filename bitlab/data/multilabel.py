@@ -27,7 +27,7 @@ import numpy as np
 
 from bitlab.data.datasets import (ImageSet, Packed, PackedPaths, check_files_exist, check_splits, load_source,
                                   parse_split, read_csv_rows)
-from bitlab.errors import BitlabError
+from bitlab.errors import BitlabError, ConfigError
 
 PATH_COLUMNS = ("path", "file", "filename")
 LABEL_COLUMNS = ("labels", "tags")
@@ -195,7 +195,7 @@ def _jsonl_rows(path: Path) -> list[tuple[int, str, list[str], str]]:
 def random_holdout(images: MultiLabelSet, fraction: float, seed: int) -> tuple[MultiLabelSet, MultiLabelSet]:
     """Hold out `fraction` of the images at random (seeded; at least one on each side)."""
     if not 0 < fraction < 1:
-        raise BitlabError(f"--val-fraction must be in (0, 1), got {fraction}")
+        raise ConfigError("val_fraction", f"must be in (0, 1), got {fraction}")
     if len(images) < 2:
         raise BitlabError(f"{images.source}: a validation hold-out needs at least 2 images")
     perm = np.random.default_rng(seed).permutation(len(images))

@@ -53,7 +53,7 @@ from bitlab import io
 from bitlab.data.datasets import ImageSet
 from bitlab.data.multilabel import MultiLabelSet, load_labelled, read_classes
 from bitlab.data.transforms import BadImageError, decode_image_bytes
-from bitlab.errors import BitlabError
+from bitlab.errors import BitlabError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -381,11 +381,11 @@ def _label_lists(images: ImageSet | MultiLabelSet) -> list[list[int]]:
 
 
 def check_shard_limits(shard_size: int, max_bytes: int | None) -> None:
-    """Refuse shard limits that would make no shards or one sample per shard, naming the flag."""
+    """Refuse shard limits that would make no shards or one sample per shard, naming the setting."""
     if shard_size <= 0:
-        raise BitlabError(f"--shard-size must be positive, got {shard_size}")
+        raise ConfigError("shard_size", f"must be positive, got {shard_size}")
     if max_bytes is not None and max_bytes <= 0:
-        raise BitlabError(f"--max-shard-mb must be positive, got {max_bytes / 1e6:g}")
+        raise ConfigError("max_bytes", f"must be positive, got {max_bytes}")
 
 
 def plan_shards(sizes: Sequence[int], order: Sequence[int], shard_size: int, max_bytes: int | None) -> list[list[int]]:

@@ -87,8 +87,9 @@ def save_checkpoint(path: Path, step: int, model: nn.Module, optimizer: torch.op
         config = getattr(model, "config", None)
         io.torch_save({"format": CHECKPOINT_FORMAT, "version": 2, "step": step, "model_name": model_name,
                        "model": model.state_dict(), "model_config": config.to_dict() if hasattr(config, "to_dict")
-                       else None, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                       "rng": rng, "world_size": dist.world_size}, path)
+                       else None, "optimizer": optimizer.state_dict(),
+                       "scaler": scaler.state_dict() if scaler else None, "rng": rng, "world_size": dist.world_size},
+                      path)
     barrier(dist)
     return path
 

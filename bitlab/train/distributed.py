@@ -26,7 +26,7 @@ from torch.utils.data import Sampler
 
 from bitlab.data.transforms import BadImageError
 from bitlab.device import parse_device
-from bitlab.errors import BitlabError
+from bitlab.errors import BitlabError, ConfigError
 from bitlab.train.torchrun import env_rank
 
 log = logging.getLogger(__name__)
@@ -216,8 +216,8 @@ def per_rank_batch(batch_size: int, batch_split: int, info: DistInfo) -> int:
     """Micro-batch size on each rank; the global batch must split evenly over ranks and micro-steps."""
     parts = batch_split * info.world_size
     if batch_size % parts:
-        raise BitlabError(f"batch size {batch_size} does not split into {info.world_size} process(es) x "
-                          f"--batch-split {batch_split}; choose a multiple of {parts}")
+        raise ConfigError("batch_split", f"batch size {batch_size} does not split into {info.world_size} process(es) x "
+                          f"{{setting}} {batch_split}; choose a multiple of {parts}")
     return batch_size // parts
 
 

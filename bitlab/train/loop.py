@@ -165,7 +165,8 @@ def check_finite(mean_loss: float, grad_norm: float, step: int, checkpoint: str)
     NaNs into the weights and the next checkpoint (fp16's scaler skips such steps itself)."""
     if math.isfinite(mean_loss) and math.isfinite(grad_norm):
         return
-    what = f"loss is {mean_loss}" if not math.isfinite(mean_loss) else f"gradients are not finite (loss {mean_loss:.4g})"
+    what = (f"loss is {mean_loss}" if not math.isfinite(mean_loss)
+            else f"gradients are not finite (loss {mean_loss:.4g})")
     raise NonFiniteLossError(f"{what} at step {step}: training stopped before that update; {checkpoint}. "
                              "Lower the learning rate or check the data.")
 
@@ -376,7 +377,8 @@ def _steps(batches: Iterator, start: int, stepper: Stepper, lr_at: Callable[[int
            signals: StopSignals, bar: tqdm) -> LoopResult:
     """The step loop from `start` to the end of the schedule or a stop."""
     config, dist = stepper.config, stepper.dist
-    result = LoopResult(step=start, completed=False, checkpoint=checkpoints.path if checkpoints.saved is not None else None)
+    result = LoopResult(step=start, completed=False,
+                        checkpoint=checkpoints.path if checkpoints.saved is not None else None)
     window, step, last_eval = TrainWindow(), start, -1
     while step < config.total_steps:
         lr = lr_at(step)

@@ -3,7 +3,6 @@ resume, signals and the NaN guard."""
 import json
 import os
 import signal
-from pathlib import Path
 
 import pytest
 import torch
@@ -317,12 +316,10 @@ def test_data_error_checkpoints_the_last_completed_step(tmp_path):
     assert_same(ckpt["model"], weights(good))
 
 
-@pytest.mark.parametrize("field, value, flag", [("log_every", 0, "--log-every"),
-                                                ("checkpoint_every", -1, "--checkpoint-every"),
-                                                ("eval_every", -1, "--eval-every"),
-                                                ("stop_after", 0, "--stop-after")])
-def test_step_counts_are_validated(field, value, flag):
-    with pytest.raises(BitlabError, match=f"^{flag} must"):
+@pytest.mark.parametrize("field, value", [("log_every", 0), ("checkpoint_every", -1), ("eval_every", -1),
+                                          ("stop_after", 0)])
+def test_step_counts_are_validated(field, value):
+    with pytest.raises(BitlabError, match=f"^{field} must"):
         LoopConfig(total_steps=10, **{field: value})
 
 
