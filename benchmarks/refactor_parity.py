@@ -200,26 +200,29 @@ def merge_base() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", help="git revision to compare with (default: the merge-base of HEAD and main)")
+    ap.add_argument("--new", help="git revision to test instead of this working tree (e.g. HEAD)")
     ap.add_argument("--only", nargs="+", help="run only the jobs whose names start with these")
     ap.add_argument("--keep", help="keep the work folder here (default: a temporary folder, removed)")
     args = ap.parse_args()
     base_rev = args.base or merge_base()
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bitlab-parity-"))
     work.mkdir(parents=True, exist_ok=True)
-    base_tree = work / "base-tree"
+    base_tree, new_tree = work / "base-tree", (work / "new-tree" if args.new else REPO)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "BITLAB_DATA": str(work / "data" / "cache")}
     env.pop("PYTHONPATH", None)
-    subprocess.run(["git", "worktree", "add", "--detach", str(base_tree), base_rev], cwd=REPO, check=True,
-                   capture_output=True)
+    trees = [(base_tree, base_rev)] + ([(new_tree, args.new)] if args.new else [])
+    for tree, rev in trees:
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=REPO, check=True,
+                       capture_output=True)
     rows, failed = [], False
     try:
-        make_inputs(work / "data", REPO, env)
+        make_inputs(work / "data", new_tree, env)
         for name, commands, artifacts in jobs(work / "data"):
             if args.only and not any(name.startswith(o) for o in args.only):
                 continue
             folder = work / "jobs" / name.split(" ")[0].replace("/", "_") / str(len(rows))
             times = {}
-            for side, tree in (("base", base_tree), ("new", REPO)):
+            for side, tree in (("base", base_tree), ("new", new_tree)):
                 ok, why, times[side] = run_job(tree, commands, folder / side, env)
                 if not ok:
                     rows.append((name, f"({side} run)", "FAILED: " + why))
@@ -232,13 +235,16 @@ def main() -> int:
                     rows.append((name, artifact, result))
                 print(f"{name}: base {times['base']:.0f} s, new {times['new']:.0f} s", file=sys.stderr, flush=True)
     finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)], cwd=REPO, capture_output=True)
+        for tree, _ in trees:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, capture_output=True)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                           text=True).stdout.strip()
-    print(f"base {base_rev[:10]} vs this tree ({head.strip()}{' + uncommitted changes' if dirty else ''}); "
+    head = subprocess.run(["git", "rev-parse", "--short", args.new or "HEAD"], cwd=REPO, capture_output=True,
+                          text=True).stdout.strip()
+    dirty = not args.new and subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                            capture_output=True, text=True).stdout.strip()
+    print(f"base {base_rev[:10]} vs {'revision' if args.new else 'this tree'} {head}"
+          f"{' + uncommitted changes' if dirty else ''}; "
           f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}")
     width = max(len(r[0]) for r in rows) if rows else 10
     awidth = max(len(r[1]) for r in rows) if rows else 10

@@ -439,6 +439,60 @@ def _map_shards(fn: Callable[[_T], _R], items: Sequence[_T], *, workers: int, de
     return results
 
 
+def _source_sizes(images: ImageSet | MultiLabelSet) -> list[int]:
+    """Each image file's size in bytes (what `plan_shards` packs by), its type checked first."""
+    sizes = []
+    for p in images.paths:
+        _image_ext(Path(p))
+        try:
+            sizes.append(os.stat(p).st_size)
+        except OSError as e:
+            raise BitlabError(f"{p}: cannot read image file ({e.strerror or e})") from None
+    return sizes
+
+
+def _checked_image(src: Path, source: str, skip_bad: bool) -> bytes | None:
+    """The file's bytes, decoded as training will decode them so that a bad file is named here
+    rather than as shard.tar:key when pre-training reaches it (None: it does not decode, and
+    `skip_bad` leaves it out). Measured: 1.3 ms per 500x375 JPEG (48 KB) on one core, over 300
+    images; the shard writers decode in parallel (OpenCV releases the GIL)."""
+    try:
+        data = src.read_bytes()
+    except OSError as e:
+        raise BitlabError(f"{src}: cannot read image file ({e.strerror or e})") from None
+    try:
+        decode_image_bytes(data, str(src))
+    except BadImageError as e:
+        if not skip_bad:
+            raise BadImageError(f"{e} (in {source}; --skip-bad-images leaves such images out)") from None
+        log.warning("skipped: %s", e)
+        return None
+    return data
+
+
+def _write_shard(path: Path, members: list[tuple[str, Path, list[int]]], *, multi: bool, common: Path,
+                 source: str, skip_bad: bool) -> list[tuple[str, list[int]]]:
+    """Write the tar shard of `members` (key, image file, labels) to `path` atomically, unless it
+    holds exactly those members already (a resumed write); returns the (file, labels) left out."""
+    expected = []
+    for key, src, _ in members:
+        expected += [f"{key}.{_image_ext(src)}"] + ([] if multi else [f"{key}.cls"]) + [f"{key}.json"]
+    if path.is_file() and _member_names(path) == expected:
+        return []
+    skipped = []
+    with io.atomic_write(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, src, labels in members:
+            if (data := _checked_image(src, source, skip_bad)) is None:
+                skipped.append((str(src), labels))
+                continue
+            _member(tar, f"{key}.{_image_ext(src)}", data)
+            if not multi:
+                _member(tar, f"{key}.cls", str(labels[0]).encode())
+            rel = os.path.relpath(os.path.abspath(src), common)
+            _member(tar, f"{key}.json", json.dumps({"labels": labels, "path": rel}).encode())
+    return skipped
+
+
 def write_shards(images: ImageSet | MultiLabelSet, out: str | os.PathLike, *, shard_size: int = SHARD_SIZE,
                  max_bytes: int | None = None, shuffle: bool = True, seed: int = 0, prefix: str = "shard",
                  workers: int = 4, progress: bool = True, skip_bad: bool = False) -> ShardIndex:
@@ -451,79 +505,31 @@ def write_shards(images: ImageSet | MultiLabelSet, out: str | os.PathLike, *, sh
     `skipped`; their shards hold fewer samples, and a rerun rewrites those shards).
     """
     check_shard_limits(shard_size, max_bytes)
-    out = Path(out)
-    multi = isinstance(images, MultiLabelSet)
-    labels = _label_lists(images)
-    n = len(images)
+    out, multi, labels, n = Path(out), isinstance(images, MultiLabelSet), _label_lists(images), len(images)
     if n == 0:
         raise BitlabError(f"{images.source}: no images to write")
-    sizes = []
-    for p in images.paths:
-        _image_ext(Path(p))
-        try:
-            sizes.append(os.stat(p).st_size)
-        except OSError as e:
-            raise BitlabError(f"{p}: cannot read image file ({e.strerror or e})") from None
     order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
-    groups = plan_shards(sizes, order, shard_size, max_bytes)
+    groups = plan_shards(_source_sizes(images), order, shard_size, max_bytes)
     common = Path(os.path.commonpath([os.path.abspath(p) for p in images.paths]))
-    if len(images) == 1:
+    if n == 1:
         common = common.parent
-    width = max(9, len(str(n)))
-    position = {int(i): k for k, i in enumerate(order)}
+    width, position = max(9, len(str(n))), {int(i): k for k, i in enumerate(order)}
     out.mkdir(parents=True, exist_ok=True)
     if (out / INDEX).exists():
         os.unlink(out / INDEX)  # the index is rewritten last: without it, the folder is not a shard set
 
-    def member_plan(group: list[int]) -> list[tuple[str, Path, list[int]]]:
-        return [(f"{position[i]:0{width}d}", Path(images.paths[i]), labels[i]) for i in group]
-
     def write_one(k: int) -> tuple[ShardInfo, list[tuple[str, list[int]]]]:
-        name = f"{prefix}-{k:06d}.tar"
-        path = out / name
-        plan = member_plan(groups[k])
-        expected = []
-        for key, src, _ in plan:
-            expected += [f"{key}.{_image_ext(src)}"] + ([] if multi else [f"{key}.cls"]) + [f"{key}.json"]
-        skipped: list[tuple[str, list[int]]] = []  # (source file, labels) left out
-        if not (path.is_file() and _member_names(path) == expected):
-            with io.atomic_write(path, "wb") as f, \
-                    tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for key, src, lab in plan:
-                    try:
-                        data = src.read_bytes()
-                    except OSError as e:
-                        raise BitlabError(f"{src}: cannot read image file ({e.strerror or e})") from None
-                    # Decoded as training will decode it, so that a bad file is named here rather
-                    # than as shard.tar:key when pre-training reaches it. Measured: 1.3 ms per
-                    # 500x375 JPEG (48 KB) on one core, over 300 images; the workers decode in
-                    # parallel (OpenCV releases the GIL).
-                    try:
-                        decode_image_bytes(data, str(src))
-                    except BadImageError as e:
-                        if not skip_bad:
-                            raise BadImageError(f"{e} (in {images.source}; --skip-bad-images leaves such "
-                                                "images out)") from None
-                        log.warning("skipped: %s", e)
-                        skipped.append((str(src), lab))
-                        continue
-                    _member(tar, f"{key}.{_image_ext(src)}", data)
-                    if not multi:
-                        _member(tar, f"{key}.cls", str(lab[0]).encode())
-                    rel = os.path.relpath(os.path.abspath(src), common)
-                    _member(tar, f"{key}.json", json.dumps({"labels": lab, "path": rel}).encode())
-        return ShardInfo(name, len(plan) - len(skipped), path.stat().st_size, io.sha256_file(path)), skipped
+        path = out / f"{prefix}-{k:06d}.tar"
+        members = [(f"{position[i]:0{width}d}", Path(images.paths[i]), labels[i]) for i in groups[k]]
+        skipped = _write_shard(path, members, multi=multi, common=common, source=images.source, skip_bad=skip_bad)
+        return ShardInfo(path.name, len(members) - len(skipped), path.stat().st_size, io.sha256_file(path)), skipped
 
-    infos, skipped = [], []
-    for info, left_out in _map_shards(write_one, range(len(groups)), workers=workers, desc="shards",
-                                      progress=progress):
-        infos.append(info)
-        skipped += left_out
+    results = _map_shards(write_one, range(len(groups)), workers=workers, desc="shards", progress=progress)
+    infos, skipped = [info for info, _ in results], [s for _, left_out in results for s in left_out]
     if len(skipped) == n:
         raise BitlabError(f"{images.source}: none of the {n} images decodes")
     planned = {i.name for i in infos}
-    stale = sorted(p.name for p in out.glob(f"{prefix}-*.tar") if p.name not in planned)
-    if stale:
+    if stale := sorted(p.name for p in out.glob(f"{prefix}-*.tar") if p.name not in planned):
         log.warning("%s: %d shard file(s) from an earlier write are not part of this set (e.g. %s)", out,
                     len(stale), stale[0])
     counts = np.zeros(len(images.classes), np.int64)
