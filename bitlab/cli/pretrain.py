@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Sequence
 
 from bitlab.cli.flags import add_config, add_settings, settings_from_args
 from bitlab.cli.train import RUNNING, report_unfinished
+from bitlab.errors import BitlabError
 from bitlab.train.config import PretrainConfig
-from bitlab.train.torchrun import env_rank, torchrun_command
+from bitlab.train.torchrun import env_rank
 
 # Flags by group, in help order; each flag's type, default and help come from PretrainConfig.
 WHAT = ("model", "data", "out", "val_data", "val_fraction", "classes", "label_sep", "seed")
@@ -68,8 +70,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from bitlab.errors import BitlabError
-
     if args.max_restarts is not None and (args.nproc is None or args.max_restarts < 0):
         raise BitlabError("--max-restarts needs --nproc (it restarts the torchrun job that --nproc launches; "
                           "under your own torchrun pass torchrun's --max-restarts)" if args.nproc is None
@@ -96,10 +96,28 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def torchrun_command(argv: Sequence[str], nproc: int, *, max_restarts: int = 0,
+                     python: str | None = None) -> list[str]:
+    """The torchrun command line equivalent to `bitlab <argv>` with `--nproc`/`--max-restarts`
+    removed: `python -m torch.distributed.run --standalone --nproc-per-node N -m bitlab ...`."""
+    if nproc < 1:
+        raise BitlabError(f"--nproc must be at least 1, got {nproc}")
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in ("--nproc", "--max-restarts"):
+            skip = "=" not in arg
+            continue
+        rest.append(arg)
+    return [python or sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            f"--max-restarts={max_restarts}", "-m", "bitlab", *rest]
+
+
 def _shards(args: argparse.Namespace) -> int:
     from bitlab.data import shards
-    from bitlab.errors import BitlabError
-
     if args.max_shard_mb is not None and args.max_shard_mb <= 0:  # in MB here, in bytes for the library
         raise BitlabError(f"--max-shard-mb must be positive, got {args.max_shard_mb:g}")
 
@@ -126,8 +144,6 @@ def _shards(args: argparse.Namespace) -> int:
 def _shards_index(args: argparse.Namespace) -> int:
     from bitlab.data import shards
     from bitlab.data.multilabel import read_classes
-    from bitlab.errors import BitlabError
-
     if args.num_classes is not None and args.num_classes <= 0:
         raise BitlabError(f"--num-classes must be positive, got {args.num_classes}")
     classes = (read_classes(args.classes) if args.classes else

@@ -111,7 +111,7 @@ def report_unfinished(r, total_steps: int, how_to_continue: str) -> int | None:
 
 
 def _report(r, how_to_continue: str = "rerun with --resume to continue") -> int:
-    """Print a fine-tuning run's result (`command.TrainResult`); the exit code."""
+    """Print a fine-tuning run's result (`loop.TrainResult`); the exit code."""
     code = report_unfinished(r, r.total_steps, how_to_continue)
     if code is not None or env_rank() != 0:
         return code or 0

@@ -1,15 +1,10 @@
-"""Labelled image sets for fine-tuning: image folders, CSVs, make-ooc output, few-shot subsets.
+"""Labelled image sets: image folders, CSVs, make-ooc output, few-shot subsets (batches: `loader`).
 
-Sources (`load_splits`):
-- an ImageFolder tree `DIR/train/<class>/*.jpg` with `DIR/val/` (or `validation/`, then `test/`);
-- a folder of class folders `DIR/<class>/*` (one split: add `--val-data` or `--val-fraction`);
-- the output of `bitlab make-ooc`: `DIR/manifest.csv` (columns `file`, `class`, ...), one split;
-- a CSV with columns `path,label` (paths relative to the CSV) and an optional `split` column
-  (train, val or validation, test);
-- `builtin:digits`: scikit-learn's 1,797 real 8x8 handwritten digits (10 classes), written once
-  as an ImageFolder tree; offline, for tests and the demo.
-
-How they become batches (views, workers, bad images): `bitlab.data.loader`.
+Sources (`load_splits`): an ImageFolder tree `DIR/train/<class>/*.jpg` with `DIR/val/` (or
+`validation/`, then `test/`); a folder of class folders `DIR/<class>/*` (one split); make-ooc output
+(`DIR/manifest.csv`: `file`, `class`, ...; one split); a CSV `path,label` (paths relative to it)
+with an optional `split` column (train, val or validation, test); `builtin:digits`, scikit-learn's
+1,797 real 8x8 handwritten digits (10 classes) written once as an ImageFolder tree (offline).
 """
 from __future__ import annotations
 
@@ -20,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import cv2
 import numpy as np
@@ -98,6 +93,7 @@ class ImageSet:
     labels: np.ndarray
     classes: list[str]
     source: str = ""
+    multi_label: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.paths = PackedPaths(self.paths)
@@ -125,13 +121,20 @@ class ImageSet:
 
 @dataclass
 class Splits:
+    """Training and validation sets (pre-training's may also be multi-label or shard sets, and
+    have no validation set), and notes on how they were chosen."""
+
     train: ImageSet
-    val: ImageSet
+    val: ImageSet | None
     notes: list[str] = field(default_factory=list)
 
     @property
     def classes(self) -> list[str]:
-        return self.train.classes
+        return list(self.train.classes)
+
+    @property
+    def multi_label(self) -> bool:
+        return self.train.multi_label
 
 
 # ----------------------------------------------------------------------------- sources
@@ -156,12 +159,9 @@ def image_folder(root: str | os.PathLike) -> ImageSet:
 
 
 def read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str | None]]]]:
-    """The column names and the (line, row) pairs of a UTF-8 CSV with a header.
-
-    Names and row keys are stripped alike (` path , label ` works), an Excel byte-order mark is
-    dropped (utf-8-sig), and `line` is the row's line in the file (blank lines are skipped). A cell
-    missing from a short row is None.
-    """
+    """The column names and the (line, row) pairs of a UTF-8 CSV with a header: names and keys stripped
+    alike (` path , label ` works), an Excel byte-order mark dropped, `line` the row's line in the
+    file (blank lines skipped), a cell missing from a short row None."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -216,11 +216,8 @@ def check_files_exist(source: Path, files: Sequence[tuple[int, Path]]) -> None:
 
 def labelled_csv(path: str | os.PathLike, *, path_columns: Sequence[str] = ("path", "file", "filename"),
                  label_columns: Sequence[str] = ("label", "class", "fg_class")) -> dict[str, ImageSet]:
-    """A CSV of image paths and labels -> {split: ImageSet}; split is 'all' without a `split` column.
-
-    Paths are relative to the CSV's folder (absolute paths are kept); every file must exist. Used
-    for plain CSVs and for make-ooc's `manifest.csv` (`file`, `class`, ...).
-    """
+    """A CSV of image paths (relative to it, or absolute; every file must exist) and labels -> {split:
+    ImageSet}, split 'all' without a `split` column. Plain CSVs and make-ooc's `manifest.csv`."""
     path = Path(path)
     columns, rows = read_csv_rows(path)
     pcol = _pick_column(path, columns, path_columns, "image path")
@@ -343,37 +340,45 @@ def align_classes(train: ImageSet, val: ImageSet) -> ImageSet:
     return aligned
 
 
-def load_splits(data: str | os.PathLike, *, val_data: str | os.PathLike | None = None,
-                val_split: str | None = None, val_fraction: float = 0.0, seed: int = 0) -> Splits:
-    """Training and validation sets from `data` (see the module doc), with classes aligned.
-
-    Validation comes from, in order: `val_data`; the source's own `val_split` (default: val, then
-    validation, then test); a stratified `val_fraction` hold-out of the training data.
-    """
-    splits = load_source(data)
+def split_off_validation(splits: dict, data: str | os.PathLike, *, open_source: Callable[[Any], dict] | None = None,
+                         val_data: Any = None, val_split: str | None = None, val_fraction: float = 0.0, seed: int = 0,
+                         holdout: Callable | None = None) -> tuple[Any, Any | None, list[str]]:
+    """(training set, validation set or None, notes) of `splits` ({split: set}). Validation from, in
+    order: `val_data` (by `open_source`; its `val_split`, else val, validation, test or all); the
+    source's `val_split` (else val, validation, test); a `val_fraction` `holdout` (stratified)."""
     train = splits.get("train") or splits.get("all")
     if train is None:
         raise BitlabError(f"{data}: no training split (found: {', '.join(sorted(splits))}); "
                           "a CSV's split column must use 'train' and 'val'/'test'")
-    notes = []
     if val_data is not None:
-        other = load_source(val_data)
+        other = (open_source or load_source)(val_data)
         pick = val_split or next((n for n in (*VAL_SPLIT_NAMES, "all") if n in other), None)
         if pick not in other:
-            raise BitlabError(f"{val_data}: no split {pick!r} (found: {', '.join(sorted(other))})")
-        val = other[pick]
-    elif val_split is not None:
+            raise BitlabError(f"{val_data}: no {'validation' if pick is None else repr(pick)} split "
+                              f"(found: {', '.join(sorted(other))})")
+        return train, other[pick], []
+    if val_split is not None:
         # a CSV's 'validation' rows are its 'val' split
         name = val_split if val_split in splits else SPLIT_VALUES.get(val_split.lower(), val_split)
         if name not in splits:
             raise BitlabError(f"{data}: no {val_split!r} split (found: {', '.join(sorted(splits))})")
-        val = splits[name]
-    elif found := next((n for n in VAL_SPLIT_NAMES if n in splits), None):
-        val = splits[found]
-    elif val_fraction > 0:
-        train, val = stratified_holdout(train, val_fraction, seed)
-        notes.append(f"validation: {len(val)} images held out of {data} ({val_fraction:.0%} per class, seed {seed})")
-    else:
+        return train, splits[name], []
+    if found := next((n for n in VAL_SPLIT_NAMES if n in splits), None):
+        return train, splits[found], []
+    if val_fraction <= 0:
+        return train, None, []
+    train, val = (holdout or stratified_holdout)(train, val_fraction, seed)
+    return train, val, [f"validation: {len(val)} images held out of {data} ({val_fraction:.0%}, seed {seed})"]
+
+
+def load_splits(data: str | os.PathLike, *, val_data: str | os.PathLike | None = None,
+                val_split: str | None = None, val_fraction: float = 0.0, seed: int = 0) -> Splits:
+    """Training and validation sets from `data` (see the module doc), with classes aligned; the
+    validation set as `split_off_validation` finds it, which must find one."""
+    splits = load_source(data)
+    train, val, notes = split_off_validation(splits, data, val_data=val_data, val_split=val_split,
+                                             val_fraction=val_fraction, seed=seed)
+    if val is None:
         raise BitlabError(f"{data}: no validation split (expected a val/ or test/ folder, or a 'split' column "
                           f"with val/test rows; found: {', '.join(sorted(splits))}). Add one, pass --val-data, "
                           "or hold out part of the training data with --val-fraction 0.1")

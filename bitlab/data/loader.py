@@ -1,25 +1,18 @@
-"""From images to batches, for every consumer: one `Item`, one `Batch`, one `collate`, one loader
-factory (`make_loader`) and one bad-image policy. Fine-tuning, pre-training, their evaluations,
-`evaluate` / `predict` and `dedup` all read images through here.
+"""From images to batches for every consumer (training, its evaluation, `evaluate`, `predict`, `dedup`):
+one `Item`, `Batch`, `collate`, loader factory and bad-image policy. Workers decode with OpenCV and
+apply the view: uint8 CHW tensors, normalised (and mixed) once per batch on the device. A training
+view is `view(img, rng=...)`, seeded by (run seed, the task's stream constant, the stream position):
+the n-th image is augmented alike whatever the workers, the batch split or an interruption.
 
-Workers decode with OpenCV, apply the view and return uint8 CHW tensors; normalisation (and MixUp)
-happens once per batch on the device. A training view is `view(img, rng=...)` with a generator
-seeded by (run seed, the task's stream constant, the sample's position in the stream), so the
-n-th image of a run is augmented the same way whatever the worker count, the batch split or an
-interruption; an evaluation view is `view(img)`.
-
-Bad images, the one policy: an image that cannot be read, decoded or transformed becomes a message
-naming it, never a worker traceback (`READ_ERRORS`).
-- Training with `skip_bad`: it is replaced by the next readable image of its class (single-label
-  file sets: the batch keeps its size, the classes their frequencies and a few-shot set its K per
-  class), of the set (multi-label file sets, where an image has no one class) or of its shard
-  (shard sets, which have no random access); at most `MAX_SUBSTITUTES` tries, no image twice. The
-  task warns once about each replaced image and lists it in `summary.json`.
-- Training without `skip_bad`, or when no substitute reads: the step stops every rank naming the
-  files (`distributed.stop_on_errors`), after the completed step is checkpointed.
-- Evaluation never substitutes (its counts must be exact): with `skip_bad` a bad image is left out
-  and warned about, else the evaluation stops naming it; `evaluate`, `predict` and `dedup` stop,
-  naming it.
+Bad images, the one policy: an image that cannot be read, decoded or transformed is a message
+naming it, never a worker traceback (`READ_ERRORS`). In training with `skip_bad` it is replaced by
+the next readable image of its class (single-label files: the batch keeps its size, the classes
+their frequencies, a few-shot set its K), of the set (multi-label files: no one class) or of its
+shard (no random access): at most `MAX_SUBSTITUTES` tries, no image twice, each warned about once
+and listed in summary.json. Without `skip_bad`, or when no substitute reads, the step stops every
+rank naming the files (`distributed.stop_on_errors`) after checkpointing the completed step.
+Evaluation never substitutes (its counts must be exact): with `skip_bad` a bad image is left out
+and warned about, else it stops, named; `evaluate`, `predict` and `dedup` stop, naming it.
 """
 from __future__ import annotations
 
@@ -49,8 +42,6 @@ _C = TypeVar("_C")
 
 
 class Item(NamedTuple):
-    """One decoded view (uint8 CHW; None when no readable image), its target and the bad images met."""
-
     image: torch.Tensor | None
     target: Any  # int class, uint8 multi-hot tensor, or None (images without labels)
     messages: tuple[str, ...]  # replaced images, or why `image` is None
@@ -64,7 +55,6 @@ class Batch(NamedTuple):
 
 
 def collate(items: Sequence[Item]) -> Batch:
-    """Stack the items with an image; keep the messages of the others."""
     good = [it for it in items if it.image is not None]
     replaced = tuple(m for it in good for m in it.messages)
     errors = tuple(m for it in items if it.image is None for m in it.messages)
@@ -102,6 +92,10 @@ def _message(error: Exception, name: str) -> str:
     return f"{name}: cannot process image ({type(error).__name__}: {error})"
 
 
+def to_tensor(view: Any) -> torch.Tensor:
+    return view if isinstance(view, torch.Tensor) else to_chw_tensor(view)
+
+
 def target_of(images: Images, i: int) -> Any:
     """Image `i`'s target: its class (ImageSet), its multi-hot labels (MultiLabelSet), or None."""
     if isinstance(images, ImageSet):
@@ -111,15 +105,9 @@ def target_of(images: Images, i: int) -> Any:
     return None
 
 
-def _tensor(view_output: Any) -> torch.Tensor:
-    return view_output if isinstance(view_output, torch.Tensor) else to_chw_tensor(view_output)
-
-
 # ----------------------------------------------------------------------------- file sets
 class TrainFiles(Dataset):
-    """Training views of a file set, keyed by `(index, stream position)` pairs from `StepSampler`;
-    bad images replaced by the policy (module docs). `decode_side`: the shorter side the view
-    needs (JPEGs may be decoded smaller)."""
+    """Training views keyed by `StepSampler`'s (index, position); `decode_side`: the view's shorter side."""
 
     def __init__(self, images: ImageSet | MultiLabelSet, view: Callable, *, seed: int, stream: int,
                  skip_bad: bool, decode_side: int | None = None) -> None:
@@ -149,15 +137,14 @@ class TrainFiles(Dataset):
 
         def read(i: int) -> tuple[torch.Tensor, Any]:
             img = decode_image(self.images.paths[i], min_side=self.decode_side)
-            return _tensor(self.view(img, rng=rng)), target_of(self.images, i)
+            return to_tensor(self.view(img, rng=rng)), target_of(self.images, i)
 
         return first_readable(self.substitutes(index), read, lambda i: str(self.images.paths[i]), tries=self.tries,
                               target=target_of(self.images, index))
 
 
 class EvalFiles(Dataset):
-    """Evaluation views of image files (a labelled set, or plain paths whose target is None); a bad
-    file comes back as an Item without an image."""
+    """Evaluation views of a labelled set, or of plain paths (target None)."""
 
     def __init__(self, images: Images, view: Callable, decode_side: int | None = None) -> None:
         self.images, self.view, self.decode_side = images, view, decode_side
@@ -168,18 +155,19 @@ class EvalFiles(Dataset):
 
     def __getitem__(self, i: int) -> Item:
         def read(j: int) -> tuple[torch.Tensor, Any]:
-            return _tensor(self.view(decode_image(self.paths[j], min_side=self.decode_side))), target_of(self.images, j)
+            img = decode_image(self.paths[j], min_side=self.decode_side)
+            return to_tensor(self.view(img)), target_of(self.images, j)
 
         return first_readable([i], read, lambda j: str(self.paths[j]), tries=1, target=target_of(self.images, i))
 
 
 # ----------------------------------------------------------------------------- shard sets
-class ShardTrainViews:
-    """`ShardStream` transform: sample j of a loaded shard -> a training Item (seeded by its key);
-    a bad sample is replaced by the next readable one of the shard (module docs)."""
+class ShardViews:
+    """Shard samples -> Items, for `ShardStream` (training: seeded by the key, the shard's next readable
+    sample replacing a bad one) and `ShardPass` (`evaluate`)."""
 
-    def __init__(self, view: Callable, *, num_classes: int, multi: bool, seed: int, stream: int,
-                 skip_bad: bool) -> None:
+    def __init__(self, view: Callable, *, num_classes: int, multi: bool, seed: int = 0, stream: int = 0,
+                 skip_bad: bool = False) -> None:
         self.view, self.num_classes, self.multi, self.seed, self.stream = view, num_classes, multi, seed, stream
         self.tries = MAX_SUBSTITUTES if skip_bad else 1
 
@@ -193,7 +181,7 @@ class ShardTrainViews:
     def read(self, sample: shards.Sample, **view_kw) -> tuple[torch.Tensor, Any]:
         name, data = sample.image()
         target = self.target(sample.labels())
-        return _tensor(self.view(decode_image_bytes(data, name), **view_kw)), target
+        return to_tensor(self.view(decode_image_bytes(data, name), **view_kw)), target
 
     def __call__(self, samples: list[shards.Sample], j: int, key: tuple[int, int, int]) -> Item:
         rng = np.random.default_rng((self.seed, self.stream, *key))
@@ -201,19 +189,12 @@ class ShardTrainViews:
         return first_readable(order, lambda s: self.read(s, rng=rng), lambda s: s.name, tries=self.tries,
                               target=self.target([0]))
 
+    def evaluate(self, sample: shards.Sample) -> Item:
+        return first_readable([sample], self.read, lambda s: s.name, tries=1, target=self.target([0]))
+
     def error(self, message: str) -> Item:
         """The Item standing for a whole shard that cannot be read."""
         return Item(None, self.target([0]), (message,))
-
-
-class ShardEvalViews(ShardTrainViews):
-    """`ShardPass` transform: a sample -> an evaluation Item (no substitutes)."""
-
-    def __init__(self, view: Callable, *, num_classes: int, multi: bool) -> None:
-        super().__init__(view, num_classes=num_classes, multi=multi, seed=0, stream=0, skip_bad=False)
-
-    def __call__(self, sample: shards.Sample) -> Item:
-        return first_readable([sample], self.read, lambda s: s.name, tries=1, target=self.target([0]))
 
 
 # ----------------------------------------------------------------------------- loaders

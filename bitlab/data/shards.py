@@ -5,30 +5,24 @@ packed into a few thousand tar files read sequentially. A shard set is a folder:
 
     DIR/shards.json            the index: classes, multi_label, and per shard its name, sample
                                count, size and sha256 (the readers need the counts to resume)
-    DIR/shard-000000.tar ...
-
-Inside a shard, one sample is consecutive members sharing a key (WebDataset's convention: the
-member name up to the first dot of its base name):
-
+    DIR/shard-000000.tar ...   samples: consecutive members sharing a key (WebDataset's convention:
+                               the member name up to the first dot of its base name)
     <key>.jpg (.png, ...)      the image file's bytes, exactly as they were (not re-encoded)
     <key>.cls                  single-label sets: the class index as decimal text (WebDataset's `cls`)
     <key>.json                 {"labels": [class indices], "path": the source file, relative}
 
 so the files also read with the `webdataset` package or plain `tar`. Samples are shuffled when
-written (seeded), so that a reader streaming a few shards already sees a mix of classes.
+written (seeded), so that a reader streaming a few shards already sees a mix of classes. Tars
+written by other tools (webdataset's ShardWriter, img2dataset, `tar`) become a shard set with
+`index_shards` (`bitlab shards-index DIR`), which checks each sample once and writes the same
+`shards.json`; labels come from `.json`'s `labels` (or `label` / `cls`) or else `.cls`, and the
+samples keep their order (shuffle when writing them, or training sees each shard's classes together).
 
-Shards written by other tools (webdataset's ShardWriter, img2dataset, `tar`) become a shard set
-with `index_shards` (`bitlab shards-index DIR`): it reads each tar once, checks that every sample
-has one image and a label, and writes the same `shards.json`. Labels are read from `.json`'s
-`labels` list (or its `label` / `cls` integer) or else from `.cls`; the samples keep the order
-they have in the tars (shuffle when writing them, or training sees each shard's classes together).
-
-Reading for training (`ShardStream`) needs no random access: every epoch the shards are permuted
-with the seed (seed, epoch) and dealt out to the *readers* (rank x DataLoader worker); a reader
-loads one shard at a time (its encoded bytes: keep shards at a few hundred MB) and yields its
-samples in an order seeded by (seed, epoch, shard). The stream of each reader is therefore a pure
-function of the seed and the reader layout, and a resumed run skips what was consumed by counting
-(whole shards from the index, without reading them).
+Training reads (`ShardStream`) need no random access: every epoch the shards are permuted by (seed,
+epoch) and dealt out to the *readers* (rank x DataLoader worker); a reader loads one shard at a
+time (keep shards at a few hundred MB) and yields its samples in an order seeded by (seed, epoch,
+shard). Each reader's stream is a pure function of the seed and the layout, and a resumed run skips
+what was consumed by counting (whole shards from the index, without reading them).
 """
 from __future__ import annotations
 
@@ -284,10 +278,9 @@ def reader_layout(num_shards: int, world_size: int, workers: int) -> int:
 class ShardStream(IterableDataset):
     """Endless training stream of one rank over a shard set, split over the DataLoader's workers.
 
-    `transform(samples, j, key)` turns sample `j` of a loaded shard into a training item (`samples`
-    is the whole shard, so a bad sample can be replaced by a neighbour and the item count stays
-    exact); `key = (epoch, shard, j)` identifies the sample for seeding its augmentation.
-    `on_error(message)` makes the item yielded in place of an unreadable shard.
+    `transform(samples, j, key)` makes the item of sample `j` of a loaded shard (all of it: a bad
+    sample can be replaced by a neighbour), `key = (epoch, shard, j)` seeding its augmentation;
+    `on_error(message)` the item standing for an unreadable shard.
 
     Resume: a DataLoader takes batches round-robin from its workers, so of the b = `micro_steps`
     x `start_step` batches consumed so far, reader role r (of W per rank) made batches r, r + W, ...
@@ -498,14 +491,11 @@ def write_shards(images: ImageSet | MultiLabelSet, out: str | os.PathLike, *, sh
                  workers: int = 4, progress: bool = True, skip_bad: bool = False) -> ShardIndex:
     """Pack `images` (single- or multi-label) into tar shards under `out` and write `out/shards.json`.
 
-    Resumable: each shard is written to a temp file and renamed, the index last; a rerun keeps the
-    shards that are already complete (same members) and writes the rest. The sample order is a
-    seeded permutation (`shuffle`), and every input file must be readable and decode (the error
-    names it); `skip_bad` leaves images that do not decode out instead (listed in the index's
-    `skipped`; their shards hold fewer samples, and a rerun rewrites those shards).
-    """
+    Resumable: shards are written to a temp file and renamed, the index last; a rerun keeps complete
+    shards (same members). The order is a seeded permutation (`shuffle`); every file must decode (the
+    error names it), or with `skip_bad` is left out (listed in the index's `skipped`)."""
     check_shard_limits(shard_size, max_bytes)
-    out, multi, labels, n = Path(out), isinstance(images, MultiLabelSet), _label_lists(images), len(images)
+    out, multi, labels, n = Path(out), images.multi_label, _label_lists(images), len(images)
     if n == 0:
         raise BitlabError(f"{images.source}: no images to write")
     order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
@@ -572,14 +562,10 @@ def write_source(data: str | os.PathLike, out: str | os.PathLike, *, split: str 
 # ----------------------------------------------------------------------------- indexing foreign shards
 def index_shards(root: str | os.PathLike, *, pattern: str = "*.tar", classes: Sequence[str] | None = None,
                  multi_label: bool = False, workers: int = 4, progress: bool = True) -> ShardIndex:
-    """`bitlab shards-index`: make the WebDataset tars matching `pattern` in `root` (written by
-    another tool) a shard set, writing `root/shards.json` as `write_shards` does.
-
-    Each tar is read once, in name order: its samples counted and checked (one image, readable
-    labels in range: one each unless `multi_label`), its sha256 taken on the way. `classes` names
-    the class indices; without it they are "0" .. the largest label seen. An error names the
-    shard and sample; nothing is written then.
-    """
+    """`bitlab shards-index`: the WebDataset tars matching `pattern` in `root` (written by another
+    tool) as a shard set (`root/shards.json`). Each tar is read once, in name order: samples counted
+    and checked (one image, labels in range: one unless `multi_label`), sha256 taken on the way.
+    `classes` names the indices (default "0" .. the largest label). An error names the sample."""
     root = Path(root)
     if not root.is_dir():
         raise ShardError(f"{root}: no such folder")

@@ -1,18 +1,16 @@
 """Image pre-processing with OpenCV: decode, resize, crop, flip, normalise.
 
-Workers return uint8 CHW tensors (4x less to move between processes than float32); the
-float conversion and normalisation happen once per batch with `normalize` (on the GPU when
-there is one). BiT models take RGB in [-1, 1], i.e. mean = std = 0.5.
-
-Shrinking is anti-aliased (like PIL's bilinear resize that the official code uses through
-torchvision): JPEGs are decoded at 1/2, 1/4 or 1/8 size when the next resize allows it, then
-halved with a Gaussian pyramid and finished bilinearly (see `resize`); enlarging is bilinear.
+Workers return uint8 CHW tensors (4x less to move between processes than float32), normalised
+once per batch with `normalize` (on the GPU when there is one); BiT models take RGB in [-1, 1].
+Shrinking is anti-aliased (like PIL's bilinear resize in the official code): JPEGs are decoded at
+1/2, 1/4 or 1/8 size when the next resize allows it, then halved with a Gaussian pyramid and
+finished bilinearly (`resize`); enlarging is bilinear.
 """
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -47,9 +45,6 @@ class DataConfig:
     mean: tuple[float, float, float] = BIT_MEAN
     std: tuple[float, float, float] = BIT_STD
     crop_pct: float = 1.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def decode_image(path: str | os.PathLike, min_side: int | None = None) -> np.ndarray:
@@ -162,9 +157,6 @@ class TrainAugment:
         if not 0 < self.crop <= self.resize:
             raise BitlabError(f"crop ({self.crop}) must be positive and at most the resize ({self.resize})")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def random_crop(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """A `size` x `size` window at a uniformly random position (as torchvision's RandomCrop)."""
@@ -226,9 +218,6 @@ class InceptionAugment:
             raise BitlabError(f"crop area range must satisfy 0 < min <= max <= 1, got {self.area}")
         if not 0 < self.ratio[0] <= self.ratio[1]:
             raise BitlabError(f"crop aspect range must satisfy 0 < min <= max, got {self.ratio}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # TF's sample_distorted_bounding_box tries this many boxes before falling back to the whole image.

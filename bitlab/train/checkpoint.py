@@ -1,11 +1,8 @@
-"""Training checkpoints: `checkpoint.pt` (everything a resume needs) and `final.pt` (the model alone).
+"""`checkpoint.pt` (all a resume needs, written atomically) and `final.pt` (the model alone).
 
-`checkpoint.pt` holds the model, optimiser and gradient-scaler states, the step, the model's name
-and config, and every rank's global RNG states (torch, CUDA, numpy, random: what dropout or
-drop-path draw from), gathered in rank order. Each rank restores its own, so a resumed run draws
-what an uninterrupted one would. On another number of processes the ranks the checkpoint has
-states for restore theirs and the others start streams seeded by (step, rank), with a warning:
-such a run continues correctly but not bit for bit. Writes are atomic (`io.torch_save`).
+Each rank's global RNG states (torch, CUDA, numpy, random: what dropout or drop-path draw from) are
+saved and restored to it, so a resumed run draws what an uninterrupted one would; on another process
+count the ranks without one start streams seeded by (step, rank), with a warning (not bit for bit).
 """
 from __future__ import annotations
 
@@ -57,8 +54,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def restore_rng(saved: list[dict] | dict, dist: DistInfo, step: int) -> None:
-    """This rank's own RNG states from a checkpoint (module docs: other process counts). A single
-    dict is an older checkpoint's rank-0 state."""
+    """This rank's own RNG states from a checkpoint (a single dict: an older checkpoint's rank 0's)."""
     states = saved if isinstance(saved, list) else [saved]
     if len(states) != dist.world_size and dist.is_main:
         log.warning("the checkpoint holds the RNG states of %d process(es), this run has %d: %s; global-RNG "

@@ -1,11 +1,6 @@
-"""The settings of the training commands, each declared once (no torch import: `bitlab.cli` builds
-the flags of `bitlab finetune`, `fewshot` and `pretrain` from these fields, their defaults and help).
-
-`Running` holds how the step loop runs (`LoopConfig` adds the step count for `loop.run`);
-`TrainSettings` adds what every training command takes; `FinetuneConfig` (with `FewShotConfig`)
-and `PretrainConfig` what is their own. Each is saved as the run's `config.json`, and a YAML or JSON
-file with those keys reruns it (`bitlab.settings.read_settings`, the CLI's `--config`). Values no
-run can use are refused on construction, before any data is read, naming the setting.
+"""The training commands' settings, each declared once (no torch import: `bitlab.cli` builds the flags
+from these fields). `Running`: the step loop's (`LoopConfig` adds the step count); `TrainSettings`:
+every command's; the command classes their own. Saved as config.json, which `--config` reads back.
 """
 from __future__ import annotations
 
@@ -38,7 +33,6 @@ class Running:
     precision: str | None = setting(None, "autocast (default: bf16 on GPU, fp32 on CPU)", choices=PRECISIONS)
     channels_last: bool | None = setting(None, "channels-last memory format (default: on for GPU)")
     compile: bool = setting(False, "torch.compile the model")
-    # Counted from the resumed step: the same --stop-after N advances any run by N steps.
     stop_after: int | None = setting(None, "stop with a checkpoint after N steps of this invocation (a resumed run "
                                      "goes N steps further)", check=at_least(1, "at least 1 step"), metavar="STEPS")
     progress: bool = setting(True, "progress bar")
@@ -68,28 +62,25 @@ class LoopConfig(Running):
 
 @dataclass(kw_only=True)
 class TrainSettings(Running):
-    """What every training command takes (the command's own class gives `model`, `data` and `out`
-    their help)."""
+    """What every training command takes (`model`, `data`: their help is the command's)."""
 
     model: str
     data: str
     out: str = setting(help="run directory", metavar="RUN_DIR")
     val_data: str | None = setting(None, "validation data from elsewhere (same forms as --data)")
-    val_fraction: float = setting(0.0, "hold out this fraction of the training data (of each class when single-"
-                                       "label) for validation", check=FRACTION)
+    val_fraction: float = setting(0.0, "hold out this fraction for validation (per class if single-label)",
+                                  check=FRACTION)
     seed: int = setting(0, "data order, augmentation and initialisation", check=NOT_NEGATIVE)
-    batch_split: int = setting(1, "micro-batches per step (less memory; the same result unless the model has "
-                                  "BatchNorm)", check=at_least(1))
+    batch_split: int = setting(1, "micro-batches per step: less memory, the same result (BatchNorm aside)",
+                               check=at_least(1))
     eval_batch_size: int | None = setting(None, "evaluation batch per process (default: the micro-batch)",
                                           check=at_least(1))
     flip: bool = setting(True, "random horizontal flips (--no-flip for e.g. text, digits)")
-    workers: int | None = setting(None, "data loading processes per process (default: the CPU cores it may use, "
-                                        "shared by torchrun's processes on a node)", check=WORKERS)
-    device: str | None = setting(None, "cpu, cuda, cuda:1 (default: cuda when available; torchrun ranks use "
-                                       "their local GPU)")
-    skip_bad_images: bool = setting(False, "replace unreadable training images by readable ones of their class "
-                                           "(or shard) and leave unreadable validation images out, listing them in "
-                                           "summary.json (default: stop, naming them)")
+    workers: int | None = setting(None, "loader processes per process (default: its CPU cores / processes on the "
+                                        "node)", check=WORKERS)
+    device: str | None = setting(None, "cpu, cuda, cuda:1 (default: cuda if available; torchrun: the local GPU)")
+    skip_bad_images: bool = setting(False, "replace unreadable training images (by their class's or shard's next), "
+                                           "leave validation ones out; listed in summary.json (default: stop)")
     resume: bool = setting(False, RESUME_HELP)
 
     PATH_FIELDS: ClassVar[tuple[str, ...]] = ("data", "val_data")  # compared resolved on resume
@@ -107,7 +98,6 @@ class FinetuneConfig(TrainSettings):
     pretrained: str | None = setting(None, "weights: official .npz, bitlab or timm checkpoint", metavar="PATH")
     val_split: str | None = setting(None, "name of the validation split (default: val, validation, then test)")
     seed: int = setting(0, "few-shot subset, data order, augmentation, MixUp, init", check=NOT_NEGATIVE)
-    # Apart from --seed, so that every seed of a sweep is validated on the same images.
     split_seed: int = setting(0, "the --val-fraction hold-out's seed (not --seed, so few-shot seeds share it)",
                               check=NOT_NEGATIVE)
     examples_per_class: int | None = setting(None, "few-shot: K training images per class", metavar="K")
@@ -120,8 +110,8 @@ class FinetuneConfig(TrainSettings):
     scale_schedule: bool = setting(False, "scale step counts by 512/batch (not official)")
     mixup: float | None = setting(None, "override MixUp alpha (0 turns it off)", metavar="ALPHA",
                                   check=Check(lambda v: math.isfinite(v) and v >= 0, "0 (off) or more"))
-    image_size: list[int] | None = setting(None, "image size the resolution rule sees (default: median of the "
-                                                 "training images)", nargs=2, metavar=("H", "W"), check=PAIR)
+    image_size: list[int] | None = setting(None, "image size the resolution rule sees (default: the images' median)",
+                                           nargs=2, metavar=("H", "W"), check=PAIR)
     resolution: list[int] | None = setting(
         None, "override resize and crop", nargs=2, metavar=("RESIZE", "CROP"),
         check=Check(lambda v: len(v) == 2 and 0 < v[1] <= v[0], "RESIZE CROP with 0 < CROP <= RESIZE"))
@@ -166,9 +156,9 @@ class PretrainConfig(TrainSettings):
     model: str = setting(help="registry name: R50x1, R101x3, R14x0.5, ablations R50x1-bn, R50x1-plain, "
                               "R50x1-bn-plain, or any timm name")
     data: str = setting(help="ImageFolder DIR (train/<class>/, val/<class>/), a folder of class folders, a CSV of "
-                             "path,label[,split], a multi-label CSV (path,labels[,split]) or JSON lines ({path, labels, "
-                             "split}), a shard set (DIR/shards.json, or DIR/train/ and DIR/val/ shard sets from "
-                             "`bitlab shards`), or builtin:digits")
+                             "path,label[,split], a multi-label CSV (path,labels[,split]) or JSON lines ({path, "
+                             "labels, split}), a shard set (DIR/shards.json, or DIR/train/ and DIR/val/ shard sets "
+                             "from `bitlab shards`), or builtin:digits")
     out: str = setting(help="run directory (resumed when it holds a checkpoint)", metavar="RUN_DIR")
     classes: str | None = setting(None, "class list, one per line: fixes the label order", metavar="FILE")
     label_sep: str | None = setting(None, "separator inside a multi-label CSV's labels cell (default: whitespace)")
@@ -199,13 +189,9 @@ class PretrainConfig(TrainSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        upstream.check_recipe(*self.recipe(), self.warmup_steps)
-
-    def recipe(self) -> tuple[float, tuple[float, ...]]:
-        """(epochs, decay epochs): the preset's unless overridden."""
-        return upstream.recipe(self.preset, self.epochs, self.decay_epochs)
+        upstream.check_recipe(*upstream.recipe(self.preset, self.epochs, self.decay_epochs), self.warmup_steps)
 
     def schedule(self, num_examples: int) -> upstream.UpstreamSchedule:
-        epochs, decays = self.recipe()
+        epochs, decays = upstream.recipe(self.preset, self.epochs, self.decay_epochs)
         return upstream.make_schedule(num_examples, self.batch_size, epochs=epochs, decay_epochs=decays,
                                       warmup_steps=self.warmup_steps, base_lr=self.base_lr)

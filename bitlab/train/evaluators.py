@@ -12,10 +12,11 @@ from torch import nn
 
 from bitlab.data import shards
 from bitlab.data.datasets import ImageSet
-from bitlab.data.loader import Batch, EvalFiles, ShardEvalViews, make_loader
+from bitlab.data.loader import Batch, EvalFiles, ShardViews, make_loader
 from bitlab.data.multilabel import MultiLabelSet
 from bitlab.errors import BitlabError
 from bitlab.train import distributed as D
+from bitlab.train.command import Env
 from bitlab.train.loop import eval_logits
 
 log = logging.getLogger(__name__)
@@ -33,31 +34,28 @@ def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
 
 
 class Evaluator:
-    """The validation set's loss and top-1/top-5 (single-label) or loss, precision@1 and mAP
-    (multi-label; scores are gathered for the mAP, so keep such validation sets to a size whose
-    N x C scores fit in memory), sharded over ranks and summed: the same numbers on any number of
-    processes. Bad images follow `bitlab.data.loader`'s policy: left out with `skip_bad` (and
-    listed in `bad`), else every rank stops, naming them."""
+    """Loss and top-1/top-5 (single-label) or loss, precision@1 and mAP (multi-label: the N x C scores
+    are gathered, so they must fit in memory), sharded over ranks and summed: the same numbers on
+    any number of processes. Bad images: left out with `skip_bad` (listed in `bad`), else stop."""
 
-    def __init__(self, source: ImageSet | MultiLabelSet | shards.ShardIndex, view: Callable, *, batch_size: int,
-                 mean, std, dist: D.DistInfo, workers: int, skip_bad: bool, precision: str, channels_last: bool,
-                 decode_side: int | None = None) -> None:
-        pin = dist.device.type == "cuda"
+    def __init__(self, source: ImageSet | MultiLabelSet | shards.ShardIndex, view: Callable, env: Env, *,
+                 batch_size: int, skip_bad: bool, decode_side: int | None = None) -> None:
+        dist, workers, pin = env.dist, env.workers, env.dist.device.type == "cuda"
+        self.multi = source.multi_label
         if isinstance(source, shards.ShardIndex):
-            self.multi = source.multi_label
-            views = ShardEvalViews(view, num_classes=len(source.classes), multi=self.multi)
-            dataset = shards.ShardPass(source, views, rank=dist.rank, world_size=dist.world_size, on_error=views.error)
+            views = ShardViews(view, num_classes=len(source.classes), multi=self.multi)
+            dataset = shards.ShardPass(source, views.evaluate, rank=dist.rank, world_size=dist.world_size,
+                                       on_error=views.error)
             self.loader = make_loader(dataset, batch_size, workers=min(workers, len(dataset.mine)), pin_memory=pin,
                                       persistent=True)
         else:
-            self.multi = isinstance(source, MultiLabelSet)
             sampler = D.ShardSampler(len(source), dist)
             # Below one batch, worker start-up costs more than it saves.
             self.loader = make_loader(EvalFiles(source, view, decode_side), batch_size, sampler=sampler,
                                       workers=workers if len(sampler) > batch_size else 0, pin_memory=pin,
                                       persistent=True)
-        self.mean, self.std, self.dist, self.skip_bad = mean, std, dist, skip_bad
-        self.precision, self.channels_last = precision, channels_last
+        self.mean, self.std, self.dist, self.skip_bad = env.mean, env.std, dist, skip_bad
+        self.precision, self.channels_last = env.precision, env.channels_last
         self.bad: set[str] = set()
 
     def _errors(self, batch: Batch) -> list[str]:

@@ -1,24 +1,19 @@
 """`bitlab finetune` and `bitlab fewshot`: BiT-HyperRule transfer on any labelled image set.
 
-The recipe is the official one (bit_pytorch/train.py with bit_hyperrule.py) with its defects
-fixed: seeded few-shot subsets, a checkpoint at the end and on signals, exact resume (data order
-and augmentation are functions of the step), DDP with `no_sync` micro-batches instead of
-DataParallel, MixUp pairs that do not depend on `--batch-split`, and no partial batches (epochs
-run into each other). The seed drives the few-shot subset, the data order, augmentation, MixUp
-and any random initialisation. What is not fine-tuning's own runs in `command.train`.
+The official recipe (bit_pytorch/train.py with bit_hyperrule.py) with its defects fixed: seeded
+few-shot subsets, exact resume, MixUp pairs that do not depend on `--batch-split`, no partial
+batches (epochs run into each other). The seed drives the few-shot subset, the data order,
+augmentation, MixUp and any random initialisation; the rest of the command is `command.train`'s.
 """
 from __future__ import annotations
 
-import csv
 import functools
-import io as _io
 import json
 import logging
 import math
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -33,11 +28,11 @@ from bitlab.errors import BitlabError
 from bitlab.models import checkpoints, registry
 from bitlab.train import distributed as D
 from bitlab.train.checkpoint import CHECKPOINT
-from bitlab.train.command import Env, LoaderSteps, Parts, TrainResult, train
+from bitlab.train.command import Env, LoaderSteps, Parts, train
 from bitlab.train.config import FewShotConfig, FinetuneConfig
 from bitlab.train.evaluators import Evaluator
-from bitlab.train.loop import MicroBatches
-from bitlab.train.rundir import check_resume_settings, check_settings, write_config
+from bitlab.train.loop import MicroBatches, TrainResult
+from bitlab.train.rundir import check_resume_settings, check_settings, write_config, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +152,6 @@ class FinetunePlan:
     warnings: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
-        """What a resumed run's data must still count."""
         return {"dataset_size": self.dataset_size, "num_classes": self.num_classes}
 
     def to_dict(self) -> dict:
@@ -165,7 +159,6 @@ class FinetunePlan:
 
 
 def plan(cfg: FinetuneConfig, splits: Splits) -> FinetunePlan:
-    """What BiT-HyperRule chooses for this data, with the user's overrides applied."""
     image_size = tuple(cfg.image_size) if cfg.image_size else datasets.typical_image_size(splits.train)
     rule = hyperrule.hyperrule(len(splits.train), image_size, batch_size=cfg.batch_size, base_lr=cfg.base_lr,
                                scale_with_batch=cfg.scale_schedule)
@@ -223,12 +216,9 @@ class Finetune:
             return (MicroBatches(images, labels, cfg.batch_split, env.mean, env.std) if perm is None
                     else _MixedMicroBatches(images, labels, cfg.batch_split, lam, perm, env.mean, env.std))
 
-        steps = LoaderSteps(loader_from, cfg.batch_split, mean=env.mean, std=env.std, dist=dist,
-                            skip_bad=cfg.skip_bad_images, micro_batches=mixed)
-        evaluator = Evaluator(splits.val, functools.partial(square_eval_image, crop=p.crop), decode_side=p.crop,
-                              batch_size=cfg.eval_batch_size or micro, mean=env.mean, std=env.std, dist=dist,
-                              workers=env.workers, skip_bad=cfg.skip_bad_images, precision=env.precision,
-                              channels_last=env.channels_last)
+        steps = LoaderSteps(loader_from, cfg.batch_split, env, skip_bad=cfg.skip_bad_images, micro_batches=mixed)
+        evaluator = Evaluator(splits.val, functools.partial(square_eval_image, crop=p.crop), env, decode_side=p.crop,
+                              batch_size=cfg.eval_batch_size or micro, skip_bad=cfg.skip_bad_images)
         supports = tuple(p.supports)
         return Parts(steps, evaluator,
                      # paper §3.3: no weight decay in transfer
@@ -242,10 +232,7 @@ class Finetune:
 
 
 def finetune(cfg: FinetuneConfig, dist: D.DistInfo | None = None) -> TrainResult:
-    """Fine-tune `cfg.model` on `cfg.data` by BiT-HyperRule; writes the run directory `cfg.out`.
-
-    Under torchrun every rank calls this; `dist` (from `distributed.setup`) is set up here when
-    not given, and then also torn down here."""
+    """Fine-tune `cfg.model` on `cfg.data` by BiT-HyperRule into the run directory `cfg.out` (`command.train`)."""
     return train(Finetune(cfg), cfg, dist)
 
 
@@ -264,11 +251,9 @@ class FewShotResult:
 
 
 def fewshot(cfg: FewShotConfig) -> FewShotResult:
-    """Run every (K, seed) under `cfg.out/k{K}_seed{S}` (finished runs are kept, interrupted ones
-    resume; either only if made with the same settings; a finished run keeps final.pt, not its
-    checkpoint.pt, which only resuming needs), then write `fewshot.csv` (one row per
-    run) and `fewshot_summary.csv` (per K: median, min, max, std of top-1): the data of the paper's
-    Fig. 2/5 few-shot curves."""
+    """Run every (K, seed) under `cfg.out/k{K}_seed{S}` (finished runs kept, interrupted ones resumed,
+    either only if made with the same settings; finished ones drop checkpoint.pt), then write
+    `fewshot.csv` (per run) and `fewshot_summary.csv` (per K: top-1 median, min, max, std): Fig. 2/5."""
     base = {k: v for k, v in asdict(cfg).items() if k not in ("shots", "seeds")}
     with D.session(cfg.device) as dist:
         return _fewshot(cfg, Path(cfg.out), base, dist)
@@ -309,8 +294,8 @@ def _fewshot(cfg: FewShotConfig, out: Path, base: dict, dist: D.DistInfo) -> Few
                      "run_dir": run_dir.name})
     summary_rows = summarize_fewshot(rows)
     if dist.is_main:
-        _write_csv(out / "fewshot.csv", FEWSHOT_COLUMNS, rows)
-        _write_csv(out / "fewshot_summary.csv", SUMMARY_COLUMNS, summary_rows)
+        write_csv(out / "fewshot.csv", FEWSHOT_COLUMNS, rows)
+        write_csv(out / "fewshot_summary.csv", SUMMARY_COLUMNS, summary_rows)
     return FewShotResult(rows, None, summary_rows, out / "fewshot.csv", out / "fewshot_summary.csv")
 
 
@@ -327,10 +312,9 @@ def summarize_fewshot(rows: list[dict]) -> list[dict]:
 
 
 def read_fewshot(out: str | Path):
-    """`fewshot.csv` of a `bitlab fewshot` folder as a DataFrame (one row per K and seed), with the
-    number of classes each run learnt (`num_classes`, from its summary.json) for chance level and
-    the weights the sweep started from (`pretrained`, from its config.json; None: from scratch,
-    "unknown" without a config.json)."""
+    """`fewshot.csv` of a `bitlab fewshot` folder as a DataFrame (a row per K and seed), with each run's
+    `num_classes` (its summary.json: chance level) and the sweep's `pretrained` weights (config.json;
+    None: from scratch, "unknown" without one)."""
     import pandas as pd
 
     out = Path(out)
@@ -352,11 +336,3 @@ def _read_summary(run_dir: Path) -> dict | None:
         return None
     summary = json.loads(path.read_text())
     return summary if summary.get("completed") and not math.isnan(summary.get("top1", math.nan)) else None
-
-
-def _write_csv(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
-    buf = _io.StringIO()
-    writer = csv.DictWriter(buf, columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    io.write_text(path, buf.getvalue())

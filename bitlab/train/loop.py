@@ -1,35 +1,23 @@
-"""The training engine: the step loop and the policies it calls. `bitlab finetune` and `bitlab pretrain`
-are tasks on it (`command.py` runs them).
+"""The training engine: the step loop and the policies it calls (`command.py` runs the tasks on it).
 
-What the caller supplies (nothing here knows about HyperRule, MixUp or labels):
-- `data`: a `StepData` whose `steps(start)` yields, for every optimiser step from `start` on, this
-  rank's micro-batches as `(inputs, targets)` already on the device. It must be a deterministic
-  function of the step (seeded order and augmentation), which is what makes resume exact;
-- `lr_at(step)`: the learning rate of step `step` (0-based), or None when training is over.
-  A param group with `lr_scale` gets `lr * lr_scale`;
-- `loss_fn(outputs, targets)`: the mean loss of one micro-batch;
-- `make_optimizer(model)`: called after the model is on its device;
-- `evaluate(model, step)`: optional, returns a dict of metrics (called every `eval_every` steps and
-  at the end, on every rank: it may use collectives).
+The caller supplies (nothing here knows about HyperRule, MixUp or labels) `data`, a `StepData`
+that must be a deterministic function of the step (what makes resume exact); `lr_at(step)`, None
+when training is over (a param group's `lr_scale` scales it); `loss_fn(outputs, targets)`, a
+micro-batch's mean loss; `make_optimizer(model)`; and optionally `evaluate(model, step)`, a dict
+of metrics, called on every rank (it may use collectives).
 
 The policies, each a small piece below:
-- a step (`Stepper`): each micro-batch's loss is weighted by its share of the step's images, and
-  DDP's gradient all-reduce runs only on the last micro-step (`no_sync()` on the others), so a step
-  is the same update as one big batch;
-- the NaN guard (`check_finite`): a non-finite loss or gradient norm stops the run *before* the
-  update; the last good checkpoint is left untouched;
-- checkpoints (`Checkpoints`): every `checkpoint_every` steps, before every evaluation (a failing
-  evaluation loses no training), at the end (then `final.pt`, then the final evaluation), on a stop,
-  and before a data error raised by `data.steps` (an unreadable image) when that is safe: in one
-  process, or when every rank raises it at the same step (`EveryRankError`);
-- stopping (`StopSignals`, `stop_reason`): SIGINT/SIGTERM finish the current step, write a
-  checkpoint and return (a second Ctrl-C aborts at once); so does `stop_after`;
-- metrics (`TrainWindow`): one training row per `log_every` steps (loss, lr, images/s, seconds per
-  step and per step spent waiting for data) and one per evaluation, to the run directory's
-  `metrics.jsonl` / `metrics.csv` (`rundir.MetricsWriter`) and the progress bar.
-
-Each step ends with one small all-reduce carrying the mean loss, the stop flag and the gradient
-norm, so that every rank takes the same decision.
+- a step (`Stepper`): each micro-batch's loss is weighted by its share of the step's images and
+  DDP all-reduces only on the last micro-step (`no_sync()`): the update of one big batch. It ends
+  with one small all-reduce of the loss, the stop flag and the gradient norm: every rank decides alike;
+- the NaN guard (`non_finite`): a non-finite loss or gradient norm stops *before* the update;
+- checkpoints (`Checkpoints`): every `checkpoint_every` steps, before each evaluation (a failing
+  evaluation loses no training), at the end (then `final.pt`, then the final evaluation), on a
+  stop, and before a data error from `data.steps` when every rank can write it together;
+- stopping (`StopSignals`, `stop_reason`): SIGINT/SIGTERM or `stop_after` finish the step and
+  checkpoint (a second Ctrl-C aborts at once);
+- metrics (`TrainWindow`): a training row per `log_every` steps (loss, lr, images/s, seconds per
+  step and waiting for data) and one per evaluation (`rundir.MetricsWriter`), and the progress bar.
 """
 from __future__ import annotations
 
@@ -61,10 +49,8 @@ MicroBatch = tuple[torch.Tensor, Any]
 
 class StepData(Protocol):
     def steps(self, start: int) -> Iterator[Sequence[MicroBatch]]:
-        """From optimiser step `start` on: each step's micro-batches for this rank, on the device.
-
-        A step's sequence may be lazy (items built on access, to keep one micro-batch of floats in
-        memory at a time); if it has `num_images`, that is the step's image count on this rank."""
+        """Each step's micro-batches for this rank from step `start` on, on the device: a sequence
+        that may be lazy (one float micro-batch in memory at a time; `num_images`: its image count)."""
 
 
 class NonFiniteLossError(BitlabError):
@@ -72,14 +58,20 @@ class NonFiniteLossError(BitlabError):
 
 
 @dataclass
-class LoopResult:
+class TrainResult:
+    """What a run did; `command.train` adds the task's plan and every rank's bad images."""
+
+    run_dir: Path
+    total_steps: int
     step: int  # optimiser steps done
-    completed: bool  # reached the end of the schedule (False: interrupted / stopped early)
-    final_metrics: dict = field(default_factory=dict)
+    completed: bool = False  # reached the end of the schedule (False: interrupted / stopped early)
+    metrics: dict = field(default_factory=dict)  # the last evaluation's
     checkpoint: Path | None = None
     final: Path | None = None
     images_per_s: float = 0.0
     stopped_by: str | None = None  # "SIGINT" / "SIGTERM" / "stop_after" when not completed
+    plan: Any = None
+    bad_images: list[str] = field(default_factory=list)
 
 
 class MicroBatches(Sequence):
@@ -160,15 +152,16 @@ def stop_reason(any_rank_signalled: bool, signals: StopSignals, step: int, start
     return None
 
 
-def check_finite(mean_loss: float, grad_norm: float, step: int, checkpoint: str) -> None:
-    """The NaN guard: a finite loss can still overflow the gradients, and that one update would put
-    NaNs into the weights and the next checkpoint (fp16's scaler skips such steps itself)."""
+def non_finite(mean_loss: float, grad_norm: float, step: int, checkpoint: str) -> NonFiniteLossError | None:
+    """The NaN guard: the error when the loss or the gradient norm is not finite (a finite loss can
+    still overflow the gradients, and that one update would put NaNs into the weights and the next
+    checkpoint; fp16's scaler skips such steps itself)."""
     if math.isfinite(mean_loss) and math.isfinite(grad_norm):
-        return
+        return None
     what = (f"loss is {mean_loss}" if not math.isfinite(mean_loss)
             else f"gradients are not finite (loss {mean_loss:.4g})")
-    raise NonFiniteLossError(f"{what} at step {step}: training stopped before that update; {checkpoint}. "
-                             "Lower the learning rate or check the data.")
+    return NonFiniteLossError(f"{what} at step {step}: training stopped before that update; {checkpoint}. "
+                              "Lower the learning rate or check the data.")
 
 
 class TrainWindow:
@@ -211,8 +204,7 @@ class Checkpoints:
         self.saved: int | None = None
 
     def restore(self, resume: bool) -> int:
-        """The step to start from: the checkpoint's when resuming one, else 0 (an existing checkpoint
-        is refused without `resume`)."""
+        """The step to start from (a checkpoint without `resume` is refused)."""
         if resume and self.path.exists():
             ckpt = load_checkpoint(self.path, self.model, self.optimizer, self.scaler, self.dist)
             self.saved = int(ckpt["step"])
@@ -233,12 +225,6 @@ class Checkpoints:
         """Mid-run: every `checkpoint_every` steps and before an evaluation."""
         every = config.checkpoint_every and step % config.checkpoint_every == 0
         return bool(every or eval_due(step, config)) and step < config.total_steps
-
-    def described(self) -> str:
-        """What the NaN guard leaves behind, for its message."""
-        if self.saved is None:
-            return "no checkpoint had been written yet"
-        return f"the last good checkpoint ({self.path}, step {self.saved}) is kept"
 
 
 def eval_due(step: int, config: LoopConfig) -> bool:
@@ -277,10 +263,11 @@ class Stepper:
         stop_flag = torch.tensor(float(stop_requested), device=self.dist.device)
         grad_norm = step_loss.new_zeros(()) if self.scaler else _grad_norm(self.model)
         shared = all_reduce_sum(torch.stack([step_loss, stop_flag, grad_norm]), self.dist)
-        mean_loss = shared[0].item() / self.dist.world_size
-        if not (math.isfinite(mean_loss) and math.isfinite(shared[2].item())):
+        mean_loss, saved = shared[0].item() / self.dist.world_size, checkpoints.saved
+        if error := non_finite(mean_loss, shared[2].item(), step, "no checkpoint had been written yet" if saved is None
+                               else f"the last good checkpoint ({checkpoints.path}, step {saved}) is kept"):
             self.optimizer.zero_grad(set_to_none=True)
-            check_finite(mean_loss, shared[2].item(), step, checkpoints.described())
+            raise error
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -299,9 +286,8 @@ def _grad_norm(model: nn.Module) -> torch.Tensor:
 
 
 def _next_step(batches: Iterator, step: int, checkpoints: Checkpoints, dist: DistInfo) -> Sequence[MicroBatch]:
-    """The step's micro-batches. On a data error (an unreadable image) the weights are those of a
-    completed step: keep them, when all ranks are here to write together (else one would wait in a
-    collective)."""
+    """The step's micro-batches; on a data error, the completed step's checkpoint when every rank
+    can write it together (else one would wait in a collective)."""
     try:
         return next(batches)
     except BitlabError as e:
@@ -312,20 +298,11 @@ def _next_step(batches: Iterator, step: int, checkpoints: Checkpoints, dist: Dis
 
 
 # ----------------------------------------------------------------------------- the loop
-def run(
-    model: nn.Module,
-    *,
-    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-    data: StepData,
-    lr_at: Callable[[int], float | None],
-    loss_fn: Callable[[torch.Tensor, Any], torch.Tensor],
-    run_dir: str | Path,
-    config: LoopConfig,
-    dist: DistInfo = DistInfo(),
-    evaluate: Callable[[nn.Module, int], dict] | None = None,
-    resume: bool = False,
-    model_name: str | None = None,
-) -> LoopResult:
+def run(model: nn.Module, *, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], data: StepData,
+        lr_at: Callable[[int], float | None], loss_fn: Callable[[torch.Tensor, Any], torch.Tensor],
+        run_dir: str | Path, config: LoopConfig, dist: DistInfo = DistInfo(),
+        evaluate: Callable[[nn.Module, int], dict] | None = None, resume: bool = False,
+        model_name: str | None = None) -> TrainResult:
     """Train `model` for `config.total_steps` optimiser steps (or until `lr_at` returns None)."""
     run_dir = Path(run_dir)
     if dist.is_main:
@@ -374,11 +351,11 @@ def run(
 
 def _steps(batches: Iterator, start: int, stepper: Stepper, lr_at: Callable[[int], float | None],
            checkpoints: Checkpoints, run_eval: Callable[[int], dict], metrics: MetricsWriter | None,
-           signals: StopSignals, bar: tqdm) -> LoopResult:
+           signals: StopSignals, bar: tqdm) -> TrainResult:
     """The step loop from `start` to the end of the schedule or a stop."""
     config, dist = stepper.config, stepper.dist
-    result = LoopResult(step=start, completed=False,
-                        checkpoint=checkpoints.path if checkpoints.saved is not None else None)
+    result = TrainResult(checkpoints.path.parent, config.total_steps, start,
+                         checkpoint=checkpoints.path if checkpoints.saved is not None else None)
     window, step, last_eval = TrainWindow(), start, -1
     while step < config.total_steps:
         lr = lr_at(step)
@@ -401,7 +378,7 @@ def _steps(batches: Iterator, start: int, stepper: Stepper, lr_at: Callable[[int
         if checkpoints.due(step, config):  # before evaluating: a failing evaluation loses no training
             result.checkpoint = checkpoints.save(step)
         if eval_due(step, config):
-            result.final_metrics, last_eval = run_eval(step), step
+            result.metrics, last_eval = run_eval(step), step
         if reason := stop_reason(any_signal, signals, step, start, config):
             result.checkpoint, result.stopped_by = checkpoints.save(step), reason
             log.info("stopped at step %d (%s); checkpoint %s; a rerun that resumes it continues",
@@ -415,7 +392,7 @@ def _steps(batches: Iterator, start: int, stepper: Stepper, lr_at: Callable[[int
         result.final = save_model(checkpoints.model, checkpoints.path.parent / FINAL, checkpoints.model_name)
     barrier(dist)
     if last_eval != step:
-        result.final_metrics = run_eval(step)
+        result.metrics = run_eval(step)
     result.completed = True
     log.info("done: %d steps, final model %s", step, checkpoints.path.parent / FINAL)
     return result

@@ -1,27 +1,13 @@
 """`bitlab pretrain`: BiT upstream pre-training, from one CPU process to many GPU nodes (torchrun / DDP).
 
-The recipe (`upstream.py`, paper §3.3): SGD with momentum, lr 0.03 x global batch / 256 after a
-linear warm-up, weight decay 1e-4 (not on normalisation parameters and biases, as is usual for
-ResNets; `decay_all` to include them), lr / 10 at the preset's epochs; Inception crop + random
-horizontal flip, inputs in [-1, 1] (OpenCV, in the workers). What this task adds to the shared
-command (`command.train`):
-
-- Softmax cross-entropy for single-label data; sigmoid cross-entropy (summed over classes, mean
-  over images, as big_vision's `sigmoid_xent`) for multi-label data, with the head bias at
-  `upstream.default_head_bias` (-log C: every class starts at about its prior) unless given.
-- The global batch is fixed: each of W processes runs micro-batches of global / (W x micro-steps),
-  the micro-steps raised to fit `device_batch`. With GroupNorm the result does not depend on W or
-  the split; BatchNorm ablations normalise over each micro-batch, so their runs differ by design.
-- Data: an ImageFolder tree, a single-label CSV, a multi-label CSV or JSON lines
-  (`bitlab.data.multilabel`), or a shard set written by `bitlab shards` (`bitlab.data.shards`).
-  File sets are sampled by `StepSampler` (the same data order on any number of processes); shard
-  sets stream per reader (`ShardStream`), whose layout (processes x workers) `plan.json` records:
-  a resume on another layout restarts the stream at the next epoch, with a warning.
-
-Faults are the engine's (`loop.py`): a bad image or shard stops every rank, named, after a
-checkpoint; a NaN stops before the update. With `torchrun --max-restarts N` a dead worker restarts
-the job, which resumes from `checkpoint.pt`; a SIGTERM stop exits 0 on every rank
-(`cli.train.report_unfinished`), so it is not restarted.
+The recipe is `upstream.py`'s, the command `command.train`'s. This task adds: softmax cross-entropy
+(single-label) or sigmoid cross-entropy summed over classes (multi-label, as big_vision's, head
+bias `upstream.default_head_bias`); no weight decay on norm parameters and biases unless
+`decay_all`; a global batch fixed over W processes x micro-steps (the same result with GroupNorm;
+BatchNorm ablations normalise per micro-batch, by design); file sets by `StepSampler` (the same
+order on any W) or shard sets by `ShardStream` per reader (a resume on another reader layout
+restarts at the next epoch). A SIGTERM stop exits 0 (`cli.train.report_unfinished`), so `torchrun
+--max-restarts` restarts only dead workers, which resume from checkpoint.pt.
 """
 from __future__ import annotations
 
@@ -29,7 +15,7 @@ import functools
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -37,15 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitlab.data import datasets, shards
-from bitlab.data.datasets import ImageSet
-from bitlab.data.loader import ShardTrainViews, TrainFiles, make_loader
+from bitlab.data.datasets import ImageSet, Splits
+from bitlab.data.loader import ShardViews, TrainFiles, make_loader
 from bitlab.data.multilabel import MultiLabelSet, load_labelled, random_holdout, read_classes, relabel
 from bitlab.data.shards import ShardIndex
 from bitlab.data.transforms import InceptionAugment, inception_image, upstream_eval_image
 from bitlab.errors import BitlabError, ConfigError
 from bitlab.models import ResNetV2, registry
 from bitlab.train import distributed as D
-from bitlab.train.command import Env, LoaderSteps, Parts, TrainResult, train
+from bitlab.train.command import Env, LoaderSteps, Parts, train
+from bitlab.train.loop import TrainResult
 from bitlab.train.config import PretrainConfig
 from bitlab.train.evaluators import Evaluator
 from bitlab.train.upstream import MOMENTUM, UpstreamSchedule, default_head_bias, micro_batches
@@ -104,19 +91,6 @@ def sigmoid_xent(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- data
-@dataclass
-class UpstreamData:
-    train: Source
-    val: Source | None
-    classes: list[str]
-    multi_label: bool
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-
 def _open(spec: str, label_sep: str | None, classes: list[str] | None) -> dict[str, Source]:
     path = Path(spec)
     if shards.is_shard_set(path):
@@ -131,33 +105,14 @@ def _open(spec: str, label_sep: str | None, classes: list[str] | None) -> dict[s
     return dict(load_labelled(spec, label_sep=label_sep, classes=classes))
 
 
-def _is_multi(source: Source) -> bool:
-    return source.multi_label if isinstance(source, ShardIndex) else isinstance(source, MultiLabelSet)
-
-
-def _validation(cfg: PretrainConfig, splits: dict[str, Source], train: Source, classes: list[str]
-                ) -> tuple[Source, Source | None, list[str]]:
-    """(train, validation or None, notes): from `val_data`, the source's own split, or a held-out fraction."""
-    if cfg.val_data:
-        other = _open(cfg.val_data, cfg.label_sep, classes)
-        pick = next((n for n in (*datasets.VAL_SPLIT_NAMES, "all") if n in other), None)
-        if pick is None:
-            raise BitlabError(f"{cfg.val_data}: no validation split (found: {', '.join(sorted(other))})")
-        return train, other[pick], []
-    if found := next((n for n in datasets.VAL_SPLIT_NAMES if n in splits), None):
-        return train, splits[found], []
-    if cfg.val_fraction <= 0:
-        return train, None, []
+def _holdout(train: Source, fraction: float, seed: int) -> tuple[Source, Source]:
     if isinstance(train, ShardIndex):
         raise ConfigError("val_fraction", "{setting} needs a file data set; for shards write a validation shard set "
                                           "and pass it as the validation data")
-    held = random_holdout if isinstance(train, MultiLabelSet) else datasets.stratified_holdout
-    train, val = held(train, cfg.val_fraction, cfg.seed)
-    return train, val, [f"validation: {len(val)} images held out of {cfg.data} ({cfg.val_fraction:.0%}, "
-                        f"seed {cfg.seed})"]
+    return (random_holdout if train.multi_label else datasets.stratified_holdout)(train, fraction, seed)
 
 
-def load_data(cfg: PretrainConfig) -> UpstreamData:
+def load_data(cfg: PretrainConfig) -> Splits:
     """Training and (optional) validation sources from `cfg.data` / `cfg.val_data`."""
     classes = read_classes(cfg.classes) if cfg.classes else None
     splits = _open(cfg.data, cfg.label_sep, classes)
@@ -167,50 +122,20 @@ def load_data(cfg: PretrainConfig) -> UpstreamData:
     if classes is not None and list(train.classes) != classes:
         raise BitlabError(f"{cfg.data}: its classes differ from {cfg.classes}")
     classes = list(train.classes)
-    train, val, notes = _validation(cfg, splits, train, classes)
+    train, val, notes = datasets.split_off_validation(
+        splits, cfg.data, open_source=lambda spec: _open(spec, cfg.label_sep, classes), val_data=cfg.val_data,
+        val_fraction=cfg.val_fraction, seed=cfg.seed, holdout=_holdout)
     where = cfg.val_data or cfg.data
-    if val is not None and _is_multi(val) != _is_multi(train):
+    if val is not None and val.multi_label != train.multi_label:
         raise BitlabError(f"{where}: validation and training data must both be single-label or both multi-label")
     if isinstance(val, ImageSet):
         val = relabel(val, classes)
     elif val is not None and list(val.classes) != classes:
         raise BitlabError(f"{where}: its {len(val.classes)} classes are not the training set's {len(classes)} "
                           "(same names in the same order); write both with the same class list")
-    if len(classes) < 2 and not _is_multi(train):
+    if len(classes) < 2 and not train.multi_label:
         raise BitlabError(f"{cfg.data}: single-label training needs at least 2 classes, found {len(classes)}")
-    return UpstreamData(train, val, classes, _is_multi(train), notes)
-
-
-class TrainData(LoaderSteps):
-    """The pre-training stream for `loop.run`: this rank's micro-batches of every step from `start` on."""
-
-    def __init__(self, source: Source, aug: InceptionAugment, plan: PretrainPlan, cfg: PretrainConfig, env: Env,
-                 previous_layout: dict | None) -> None:
-        super().__init__(self._loader, plan.micro_steps, mean=env.mean, std=env.std, dist=env.dist,
-                         skip_bad=cfg.skip_bad_images)
-        self.source, self.plan, self.cfg, self.previous_layout = source, plan, cfg, previous_layout
-        self.view = functools.partial(inception_image, aug=aug)
-
-    def _loader(self, start: int):
-        cfg, plan, dist = self.cfg, self.plan, self.dist
-        pin = dist.device.type == "cuda"
-        if not isinstance(self.source, ShardIndex):
-            dataset = TrainFiles(self.source, self.view, seed=cfg.seed, stream=_AUG_STREAM, skip_bad=self.skip_bad)
-            sampler = D.StepSampler(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=start, info=dist)
-            return make_loader(dataset, plan.micro_batch, sampler=sampler, workers=plan.workers, pin_memory=pin)
-        start_step, start_epoch = start, 0
-        if start and self.previous_layout and self.previous_layout != plan.shard_layout:
-            # The per-reader streams depend on the layout: the consumed samples cannot be
-            # skipped exactly, so a fresh pass starts at the next epoch boundary.
-            start_step, start_epoch = 0, math.ceil(start * cfg.batch_size / self.source.num_samples)
-            log.warning("the shard stream was read as %s and is now read as %s: resuming at the start of "
-                        "epoch %d instead of the exact sample", self.previous_layout, plan.shard_layout, start_epoch)
-        views = ShardTrainViews(self.view, num_classes=plan.num_classes, multi=plan.multi_label, seed=cfg.seed,
-                                stream=_AUG_STREAM, skip_bad=self.skip_bad)
-        stream = shards.ShardStream(self.source, views, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
-                                    workers=plan.workers, micro_batch=plan.micro_batch, micro_steps=plan.micro_steps,
-                                    start_step=start_step, start_epoch=start_epoch, on_error=views.error)
-        return make_loader(stream, plan.micro_batch, workers=plan.workers, pin_memory=pin)
+    return Splits(train, val, notes)
 
 
 # ----------------------------------------------------------------------------- the task
@@ -229,8 +154,7 @@ class PretrainPlan:
     micro_steps: int
     micro_batch: int
     workers: int
-    # Shard sets: what each reader's stream and its resume position depend on.
-    shard_layout: dict | None
+    shard_layout: dict | None  # shard sets: what each reader's stream and its resume position depend on
     augment: InceptionAugment
     precision: str
     channels_last: bool
@@ -241,7 +165,6 @@ class PretrainPlan:
         return self.schedule.total_steps
 
     def counts(self) -> dict[str, int]:
-        """What a resumed run's data must still count."""
         return {"num_examples": self.num_examples, "num_classes": self.num_classes}
 
     def to_dict(self) -> dict:
@@ -257,7 +180,7 @@ class Pretrain:
         self.cfg = cfg
         self.aug = InceptionAugment(crop=cfg.crop, area=(cfg.crop_area_min, 1.0), flip=cfg.flip)
 
-    def load(self) -> UpstreamData:
+    def load(self) -> Splits:
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
         if restart:
             log.info("torchrun restart %d: continuing from %s if it holds a checkpoint", restart, self.cfg.out)
@@ -267,10 +190,11 @@ class Pretrain:
                                            "single-label (softmax, whose head starts at zero): leave {setting} out")
         return data
 
-    def build_model(self, data: UpstreamData) -> nn.Module:
-        return build_model(self.cfg.model, data.num_classes, multi_label=data.multi_label, head_bias=self.cfg.head_bias)
+    def build_model(self, data: Splits) -> nn.Module:
+        return build_model(self.cfg.model, len(data.classes), multi_label=data.multi_label,
+                           head_bias=self.cfg.head_bias)
 
-    def plan(self, data: UpstreamData, model: nn.Module, env: Env) -> PretrainPlan:
+    def plan(self, data: Splits, model: nn.Module, env: Env) -> PretrainPlan:
         cfg, dist = self.cfg, env.dist
         micro_steps = micro_batches(cfg.batch_size, dist.world_size, cfg.batch_split, cfg.device_batch)
         micro = D.per_rank_batch(cfg.batch_size, micro_steps, dist)
@@ -278,17 +202,17 @@ class Pretrain:
         if isinstance(data.train, ShardIndex):  # every reader (rank x worker) needs a shard per epoch
             workers = shards.reader_layout(len(data.train.shards), dist.world_size, env.workers)
             layout = {"readers": dist.world_size * max(workers, 1), "micro_batch": micro, "micro_steps": micro_steps}
-        head_bias = (default_head_bias(data.num_classes) if cfg.head_bias is None else cfg.head_bias) \
+        head_bias = (default_head_bias(len(data.classes)) if cfg.head_bias is None else cfg.head_bias) \
             if data.multi_label else None
         return PretrainPlan(
-            num_examples=len(data.train), num_classes=data.num_classes, multi_label=data.multi_label,
+            num_examples=len(data.train), num_classes=len(data.classes), multi_label=data.multi_label,
             loss="sigmoid_xent" if data.multi_label else "softmax_xent", head_bias=head_bias,
             val_size=len(data.val) if data.val is not None else 0, schedule=cfg.schedule(len(data.train)),
             world_size=dist.world_size, micro_steps=micro_steps, micro_batch=micro, workers=workers,
             shard_layout=layout, augment=self.aug, precision=env.precision, channels_last=env.channels_last,
             data="shards" if isinstance(data.train, ShardIndex) else "files")
 
-    def record(self, data: UpstreamData, plan: PretrainPlan, run_dir: Path) -> None:
+    def record(self, data: Splits, plan: PretrainPlan, run_dir: Path) -> None:
         s = plan.schedule
         log.info("pre-training %s on %d images, %d classes (%s): %d steps (%.1f epochs), global batch %d = "
                  "%d process(es) x %d micro-step(s) x %d, peak lr %.3g, warm-up %d, decays at steps %s",
@@ -296,18 +220,39 @@ class Pretrain:
                  s.total_steps / s.steps_per_epoch, self.cfg.batch_size, plan.world_size, plan.micro_steps,
                  plan.micro_batch, s.peak_lr, s.warmup_steps, list(s.decay_steps))
 
-    def parts(self, data: UpstreamData, plan: PretrainPlan, env: Env, previous: dict | None) -> Parts:
+    def parts(self, data: Splits, plan: PretrainPlan, env: Env, previous: dict | None) -> Parts:
         cfg = self.cfg
         evaluator = None
         if data.val is not None:
-            evaluator = Evaluator(data.val, functools.partial(upstream_eval_image, crop=cfg.crop),
-                                  batch_size=cfg.eval_batch_size or plan.micro_batch, mean=env.mean, std=env.std,
-                                  dist=env.dist, workers=env.workers, skip_bad=cfg.skip_bad_images,
-                                  precision=env.precision, channels_last=env.channels_last)
-        return Parts(TrainData(data.train, self.aug, plan, cfg, env, (previous or {}).get("shard_layout")), evaluator,
+            evaluator = Evaluator(data.val, functools.partial(upstream_eval_image, crop=cfg.crop), env,
+                                  batch_size=cfg.eval_batch_size or plan.micro_batch, skip_bad=cfg.skip_bad_images)
+        loaders = functools.partial(self._loader, data.train, plan, env, (previous or {}).get("shard_layout"))
+        return Parts(LoaderSteps(loaders, plan.micro_steps, env, skip_bad=cfg.skip_bad_images), evaluator,
                      lambda m: torch.optim.SGD(param_groups(m, cfg.weight_decay, cfg.decay_all),
                                                lr=plan.schedule.peak_lr, momentum=MOMENTUM),
                      plan.schedule.lr, sigmoid_xent if data.multi_label else softmax_xent)
+
+    def _loader(self, source: Source, plan: PretrainPlan, env: Env, previous_layout: dict | None, start: int):
+        """The training loader from step `start` on: a file set's, or a shard set's stream."""
+        cfg, dist, view = self.cfg, env.dist, functools.partial(inception_image, aug=self.aug)
+        pin = dist.device.type == "cuda"
+        if not isinstance(source, ShardIndex):
+            dataset = TrainFiles(source, view, seed=cfg.seed, stream=_AUG_STREAM, skip_bad=cfg.skip_bad_images)
+            sampler = D.StepSampler(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=start, info=dist)
+            return make_loader(dataset, plan.micro_batch, sampler=sampler, workers=plan.workers, pin_memory=pin)
+        start_step, start_epoch = start, 0
+        if start and previous_layout and previous_layout != plan.shard_layout:
+            # The per-reader streams depend on the layout: the consumed samples cannot be
+            # skipped exactly, so a fresh pass starts at the next epoch boundary.
+            start_step, start_epoch = 0, math.ceil(start * cfg.batch_size / source.num_samples)
+            log.warning("the shard stream was read as %s and is now read as %s: resuming at the start of "
+                        "epoch %d instead of the exact sample", previous_layout, plan.shard_layout, start_epoch)
+        views = ShardViews(view, num_classes=plan.num_classes, multi=plan.multi_label, seed=cfg.seed,
+                           stream=_AUG_STREAM, skip_bad=cfg.skip_bad_images)
+        stream = shards.ShardStream(source, views, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
+                                    workers=plan.workers, micro_batch=plan.micro_batch, micro_steps=plan.micro_steps,
+                                    start_step=start_step, start_epoch=start_epoch, on_error=views.error)
+        return make_loader(stream, plan.micro_batch, workers=plan.workers, pin_memory=pin)
 
     def summary(self, plan: PretrainPlan) -> dict:
         return {"num_examples": plan.num_examples, "num_classes": plan.num_classes, "multi_label": plan.multi_label,
@@ -315,9 +260,5 @@ class Pretrain:
 
 
 def pretrain(cfg: PretrainConfig, dist: D.DistInfo | None = None) -> TrainResult:
-    """Pre-train `cfg.model` on `cfg.data`; writes the run directory `cfg.out` (with the reason
-    when the run dies: `rundir.RunRecord`).
-
-    Under torchrun every rank calls this; `dist` (from `distributed.setup`) is set up and torn
-    down here when not given."""
+    """Pre-train `cfg.model` on `cfg.data` into the run directory `cfg.out` (`command.train`)."""
     return train(Pretrain(cfg), cfg, dist)

@@ -1,15 +1,6 @@
-"""The run directory of a training command, apart from checkpoints (`checkpoint.py`): rank 0 writes.
-
-- `config.json`: the command's settings dataclass (`write_config`; paths recorded absolute), which
-  `--config` reads back to rerun the experiment;
-- `plan.json`: what the command chose for this data (the task's plan);
-- `metrics.jsonl` + `metrics.csv` (one row per log or eval event) and TensorBoard events under
-  `tb/` when tensorboard is installed (`MetricsWriter`);
-- `log.txt` and, when the run ends or dies, `summary.json` (`RunRecord`).
-
-A rerun into the same folder must continue the same experiment: `check_resume_settings` refuses a
-checkpoint written with other settings or for other data, naming each change.
-"""
+"""A training run's folder but its checkpoints (rank 0 writes): `config.json` (the settings, which
+`--config` reads back), resume checks against it, `metrics.jsonl` / `metrics.csv` / TensorBoard
+(`MetricsWriter`), `log.txt` and `summary.json` (`RunRecord`). `plan.json` is the task's."""
 from __future__ import annotations
 
 import contextlib
@@ -35,14 +26,12 @@ def refuse_overwrite(run_dir: Path, how: str) -> None:
 
 
 def _resolved(value: Any) -> Any:
-    """An existing path as an absolute one (the same data from another directory); else unchanged
-    (builtin:digits, or a path that is gone and is compared as written)."""
+    """An existing path made absolute (the same data from another directory); else unchanged."""
     return str(Path(value).resolve()) if isinstance(value, str) and Path(value).exists() else value
 
 
 def recorded_config(config: Any) -> dict:
-    """The command's dataclass as config.json records it: the fields its class lists in
-    `PATH_FIELDS` as absolute paths, so that a rerun from another directory compares equal."""
+    """The dataclass as config.json records it: `PATH_FIELDS` absolute (a rerun from elsewhere matches)."""
     out = asdict(config) if is_dataclass(config) else dict(config)
     for key in getattr(config, "PATH_FIELDS", ()):
         out[key] = _resolved(out.get(key))
@@ -58,8 +47,7 @@ def write_config(run_dir: str | Path, config: Any) -> Path:
 
 def check_settings(run_dir: Path, config: Any, keys: Sequence[str], *, what: str = "a finished run",
                    action: str = "reuse this run") -> None:
-    """Refuse `run_dir` when its config.json was written with other values of `keys` (`PATH_FIELDS`
-    compared as resolved paths), naming each change; `what` and `action` word the error."""
+    """Refuse `run_dir` if its config.json has other values of `keys`, naming each (`what`, `action`: wording)."""
     path = run_dir / "config.json"
     if not path.exists():
         raise BitlabError(f"{run_dir}: {what} without config.json (not a bitlab run?); use another --out")
@@ -74,12 +62,10 @@ def check_settings(run_dir: Path, config: Any, keys: Sequence[str], *, what: str
 
 def check_resume_settings(run_dir: Path, config: Any, keys: Sequence[str], *, resume: bool = True,
                           counts: dict[str, int] | None = None) -> dict | None:
-    """The previous run's plan.json (`{}` if it has none) when `run_dir` holds a checkpoint to
-    continue, None when there is none. Refuses a checkpoint without `resume` (saying how to resume
-    by the config's `RESUME_HINT`: each command resumes by other flags), one written with
-    other values of `keys` (what is trained; `PATH_FIELDS` compared as resolved paths), and one
-    whose plan counted other `counts` (e.g. images added under the same --data folder: the
-    schedule and data order would change under the checkpoint), naming each change."""
+    """The previous run's plan.json (`{}` if none) when `run_dir` holds a checkpoint, else None.
+    Refuses a checkpoint without `resume` (saying how by the config's `RESUME_HINT`), or written with
+    other values of `keys`, or whose plan counted other `counts` (images added under the same data
+    folder would change the schedule and data order under it), naming each change."""
     if not (run_dir / CHECKPOINT).exists():
         return None
     if not resume:
@@ -96,8 +82,7 @@ def check_resume_settings(run_dir: Path, config: Any, keys: Sequence[str], *, re
 
 # ----------------------------------------------------------------------------- metrics
 class MetricsWriter:
-    """`metrics.jsonl` (append) and `metrics.csv` (columns = union of keys; rewritten when a new
-    key appears), plus TensorBoard scalars when `torch.utils.tensorboard` imports."""
+    """`metrics.jsonl` (appended), `metrics.csv` (all keys' columns) and TensorBoard scalars if installed."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
         self.jsonl, self.csv = run_dir / "metrics.jsonl", run_dir / "metrics.csv"
@@ -136,15 +121,20 @@ class MetricsWriter:
                     self.tb.add_scalar(f"{row.get('split', 'train')}/{k}", v, row.get("step", 0))
 
     def _rewrite_csv(self) -> None:
-        buf = _io.StringIO()
-        writer = csv.DictWriter(buf, self.columns)
-        writer.writeheader()
-        writer.writerows(self.rows)
-        io.write_text(self.csv, buf.getvalue())
+        write_csv(self.csv, self.columns, self.rows)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def write_csv(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
+    """`rows` as a CSV with a header (atomic)."""
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    io.write_text(path, buf.getvalue())
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -191,15 +181,12 @@ def log_to_file(path: Path, enabled: bool) -> Iterator[logging.Handler | None]:
 
 
 class RunRecord:
-    """Around a whole command: `log.txt` from its first line (data loading, the plan), and when the
-    run dies, the error in `log.txt` and in `summary.json` (`completed: false`, the error, the step
-    `checkpoint.pt` holds). Rank 0 writes.
+    """Around a whole command: `log.txt` from its first line, and when the run dies, the error in
+    `log.txt` and `summary.json` (`completed: false`, the step `checkpoint.pt` holds). Rank 0 writes.
 
-    `summary.json` is written only once `claim()` was called, i.e. once the command has checked the
-    directory is its own to write (resume settings accepted): a refused rerun must not overwrite
-    the summary of the run that is there. A command that fails before `claim()` (bad data, an
-    unknown model, a refused resume) leaves nothing behind: its new `log.txt` and the folders it
-    made are removed (the CLI prints the error); a log.txt or folder that was there stays."""
+    `summary.json` only once `claim()` was called (the folder checked to be this run's): a refused
+    rerun must not overwrite the summary there. A command failing before `claim()` (bad data, an
+    unknown model, a refused resume) leaves nothing behind: its new log.txt and folders go."""
 
     def __init__(self, run_dir: str | Path, dist: DistInfo) -> None:
         self.run_dir, self.dist, self.claimed = Path(run_dir), dist, False

@@ -1,16 +1,12 @@
-"""BiT's upstream (pre-training) recipe as pure functions and numbers (no torch import: the CLI's
-defaults come from here).
+"""BiT's upstream (pre-training) recipe: numbers and pure functions, no torch (the CLI's defaults).
 
 The official release has no pre-training code (big_transfer issues #2, #26); this follows the
-paper (§3.3, §4.2-4.3) and the maintainers' answers in #26: SGD, momentum 0.9, lr 0.03 x global
-batch / 256, linear warm-up over 5000 steps, weight decay 1e-4, 90 epochs with the lr / 10 at
-epochs 30, 60, 80 (BiT-S, BiT-M) or the BiT-L preset (40 epochs, decays at 10, 23, 30, 37),
-Inception crop to 224. Everything can be overridden.
+paper (§3.3, §4.2-4.3) and the maintainers' answers in #26. Everything can be overridden.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 from bitlab.errors import BitlabError, ConfigError
@@ -43,17 +39,12 @@ class UpstreamSchedule:
     steps_per_epoch: float
 
     def lr(self, step: int) -> float | None:
-        """lr of optimiser step `step` (0-based); None once the schedule is over.
-
-        Warm-up counts from 1 (lr = peak / warmup at step 0): unlike the official fine-tuning code
-        (issue #58) the first update is not wasted at lr 0."""
+        """lr of optimiser step `step` (0-based); None once the schedule is over. Warm-up counts from 1
+        (peak / warmup at step 0): unlike the official fine-tuning code (#58), no update at lr 0."""
         if step >= self.total_steps:
             return None
         warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         return self.peak_lr * warm * LR_DECAY ** sum(step >= d for d in self.decay_steps)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def check_recipe(epochs: float, decay_epochs: Sequence[float], warmup_steps: int) -> None:
@@ -68,8 +59,7 @@ def check_recipe(epochs: float, decay_epochs: Sequence[float], warmup_steps: int
 
 def recipe(preset: str, epochs: float | None = None, decay_epochs: Sequence[float] | None = None
            ) -> tuple[float, tuple[float, ...]]:
-    """(epochs, decay epochs): the preset's unless overridden; other `epochs` alone keep the
-    preset's decays at the same fractions of the run."""
+    """(epochs, decay epochs): the preset's unless overridden (`epochs` alone scales the decays along)."""
     preset_epochs, decays = PRESETS[preset]
     if decay_epochs is not None:
         decays = tuple(decay_epochs)
@@ -105,8 +95,7 @@ def micro_batches(batch_size: int, world_size: int, batch_split: int = 1, device
 
 
 def default_head_bias(num_classes: int) -> float:
-    """-log(C): sigmoid(-log C) ~ 1/C, the prior of one positive label per image. At a zero bias
-    (p = 0.5) the first steps of a 21k-class model are spent pushing 21k logits down (an initial
-    loss of C log 2 ~ 15,000 per image); big_vision's ImageNet-21k config uses -10, i.e. -log(21843)
-    to two digits."""
+    """-log(C): sigmoid(-log C) ~ 1/C, the prior of one positive label per image. At a zero bias the
+    first steps of a 21k-class model push 21k logits down (a start loss of C log 2 ~ 15,000 per
+    image); big_vision's ImageNet-21k config uses -10, i.e. -log(21843) to two digits."""
     return -math.log(num_classes)

@@ -119,11 +119,11 @@ def test_a_bad_shard_sample_is_replaced_by_the_next_of_its_shard(photo_tree, tmp
                                 progress=False)
     samples = shards.read_shard(index.path(0))
     samples[0].fields["jpg"] = b"broken"
-    views = L.ShardTrainViews(functools.partial(train_image, aug=AUG), num_classes=2, multi=False, seed=0,
+    views = L.ShardViews(functools.partial(train_image, aug=AUG), num_classes=2, multi=False, seed=0,
                               stream=STREAM, skip_bad=True)
     img, label, bad = views(samples, 0, (0, 0, 0))
     assert label == 0 and len(bad) == 1 and bad[0].startswith(f"{samples[0].name}.jpg: cannot decode")
-    strict = L.ShardTrainViews(functools.partial(train_image, aug=AUG), num_classes=2, multi=False, seed=0,
+    strict = L.ShardViews(functools.partial(train_image, aug=AUG), num_classes=2, multi=False, seed=0,
                                stream=STREAM, skip_bad=False)
     assert strict(samples, 0, (0, 0, 0)).image is None and strict(samples, 1, (0, 0, 1)).image is not None
 

@@ -68,7 +68,7 @@ def assert_same(a, b, exact=True):
 
 def test_run_directory_contract(tmp_path):
     net, result = train(tmp_path, steps=10, eval_every=5)
-    assert result.completed and result.step == 10 and result.final_metrics == {"top1": 10.0}
+    assert result.completed and result.step == 10 and result.metrics == {"top1": 10.0}
     rows = rundir.read_metrics(tmp_path / "metrics.jsonl")
     assert [(r["step"], r["split"]) for r in rows] == [(2, "train"), (4, "train"), (5, "val"), (6, "train"),
                                                        (8, "train"), (10, "train"), (10, "val")]

@@ -21,13 +21,13 @@ import torch
 
 from bitlab import io
 from bitlab.cli import main
+from bitlab.cli.pretrain import torchrun_command
 from bitlab.data import shards
 from bitlab.data.datasets import image_folder
 from bitlab.errors import BitlabError
 from bitlab.models.checkpoints import read_state_dict
 from bitlab.train import pretrain as P
 from bitlab.train.rundir import read_metrics
-from bitlab.train.torchrun import torchrun_command
 from tests.fixtures import processes
 from tests.fixtures.processes import ENV
 
