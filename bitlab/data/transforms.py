@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
@@ -45,6 +45,9 @@ class DataConfig:
     mean: tuple[float, float, float] = BIT_MEAN
     std: tuple[float, float, float] = BIT_STD
     crop_pct: float = 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def decode_image(path: str | os.PathLike, min_side: int | None = None) -> np.ndarray:
