@@ -1,12 +1,10 @@
 """Image pre-processing with OpenCV: decode, resize, crop, flip, normalise.
 
-Workers return uint8 CHW tensors (4x less to move between processes than float32); the
-float conversion and normalisation happen once per batch with `normalize` (on the GPU when
-there is one). BiT models take RGB in [-1, 1], i.e. mean = std = 0.5.
-
-Shrinking is anti-aliased (like PIL's bilinear resize that the official code uses through
-torchvision): JPEGs are decoded at 1/2, 1/4 or 1/8 size when the next resize allows it, then
-halved with a Gaussian pyramid and finished bilinearly (see `resize`); enlarging is bilinear.
+Workers return uint8 CHW tensors (4x less to move between processes than float32), normalised
+once per batch with `normalize` (on the GPU when there is one); BiT models take RGB in [-1, 1].
+Shrinking is anti-aliased (like PIL's bilinear resize in the official code): JPEGs are decoded at
+1/2, 1/4 or 1/8 size when the next resize allows it, then halved with a Gaussian pyramid and
+finished bilinearly (`resize`); enlarging is bilinear.
 """
 from __future__ import annotations
 
@@ -141,9 +139,6 @@ class TrainAugment:
         if not 0 < self.crop <= self.resize:
             raise BitlabError(f"crop ({self.crop}) must be positive and at most the resize ({self.resize})")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def random_crop(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """A `size` x `size` window at a uniformly random position (as torchvision's RandomCrop)."""
@@ -205,9 +200,6 @@ class InceptionAugment:
             raise BitlabError(f"crop area range must satisfy 0 < min <= max <= 1, got {self.area}")
         if not 0 < self.ratio[0] <= self.ratio[1]:
             raise BitlabError(f"crop aspect range must satisfy 0 < min <= max, got {self.ratio}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # TF's sample_distorted_bounding_box tries this many boxes before falling back to the whole image.
