@@ -7,8 +7,8 @@ Names accepted by `create_model`:
   tiny CPU model for tests and demos (not in the paper);
 - the paper's Table 4-5 ablations as suffixes: `R50x1-bn` (BatchNorm + WS), `R50x1-plain`
   (GroupNorm + plain conv), `R50x1-bn-plain` (BatchNorm + plain conv); or `norm=`/`conv=` arguments;
-- `efficientnet_lite0.offline_in1k`, `efficientnet_lite2.offline_in1k`: real ImageNet-1k
-  classifiers that install offline;
+- `efficientnet_lite0.offline_in1k`, `efficientnet_lite1.offline_in1k`, `efficientnet_lite2.offline_in1k`:
+  real ImageNet-1k classifiers that install offline;
 - any other name is handed to `timm.create_model`.
 """
 from __future__ import annotations
