@@ -347,9 +347,12 @@ def fig_backgrounds(r: Results, most_fooling: int = 10) -> Figure:
     ax.tick_params(axis="x", labelrotation=60, labelsize=8)
     ax.tick_params(axis="y", labelrotation=0, labelsize=8)
     n_img = int(counts.max().max())
+    effect = robustness.background_effect(df)
     ax.set_title(f"{r.label}: top-1 per class and background (all: {df['top1_correct'].mean():.0%})"
-                 + (f"\n(each cell: {n_img} image{'s' if n_img > 1 else ''})" if counts.min().min() == n_img else ""),
-                 fontsize=10)
+                 + (f"\n(each cell: {n_img} image{'s' if n_img > 1 else ''})" if counts.min().min() == n_img else "")
+                 + (f"\nvariance: class {effect['class']:.0%}, background {effect['background']:.0%} "
+                    f"(p = {effect['p_value']:.2g}), class x background {effect['class_x_background']:.0%}"
+                    if effect else ""), fontsize=10)
     worst = [w for w in worst if w["top1_error"] > 0][::-1]
     bars = bx.barh([spaced(w["background"]) for w in worst], [w["top1_error"] * 100 for w in worst], color="#c62828")
     for bar, w in zip(bars, worst):

@@ -14,6 +14,7 @@ from matplotlib.colors import to_hex, to_rgba
 from bitlab import report
 from bitlab.cli import main
 from bitlab.errors import BitlabError
+from bitlab.eval import robustness
 from bitlab.eval.evaluate import EvaluateConfig, evaluate
 from bitlab.models import zoo
 from tests.fixtures.figures import assert_real_figure
@@ -157,6 +158,8 @@ def test_folder_names_are_shown_as_words(results):
     heat, bars = report.fig_backgrounds(r).axes[:2]
     ticks = [t.get_text() for t in heat.get_xticklabels()] + [t.get_text() for t in bars.get_yticklabels()]
     assert "brick wall" in ticks and not any("_" in t for t in ticks)
+    e = robustness.background_effect(r.predictions)  # the heat map says how much the background explains
+    assert f"variance: class {e['class']:.0%}, background {e['background']:.0%}" in heat.get_title()
     image = r.predictions.loc[r.predictions["background"] == "brick_wall", "image"].iloc[0]
     ax = report.fig_top5(r, r, [image]).axes[0]
     assert "background: brick wall" in ax.get_title()
