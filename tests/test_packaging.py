@@ -143,7 +143,7 @@ def test_installed_wheel_builds_the_demo_set_and_evaluates_it_outside_the_checko
     assert Path(sample).is_relative_to(tmp_path / "venv") and source == "None"
     assert Path(sample).parts[-3:] == ("bitlab", "ooc_dataset", "sample")
     bitlab = str(tmp_path / "venv" / "bin" / "bitlab")
-    assert "12 images (3 classes" in run(bitlab, "make-ooc", "--demo", "--out", "ooc")
+    assert "108 images (8 classes" in run(bitlab, "make-ooc", "--demo", "--out", "ooc")
     run(bitlab, "evaluate", "--model", "efficientnet_lite0.offline_in1k", "--data", "ooc", "--out", "results",
         "--workers", "0", "--no-progress")
 

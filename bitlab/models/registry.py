@@ -9,8 +9,8 @@ order; the first that accepts a name builds it:
   `R14x0.5`, a tiny CPU model for tests and demos (not in the paper); the paper's Table 4-5
   ablations as suffixes: `R50x1-bn` (BatchNorm + WS), `R50x1-plain` (GroupNorm + plain conv),
   `R50x1-bn-plain` (BatchNorm + plain conv), or as `norm=`/`conv=` arguments;
-- `offline`: `efficientnet_lite0.offline_in1k`, `efficientnet_lite2.offline_in1k`, real ImageNet-1k
-  classifiers that install offline;
+- `offline`: `efficientnet_lite0.offline_in1k`, `efficientnet_lite1.offline_in1k`,
+  `efficientnet_lite2.offline_in1k`, real ImageNet-1k classifiers that install offline;
 - `timm`: any other name, handed to `timm.create_model` (the last family: timm says whether it
   knows the name).
 

@@ -74,6 +74,9 @@ BOX_COLUMNS = ("ImageID", "Source", "LabelName", "Confidence", "XMin", "XMax", "
 IMAGE_COLUMNS = ("ImageID", "Subset", "OriginalURL", "OriginalLandingURL", "License", "AuthorProfileURL", "Author",
                  "Title", "OriginalSize", "OriginalMD5", "Thumbnail300KURL", "Rotation")
 ANNOTATIONS_LICENSE = "CC BY 4.0 (Google, Open Images)"
+# Not an upstream column: a tree whose masks are not Open Images' own (bitlab's embedded sample,
+# masks from a photo's alpha channel) names their licence per image here; make-ooc records it.
+ANNOTATIONS_LICENSE_COLUMN = "AnnotationsLicense"
 
 
 # ----------------------------------------------------------------------------- the tree

@@ -74,7 +74,8 @@ def test_offline_imagenet_models_are_real(name, tmp_path, photos):
     cats = {idx[w] for w in ("n02123045", "n02123159", "n02124075")}  # tabby, tiger cat, Egyptian cat
     assert pred.indices[0, 0] in cats
     assert imagenet.names()[pred.indices[1, 0]] == "espresso"
-    assert np.all(np.diff(pred.probs, axis=1) <= 0) and pred.probs[1, 0] > 0.5
+    # Real weights, not a lucky guess: random ones put about 0.001 on any class (Lite1: 0.48 here).
+    assert np.all(np.diff(pred.probs, axis=1) <= 0) and pred.probs[1, 0] > 0.3
 
 
 def test_offline_weights_are_checked_against_the_architecture(monkeypatch):
