@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import time
 
 import pandas as pd
 import pytest
@@ -18,17 +17,16 @@ REAL = (BASELINE, COMPARED, "efficientnet_lite1.offline_in1k")
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """One demo run (about a minute): its folders, what it printed and how long it took."""
+    """One demo run: its folders and what it printed. (Its time is measured by benchmarks/demo.py, not
+    asserted here: a shared CI machine's load would make a timed test fail by chance.)"""
     import contextlib
     import io
 
     root = tmp_path_factory.mktemp("demo")
     printed = io.StringIO()
-    start = time.perf_counter()
     with contextlib.redirect_stdout(printed):
         assert main(["demo", "--out", str(root / "demo_out"), "--figures", str(root / "figures")]) == 0
-    return {"out": root / "demo_out", "figures": root / "figures", "printed": printed.getvalue(),
-            "seconds": time.perf_counter() - start}
+    return {"out": root / "demo_out", "figures": root / "figures", "printed": printed.getvalue()}
 
 
 def _predictions(demo, label: str, role: str) -> pd.DataFrame:
@@ -39,7 +37,6 @@ def _predictions(demo, label: str, role: str) -> pd.DataFrame:
 
 @pytest.mark.slow
 def test_demo_runs_the_main_flow_and_leaves_figures(demo):
-    assert demo["seconds"] < 300  # the issue's budget on 2 cores (`make demo`: 3 minutes), with slack for CI
     printed = demo["printed"]
     assert f"the figures are in {demo['figures']}" in printed
     for stem in ("fig12_left_top5", "fig13_top5", "fig12_right_val_vs_ooc", "backgrounds_BiT-S-R50x1-random-weights",
