@@ -5,6 +5,11 @@ import csv
 import hashlib
 import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -14,8 +19,11 @@ import pytest
 from bitlab.cli import main
 from bitlab.errors import BitlabError
 from bitlab.ooc import build, compose
+from bitlab.eval.robustness import load_eval_set
 from bitlab.ooc.build import MakeOOCConfig, build_demo
+from bitlab.ooc.record import check_complete
 from bitlab.ooc.spec import load_background_categories, load_classes
+from tests.fixtures.processes import ENV
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -164,6 +172,63 @@ def test_resume_after_interruption(full_build, tmp_path, capsys):
         got.pop(name), reference.pop(name)
     assert got == reference
     assert not list(out.glob("*/.*.tmp"))
+
+
+# ----------------------------------------------------------------------------- one writer per folder
+def _bitlab(argv: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "bitlab", *argv], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_two_builds_started_together_into_one_folder(full_build, tmp_path):
+    """Two real `bitlab make-ooc` processes started together: exactly one builds (exit 0), the other
+    exits 2 naming its pid, without a traceback; the folder is the one build's, whole."""
+    out = tmp_path / "out"
+    argv = [a if a != str(full_build["out"]) else str(out) for a in full_build["argv"]]
+    procs = [_bitlab([*argv, "--workers", "1"]) for _ in range(2)]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert sorted(p.returncode for p in procs) == [0, 2], errs
+    winner = next(p for p in procs if p.returncode == 0)
+    err = errs[1 - procs.index(winner)]
+    assert f"bitlab make-ooc: error: {out} is in use by pid {winner.pid} on " in err and "Traceback" not in err
+    got, reference = _tree_digest(out), _tree_digest(full_build["out"])
+    for name in ("dataset.json", "config.json"):  # they name the output folder, which differs here
+        got.pop(name), reference.pop(name)
+    assert got == reference
+    check_complete(out)
+
+
+def test_killed_rebuild_with_other_settings_is_refused_by_readers_until_finished(full_build, tmp_path, capsys):
+    """A finished --size 32 folder rebuilt at --size 48 and SIGKILLed midway: no record describes the
+    mix of sizes (dataset.json, manifest.csv, config.json are gone first), `evaluate` refuses the
+    folder naming it, and a rerun leaves a folder whose record and images agree."""
+    out = tmp_path / "out"
+    shutil.copytree(full_build["out"], out)
+    argv = [a if a != str(full_build["out"]) else str(out) for a in full_build["argv"]]
+    argv[argv.index("--size") + 1] = "48"
+    journal = out / build.JOURNAL
+    before = journal.read_text().count("\n")
+    proc = _bitlab([*argv, "--workers", "1"])
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if journal.read_text().count("\n") >= before + 300:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the rebuild finished before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    sizes = {cv2.imread(str(p)).shape[0] for p in list(out.glob("*/*.png"))[::50]}
+    assert sizes == {32, 48}  # a mix on disk...
+    assert not any((out / name).exists() for name in ("dataset.json", "manifest.csv", "config.json"))  # ...unrecorded
+    with pytest.raises(BitlabError, match=r"out: an unfinished make-ooc build"):
+        load_eval_set(out)
+    capsys.readouterr()
+    assert main(["evaluate", "--model", "R14x0.5", "--data", str(out), "--out", str(tmp_path / "r")]) == 2
+    assert "out: an unfinished make-ooc build" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    assert main(argv) == 0
+    check_complete(out)
+    assert {cv2.imread(str(out / r["file"])).shape[0] for r in _manifest(out)[::97]} == {48}
+    assert json.loads((out / "dataset.json").read_text())["config"]["size"] == 48
 
 
 # ----------------------------------------------------------------------------- bad inputs
