@@ -292,3 +292,23 @@ def test_killed_while_re_evaluating_with_other_weights_readers_refuse_until_reru
                             workers=0, progress=False))
     r = load_results(out)
     assert r.config["pretrained"] == r.summary["model"]["pretrained"] == str(second)
+
+
+def test_a_full_disk_names_the_file_and_a_rerun_finishes(tiny_ooc, weight_files, tmp_path, small_disk, capsys):
+    """On a real tmpfs filled but for 8 KiB, evaluate stops naming the file it could not write and the
+    full disk, leaves no temp file and no folder a reader accepts; with space freed, a rerun finishes."""
+    disk = small_disk("1M")
+    filler = disk / "filler"
+    filler.write_bytes(bytes((1 << 20) - (8 << 10)))
+    out = disk / "r"
+    args = ["evaluate", "--model", "R14x0.5", "--pretrained", str(weight_files[0]), "--image-size", "32",
+            "--data", str(tiny_ooc), "--out", str(out), "--workers", "0", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"error: {out}/" in err and ": cannot write this file, the disk is full (errno ENOSPC" in err
+    assert "Traceback" not in err and not list(out.rglob(".*.tmp"))
+    with pytest.raises(BitlabError):
+        load_results(out)
+    filler.unlink()
+    assert main(args) == 0
+    assert len(load_results(out).predictions) == 12

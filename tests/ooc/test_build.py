@@ -5,6 +5,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -439,3 +440,22 @@ def test_demo_cli(tmp_path, capsys):
     assert "12 images (3 classes, 3 foregrounds x 4 backgrounds)" in capsys.readouterr().out
     assert len(list((tmp_path / "d").glob("*/*.png"))) == 12
     assert os.path.exists(tmp_path / "d" / "ATTRIBUTION.md")
+
+
+def test_a_full_disk_names_the_image_and_a_rerun_resumes(tmp_path, small_disk, capsys):
+    """The demo (12 PNGs of about 400 KB) onto a real 2 MiB tmpfs: exit 2 naming the image being
+    written and the full disk (it was a bare '[Errno 28]'), no temp file, no record; with room made
+    (the tmpfs grown), the rerun keeps what was written and finishes."""
+    disk = small_disk("2M")
+    out = disk / "ooc"
+    assert main(["make-ooc", "--demo", "--out", str(out), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"bitlab make-ooc: error: {out}/" in err and ".png: cannot write this file, the disk is full" in err
+    assert "Traceback" not in err and not list(out.rglob(".*.tmp"))
+    written = len(list(out.glob("*/*.png")))
+    assert 0 < written < 12 and not (out / "dataset.json").exists() and not (out / "manifest.csv").exists()
+    subprocess.run(["mount", "-o", "remount,size=32M", str(disk)], check=True)
+    assert main(["make-ooc", "--demo", "--out", str(out)]) == 0
+    built, kept = map(int, re.search(r"built (\d+), kept (\d+)", capsys.readouterr().out).groups())
+    assert built + kept == 12 and 0 < kept <= written  # journalled images are kept (the last chunk's are redone)
+    check_complete(out)
