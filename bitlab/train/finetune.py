@@ -187,7 +187,8 @@ class Finetune:
     def plan(self, splits: Splits, model: nn.Module, env: Env) -> FinetunePlan:
         micro = D.per_rank_batch(self.cfg.batch_size, self.cfg.batch_split, env.dist)
         p = plan(self.cfg, splits)
-        p.warnings = [w for w in (batch_norm_warning(model, self.cfg.batch_size, micro),) if w]
+        p.warnings = [w for w in (batch_norm_warning(model, self.cfg.batch_size, micro),
+                                  datasets.validation_leak(splits.train, splits.val)) if w]
         return p
 
     def record(self, splits: Splits, p: FinetunePlan, run_dir: Path) -> None:
@@ -229,7 +230,7 @@ class Finetune:
 
     def summary(self, p: FinetunePlan) -> dict:
         return {"examples_per_class": self.cfg.examples_per_class, "seed": self.cfg.seed,
-                "dataset_size": p.dataset_size, "num_classes": p.num_classes}
+                "dataset_size": p.dataset_size, "num_classes": p.num_classes, "warnings": p.warnings}
 
 
 def finetune(cfg: FinetuneConfig, dist: D.DistInfo | None = None) -> TrainResult:

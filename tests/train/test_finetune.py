@@ -518,3 +518,21 @@ def test_a_full_disk_names_the_checkpoint_and_records_it_plainly(tiny_digits, tm
     assert "checkpoint.pt: cannot write this file, the disk is full" in summary["error"]
     assert not (out / "checkpoint.pt").exists() and not list(out.glob(".*.tmp"))
     assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2]
+
+
+def test_a_file_in_both_train_and_val_is_warned_as_a_validation_leak(tiny_digits, tmp_path, caplog):
+    """A CSV listing two files under both splits: the run warns naming the count and the files, and
+    records it in plan.json and summary.json."""
+    files = sorted((tiny_digits / "train").rglob("*.png"))
+    rows = [f"{f},{f.parent.name},train" for f in files]
+    rows += [f"{f},{f.parent.name},val" for f in sorted((tiny_digits / "val").rglob("*.png"))]
+    rows += [f"{f},{f.parent.name},val" for f in files[:2]]  # the leak
+    (tmp_path / "data.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    with caplog.at_level("WARNING", logger="bitlab.train.finetune"):
+        finetune(cfg(tmp_path / "data.csv", tmp_path / "run", schedule=[1, 1, 1, 1, 1]))
+    leak = f"validation leak: 2 file(s) of {tmp_path / 'data.csv'}"
+    assert leak in caplog.text and str(files[0]) in caplog.text and str(files[1]) in caplog.text
+    assert leak in json.loads((tmp_path / "run" / "plan.json").read_text())["warnings"][0]
+    assert leak in json.loads((tmp_path / "run" / "summary.json").read_text())["warnings"][0]
+    finetune(cfg(tiny_digits, tmp_path / "apart", schedule=[1, 1, 1, 1, 1]))
+    assert json.loads((tmp_path / "apart" / "summary.json").read_text())["warnings"] == []
