@@ -92,6 +92,11 @@ def run_demo(out: Path, figures: Path, sample_dir: Path = SAMPLE_DIR) -> DemoRes
     io.check_can_create_folder(out, "--out")  # before the minute of work, not after it
     io.check_can_create_folder(figures, "--figures")
     out = Path(out)
+    with io.lock_folder(out, "demo"):  # one demo fills a folder at a time
+        return _run_demo(out, figures, sample_dir)
+
+
+def _run_demo(out: Path, figures: Path, sample_dir: Path) -> DemoResult:
     same_as = ["bitlab", "make-ooc", "--demo", "--out", str(out / "ooc")] if sample_dir == SAMPLE_DIR else None
     ooc = build_demo(out / "ooc", sample_dir, command=same_as)  # `bitlab make-ooc --demo`
     res = DemoResult(ooc, in_context_set(ooc, out / "in_context", sample_dir))

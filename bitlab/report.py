@@ -633,7 +633,8 @@ def make_report(result_dirs: Sequence[str | Path], out: str | Path, *, images: S
     existed = out.exists()
     files: list[Path] = []
     try:
-        _draw_all(results, out, images, num_images, files, fits)
+        with io.lock_folder(out, "report"):  # one report fills a figures folder at a time
+            _draw_all(results, out, images, num_images, files, fits)
     except BaseException:
         if not existed:  # a failed report leaves no half-filled (or empty) folder of its own behind
             for f in files:

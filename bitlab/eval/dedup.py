@@ -412,9 +412,20 @@ class DedupResult:
         return [(down[r["query"]], up[r["match"]], r["similarity"]) for r in self.duplicates if r["rank"] == 1]
 
 
+# What a run writes in `out/`: removed before its config.json replaces the old one, so that an
+# interrupted rerun never leaves the new settings beside the old counts.
+RESULT_FILES = ("summary.json", "duplicates.csv", "nearest.csv", "duplicates.png", "duplicates.pdf")
+
+
 def run_dedup(cfg: DedupConfig) -> DedupResult:
     """Embed, search, threshold and count; writes the files listed in the module docstring (the
-    gallery is drawn from the result: `bitlab.report.save_duplicates_gallery`)."""
+    gallery is drawn from the result: `bitlab.report.save_duplicates_gallery`). `out` is locked
+    meanwhile (`bitlab.io.lock_folder`: one dedup writes a folder at a time)."""
+    with io.lock_folder(cfg.out, "dedup"):
+        return _run_dedup(cfg)
+
+
+def _run_dedup(cfg: DedupConfig) -> DedupResult:
     for field, least in (("topk", 1), ("block_size", 1), ("query_block_size", 1), ("batch_size", 1),
                          ("workers", 0)):
         value = getattr(cfg, field)
@@ -427,6 +438,8 @@ def run_dedup(cfg: DedupConfig) -> DedupResult:
     threshold = DEFAULT_THRESHOLDS[embedding.metric] if cfg.threshold is None else float(cfg.threshold)
     _check_threshold(embedding.metric, threshold)
     correct = read_predictions(cfg.predictions, downstream, cfg.correct_column) if cfg.predictions else None
+    for name in RESULT_FILES:
+        (out / name).unlink(missing_ok=True)
     io.write_json(out / "config.json", {**cfg.to_dict(), "threshold": threshold, "metric": embedding.metric})
 
     workers = default_workers() if cfg.workers is None else cfg.workers

@@ -4,7 +4,9 @@ Writes the results folder that `bitlab.eval.results` describes and reads back: `
 `summary.json` (the accuracy breakdowns of `robustness.summarize`) and `config.json`.
 
 Long runs resume: predictions are saved in chunks under `.partial/` (atomically) and a rerun
-with the same model, weights and images skips the chunks already done.
+with the same model, weights and images (their sizes and modification times) skips the chunks
+already done. One evaluate writes a folder at a time (`bitlab.io.lock_folder`), and the old results
+go before the new config.json is written (`results.invalidate`).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from bitlab.device import parse_device
 from bitlab.errors import BitlabError
 from bitlab.eval import robustness
 from bitlab.eval.predict import iter_probs
-from bitlab.eval.results import CONFIG, PREDICTIONS, SUMMARY
+from bitlab.eval.results import CONFIG, PREDICTIONS, SUMMARY, invalidate
 from bitlab.models import data_config_of, registry, zoo
 
 log = logging.getLogger(__name__)
@@ -100,16 +102,27 @@ def check_head(model: nn.Module, n_out: int | None, label_map: np.ndarray | None
                           f"(one ILSVRC-2012 wnid or '-' per output, {n_out} lines)")
 
 
-def _fingerprint(cfg: EvaluateConfig, model: nn.Module, ev: robustness.EvalSet) -> str:
-    """What the saved chunks depend on: model, weights file, resolution and the image list."""
+def _fingerprint(cfg: EvaluateConfig, model: nn.Module) -> str:
+    """What every saved chunk depends on: model, weights file, resolution, label map, top-k."""
     h = hashlib.sha256()
     weights = Path(cfg.pretrained) if cfg.pretrained else None
     stat = weights.stat() if weights and weights.is_file() else None
     h.update(json.dumps([cfg.model, str(weights), stat and (stat.st_size, stat.st_mtime_ns), cfg.num_classes,
                          data_config_of(model).to_dict(), cfg.label_map, cfg.topk, CHUNK]).encode())
-    for it in ev.items:
-        h.update(it.image.encode() + b"\0")
     return h.hexdigest()[:16]
+
+
+def _chunk_files(partial: Path, key: str, ev: robustness.EvalSet) -> list[Path]:
+    """Each chunk's file: named by `key` and its images' names, sizes and modification times, so an
+    image replaced under the same name is predicted again (and only its chunk)."""
+    files = []
+    for start in range(0, len(ev.items), CHUNK):
+        h = hashlib.sha256()
+        for it in ev.items[start:start + CHUNK]:
+            st = (ev.root / it.image).stat()
+            h.update(f"{it.image}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        files.append(partial / f"{key}-{start:07d}-{h.hexdigest()[:16]}.npz")
+    return files
 
 
 def _predict_chunks(model: nn.Module, ev: robustness.EvalSet, cfg: EvaluateConfig, out: Path,
@@ -117,10 +130,9 @@ def _predict_chunks(model: nn.Module, ev: robustness.EvalSet, cfg: EvaluateConfi
     """Top-k output ids, probabilities and probability on the targets, chunk by chunk (resumable)."""
     partial = out / PARTIAL
     partial.mkdir(parents=True, exist_ok=True)
-    key = _fingerprint(cfg, model, ev)
-    for stale in partial.glob("*.npz"):
-        if not stale.name.startswith(key):
-            stale.unlink()
+    files = _chunk_files(partial, _fingerprint(cfg, model), ev)
+    for stale in set(partial.glob("*.npz")) - set(files):
+        stale.unlink()
     paths = ev.paths()
     # Targets expressed in model outputs: with a label map, every output mapped to a target counts.
     if label_map is not None:
@@ -130,8 +142,7 @@ def _predict_chunks(model: nn.Module, ev: robustness.EvalSet, cfg: EvaluateConfi
     chunks = []
     bar = tqdm(total=len(paths), desc=f"evaluate {model_label(cfg)}", unit="img", disable=not cfg.progress)
     try:
-        for start in range(0, len(paths), CHUNK):
-            file = partial / f"{key}-{start:07d}.npz"
+        for start, file in zip(range(0, len(paths), CHUNK), files):
             stop = min(start + CHUNK, len(paths))
             if file.is_file():
                 with np.load(file, allow_pickle=False) as z:
@@ -163,9 +174,14 @@ def _predict_chunks(model: nn.Module, ev: robustness.EvalSet, cfg: EvaluateConfi
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
-    """Evaluate `cfg.model` on `cfg.data`; write predictions, summary and config to `cfg.out`.
-    Returns the summary."""
+    """Evaluate `cfg.model` on `cfg.data`; write predictions, summary and config to `cfg.out`, which
+    this run locks meanwhile (a folder another evaluate writes is refused). Returns the summary."""
     parse_device(cfg.device)  # a bad --device fails before anything is read or written
+    with io.lock_folder(cfg.out, "evaluate"):
+        return _evaluate(cfg)
+
+
+def _evaluate(cfg: EvaluateConfig) -> dict:
     ev = robustness.load_eval_set(cfg.data, cfg.classes, cfg.role)
     label_map = robustness.read_label_map(cfg.label_map) if cfg.label_map else None
     model = registry.create_model(cfg.model, num_classes=cfg.num_classes, pretrained=cfg.pretrained,
@@ -173,7 +189,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     n_out = num_outputs(model)
     check_head(model, n_out, label_map, cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    invalidate(out)  # before the new config.json: never one run's config beside another's results
     io.write_json(out / CONFIG, dataclasses.asdict(cfg))
     log.info("%s: %d images (%s, role %s) with %s", ev.root, len(ev.items), ev.kind, ev.role, model_label(cfg))
     ids, probs, tprob = _predict_chunks(model, ev, cfg, out, label_map)

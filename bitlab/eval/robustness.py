@@ -27,6 +27,7 @@ import pandas as pd
 from bitlab import io
 from bitlab.data import imagenet
 from bitlab.errors import BitlabError
+from bitlab.ooc.record import check_complete
 from bitlab.ooc.spec import OOCClass, load_classes
 from bitlab.paths import OOC_DATASET_DIR
 
@@ -123,6 +124,7 @@ def load_eval_set(root: str | Path, classes: str | Path | None = None, role: str
     root = Path(root)
     if not root.is_dir():
         raise BitlabError(f"{root}: data folder not found")
+    check_complete(root)  # a make-ooc folder being written, unfinished, or whose record disagrees: refused
     if (root / MANIFEST).is_file():
         ev = _from_manifest(root, classes)
     else:

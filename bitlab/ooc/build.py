@@ -19,6 +19,9 @@ How it stays correct and fast:
   every image whose file still has the journalled sha256 for the same recipe.
 - Same inputs, options and library versions give byte-identical images and tables (no timestamps
   anywhere); only dataset.json and config.json, the provenance, name this machine's paths.
+- One build writes a folder at a time (`bitlab.io.lock_folder`); before it replaces anything, the
+  folder's old record goes, dataset.json first (`record.invalidate`), so a build killed midway
+  leaves a folder that readers (`record.check_complete`) refuse until a rerun finishes it.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ from bitlab.ooc import backgrounds as bgmod
 from bitlab.ooc import compose
 from bitlab.ooc.openimages import (ANNOTATIONS_LICENSE, ANNOTATIONS_LICENSE_COLUMN, UPSTREAM_MD5, Tree,
                                    read_image_metadata)
+from bitlab.ooc.record import JOURNAL, invalidate
 from bitlab.ooc.spec import (CLASS_COLUMNS, Background, Foreground, OOCClass, class_row, load_background_categories,
                              load_classes, load_selection, table_text, write_table)
 from bitlab.paths import OOC_DATASET_DIR, SAMPLE_DIR
@@ -53,7 +57,6 @@ log = logging.getLogger(__name__)
 
 # Bump when the same inputs and options would give different pixels (invalidates resumed files).
 COMPOSE_VERSION = 1
-JOURNAL = ".make-ooc-journal.jsonl"
 MANIFEST_COLUMNS = (
     "file", "sha256", "pixel_sha256", "size", "class", "fg_class", "fg_mid", "ilsvrc_wnids", "ilsvrc_indices",
     "fg_uid", "fg_split", "fg_image_id", "fg_box_id", "fg_mask_path", "fg_predicted_iou", "fg_image_sha256",
@@ -141,8 +144,14 @@ class _Inputs:
 
 
 def build(cfg: MakeOOCConfig, command: Sequence[str] | None = None) -> dict:
-    """Build the dataset into `cfg.out`; returns a summary (counts, skipped inputs, timings)."""
+    """Build the dataset into `cfg.out`, locked meanwhile (a folder another build writes is
+    refused); returns a summary (counts, skipped inputs, timings)."""
     cfg.validate()
+    with io.lock_folder(cfg.out, "make-ooc"):
+        return _build(cfg, command)
+
+
+def _build(cfg: MakeOOCConfig, command: Sequence[str] | None) -> dict:
     t0 = time.perf_counter()
     out = Path(cfg.out)
     inp = _preflight(cfg)
@@ -151,6 +160,7 @@ def build(cfg: MakeOOCConfig, command: Sequence[str] | None = None) -> dict:
             for fg in inp.foregrounds for bg in inp.backgrounds]
     if len({j.file for j in jobs}) != len(jobs):
         raise BitlabError(f"{cfg.selection}: two foreground/background pairs give the same file name")
+    invalidate(out)  # before any image is replaced: a kill from here on leaves no complete-looking folder
     _clean_temp(out, {j.fg.folder for j in jobs})
     done = _resume(out, jobs, workers)
     todo = [j for j in jobs if j.file not in done]
@@ -382,7 +392,7 @@ def _compose_all(cfg: MakeOOCConfig, out: Path, todo: Sequence[_Job], cutouts: d
     out.mkdir(parents=True, exist_ok=True)
     pool = ThreadPoolExecutor(workers)
     try:
-        with open(out / JOURNAL, "a", encoding="utf-8") as journal, \
+        with io.naming_full_disk(out / JOURNAL), open(out / JOURNAL, "a", encoding="utf-8") as journal, \
                 tqdm(total=len(todo), desc="make-ooc", unit="img") as bar:
             for fut in as_completed([pool.submit(task, c) for c in chunks]):
                 for j, computed in fut.result():

@@ -350,8 +350,14 @@ class FetchConfig:
 
 
 def fetch(cfg: FetchConfig) -> dict:
-    """Download what a build needs into the tree at `cfg.out`; returns a summary (also fetch.json)."""
+    """Download what a build needs into the tree at `cfg.out`, locked meanwhile (one fetch fills a
+    tree at a time); returns a summary (also fetch.json)."""
     sel = _check_fetch(cfg)
+    with io.lock_folder(cfg.out, "openimages fetch"):
+        return _fetch(cfg, sel)
+
+
+def _fetch(cfg: FetchConfig, sel: Selection | None) -> dict:
     tree = Tree(Path(cfg.out), cfg.split)
     tree.root.mkdir(parents=True, exist_ok=True)
     files = {}
