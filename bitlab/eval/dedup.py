@@ -235,7 +235,7 @@ def make_embedding(spec: str, weights: str | os.PathLike | None = None,
     """`model:NAME` (any `create_model` name) or `phash`."""
     if spec == "phash":
         if weights is not None:
-            raise BitlabError("--weights applies to model embeddings, not phash")
+            raise ConfigError("weights", "{setting} applies to model embeddings, not phash")
         return PHashEmbedding(device)
     if spec.startswith("model:") and spec[len("model:"):]:
         return ModelEmbedding(spec[len("model:"):], weights, device)
