@@ -239,10 +239,15 @@ def test_a_frozen_weight_uses_the_cache_and_still_passes_input_gradients():
 
 
 def test_writes_through_data_need_clear_kernel_cache():
-    """`.data` bypasses autograd's version counter: the documented blind spot, and its remedy."""
+    """A tensor assigned to `.data` is seen (another storage); an in-place write through `.data`
+    bypasses autograd's version counter: the documented blind spot, and its remedy."""
     model, x = _trained(), torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         model(x)
+        for c in _convs(model):
+            c.weight.data = torch.randn_like(c.weight) * 0.05
+            c.eps = 1e-3  # a changed eps is seen too
+        torch.testing.assert_close(model(x), _fresh(model, x))
     for c in _convs(model):
         c.weight.data.mul_(-1.0).add_(0.01)  # not seen by the version counter
         c.clear_kernel_cache()
