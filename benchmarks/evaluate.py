@@ -107,6 +107,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quiet-load", type=float, default=1.5, help="wait for a load average below this")
+    ap.add_argument("--quiet-wait", type=float, default=1800, help="seconds to wait for it at most")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bitlab-bench-"))
@@ -116,7 +117,7 @@ def main() -> None:
         weights = checkpoints.save_bitlab(create_model(MODEL, num_classes=1000), tmp / "r50x1.pt", name=MODEL)
         prepared = prepare_for_inference(create_model(MODEL, pretrained=weights), args.device, fuse=True)
         if args.device == "cpu":
-            machine.wait_until_quiet(args.quiet_load)
+            machine.wait_until_quiet(args.quiet_load, limit_s=args.quiet_wait)
         load = os.getloadavg()[0]
         times: dict[str, list[float]] = {"bitlab": [], "timm": [], "timm_cl": [], "model_only": []}
         for r in range(args.rounds):

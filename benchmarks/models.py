@@ -70,6 +70,7 @@ def parser() -> argparse.ArgumentParser:
                     default=["contiguous", "channels_last"])
     ap.add_argument("--compile", action="store_true", help="torch.compile every model (bitlab's and timm's)")
     ap.add_argument("--quiet-load", type=float, default=1.5, help="CPU runs wait for a load average below this")
+    ap.add_argument("--quiet-wait", type=float, default=1800, help="seconds to wait for it at most")
     return ap
 
 
@@ -118,7 +119,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cpu":
-        machine.wait_until_quiet(args.quiet_load)
+        machine.wait_until_quiet(args.quiet_load, limit_s=args.quiet_wait)
     torch.manual_seed(0)
     ours = create_model("R50x1", num_classes=1000).to(device)
     theirs = timm.create_model("resnetv2_50x1_bit", num_classes=1000).to(device)

@@ -127,3 +127,32 @@ def test_prepared_inside_inference_mode_the_model_stays_trainable(fuse):
     assert fuse or all(m._kernel_cache is not None for m in _ws_convs(model))
     model.train()(x).square().sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- its callers
+def _fused_channels_last(model: nn.Module) -> bool:
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    return (not _ws_convs(model) and not model.training
+            and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs))
+
+
+def test_evaluate_predicts_with_a_fused_channels_last_model(tmp_path, photos, monkeypatch):
+    from bitlab.eval import evaluate as ev
+    from tests.fixtures.ooc_sets import build_tiny_ooc
+
+    seen, real = [], ev.iter_probs
+
+    def spy(model, *args, **kwargs):  # records the model, then runs the real prediction
+        seen.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "iter_probs", spy)
+    summary = ev.evaluate(ev.EvaluateConfig(model="R14x0.5", data=str(build_tiny_ooc(tmp_path / "ooc", photos)),
+                                            out=str(tmp_path / "res"), workers=0, progress=False))
+    assert summary["dataset"]["num_images"] == 12 and seen and all(_fused_channels_last(m) for m in seen)
+
+
+def test_dedup_embeds_with_a_fused_channels_last_model():
+    from bitlab.eval import dedup
+
+    assert _fused_channels_last(dedup.make_embedding("model:R14x0.5").model)
