@@ -194,7 +194,7 @@ def test_load_state_dict_is_seen_by_the_next_forward():
     torch.testing.assert_close(after, _fresh(other, x))
 
 
-def test_dtype_and_memory_format_conversions_drop_the_cache():
+def test_dtype_and_memory_format_conversions_drop_the_cache():  # .to(float64), channels-last, .half()
     model, x = _trained(), torch.randn(2, 3, 32, 32)
     exact, floor = numerics.exact_and_floor(model, x)
     with torch.no_grad():
@@ -208,6 +208,11 @@ def test_dtype_and_memory_format_conversions_drop_the_cache():
         cl = model(x.contiguous(memory_format=torch.channels_last))
         # kept in the weight's layout, which the conv would otherwise convert it to on every call
         assert model.root.conv.standardized_weight().is_contiguous(memory_format=torch.channels_last)
+        model.half()
+        assert all(c._kernel_cache is None for c in _convs(model))
+        conv = model.root.conv
+        torch.testing.assert_close(conv.standardized_weight(), conv.standardize(conv.weight))
+        assert conv.standardized_weight().dtype == torch.float16
     numerics.assert_near_exact(cl, exact, floor, "channels-last after float64")
 
 
