@@ -20,13 +20,16 @@ at its own resolution, 224 px. Three ways through the same images, same batch an
   evaluation would cost with a free data path. `data_path_share` = 1 - model-only / evaluate time.
 
 Runs are interleaved (bitlab, timm, timm channels-last, model only) round by round after waiting
-for a quiet machine; ratios from the medians, each side's spread printed. Prints one JSON line.
+for a quiet machine; ratios from the medians, each side's spread printed, in wall time and in CPU
+seconds of the process and its loader workers (which other jobs' load moves far less). Prints one
+JSON line.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import tempfile
@@ -59,6 +62,13 @@ def make_ooc_set(root: Path, images: int, workers: int) -> tuple[Path, int]:
     inputs["selection"] = Selection(fgs, bgs[::len(bgs) // k][:k]).save(root / "subset.csv")
     ooc.run_build(inputs, root / "ooc", 512, workers, "png")
     return root / "ooc", len(fgs) * k
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the loader workers, joined at the end
+    of each pass): what another job's load moves far less than wall time."""
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def run_bitlab(data: Path, weights: Path, out: Path, args) -> float:
@@ -119,13 +129,19 @@ def main() -> None:
         if args.device == "cpu":
             machine.wait_until_quiet(args.quiet_load, limit_s=args.quiet_wait)
         load = os.getloadavg()[0]
-        times: dict[str, list[float]] = {"bitlab": [], "timm": [], "timm_cl": [], "model_only": []}
+        runs = {"bitlab": lambda r: run_bitlab(data, weights, tmp / f"out{r}", args),
+                "timm": lambda r: run_timm(data, weights, args, channels_last=False),
+                "timm_cl": lambda r: run_timm(data, weights, args, channels_last=True),
+                "model_only": lambda r: run_model_only(prepared, n, args)}
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        cpu: dict[str, list[float]] = {k: [] for k in runs}
         for r in range(args.rounds):
-            times["bitlab"].append(run_bitlab(data, weights, tmp / f"out{r}", args))
-            times["timm"].append(run_timm(data, weights, args, channels_last=False))
-            times["timm_cl"].append(run_timm(data, weights, args, channels_last=True))
-            times["model_only"].append(run_model_only(prepared, n, args))
+            for name, run in runs.items():
+                c = cpu_seconds()
+                times[name].append(run(r))
+                cpu[name].append(cpu_seconds() - c)
         med = {k: statistics.median(v) for k, v in times.items()}
+        med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
         print(json.dumps({
             "model": MODEL, "timm_model": TIMM_MODEL, "resolution": 224, "images": n, "ooc_size": 512,
             "device": args.device, **machine.describe(torch.device(args.device)), "batch": args.batch,
@@ -134,6 +150,10 @@ def main() -> None:
             "ratio_vs_timm": round(med["timm"] / med["bitlab"], 3),
             "ratio_vs_timm_channels_last": round(med["timm_cl"] / med["bitlab"], 3),
             "data_path_share": round(1 - med["model_only"] / med["bitlab"], 3),
+            "cpu_s_per_img": {k: round(v / n, 4) for k, v in med_cpu.items()},
+            "ratio_vs_timm_cpu_time": round(med_cpu["timm"] / med_cpu["bitlab"], 3),
+            "ratio_vs_timm_channels_last_cpu_time": round(med_cpu["timm_cl"] / med_cpu["bitlab"], 3),
+            "data_path_share_cpu_time": round(1 - med_cpu["model_only"] / med_cpu["bitlab"], 3),
             "spread_img_s": {k: [round(n / max(v), 2), round(n / min(v), 2)] for k, v in times.items()},
             "load_1min": [round(load, 2), round(os.getloadavg()[0], 2)]}), flush=True)
     finally:

@@ -5,6 +5,8 @@
 Both models get identical weights, batch, resolution and thread count; runs are interleaved
 (bitlab, timm, bitlab, timm, ...) so that load from other processes hits both alike, and the
 ratio is taken from the medians (each side's slowest and fastest round are printed as its spread).
+Each row also gives the ratio of the process's CPU seconds per image (`ratio_cpu_time`), which
+another job's load moves far less than wall time; with `--threads 1` it is the work each model does.
 Inference: bitlab as `bitlab evaluate` runs it, its weight standardisation folded into the kernels
 (`fuse_weight_standardization`), and, as `bitlab_cached`, the unfused model whose StdConv2d reuse
 their standardised kernels (what `bitlab.eval.predict` gets for a model it must not change);
@@ -30,12 +32,13 @@ from bitlab.models import bitlab_to_timm, create_model, fuse_weight_standardizat
 import machine
 
 
-def _timed(fn, iters: int) -> float:
+def _timed(fn, iters: int) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) of `iters` calls after one warm-up call."""
     fn()  # warm-up (allocator, oneDNN primitive cache)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(iters):
         fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def _step_fn(model, x, y, train: bool, device: torch.device):
@@ -95,11 +98,14 @@ def _run(ours, theirs, x, y, train: bool, fmt: torch.memory_format, args, device
             fn()
             compile_s[name] = round(time.perf_counter() - start, 1)
     times = {name: [] for name in fns}
+    cpu_times = {name: [] for name in fns}
     load = os.getloadavg()[0]
     for _ in range(args.rounds):
         for name, fn in fns.items():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
-                times[name].append(_timed(fn, args.iters))
+                wall, cpu = _timed(fn, args.iters)
+            times[name].append(wall)
+            cpu_times[name].append(cpu)
     n = args.batch * args.iters
     ips = {k: n / statistics.median(v) for k, v in times.items()}
     row = {"mode": "train" if train else "inference", "channels_last": fmt == torch.channels_last,
@@ -108,6 +114,12 @@ def _run(ours, theirs, x, y, train: bool, fmt: torch.memory_format, args, device
     if "bitlab_cached" in ips:
         row["ratio_cached"] = round(ips["bitlab_cached"] / ips["timm"], 3)
     row["spread_img_s"] = {k: [round(n / max(v), 2), round(n / min(v), 2)] for k, v in times.items()}
+    # CPU seconds per image: what other jobs' load changes least (one thread: no OpenMP spin-waits)
+    cpu = {k: statistics.median(v) / n for k, v in cpu_times.items()}
+    row["cpu_s_per_img"] = {k: round(v, 4) for k, v in cpu.items()}
+    row["ratio_cpu_time"] = round(cpu["timm"] / cpu["bitlab"], 3)
+    if "bitlab_cached" in cpu:
+        row["ratio_cached_cpu_time"] = round(cpu["timm"] / cpu["bitlab_cached"], 3)
     row["load_1min"] = [round(load, 2), round(os.getloadavg()[0], 2)]
     if compile_s:
         row["compile_s"] = compile_s
