@@ -17,6 +17,7 @@ photos), cropped and rescaled to ImageNet-like sizes (about 500x375) so no two f
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -30,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bitlab.data import datasets  # noqa: E402
-from bitlab.data.transforms import BIT_MEAN, BIT_STD, TrainAugment, normalize  # noqa: E402
+from bitlab.data import datasets, loader  # noqa: E402
+from bitlab.data.transforms import BIT_MEAN, BIT_STD, TrainAugment, normalize, train_image  # noqa: E402
 from bitlab.train.distributed import StepSampler  # noqa: E402
 from photos import make_jpegs  # noqa: E402 (benchmarks/)
 
@@ -49,12 +50,14 @@ def _rate(batches, n_images: int, warmup: int) -> float:
 
 def bitlab_pipeline(root: Path, resize: int, crop: int, batch: int, workers: int, *, normalise: bool):
     images = datasets.image_folder(root / "train")
-    loader = datasets.make_loader(datasets.TrainImages(images, TrainAugment(resize, crop), seed=0),
-                                  StepSampler(len(images), batch, seed=0), batch, workers=workers)
-    for b in loader:
+    aug = TrainAugment(resize, crop)
+    dataset = loader.TrainFiles(images, functools.partial(train_image, aug=aug), seed=0, stream=0, skip_bad=False,
+                                decode_side=resize)
+    batches = loader.make_loader(dataset, batch, sampler=StepSampler(len(images), batch, seed=0), workers=workers)
+    for b in batches:
         # On a GPU the uint8 batch goes to the device and is normalised there; on a CPU the main
         # process does it once per batch. Both are measured.
-        yield (normalize(b.images, BIT_MEAN, BIT_STD) if normalise else b.images), b.labels
+        yield (normalize(b.images, BIT_MEAN, BIT_STD) if normalise else b.images), b.targets
 
 
 def torchvision_pipeline(root: Path, resize: int, crop: int, batch: int, workers: int):
@@ -117,7 +120,7 @@ def training(root: Path, model_name: str, resize: int, crop: int, batch: int, st
              **device_kw) -> tuple[list[float], float]:
     """Images/s of each step of `bitlab finetune`'s loop reading the JPEGs (the first two steps left
     out: they start the workers and allocate), and the share of step time spent waiting for data."""
-    from bitlab.train import loop
+    from bitlab.train import rundir
     from bitlab.train.finetune import FinetuneConfig, finetune
 
     for c in (root / "train").iterdir():  # a one-image-per-class val split (evaluation is not timed)
@@ -129,7 +132,7 @@ def training(root: Path, model_name: str, resize: int, crop: int, batch: int, st
         finetune(FinetuneConfig(model=model_name, data=str(root), out=out, batch_size=batch,
                                 schedule=[1, steps, steps, steps, steps + 2], resolution=[resize, crop],
                                 workers=workers, progress=False, checkpoint_every=0, log_every=1, **device_kw))
-        rows = [r for r in loop.read_metrics(Path(out) / "metrics.jsonl") if r["split"] == "train"]
+        rows = [r for r in rundir.read_metrics(Path(out) / "metrics.jsonl") if r["split"] == "train"]
     rows = rows[2:]
     return [r["images_per_s"] for r in rows], sum(r["data_s"] for r in rows) / sum(r["step_s"] for r in rows)
 
@@ -159,7 +162,7 @@ def gpu(root: Path, model_name: str, workers: int) -> list[dict]:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--workers", type=int, default=datasets.default_workers())
+    ap.add_argument("--workers", type=int, default=loader.default_workers())
     ap.add_argument("--model", default="R50x1")
     ap.add_argument("--part", choices=["all", "pipeline", "training", "gpu"], default="all")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")

@@ -40,7 +40,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from bitlab.train.loop import read_metrics  # noqa: E402
+from bitlab.train.rundir import read_metrics  # noqa: E402
 from photos import make_jpegs  # noqa: E402 (benchmarks/)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from bitlab.errors import BitlabError
+from bitlab.errors import BitlabError, ConfigError
 
 # Below this image area the task counts as "small images" (CIFAR-like 32x32).
 SMALL_IMAGE_AREA = 96 * 96
@@ -71,7 +71,7 @@ def scale_schedule(supports: tuple[int, ...], batch_size: int) -> tuple[int, ...
     factor = REFERENCE_BATCH / batch_size
     scaled = tuple(max(1, round(s * factor)) for s in supports)
     if any(a >= b for a, b in zip(scaled, scaled[1:])):
-        raise BitlabError(f"--scale-schedule at batch {batch_size} squeezes the schedule {list(supports)} into "
+        raise ConfigError("scale_schedule", f"{{setting}} at batch {batch_size} squeezes the schedule {list(supports)} into "
                           f"{list(scaled)} steps (supports coincide); use a smaller batch or give --schedule")
     return scaled
 
@@ -128,9 +128,9 @@ def hyperrule(dataset_size: int, image_size: tuple[int, int], *, batch_size: int
               base_lr: float = BASE_LR, scale_with_batch: bool = False) -> HyperRule:
     """Apply BiT-HyperRule to a task of `dataset_size` training examples of `image_size` = (H, W)."""
     if batch_size <= 0:
-        raise BitlabError(f"batch size must be positive, got {batch_size}")
+        raise ConfigError("batch_size", f"must be positive, got {batch_size}")
     if not (math.isfinite(base_lr) and base_lr > 0):
-        raise BitlabError(f"--base-lr must be a positive number, got {base_lr}")
+        raise ConfigError("base_lr", f"must be a positive number, got {base_lr}")
     supports = get_schedule(dataset_size)
     if scale_with_batch:
         supports = scale_schedule(supports, batch_size)

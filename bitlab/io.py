@@ -2,12 +2,18 @@
 
 Everything that writes a file a user keeps goes through `atomic_write` (temp file in the same
 folder, then `os.replace`), so an interrupted job never leaves a half-written file behind.
+
+Every network read goes through `open_url`: http:// and https:// only (a URL that a server hands
+us, e.g. a search API's answer, can never make bitlab read a local `file://`), redirects only to
+http(s) and never from https down to http, and a byte cap on what one download may bring.
 """
 from __future__ import annotations
 
 import base64
+import codecs
 import contextlib
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -16,10 +22,11 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
@@ -37,6 +44,14 @@ FILE_MODE = 0o666 & ~_UMASK
 
 class DownloadError(BitlabError):
     """A download failed for good (after retries) or did not match its checksum."""
+
+
+class UnsafeURLError(DownloadError):
+    """A URL (or a redirect) to a scheme other than http(s), or from https down to http."""
+
+
+class DownloadTooLargeError(DownloadError):
+    """A download that announces or brings more bytes than its cap."""
 
 
 class UnsafeArchiveError(BitlabError):
@@ -109,6 +124,30 @@ def write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> 
         raise
 
 
+def text_lines(path: str | os.PathLike) -> Iterator[str]:
+    """The lines of a UTF-8 text file, line ends kept (for `csv.reader`), a leading BOM dropped.
+
+    Lines are decoded one at a time, so a byte that is not UTF-8 is reported with its line and
+    column (`BitlabError`) instead of as a bare `UnicodeDecodeError`, and the file is never held
+    in memory whole. The file is opened here: a missing one raises `FileNotFoundError` at once.
+    """
+    f = open(path, "rb")
+    return _decoded_lines(f, path)
+
+
+def _decoded_lines(f: IO[bytes], path: str | os.PathLike) -> Iterator[str]:
+    with f:
+        for n, raw in enumerate(f, start=1):
+            if n == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)  # as spreadsheet programs save "CSV UTF-8"
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                column = len(raw[:e.start].decode("utf-8", errors="replace")) + 1
+                raise BitlabError(f"{path} line {n}: byte 0x{raw[e.start]:02x} at column {column} is not UTF-8 "
+                                  "text; save the file as UTF-8") from None
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_write(path, "w", encoding="utf-8") as f:
         f.write(text)
@@ -128,14 +167,41 @@ def torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 def torch_load(path: str | os.PathLike) -> Any:
     """`torch.load` with `weights_only=True`: checkpoints can never execute code."""
+    import pickle
+
     import torch
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise BitlabError(f"{path}: no such file") from None
+    except pickle.UnpicklingError:
+        raise BitlabError(f"{path}: {_pickled_objects(path)}") from None
     except Exception as e:  # pickle / zip errors are cryptic; name the file
-        raise BitlabError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise BitlabError(f"{path}: not a readable torch checkpoint ({type(e).__name__}"
+                          + (f": {detail})" if detail and "weights_only" not in str(e) else ")")) from None
+
+
+def _pickled_objects(path: str | os.PathLike) -> str:
+    """What a torch file that the safe loader refuses holds, and how to convert it without risk.
+
+    torch's own message suggests turning the protection off; bitlab never relays that advice.
+    """
+    import torch
+
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # a legacy (pre-zip) file or a damaged one: the types cannot be listed
+        names = []
+    what = (f"Python objects besides tensors ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+            if names else "Python objects besides tensors")
+    return (f"a torch file holding pickled {what}, such as a whole model saved with torch.save(model); "
+            "bitlab loads only tensors and plain containers, because unpickling other objects can run "
+            "arbitrary code. To convert it safely: if you trust its source, open it in an isolated "
+            "environment with the code that wrote it and save only the weights, "
+            "torch.save(model.state_dict(), 'weights.pt'), then use weights.pt (or ask its publisher for "
+            "an .npz or a state dict)")
 
 
 # ----------------------------------------------------------------------------- checksums
@@ -167,6 +233,98 @@ def _server_md5(headers: Any) -> str | None:
     return None
 
 
+# ----------------------------------------------------------------------------- URLs
+URL_SCHEMES = ("http", "https")
+# What one download may bring unless its caller says otherwise: 8 GiB, about twice the largest
+# file any fetcher needs (BiT-M-R152x4.npz is 4.4 GB, OpenImages' train box CSV 2.3 GB), so that a
+# server streaming without end fills no disk.
+MAX_DOWNLOAD_BYTES = 8 << 30
+_SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '123', '500K', '100M', '8G' or '1T' (1024-based; 'MB', 'MiB' read as 'M')."""
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = _SIZE_UNITS.get(value[-1:], 1)
+    try:
+        size = float(value[:-1] if unit > 1 else value) * unit
+    except ValueError:
+        size = float("nan")
+    if not size >= 1 or size == float("inf"):  # also NaN
+        raise ValueError(f"{text!r} is not a size such as 500M or 8G")
+    return int(size)
+
+
+def check_url(url: str) -> None:
+    """Refuse (`UnsafeURLError`) a URL that is not http:// or https://."""
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in URL_SCHEMES:
+        raise UnsafeURLError(f"{url}: only http:// and https:// URLs are fetched"
+                             + (f", not {scheme}://" if scheme else " (this is not a URL)"))
+
+
+class _SafeRedirect(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to http(s), and never from https down to plain http.
+
+    Checked before urllib's own rule (which would follow ftp:// and downgrades, and turns a
+    file:// target into a retried HTTP error), so the refusal is immediate and says why.
+    """
+
+    def http_error_302(self, req, fp, code, msg, headers):  # noqa: D102 (urllib's hook)
+        target = headers.get("location") or headers.get("uri")
+        if target:
+            new = urllib.parse.urljoin(req.full_url, target)
+            old_scheme, new_scheme = (urllib.parse.urlsplit(u).scheme.lower() for u in (req.full_url, new))
+            if new_scheme not in URL_SCHEMES or (old_scheme == "https" and new_scheme != "https"):
+                fp.close()
+                raise UnsafeURLError(f"{req.full_url}: the server redirects to {new}; only redirects to "
+                                     "http(s), and never from https to http, are followed")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+def _opener() -> urllib.request.OpenerDirector:
+    """urllib's handlers for http(s) alone: no file://, ftp:// or data: handler to reach at all."""
+    opener = urllib.request.OpenerDirector()
+    for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), urllib.request.HTTPHandler(),
+                    urllib.request.HTTPSHandler(), urllib.request.HTTPDefaultErrorHandler(), _SafeRedirect(),
+                    urllib.request.HTTPErrorProcessor()):
+        opener.add_handler(handler)
+    return opener
+
+
+def open_url(url: str, *, headers: dict[str, str] | None = None, timeout: float = 60.0):
+    """`urlopen` for http(s) URLs only, with the redirect rule above; returns the response."""
+    check_url(url)
+    request = urllib.request.Request(url, headers={"User-Agent": "bitlab", **(headers or {})})
+    return _opener().open(request, timeout=timeout)
+
+
+def read_url(url: str, *, max_bytes: int, headers: dict[str, str] | None = None, timeout: float = 60.0) -> bytes:
+    """The body of `url` in memory (an API answer), refused beyond `max_bytes`."""
+    data = bytearray()
+    with open_url(url, headers=headers, timeout=timeout) as response:
+        _check_announced(url, response, 0, max_bytes)
+        while chunk := response.read(min(_CHUNK, max_bytes + 1 - len(data))):
+            data += chunk
+            if len(data) > max_bytes:
+                raise DownloadTooLargeError(f"{url}: the answer is larger than {max_bytes} bytes")
+    return bytes(data)
+
+
+def _check_announced(url: str, response: Any, have: int, max_bytes: int) -> int | None:
+    """The total size the response announces (Content-Length + bytes already held); refused over the cap."""
+    length = response.headers.get("Content-Length")
+    if length is None or not length.strip().isdigit():
+        return None
+    total = int(length) + have
+    if total > max_bytes:
+        raise DownloadTooLargeError(f"{url}: announces {total} bytes, more than the download limit of "
+                                    f"{max_bytes} bytes (raise it with --max-download)")
+    return total
+
+
 # ----------------------------------------------------------------------------- downloads
 def download(
     url: str,
@@ -177,31 +335,43 @@ def download(
     retries: int = 3,
     timeout: float = 60.0,
     progress: bool = True,
+    max_bytes: int = MAX_DOWNLOAD_BYTES,
+    verify: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Download `url` to `dest`, resuming a partial `dest.part` with an HTTP Range request.
+    """Download `url` (http or https) to `dest`, resuming a partial `dest.part` with a Range request.
 
-    The file is checked against `sha256`/`md5` when given, and against the MD5 the server
-    announces (`x-goog-hash` / `Content-MD5`) when it does. A mismatch discards the bytes and
-    retries; after `retries` attempts a `DownloadError` names the URL and both digests. An
-    existing `dest` that matches the expected digest is kept without any network access.
+    The bytes must be whole (Content-Length or Content-Range when the server sends them), at most
+    `max_bytes`, match `sha256`/`md5` when given and the MD5 the server announces (`x-goog-hash` /
+    `Content-MD5`) when it does, and pass `verify(path)` (which raises `BitlabError` for bytes that
+    are not what was asked for: an HTML error page, a truncated archive). Only then is the `.part`
+    renamed to `dest`. A mismatch discards the bytes and retries; after `retries` attempts a
+    `DownloadError` names the URL and the problem. A download over the cap or a refused URL or
+    redirect is not retried. An existing `dest` that matches the expected digest and passes
+    `verify` is kept without any network access.
     """
+    check_url(url)
     dest = Path(dest)
-    if dest.exists() and (sha256 or md5) and _matches(dest, sha256, md5):
+    if dest.exists() and (sha256 or md5) and _matches(dest, sha256, md5) and not _verify_problem(dest, verify):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     last_error = ""
     for attempt in range(1, retries + 1):
         try:
-            server_md5 = _fetch_into(url, part, timeout=timeout, progress=progress)
-        except (urllib.error.URLError, OSError, TimeoutError) as e:
-            if isinstance(e, urllib.error.HTTPError) and 400 <= e.code < 500 and e.code != 416:
+            server_md5 = _fetch_into(url, part, timeout=timeout, progress=progress, max_bytes=max_bytes)
+        except DownloadTooLargeError:
+            part.unlink(missing_ok=True)
+            raise
+        except (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError) as e:
+            if isinstance(e, urllib.error.HTTPError) and 400 <= e.code < 500:
                 raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
             last_error = f"{type(e).__name__}: {e}"
             log.warning("download %s failed (attempt %d/%d): %s", url, attempt, retries, last_error)
             time.sleep(min(2.0 ** (attempt - 1), 10.0) * 0.1)
             continue
         problems = _check(part, sha256=sha256, md5=md5, server_md5=server_md5)
+        if not problems and (problem := _verify_problem(part, verify)):
+            problems.append(problem)
         if not problems:
             os.replace(part, dest)
             return dest
@@ -209,6 +379,16 @@ def download(
         log.warning("download %s: %s (attempt %d/%d)", url, last_error, attempt, retries)
         part.unlink(missing_ok=True)  # corrupt bytes are never resumed
     raise DownloadError(f"{url}: gave up after {retries} attempts: {last_error}")
+
+
+def _verify_problem(path: Path, verify: Callable[[Path], None] | None) -> str:
+    if verify is None:
+        return ""
+    try:
+        verify(path)
+    except BitlabError as e:
+        return str(e)
+    return ""
 
 
 def _matches(path: Path, sha256: str | None, md5: str | None) -> bool:
@@ -225,29 +405,56 @@ def _check(path: Path, *, sha256: str | None, md5: str | None, server_md5: str |
     return problems
 
 
-def _fetch_into(url: str, part: Path, *, timeout: float, progress: bool) -> str | None:
-    """Append the missing bytes of `url` to `part`; return the server's MD5 if it sent one."""
+def _content_range(response: Any) -> tuple[int | None, int | None]:
+    """(first byte, total size) from `Content-Range: bytes FIRST-LAST/TOTAL` or `bytes */TOTAL`."""
+    value = (response.headers.get("Content-Range") or "").strip()
+    unit, _, spec = value.partition(" ")
+    span, _, total = spec.partition("/")
+    first = span.split("-")[0]
+    return (int(first) if unit == "bytes" and first.isdigit() else None,
+            int(total) if unit == "bytes" and total.isdigit() else None)
+
+
+def _fetch_into(url: str, part: Path, *, timeout: float, progress: bool, max_bytes: int) -> str | None:
+    """Append the missing bytes of `url` to `part`; return the server's MD5 if it sent one.
+
+    Raises OSError when the bytes are known to be incomplete, `DownloadTooLargeError` past `max_bytes`.
+    """
     have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"User-Agent": "bitlab"})
-    if have:
-        request.add_header("Range", f"bytes={have}-")
+    if have > max_bytes:
+        part.unlink()
+        have = 0
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
+        response = open_url(url, headers={"Range": f"bytes={have}-"} if have else None, timeout=timeout)
     except urllib.error.HTTPError as e:
-        if e.code == 416 and have:  # already complete
-            return None
-        raise
+        if e.code != 416 or not have:
+            raise
+        # Range not satisfiable: the .part is complete only if it has exactly the server's size;
+        # a stale, longer .part (the file changed upstream) or an unknown size starts afresh.
+        size = _content_range(e)[1]
+        if size != have:
+            part.unlink()
+            raise OSError(f"HTTP 416 for bytes {have}- (server size {size if size is not None else 'not given'}): "
+                          "the partial file does not fit, starting again") from None
+        return None
     with response:
         if have and response.status != 206:  # server ignored the Range: start again
             have = 0
-        total = response.headers.get("Content-Length")
-        total = int(total) + have if total is not None else None
-        mode = "ab" if have else "wb"
-        with open(part, mode) as f, tqdm(
+        elif have and _content_range(response)[0] != have:  # a range other than the one asked for
+            raise OSError(f"asked for bytes {have}-, the server sent {response.headers.get('Content-Range')!r}")
+        total = _check_announced(url, response, have, max_bytes)
+        if total is None and have:
+            total = _content_range(response)[1]
+        with open(part, "ab" if have else "wb") as f, tqdm(
             total=total, initial=have, unit="B", unit_scale=True, desc=Path(url).name,
             disable=not progress, leave=False,
         ) as bar:
+            size = have
             while chunk := response.read(_CHUNK):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise DownloadTooLargeError(f"{url}: more than the download limit of {max_bytes} bytes "
+                                                "(raise it with --max-download)")
                 f.write(chunk)
                 bar.update(len(chunk))
         if total is not None and part.stat().st_size != total:

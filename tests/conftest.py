@@ -27,6 +27,11 @@ class FixtureServer:
     - `truncate[path] = n`: the next n responses stop halfway (connection closed early);
     - `headers[path] = {...}`: extra response headers (e.g. `x-goog-hash`);
     - `ignore_range`: answer Range requests with the whole file (200), as some servers do;
+    - `no_length`: paths answered without Content-Length (the body ends when the connection
+      closes, so a truncated one looks whole to the client);
+    - `redirect[path] = location`: answer 302 with that Location (any scheme);
+    - `stream[path] = n`: n zero bytes without Content-Length, like a URL onto /dev/zero;
+    - `size_on_416`: a 416 says the file's real size (`Content-Range: bytes */N`), as RFC 9110 asks;
     - `requests`: (method, path, Range header) of every request received.
     """
 
@@ -36,6 +41,10 @@ class FixtureServer:
         self.truncate: dict[str, int] = {}
         self.headers: dict[str, dict[str, str]] = {}
         self.ignore_range = False
+        self.no_length: set[str] = set()
+        self.redirect: dict[str, str] = {}
+        self.stream: dict[str, int] = {}
+        self.size_on_416 = True
         self.requests: list[tuple[str, str, str | None]] = []
         server = self
 
@@ -46,6 +55,21 @@ class FixtureServer:
             def do_GET(self) -> None:  # noqa: N802 (http.server naming)
                 path = self.path.split("?")[0].lstrip("/")
                 server.requests.append(("GET", path, self.headers.get("Range")))
+                if path in server.redirect:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirect[path])
+                    self.end_headers()
+                    return
+                if path in server.stream:
+                    self.send_response(200)
+                    self.end_headers()
+                    block = bytes(1 << 16)
+                    for _ in range(server.stream[path] // len(block)):
+                        try:
+                            self.wfile.write(block)
+                        except OSError:  # the client stopped reading: as it should
+                            return
+                    return
                 file = server.root / path
                 if not file.is_file():
                     self.send_error(404)
@@ -57,6 +81,8 @@ class FixtureServer:
                     start = int(rng.removeprefix("bytes=").split("-")[0])
                     if start >= len(body):
                         self.send_response(416)
+                        if server.size_on_416:
+                            self.send_header("Content-Range", f"bytes */{len(body)}")
                         self.end_headers()
                         return
                     self.send_response(206)
@@ -67,7 +93,8 @@ class FixtureServer:
                 if server.corrupt.get(path, 0) > 0:
                     server.corrupt[path] -= 1
                     payload = bytes([payload[0] ^ 0xFF]) + payload[1:]
-                self.send_header("Content-Length", str(len(payload)))
+                if path not in server.no_length:
+                    self.send_header("Content-Length", str(len(payload)))
                 for k, v in server.headers.get(path, {}).items():
                     self.send_header(k, v)
                 self.end_headers()

@@ -46,7 +46,8 @@ def test_evaluate_refuses_bad_flags_before_writing(tmp_path, capsys, flag, value
 
 
 @pytest.mark.parametrize("argv", [["convert", "{src}", "{f}/sub/b.pt"],
-                                  ["weights", "download", "BiT-M-R50x1", "--base-url", "file:///x", "--out", "{f}/sub"]])
+                                  ["weights", "download", "BiT-M-R50x1", "--base-url", "http://127.0.0.1:9/x",
+                                   "--out", "{f}/sub"]])
 def test_output_under_a_file_is_a_clean_error(tmp_path, capsys, argv):
     from bitlab.models import checkpoints, create_model
 
@@ -55,7 +56,8 @@ def test_output_under_a_file_is_a_clean_error(tmp_path, capsys, argv):
     (tmp_path / "f").write_text("a file")
     argv = [a.format(src=src, f=tmp_path / "f") for a in argv]
     assert main(argv) == 2
-    assert f"bitlab {' '.join(argv[:2]) if argv[0] == 'weights' else argv[0]}: error: {tmp_path / 'f'}/sub" in _err(capsys)
+    flag = "--out " if argv[0] == "weights" else ""  # weights checks its --out folder before any download
+    assert f"bitlab {' '.join(argv[:2]) if argv[0] == 'weights' else argv[0]}: error: {flag}{tmp_path / 'f'}/sub" in _err(capsys)
 
 
 def test_demo_checks_figures_folder_first(tmp_path, capsys):
@@ -110,7 +112,8 @@ def test_dedup_prints_accuracies_with_the_same_decimals(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--base-url", "notaurl"], "--base-url notaurl: not an http://, https:// or file:// URL"),
+    (["--base-url", "notaurl"], "--base-url notaurl: not an http:// or https:// URL"),
+    (["--base-url", "file:///srv/mirror"], "--base-url file:///srv/mirror: not an http:// or https:// URL"),
     (["--sha256", "0000"], "--sha256 0000: not a sha256 digest (64 hex digits)")])
 def test_weights_download_checks_flags_first(tmp_path, capsys, argv, message):
     out = tmp_path / "w"
@@ -119,12 +122,11 @@ def test_weights_download_checks_flags_first(tmp_path, capsys, argv, message):
     assert not out.exists()
 
 
-def test_weights_download_mismatch_leaves_no_folder(tmp_path, capsys):
-    (tmp_path / "srv").mkdir()
-    (tmp_path / "srv" / "BiT-M-R50x1.npz").write_bytes(b"not the weights")
+def test_weights_download_mismatch_leaves_no_folder(tmp_path, capsys, http_server):
+    http_server.add("srv/BiT-M-R50x1.npz", b"not the weights")
     out = tmp_path / "w"
     assert main(["weights", "download", "BiT-M-R50x1", "--out", str(out), "--sha256", "a" * 64,
-                 "--base-url", (tmp_path / "srv").as_uri()]) == 2
+                 "--base-url", f"{http_server.url}/srv"]) == 2
     assert "sha256 mismatch" in _err(capsys)
     assert not out.exists()
 

@@ -1,4 +1,5 @@
 """Atomic writes, resumable downloads and safe archive extraction."""
+import urllib.parse
 import zipfile
 
 import pytest
@@ -77,3 +78,123 @@ def test_write_bytes_is_atomic_and_leaves_no_temp_file(tmp_path, monkeypatch):
     assert [p.name for p in target.parent.iterdir()] == ["a.bin"]
     io.write_bytes(target, b"x" * 3_000_000)  # large writes loop until every byte is out
     assert target.stat().st_size == 3_000_000
+
+
+# ----------------------------------------------------------------------------- schemes, redirects, caps
+def test_only_http_and_https_urls_are_downloaded(tmp_path):
+    private = tmp_path / "private.jpg"
+    private.write_bytes(b"secret bytes")
+    for url in (private.as_uri(), "file:///dev/zero", "ftp://127.0.0.1/x", "data:,hello", str(private)):
+        with pytest.raises(io.UnsafeURLError, match="only http:// and https:// URLs are fetched"):
+            io.download(url, tmp_path / "out" / "x.jpg", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("target", ["file:///{private}", "ftp://127.0.0.1:9/x.jpg", "data:,x"])
+def test_a_redirect_to_another_scheme_is_refused_at_once(tmp_path, http_server, target):
+    private = tmp_path / "private.jpg"
+    private.write_bytes(b"secret bytes")
+    http_server.redirect["img.jpg"] = target.format(private=str(private).lstrip("/"))
+    with pytest.raises(io.UnsafeURLError, match=r"img\.jpg: the server redirects to (file|ftp|data):"):
+        io.download(f"{http_server.url}/img.jpg", tmp_path / "out.jpg", progress=False)
+    assert len(http_server.requests) == 1  # not retried
+    assert not list(tmp_path.glob("out.jpg*"))
+
+
+def test_a_redirect_within_http_is_followed(tmp_path, http_server):
+    url = http_server.add("real.bin", b"payload")
+    http_server.redirect["moved.bin"] = url
+    assert io.download(f"{http_server.url}/moved.bin", tmp_path / "f", progress=False).read_bytes() == b"payload"
+
+
+def test_download_size_cap(tmp_path, http_server):
+    url = http_server.add("big.bin", bytes(3 << 20))
+    with pytest.raises(io.DownloadTooLargeError, match=r"big\.bin: announces 3145728 bytes, more than .* 1048576"):
+        io.download(url, tmp_path / "big.bin", progress=False, max_bytes=1 << 20)
+    assert len(http_server.requests) == 1 and not list(tmp_path.glob("big.bin*"))
+    # a body without Content-Length (a URL onto /dev/zero) is cut at the cap, not at a full disk
+    http_server.stream["zero"] = 64 << 20
+    with pytest.raises(io.DownloadTooLargeError, match=r"zero: more than the download limit of 1048576 bytes"):
+        io.download(f"{http_server.url}/zero", tmp_path / "zero", progress=False, max_bytes=1 << 20)
+    assert not list(tmp_path.glob("zero*"))
+    assert io.download(url, tmp_path / "ok.bin", progress=False, max_bytes=3 << 20).stat().st_size == 3 << 20
+    with pytest.raises(io.DownloadTooLargeError, match="larger than 100 bytes"):
+        io.read_url(f"{http_server.url}/zero", max_bytes=100)
+
+
+@pytest.mark.parametrize("size_on_416", [True, False])
+def test_a_stale_longer_part_and_a_416_start_again(tmp_path, http_server, size_on_416):
+    data = bytes(range(256)) * 40
+    url = http_server.add("f.bin", data)
+    http_server.size_on_416 = size_on_416
+    (tmp_path / "f.bin.part").write_bytes(b"stale " * 3000)  # longer than the file: the server answers 416
+    assert io.download(url, tmp_path / "f.bin", progress=False).read_bytes() == data
+    assert [r for _, _, r in http_server.requests] == [f"bytes={6 * 3000}-", None]
+
+
+def test_a_complete_part_and_a_416_with_its_size_is_kept(tmp_path, http_server):
+    data = bytes(range(256)) * 40
+    url = http_server.add("f.bin", data)
+    (tmp_path / "f.bin.part").write_bytes(data)  # a run killed between the last byte and the rename
+    assert io.download(url, tmp_path / "f.bin", progress=False).read_bytes() == data
+    assert len(http_server.requests) == 1
+
+
+def _whole_zip(path):
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            zf.testzip()
+    except zipfile.BadZipFile as e:
+        raise io.BitlabError(f"not a whole zip ({e})") from None
+
+
+def test_a_body_cut_short_without_content_length_never_becomes_the_file(tmp_path, http_server):
+    archive = tmp_path / "a.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("a.txt", bytes(range(256)) * 200)
+    url = http_server.add("a.zip", archive.read_bytes())
+    http_server.no_length.add("a.zip")
+    http_server.truncate["a.zip"] = 99  # every answer stops halfway, and nothing says so
+    with pytest.raises(io.DownloadError, match=r"a\.zip: gave up after 3 attempts: not a whole zip"):
+        io.download(url, tmp_path / "got.zip", progress=False, verify=_whole_zip)
+    assert not list(tmp_path.glob("got.zip*"))
+    http_server.truncate["a.zip"] = 1  # a later attempt gets it all
+    got = io.download(url, tmp_path / "got.zip", progress=False, verify=_whole_zip)
+    assert got.read_bytes() == archive.read_bytes()
+
+
+def test_parse_size():
+    assert io.parse_size("8G") == 8 << 30 and io.parse_size("500M") == 500 << 20 and io.parse_size("100mb") == 100 << 20
+    assert io.parse_size("1MiB") == 1 << 20 and io.parse_size("4096") == 4096 and io.parse_size("1.5K") == 1536
+    for bad in ("", "abc", "-1M", "0", "8X", "nanG", "inf"):
+        with pytest.raises(ValueError, match="is not a size"):
+            io.parse_size(bad)
+
+
+@pytest.mark.parametrize("origin,target,allowed", [
+    ("https://example.org/a.npz", "http://example.org/a.npz", False),  # a downgrade
+    ("https://example.org/a.npz", "ftp://example.org/a.npz", False),
+    ("http://example.org/a.npz", "https://mirror.example.org/a.npz", True),  # an upgrade
+    ("https://example.org/a.npz", "/elsewhere/a.npz", True),  # relative: same scheme
+])
+def test_the_redirect_rule(origin, target, allowed):
+    """No https server runs here, so the handler that every download uses is called as urllib calls it."""
+    import email.message
+    import io as pyio
+    import types
+    import urllib.request
+
+    headers = email.message.Message()
+    headers["Location"] = target
+    handler = io._SafeRedirect()
+    handler.parent = types.SimpleNamespace(open=lambda request, timeout: request.full_url)  # where it would go
+    request = urllib.request.Request(origin)
+    request.timeout = 10
+    if allowed:
+        assert handler.http_error_302(request, pyio.BytesIO(), 302, "Found", headers) == urllib.parse.urljoin(
+            origin, target)
+    else:
+        with pytest.raises(io.UnsafeURLError, match="never from https to http"):
+            handler.http_error_302(request, pyio.BytesIO(), 302, "Found", headers)

@@ -9,7 +9,7 @@ import os
 import sys
 
 from bitlab import __version__
-from bitlab.errors import BitlabError
+from bitlab.errors import BitlabError, ConfigError
 from bitlab.train.torchrun import env_rank
 
 # One module per subsystem; the order is the order of `bitlab --help`.
@@ -30,12 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _name_commands(parser: argparse.ArgumentParser) -> None:
-    """Give every (sub-)subcommand its full name as `args.prog` ("bitlab weights download"), for
-    error messages: the innermost parser's default wins when argparse merges the namespaces."""
+    """Give every (sub-)subcommand its full name as `args.prog` ("bitlab weights download") and its
+    flags by setting as `args.setting_flags` ({"base_lr": "--base-lr"}), for error messages: the
+    innermost parser's defaults win when argparse merges the namespaces."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
-                sub.set_defaults(prog=sub.prog)
+                sub.set_defaults(prog=sub.prog, setting_flags={a.dest: a.option_strings[0] for a in sub._actions
+                                                                if a.option_strings})
                 _name_commands(sub)
 
 
@@ -52,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # here, so that a closed pipe is caught below and not at exit
         return code
+    except ConfigError as e:  # a library error names the setting; here it is the flag that set it
+        print(f"{args.prog}: error: {e.worded(args.setting_flags.get(e.setting, e.setting))}", file=sys.stderr)
+        return 2
     except BitlabError as e:
         print(f"{args.prog}: error: {e}", file=sys.stderr)
         return 2
@@ -69,3 +74,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{args.prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def download_size_arg(p: argparse.ArgumentParser, default: int, what: str) -> None:
+    """`--max-download SIZE` for every command that downloads (`bitlab.io.download`'s cap)."""
+    from bitlab.io import parse_size
+
+    def size(text: str) -> int:
+        try:
+            return parse_size(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    shown = next(f"{default >> s}{u}" for s, u in ((40, "T"), (30, "G"), (20, "M"), (10, "K"), (0, ""))
+                 if default % (1 << s) == 0)
+    p.add_argument("--max-download", type=size, default=default, metavar="SIZE",
+                   help=f"largest {what} to download, e.g. 500M or 8G (default {shown}); a server announcing "
+                        "or sending more is refused")

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from bitlab.cli import download_size_arg
 from bitlab.errors import BitlabError
+from bitlab.io import MAX_DOWNLOAD_BYTES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,11 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     wsub = p.add_subparsers(dest="weights_command", metavar="ACTION", required=True)
     w = wsub.add_parser("list", help="names of the official weight files")
     w.set_defaults(func=_list_weights)
-    w = wsub.add_parser("download", help="download official .npz files (checksummed, resumable)")
+    w = wsub.add_parser("download", help="download official .npz files (verified, resumable)")
     w.add_argument("names", nargs="+", metavar="NAME", help="e.g. BiT-M-R50x1 or BiT-M-R50x1-ILSVRC2012")
     w.add_argument("--out", default="weights", help="folder for the files (default: ./weights)")
-    w.add_argument("--base-url", help="mirror serving <NAME>.npz (default: the official bucket)")
+    w.add_argument("--base-url", help="http(s) mirror serving <NAME>.npz (default: the official bucket)")
     w.add_argument("--sha256", help="expected sha256 (one NAME only)")
+    download_size_arg(w, MAX_DOWNLOAD_BYTES, "file")
     w.set_defaults(func=_download)
 
     p = sub.add_parser("export", help="write a model as ONNX or TorchScript, weight standardisation folded in")
@@ -82,7 +85,7 @@ def _download(args: argparse.Namespace) -> None:
 
     for name in args.names:
         path = zoo.download_weights(name, args.out, base_url=args.base_url or zoo.BIT_WEIGHTS_URL,
-                                    sha256=args.sha256)
+                                    sha256=args.sha256, max_bytes=args.max_download)
         print(f"{name}: {path}")
 
 

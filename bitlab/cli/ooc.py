@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from bitlab.cli import download_size_arg
 from bitlab.errors import BitlabError
 from bitlab.paths import OOC_DATASET_DIR
 
@@ -18,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _register_openimages(sub: argparse._SubParsersAction) -> None:
+    from bitlab.io import MAX_DOWNLOAD_BYTES
+
     p = sub.add_parser("openimages", help="OpenImages segmentation data for make-ooc")
     osub = p.add_subparsers(dest="openimages_command", metavar="ACTION", required=True)
     f = osub.add_parser("fetch", help="download the CSVs, only the needed mask zips/members and JPEGs "
@@ -35,11 +38,14 @@ def _register_openimages(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--no-pins", action="store_true",
                    help="do not require the md5s bitlab pins for upstream files (observed 2020-07-15)")
     f.add_argument("--workers", type=int, default=8, help="parallel image downloads")
+    download_size_arg(f, MAX_DOWNLOAD_BYTES, "file")
     _filter_args(f)
     f.set_defaults(func=_openimages_fetch)
 
 
 def _register_backgrounds(sub: argparse._SubParsersAction) -> None:
+    from bitlab.ooc.backgrounds import MAX_IMAGE_DOWNLOAD
+
     p = sub.add_parser("backgrounds", help="background photos for make-ooc")
     bsub = p.add_subparsers(dest="backgrounds_command", metavar="ACTION", required=True)
     f = bsub.add_parser("fetch", help="openly licensed backgrounds from Openverse (or a folder), with licences")
@@ -51,7 +57,8 @@ def _register_backgrounds(sub: argparse._SubParsersAction) -> None:
                    help="Openverse licence codes to accept (must allow modification; default cc0,pdm,by,by-sa)")
     f.add_argument("--min-side", type=int, default=512, help="smallest acceptable shorter side in px")
     f.add_argument("--folder", help="import <FOLDER>/<category>/* instead of searching")
-    f.add_argument("--api-url", help="Openverse images endpoint (default: the public API)")
+    f.add_argument("--api-url", help="Openverse images endpoint, http(s) (default: the public API)")
+    download_size_arg(f, MAX_IMAGE_DOWNLOAD, "image file")
     f.set_defaults(func=_backgrounds_fetch)
 
 
@@ -142,7 +149,7 @@ def _openimages_fetch(args: argparse.Namespace) -> None:
         raise BitlabError("give the tree folder once, as OUT or --out")
     cfg = openimages.FetchConfig(out=out, classes=args.classes, split=args.split, selection=args.selection,
                                  max_per_class=args.max_per_class, seed=args.seed, filters=_filters(args),
-                                 workers=args.workers)
+                                 workers=args.workers, max_download=args.max_download)
     if args.base_url:
         cfg.base_url = args.base_url.rstrip("/")
     if args.images_url:
@@ -160,7 +167,8 @@ def _backgrounds_fetch(args: argparse.Namespace) -> None:
     cfg = backgrounds.BackgroundsConfig(out=args.out, spec=args.spec, per_category=args.per_category,
                                         categories=[c for c in args.categories.split(",") if c],
                                         licenses=[x.strip() for x in args.licenses.split(",") if x.strip()],
-                                        min_side=args.min_side, folder=args.folder)
+                                        min_side=args.min_side, folder=args.folder,
+                                        max_download=args.max_download)
     if args.api_url:
         cfg.api_url = args.api_url
     s = backgrounds.fetch(cfg)

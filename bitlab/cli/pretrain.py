@@ -5,56 +5,32 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Sequence
 
-from bitlab.cli.train import add_running_args, config_from_args, report_unfinished
+from bitlab.cli.flags import add_config, add_settings, settings_from_args
+from bitlab.cli.train import RUNNING, report_unfinished
+from bitlab.errors import BitlabError
+from bitlab.train.config import PretrainConfig
 from bitlab.train.torchrun import env_rank
 
-HELP_DATA = ("ImageFolder DIR (train/<class>/, val/<class>/), a folder of class folders, a CSV of path,label[,split], "
-             "a multi-label CSV (path,labels[,split]) or JSON lines ({path, labels, split}), a shard set "
-             "(DIR/shards.json, or DIR/train/ and DIR/val/ shard sets from `bitlab shards`), or builtin:digits")
+# Flags by group, in help order; each flag's type, default and help come from PretrainConfig.
+WHAT = ("model", "data", "out", "val_data", "val_fraction", "classes", "label_sep", "seed")
+RECIPE = ("preset", "epochs", "decay_epochs", "warmup_steps", "batch_size", "batch_split", "device_batch", "base_lr",
+          "weight_decay", "decay_all", "crop", "crop_area_min", "flip", "head_bias")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="upstream pre-training (BiT recipe) on one or many processes",
                        description="BiT upstream pre-training. Multi-GPU / multi-node: launch with "
                        "`torchrun --nproc-per-node N -m bitlab pretrain ...` (see README), or use --nproc N.")
-    g = p.add_argument_group("what")
-    g.add_argument("--model", required=True, help="registry name: R50x1, R101x3, R14x0.5, ablations R50x1-bn, "
-                   "R50x1-plain, R50x1-bn-plain, or any timm name")
-    g.add_argument("--data", required=True, help=HELP_DATA)
-    g.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (resumed when it holds a checkpoint)")
-    g.add_argument("--val-data", help="upstream validation data (same forms as --data)")
-    g.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction of file data for validation")
-    g.add_argument("--classes", metavar="FILE", help="class list, one per line: fixes the label order")
-    g.add_argument("--label-sep", help="separator inside a multi-label CSV's labels cell (default: whitespace)")
-    g.add_argument("--seed", type=int, default=0, help="data order, augmentation and initialisation")
-
-    g = p.add_argument_group("recipe (paper §3.3; defaults: BiT-M)")
-    g.add_argument("--preset", choices=["bit-s", "bit-m", "bit-l"], default="bit-m",
-                   help="bit-s / bit-m: 90 epochs, lr/10 at 30, 60, 80; bit-l: 40 epochs, at 10, 23, 30, 37")
-    g.add_argument("--epochs", type=float, help="override the preset's epochs (its decays scale along)")
-    g.add_argument("--decay-epochs", type=float, nargs="*", metavar="EPOCH", help="override the lr decay epochs")
-    g.add_argument("--warmup-steps", type=int, default=5000, help="linear warm-up steps (default 5000)")
-    g.add_argument("--batch-size", type=int, default=4096, help="global batch over all processes (default 4096)")
-    g.add_argument("--batch-split", type=int, default=1, help="micro-steps per optimiser step (gradient accumulation)")
-    g.add_argument("--device-batch", type=int, metavar="N",
-                   help="at most N images per process per micro-step: --batch-split is raised to fit (elastic runs)")
-    g.add_argument("--base-lr", type=float, default=0.03, help="lr at batch 256, scaled by batch/256 (default 0.03)")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="default 1e-4")
-    g.add_argument("--decay-all", action="store_true", help="weight decay on norm parameters and biases too")
-    g.add_argument("--crop", type=int, default=224, help="training crop and validation size (default 224)")
-    g.add_argument("--crop-area-min", type=float, default=0.05, help="Inception crop: smallest area fraction (0.05)")
-    g.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flips")
-    g.add_argument("--head-bias", type=float, help="multi-label head bias (default -log(num_classes))")
-
+    add_settings(p.add_argument_group("what"), PretrainConfig, WHAT)
+    add_settings(p.add_argument_group("recipe (paper §3.3; defaults: BiT-M)"), PretrainConfig, RECIPE)
     g = p.add_argument_group("running")
     g.add_argument("--nproc", type=int, metavar="N", help="launch N processes on this machine through torchrun")
     g.add_argument("--max-restarts", type=int, metavar="K",
                    help="with --nproc: restart the job up to K times when a worker dies (resumes from the checkpoint)")
-    add_running_args(g, checkpoint_every=1000, log_every=50,
-                     skip_help="replace unreadable images (listed in summary.json)")
-    g.add_argument("--no-resume", dest="resume", action="store_false",
-                   help="refuse to continue an existing checkpoint (default: resume it)")
+    add_settings(g, PretrainConfig, (*RUNNING, "resume"))
+    add_config(g)
     p.set_defaults(func=_pretrain)
 
     p = sub.add_parser("shards", help="pack an image data set into WebDataset-format tar shards",
@@ -94,8 +70,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from bitlab.errors import BitlabError
-
     if args.max_restarts is not None and (args.nproc is None or args.max_restarts < 0):
         raise BitlabError("--max-restarts needs --nproc (it restarts the torchrun job that --nproc launches; "
                           "under your own torchrun pass torchrun's --max-restarts)" if args.nproc is None
@@ -103,14 +77,12 @@ def _pretrain(args: argparse.Namespace) -> int:
     if args.nproc is not None:
         if "LOCAL_RANK" in os.environ:
             raise BitlabError("--nproc launches torchrun; this process already runs under torchrun: leave it out")
-        from bitlab.train.pretrain import torchrun_command
-
         cmd = torchrun_command(sys.argv[1:], args.nproc, max_restarts=args.max_restarts or 0)
         print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
         os.execv(cmd[0], cmd)  # torchrun takes this process's place (signals reach it directly)
-    from bitlab.train.pretrain import PretrainConfig, pretrain
+    from bitlab.train.pretrain import pretrain
 
-    r = pretrain(config_from_args(PretrainConfig, args))
+    r = pretrain(settings_from_args(PretrainConfig, args))
     code = report_unfinished(r, r.total_steps, "rerun the same command to continue")
     if code is not None or env_rank() != 0:
         return code or 0
@@ -119,13 +91,35 @@ def _pretrain(args: argparse.Namespace) -> int:
         print(f"validation: loss {m['loss']:.4f}, precision@1 {m['prec1']:.4f}, mAP {m['map']:.4f} ({m['n']} images)")
     elif m:
         print(f"validation: loss {m['loss']:.4f}, top-1 {m['top1']:.4f}, top-5 {m['top5']:.4f} ({m['n']} images)")
-    print(f"{r.step} steps on {r.plan['num_examples']} images, {r.plan['num_classes']} classes; "
+    print(f"{r.step} steps on {r.plan.num_examples} images, {r.plan.num_classes} classes; "
           f"run directory: {r.run_dir} (final.pt, metrics.csv, summary.json)")
     return 0
 
 
+def torchrun_command(argv: Sequence[str], nproc: int, *, max_restarts: int = 0,
+                     python: str | None = None) -> list[str]:
+    """The torchrun command line equivalent to `bitlab <argv>` with `--nproc`/`--max-restarts`
+    removed: `python -m torch.distributed.run --standalone --nproc-per-node N -m bitlab ...`."""
+    if nproc < 1:
+        raise BitlabError(f"--nproc must be at least 1, got {nproc}")
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in ("--nproc", "--max-restarts"):
+            skip = "=" not in arg
+            continue
+        rest.append(arg)
+    return [python or sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            f"--max-restarts={max_restarts}", "-m", "bitlab", *rest]
+
+
 def _shards(args: argparse.Namespace) -> int:
     from bitlab.data import shards
+    if args.max_shard_mb is not None and args.max_shard_mb <= 0:  # in MB here, in bytes for the library
+        raise BitlabError(f"--max-shard-mb must be positive, got {args.max_shard_mb:g}")
 
     written = shards.write_source(args.data, args.out, split=args.split, label_sep=args.label_sep,
                                   classes=args.classes, shard_size=args.shard_size,
@@ -150,8 +144,6 @@ def _shards(args: argparse.Namespace) -> int:
 def _shards_index(args: argparse.Namespace) -> int:
     from bitlab.data import shards
     from bitlab.data.multilabel import read_classes
-    from bitlab.errors import BitlabError
-
     if args.num_classes is not None and args.num_classes <= 0:
         raise BitlabError(f"--num-classes must be positive, got {args.num_classes}")
     classes = (read_classes(args.classes) if args.classes else

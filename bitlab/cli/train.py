@@ -2,83 +2,58 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import signal
 
+from bitlab import hyperrule
+from bitlab.cli.flags import add_config, add_settings, settings_from_args
+from bitlab.train.config import FewShotConfig, FinetuneConfig
 from bitlab.train.torchrun import env_rank, under_torchrun
 
 log = logging.getLogger(__name__)
 
-HELP_DATA = ("DIR with train/ and val/ (or test/) class folders, a folder of class folders, make-ooc output "
-             "(manifest.csv), a CSV of path,label[,split], or builtin:digits")
+# Flags by group, in help order; each flag's type, default and help come from the settings
+# dataclasses (bitlab.train.config), which tests/test_cli_settings.py checks are all offered.
+WHAT = ("model", "pretrained", "data", "out", "val_data", "val_split", "val_fraction", "seed", "split_seed")
+RULE = ("batch_size", "batch_split", "base_lr", "schedule", "scale_schedule", "mixup", "image_size", "resolution",
+        "square_resize", "random_crop", "flip")
+RUNNING = ("eval_every", "checkpoint_every", "log_every", "eval_batch_size", "workers", "device", "precision",
+           "channels_last", "compile", "skip_bad_images", "stop_after", "progress")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("hyperrule", help="print what BiT-HyperRule chooses for a task")
     p.add_argument("--dataset-size", type=int, required=True, metavar="N", help="training examples actually used")
     p.add_argument("--image-size", type=int, nargs=2, required=True, metavar=("H", "W"), help="typical image size")
-    p.add_argument("--batch-size", type=int, default=512, help="global batch (default 512, the rule's)")
-    p.add_argument("--base-lr", type=float, default=0.003,
-                   help="peak lr (default 0.003, the rule's at batch 512; not scaled with the batch, as officially)")
+    p.add_argument("--batch-size", type=int, default=hyperrule.REFERENCE_BATCH,
+                   help="global batch (default %(default)s, the rule's)")
+    p.add_argument("--base-lr", type=float, default=hyperrule.BASE_LR, help="peak lr (default %(default)s, the "
+                   "rule's at batch 512; not scaled with the batch, as officially)")
     p.add_argument("--scale-schedule", action="store_true", help="scale step counts by 512/batch (not official)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_hyperrule)
 
     p = sub.add_parser("finetune", help="fine-tune a model on an image dataset by BiT-HyperRule")
-    _add_finetune_args(p, sweep=False)
-    p.add_argument("--examples-per-class", type=int, metavar="K", help="few-shot: K training images per class")
+    _add_finetune_args(p, FinetuneConfig, what=(*WHAT, "examples_per_class"), running=(*RUNNING, "resume"))
     p.set_defaults(func=_finetune)
 
     p = sub.add_parser("fewshot", help="few-shot fine-tuning over several K and seeds; median and spread per K")
-    _add_finetune_args(p, sweep=True)
-    p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10], metavar="K", help="K values (default 1 5 10)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="S", help="seeds (default 0 1 2)")
+    _add_finetune_args(p, FewShotConfig, what=tuple(n for n in WHAT if n != "seed") + ("shots", "seeds"),
+                       running=RUNNING)
+    # Set per run by the sweep: refused by name (else argparse would take --seed as short for --seeds).
+    p.add_argument("--seed", nargs=1, action=_NotInSweep, why="each run's seed comes from --seeds")
+    p.add_argument("--resume", nargs=0, action=_NotInSweep, why="a sweep resumes its stopped runs by itself")
     p.set_defaults(func=_fewshot)
 
 
-def _add_finetune_args(p: argparse.ArgumentParser, *, sweep: bool) -> None:
-    """finetune's flags; a few-shot `sweep` has no --seed (its --seeds) nor --resume (it resumes by itself)."""
-    g = p.add_argument_group("what")
-    g.add_argument("--model", required=True, help="bitlab name (BiT-M-R50x1, R50x1, R14x0.5, ...) or any timm name")
-    g.add_argument("--pretrained", metavar="PATH", help="weights: official .npz, bitlab or timm checkpoint")
-    g.add_argument("--data", required=True, help=HELP_DATA)
-    g.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory")
-    g.add_argument("--val-data", help="validation data from elsewhere (same forms as --data)")
-    g.add_argument("--val-split", help="name of the validation split (default: val, validation, then test)")
-    g.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction of each class for validation")
-    if sweep:  # refused by name: else argparse would take --seed as short for --seeds
-        g.add_argument("--seed", nargs=1, action=_NotInSweep, why="each run's seed comes from --seeds")
-    else:
-        g.add_argument("--seed", type=int, default=0, help="few-shot subset, data order, augmentation, MixUp, init")
-    g.add_argument("--split-seed", type=int, default=0,
-                   help="the --val-fraction hold-out's seed (default 0; not --seed, so few-shot seeds share it)")
-
-    g = p.add_argument_group("BiT-HyperRule (defaults: the rule's choices)")
-    g.add_argument("--batch-size", type=int, default=512, help="global batch (default 512)")
-    g.add_argument("--batch-split", type=int, default=1,
-                   help="micro-batches per step (less memory; the same result unless the model has BatchNorm)")
-    g.add_argument("--base-lr", type=float, default=0.003, help="peak lr (default 0.003)")
-    g.add_argument("--schedule", type=int, nargs="+", metavar="STEP",
-                   help="override the steps: WARMUP DECAY1 DECAY2 DECAY3 TOTAL")
-    g.add_argument("--scale-schedule", action="store_true", help="scale step counts by 512/batch (not official)")
-    g.add_argument("--mixup", type=float, metavar="ALPHA", help="override MixUp alpha (0 turns it off)")
-    g.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
-                   help="image size the resolution rule sees (default: median of the training images)")
-    g.add_argument("--resolution", type=int, nargs=2, metavar=("RESIZE", "CROP"), help="override resize and crop")
-    g.add_argument("--no-square-resize", dest="square_resize", action="store_false",
-                   help="keep the aspect ratio (shorter side to RESIZE) instead of squashing to a square")
-    g.add_argument("--no-random-crop", dest="random_crop", action="store_false", help="centre crop instead")
-    g.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flips (e.g. text, digits)")
-
+def _add_finetune_args(p: argparse.ArgumentParser, cls: type, *, what: tuple[str, ...], running: tuple[str, ...]
+                       ) -> None:
+    add_settings(p.add_argument_group("what"), cls, what)
+    add_settings(p.add_argument_group("BiT-HyperRule (defaults: the rule's choices)"), cls, RULE)
     g = p.add_argument_group("running")
-    add_running_args(g, checkpoint_every=100, log_every=10,
-                     skip_help="skip unreadable images (counted in summary.json)")
-    if sweep:
-        g.add_argument("--resume", nargs=0, action=_NotInSweep, why="a sweep resumes its stopped runs by itself")
-    else:
-        g.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    add_settings(g, cls, running)
+    add_config(g)
 
 
 class _NotInSweep(argparse.Action):
@@ -92,34 +67,7 @@ class _NotInSweep(argparse.Action):
         parser.error(f"{option_string} is not a fewshot flag: {self.why}")
 
 
-def add_running_args(g: argparse._ArgumentGroup, *, checkpoint_every: int, log_every: int, skip_help: str) -> None:
-    """How a training run runs (shared by finetune and pretrain; the loop's and the device's knobs)."""
-    g.add_argument("--eval-every", type=int, default=0, metavar="STEPS", help="evaluate every N steps and at the end (default 0: only at the end)")
-    g.add_argument("--checkpoint-every", type=int, default=checkpoint_every, metavar="STEPS",
-                   help=f"checkpoint every N steps (default {checkpoint_every})")
-    g.add_argument("--log-every", type=int, default=log_every, metavar="STEPS",
-                   help=f"training metrics every N steps (default {log_every})")
-    g.add_argument("--eval-batch-size", type=int, help="evaluation batch per process (default: the micro-batch)")
-    g.add_argument("--workers", type=int, help="data loading processes per process (default: the CPU cores)")
-    g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available; torchrun ranks use their local GPU)")
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast (default: bf16 on GPU, fp32 on CPU)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels-last memory format (default: on for GPU)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--skip-bad-images", action="store_true", help=skip_help)
-    g.add_argument("--stop-after", type=int, metavar="STEPS",
-                   help="stop with a checkpoint after N steps of this invocation (a resumed run goes N steps further)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-
-
-def config_from_args(cls, args: argparse.Namespace):
-    """The command's config dataclass, filled from the flags of the same names."""
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
-
-
 def _hyperrule(args: argparse.Namespace) -> None:
-    from bitlab import hyperrule
-
     rule = hyperrule.hyperrule(args.dataset_size, tuple(args.image_size), batch_size=args.batch_size,
                                base_lr=args.base_lr, scale_with_batch=args.scale_schedule)
     if args.json:
@@ -162,35 +110,33 @@ def report_unfinished(r, total_steps: int, how_to_continue: str) -> int | None:
     return 128 + signal.Signals[r.stopped_by].value
 
 
-def _report(result, how_to_continue: str = "rerun with --resume to continue") -> int:
-    from bitlab.train.finetune import FinetuneResult
-
-    r: FinetuneResult = result
-    code = report_unfinished(r, r.plan["total_steps"], how_to_continue)
+def _report(r, how_to_continue: str = "rerun with --resume to continue") -> int:
+    """Print a fine-tuning run's result (`loop.TrainResult`); the exit code."""
+    code = report_unfinished(r, r.total_steps, how_to_continue)
     if code is not None or env_rank() != 0:
         return code or 0
     m = r.metrics
-    print(f"{r.step} steps on {r.plan['dataset_size']} images, {r.plan['num_classes']} classes: "
+    print(f"{r.step} steps on {r.plan.dataset_size} images, {r.plan.num_classes} classes: "
           f"top-1 {m['top1']:.4f}, top-5 {m['top5']:.4f}, loss {m['loss']:.4f} ({m['n']} validation images)")
     print(f"run directory: {r.run_dir} (final.pt, metrics.csv, summary.json)")
     return 0
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from bitlab.train.finetune import FinetuneConfig, finetune
+    from bitlab.train.finetune import finetune
 
-    return _report(finetune(config_from_args(FinetuneConfig, args)))
+    return _report(finetune(settings_from_args(FinetuneConfig, args)))
 
 
 def _fewshot(args: argparse.Namespace) -> int:
-    from bitlab.train.finetune import FewShotConfig, fewshot
+    from bitlab.train.finetune import fewshot
 
-    out = fewshot(config_from_args(FewShotConfig, args))
-    if out["stopped"] is not None:
-        return _report(out["stopped"], "rerun the same command to continue")
+    out = fewshot(settings_from_args(FewShotConfig, args))
+    if out.stopped is not None:
+        return _report(out.stopped, "rerun the same command to continue")
     print(f"{'K':>4} {'runs':>4} {'top-1 median':>12} {'min':>7} {'max':>7} {'std':>7}")
-    for row in out["summary"]:
+    for row in out.summary:
         print(f"{row['k']:>4} {row['runs']:>4} {row['top1_median']:>12.4f} {row['top1_min']:>7.4f} "
               f"{row['top1_max']:>7.4f} {row['top1_std']:>7.4f}")
-    print(f"per run: {out['csv']}; per K: {out['summary_csv']}")
+    print(f"per run: {out.csv}; per K: {out.summary_csv}")
     return 0

@@ -1,18 +1,10 @@
-"""Labelled image sets for fine-tuning: image folders, CSVs, make-ooc output, few-shot subsets.
+"""Labelled image sets: image folders, CSVs, make-ooc output, few-shot subsets (batches: `loader`).
 
-Sources (`load_splits`):
-- an ImageFolder tree `DIR/train/<class>/*.jpg` with `DIR/val/` (or `validation/`, then `test/`);
-- a folder of class folders `DIR/<class>/*` (one split: add `--val-data` or `--val-fraction`);
-- the output of `bitlab make-ooc`: `DIR/manifest.csv` (columns `file`, `class`, ...), one split;
-- a CSV with columns `path,label` (paths relative to the CSV) and an optional `split` column
-  (train, val or validation, test);
-- `builtin:digits`: scikit-learn's 1,797 real 8x8 handwritten digits (10 classes), written once
-  as an ImageFolder tree; offline, for tests and the demo.
-
-Workers decode and augment with OpenCV and return uint8 CHW tensors; normalisation (and MixUp)
-happens once per batch in the main process. Training augmentation draws from a generator seeded by
-(run seed, the sample's position in the stream), so the n-th image of a run is augmented the same
-way whatever the worker count, the `--batch-split` or an interruption.
+Sources (`load_splits`): an ImageFolder tree `DIR/train/<class>/*.jpg` with `DIR/val/` (or
+`validation/`, then `test/`); a folder of class folders `DIR/<class>/*` (one split); make-ooc output
+(`DIR/manifest.csv`: `file`, `class`, ...; one split); a CSV `path,label` (paths relative to it)
+with an optional `split` column (train, val or validation, test); `builtin:digits`, scikit-learn's
+1,797 real 8x8 handwritten digits (10 classes) written once as an ImageFolder tree (offline).
 """
 from __future__ import annotations
 
@@ -20,21 +12,16 @@ import csv
 import logging
 import os
 import shutil
-import signal
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import cv2
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
 
-from bitlab.data.transforms import (
-    BadImageError, TrainAugment, decode_image, square_eval_image, to_chw_tensor, train_image,
-)
-from bitlab.errors import BitlabError
+from bitlab.data.transforms import BadImageError
+from bitlab.errors import BitlabError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +31,6 @@ VAL_SPLIT_NAMES = ("val", "validation", "test")
 SPLIT_VALUES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 MAX_LISTED = 20  # problems listed by name in one error; the rest are counted
 BUILTIN = ("digits",)
-# A bad training image is replaced by the next decodable one of its class; give up after this many in a row.
-MAX_SUBSTITUTES = 64
-_AUG_STREAM = 0x617567  # keeps augmentation randomness apart from other streams of the same seed
 
 
 class Packed:
@@ -109,6 +93,7 @@ class ImageSet:
     labels: np.ndarray
     classes: list[str]
     source: str = ""
+    multi_label: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.paths = PackedPaths(self.paths)
@@ -136,13 +121,20 @@ class ImageSet:
 
 @dataclass
 class Splits:
+    """Training and validation sets (pre-training's may also be multi-label or shard sets, and
+    have no validation set), and notes on how they were chosen."""
+
     train: ImageSet
-    val: ImageSet
+    val: ImageSet | None
     notes: list[str] = field(default_factory=list)
 
     @property
     def classes(self) -> list[str]:
-        return self.train.classes
+        return list(self.train.classes)
+
+    @property
+    def multi_label(self) -> bool:
+        return self.train.multi_label
 
 
 # ----------------------------------------------------------------------------- sources
@@ -167,12 +159,9 @@ def image_folder(root: str | os.PathLike) -> ImageSet:
 
 
 def read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str | None]]]]:
-    """The column names and the (line, row) pairs of a UTF-8 CSV with a header.
-
-    Names and row keys are stripped alike (` path , label ` works), an Excel byte-order mark is
-    dropped (utf-8-sig), and `line` is the row's line in the file (blank lines are skipped). A cell
-    missing from a short row is None.
-    """
+    """The column names and the (line, row) pairs of a UTF-8 CSV with a header: names and keys stripped
+    alike (` path , label ` works), an Excel byte-order mark dropped, `line` the row's line in the
+    file (blank lines skipped), a cell missing from a short row None."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -227,11 +216,8 @@ def check_files_exist(source: Path, files: Sequence[tuple[int, Path]]) -> None:
 
 def labelled_csv(path: str | os.PathLike, *, path_columns: Sequence[str] = ("path", "file", "filename"),
                  label_columns: Sequence[str] = ("label", "class", "fg_class")) -> dict[str, ImageSet]:
-    """A CSV of image paths and labels -> {split: ImageSet}; split is 'all' without a `split` column.
-
-    Paths are relative to the CSV's folder (absolute paths are kept); every file must exist. Used
-    for plain CSVs and for make-ooc's `manifest.csv` (`file`, `class`, ...).
-    """
+    """A CSV of image paths (relative to it, or absolute; every file must exist) and labels -> {split:
+    ImageSet}, split 'all' without a `split` column. Plain CSVs and make-ooc's `manifest.csv`."""
     path = Path(path)
     columns, rows = read_csv_rows(path)
     pcol = _pick_column(path, columns, path_columns, "image path")
@@ -321,7 +307,7 @@ def load_source(spec: str | os.PathLike) -> dict[str, ImageSet]:
 def stratified_holdout(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
     """Hold out `fraction` of every class (at least one image, never all of a class), seeded."""
     if not 0 < fraction < 1:
-        raise BitlabError(f"--val-fraction must be in (0, 1), got {fraction}")
+        raise ConfigError("val_fraction", f"must be in (0, 1), got {fraction}")
     rng = np.random.default_rng(seed)
     train_idx, val_idx = [], []
     for c in range(len(images.classes)):
@@ -354,37 +340,45 @@ def align_classes(train: ImageSet, val: ImageSet) -> ImageSet:
     return aligned
 
 
-def load_splits(data: str | os.PathLike, *, val_data: str | os.PathLike | None = None,
-                val_split: str | None = None, val_fraction: float = 0.0, seed: int = 0) -> Splits:
-    """Training and validation sets from `data` (see the module doc), with classes aligned.
-
-    Validation comes from, in order: `val_data`; the source's own `val_split` (default: val, then
-    validation, then test); a stratified `val_fraction` hold-out of the training data.
-    """
-    splits = load_source(data)
+def split_off_validation(splits: dict, data: str | os.PathLike, *, open_source: Callable[[Any], dict] | None = None,
+                         val_data: Any = None, val_split: str | None = None, val_fraction: float = 0.0, seed: int = 0,
+                         holdout: Callable | None = None) -> tuple[Any, Any | None, list[str]]:
+    """(training set, validation set or None, notes) of `splits` ({split: set}). Validation from, in
+    order: `val_data` (by `open_source`; its `val_split`, else val, validation, test or all); the
+    source's `val_split` (else val, validation, test); a `val_fraction` `holdout` (stratified)."""
     train = splits.get("train") or splits.get("all")
     if train is None:
         raise BitlabError(f"{data}: no training split (found: {', '.join(sorted(splits))}); "
                           "a CSV's split column must use 'train' and 'val'/'test'")
-    notes = []
     if val_data is not None:
-        other = load_source(val_data)
+        other = (open_source or load_source)(val_data)
         pick = val_split or next((n for n in (*VAL_SPLIT_NAMES, "all") if n in other), None)
         if pick not in other:
-            raise BitlabError(f"{val_data}: no split {pick!r} (found: {', '.join(sorted(other))})")
-        val = other[pick]
-    elif val_split is not None:
+            raise BitlabError(f"{val_data}: no {'validation' if pick is None else repr(pick)} split "
+                              f"(found: {', '.join(sorted(other))})")
+        return train, other[pick], []
+    if val_split is not None:
         # a CSV's 'validation' rows are its 'val' split
         name = val_split if val_split in splits else SPLIT_VALUES.get(val_split.lower(), val_split)
         if name not in splits:
             raise BitlabError(f"{data}: no {val_split!r} split (found: {', '.join(sorted(splits))})")
-        val = splits[name]
-    elif found := next((n for n in VAL_SPLIT_NAMES if n in splits), None):
-        val = splits[found]
-    elif val_fraction > 0:
-        train, val = stratified_holdout(train, val_fraction, seed)
-        notes.append(f"validation: {len(val)} images held out of {data} ({val_fraction:.0%} per class, seed {seed})")
-    else:
+        return train, splits[name], []
+    if found := next((n for n in VAL_SPLIT_NAMES if n in splits), None):
+        return train, splits[found], []
+    if val_fraction <= 0:
+        return train, None, []
+    train, val = (holdout or stratified_holdout)(train, val_fraction, seed)
+    return train, val, [f"validation: {len(val)} images held out of {data} ({val_fraction:.0%}, seed {seed})"]
+
+
+def load_splits(data: str | os.PathLike, *, val_data: str | os.PathLike | None = None,
+                val_split: str | None = None, val_fraction: float = 0.0, seed: int = 0) -> Splits:
+    """Training and validation sets from `data` (see the module doc), with classes aligned; the
+    validation set as `split_off_validation` finds it, which must find one."""
+    splits = load_source(data)
+    train, val, notes = split_off_validation(splits, data, val_data=val_data, val_split=val_split,
+                                             val_fraction=val_fraction, seed=seed)
+    if val is None:
         raise BitlabError(f"{data}: no validation split (expected a val/ or test/ folder, or a 'split' column "
                           f"with val/test rows; found: {', '.join(sorted(splits))}). Add one, pass --val-data, "
                           "or hold out part of the training data with --val-fraction 0.1")
@@ -399,14 +393,14 @@ def few_shot(images: ImageSet, k: int, seed: int) -> ImageSet:
     generator, over the files in their stable (sorted) order.
     """
     if k <= 0:
-        raise BitlabError(f"--examples-per-class must be positive, got {k}")
+        raise ConfigError("examples_per_class", f"must be positive, got {k}")
     rng = np.random.default_rng(seed)
     picked = []
     for c, name in enumerate(images.classes):
         idx = np.flatnonzero(images.labels == c)
         if len(idx) < k:
-            raise BitlabError(f"{images.source}: class {name!r} has {len(idx)} training image(s), "
-                              f"fewer than --examples-per-class {k}")
+            raise ConfigError("examples_per_class", f"{images.source}: class {name!r} has {len(idx)} training "
+                              f"image(s), fewer than {{setting}} {k}")
         picked += sorted(rng.choice(idx, size=k, replace=False).tolist())
     return images.subset(picked)
 
@@ -429,99 +423,3 @@ def typical_image_size(images: ImageSet, sample: int = 256, seed: int = 0) -> tu
         raise BadImageError(f"{images.source}: none of {len(idx)} sampled images could be read")
     h, w = np.median(np.array(sizes), axis=0)
     return int(h), int(w)
-
-
-# ----------------------------------------------------------------------------- torch datasets
-class Batch(NamedTuple):
-    """A collated batch: uint8 NCHW images, int64 labels, and messages for images that were bad."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    bad: tuple[str, ...]
-
-
-class TrainImages(Dataset):
-    """Training views keyed by `(index, stream position)` pairs from `StepSampler`.
-
-    A file that fails to decode is, with `skip_bad`, replaced by the next decodable file of the
-    same class (so the batch keeps its size and a few-shot set its class balance) and reported in
-    `Batch.bad`; without it, the batch carries the error.
-    """
-
-    def __init__(self, images: ImageSet, aug: TrainAugment, seed: int = 0, skip_bad: bool = False) -> None:
-        self.images, self.aug, self.seed, self.skip_bad = images, aug, seed, skip_bad
-        # Each class's indices, and each image's place among them: where its substitutes come from.
-        self.by_class = [np.flatnonzero(images.labels == c) for c in range(len(images.classes))]
-        self.rank = np.empty(len(images), dtype=np.int64)
-        for idx in self.by_class:
-            self.rank[idx] = np.arange(len(idx))
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, key: tuple[int, int]):
-        index, position = key
-        rng = np.random.default_rng((self.seed, _AUG_STREAM, position))
-        same_class = self.by_class[self.images.labels[index]]
-        bad: list[str] = []
-        for attempt in range(min(MAX_SUBSTITUTES, len(same_class))):
-            i = same_class[(self.rank[index] + attempt) % len(same_class)]
-            try:
-                img = decode_image(self.images.paths[i], min_side=self.aug.resize)
-            except BadImageError as e:
-                bad.append(str(e))
-                if not self.skip_bad:
-                    return None, -1, tuple(bad)
-                continue
-            return to_chw_tensor(train_image(img, self.aug, rng)), int(self.images.labels[i]), tuple(bad)
-        return None, -1, tuple(bad)
-
-
-class EvalImages(Dataset):
-    """Evaluation views (whole image resized to `crop` x `crop`); bad files come back as None."""
-
-    def __init__(self, images: ImageSet, crop: int) -> None:
-        self.images, self.crop = images, crop
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int):
-        try:
-            img = decode_image(self.images.paths[i], min_side=self.crop)
-        except BadImageError as e:
-            return None, -1, (str(e),)
-        return to_chw_tensor(square_eval_image(img, self.crop)), int(self.images.labels[i]), ()
-
-
-def collate(items) -> Batch:
-    """Stack the decodable items; keep the messages of the bad ones."""
-    good = [(img, label) for img, label, _ in items if img is not None]
-    bad = tuple(m for _, _, msgs in items for m in msgs)
-    if not good:
-        return Batch(torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), bad)
-    return Batch(torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good], dtype=torch.int64), bad)
-
-
-def _worker_init(_: int) -> None:
-    # Ctrl-C reaches the whole process group; only the main process should react (it checkpoints
-    # and stops), so workers keep serving the batches the current step still needs.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, *, workers: int,
-                pin_memory: bool = False, persistent: bool = False) -> DataLoader:
-    """DataLoader with bitlab's collate, OpenCV-friendly workers and sensible prefetching."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
-                      pin_memory=pin_memory, worker_init_fn=_worker_init if workers else None,
-                      persistent_workers=persistent and workers > 0, prefetch_factor=4 if workers else None,
-                      # Its own generator: creating a loader iterator must not consume the global
-                      # torch RNG, or a resumed run (one extra iterator) would drift from an unbroken one.
-                      generator=torch.Generator().manual_seed(0))

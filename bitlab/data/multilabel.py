@@ -1,18 +1,15 @@
 """Multi-label image sets (ImageNet-21k / JFT style: any number of labels per image).
 
-Two file forms, paths relative to the file's folder (absolute paths are kept):
+Two file forms, paths relative to the file's folder (absolute paths are kept), every listed file
+checked to exist when it is read (each missing one named with its line):
 - CSV with a header: an image path column (`path`, `file` or `filename`), a `labels` (or `tags`)
-  column holding the image's labels separated by whitespace (or by `label_sep`), and an optional
-  `split` column (train, val or validation, test). An empty labels cell (`a.jpg,,train`) is an
-  image with no positive label; a row without the cell (`a.jpg`) is an error.
-- JSON lines: one object per line, `{"path": "a.jpg", "labels": ["cat", "dog"], "split": "train"}`
-  (`labels` a list of names, `[]` for none; `split` optional).
+  column (labels separated by whitespace, or `label_sep`), an optional `split` column (train, val
+  or validation, test). An empty labels cell (`a.jpg,,train`) is an image with no positive label;
+  a row without the cell (`a.jpg`) is an error.
+- JSON lines: `{"path": "a.jpg", "labels": ["cat", "dog"], "split": "train"}` (`[]`: no label).
 
-Every listed file must exist (checked when the file is read, naming the line of each missing one).
-
-Classes are the sorted union of the labels unless a class list is given (`read_classes`: one name
-per line), which fixes the output order (e.g. the 21,843 ImageNet-21k classes) and turns an
-unknown label into an error naming its line.
+Classes are the sorted union of the labels unless a class list fixes them (`read_classes`: one
+name per line, e.g. ImageNet-21k's 21,843), when an unknown label is an error naming its line.
 """
 from __future__ import annotations
 
@@ -21,13 +18,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 
 from bitlab.data.datasets import (ImageSet, Packed, PackedPaths, check_files_exist, check_splits, load_source,
                                   parse_split, read_csv_rows)
-from bitlab.errors import BitlabError
+from bitlab.errors import BitlabError, ConfigError
 
 PATH_COLUMNS = ("path", "file", "filename")
 LABEL_COLUMNS = ("labels", "tags")
@@ -61,6 +58,7 @@ class MultiLabelSet:
     labels: Sequence[np.ndarray]  # kept as PackedLabels
     classes: list[str]
     source: str = ""
+    multi_label: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if len(self.paths) != len(self.labels):
@@ -195,7 +193,7 @@ def _jsonl_rows(path: Path) -> list[tuple[int, str, list[str], str]]:
 def random_holdout(images: MultiLabelSet, fraction: float, seed: int) -> tuple[MultiLabelSet, MultiLabelSet]:
     """Hold out `fraction` of the images at random (seeded; at least one on each side)."""
     if not 0 < fraction < 1:
-        raise BitlabError(f"--val-fraction must be in (0, 1), got {fraction}")
+        raise ConfigError("val_fraction", f"must be in (0, 1), got {fraction}")
     if len(images) < 2:
         raise BitlabError(f"{images.source}: a validation hold-out needs at least 2 images")
     perm = np.random.default_rng(seed).permutation(len(images))

@@ -5,30 +5,24 @@ packed into a few thousand tar files read sequentially. A shard set is a folder:
 
     DIR/shards.json            the index: classes, multi_label, and per shard its name, sample
                                count, size and sha256 (the readers need the counts to resume)
-    DIR/shard-000000.tar ...
-
-Inside a shard, one sample is consecutive members sharing a key (WebDataset's convention: the
-member name up to the first dot of its base name):
-
+    DIR/shard-000000.tar ...   samples: consecutive members sharing a key (WebDataset's convention:
+                               the member name up to the first dot of its base name)
     <key>.jpg (.png, ...)      the image file's bytes, exactly as they were (not re-encoded)
     <key>.cls                  single-label sets: the class index as decimal text (WebDataset's `cls`)
     <key>.json                 {"labels": [class indices], "path": the source file, relative}
 
 so the files also read with the `webdataset` package or plain `tar`. Samples are shuffled when
-written (seeded), so that a reader streaming a few shards already sees a mix of classes.
+written (seeded), so that a reader streaming a few shards already sees a mix of classes. Tars
+written by other tools (webdataset's ShardWriter, img2dataset, `tar`) become a shard set with
+`index_shards` (`bitlab shards-index DIR`), which checks each sample once and writes the same
+`shards.json`; labels come from `.json`'s `labels` (or `label` / `cls`) or else `.cls`, and the
+samples keep their order (shuffle when writing them, or training sees each shard's classes together).
 
-Shards written by other tools (webdataset's ShardWriter, img2dataset, `tar`) become a shard set
-with `index_shards` (`bitlab shards-index DIR`): it reads each tar once, checks that every sample
-has one image and a label, and writes the same `shards.json`. Labels are read from `.json`'s
-`labels` list (or its `label` / `cls` integer) or else from `.cls`; the samples keep the order
-they have in the tars (shuffle when writing them, or training sees each shard's classes together).
-
-Reading for training (`ShardStream`) needs no random access: every epoch the shards are permuted
-with the seed (seed, epoch) and dealt out to the *readers* (rank x DataLoader worker); a reader
-loads one shard at a time (its encoded bytes: keep shards at a few hundred MB) and yields its
-samples in an order seeded by (seed, epoch, shard). The stream of each reader is therefore a pure
-function of the seed and the reader layout, and a resumed run skips what was consumed by counting
-(whole shards from the index, without reading them).
+Training reads (`ShardStream`) need no random access: every epoch the shards are permuted by (seed,
+epoch) and dealt out to the *readers* (rank x DataLoader worker); a reader loads one shard at a
+time (keep shards at a few hundred MB) and yields its samples in an order seeded by (seed, epoch,
+shard). Each reader's stream is a pure function of the seed and the layout, and a resumed run skips
+what was consumed by counting (whole shards from the index, without reading them).
 """
 from __future__ import annotations
 
@@ -53,7 +47,7 @@ from bitlab import io
 from bitlab.data.datasets import ImageSet
 from bitlab.data.multilabel import MultiLabelSet, load_labelled, read_classes
 from bitlab.data.transforms import BadImageError, decode_image_bytes
-from bitlab.errors import BitlabError
+from bitlab.errors import BitlabError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -284,10 +278,9 @@ def reader_layout(num_shards: int, world_size: int, workers: int) -> int:
 class ShardStream(IterableDataset):
     """Endless training stream of one rank over a shard set, split over the DataLoader's workers.
 
-    `transform(samples, j, key)` turns sample `j` of a loaded shard into a training item (`samples`
-    is the whole shard, so a bad sample can be replaced by a neighbour and the item count stays
-    exact); `key = (epoch, shard, j)` identifies the sample for seeding its augmentation.
-    `on_error(message)` makes the item yielded in place of an unreadable shard.
+    `transform(samples, j, key)` makes the item of sample `j` of a loaded shard (all of it: a bad
+    sample can be replaced by a neighbour), `key = (epoch, shard, j)` seeding its augmentation;
+    `on_error(message)` the item standing for an unreadable shard.
 
     Resume: a DataLoader takes batches round-robin from its workers, so of the b = `micro_steps`
     x `start_step` batches consumed so far, reader role r (of W per rank) made batches r, r + W, ...
@@ -381,11 +374,11 @@ def _label_lists(images: ImageSet | MultiLabelSet) -> list[list[int]]:
 
 
 def check_shard_limits(shard_size: int, max_bytes: int | None) -> None:
-    """Refuse shard limits that would make no shards or one sample per shard, naming the flag."""
+    """Refuse shard limits that would make no shards or one sample per shard, naming the setting."""
     if shard_size <= 0:
-        raise BitlabError(f"--shard-size must be positive, got {shard_size}")
+        raise ConfigError("shard_size", f"must be positive, got {shard_size}")
     if max_bytes is not None and max_bytes <= 0:
-        raise BitlabError(f"--max-shard-mb must be positive, got {max_bytes / 1e6:g}")
+        raise ConfigError("max_bytes", f"must be positive, got {max_bytes}")
 
 
 def plan_shards(sizes: Sequence[int], order: Sequence[int], shard_size: int, max_bytes: int | None) -> list[list[int]]:
@@ -439,24 +432,8 @@ def _map_shards(fn: Callable[[_T], _R], items: Sequence[_T], *, workers: int, de
     return results
 
 
-def write_shards(images: ImageSet | MultiLabelSet, out: str | os.PathLike, *, shard_size: int = SHARD_SIZE,
-                 max_bytes: int | None = None, shuffle: bool = True, seed: int = 0, prefix: str = "shard",
-                 workers: int = 4, progress: bool = True, skip_bad: bool = False) -> ShardIndex:
-    """Pack `images` (single- or multi-label) into tar shards under `out` and write `out/shards.json`.
-
-    Resumable: each shard is written to a temp file and renamed, the index last; a rerun keeps the
-    shards that are already complete (same members) and writes the rest. The sample order is a
-    seeded permutation (`shuffle`), and every input file must be readable and decode (the error
-    names it); `skip_bad` leaves images that do not decode out instead (listed in the index's
-    `skipped`; their shards hold fewer samples, and a rerun rewrites those shards).
-    """
-    check_shard_limits(shard_size, max_bytes)
-    out = Path(out)
-    multi = isinstance(images, MultiLabelSet)
-    labels = _label_lists(images)
-    n = len(images)
-    if n == 0:
-        raise BitlabError(f"{images.source}: no images to write")
+def _source_sizes(images: ImageSet | MultiLabelSet) -> list[int]:
+    """Each image file's size in bytes (what `plan_shards` packs by), its type checked first."""
     sizes = []
     for p in images.paths:
         _image_ext(Path(p))
@@ -464,66 +441,85 @@ def write_shards(images: ImageSet | MultiLabelSet, out: str | os.PathLike, *, sh
             sizes.append(os.stat(p).st_size)
         except OSError as e:
             raise BitlabError(f"{p}: cannot read image file ({e.strerror or e})") from None
+    return sizes
+
+
+def _checked_image(src: Path, source: str, skip_bad: bool) -> bytes | None:
+    """The file's bytes, decoded as training will decode them so that a bad file is named here
+    rather than as shard.tar:key when pre-training reaches it (None: it does not decode, and
+    `skip_bad` leaves it out). Measured: 1.3 ms per 500x375 JPEG (48 KB) on one core, over 300
+    images; the shard writers decode in parallel (OpenCV releases the GIL)."""
+    try:
+        data = src.read_bytes()
+    except OSError as e:
+        raise BitlabError(f"{src}: cannot read image file ({e.strerror or e})") from None
+    try:
+        decode_image_bytes(data, str(src))
+    except BadImageError as e:
+        if not skip_bad:
+            raise BadImageError(f"{e} (in {source}; --skip-bad-images leaves such images out)") from None
+        log.warning("skipped: %s", e)
+        return None
+    return data
+
+
+def _write_shard(path: Path, members: list[tuple[str, Path, list[int]]], *, multi: bool, common: Path,
+                 source: str, skip_bad: bool) -> list[tuple[str, list[int]]]:
+    """Write the tar shard of `members` (key, image file, labels) to `path` atomically, unless it
+    holds exactly those members already (a resumed write); returns the (file, labels) left out."""
+    expected = []
+    for key, src, _ in members:
+        expected += [f"{key}.{_image_ext(src)}"] + ([] if multi else [f"{key}.cls"]) + [f"{key}.json"]
+    if path.is_file() and _member_names(path) == expected:
+        return []
+    skipped = []
+    with io.atomic_write(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, src, labels in members:
+            if (data := _checked_image(src, source, skip_bad)) is None:
+                skipped.append((str(src), labels))
+                continue
+            _member(tar, f"{key}.{_image_ext(src)}", data)
+            if not multi:
+                _member(tar, f"{key}.cls", str(labels[0]).encode())
+            rel = os.path.relpath(os.path.abspath(src), common)
+            _member(tar, f"{key}.json", json.dumps({"labels": labels, "path": rel}).encode())
+    return skipped
+
+
+def write_shards(images: ImageSet | MultiLabelSet, out: str | os.PathLike, *, shard_size: int = SHARD_SIZE,
+                 max_bytes: int | None = None, shuffle: bool = True, seed: int = 0, prefix: str = "shard",
+                 workers: int = 4, progress: bool = True, skip_bad: bool = False) -> ShardIndex:
+    """Pack `images` (single- or multi-label) into tar shards under `out` and write `out/shards.json`.
+
+    Resumable: shards are written to a temp file and renamed, the index last; a rerun keeps complete
+    shards (same members). The order is a seeded permutation (`shuffle`); every file must decode (the
+    error names it), or with `skip_bad` is left out (listed in the index's `skipped`)."""
+    check_shard_limits(shard_size, max_bytes)
+    out, multi, labels, n = Path(out), images.multi_label, _label_lists(images), len(images)
+    if n == 0:
+        raise BitlabError(f"{images.source}: no images to write")
     order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
-    groups = plan_shards(sizes, order, shard_size, max_bytes)
+    groups = plan_shards(_source_sizes(images), order, shard_size, max_bytes)
     common = Path(os.path.commonpath([os.path.abspath(p) for p in images.paths]))
-    if len(images) == 1:
+    if n == 1:
         common = common.parent
-    width = max(9, len(str(n)))
-    position = {int(i): k for k, i in enumerate(order)}
+    width, position = max(9, len(str(n))), {int(i): k for k, i in enumerate(order)}
     out.mkdir(parents=True, exist_ok=True)
     if (out / INDEX).exists():
         os.unlink(out / INDEX)  # the index is rewritten last: without it, the folder is not a shard set
 
-    def member_plan(group: list[int]) -> list[tuple[str, Path, list[int]]]:
-        return [(f"{position[i]:0{width}d}", Path(images.paths[i]), labels[i]) for i in group]
-
     def write_one(k: int) -> tuple[ShardInfo, list[tuple[str, list[int]]]]:
-        name = f"{prefix}-{k:06d}.tar"
-        path = out / name
-        plan = member_plan(groups[k])
-        expected = []
-        for key, src, _ in plan:
-            expected += [f"{key}.{_image_ext(src)}"] + ([] if multi else [f"{key}.cls"]) + [f"{key}.json"]
-        skipped: list[tuple[str, list[int]]] = []  # (source file, labels) left out
-        if not (path.is_file() and _member_names(path) == expected):
-            with io.atomic_write(path, "wb") as f, \
-                    tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for key, src, lab in plan:
-                    try:
-                        data = src.read_bytes()
-                    except OSError as e:
-                        raise BitlabError(f"{src}: cannot read image file ({e.strerror or e})") from None
-                    # Decoded as training will decode it, so that a bad file is named here rather
-                    # than as shard.tar:key when pre-training reaches it. Measured: 1.3 ms per
-                    # 500x375 JPEG (48 KB) on one core, over 300 images; the workers decode in
-                    # parallel (OpenCV releases the GIL).
-                    try:
-                        decode_image_bytes(data, str(src))
-                    except BadImageError as e:
-                        if not skip_bad:
-                            raise BadImageError(f"{e} (in {images.source}; --skip-bad-images leaves such "
-                                                "images out)") from None
-                        log.warning("skipped: %s", e)
-                        skipped.append((str(src), lab))
-                        continue
-                    _member(tar, f"{key}.{_image_ext(src)}", data)
-                    if not multi:
-                        _member(tar, f"{key}.cls", str(lab[0]).encode())
-                    rel = os.path.relpath(os.path.abspath(src), common)
-                    _member(tar, f"{key}.json", json.dumps({"labels": lab, "path": rel}).encode())
-        return ShardInfo(name, len(plan) - len(skipped), path.stat().st_size, io.sha256_file(path)), skipped
+        path = out / f"{prefix}-{k:06d}.tar"
+        members = [(f"{position[i]:0{width}d}", Path(images.paths[i]), labels[i]) for i in groups[k]]
+        skipped = _write_shard(path, members, multi=multi, common=common, source=images.source, skip_bad=skip_bad)
+        return ShardInfo(path.name, len(members) - len(skipped), path.stat().st_size, io.sha256_file(path)), skipped
 
-    infos, skipped = [], []
-    for info, left_out in _map_shards(write_one, range(len(groups)), workers=workers, desc="shards",
-                                      progress=progress):
-        infos.append(info)
-        skipped += left_out
+    results = _map_shards(write_one, range(len(groups)), workers=workers, desc="shards", progress=progress)
+    infos, skipped = [info for info, _ in results], [s for _, left_out in results for s in left_out]
     if len(skipped) == n:
         raise BitlabError(f"{images.source}: none of the {n} images decodes")
     planned = {i.name for i in infos}
-    stale = sorted(p.name for p in out.glob(f"{prefix}-*.tar") if p.name not in planned)
-    if stale:
+    if stale := sorted(p.name for p in out.glob(f"{prefix}-*.tar") if p.name not in planned):
         log.warning("%s: %d shard file(s) from an earlier write are not part of this set (e.g. %s)", out,
                     len(stale), stale[0])
     counts = np.zeros(len(images.classes), np.int64)
@@ -566,14 +562,10 @@ def write_source(data: str | os.PathLike, out: str | os.PathLike, *, split: str 
 # ----------------------------------------------------------------------------- indexing foreign shards
 def index_shards(root: str | os.PathLike, *, pattern: str = "*.tar", classes: Sequence[str] | None = None,
                  multi_label: bool = False, workers: int = 4, progress: bool = True) -> ShardIndex:
-    """`bitlab shards-index`: make the WebDataset tars matching `pattern` in `root` (written by
-    another tool) a shard set, writing `root/shards.json` as `write_shards` does.
-
-    Each tar is read once, in name order: its samples counted and checked (one image, readable
-    labels in range: one each unless `multi_label`), its sha256 taken on the way. `classes` names
-    the class indices; without it they are "0" .. the largest label seen. An error names the
-    shard and sample; nothing is written then.
-    """
+    """`bitlab shards-index`: the WebDataset tars matching `pattern` in `root` (written by another
+    tool) as a shard set (`root/shards.json`). Each tar is read once, in name order: samples counted
+    and checked (one image, labels in range: one unless `multi_label`), sha256 taken on the way.
+    `classes` names the indices (default "0" .. the largest label). An error names the sample."""
     root = Path(root)
     if not root.is_dir():
         raise ShardError(f"{root}: no such folder")

@@ -1,8 +1,8 @@
 """Near-duplicates between an upstream (training) set and a downstream (test) set: paper Appendix B,
 Table 6 and Fig. 9.
 
-Every image becomes one embedding, at the same OpenCV pre-processing as evaluation
-(`bitlab.data.transforms`):
+Every image becomes one embedding, at the same pre-processing as evaluation (the model's reference
+view, `bitlab.data.transforms.eval_image`):
 
 - `model:NAME`: a bitlab model's pre-logits (global-pooled features before the classifier),
   L2-normalised, compared by cosine similarity. The default is the real offline ImageNet model
@@ -22,10 +22,10 @@ Hamming distances: hamming = (bits - dot) / 2.
 Thresholds (`DEFAULT_THRESHOLDS`), and how they were chosen. On real photos (scikit-image and
 matplotlib sample photos, the acceptance test's fixture) we planted near-duplicates (resized to
 half size, re-encoded as JPEG at quality 30, 6 % cropped from every side) and measured, with
-`efficientnet_lite0.offline_in1k` at its 224 px evaluation view:
+`efficientnet_lite0.offline_in1k` at its 224 px evaluation view (timm's: bicubic, crop 0.875):
 
-    planted copy vs its original, cosine   0.73 (JPEG q30 of a grey clock) ... 1.00
-    unrelated photos, highest cosine       0.54 (moon vs. a microscopy cell)
+    planted copy vs its original, cosine   0.74 (JPEG q30 of a grey clock) ... 1.00
+    unrelated photos, highest cosine       0.51 (moon vs. a microscopy cell)
 
 so `model:*` pairs with cosine similarity >= 0.70 count as duplicates: above every unrelated pair
 by a wide margin, and as close to the planted floor as keeps all of them, because a lower value
@@ -65,10 +65,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from bitlab import io
+from bitlab.data.loader import EvalFiles, default_workers, make_loader
 from bitlab.data.transforms import (BadImageError, DataConfig, decode_image, eval_image, normalize, resize,
                                     to_chw_tensor)
 from bitlab.device import parse_device
@@ -242,48 +242,21 @@ def make_embedding(spec: str, weights: str | os.PathLike | None = None,
     raise BitlabError(f"unknown embedding {spec!r}: use model:NAME (e.g. {DEFAULT_EMBEDDING}) or phash")
 
 
-class _Views(Dataset):
-    """Decodes files in loader workers; a bad file comes back as its error message, so the main
-    process can raise one clean error naming it (instead of a worker traceback)."""
-
-    def __init__(self, paths: Sequence[Path], view: Callable[[np.ndarray], torch.Tensor]) -> None:
-        self.paths, self.view = paths, view
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor | str:
-        try:
-            return self.view(decode_image(self.paths[i]))
-        except BadImageError as e:
-            return str(e)
-        except Exception as e:  # noqa: BLE001 (OpenCV raises plain errors on odd images)
-            return f"{self.paths[i]}: cannot process image ({type(e).__name__}: {e})"
-
-
-def _collate(items: list[torch.Tensor | str]) -> torch.Tensor | str:
-    for item in items:
-        if isinstance(item, str):
-            return item
-    return torch.stack(items)
-
-
 def embed_files(embedding: Embedding, paths: Sequence[Path], *, batch_size: int = 64, workers: int = 0,
                 progress: bool | tqdm = True, desc: str = "embed") -> torch.Tensor:
     """Embeddings of image files (N, D) float32 on the CPU, in file order. `progress` may be a
     tqdm bar to advance (by images) instead of one of its own."""
-    loader = DataLoader(_Views(list(paths), embedding.view), batch_size=batch_size, collate_fn=_collate,
-                        num_workers=workers if len(paths) > batch_size else 0,
-                        pin_memory=embedding.device.type == "cuda")
+    loader = make_loader(EvalFiles(list(paths), embedding.view), batch_size,
+                         workers=workers if len(paths) > batch_size else 0, pin_memory=embedding.device.type == "cuda")
     bar = progress if isinstance(progress, tqdm) else tqdm(
         total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
     out = []
     try:
         for batch in loader:
-            if isinstance(batch, str):
-                raise BadImageError(batch)
-            out.append(embedding.embed(batch).cpu())
-            bar.update(len(batch))
+            if batch.errors:  # the loader's policy: a bad file stops the search, named
+                raise BadImageError(batch.errors[0])
+            out.append(embedding.embed(batch.images).cpu())
+            bar.update(len(batch.images))
     finally:
         if bar is not progress:
             bar.close()
@@ -411,7 +384,7 @@ class DedupConfig:
     block_size: int = 4096  # upstream images embedded, searched and dropped at a time
     query_block_size: int = 1024  # queries per matmul: scores use query_block_size x block_size floats
     batch_size: int = 64
-    workers: int | None = None  # image decoding processes (None: up to 8)
+    workers: int | None = None  # image decoding processes (None: `loader.default_workers`)
     device: str | None = None  # None: cuda if available
     predictions: str | None = None  # CSV with `image` and `correct` columns -> Table 6 accuracies
     correct_column: str = "correct"  # the predictions column holding per-image correctness
@@ -456,7 +429,7 @@ def run_dedup(cfg: DedupConfig) -> DedupResult:
     correct = read_predictions(cfg.predictions, downstream, cfg.correct_column) if cfg.predictions else None
     io.write_json(out / "config.json", {**cfg.to_dict(), "threshold": threshold, "metric": embedding.metric})
 
-    workers = min(os.cpu_count() or 1, 8) if cfg.workers is None else cfg.workers
+    workers = default_workers() if cfg.workers is None else cfg.workers
     cache = EmbeddingCache(cfg.cache or out / "cache", embedding)
     kw = dict(batch_size=cfg.batch_size, workers=workers, progress=cfg.progress)
     # The test set is embedded whole (it is the small side); cached in chunks so that a stopped

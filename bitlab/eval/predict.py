@@ -1,38 +1,25 @@
 """Batched inference: image files -> class probabilities, with the training pre-processing.
 
-Workers decode and resize with OpenCV at the model's resolution (`model.data_config`) and ship
-uint8 tensors; normalisation happens once per batch on the model's device.
+Workers decode with OpenCV and resize and crop as the model's reference pipeline does
+(`model.data_config`, `bitlab.data.transforms.eval_image`), shipping uint8 tensors
+(`bitlab.data.loader`); normalisation happens once per batch on the model's device.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from bitlab.data.transforms import DataConfig, decode_image, eval_image, eval_min_side, normalize, to_chw_tensor
+from bitlab.data.loader import EvalFiles, default_workers, make_loader
+from bitlab.data.transforms import BadImageError, eval_image, normalize
 from bitlab.device import parse_device
 from bitlab.models import data_config_of, prepare_for_inference
-
-
-class EvalImages(Dataset):
-    """Files -> uint8 CHW tensors at the model's evaluation view (decoded in workers)."""
-
-    def __init__(self, paths: Sequence[str | os.PathLike], cfg: DataConfig) -> None:
-        self.paths = [Path(p) for p in paths]
-        self.cfg = cfg
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return to_chw_tensor(eval_image(decode_image(self.paths[i], eval_min_side(self.cfg)), self.cfg))
 
 
 @dataclass
@@ -43,9 +30,6 @@ class Predictions:
     probs: np.ndarray  # (N, k) float32
 
 
-def default_workers() -> int:
-    # Decoding + resizing a 500 px image takes a few ms; more than 8 workers rarely pays off.
-    return min(os.cpu_count() or 1, 8)
 
 
 @torch.inference_mode()
@@ -58,18 +42,20 @@ def iter_probs(model: nn.Module, paths: Sequence[str | os.PathLike], *, batch_si
     device = parse_device(device)
     model = prepare_for_inference(model, device)
     workers = default_workers() if workers is None else workers
-    # Below one batch, worker start-up costs more than it saves.
-    loader = DataLoader(EvalImages(paths, cfg), batch_size=batch_size,
-                        num_workers=workers if len(paths) > batch_size else 0,
-                        pin_memory=device.type == "cuda")
+    # Below one batch, worker start-up costs more than it saves. Images are decoded whole (no
+    # DCT-scaled JPEG decode): the reference resamples the full image.
+    loader = make_loader(EvalFiles(paths, functools.partial(eval_image, cfg=cfg)), batch_size,
+                         workers=workers if len(paths) > batch_size else 0, pin_memory=device.type == "cuda")
     bar = progress if isinstance(progress, tqdm) else tqdm(
         total=len(paths), desc="predict", unit="img", disable=not progress, leave=False)
     try:
         for batch in loader:
-            x = normalize(batch.to(device, non_blocking=True), cfg.mean, cfg.std)
+            if batch.errors:  # the loader's policy: inference stops, naming the file
+                raise BadImageError(batch.errors[0])
+            x = normalize(batch.images.to(device, non_blocking=True), cfg.mean, cfg.std)
             x = x.contiguous(memory_format=torch.channels_last)
             yield model(x).float().softmax(dim=-1).cpu()
-            bar.update(len(batch))
+            bar.update(len(batch.images))
     finally:
         if bar is not progress:
             bar.close()

@@ -21,6 +21,7 @@ conv=std). bitlab's ResNetV2 and timm's `resnetv2_*_bit` load all three formats.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import zipfile
 from pathlib import Path
@@ -172,6 +173,13 @@ _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first member header / an 
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 # Official npz and timm BiT files carry no config: both only ever hold GN+WS weights.
 _BIT_VARIANT = {"norm": "group", "conv": "std"}
+ROOT_NPZ_KEY = "resnet/root_block/standardized_conv2d/kernel"
+# The most one npz may decode to: 16 GiB, over 3x the largest official file (BiT-M-R152x4, 4.4 GB),
+# so that a header declaring petabytes is refused before numpy tries to allocate them.
+MAX_NPZ_BYTES = 16 << 30
+# Deflate expands at most ~1032:1, so a member claiming more than that over its compressed size lies.
+_MAX_DEFLATE_RATIO = 1100
+GN_GROUPS = 32  # every GroupNorm has 32 groups (paper §3.1), so every width is a multiple of 32
 
 
 def _container(path: Path) -> Literal["npz", "torch"]:
@@ -187,8 +195,8 @@ def _container(path: Path) -> Literal["npz", "torch"]:
     if head.startswith(_LEGACY_TORCH_MAGIC):
         return "torch"
     if head[:4] not in _ZIP_MAGIC:
-        found = "an empty file" if not head else f"it starts with {head[:4]!r}"
-        raise CheckpointError(f"{path}: not a checkpoint (neither an npz archive nor a torch file; {found})")
+        raise CheckpointError(f"{path}: not a checkpoint (neither an npz archive nor a torch file; "
+                              f"{_looks_like(head)})")
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
@@ -201,7 +209,96 @@ def _container(path: Path) -> Literal["npz", "torch"]:
     raise CheckpointError(f"{path}: a zip archive that is neither an npz (only .npy arrays) nor a torch checkpoint")
 
 
+def _looks_like(head: bytes) -> str:
+    """What a file that is no checkpoint seems to be, from its first bytes."""
+    if not head:
+        return "an empty file"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return ("a bare Python pickle, which bitlab never loads because unpickling can run code; save the "
+                "weights as tensors instead: np.savez for arrays, torch.save(model.state_dict()) for a model")
+    if head.lstrip()[:1] == b"<":
+        return f"it starts with {head[:8]!r}, an HTML or XML page (an error page saved in place of the file?)"
+    return f"it starts with {head[:4]!r}"
+
+
+def npz_headers(path: str | Path, source: str | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Each array's (shape, dtype) in an npz, from the `.npy` headers alone (no data is read).
+
+    Checks what would otherwise fail inside numpy, or allocate first: a readable header without
+    pickled objects, a shape whose bytes are what the member holds, and at most `MAX_NPZ_BYTES`
+    in all. Errors name `source` (default: the path) and the key.
+    """
+    source = source or str(path)
+    out, total = {}, 0
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{source}: truncated or damaged zip archive ({e})") from None
+    with zf:
+        for info in zf.infolist():
+            key = info.filename.removesuffix(".npy")
+            deflated = info.compress_type != zipfile.ZIP_STORED
+            if deflated and info.file_size > _MAX_DEFLATE_RATIO * max(info.compress_size, 1):
+                raise CheckpointError(f"{source}: key {key!r} claims {info.file_size} bytes from "
+                                      f"{info.compress_size} compressed, more than compression can give")
+            shape, dtype, header_len = _npy_header(zf, info, source, key)
+            nbytes = math.prod(shape) * dtype.itemsize
+            if nbytes != info.file_size - header_len:
+                raise CheckpointError(f"{source}: key {key!r} declares shape {shape} of {dtype} ({nbytes} bytes), "
+                                      f"but holds {info.file_size - header_len} bytes of data")
+            total += nbytes
+            if total > MAX_NPZ_BYTES:
+                raise CheckpointError(f"{source}: its arrays add up to more than {MAX_NPZ_BYTES} bytes, over 3x the "
+                                      "largest official BiT checkpoint; not a BiT npz")
+            out[key] = (shape, dtype)
+    return out
+
+
+def _npy_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, source: str, key: str
+                ) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, header length) of one `.npy` member, read with numpy's own header parser."""
+    try:
+        with zf.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            if version not in ((1, 0), (2, 0)):  # 3.0 only adds UTF-8 field names: never plain weights
+                raise ValueError(f".npy format version {version[0]}.{version[1]}")
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+            header_len = f.tell()
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{source}: key {key!r} has no readable .npy header ({e})") from None
+    if dtype.hasobject or dtype.kind != "f":
+        raise CheckpointError(f"{source}: key {key!r} has dtype {dtype}, expected floating-point weights")
+    if len(shape) > 4 or any(not isinstance(n, int) or n < 0 for n in shape):
+        raise CheckpointError(f"{source}: key {key!r} has shape {shape}; BiT weights have at most 4 dimensions")
+    return tuple(shape), dtype, header_len
+
+
+def check_npz(path: str | Path, source: str | None = None) -> None:
+    """That `path` is an official-schema BiT npz, from its headers alone (the weights are not read):
+    every key a BiT key, a root kernel of a BiT shape, body blocks. For downloads and conversions."""
+    source = source or str(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:4] not in _ZIP_MAGIC:
+        raise CheckpointError(f"{source}: not an npz archive ({_looks_like(head)})")
+    headers = npz_headers(path, source)
+    names = {}
+    for key in headers:
+        name = _npz_to_bitlab_key(re.sub(r"/standardized_conv2d_\d+/", "/standardized_conv2d/", key))
+        if name is None:
+            raise CheckpointError(f"{source}: unexpected key {key!r} (not in the official BiT schema)")
+        names[name] = key
+    if "root.conv.weight" not in names:
+        raise CheckpointError(f"{source}: no {ROOT_NPZ_KEY!r}: not a BiT checkpoint")
+    hwio = headers[names["root.conv.weight"]][0]
+    oihw = (hwio[3], hwio[2], hwio[0], hwio[1]) if len(hwio) == 4 else hwio
+    _check_root_kernel(source, names["root.conv.weight"], oihw, hwio=hwio)
+    _block_units(names, source)
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    check_npz(path)  # before numpy allocates what the headers declare
     arrays = {}
     with np.load(path, allow_pickle=False) as f:
         for key in f.files:
@@ -214,9 +311,80 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 
 def _saved_config(path: Path, obj: dict, key: str) -> ResNetV2Config:
     try:
-        return ResNetV2Config.from_dict(obj[key])
+        config = ResNetV2Config.from_dict(obj[key])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: key {key!r} is not a ResNetV2 config ({type(e).__name__}: {e})") from None
+    _check_config(config, f"{path}: key {key!r}")
+    return config
+
+
+def _check_config(config: ResNetV2Config, where: str) -> None:
+    """Types and ranges of a config read from a file, before a model is built from it."""
+    def whole(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    units, wf = config.block_units, config.width_factor
+    problems = []
+    if not units or not all(whole(u) and u >= 1 for u in units):
+        problems.append(f"block_units must be positive whole numbers, got {list(units)!r}")
+    if not (isinstance(wf, (int, float)) and not isinstance(wf, bool) and math.isfinite(wf) and wf > 0
+            and 64 * wf == int(64 * wf)):
+        problems.append(f"width_factor must be a positive number with 64 x width_factor whole, got {wf!r}")
+    elif config.norm == "group" and int(64 * wf) % GN_GROUPS:
+        problems.append(f"width_factor {wf} gives {int(64 * wf)} root channels, not a multiple of GroupNorm's "
+                        f"{GN_GROUPS} groups")
+    if not (whole(config.num_classes) and config.num_classes >= 0):
+        problems.append(f"num_classes must be a whole number >= 0, got {config.num_classes!r}")
+    if config.norm not in ("group", "batch") or config.conv not in ("std", "plain"):
+        problems.append(f"norm/conv must be group|batch / std|plain, got {config.norm!r} / {config.conv!r}")
+    if not (isinstance(config.ws_eps, float) and math.isfinite(config.ws_eps) and config.ws_eps > 0):
+        problems.append(f"ws_eps must be a positive number, got {config.ws_eps!r}")
+    if problems:
+        raise CheckpointError(f"{where}: " + "; ".join(problems))
+
+
+def _check_config_fits(config: ResNetV2Config, state_dict: dict[str, torch.Tensor], where: str) -> None:
+    """A saved config must describe the weights saved with it, so that building its model allocates
+    no more than the file holds (a width_factor of 1e6 beside R50x1 weights is a damaged file)."""
+    root = state_dict.get("root.conv.weight")
+    if root is None:
+        raise CheckpointError(f"{where}: the state dict has no 'root.conv.weight'")
+    units = _block_units(state_dict, where)
+    head = state_dict.get("head.conv.weight")
+    saved = (tuple(config.block_units), int(64 * config.width_factor), config.num_classes)
+    found = (units, int(root.shape[0]), int(head.shape[0]) if head is not None else 0)
+    if saved != found:
+        raise CheckpointError(f"{where}: the config (block_units {list(saved[0])}, {saved[1]} root channels, "
+                              f"{saved[2]} classes) does not describe the saved weights (block_units "
+                              f"{list(found[0])}, {found[1]} root channels, {found[2]} classes)")
+
+
+def _check_root_kernel(source: str, key: str, oihw: tuple[int, ...], hwio: tuple[int, ...] | None = None) -> None:
+    """A BiT root kernel: 7x7 over RGB, into a multiple of GroupNorm's 32 groups (64 x width)."""
+    ok = len(oihw) == 4 and oihw[1:] == (3, 7, 7) and oihw[0] >= GN_GROUPS and oihw[0] % GN_GROUPS == 0
+    if not ok:
+        shown = hwio if hwio is not None else oihw
+        layout = "(7, 7, 3, 64 x width) as HWIO" if hwio is not None else "(64 x width, 3, 7, 7)"
+        raise CheckpointError(f"{source}: key {key!r} has shape {tuple(shown)}; a BiT root kernel is {layout}, "
+                              f"with 64 x width a multiple of {GN_GROUPS} (GroupNorm's groups)")
+
+
+def _block_units(keys, source: str) -> tuple[int, ...]:
+    """Units per block from bitlab key names; blocks and units must run 1, 2, ... without gaps, so
+    that a key such as `unit9999999` cannot make a model of ten million units."""
+    units: dict[int, set[int]] = {}
+    for key in keys:
+        if m := re.match(r"body\.block(\d+)\.unit(\d+)\.", key):
+            units.setdefault(int(m[1]), set()).add(int(m[2]))
+    if not units:
+        raise CheckpointError(f"{source}: no body blocks: not a BiT ResNetV2")
+    if sorted(units) != list(range(1, len(units) + 1)):
+        raise CheckpointError(f"{source}: blocks {sorted(units)} do not run 1..{len(units)}")
+    for b, found in sorted(units.items()):
+        if sorted(found) != list(range(1, len(found) + 1)):
+            missing = sorted(set(range(1, max(found) + 1)) - found)
+            raise CheckpointError(f"{source}: block{b} has unit{max(found):02d} but no unit{missing[0]:02d}")
+    return tuple(len(units[b]) for b in sorted(units))
 
 
 def _check_tensor(source: str | Path, key: str, value: object) -> None:
@@ -236,11 +404,13 @@ def _read(path: str | Path) -> tuple[Format, dict[str, torch.Tensor], ResNetV2Co
     obj = io.torch_load(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
-    config = None
+    config, config_key = None, ""
     if obj.get("format") == FORMAT_TAG:
-        config, obj = _saved_config(path, obj, "config"), obj.get("state_dict")
+        config_key = "config"
+        config, obj = _saved_config(path, obj, config_key), obj.get("state_dict")
     elif isinstance(obj.get("model_config"), dict):  # bitlab training checkpoint
-        config = _saved_config(path, obj, "model_config")
+        config_key = "model_config"
+        config = _saved_config(path, obj, config_key)
     for key in ("model", "state_dict"):  # training checkpoint / timm checkpoint wrapper
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -253,6 +423,8 @@ def _read(path: str | Path) -> tuple[Format, dict[str, torch.Tensor], ResNetV2Co
     if any(k.startswith("stem.") for k in obj):
         state_dict = timm_to_bitlab(obj)
         return "timm", state_dict, infer_config(state_dict, str(path), **_BIT_VARIANT)
+    if config is not None:
+        _check_config_fits(config, obj, f"{path}: key {config_key!r}")
     return "bitlab", obj, config
 
 
@@ -275,16 +447,14 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], ResNetV2
 
 def infer_config(state_dict: dict[str, torch.Tensor], source: str, **overrides) -> ResNetV2Config:
     """Architecture from a bitlab state dict: units per block, width, classes, norm type."""
-    units: dict[int, int] = {}
-    for key in state_dict:
-        if m := re.match(r"body\.block(\d+)\.unit(\d+)\.", key):
-            units[int(m[1])] = max(units.get(int(m[1]), 0), int(m[2]))
-    if "root.conv.weight" not in state_dict or not units:
-        raise CheckpointError(f"{source}: state dict is not a BiT ResNetV2 (no root.conv.weight / body blocks)")
-    width = state_dict["root.conv.weight"].shape[0] / 64
+    if "root.conv.weight" not in state_dict:
+        raise CheckpointError(f"{source}: state dict is not a BiT ResNetV2 (no root.conv.weight)")
+    root = state_dict["root.conv.weight"]
+    _check_root_kernel(source, "root.conv.weight", tuple(root.shape))
+    width = root.shape[0] / 64
     head = state_dict.get("head.conv.weight")
     cfg = dict(
-        block_units=tuple(units[b] for b in sorted(units)),
+        block_units=_block_units(state_dict, source),
         width_factor=int(width) if width == int(width) else width,
         num_classes=int(head.shape[0]) if head is not None else 0,
         norm="batch" if any(k.endswith("running_mean") for k in state_dict) else "group",

@@ -3,8 +3,9 @@ standardisation folded into plain convolutions (`fuse_weight_standardization`).
 
 The exported graph takes normalised images, float32 (N, 3, S, S) with S the model's resolution
 (or `image_size`) and any batch size N, and returns logits (or pre-logits for a headless model).
-How to normalise travels with the file: ONNX metadata `bitlab.data_config` (JSON: input_size,
-mean, std, crop_pct), and for TorchScript the extra file `bitlab.json`; both also name the model.
+How to prepare images travels with the file: ONNX metadata `bitlab.data_config` (JSON: the
+`DataConfig` fields: input_size, mean, std and the evaluation view: interpolation, crop_pct,
+crop_mode), and for TorchScript the extra file `bitlab.json`; both also name the model.
 ONNX export needs the `export` extra (onnx and onnxscript; onnxruntime runs the file).
 
 Files appear whole or not at all (written beside the target, then renamed); an existing file is

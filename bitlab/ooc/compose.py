@@ -21,6 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from bitlab.data.imagesize import imdecode
 from bitlab.errors import BitlabError
 from bitlab.ooc import png
 
@@ -53,7 +54,7 @@ def decode(path: str | os.PathLike, *, upright: bool = True) -> np.ndarray:
     masks and boxes refer to the stored pixels, so foreground photos are read that way.
     """
     flags = cv2.IMREAD_COLOR if upright else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-    img = cv2.imdecode(_read(path), flags)
+    img = imdecode(_read(path), flags, str(path), BadInputError)  # refuses absurd sizes before allocating
     if img is None:
         raise BadInputError(f"{path}: cannot decode image (corrupt or not an image)")
     return img
@@ -62,7 +63,7 @@ def decode(path: str | os.PathLike, *, upright: bool = True) -> np.ndarray:
 def decode_mask(path: str | os.PathLike) -> np.ndarray:
     """Read a binary mask PNG as bool HxW. OpenImages masks are 0/255 (FiftyOne thresholds at
     122 after a grey conversion); masks saved as 0/1 are accepted too."""
-    m = cv2.imdecode(_read(path), cv2.IMREAD_GRAYSCALE)
+    m = imdecode(_read(path), cv2.IMREAD_GRAYSCALE, str(path), BadInputError)
     if m is None:
         raise BadInputError(f"{path}: cannot decode mask (corrupt or not an image)")
     return m > (127 if m.max() > 1 else 0)

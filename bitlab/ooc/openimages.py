@@ -74,6 +74,9 @@ BOX_COLUMNS = ("ImageID", "Source", "LabelName", "Confidence", "XMin", "XMax", "
 IMAGE_COLUMNS = ("ImageID", "Subset", "OriginalURL", "OriginalLandingURL", "License", "AuthorProfileURL", "Author",
                  "Title", "OriginalSize", "OriginalMD5", "Thumbnail300KURL", "Rotation")
 ANNOTATIONS_LICENSE = "CC BY 4.0 (Google, Open Images)"
+# Not an upstream column: a tree whose masks are not Open Images' own (bitlab's embedded sample,
+# masks from a photo's alpha channel) names their licence per image here; make-ooc records it.
+ANNOTATIONS_LICENSE_COLUMN = "AnnotationsLicense"
 
 
 # ----------------------------------------------------------------------------- the tree
@@ -343,6 +346,7 @@ class FetchConfig:
     pins: dict[str, str] = field(default_factory=lambda: dict(UPSTREAM_MD5))  # upstream path -> md5
     workers: int = 8  # parallel image downloads (network-bound)
     retries: int = 3
+    max_download: int = io.MAX_DOWNLOAD_BYTES  # bytes per file
 
 
 def fetch(cfg: FetchConfig) -> dict:
@@ -357,13 +361,14 @@ def fetch(cfg: FetchConfig) -> dict:
     for pattern in needed:
         local = tree.csv_files()[pattern]
         remote = remote_path(pattern, cfg.split)
-        _download(f"{cfg.base_url}/{remote}", local, cfg.pins.get(remote), cfg.retries)
+        _download(f"{cfg.base_url}/{remote}", local, cfg.pins.get(remote), cfg.retries, cfg.max_download)
         files[local.name] = {"url": f"{cfg.base_url}/{remote}", "md5": io.file_digest(local, "md5"),
                              "sha256": io.sha256_file(local)}
     wanted = _wanted_instances(tree, cfg, sel)
-    masks = fetch_masks(tree, {w[0]: w[3] for w in wanted}, base_url=cfg.base_url, pins=cfg.pins, retries=cfg.retries)
+    masks = fetch_masks(tree, {w[0]: w[3] for w in wanted}, base_url=cfg.base_url, pins=cfg.pins, retries=cfg.retries,
+                        max_bytes=cfg.max_download)
     images = fetch_images(tree, {w[1]: w[2] for w in wanted}, images_url=cfg.images_url, workers=cfg.workers,
-                          retries=cfg.retries)
+                          retries=cfg.retries, max_bytes=cfg.max_download)
     _check_pins(tree, wanted)
     summary = {"config": asdict(cfg), "files": files, "instances": len(wanted),
                "mask_zips": masks, "images": images}
@@ -371,12 +376,12 @@ def fetch(cfg: FetchConfig) -> dict:
     return summary
 
 
-def _download(url: str, dest: Path, md5: str | None, retries: int) -> None:
+def _download(url: str, dest: Path, md5: str | None, retries: int, max_bytes: int) -> None:
     if dest.exists() and not md5:
         log.info("%s: present, kept (no pinned checksum to compare)", dest)
         return
     try:
-        io.download(url, dest, md5=md5, retries=retries)
+        io.download(url, dest, md5=md5, retries=retries, max_bytes=max_bytes)
     except io.DownloadError as e:
         hint = " (pinned md5, observed 2020-07-15; pass --no-pins if upstream changed the file)" if md5 else ""
         raise io.DownloadError(f"{e}{hint}") from None
@@ -387,6 +392,11 @@ def _check_fetch(cfg: FetchConfig) -> Selection | None:
     split, and the selection or class table (read here; a fetch can take hours)."""
     if cfg.split not in SPLITS:
         raise BitlabError(f"--split must be one of {', '.join(SPLITS)}, got {cfg.split!r}")
+    for flag, url in (("--base-url", cfg.base_url), ("--images-url", cfg.images_url)):
+        try:
+            io.check_url(url)
+        except io.UnsafeURLError as e:
+            raise BitlabError(f"{flag} {e}") from None
     for flag, value in (("--max-per-class", cfg.max_per_class), ("--workers", cfg.workers),
                         ("retries", cfg.retries)):
         if value < 1:
@@ -423,7 +433,8 @@ def _wanted_instances(tree: Tree, cfg: FetchConfig, sel: Selection | None
 
 
 def fetch_masks(tree: Tree, mask_paths: dict[str, str | None], *, base_url: str = BASE_URL,
-                pins: dict[str, str] | None = None, retries: int = 3) -> dict[str, int]:
+                pins: dict[str, str] | None = None, retries: int = 3,
+                max_bytes: int = io.MAX_DOWNLOAD_BYTES) -> dict[str, int]:
     """Extract `mask_paths` (mask path -> expected sha256 or None) into the tree, downloading only
     the zips that hold masks missing on disk or not matching their sha256."""
     pins = pins or {}
@@ -435,7 +446,7 @@ def fetch_masks(tree: Tree, mask_paths: dict[str, str | None], *, base_url: str 
     for remote, members in tqdm(sorted(by_zip.items()), desc="mask zips", unit="zip", disable=not by_zip):
         archive = tree.root / "downloads" / Path(remote).name
         if not _usable_zip(archive, members):
-            _download(f"{base_url}/{remote}", archive, pins.get(remote), retries)
+            _download(f"{base_url}/{remote}", archive, pins.get(remote), retries, max_bytes)
             if not pins.get(remote):  # no pin: at least prove it is a whole zip
                 _usable_zip(archive, members, strict=True)
         _refuse_unsafe(archive, tree.masks_dir)
@@ -475,7 +486,7 @@ def _refuse_unsafe(archive: Path, dest: Path) -> None:
 
 
 def fetch_images(tree: Tree, image_ids: dict[str, str | None], *, images_url: str = IMAGES_URL, workers: int = 8,
-                 retries: int = 3) -> dict[str, int]:
+                 retries: int = 3, max_bytes: int = io.MAX_DOWNLOAD_BYTES) -> dict[str, int]:
     """Download the JPEGs of `image_ids` (id -> expected sha256 or None) not on disk yet (or
     not decodable, or not matching their sha256)."""
     todo = sorted(i for i, sha in image_ids.items()
@@ -484,7 +495,7 @@ def fetch_images(tree: Tree, image_ids: dict[str, str | None], *, images_url: st
     def one(image_id: str) -> None:
         url, dest = f"{images_url}/{tree.split}/{image_id}.jpg", tree.image(image_id)
         for attempt in range(1, retries + 1):
-            io.download(url, dest, sha256=image_ids[image_id], retries=retries, progress=False)
+            io.download(url, dest, sha256=image_ids[image_id], retries=retries, progress=False, max_bytes=max_bytes)
             if _decodes(dest):
                 return
             log.warning("%s: downloaded bytes do not decode (attempt %d/%d)", url, attempt, retries)

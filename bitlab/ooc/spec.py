@@ -34,30 +34,48 @@ class SpecError(BitlabError):
 # ----------------------------------------------------------------------------- CSV tables
 def read_table(path: str | os.PathLike, required: Sequence[str], optional: Sequence[str] = ()
                ) -> Iterator[tuple[int, dict[str, str]]]:
-    """Yield `(line, row)` for each data row of a CSV with a header, values stripped.
+    """Yield `(line, row)` for each data row of a UTF-8 CSV with a header, values stripped.
 
-    Raises `SpecError` naming the file (missing file, missing columns) or the line (a row with
-    more values than the header). Columns outside `required + optional` are kept as they are.
+    `line` is where the row starts. Raises `SpecError` naming the file (missing file, missing
+    columns) or the line (a byte that is not UTF-8, a quote that is never closed, a row with more
+    values than the header). A BOM is accepted. Columns outside `required + optional` are kept.
     """
     path = Path(path)
     try:
-        f = open(path, newline="", encoding="utf-8-sig")
-    except FileNotFoundError:
+        rows = _csv_rows(path, io.text_lines(path))
+    except (FileNotFoundError, IsADirectoryError):
         raise SpecError(f"{path}: no such file") from None
-    with f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        if not header:
-            raise SpecError(f"{path}: empty file (expected a header with {', '.join(required)})")
-        reader.fieldnames = header
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise SpecError(f"{path}: missing column(s) {', '.join(missing)} (header: {', '.join(header)})")
-        for row in reader:
-            if None in row:
-                raise SpecError(f"{path} line {reader.line_num}: {len(header) + len(row[None])} values "
-                                f"but the header has {len(header)} columns")
-            yield reader.line_num, {k: (v or "").strip() for k, v in row.items()}
+    first = next(rows, None)
+    header = [h.strip() for h in first[1]] if first else []
+    if not any(header):
+        raise SpecError(f"{path}: empty file (expected a header with {', '.join(required)})")
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise SpecError(f"{path}: missing column(s) {', '.join(missing)} (header: {', '.join(header)})")
+    for line, values in rows:
+        if not values:  # a blank line
+            continue
+        if len(values) > len(header):
+            raise SpecError(f"{path} line {line}: {len(values)} values but the header has {len(header)} columns")
+        yield line, {k: (values[i] if i < len(values) else "").strip() for i, k in enumerate(header)}
+
+
+def _csv_rows(path: Path, lines: Iterator[str]) -> Iterator[tuple[int, list[str]]]:
+    """(first line, values) of each CSV record; malformed quoting is an error naming the line."""
+    reader = csv.reader(lines, strict=True)
+    done = 0  # lines consumed by the records so far
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            if "unexpected end of data" in str(e):
+                raise SpecError(f"{path} line {done + 1}: a quoted field opens on this line and is never closed "
+                                "(an unmatched \")") from None
+            raise SpecError(f"{path} line {done + 1}: malformed CSV ({e})") from None
+        yield done + 1, values
+        done = reader.line_num
 
 
 def table_text(columns: Sequence[str], rows: Iterable[dict]) -> str:

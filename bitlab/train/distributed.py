@@ -1,14 +1,10 @@
-"""One process per device with torchrun: process group, rank-0 helpers and data sharding.
+"""One process per device with torchrun: process group, collective decisions and data sharding.
 
-`torchrun --nproc_per_node N -m bitlab finetune ...` sets RANK / WORLD_SIZE / LOCAL_RANK; `setup`
-reads them and joins the process group (NCCL on GPUs, Gloo on CPU). Without torchrun everything
-here degrades to a single process and no collective is ever called, so library code can call
-the helpers unconditionally.
-
-Data sharding is by *global sample position*: the global batch of step t is positions
-[t*B, (t+1)*B) of one seeded, epoch-wise shuffled stream, and rank r takes the r-th contiguous
-slice of it. The union over ranks is the same batch a single process would train on, so a run
-on N devices, a run with `--batch-split N` and a plain run see the same images at every step.
+`setup` reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK and joins the process group (NCCL on GPUs,
+Gloo on CPU); without torchrun everything degrades to one process and no collective is called, so
+library code calls the helpers unconditionally. Data sharding is by *global sample position*: the
+global batch of step t is positions [t*B, (t+1)*B) of one seeded stream and rank r takes its r-th
+slice, so N devices, `--batch-split N` and a plain run see the same images at every step.
 """
 from __future__ import annotations
 
@@ -16,7 +12,7 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -24,8 +20,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Sampler
 
+from bitlab.data.transforms import BadImageError
 from bitlab.device import parse_device
-from bitlab.errors import BitlabError
+from bitlab.errors import BitlabError, ConfigError
 from bitlab.train.torchrun import env_rank
 
 log = logging.getLogger(__name__)
@@ -68,11 +65,9 @@ def setup(device: str | torch.device | None = None) -> DistInfo:
 
 
 def _attempt_store(rank: int, world: int) -> dict:
-    """Under torchrun, the process group's store, with a key prefix per restart attempt.
-
-    torchrun keeps one store for all attempts of a job (`--max-restarts`): a restarted attempt's
-    ranks would find the dead attempt's addresses under the same keys, try to connect to them and
-    hang until the process-group timeout. The prefix keeps the attempts apart."""
+    """Under torchrun, the process group's store with a key prefix per restart attempt: torchrun keeps
+    one store for all attempts (`--max-restarts`), and a restarted attempt's ranks would find the dead
+    attempt's addresses under the same keys and hang connecting to them until the timeout."""
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if attempt is None or "MASTER_ADDR" not in os.environ:
         return {}
@@ -104,6 +99,43 @@ def session(device: str | torch.device | None, info: DistInfo | None = None) -> 
 
 
 T = TypeVar("T")
+
+
+class EveryRankError(BitlabError):
+    """A data error raised on every rank at the same step (a collective decision): the ranks can
+    still write a checkpoint together before stopping."""
+
+
+class UnreadableDataError(BadImageError, EveryRankError):
+    """Raised by `stop_on_errors` on every rank at once."""
+
+
+def control_group(info: DistInfo):
+    """A Gloo group for the per-step error check of GPU runs (None: the default group, Gloo on CPUs).
+    On NCCL the host would wait every step for the GPU work queued (the optimiser step) before
+    launching the next forward; over Gloo the ranks agree on the host alone."""
+    if not info.distributed or info.device.type != "cuda":
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def stop_on_errors(errors: Sequence[str], info: DistInfo, what: str, hint: bool = True, group=None) -> None:
+    """Collective (every rank calls it at the same point): if any rank has errors, every rank raises
+    the same UnreadableDataError naming the files (`hint`: mention --skip-bad-images)."""
+    if info.distributed:
+        flag = torch.tensor([float(len(errors))], device="cpu" if group is not None else info.device)
+        dist.all_reduce(flag, group=group)
+        if flag.item() == 0:
+            return
+        per_rank: list = [None] * info.world_size
+        dist.all_gather_object(per_rank, list(errors[:5]), group=group)
+    elif not errors:
+        return
+    else:
+        per_rank = [list(errors[:5])]
+    lines = [(f"rank {r}: " if info.distributed else "") + m for r, msgs in enumerate(per_rank) for m in msgs]
+    raise UnreadableDataError(f"cannot read {what} data, stopping{' every rank' if info.distributed else ''}: "
+                              + "; ".join(lines) + (" (--skip-bad-images replaces unreadable images)" if hint else ""))
 
 
 def main_rank_call(fn: Callable[[], T], info: DistInfo) -> T:
@@ -174,22 +206,19 @@ def per_rank_batch(batch_size: int, batch_split: int, info: DistInfo) -> int:
     """Micro-batch size on each rank; the global batch must split evenly over ranks and micro-steps."""
     parts = batch_split * info.world_size
     if batch_size % parts:
-        raise BitlabError(f"batch size {batch_size} does not split into {info.world_size} process(es) x "
-                          f"--batch-split {batch_split}; choose a multiple of {parts}")
+        raise ConfigError("batch_split", f"batch size {batch_size} does not split into {info.world_size} process(es) x "
+                          f"{{setting}} {batch_split}; choose a multiple of {parts}")
     return batch_size // parts
 
 
 class StepSampler(Sampler):
     """Endless, seeded, resumable sample stream for map-style datasets, sharded over ranks.
 
-    Yields `(dataset_index, position)` pairs: position g is the sample's place in the global stream
-    (epoch g // n, slot g % n of that epoch's permutation), a stable key for per-sample randomness
-    such as augmentation. Epochs run into each other with no partial batches, like the TF pipeline
-    (repeat -> shuffle -> batch). Each epoch is a fresh permutation (sampling without replacement),
-    so a few-shot set smaller than the batch is seen evenly; the official trainer instead drew such
-    sets with replacement. `start_step` skips the steps already trained: a resumed run sees exactly
-    the data order of an uninterrupted one.
-    """
+    Yields `(dataset_index, position)`: position g is the sample's place in the global stream (epoch
+    g // n, slot g % n of that epoch's permutation), the key of per-sample randomness. Epochs run
+    into each other with no partial batches (TF's repeat -> shuffle -> batch), each a fresh
+    permutation: a few-shot set smaller than the batch is seen evenly (the official trainer drew
+    with replacement). `start_step` skips the steps trained: a resumed run sees the same order."""
 
     def __init__(self, num_samples: int, batch_size: int, *, seed: int = 0, start_step: int = 0,
                  info: DistInfo = DistInfo()) -> None:

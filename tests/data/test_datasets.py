@@ -1,15 +1,12 @@
-"""Image sets from folders, CSVs and make-ooc manifests; few-shot picks; loaders with bad files."""
+"""Image sets from folders, CSVs and make-ooc manifests; few-shot picks."""
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from bitlab.data import datasets as ds
-from bitlab.data.transforms import BadImageError, TrainAugment
 from bitlab.errors import BitlabError
-from bitlab.train.distributed import StepSampler
 
 
 def _write(path: Path, img: np.ndarray) -> Path:
@@ -135,42 +132,13 @@ def test_few_shot_is_seeded_and_without_replacement(digits_root):
 
 def test_few_shot_needs_enough_examples(photo_tree):
     train = ds.load_splits(photo_tree).train
-    with pytest.raises(BitlabError, match=r"class 'cat' has 4 training image\(s\), fewer than --examples-per-class 5"):
+    with pytest.raises(BitlabError, match=r"class 'cat' has 4 training image\(s\), fewer than examples_per_class 5"):
         ds.few_shot(train, 5, seed=0)
 
 
 def test_typical_image_size(photo_tree):
     h, w = ds.typical_image_size(ds.load_splits(photo_tree).train)
     assert 250 <= h <= 400 and 380 <= w <= 600
-
-
-def _first_batch(dataset, batch_size, workers=0):
-    sampler = StepSampler(len(dataset), batch_size, seed=0)
-    return next(iter(ds.make_loader(dataset, sampler, batch_size, workers=workers)))
-
-
-def test_train_loader_yields_uint8_views_reproducibly(photo_tree):
-    train = ds.load_splits(photo_tree).train
-    dataset = ds.TrainImages(train, TrainAugment(40, 32), seed=5)
-    a = _first_batch(dataset, 8, workers=2)
-    b = _first_batch(dataset, 8, workers=0)
-    assert a.images.dtype == torch.uint8 and a.images.shape == (8, 3, 32, 32)
-    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)  # workers don't matter
-    assert sorted(a.labels.tolist()) == [0] * 4 + [1] * 4 and a.bad == ()
-
-
-def test_corrupt_image_is_named_or_skipped(photo_tree):
-    bad = photo_tree / "train" / "cat" / "1.jpg"
-    bad.write_bytes(b"not a jpeg at all")
-    train = ds.load_splits(photo_tree).train
-    batch = _first_batch(ds.TrainImages(train, TrainAugment(40, 32)), 8)
-    assert len(batch.images) == 7 and len(batch.bad) == 1 and str(bad) in batch.bad[0]
-    skipped = _first_batch(ds.TrainImages(train, TrainAugment(40, 32), skip_bad=True), 8)
-    assert len(skipped.images) == 8 and str(bad) in skipped.bad[0]  # replaced by the next readable file
-    evals = next(iter(ds.make_loader(ds.EvalImages(train, 32), range(len(train)), 8, workers=0)))
-    assert len(evals.images) == 7 and str(bad) in evals.bad[0]
-    with pytest.raises(BadImageError, match="cannot decode"):
-        ds.decode_image(bad)
 
 
 def _csv_set(tmp_path, photos, n: int = 3) -> Path:
@@ -243,27 +211,6 @@ def test_empty_class_folder_is_reported(photo_tree, caplog):
         train = ds.image_folder(photo_tree / "train")
     assert train.classes == ["cat", "coffee"]
     assert "no images in class folder 'dog'" in caplog.text and str(photo_tree / "train") in caplog.text
-
-
-def test_bad_image_is_replaced_by_one_of_its_class(tmp_path, photos):
-    """Sorted by path, cat/1.jpg is followed by cat/2.jpg, and the class's last file by the next class."""
-    root = tmp_path / "t"
-    for i in range(3):
-        _write(root / "cat" / f"{i}.jpg", photos["chelsea"][i * 10:, i * 10:])
-        _write(root / "coffee" / f"{i}.jpg", photos["coffee"][i * 10:, i * 10:])
-    (root / "cat" / "2.jpg").write_bytes(b"not a jpeg")
-    images = ds.image_folder(root)
-    dataset = ds.TrainImages(images, TrainAugment(40, 32), skip_bad=True)
-    img, label, bad = dataset[(2, 0)]  # cat/2.jpg: its class continues at cat/0.jpg, not coffee/0.jpg
-    assert label == 0 and len(bad) == 1 and "2.jpg" in bad[0]
-    rng = np.random.default_rng((0, ds._AUG_STREAM, 0))
-    from bitlab.data.transforms import decode_image, to_chw_tensor, train_image
-    expected = to_chw_tensor(train_image(decode_image(images.paths[0], min_side=40), TrainAugment(40, 32), rng))
-    assert torch.equal(img, expected)
-    for p in (root / "cat").glob("*.jpg"):
-        p.write_bytes(b"broken")
-    img, label, bad = dataset[(1, 0)]  # a class with no readable file gives up after its own files
-    assert img is None and len(bad) == 3 and all("cat" in m for m in bad)
 
 
 def test_packed_paths_behave_as_a_list_and_hold_no_path_objects(tmp_path):

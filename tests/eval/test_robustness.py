@@ -95,6 +95,7 @@ def test_empty_and_broken_sets_name_the_culprit(tiny_ooc, tmp_path):
     root = tmp_path / "m"
     shutil.copytree(tiny_ooc, root)
     rows = list(csv.DictReader((root / "manifest.csv").open()))
+    original = rows[3]["file"]
     rows[3]["file"] = "cat/gone.png"
     rows[5]["ilsvrc_indices"] = "1000"
 
@@ -111,7 +112,7 @@ def test_empty_and_broken_sets_name_the_culprit(tiny_ooc, tmp_path):
     write(rows)
     with pytest.raises(BitlabError, match="row 5: file '../../etc/passwd' points outside"):
         robustness.load_eval_set(root)
-    rows[3]["file"] = "cat/chelsea__grass.png"
+    rows[3]["file"] = original
     write(rows)
     with pytest.raises(BitlabError, match="row 7: ilsvrc_indices 1000 is outside 0..999"):
         robustness.load_eval_set(root)
@@ -176,6 +177,9 @@ def test_summary_breakdowns():
     worst = s["most_fooling_backgrounds"][0]
     assert worst["background"] == "road" and worst["top1_error"] == 1.0
     assert worst["wrong_predictions"] == [[imagenet.names()[9], 2]]
+    effect = s["background_effect"]  # both classes right on the sea, wrong on the road: all background
+    assert (effect["background"], effect["class"], effect["background_dependent"]) == (1.0, 0.0, 1.0)
+    assert effect["p_value"] > 0.3  # but 2 x 2 cells line up by chance every other shuffle
     fg = s["per_foreground"]
     assert fg["count"] == 2 and fg["fooled_by_any"] == 2 and fg["fooled_by_all"] == 0
     assert fg["objects"]["fb"]["fooling_backgrounds"] == ["road"] and fg["mean_fooled_fraction"] == 0.5
@@ -196,3 +200,70 @@ def test_official_folders_against_the_shipped_class_table(tiny_ooc, tmp_path):
     assert got["hammerhead"] == ("shark", (2, 3, 4))  # a shark folder counts all three shark synsets
     assert got["n02391049"][0] == "zebra"
     assert got["Sofa"] == ("couch", (831,))  # paper F.2 names the couch class "Sofa"
+
+
+def _evaluate_cli(root, out, capsys) -> tuple[int, str]:
+    from bitlab.cli import main
+
+    rc = main(["evaluate", "--model", "R14x0.5", "--image-size", "32", "--data", str(root), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return rc, err
+
+
+def test_manifest_encodings_and_repeated_rows(tiny_ooc, tmp_path, capsys):
+    root = tmp_path / "m"
+    shutil.copytree(tiny_ooc, root)
+    manifest = root / "manifest.csv"
+    good = manifest.read_bytes()
+    n_rows = len(good.splitlines()) - 1
+    # a BOM, as spreadsheet programs write "CSV UTF-8": read as usual
+    manifest.write_bytes(b"\xef\xbb\xbf" + good)
+    assert len(robustness.load_eval_set(root).items) == n_rows
+    # a byte that is not UTF-8: the file, the line and the byte, through the CLI, nothing written
+    lines = good.splitlines(keepends=True)
+    manifest.write_bytes(b"".join(lines[:2]) + lines[2].rstrip(b"\n") + b"\xff\n" + b"".join(lines[3:]))
+    rc, err = _evaluate_cli(root, tmp_path / "out", capsys)
+    assert rc == 2 and f"error: {manifest} line 3: byte 0xff at column" in err and "not UTF-8" in err
+    assert not (tmp_path / "out").exists()
+    # the same image twice: an error naming both rows (counted twice it would weigh double)
+    manifest.write_bytes(good + lines[3])
+    rc, err = _evaluate_cli(root, tmp_path / "out", capsys)
+    file = next(csv.DictReader([lines[0].decode(), lines[3].decode()]))["file"]
+    assert rc == 2 and f"error: {manifest}: row {n_rows + 2}: image '{file}' is listed again (first on row 4)" in err
+    assert not (tmp_path / "out").exists()
+
+
+def _grid(cells: list[list[int]]) -> "pd.DataFrame":
+    """A predictions-like table: one image per (class row, background column), right when 1."""
+    import pandas as pd
+
+    return pd.DataFrame([{"class": f"c{i}", "background": f"b{j}", "top1_correct": bool(v)}
+                         for i, row in enumerate(cells) for j, v in enumerate(row)])
+
+
+def test_background_effect_splits_the_heat_map_variance():
+    stripes = [[1] * 8, [0] * 8, [1] * 8, [0] * 8, [1] * 8, [1] * 8]  # a class effect only
+    e = robustness.background_effect(_grid(stripes))
+    assert (e["class"], e["background"], e["background_dependent"]) == (1.0, 0.0, 0.0) and e["p_value"] == 1.0
+    columns = [[0, 0, 0, 1, 1, 1, 1, 1]] * 6  # three backgrounds fool every class
+    e = robustness.background_effect(_grid(columns))
+    assert (e["class"], e["background"], e["class_x_background"]) == (0.0, 1.0, 0.0)
+    assert e["p_value"] < 0.01 and e["permutations"] == 2000  # six rows lining up by chance: (3!5!/8!)^5
+    checkers = [[(i + j) % 2 for j in range(8)] for i in range(6)]  # each background fools half the classes
+    e = robustness.background_effect(_grid(checkers))
+    assert e["class_x_background"] == pytest.approx(1.0) and e["background_dependent"] == pytest.approx(1.0)
+    mixed = [[1, 1, 0, 1, 0, 1, 1, 1], [0, 0, 0, 0, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]]
+    e = robustness.background_effect(_grid(mixed))
+    a = np.array(mixed, float)
+    ss = ((a - a.mean()) ** 2).sum()
+    assert e["class"] == pytest.approx(8 * ((a.mean(1) - a.mean()) ** 2).sum() / ss)
+    assert e["background"] == pytest.approx(3 * ((a.mean(0) - a.mean()) ** 2).sum() / ss)
+    assert e["p_value"] == robustness.background_effect(_grid(mixed))["p_value"]  # seeded
+
+
+def test_background_effect_needs_a_full_varying_table():
+    assert robustness.background_effect(_grid([[1, 1], [1, 1]])) is None  # nothing varies
+    holey = _grid([[1, 0, 1], [0, 1, 1]]).drop(index=1)
+    assert robustness.background_effect(holey) is None  # an empty cell
+    assert robustness.background_effect(_grid([[1, 0, 1]])) is None  # one class: no table

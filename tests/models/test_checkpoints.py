@@ -341,3 +341,88 @@ def test_bit_variant_asks_the_model_what_it_is():
         assert checkpoints.bit_variant(timm.create_model("resnetv2_50x1_bit")) == ("group", "std")
         assert checkpoints.bit_variant(timm.create_model("resnetv2_50")) is None  # pre-act, but BatchNorm
         assert checkpoints.bit_variant(timm.create_model("resnet18")) is None
+
+
+# ----------------------------------------------------------------------------- hostile files through the CLI
+def _convert_cli(src, dst, capsys) -> str:
+    from bitlab.cli import main
+
+    assert main(["convert", str(src), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and not dst.exists()
+    return err
+
+
+def test_a_pickled_checkpoint_is_explained_without_inviting_unsafe_loading(tmp_path, capsys):
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")  # a whole model, pickled
+    err = _convert_cli(tmp_path / "module.pt", tmp_path / "out.pt", capsys)
+    assert f"{tmp_path / 'module.pt'}: a torch file holding pickled Python objects besides tensors " \
+           "(torch.nn.modules.linear.Linear)" in err
+    assert "torch.save(model.state_dict(), 'weights.pt')" in err and "can run arbitrary code" in err
+    assert "weights_only" not in err and "add_safe_globals" not in err
+    with open(tmp_path / "raw.pkl", "wb") as f:
+        pickle.dump({"root": np.zeros(3)}, f)
+    err = _convert_cli(tmp_path / "raw.pkl", tmp_path / "out.pt", capsys)
+    assert f"{tmp_path / 'raw.pkl'}: not a checkpoint (neither an npz archive nor a torch file; a bare Python pickle" in err
+    assert "weights_only" not in err
+
+
+def _npz_with(tmp_path, name, **replace) -> "Path":
+    arrays = checkpoints.state_dict_to_npz(create_model("R14x0.5", num_classes=3).state_dict())
+    np.savez(tmp_path / name, **{**arrays, **replace})
+    return tmp_path / name
+
+
+def _npy_member(header: dict, data: bytes) -> bytes:
+    import io as pyio
+
+    buf = pyio.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, header)
+    return buf.getvalue() + data
+
+
+def test_npz_headers_are_checked_before_anything_is_allocated(tmp_path, capsys):
+    import zipfile
+
+    root = "resnet/root_block/standardized_conv2d/kernel"
+    bad = _npz_with(tmp_path, "five.npz", **{root: np.zeros((7, 7, 3, 5), np.float32)})
+    err = _convert_cli(bad, tmp_path / "out.pt", capsys)
+    assert f"{bad}: key '{root}' has shape (7, 7, 3, 5); a BiT root kernel is (7, 7, 3, 64 x width)" in err
+    # a member that declares 10 PiB of float32 in 64 bytes
+    huge = tmp_path / "huge.npz"
+    with zipfile.ZipFile(_npz_with(tmp_path, "huge.npz")) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    members[f"{root}.npy"] = _npy_member({"descr": "<f4", "fortran_order": False, "shape": (1 << 48, 10)}, bytes(64))
+    with zipfile.ZipFile(huge, "w") as zf:
+        for n, data in members.items():
+            zf.writestr(n, data)
+    err = _convert_cli(huge, tmp_path / "out.pt", capsys)
+    assert f"{huge}: key '{root}' declares shape (281474976710656, 10) of float32 (11258999068426240 bytes), " \
+           "but holds 64 bytes of data" in err
+    # a unit number that would build ten million units
+    many = _npz_with(tmp_path, "many.npz", **{"resnet/block1/unit9999999/a/group_norm/gamma": np.ones(32, np.float32)})
+    assert f"{many}: block1 has unit9999999 but no unit02" in _convert_cli(many, tmp_path / "out.pt", capsys)
+    # and the same checks guard --pretrained
+    with pytest.raises(CheckpointError, match=r"five\.npz: key 'resnet/root_block/standardized_conv2d/kernel' has"):
+        create_model("R14x0.5", num_classes=3, pretrained=bad)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"width_factor": 1e6}, "the config (block_units [1, 1, 1, 1], 64000000 root channels, 3 classes) does not "
+                            "describe the saved weights (block_units [1, 1, 1, 1], 32 root channels, 3 classes)"),
+    ({"width_factor": "abc"}, "width_factor must be a positive number with 64 x width_factor whole, got 'abc'"),
+    ({"width_factor": 0.3}, "width_factor must be a positive number with 64 x width_factor whole, got 0.3"),
+    ({"width_factor": 0.25}, "width_factor 0.25 gives 16 root channels, not a multiple of GroupNorm's 32 groups"),
+    ({"block_units": "abc"}, "block_units must be positive whole numbers, got ['a', 'b', 'c']"),
+    ({"block_units": [1, 0, 1, 1]}, "block_units must be positive whole numbers, got [1, 0, 1, 1]"),
+    ({"num_classes": -3}, "num_classes must be a whole number >= 0, got -3"),
+    ({"num_classes": 2.5}, "num_classes must be a whole number >= 0, got 2.5"),
+    ({"norm": "layer"}, "norm/conv must be group|batch / std|plain, got 'layer' / 'std'"),
+])
+def test_a_bitlab_files_config_is_checked_before_a_model_is_built(tmp_path, capsys, change, message):
+    model = create_model("R14x0.5", num_classes=3)
+    config = {**model.config.to_dict(), **change}
+    torch.save({"format": "bitlab-model", "version": 1, "config": config, "state_dict": model.state_dict()},
+               tmp_path / "m.pt")
+    err = _convert_cli(tmp_path / "m.pt", tmp_path / "out.npz", capsys)
+    assert f"{tmp_path / 'm.pt'}: key 'config': {message}" in err

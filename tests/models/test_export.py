@@ -46,7 +46,8 @@ def test_onnx_export_runs_in_onnxruntime_with_bitlabs_logits(weights, tmp_path, 
     meta = session.get_modelmeta().custom_metadata_map
     assert meta["bitlab.model"] == "R14x0.5"
     assert json.loads(meta["bitlab.data_config"]) == {"input_size": SIZE, "mean": [0.5] * 3, "std": [0.5] * 3,
-                                                      "crop_pct": 1.0}
+                                                      "interpolation": "bilinear", "crop_pct": 1.0,
+                                                      "crop_mode": "squash"}
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert "Conv" in ops and not ops & {"LayerNormalization", "BatchNormalization"}  # WS folded, not computed
     # No Pad for onnxruntime to fold into the root's MaxPool (which pads with -inf): with one,

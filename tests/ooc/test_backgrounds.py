@@ -135,3 +135,74 @@ def test_cli(http_server, tmp_path, capsys):
     rc = main(["backgrounds", "fetch", "--out", str(tmp_path / "bg"), "--spec", str(_spec(tmp_path)),
                "--categories", "kitchen", "--api-url", api["api"]])
     assert rc == 2 and "no category kitchen" in capsys.readouterr().err
+
+
+def _result(rid: str, url: str) -> dict:
+    return {"id": rid, "url": url, "license": "cc0", "title": rid, "creator": "c", "provider": "flickr"}
+
+
+def test_search_results_never_reach_local_files_or_fill_the_disk(http_server, tmp_path, capsys, caplog):
+    tex = _textures()
+    private = tmp_path / "private" / "holiday.jpg"
+    private.parent.mkdir()
+    private.write_bytes(_jpg(tex[3], 96, 80))  # a real photo: base bitlab imported it as CC0
+    http_server.redirect["moved.jpg"] = private.as_uri()
+    http_server.stream["zero.jpg"] = 64 << 20  # an endless body, cut at --max-download
+    http_server.add("big.jpg", bytes(2 << 20))  # announces more than --max-download
+    good = http_server.add("good.jpg", _jpg(tex[0], 96, 80))
+    answer = [_result("local", private.as_uri()), _result("moved", f"{http_server.url}/moved.jpg"),
+              _result("zero", f"{http_server.url}/zero.jpg"), _result("big", f"{http_server.url}/big.jpg"),
+              _result("devzero", "file:///dev/zero"), _result("good", good)]
+    api = http_server.add("ov/", json.dumps({"results": answer}).encode())
+    out = tmp_path / "bg"
+    rc = main(["backgrounds", "fetch", "--out", str(out), "--spec", str(_spec(tmp_path)), "--categories", "grass",
+               "--per-category", "1", "--min-side", "64", "--api-url", api, "--max-download", "1M"])
+    assert rc == 0, capsys.readouterr().err
+    rows = read_background_files(out / "backgrounds.csv")
+    assert [r.source_id for r in rows] == ["good"]
+    assert [p.name for p in (out / "grass").iterdir()] == [rows[0].file.split("/")[1]]
+    assert private.read_bytes() not in {p.read_bytes() for p in out.rglob("*.jpg")}
+    for why in ("only http:// and https:// URLs are fetched, not file://", "redirects to file://",
+                "more than the download limit of 1048576 bytes", "announces 2097152 bytes"):
+        assert why in caplog.text, why
+    # the API itself must be http(s), and answers are capped too
+    rc = main(["backgrounds", "fetch", "--out", str(tmp_path / "bg2"), "--spec", str(_spec(tmp_path)),
+               "--api-url", (tmp_path / "answer.json").as_uri()])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: --api-url file://" in err and "only http:// and https://" in err
+    assert not (tmp_path / "bg2").exists()
+
+
+def test_a_folder_short_of_a_later_category_imports_nothing(tmp_path, capsys):
+    src = tmp_path / "mine"
+    (src / "grass").mkdir(parents=True)
+    cv2.imwrite(str(src / "grass" / "a.png"), cv2.resize(_textures()[0], (80, 70)))
+    (src / "outer_space").mkdir()  # nothing in it
+    out = tmp_path / "bg"
+    rc = main(["backgrounds", "fetch", "--out", str(out), "--spec", str(_spec(tmp_path)), "--per-category", "1",
+               "--folder", str(src)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert f"{src / 'outer_space'}: no images for category 'outer_space'" in err and "nothing was imported" in err
+    assert not out.exists()
+
+
+def test_a_category_left_short_is_named_and_the_later_ones_are_still_fetched(tmp_path, capsys):
+    src = tmp_path / "mine"
+    tex = _textures()
+    write_table(tmp_path / "three.csv", ["category", "search_terms"],
+                [{"category": c, "search_terms": c} for c in ("grass", "outer_space", "brick")])
+    for cat in ("grass", "brick"):
+        (src / cat).mkdir(parents=True)
+        cv2.imwrite(str(src / cat / "a.png"), cv2.resize(tex[0], (80, 70)))
+    (src / "outer_space").mkdir()
+    (src / "outer_space" / "a.jpg").write_bytes(b"not a jpeg")  # counted, then fails to decode
+    out = tmp_path / "bg"
+    rc = main(["backgrounds", "fetch", "--out", str(out), "--spec", str(tmp_path / "three.csv"),
+               "--per-category", "1", "--folder", str(src)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "three.csv line 3: category 'outer_space' has 0 usable image(s)" in err
+    assert f"{out / 'backgrounds.csv'} lists the 2 image(s) fetched so far (2 of 3 categories complete)" in err
+    assert sorted(r.category for r in read_background_files(out / "backgrounds.csv")) == ["brick", "grass"]
+    assert not (out / "fetch.json").exists()

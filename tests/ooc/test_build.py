@@ -16,6 +16,7 @@ from bitlab.errors import BitlabError
 from bitlab.ooc import build, compose
 from bitlab.ooc.build import MakeOOCConfig, build_demo
 from bitlab.ooc.spec import load_background_categories, load_classes
+from bitlab.paths import SAMPLE_DIR
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -70,6 +71,7 @@ def test_acceptance_3321_images(full_build, capsys):
         img = cv2.imread(str(out / r["file"]))
         assert img.shape == (32, 32, 3) and compose.pixel_sha256(img) == r["pixel_sha256"]
         assert r["fg_license"] and r["bg_license"] == "cc0" and r["modified"] == "true"
+        assert r["annotations_license"] == "CC BY 4.0 (Google, Open Images)"  # Open Images' masks
         cat, k = r["bg_uid"].rsplit("_", 1)
         assert (r["bg_provider"], r["bg_source_id"]) == ("test", f"id-{cat}-{k}")
         assert r["bg_attribution"] == f'"{cat} {k}" by a | b is marked with CC0 1.0'  # the source's credit line
@@ -175,6 +177,30 @@ def small_cfg(plan_small, tmp_path):
                          background_categories=str(inp["categories"]), size=48, workers=2)
 
 
+def test_each_foreground_keeps_its_own_mask_licence(small_cfg):
+    """A tree whose images table names its masks' licence (`AnnotationsLicense`, as the embedded
+    sample's does) gets it in the manifest and ATTRIBUTION.md; the others keep Open Images'."""
+    images = Path(small_cfg.openimages) / "validation-images-with-rotation.csv"
+    with images.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    cats = {r["image_id"] for r in _selection_rows(small_cfg) if r["kind"] == "foreground" and r["group"] == "cat"}
+    for r in rows:
+        r["AnnotationsLicense"] = "GPL-2 (the photo's alpha channel)" if r["ImageID"] in cats else ""
+    with images.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    out = Path(small_cfg.out)
+    build.build(small_cfg)
+    got = {(r["class"], r["annotations_license"]) for r in _manifest(out)}
+    assert got == {("cat", "GPL-2 (the photo's alpha channel)"), ("coffee_cup", "CC BY 4.0 (Google, Open Images)")}
+    attribution = (out / "ATTRIBUTION.md").read_text()
+    assert "Segmentation masks and annotations: each foreground's own licence" in attribution
+    assert "Open Images, CC BY 4.0." not in attribution  # the one-line claim would be wrong for the cats
+    cat_rows = [line for line in attribution.splitlines() if line.startswith("| cat |")]
+    assert len(cat_rows) == 2 and all("| GPL-2 (the photo's alpha channel) |" in line for line in cat_rows)
+
+
 def _selection_rows(cfg) -> list[dict]:
     with open(cfg.selection, newline="") as f:
         return list(csv.DictReader(f))
@@ -235,6 +261,27 @@ def test_undecodable_input_with_matching_checksum(small_cfg):
     assert s["images"] == 4 * 3 and len(s["skipped"]) == 1 and bg["uid"] in s["skipped"][0]
     meta = json.loads((Path(small_cfg.out) / "dataset.json").read_text())
     assert meta["skipped"] == s["skipped"]
+
+
+def test_huge_declared_background_is_named_and_skippable(small_cfg, capsys):
+    """A background whose header declares 40000 x 40000 px: a clear error, also under --skip-bad."""
+    from tests.fixtures.images import png_declaring
+
+    sel = Path(small_cfg.selection)
+    bg = next(r for r in _selection_rows(small_cfg) if r["kind"] == "background")
+    path = Path(small_cfg.backgrounds) / bg["file"]
+    path.write_bytes(png_declaring(40000, 40000))
+    sel.write_text(sel.read_text().replace(bg["sha256"], hashlib.sha256(path.read_bytes()).hexdigest()))
+    argv = ["make-ooc", "--openimages", small_cfg.openimages, "--backgrounds", small_cfg.backgrounds,
+            "--selection", small_cfg.selection, "--classes", small_cfg.classes,
+            "--background-categories", small_cfg.background_categories, "--size", "48", "--out", small_cfg.out]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"({bg['uid']}): {path}: the file declares 40000 x 40000 px" in err
+    assert not Path(small_cfg.out).exists()
+    assert main([*argv, "--skip-bad"]) == 0
+    assert "skipped 1 bad input(s)" in capsys.readouterr().out
+    assert len(_manifest(Path(small_cfg.out))) == 4 * 3
 
 
 @pytest.mark.parametrize("damage,message,left", [
@@ -329,7 +376,8 @@ def test_invalid_options(small_cfg):
 def test_demo_builds_in_seconds_and_the_real_model_agrees(tmp_path):
     out = build_demo(tmp_path / "demo")
     rows = _manifest(out)
-    assert len(rows) == 3 * 4 and {r["class"] for r in rows} == {"cat", "coffee_cup", "rocket"}
+    assert len(rows) == 9 * 12 and {r["class"] for r in rows} == {
+        "zebra", "sea_lion", "penguin", "ostrich", "tiger", "teddy_bear", "tank", "lighthouse"}
     for r in rows:  # the longest object side is 80% of 512 on real pixels
         x0, y0, x1, y1 = map(int, r["fg_bbox_out"].split(","))
         assert abs(max(x1 - x0, y1 - y0) - 410) <= 1
@@ -340,16 +388,40 @@ def test_demo_builds_in_seconds_and_the_real_model_agrees(tmp_path):
     model = create_model(zoo.OFFLINE_IMAGENET_MODEL)
     pred = predict_files(model, [out / r["file"] for r in rows], topk=5, progress=False)
     names = imagenet.names()
+    right = {}
     for r, top in zip(rows, pred.indices):
-        targets = {int(i) for i in r["ilsvrc_indices"].split(";")}
-        if r["class"] in ("cat", "coffee_cup"):  # recognised on every background
-            assert int(top[0]) in targets, (r["file"], [names[i] for i in top])
+        right.setdefault(r["class"], []).append(int(top[0]) in {int(i) for i in r["ilsvrc_indices"].split(";")})
+        if r["class"] in ("zebra", "tiger", "lighthouse"):  # recognised on every background
+            assert right[r["class"]][-1], (r["file"], [names[i] for i in top])
+    assert not all(right["sea_lion"]) and not all(right["penguin"])  # ... and these are not
     summary = json.loads((out / "dataset.json").read_text())
-    assert summary["counts"]["images"] == 12
+    assert summary["counts"]["images"] == 108
+
+
+def test_demo_records_each_sample_files_own_licence(tmp_path):
+    """The sample is not Open Images: its manifest and ATTRIBUTION.md carry each photo's and each
+    mask's own licence and author, from the sample's images table and backgrounds.csv."""
+    out = build_demo(tmp_path / "demo", size=64)
+    rows = _manifest(out)
+    def table(path, key):
+        return {r[key]: r for r in csv.DictReader(path.read_text().splitlines())}
+
+    images = table(SAMPLE_DIR / "openimages" / "validation-images-with-rotation.csv", "ImageID")
+    backgrounds = table(SAMPLE_DIR / "backgrounds" / "backgrounds.csv", "uid")
+    for r in rows:
+        meta, bg = images[r["fg_image_id"]], backgrounds[r["bg_uid"]]
+        assert r["annotations_license"] == meta["AnnotationsLicense"] and r["annotations_license"].startswith("GPL-2")
+        assert (r["fg_license"], r["fg_author"]) == (meta["License"], meta["Author"])
+        assert (r["bg_license"], r["bg_author"], r["bg_provider"]) == (bg["license"], bg["author"], bg["provider"])
+    assert {r["bg_license"].split(" (")[0] for r in rows} == {"GPL-2 or later", "public domain"}
+    attribution = (out / "ATTRIBUTION.md").read_text()
+    assert "Open Images" not in attribution.split("## Foreground photos")[0].replace("Open Images makes", "")
+    for who in ("Albert Cahalan", "Jim Trice", "Sergey Nazarov", "Thomas K. Gibson", "NASA"):
+        assert who in attribution
 
 
 def test_demo_cli(tmp_path, capsys):
     assert main(["make-ooc", "--demo", "--out", str(tmp_path / "d")]) == 0
-    assert "12 images (3 classes, 3 foregrounds x 4 backgrounds)" in capsys.readouterr().out
-    assert len(list((tmp_path / "d").glob("*/*.png"))) == 12
+    assert "108 images (8 classes, 9 foregrounds x 12 backgrounds)" in capsys.readouterr().out
+    assert len(list((tmp_path / "d").glob("*/*.png"))) == 108
     assert os.path.exists(tmp_path / "d" / "ATTRIBUTION.md")

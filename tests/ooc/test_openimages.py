@@ -191,10 +191,13 @@ def test_fetch_a_committed_selection(small_inputs, http_server, tmp_path):
     ({"max_per_class": -1}, "--max-per-class must be at least 1, got -1"),
     ({"classes": "nope.csv"}, "nope.csv: no such file"),
     ({"selection": "nope.csv"}, "nope.csv: no such file"),
+    ({"base_url": "file:///srv/oi"}, "--base-url file:///srv/oi: only http:// and https:// URLs are fetched"),
+    ({"images_url": "ftp://mirror/img"}, "--images-url ftp://mirror/img: only http:// and https:// URLs"),
 ])
 def test_fetch_checks_local_inputs_before_any_download(small_inputs, http_server, tmp_path, change, message):
     cfg = _fetch_cfg(small_inputs, {"base_url": f"{http_server.url}/oi", "images_url": f"{http_server.url}/img"},
-                     tmp_path / "tree", **change)
+                     tmp_path / "tree")
+    cfg = FetchConfig(**{**cfg.__dict__, **change})
     with pytest.raises(BitlabError, match=re.escape(message)):
         fetch(cfg)
     assert http_server.requests == [] and not (tmp_path / "tree").exists()
@@ -232,3 +235,16 @@ def test_cli_fetch(small_inputs, http_server, tmp_path, capsys):
     rc = main(["openimages", "fetch", str(tmp_path / "t"), "--classes", str(small_inputs["classes"]),
                "--base-url", f"{http_server.url}/nothing-here", "--no-pins", "--split", "test"])
     assert rc == 2 and "HTTP 404" in capsys.readouterr().err
+
+
+def test_cli_fetch_caps_each_download(small_inputs, http_server, tmp_path, capsys):
+    urls = serve(http_server, small_inputs["openimages"])
+    rc = main(["openimages", "fetch", str(tmp_path / "t"), "--classes", str(small_inputs["classes"]),
+               "--base-url", urls["base_url"], "--images-url", urls["images_url"], "--no-pins",
+               "--max-download", "1K"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert re.search(r"error: http://127\.0\.0\.1:\d+/oi/\S+\.csv: announces \d+ bytes, more than the download "
+                     r"limit of 1024 bytes \(raise it with --max-download\)", err)
+    left = [p for p in (tmp_path / "t").rglob("*") if p.is_file()]
+    assert left and all(p.stat().st_size <= 1024 and not p.name.endswith(".part") for p in left)

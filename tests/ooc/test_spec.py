@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from bitlab.data import imagenet
+from bitlab.errors import BitlabError
 from bitlab.ooc import spec
 from bitlab.paths import OOC_DATASET_DIR, SAMPLE_DIR
 
@@ -15,7 +16,7 @@ GOOD_CLASSES = (
 
 
 @pytest.mark.parametrize("path,count,total", [(OOC_DATASET_DIR / "classes.csv", 20, 81),
-                                              (SAMPLE_DIR / "classes.csv", 3, 3)])
+                                              (SAMPLE_DIR / "classes.csv", 8, 9)])
 def test_committed_class_tables(path, count, total):
     classes = spec.load_classes(path)
     assert len(classes) == count
@@ -28,11 +29,17 @@ def test_committed_class_tables(path, count, total):
         assert rows[c.line]["ilsvrc_names"].split(";") == [imagenet.names()[i] for i in c.ilsvrc_indices]
 
 
-def test_sample_classes_cover_the_offline_model_predictions():
-    by = {c.folder: set(c.ilsvrc_indices) for c in spec.load_classes(SAMPLE_DIR / "classes.csv")}
-    assert {281, 282, 285} <= by["cat"]  # tabby, tiger cat, Egyptian cat
-    assert 967 in by["coffee_cup"]  # espresso
-    assert {657, 744} == by["rocket"]  # missile, projectile
+def test_sample_classes_are_the_papers_own_rows():
+    """The sample's class table is ooc_dataset/classes.csv's rows for the classes it holds, so its
+    images are scored exactly as the full set's."""
+    full = {c.folder: c for c in spec.load_classes(OOC_DATASET_DIR / "classes.csv")}
+    sample = spec.load_classes(SAMPLE_DIR / "classes.csv")
+    assert {c.folder for c in sample} == {"zebra", "sea_lion", "penguin", "ostrich", "tiger", "teddy_bear", "tank",
+                                          "lighthouse"}
+    for c in sample:
+        f = full[c.folder]
+        assert (c.name, c.mid, c.ilsvrc_indices) == (f.name, f.mid, f.ilsvrc_indices)
+    assert {c.folder: c.n_foregrounds for c in sample}["tank"] == 2  # a Stryker and a Bradley
 
 
 def test_committed_background_categories():
@@ -94,17 +101,18 @@ def test_class_table_missing_and_empty(tmp_path):
 
 def test_sample_selection_round_trip(tmp_path):
     sel = spec.load_selection(SAMPLE_DIR / "selection.csv")
-    assert len(sel.foregrounds) == 3 and len(sel.backgrounds) == 4
+    assert len(sel.foregrounds) == 9 and len(sel.backgrounds) == 12
+    assert len({b.category for b in sel.backgrounds}) == 12  # the issue: at least 10 of the 41 categories
     out = sel.save(tmp_path / "again.csv")
     assert out.read_bytes() == (SAMPLE_DIR / "selection.csv").read_bytes()
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda t: t.replace("foreground,cat", "fg,cat"), "field 'kind' must be 'foreground' or 'background'"),
-    (lambda t: t.replace("grass/grass.png", "../grass.png"), "field 'file' must be a relative path inside"),
-    (lambda t: t.replace("d9ce3f9b1da15b67_m01yrx_bd42f470.png", "../x.png"), "field 'mask_path' must be a bare"),
-    (lambda t: t.replace("e8605ae62ddd946b", "zz"), "field 'sha256' is not a sha256 hex digest"),
-    (lambda t: t + t.splitlines()[-1] + "\n", "uid 'outer_space_skimage' repeats line"),
+    (lambda t: t.replace("foreground,zebra", "fg,zebra"), "field 'kind' must be 'foreground' or 'background'"),
+    (lambda t: t.replace("grass/green_meadow.jpg", "../grass.jpg"), "field 'file' must be a relative path inside"),
+    (lambda t: t.replace("212826d645e3b0e6_m0898b_03d29d2c.png", "../x.png"), "field 'mask_path' must be a bare"),
+    (lambda t: t.replace("bf1e062f3a2099ce", "zz"), "field 'sha256' is not a sha256 hex digest"),
+    (lambda t: t + t.splitlines()[-1] + "\n", "uid 'wood_mossy_bark' repeats line"),
     (lambda t: "\n".join(r for r in t.splitlines() if not r.startswith("background")) + "\n", "no background rows"),
 ])
 def test_selection_errors(tmp_path, edit, message):
@@ -132,3 +140,57 @@ def test_background_file_table_errors(tmp_path):
     path.write_text("category,file,uid,width\ngrass,/etc/passwd,g1,\n")
     with pytest.raises(spec.SpecError, match=r"line 2: field 'file' must be a relative path"):
         spec.read_background_files(path)
+
+
+# ----------------------------------------------------------------------------- encodings and quoting
+def _classes_bytes() -> bytes:
+    return (OOC_DATASET_DIR / "classes.csv").read_bytes()
+
+
+def test_a_byte_that_is_not_utf8_is_named_with_file_and_line(tmp_path, capsys):
+    from bitlab.cli import main
+
+    lines = _classes_bytes().splitlines(keepends=True)
+    lines[2] = lines[2].replace(b",", b",Caf\xe9 ", 1)  # Latin-1, as an old spreadsheet saves it
+    bad = tmp_path / "classes.csv"
+    bad.write_bytes(b"".join(lines))
+    with pytest.raises(BitlabError, match=rf"{bad} line 3: byte 0xe9 at column \d+ is not UTF-8 text"):
+        spec.load_classes(bad)
+    out = tmp_path / "oi"
+    assert main(["openimages", "fetch", "--classes", str(bad), "--out", str(out),
+                 "--base-url", "http://127.0.0.1:9", "--images-url", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"error: {bad} line 3: byte 0xe9" in err and not out.exists()
+    table = tmp_path / "backgrounds.csv"
+    table.write_bytes(b"category,file,uid,author\ngrass,grass/a.png,g1,J\xf6rg\n")
+    with pytest.raises(BitlabError, match=rf"{table} line 2: byte 0xf6 at column 23 is not UTF-8 text"):
+        spec.read_background_files(table)
+    categories = tmp_path / "categories.csv"
+    categories.write_bytes(b"category,search_terms\ngrass,gr\xffass\n")
+    with pytest.raises(BitlabError, match=rf"{categories} line 2: byte 0xff"):
+        spec.load_background_categories(categories)
+
+
+def test_a_bom_is_accepted_everywhere(tmp_path):
+    path = tmp_path / "classes.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + _classes_bytes())
+    assert spec.load_classes(path) == spec.load_classes(OOC_DATASET_DIR / "classes.csv")
+    sel = tmp_path / "selection.csv"
+    sel.write_bytes(b"\xef\xbb\xbf" + (SAMPLE_DIR / "selection.csv").read_bytes())
+    assert spec.load_selection(sel).rows() == spec.load_selection(SAMPLE_DIR / "selection.csv").rows()
+
+
+def test_an_unterminated_quote_is_reported_as_such_with_its_line(tmp_path):
+    lines = (SAMPLE_DIR / "selection.csv").read_text().splitlines(keepends=True)
+    kind, group, rest = lines[2].split(",", 2)
+    lines[2] = f'{kind},{group},"{rest}'  # the quote opened before uid never closes
+    path = tmp_path / "selection.csv"
+    path.write_text("".join(lines))
+    with pytest.raises(spec.SpecError, match=rf"{path} line 3: a quoted field opens on this line and is never "
+                                             r"closed \(an unmatched \"\)"):
+        spec.load_selection(path)
+    lines[2] = f'{kind},{group},"{rest.replace(",", "", 1)}'  # closed by a stray quote further down
+    lines[4] = lines[4].replace(",", '",', 1)
+    path.write_text("".join(lines))
+    with pytest.raises(spec.SpecError, match=rf"{path} line 3: "):
+        spec.load_selection(path)

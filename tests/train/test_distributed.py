@@ -9,7 +9,7 @@ from bitlab.errors import BitlabError
 from bitlab import io
 from bitlab.models import create_model
 from bitlab.train.distributed import DistInfo, ShardSampler, StepSampler, per_rank_batch, setup
-from bitlab.train.loop import read_metrics
+from bitlab.train.rundir import read_metrics
 from tests.fixtures import numerics
 from tests.fixtures.processes import ENV, torchrun
 

@@ -1,5 +1,6 @@
 """`bitlab finetune` / `fewshot` end to end on real handwritten digits with the tiny BiT model."""
 import csv
+import functools
 import json
 import os
 import re
@@ -13,7 +14,9 @@ import pytest
 import torch
 
 from bitlab.cli import main
-from bitlab.data.datasets import EvalImages, load_splits
+from bitlab.data.datasets import load_splits
+from bitlab.data.loader import EvalFiles
+from bitlab.data.transforms import square_eval_image
 from bitlab.errors import BitlabError
 from bitlab.models import create_model, read_state_dict
 from bitlab.models.checkpoints import CheckpointError
@@ -57,7 +60,7 @@ def test_tiny_bit_learns_real_digits(digits_root, tmp_path):
     # final.pt is a bitlab model file: create_model loads it and reproduces the reported top-1
     model = create_model("R14x0.5", num_classes=10, pretrained=tmp_path / "final.pt").eval()
     val = load_splits(digits_root).val
-    data = EvalImages(val, 16)
+    data = EvalFiles(val, functools.partial(square_eval_image, crop=16), decode_side=16)
     x = torch.stack([data[i][0] for i in range(len(val))]).float() / 127.5 - 1
     with torch.no_grad():
         top1 = (model(x).argmax(1).numpy() == val.labels).mean()
@@ -125,7 +128,7 @@ def test_sigterm_then_resume_gives_the_same_weights(tiny_digits, tmp_path):
 def test_fewshot_runs_seeds_and_reports_spread(tiny_digits, tmp_path):
     out = fewshot(FewShotConfig(**{**TINY, "data": str(tiny_digits), "out": str(tmp_path), "schedule": [1, 2, 3, 3, 4],
                                    "shots": [1, 3], "seeds": [0, 1]}))
-    assert out["stopped"] is None and out["csv"] == tmp_path / "fewshot.csv"
+    assert out.stopped is None and out.csv == tmp_path / "fewshot.csv"
     rows = list(csv.DictReader(open(tmp_path / "fewshot.csv")))
     assert [(r["k"], r["seed"]) for r in rows] == [("1", "0"), ("1", "1"), ("3", "0"), ("3", "1")]
     assert [r["train_size"] for r in rows] == ["10", "10", "30", "30"]  # the HyperRule sees k x classes
@@ -147,7 +150,7 @@ def test_fewshot_runs_seeds_and_reports_spread(tiny_digits, tmp_path):
     again = fewshot(FewShotConfig(**{**TINY, "data": str(tiny_digits), "out": str(tmp_path / "again"),
                                      "schedule": [1, 2, 3, 3, 4], "shots": [1], "seeds": [0]}))
     assert (tmp_path / "again" / "k1_seed0" / "fewshot_files.txt").read_text() == picks["k1_seed0"]
-    assert again["runs"][0]["top1"] == float(rows[0]["top1"])  # same seed, same run
+    assert again.runs[0]["top1"] == float(rows[0]["top1"])  # same seed, same run
     # a finished sweep is not redone
     mtime = (tmp_path / "k1_seed0" / "final.pt").stat().st_mtime_ns
     fewshot(FewShotConfig(**{**TINY, "data": str(tiny_digits), "out": str(tmp_path), "schedule": [1, 2, 3, 3, 4],
@@ -279,7 +282,7 @@ def test_fewshot_refuses_runs_made_with_other_settings(tiny_digits, tmp_path):
     """A finished k*_seed* run is reused only if made with the same settings (the model, the lr...)."""
     sweep = dict(TINY, data=str(tiny_digits), out=str(tmp_path), schedule=[1, 1, 1, 1, 2], shots=[1], seeds=[0])
     first = fewshot(FewShotConfig(**sweep))
-    assert first["stopped"] is None
+    assert first.stopped is None
     # A finished run keeps its model and summary, not the resume state: the settings check reads config.json.
     assert (tmp_path / "k1_seed0" / "final.pt").is_file() and not (tmp_path / "k1_seed0" / "checkpoint.pt").exists()
     for change, named in (({"base_lr": 0.01}, "base_lr: 0.05 -> 0.01"),
@@ -290,7 +293,7 @@ def test_fewshot_refuses_runs_made_with_other_settings(tiny_digits, tmp_path):
         assert json.loads((tmp_path / "config.json").read_text())["base_lr"] == 0.05  # the sweep's record stays
     # the same settings with one more seed: the finished run is reused, the new one made
     again = fewshot(FewShotConfig(**{**sweep, "seeds": [0, 1]}))
-    assert again["runs"][0]["top1"] == first["runs"][0]["top1"] and len(again["runs"]) == 2
+    assert again.runs[0]["top1"] == first.runs[0]["top1"] and len(again.runs) == 2
 
 
 def test_val_fraction_holdout_is_shared_by_the_seeds(tiny_digits, tmp_path):
@@ -303,7 +306,7 @@ def test_val_fraction_holdout_is_shared_by_the_seeds(tiny_digits, tmp_path):
     assert a.train.paths != b.train.paths  # each seed its own few-shot picks ...
     assert not set([*a.train.paths, *b.train.paths]) & set(a.val.paths)  # ... from the same pool
     assert other.val.paths != a.val.paths
-    with pytest.raises(BitlabError, match="--examples-per-class must be positive, got 0"):
+    with pytest.raises(BitlabError, match="examples_per_class must be positive, got 0"):
         load_data(cfg(tiny_digits, tmp_path, examples_per_class=0))
 
 
@@ -316,25 +319,26 @@ def test_split_seed_flag_is_recorded(tiny_digits, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"workers": -1}, "--workers must be 0 (load in the main process) or more, got -1"),
-    ({"mixup": -1.0}, "--mixup must be 0 (off) or more, got -1.0"),
-    ({"base_lr": -1.0}, "--base-lr must be a positive number, got -1.0"),
-    ({"base_lr": float("nan")}, "--base-lr must be a positive number, got nan"),
-    ({"schedule": [5, 3, 4, 6, 8]}, "--schedule must be increasing"),
-    ({"schedule": [-1, 2, 3, 4, 5]}, "--schedule must be increasing"),
-    ({"schedule": [0, 0, 0, 0, 0]}, "TOTAL > 0"),
-    ({"resolution": [16, 18]}, "--resolution must be RESIZE CROP with 0 < CROP <= RESIZE"),
-    ({"image_size": [0, 8]}, "--image-size must be two positive numbers"),
-    ({"seed": -1}, "--seed must be 0 or more"),
-    ({"split_seed": -2}, "--split-seed must be 0 or more"),
-    ({"val_fraction": 1.0}, "--val-fraction must be at least 0 and below 1"),
-    ({"batch_split": 0}, "--batch-split must be at least 1"),
-    ({"eval_batch_size": 0}, "--eval-batch-size must be at least 1"),
-    ({"log_every": 0}, "--log-every must be at least 1"),
-    ({"stop_after": 0}, "--stop-after must be at least 1 step"),
+    ({"workers": -1}, "workers must be 0 (load in the main process) or more, got -1"),
+    ({"mixup": -1.0}, "mixup must be 0 (off) or more, got -1.0"),
+    ({"base_lr": -1.0}, "base_lr must be a positive number, got -1.0"),
+    ({"base_lr": float("nan")}, "base_lr must be a positive number, got nan"),
+    ({"schedule": [5, 3, 4, 6, 8]}, "schedule must be increasing"),
+    ({"schedule": [-1, 2, 3, 4, 5]}, "schedule must be increasing"),
+    ({"schedule": [0, 0, 0, 0, 0]}, "schedule must be increasing step counts WARMUP DECAY... TOTAL with TOTAL > 0, "
+                                    "got [0, 0, 0, 0, 0]"),
+    ({"resolution": [16, 18]}, "resolution must be RESIZE CROP with 0 < CROP <= RESIZE"),
+    ({"image_size": [0, 8]}, "image_size must be two positive numbers"),
+    ({"seed": -1}, "seed must be 0 or more"),
+    ({"split_seed": -2}, "split_seed must be 0 or more"),
+    ({"val_fraction": 1.0}, "val_fraction must be at least 0 and below 1"),
+    ({"batch_split": 0}, "batch_split must be at least 1"),
+    ({"eval_batch_size": 0}, "eval_batch_size must be at least 1"),
+    ({"log_every": 0}, "log_every must be at least 1"),
+    ({"stop_after": 0}, "stop_after must be at least 1 step"),
 ])
 def test_config_refuses_unusable_values(tmp_path, change, message):
-    with pytest.raises(BitlabError, match=re.escape(message)):
+    with pytest.raises(BitlabError, match="^" + re.escape(message)):  # the setting, as a Python caller names it
         cfg("unused", tmp_path, **change)
     assert not any(tmp_path.iterdir())  # refused before anything is read or written
 
@@ -425,3 +429,15 @@ def test_resume_refuses_changed_data_and_keeps_an_existing_run(tiny_digits, tmp_
     shutil.copy(data / "train" / "3" / sorted(os.listdir(data / "train" / "3"))[0], data / "train" / "3" / "new.png")
     with pytest.raises(BitlabError, match=r"the data changed .*dataset_size: 60 -> 61"):
         finetune(cfg(data, out, resume=True))
+
+
+def test_rerun_from_config_json_gives_the_same_weights(tiny_digits, tmp_path):
+    """`--config RUN/config.json` reruns the experiment: the same settings, the same final weights."""
+    args = ["finetune", "--model", "R14x0.5", "--data", str(tiny_digits), "--batch-size", "8", "--resolution", "18",
+            "16", "--schedule", "1", "1", "1", "1", "2", "--base-lr", "0.05", "--mixup", "0.2", "--workers", "0",
+            "--no-progress", "--no-flip"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main(["finetune", "--config", str(tmp_path / "a" / "config.json"), "--out", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / d / "config.json").read_text()) for d in "ab")
+    assert {k: v for k, v in a.items() if k != "out"} == {k: v for k, v in b.items() if k != "out"}
+    assert_same(weights(tmp_path / "a"), weights(tmp_path / "b"))

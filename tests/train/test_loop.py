@@ -3,7 +3,6 @@ resume, signals and the NaN guard."""
 import json
 import os
 import signal
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from torch import nn
 
 from bitlab import io
 from bitlab.errors import BitlabError
-from bitlab.train import loop
+from bitlab.train import loop, rundir
 from bitlab.train.loop import LoopConfig, NonFiniteLossError
 from tests.fixtures import numerics
 from tests.fixtures.processes import torchrun
@@ -67,8 +66,8 @@ def assert_same(a, b):
 
 def test_run_directory_contract(tmp_path):
     net, result = train(tmp_path, steps=10, eval_every=5)
-    assert result.completed and result.step == 10 and result.final_metrics == {"top1": 10.0}
-    rows = loop.read_metrics(tmp_path / "metrics.jsonl")
+    assert result.completed and result.step == 10 and result.metrics == {"top1": 10.0}
+    rows = rundir.read_metrics(tmp_path / "metrics.jsonl")
     assert [(r["step"], r["split"]) for r in rows] == [(2, "train"), (4, "train"), (5, "val"), (6, "train"),
                                                        (8, "train"), (10, "train"), (10, "val")]
     assert all(r["lr"] == 0.1 and r["loss"] > 0 and r["images_per_s"] > 0 and 0 <= r["data_s"] <= r["step_s"]
@@ -91,7 +90,7 @@ def test_stop_and_resume_gives_the_same_weights(tmp_path):
     assert result.completed and result.step == 10
     assert_same(weights(resumed), weights(full))
     # metrics of the resumed run continue where the checkpoint was, without duplicates
-    steps = [r["step"] for r in loop.read_metrics(tmp_path / "part" / "metrics.jsonl") if r["split"] == "train"]
+    steps = [r["step"] for r in rundir.read_metrics(tmp_path / "part" / "metrics.jsonl") if r["split"] == "train"]
     assert steps == [2, 4, 6, 8, 10]
 
 
@@ -182,37 +181,6 @@ def test_lr_schedule_and_group_scales(tmp_path):
                       loss_fn=F.cross_entropy, run_dir=tmp_path, config=cfg)
     assert result.step == 3 and result.completed  # the schedule's None ends training
     assert seen == [[0.0, 0.0], [0.1, 0.2], [0.2, 0.4]]
-
-
-def test_write_config(tmp_path):
-    from dataclasses import dataclass
-
-    @dataclass
-    class Cfg:
-        a: int = 1
-        b: list = None
-
-    path = loop.write_config(tmp_path / "run", Cfg(b=[1, 2]))
-    assert json.loads(Path(path).read_text()) == {"a": 1, "b": [1, 2]}
-
-
-def test_metrics_go_to_jsonl_csv_and_tensorboard(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from bitlab.train.loop import MetricsWriter, read_metrics
-
-    writer = MetricsWriter(tmp_path)
-    writer.write({"step": 1, "split": "train", "loss": 2.5, "lr": 0.1})
-    writer.write({"step": 2, "split": "train", "loss": 1.5, "lr": 0.05})
-    writer.write({"step": 2, "split": "val", "top1": 0.75})  # a new column: the CSV is rewritten
-    writer.close()
-    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 2]
-    lines = (tmp_path / "metrics.csv").read_text().splitlines()
-    assert lines[0].split(",") == ["step", "split", "loss", "lr", "top1"] and len(lines) == 4
-    events = EventAccumulator(str(tmp_path / "tb"))
-    events.Reload()
-    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 2.5), (2, 1.5)]
-    assert [(e.step, e.value) for e in events.Scalars("val/top1")] == [(2, 0.75)]
 
 
 def test_compiled_model_trains_like_the_eager_one(tmp_path, monkeypatch):
@@ -317,24 +285,6 @@ def test_resume_restores_the_global_rng_that_dropout_draws_from(tmp_path):
     assert_same(weights(resumed), weights(full))
 
 
-def test_rng_of_missing_ranks_is_seeded_by_step_and_rank(caplog):
-    """A checkpoint of 1 process resumed on 2: rank 0 restores its state, rank 1 (none saved)
-    starts a stream seeded by (step, rank) — reproducible, different from rank 0's — with a warning."""
-    from bitlab.train.distributed import DistInfo
-
-    torch.manual_seed(7)
-    saved = [loop._rng_state()]
-    ref = torch.rand(3)
-    loop._restore_rng(saved, DistInfo(rank=0, world_size=2), step=5)
-    assert torch.equal(torch.rand(3), ref)
-    assert "RNG states of 1 process(es), this run has 2: ranks 1 and up start streams" in caplog.text
-    draws = []
-    for _ in range(2):
-        loop._restore_rng(saved, DistInfo(rank=1, world_size=2), step=5)
-        draws.append(torch.rand(3))
-    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], ref)
-
-
 def test_checkpoint_is_written_before_evaluation(tmp_path):
     """An evaluation that fails loses no training: mid-run the step is checkpointed first, and at
     the end checkpoint.pt and final.pt are written before the final evaluation."""
@@ -370,12 +320,10 @@ def test_data_error_checkpoints_the_last_completed_step(tmp_path):
     assert_same(ckpt["model"], weights(good))
 
 
-@pytest.mark.parametrize("field, value, flag", [("log_every", 0, "--log-every"),
-                                                ("checkpoint_every", -1, "--checkpoint-every"),
-                                                ("eval_every", -1, "--eval-every"),
-                                                ("stop_after", 0, "--stop-after")])
-def test_step_counts_are_validated(field, value, flag):
-    with pytest.raises(BitlabError, match=f"^{flag} must"):
+@pytest.mark.parametrize("field, value", [("log_every", 0), ("checkpoint_every", -1), ("eval_every", -1),
+                                          ("stop_after", 0)])
+def test_step_counts_are_validated(field, value):
+    with pytest.raises(BitlabError, match=f"^{field} must"):
         LoopConfig(total_steps=10, **{field: value})
 
 

@@ -21,12 +21,13 @@ import torch
 
 from bitlab import io
 from bitlab.cli import main
+from bitlab.cli.pretrain import torchrun_command
 from bitlab.data import shards
 from bitlab.data.datasets import image_folder
 from bitlab.errors import BitlabError
 from bitlab.models.checkpoints import read_state_dict
 from bitlab.train import pretrain as P
-from bitlab.train.loop import read_metrics
+from bitlab.train.rundir import read_metrics
 from tests.fixtures import numerics, processes
 from tests.fixtures.processes import ENV
 
@@ -113,32 +114,6 @@ def train_losses(run: Path) -> dict[int, float]:
 
 
 # ----------------------------------------------------------------------------- recipe
-def test_paper_schedule_for_imagenet():
-    s = P.make_schedule(1_281_167, 4096, epochs=90, decay_epochs=(30, 60, 80))
-    per_epoch = 1_281_167 / 4096
-    assert s.peak_lr == pytest.approx(0.48)  # 0.03 x 4096 / 256
-    assert s.total_steps == math.ceil(90 * per_epoch) == 28_151
-    assert s.decay_steps == tuple(round(e * per_epoch) for e in (30, 60, 80))
-    assert s.lr(0) == pytest.approx(0.48 / 5000) and s.lr(2499) == pytest.approx(0.24)
-    assert s.lr(4999) == s.lr(s.decay_steps[0] - 1) == pytest.approx(0.48)
-    assert s.lr(s.decay_steps[0]) == pytest.approx(0.048) and s.lr(s.decay_steps[2]) == pytest.approx(0.48e-3)
-    assert s.lr(s.total_steps - 1) is not None and s.lr(s.total_steps) is None
-
-
-def test_presets_and_overrides(tree, tmp_path):
-    cfg = P.PretrainConfig(model="R14x0.5", data=str(tree), out=str(tmp_path), batch_size=256)
-    m = P._schedule(cfg, 2560)  # 10 steps per epoch
-    assert (m.total_steps, m.decay_steps, m.warmup_steps, m.peak_lr) == (900, (300, 600, 800), 5000, 0.03)
-    big = P._schedule(replace(cfg, preset="bit-l"), 2560)
-    assert (big.total_steps, big.decay_steps) == (400, (100, 230, 300, 370))
-    short = P._schedule(replace(cfg, epochs=9, warmup_steps=5), 2560)  # decays keep their fractions
-    assert (short.total_steps, short.decay_steps, short.warmup_steps) == (90, (30, 60, 80), 5)
-    own = P._schedule(replace(cfg, epochs=9, decay_epochs=[4.5], base_lr=0.1), 2560)
-    assert (own.decay_steps, own.peak_lr) == ((45,), 0.1)
-    with pytest.raises(BitlabError, match="decay-epochs must increase"):
-        P._schedule(replace(cfg, epochs=9, decay_epochs=[10]), 2560)
-
-
 def test_weight_decay_skips_norm_parameters_and_biases():
     model = P.build_model("R14x0.5", 10, multi_label=False)
     decay, plain = P.param_groups(model, 1e-4)
@@ -149,19 +124,6 @@ def test_weight_decay_skips_norm_parameters_and_biases():
     assert {names[id(p)] for p in plain["params"]} >= {"head.gn.weight", "head.gn.bias", "head.conv.bias"}
     everything, nothing = P.param_groups(model, 1e-4, decay_all=True)
     assert len(everything["params"]) == len(list(model.parameters())) and not nothing["params"]
-
-
-@pytest.mark.parametrize("world", [1, 2, 4, 8, 16])
-def test_global_batch_is_kept_when_the_world_size_changes(world):
-    from bitlab.train.distributed import DistInfo, per_rank_batch
-
-    split = P.micro_batches(4096, world, device_batch=64)
-    micro = per_rank_batch(4096, split, DistInfo(world_size=world))
-    assert micro <= 64 and micro * split * world == 4096
-    assert P.micro_batches(4096, world, batch_split=2) == 2
-    assert P.micro_batches(8, 2, device_batch=3) == 2  # 2 processes x 2 micro-steps x 2: the smallest split
-    with pytest.raises(BitlabError, match="cannot be split over 4 process"):
-        P.micro_batches(6, 4, device_batch=1)
 
 
 @pytest.mark.parametrize("name", ["R14x0.5", "test_resnet"])
@@ -306,7 +268,7 @@ def test_unreadable_image_stops_every_rank_with_its_name(tree, tmp_path):
     assert io.torch_load(tmp_path / "run" / "checkpoint.pt")["step"] == 1
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["completed"] is False and str(bad) in summary["error"] and summary["checkpoint_step"] == 1
-    assert "ERROR bitlab.train.loop: run stopped by an error: cannot read training data" in \
+    assert "ERROR bitlab.train.rundir: run stopped by an error: cannot read training data" in \
         (tmp_path / "run" / "log.txt").read_text()
     # skipping instead: the run completes and lists the file
     result = P.pretrain(config(data, tmp_path / "skip", epochs=1, decay_epochs=[], skip_bad_images=True))
@@ -390,8 +352,8 @@ def test_multilabel_sigmoid_training_decreases_the_loss(multilabel, tmp_path):
     cfg = config(multilabel.parent, tmp_path / "run", data=str(multilabel), batch_size=16, epochs=8,
                  decay_epochs=[], warmup_steps=5, base_lr=2.0, crop_area_min=0.5, checkpoint_every=0)
     result = P.pretrain(cfg)
-    assert result.completed and result.plan["loss"] == "sigmoid_xent" and result.plan["num_classes"] == 4
-    assert result.plan["head_bias"] == pytest.approx(-math.log(4))
+    assert result.completed and result.plan.loss == "sigmoid_xent" and result.plan.num_classes == 4
+    assert result.plan.head_bias == pytest.approx(-math.log(4))
     losses = list(train_losses(tmp_path / "run").values())
     assert len(losses) == 40
     assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:4]), losses
@@ -408,8 +370,8 @@ def test_shards_train_and_resume_exactly_with_workers(tree, tmp_path, caplog):
                  "--no-progress"]) == 0
     common = dict(data=str(tmp_path / "shards"), epochs=4, decay_epochs=[3], workers=2, checkpoint_every=0)
     full = P.pretrain(config(tree, tmp_path / "full", **common))
-    assert full.completed and full.plan["data"] == "shards"
-    assert full.plan["shard_layout"] == {"readers": 2, "micro_batch": 8, "micro_steps": 1}
+    assert full.completed and full.plan.data == "shards"
+    assert full.plan.shard_layout == {"readers": 2, "micro_batch": 8, "micro_steps": 1}
     assert full.metrics["n"] == 8  # validation from the val/ shard set
     stopped = P.pretrain(config(tree, tmp_path / "split", stop_after=3, **common))
     assert not stopped.completed and stopped.step == 3
@@ -477,7 +439,7 @@ def test_a_failed_run_records_why(tree, tmp_path):
         P.pretrain(config(tree, out, base_lr=1e8, warmup_steps=6, checkpoint_every=1))
     log_txt = (out / "log.txt").read_text()
     assert "pre-training R14x0.5 on 16 images" in log_txt
-    assert "ERROR bitlab.train.loop: run stopped by an error: gradients are not finite" in log_txt
+    assert "ERROR bitlab.train.rundir: run stopped by an error: gradients are not finite" in log_txt
     summary = json.loads((out / "summary.json").read_text())
     assert summary["completed"] is False and summary["error_type"] == "NonFiniteLossError"
     assert "at step 3" in summary["error"] and summary["checkpoint_step"] == 3
@@ -558,7 +520,7 @@ def test_bad_data_is_named(tree, tmp_path):
     with pytest.raises(BitlabError, match="at least 2 classes"):
         P.load_data(config(tmp_path / "one", tmp_path / "r"))
     shards.write_shards(image_folder(tree / "train"), tmp_path / "s", progress=False)
-    with pytest.raises(BitlabError, match="--val-fraction needs a file data set"):
+    with pytest.raises(BitlabError, match="val_fraction needs a file data set"):
         P.load_data(config(tree, tmp_path / "r", data=str(tmp_path / "s"), val_fraction=0.1))
     held = P.load_data(config(tree, tmp_path / "r", data=str(tree / "train"), val_fraction=0.25))
     assert len(held.train) == 12 and len(held.val) == 4
@@ -566,7 +528,7 @@ def test_bad_data_is_named(tree, tmp_path):
 
 def test_torchrun_command():
     argv = ["-v", "pretrain", "--model", "R50x1", "--nproc", "4", "--max-restarts=2", "--data", "d", "--nproc=4"]
-    assert P.torchrun_command(argv, 4, max_restarts=2, python="py") == [
+    assert torchrun_command(argv, 4, max_restarts=2, python="py") == [
         "py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "--max-restarts=2",
         "-m", "bitlab", "-v", "pretrain", "--model", "R50x1", "--data", "d"]
 

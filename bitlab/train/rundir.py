@@ -1,0 +1,241 @@
+"""A training run's folder but its checkpoints (rank 0 writes): `config.json` (the settings, which
+`--config` reads back), resume checks against it, `metrics.jsonl` / `metrics.csv` / TensorBoard
+(`MetricsWriter`), `log.txt` and `summary.json` (`RunRecord`). `plan.json` is the task's."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io as _io
+import json
+import logging
+import os
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from bitlab import io
+from bitlab.errors import BitlabError
+from bitlab.train.checkpoint import CHECKPOINT, saved_step
+from bitlab.train.distributed import DistInfo
+
+log = logging.getLogger(__name__)
+
+
+def refuse_overwrite(run_dir: Path, how: str) -> None:
+    raise BitlabError(f"{run_dir} already holds a training checkpoint; {how} to continue it or choose another --out")
+
+
+def _resolved(value: Any) -> Any:
+    """An existing path made absolute (the same data from another directory); else unchanged."""
+    return str(Path(value).resolve()) if isinstance(value, str) and Path(value).exists() else value
+
+
+def recorded_config(config: Any) -> dict:
+    """The dataclass as config.json records it: `PATH_FIELDS` absolute (a rerun from elsewhere matches)."""
+    out = asdict(config) if is_dataclass(config) else dict(config)
+    for key in getattr(config, "PATH_FIELDS", ()):
+        out[key] = _resolved(out.get(key))
+    return out
+
+
+def write_config(run_dir: str | Path, config: Any) -> Path:
+    """The command's dataclass as `config.json` (atomic; see `recorded_config`)."""
+    path = Path(run_dir) / "config.json"
+    io.write_json(path, recorded_config(config))
+    return path
+
+
+def check_settings(run_dir: Path, config: Any, keys: Sequence[str], *, what: str = "a finished run",
+                   action: str = "reuse this run") -> None:
+    """Refuse `run_dir` if its config.json has other values of `keys`, naming each (`what`, `action`: wording)."""
+    path = run_dir / "config.json"
+    if not path.exists():
+        raise BitlabError(f"{run_dir}: {what} without config.json (not a bitlab run?); use another --out")
+    old, new = json.loads(path.read_text()), recorded_config(config)
+    for key in getattr(config, "PATH_FIELDS", ()):  # older runs recorded paths as typed
+        old[key] = _resolved(old.get(key))
+    if changed := [k for k in keys if old.get(k) != new.get(k)]:
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise BitlabError(f"{path}: cannot {action} with different settings ({diff}); "
+                          "use the original settings or another --out")
+
+
+def check_resume_settings(run_dir: Path, config: Any, keys: Sequence[str], *, resume: bool = True,
+                          counts: dict[str, int] | None = None) -> dict | None:
+    """The previous run's plan.json (`{}` if none) when `run_dir` holds a checkpoint, else None.
+    Refuses a checkpoint without `resume` (saying how by the config's `RESUME_HINT`), or written with
+    other values of `keys`, or whose plan counted other `counts` (images added under the same data
+    folder would change the schedule and data order under it), naming each change."""
+    if not (run_dir / CHECKPOINT).exists():
+        return None
+    if not resume:
+        refuse_overwrite(run_dir, getattr(config, "RESUME_HINT", "pass resume=True"))
+    check_settings(run_dir, config, keys, what="a checkpoint", action="resume this checkpoint")
+    plan_path = run_dir / "plan.json"
+    plan = json.loads(plan_path.read_text()) if plan_path.exists() else {}
+    if changed := [k for k, v in (counts or {}).items() if k in plan and plan[k] != v]:
+        what = ", ".join(f"{k}: {plan[k]} -> {counts[k]}" for k in changed)
+        raise BitlabError(f"{plan_path}: the data changed since this checkpoint was written ({what}); its schedule "
+                          "and data order no longer apply: restore the data or use another --out")
+    return plan
+
+
+# ----------------------------------------------------------------------------- metrics
+class MetricsWriter:
+    """`metrics.jsonl` (appended), `metrics.csv` (all keys' columns) and TensorBoard scalars if installed."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+        self.jsonl, self.csv = run_dir / "metrics.jsonl", run_dir / "metrics.csv"
+        self.rows = read_metrics(self.jsonl)
+        self.columns = _columns(self.rows)
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                pass
+            else:
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def truncate(self, after_step: int) -> None:
+        """Drop rows logged after `after_step` (a resumed run redoes those steps)."""
+        kept = [r for r in self.rows if r.get("step", 0) <= after_step]
+        if len(kept) != len(self.rows):
+            self.rows = kept
+            io.write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept))
+        self._rewrite_csv()
+
+    def write(self, row: dict) -> None:
+        self.rows.append(row)
+        with open(self.jsonl, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if set(row) - set(self.columns) or not self.csv.exists():
+            self.columns = _columns(self.rows)
+            self._rewrite_csv()
+        else:
+            with open(self.csv, "a", newline="", encoding="utf-8") as f:
+                csv.DictWriter(f, self.columns).writerow(row)
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"{row.get('split', 'train')}/{k}", v, row.get("step", 0))
+
+    def _rewrite_csv(self) -> None:
+        write_csv(self.csv, self.columns, self.rows)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def write_csv(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
+    """`rows` as a CSV with a header (atomic)."""
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    io.write_text(path, buf.getvalue())
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    cols: list[str] = ["step", "split"]
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    return cols
+
+
+# ----------------------------------------------------------------------------- log.txt and summary.json
+@contextlib.contextmanager
+def log_to_file(path: Path, enabled: bool) -> Iterator[logging.Handler | None]:
+    """Mirror the `bitlab` loggers into `log.txt` (appending, so resumed runs keep their history).
+    Yields the handler; when one for this file is attached already (a `RunRecord` around the
+    loop), that one, and nothing is added."""
+    logger = logging.getLogger("bitlab")
+    if not enabled:
+        yield None
+        return
+    if same := [h for h in logger.handlers if isinstance(h, logging.FileHandler)
+                and h.baseFilename == os.path.abspath(path)]:  # how FileHandler names its file
+        yield same[0]
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    old_level = logger.level
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        handler.close()
+
+
+class RunRecord:
+    """Around a whole command: `log.txt` from its first line, and when the run dies, the error in
+    `log.txt` and `summary.json` (`completed: false`, the step `checkpoint.pt` holds). Rank 0 writes.
+
+    `summary.json` only once `claim()` was called (the folder checked to be this run's): a refused
+    rerun must not overwrite the summary there. A command failing before `claim()` (bad data, an
+    unknown model, a refused resume) leaves nothing behind: its new log.txt and folders go."""
+
+    def __init__(self, run_dir: str | Path, dist: DistInfo) -> None:
+        self.run_dir, self.dist, self.claimed = Path(run_dir), dist, False
+        self._stack = contextlib.ExitStack()
+        self._handler: logging.Handler | None = None
+        self._made: Path | None = None  # the topmost folder this command creates (None: run_dir exists)
+        self._new_log = False
+
+    def __enter__(self) -> "RunRecord":
+        if self.dist.is_main:
+            self._made = next((p for p in reversed([self.run_dir, *self.run_dir.parents])
+                               if not p.exists()), None)
+            self._new_log = not (self.run_dir / "log.txt").exists()
+        self._handler = self._stack.enter_context(log_to_file(self.run_dir / "log.txt", self.dist.is_main))
+        return self
+
+    def claim(self) -> None:
+        """From now on a failure is this run's: record it in summary.json."""
+        self.claimed = True
+
+    def __exit__(self, kind, error, tb) -> None:
+        try:
+            if error is not None and isinstance(error, (Exception, KeyboardInterrupt)) and self.dist.is_main:
+                message = str(error) or type(error).__name__
+                if self._handler is not None:  # to the file only: the CLI prints the error on stderr itself
+                    self._handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0,
+                                                        "run stopped by an error: %s", (message,), None))
+                if self.claimed:
+                    ckpt = self.run_dir / CHECKPOINT
+                    io.write_json(self.run_dir / "summary.json", {
+                        "completed": False, "error": message, "error_type": type(error).__name__,
+                        "checkpoint_step": saved_step(ckpt) if ckpt.exists() else None})
+        finally:
+            self._stack.close()
+            if error is not None and not self.claimed and self.dist.is_main:
+                self._remove_own_traces()
+
+    def _remove_own_traces(self) -> None:
+        """log.txt if this command made it, then the folders it made, innermost first, while empty."""
+        if self._new_log:
+            (self.run_dir / "log.txt").unlink(missing_ok=True)
+        if self._made is None:
+            return
+        folder = self.run_dir
+        while True:
+            try:
+                folder.rmdir()  # only an empty folder: never what someone else put there
+            except OSError:
+                return
+            if folder == self._made:
+                return
+            folder = folder.parent
