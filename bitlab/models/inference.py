@@ -72,9 +72,10 @@ def prepare_for_inference(model: nn.Module, device: str | torch.device | None = 
     for a model that is not trained afterwards). Without `fuse`, StdConv2d's kernel cache saves the
     same work at the cost of a kernel copy per conv. Idempotent: callers may prepare a prepared model.
 
-    Channels-last: oneDNN's (and cuDNN's) fast layout for convolutions, the same numbers; for fused
-    R50x1 on the 2-core CPU as fast as contiguous at 128 px and ~1.1x at 224 px, and 1.5x for timm's
-    EfficientNet-Lite0 in the validation loop (benchmarks/RESULTS.md).
+    Channels-last: oneDNN's (and cuDNN's) fast layout for convolutions, the same numbers; 1.5x the
+    contiguous layout for EfficientNet-Lite0 in timm's validation loop on the 2-core CPU, and for
+    R50x1 1.13-1.17x in the models benchmark on an idle machine, measured before fusing
+    (benchmarks/RESULTS.md).
     """
     device = parse_device(device)
     # Callers may be inside inference_mode (`bitlab.eval.predict.iter_probs`): tensors converted
