@@ -59,7 +59,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    ours = create_model("R50x1", num_classes=1000).to(device)
+    ours = create_model("R50x1", num_classes=1000, pretrained=False).to(device)
     theirs = timm.create_model("resnetv2_50x1_bit", num_classes=1000).to(device)
     theirs.load_state_dict(bitlab_to_timm(ours.state_dict()))
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)

@@ -39,6 +39,17 @@ class Results:
         return self.summary["dataset"]["role"]
 
     @property
+    def task(self) -> dict:
+        """How the model was scored (`evaluate.scored_items`); results from before it: the 1000-way task."""
+        return self.summary.get("task") or {"way": robustness.PAPER_WAY, "subset": False, "note": "",
+                                            "images_left_out": 0, "classes_left_out": []}
+
+    @property
+    def subset_head(self) -> bool:
+        """A head over a subset of the ILSVRC-2012 classes: scored over its own classes, an easier task."""
+        return bool(self.task["subset"])
+
+    @property
     def data_root(self) -> Path:
         """The evaluated data folder. Results made before paths were stored absolute hold it relative
         to where `bitlab evaluate` ran: then it is looked for beside the results folder's parents."""

@@ -223,7 +223,7 @@ def test_hashes_as_signed_vectors_give_hamming_distances_by_matmul(photos):
 
 def test_model_embedding_is_normalised_pre_logits():
     torch.manual_seed(0)
-    emb = dedup.make_embedding("model:R14x0.5")
+    emb = dedup.make_embedding("model:R14x0.5", random_init=True)
     x = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
     e = emb.embed(x)
     assert e.shape == (3, emb.model.num_features)
@@ -234,7 +234,7 @@ def test_model_embedding_is_normalised_pre_logits():
 
 
 def test_model_without_pooled_pre_logits_is_rejected():
-    emb = dedup.make_embedding("model:resnet18")
+    emb = dedup.make_embedding("model:resnet18", random_init=True)
     emb.model.reset_classifier(0, global_pool="")  # timm: features stay (N, C, h, w)
     with pytest.raises(BitlabError, match=r"pre-logits have shape \(1, 512, 2, 2\), expected \(N, D\)"):
         emb.embed(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
