@@ -299,8 +299,9 @@ class HeadMap:
         return out
 
     def describe(self) -> dict:
+        """For summary.json: `classes` lists each output's name with the wnids it stands for, in head order."""
         return {"outputs": len(self.names), "way": self.way, "subset": self.subset, "source": self.source,
-                "classes": {n: [imagenet.wnids()[i] for i in s] for n, s in zip(self.names, self.ilsvrc)}}
+                "classes": [[n, [imagenet.wnids()[i] for i in s]] for n, s in zip(self.names, self.ilsvrc)]}
 
 
 def head_note(way: int) -> str:

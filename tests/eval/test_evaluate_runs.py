@@ -60,8 +60,8 @@ def test_finetune_then_evaluate_the_run_on_ooc_and_val_then_report(wnid_run, ooc
     assert (s["model"]["name"], s["model"]["run"]) == ("R14x0.5", str(run))
     assert s["model"]["pretrained"] == str(run / "final.pt")
     assert s["model"]["pretraining_data"] == "none (trained from scratch)" and s["model"]["num_outputs"] == 3
-    assert s["model"]["head"]["classes"] == {"n02123045": ["n02123045"], "n03063599": ["n03063599"],
-                                             "n03773504": ["n03773504"]}
+    assert s["model"]["head"]["classes"] == [["n02123045", ["n02123045"]], ["n03063599", ["n03063599"]],
+                                             ["n03773504", ["n03773504"]]]
     assert s["task"] == {"way": 3, "subset": True, "note": NOTE, "images_left_out": 0, "classes_left_out": []}
     view = s["model"]["data_config"]
     assert (view["input_size"], view["crop_pct"]) == (56, 1.0)  # the run's validation view
@@ -131,8 +131,8 @@ def test_class_names_instead_of_wnids(ooc, tmp_path, capsys):
     assert code == 0, err
     s = json.loads((tmp_path / "ev" / "summary.json").read_text())
     wnids = imagenet.wnids()
-    assert s["model"]["head"]["classes"] == {"cat": [wnids[i] for i in (281, 282, 283, 284, 285)],
-                                             "coffee mug": ["n03063599"], "missile": ["n03773504"]}
+    assert s["model"]["head"]["classes"] == [["cat", [wnids[i] for i in (281, 282, 283, 284, 285)]],
+                                             ["coffee mug", ["n03063599"]], ["missile", ["n03773504"]]]
     assert s["n"] == 12 and s["task"]["note"] == NOTE
 
 
@@ -163,3 +163,15 @@ def test_an_unfinished_run_says_how_to_go_on(ooc, tmp_path, capsys):
     code, _, err = _evaluate(capsys, "--model", str(run), "--data", str(ooc), "--out", str(tmp_path / "ev"))
     assert code == 2 and f"{run}: no final.pt (the run has not finished: resume it, or evaluate its last checkpoint " \
                           f"with --pretrained {run / 'checkpoint.pt'})" in err
+
+
+def test_help_describes_the_run_directory_form_and_subset_scoring(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for part in ("a `bitlab finetune`/`pretrain` run directory (--model RUN_DIR)", "class names, which map to "
+                 "ILSVRC-2012 by wnid, ILSVRC class name or class-table folder/alias", "A head over a subset of the "
+                 "1000 classes is scored over its own classes", "an easier task than the paper's 1000-way models",
+                 "--random-init"):
+        assert part in text, part
