@@ -194,6 +194,8 @@ class Finetune:
     def record(self, splits: Splits, p: FinetunePlan, run_dir: Path) -> None:
         for warning in p.warnings:
             log.warning(warning)
+        if self.cfg.random_init:
+            log.warning("%s starts from random weights (--random-init): no transfer", self.cfg.model)
         if self.cfg.examples_per_class is not None:  # the picked files, to see (and check) what a seed chose
             io.write_text(run_dir / "fewshot_files.txt", "".join(
                 f"{path}\t{splits.classes[label]}\n" for path, label in zip(splits.train.paths, splits.train.labels)))
@@ -229,8 +231,11 @@ class Finetune:
                      lambda step: hyperrule.lr_at(step, supports, cfg.base_lr), mixup_cross_entropy)
 
     def summary(self, p: FinetunePlan) -> dict:
-        return {"examples_per_class": self.cfg.examples_per_class, "seed": self.cfg.seed,
-                "dataset_size": p.dataset_size, "num_classes": p.num_classes}
+        cfg = self.cfg
+        return {"examples_per_class": cfg.examples_per_class, "seed": cfg.seed,
+                "dataset_size": p.dataset_size, "num_classes": p.num_classes,
+                "weights": _start_weights(asdict(cfg)) or "random (--random-init)",
+                "random_init": cfg.random_init}
 
     def model_record(self, splits: Splits, p: FinetunePlan, env: Env) -> dict:
         """The classes in head order, the validation view (`square_eval_image`: the whole image squashed

@@ -276,6 +276,8 @@ def test_bit_model_from_official_npz_and_from_a_run(tiny_digits, tmp_path):
     # fine-tune from the npz, then from that run's final.pt (a bitlab file): both load strictly
     assert finetune(cfg(tiny_digits, tmp_path / "a", pretrained=str(npz), random_init=False,
                         schedule=[1, 1, 1, 1, 2])).completed
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert (summary["weights"], summary["random_init"]) == (str(npz), False)
     again = build_model("R14x0.5", 3, str(tmp_path / "a" / "final.pt"))
     trained = read_state_dict(tmp_path / "a" / "final.pt")[0]
     assert torch.equal(again.state_dict()["root.conv.weight"], trained["root.conv.weight"])
@@ -464,7 +466,7 @@ def test_pretrained_by_default_random_weights_only_when_asked(tiny_digits, tmp_p
     assert not any(tmp_path.iterdir())
 
 
-def test_final_and_checkpoint_record_the_classes_in_head_order(tiny_digits, tmp_path):
+def test_final_and_checkpoint_record_the_classes_in_head_order(tiny_digits, tmp_path, caplog):
     """What `bitlab evaluate --model RUN_DIR` needs: the name, the classes in head order, the view the
     run validated with and what its weights were pre-trained on, in both files."""
     from bitlab.data.transforms import DataConfig
@@ -476,3 +478,6 @@ def test_final_and_checkpoint_record_the_classes_in_head_order(tiny_digits, tmp_
             "name": "R14x0.5", "classes": [str(d) for d in range(10)],
             "data_config": DataConfig(input_size=16, crop_pct=1.0).to_dict(),  # square_eval_image at the crop
             "pretraining_data": "none (trained from scratch)"}, file
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["weights"], summary["random_init"]) == ("random (--random-init)", True)
+    assert "R14x0.5 starts from random weights (--random-init): no transfer" in caplog.text
