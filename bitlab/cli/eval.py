@@ -82,7 +82,6 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 def _report(args: argparse.Namespace) -> None:
     from bitlab import report
-
     from bitlab.eval.results import load_results
 
     files = report.make_report(args.results, args.out, images=args.images, num_images=args.num_images)

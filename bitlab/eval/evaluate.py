@@ -7,7 +7,9 @@ Writes the results folder that `bitlab.eval.results` describes and reads back: `
 `summary.json` (the accuracy breakdowns of `robustness.summarize`) and `config.json`.
 
 Long runs resume: predictions are saved in chunks under `.partial/` (atomically) and a rerun
-with the same model, weights and images skips the chunks already done.
+with the same model, weights and images (their sizes and modification times) skips the chunks
+already done. One evaluate writes a folder at a time (`bitlab.io.lock_folder`), and the old results
+go before the new config.json is written (`results.invalidate`).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from bitlab.device import parse_device
 from bitlab.errors import BitlabError
 from bitlab.eval import robustness
 from bitlab.eval.predict import iter_probs
-from bitlab.eval.results import CONFIG, PREDICTIONS, SUMMARY
+from bitlab.eval.results import CONFIG, PREDICTIONS, SUMMARY, invalidate
 from bitlab.models import checkpoints, data_config_of, registry, zoo
 from bitlab.train.checkpoint import CHECKPOINT, FINAL
 
@@ -209,17 +211,28 @@ def check_head(em: EvalModel, n_out: int | None, cfg: EvaluateConfig) -> None:
                           f"(one ILSVRC-2012 wnid or '-' per output, {n_out} lines)")
 
 
-def _fingerprint(cfg: EvaluateConfig, em: EvalModel, ev: robustness.EvalSet) -> str:
-    """What the saved chunks depend on: model, weights, resolution, head map and the image list."""
+def _fingerprint(cfg: EvaluateConfig, em: EvalModel) -> str:
+    """What every saved chunk depends on: model, weights (file or kind), resolution, head map, top-k."""
     h = hashlib.sha256()
     weights = em.weights_file
     stat = weights.stat() if weights and weights.is_file() else None
     h.update(json.dumps([em.name, str(weights), stat and (stat.st_size, stat.st_mtime_ns), em.weights,
                          cfg.num_classes, data_config_of(em.model).to_dict(), em.head and em.head.ilsvrc, cfg.topk,
                          CHUNK]).encode())
-    for it in ev.items:
-        h.update(it.image.encode() + b"\0")
     return h.hexdigest()[:16]
+
+
+def _chunk_files(partial: Path, key: str, ev: robustness.EvalSet) -> list[Path]:
+    """Each chunk's file: named by `key` and its images' names, sizes and modification times, so an
+    image replaced under the same name is predicted again (and only its chunk)."""
+    files = []
+    for start in range(0, len(ev.items), CHUNK):
+        h = hashlib.sha256()
+        for it in ev.items[start:start + CHUNK]:
+            st = (ev.root / it.image).stat()
+            h.update(f"{it.image}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        files.append(partial / f"{key}-{start:07d}-{h.hexdigest()[:16]}.npz")
+    return files
 
 
 def _predict_chunks(em: EvalModel, ev: robustness.EvalSet, cfg: EvaluateConfig, out: Path
@@ -227,18 +240,16 @@ def _predict_chunks(em: EvalModel, ev: robustness.EvalSet, cfg: EvaluateConfig, 
     """Top-k output ids, probabilities and probability on the targets, chunk by chunk (resumable)."""
     partial = out / PARTIAL
     partial.mkdir(parents=True, exist_ok=True)
-    key = _fingerprint(cfg, em, ev)
-    for stale in partial.glob("*.npz"):
-        if not stale.name.startswith(key):
-            stale.unlink()
+    files = _chunk_files(partial, _fingerprint(cfg, em), ev)
+    for stale in set(partial.glob("*.npz")) - set(files):
+        stale.unlink()
     paths = ev.paths()
     # Targets expressed in model outputs: through a head map, every output that stands for a target counts.
     target_outputs = [em.head.right_outputs(it.targets) if em.head else np.asarray(it.targets) for it in ev.items]
     chunks = []
     bar = tqdm(total=len(paths), desc=f"evaluate {em.label}", unit="img", disable=not cfg.progress)
     try:
-        for start in range(0, len(paths), CHUNK):
-            file = partial / f"{key}-{start:07d}.npz"
+        for start, file in zip(range(0, len(paths), CHUNK), files):
             stop = min(start + CHUNK, len(paths))
             if file.is_file():
                 with np.load(file, allow_pickle=False) as z:
@@ -292,9 +303,14 @@ def scored_items(em: EvalModel, ev: robustness.EvalSet) -> tuple[robustness.Eval
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
-    """Evaluate `cfg.model` on `cfg.data`; write predictions, summary and config to `cfg.out`.
-    Returns the summary."""
+    """Evaluate `cfg.model` on `cfg.data`; write predictions, summary and config to `cfg.out`, which
+    this run locks meanwhile (a folder another evaluate writes is refused). Returns the summary."""
     parse_device(cfg.device)  # a bad --device fails before anything is read or written
+    with io.lock_folder(cfg.out, "evaluate"):
+        return _evaluate(cfg)
+
+
+def _evaluate(cfg: EvaluateConfig) -> dict:
     ev = robustness.load_eval_set(cfg.data, cfg.classes, cfg.role)
     em = load_model_for_eval(cfg, ev)
     n_out = em.num_outputs
@@ -305,7 +321,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if task["note"]:
         log.info("%s: %s", em.label, task["note"])
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    invalidate(out)  # before the new config.json: never one run's config beside another's results
     io.write_json(out / CONFIG, dataclasses.asdict(cfg))
     log.info("%s: %d images (%s, role %s) with %s", ev.root, len(ev.items), ev.kind, ev.role, em.label)
     ids, probs, tprob = _predict_chunks(em, ev, cfg, out)

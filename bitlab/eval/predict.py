@@ -1,7 +1,8 @@
 """Batched inference: image files -> class probabilities, with the training pre-processing.
 
-Workers decode and resize with OpenCV at the model's resolution (`model.data_config`) and ship
-uint8 tensors (`bitlab.data.loader`); normalisation happens once per batch on the model's device.
+Workers decode with OpenCV and resize and crop as the model's reference pipeline does
+(`model.data_config`, `bitlab.data.transforms.eval_image`), shipping uint8 tensors
+(`bitlab.data.loader`); normalisation happens once per batch on the model's device.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitlab.data.loader import EvalFiles, default_workers, make_loader
-from bitlab.data.transforms import BadImageError, DataConfig, eval_image, eval_min_side, normalize
+from bitlab.data.transforms import BadImageError, eval_image, normalize
 from bitlab.device import parse_device
 from bitlab.models.registry import data_config_of
 
@@ -42,8 +43,9 @@ def iter_probs(model: nn.Module, paths: Sequence[str | os.PathLike], *, batch_si
     # channels_last: oneDNN's (and cuDNN's) fast layout for convolutions; same numbers.
     model = model.eval().to(device, memory_format=torch.channels_last)
     workers = default_workers() if workers is None else workers
-    # Below one batch, worker start-up costs more than it saves.
-    loader = make_loader(EvalFiles(paths, functools.partial(eval_image, cfg=cfg), eval_min_side(cfg)), batch_size,
+    # Below one batch, worker start-up costs more than it saves. Images are decoded whole (no
+    # DCT-scaled JPEG decode): the reference resamples the full image.
+    loader = make_loader(EvalFiles(paths, functools.partial(eval_image, cfg=cfg)), batch_size,
                          workers=workers if len(paths) > batch_size else 0, pin_memory=device.type == "cuda")
     bar = progress if isinstance(progress, tqdm) else tqdm(
         total=len(paths), desc="predict", unit="img", disable=not progress, leave=False)

@@ -13,7 +13,6 @@ from matplotlib.legend import Legend
 
 from bitlab import report
 from bitlab.cli import main
-from bitlab.data import imagenet
 from bitlab.data.transforms import DataConfig, decode_image, eval_image, normalize, to_chw_tensor
 from bitlab.eval.results import load_results
 from bitlab.models import create_model, zoo
@@ -40,9 +39,9 @@ def ooc(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def wnid_run(tmp_path_factory) -> tuple[Path, Path]:
-    """Fine-tuned on ILSVRC-2012 wnid folders: tabby, coffee mug, missile."""
-    return finetuned(tmp_path_factory.mktemp("wnids"), {"cat": "n02123045", "coffee_cup": "n03063599",
-                                                        "rocket": "n03773504"})
+    """Fine-tuned on ILSVRC-2012 wnid folders: tiger, zebra, teddy (3 of the demo set's 8 classes)."""
+    return finetuned(tmp_path_factory.mktemp("wnids"), {"tiger": "n02129604", "zebra": "n02391049",
+                                                        "teddy_bear": "n04399382"})
 
 
 def _evaluate(capsys, *args: str) -> tuple[int, str, str]:
@@ -55,14 +54,17 @@ def test_finetune_then_evaluate_the_run_on_ooc_and_val_then_report(wnid_run, ooc
     run, data = wnid_run
     code, out, err = _evaluate(capsys, "--model", str(run), "--data", str(ooc), "--out", str(tmp_path / "run_ooc"))
     assert code == 0, err
-    assert f"R14x0.5 [{run.name}] on {ooc.resolve()} (12 images, ooc): top-1" in out and f"  {NOTE}" in out
+    assert f"R14x0.5 [{run.name}] on {ooc.resolve()} (36 images, ooc): top-1" in out
+    assert f"  {NOTE}; 72 images of other classes left out" in out
     s = json.loads((tmp_path / "run_ooc" / "summary.json").read_text())
     assert (s["model"]["name"], s["model"]["run"]) == ("R14x0.5", str(run))
     assert s["model"]["pretrained"] == str(run / "final.pt")
     assert s["model"]["pretraining_data"] == "none (trained from scratch)" and s["model"]["num_outputs"] == 3
-    assert s["model"]["head"]["classes"] == [["n02123045", ["n02123045"]], ["n03063599", ["n03063599"]],
-                                             ["n03773504", ["n03773504"]]]
-    assert s["task"] == {"way": 3, "subset": True, "note": NOTE, "images_left_out": 0, "classes_left_out": []}
+    assert s["model"]["head"]["classes"] == [["n02129604", ["n02129604"]], ["n02391049", ["n02391049"]],
+                                             ["n04399382", ["n04399382"]]]
+    assert s["task"] == {"way": 3, "subset": True, "note": NOTE, "images_left_out": 72,
+                         "classes_left_out": ["lighthouse", "ostrich", "penguin", "sea_lion", "tank"]}
+    assert s["n"] == 36 and set(s["per_class"]) == {"tiger", "zebra", "teddy_bear"}
     view = s["model"]["data_config"]
     assert (view["input_size"], view["crop_pct"]) == (56, 1.0)  # the run's validation view
     # Every verdict is the run's own top-1 class, read by its name: a forward pass of final.pt by hand.
@@ -73,9 +75,9 @@ def test_finetune_then_evaluate_the_run_on_ooc_and_val_then_report(wnid_run, ooc
                    for f in df["image"]])
     with torch.inference_mode():
         top1 = model(x).argmax(-1).numpy()
-    own = {"cat": 0, "coffee_cup": 1, "rocket": 2}  # the class folders' order is the head's
+    own = {"tiger": 0, "zebra": 1, "teddy_bear": 2}  # the class folders' (wnids') order is the head's
     assert (df["top1_correct"].to_numpy() == (top1 == df["class"].map(own).to_numpy())).all()
-    assert set(df["top1_name"]) <= {"tabby", "coffee mug", "missile"} and "top4_id" not in df
+    assert set(df["top1_name"]) <= {"tiger", "zebra", "teddy"} and "top4_id" not in df
 
     # On the run's validation split (wnid folders): the run's own validation view, so its own numbers.
     code, out, err = _evaluate(capsys, "--model", str(run), "--data", str(data / "val"), "--out",
@@ -123,21 +125,20 @@ def test_pretrained_final_pt_alone_or_with_its_name_evaluates_the_same(wnid_run,
 
 
 def test_class_names_instead_of_wnids(ooc, tmp_path, capsys):
-    """Folders named by an OOC class (its folder in the set's class table), an ILSVRC-2012 class name
-    and an ILSVRC-2012 short name map without a label map; the OOC class stands for its whole set."""
-    run, _ = finetuned(tmp_path, {"cat": "cat", "coffee_cup": "coffee mug", "rocket": "missile"},
+    """Folders named by an OOC class (its folder or name in the set's class table) or an ILSVRC-2012
+    class name map without a label map."""
+    run, _ = finetuned(tmp_path, {"tiger": "Tiger", "zebra": "zebra", "teddy_bear": "teddy"},
                        steps=("1", "1", "1", "1", "2"))
     code, out, err = _evaluate(capsys, "--model", str(run), "--data", str(ooc), "--out", str(tmp_path / "ev"))
     assert code == 0, err
     s = json.loads((tmp_path / "ev" / "summary.json").read_text())
-    wnids = imagenet.wnids()
-    assert s["model"]["head"]["classes"] == [["cat", [wnids[i] for i in (281, 282, 283, 284, 285)]],
-                                             ["coffee mug", ["n03063599"]], ["missile", ["n03773504"]]]
-    assert s["n"] == 12 and s["task"]["note"] == NOTE
+    assert dict(s["model"]["head"]["classes"]) == {"Tiger": ["n02129604"], "zebra": ["n02391049"],
+                                                   "teddy": ["n04399382"]}  # table name, table folder, ILSVRC name
+    assert s["n"] == 36 and s["task"]["note"] == NOTE
 
 
 def test_a_class_that_maps_to_nothing_is_named_and_a_label_map_still_works(ooc, tmp_path, capsys):
-    run, _ = finetuned(tmp_path, {"cat": "cat", "coffee_cup": "coffee mug", "rocket": "giraffe_xyz"},
+    run, _ = finetuned(tmp_path, {"tiger": "tiger", "zebra": "zebra", "teddy_bear": "giraffe_xyz"},
                        steps=("1", "1", "1", "1", "2"))
     out = tmp_path / "ev"
     code, _, err = _evaluate(capsys, "--model", str(run), "--data", str(ooc), "--out", str(out))
@@ -146,14 +147,15 @@ def test_a_class_that_maps_to_nothing_is_named_and_a_label_map_still_works(ooc, 
     assert "--label-map FILE (one ILSVRC-2012 wnid or '-' per output, 3 lines in head order)" in err
     assert not out.exists()
     # The escape hatch: a label map (here one that leaves the third output out, so 2 classes are scored).
-    (tmp_path / "map.txt").write_text("n02123045\nn03063599\n-\n")
+    (tmp_path / "map.txt").write_text("-\nn02129604\nn02391049\n")  # head order: giraffe_xyz, tiger, zebra
     code, _, err = _evaluate(capsys, "--model", str(run), "--label-map", str(tmp_path / "map.txt"), "--data", str(ooc),
                              "--out", str(out))
     assert code == 0, err
     s = json.loads((out / "summary.json").read_text())
     assert s["task"] == {"way": 2, "subset": True, "note": "2-way head: an easier task than the paper's 1000-way "
-                         "models", "images_left_out": 4, "classes_left_out": ["rocket"]}
-    assert s["n"] == 8 and "rocket" not in s["per_class"]
+                         "models", "images_left_out": 84,
+                         "classes_left_out": ["lighthouse", "ostrich", "penguin", "sea_lion", "tank", "teddy_bear"]}
+    assert s["n"] == 24 and set(s["per_class"]) == {"tiger", "zebra"}
 
 
 def test_an_unfinished_run_says_how_to_go_on(ooc, tmp_path, capsys):
