@@ -240,7 +240,7 @@ def test_model_embedding_is_normalised_pre_logits():
 def test_model_embeddings_are_pretrained_unless_random_init_is_asked_for():
     with pytest.raises(BitlabError, match="R14x0.5 names an architecture, and no weights were released"):
         dedup.make_embedding("model:R14x0.5")
-    with pytest.raises(BitlabError, match="--random-init applies to model embeddings, not phash"):
+    with pytest.raises(BitlabError, match="random_init applies to model embeddings, not phash"):
         dedup.make_embedding("phash", random_init=True)
     with pytest.raises(BitlabError, match="--random-init asks for random weights, but --weights w.npz gives a file"):
         dedup.make_embedding("model:R14x0.5", "w.npz", random_init=True)
