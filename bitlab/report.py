@@ -11,7 +11,12 @@
 - `fig_duplicates`: paper Fig. 9: test images beside their near-duplicates upstream (`bitlab dedup`);
 - `fig_fewshot`: paper Fig. 2 / 5: top-1 against examples per class, every trial a light dot,
   the median over seeds a line (`bitlab fewshot`);
-- `fig_ooc_grid`: the out-of-context set at a glance, foreground objects x backgrounds (make-ooc).
+- `fig_ooc_grid`: the out-of-context set at a glance, foreground objects x backgrounds (make-ooc);
+- `results_table`: one row per results folder, what the figures compare (head, weights, scores).
+
+Results of a head over a subset of the ILSVRC-2012 classes (a fine-tuned run's) are drawn beside
+1000-way ones, never silently: their panels say "N-way head", Fig. 12 right draws them as squares
+with a legend entry saying the task is easier, and `results_table` has a `head` column.
 
 The robustness numbers come from `bitlab evaluate` results folders (`bitlab.eval.results` reads
 them); figures import the evaluation modules, never the reverse. The paper publishes no
@@ -67,6 +72,24 @@ def slug(text: str) -> str:
 def spaced(name: str) -> str:
     """A class or background folder name as figure text: 'coffee_cup' -> 'coffee cup'."""
     return name.replace("_", " ")
+
+
+def shown_label(r: Results) -> str:
+    """A model's label as figures show it: with its head when it answers among a subset of the classes."""
+    return f"{r.label} ({r.task['way']}-way head)" if r.subset_head else r.label
+
+
+def results_table(results: Sequence[Results]) -> pd.DataFrame:
+    """One row per results folder: model, set, images, head (1000-way, or N-way: easier), weights'
+    pre-training data (random weights say so), top-1 and top-k."""
+    rows = []
+    for r in results:
+        s = r.summary
+        rows.append({"model": r.label, "set": r.role, "images": s["n"],
+                     "head": f"{r.task['way']}-way (easier task)" if r.subset_head else f"{r.task['way']}-way",
+                     "pre-training": s["model"]["pretraining_data"], "top-1": s["top1"],
+                     f"top-{r.k}": s[f"top{r.k}"]})
+    return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------- Fig. 12 left / Fig. 13
@@ -170,10 +193,12 @@ def fig_top5(a: Results, b: Results, images: Sequence[str], fits: Collection[str
                     ha="center", va="top", fontsize=7, color=FILE_NAME)
         for ax, r, row in ((row_axes[1], a, ra), (row_axes[2], b, rb)):
             verdict = "right" if row["top1_correct"] else "wrong"
-            _draw_top5(ax, row, a.k, f"{r.label}: top-1 {verdict}")
+            _draw_top5(ax, row, r.k, f"{shown_label(r)}: top-1 {verdict}")
     for ax in axes[-1, 1:]:
         ax.set_xlabel("probability (log scale)", fontsize=8)
-    fig.suptitle(f"Top-{a.k} predictions on objects out of context: {a.label} vs. {b.label}", fontsize=10)
+    notes = sorted({r.task["note"] for r in (a, b) if r.subset_head})
+    fig.suptitle(f"Top-{max(a.k, b.k)} predictions on objects out of context: {shown_label(a)} vs. {shown_label(b)}"
+                 + "".join(f"\n({n})" for n in notes), fontsize=10)
     fig.legend(handles=[Line2D([], [], color=CORRECT, lw=6, label="correct label (in the class's ILSVRC set)"),
                         Line2D([], [], color=WRONG, lw=6, label="other label")],
                loc="outside lower center", ncols=2, fontsize=8, frameon=False)
@@ -198,6 +223,8 @@ def val_vs_ooc_points(results: Sequence[Results]) -> pd.DataFrame:
             rows.append({"label": label, "val_top1": slot["val"].summary["top1"],
                          "ooc_top1": ooc.get("out_of_context", ooc)["top1"], "params_m": m["params_m"],
                          "pretraining_data": m["pretraining_data"],
+                         "way": max(slot["val"].task["way"], slot["ooc"].task["way"]),
+                         "subset_head": slot["val"].subset_head or slot["ooc"].subset_head,
                          "val_data": slot["val"].summary["dataset"], "ooc_data": slot["ooc"].summary["dataset"]})
     return pd.DataFrame(rows)
 
@@ -243,8 +270,12 @@ def fig_val_vs_ooc(results: Sequence[Results]) -> Figure:
     palette = dict(zip(sorted(pts["pretraining_data"].unique()),
                        ["#1565c0", "#ef6c00", "#2e7d32", "#6a1b9a", "#c62828", "#00838f", "#5d4037"] * 3))
     x, y = pts["val_top1"].to_numpy() * 100, pts["ooc_top1"].to_numpy() * 100
-    ax.scatter(x, y, s=_marker_area(pts["params_m"]), c=pts["pretraining_data"].map(palette),
-               alpha=0.85, edgecolors="black", linewidths=0.6, zorder=3)
+    subset = pts["subset_head"].to_numpy(bool)
+    for marker, rows in (("o", ~subset), ("s", subset)):  # squares: heads over a subset of the classes
+        if rows.any():
+            ax.scatter(x[rows], y[rows], s=_marker_area(pts["params_m"][rows]), marker=marker,
+                       c=pts["pretraining_data"][rows].map(palette), alpha=0.85, edgecolors="black", linewidths=0.6,
+                       zorder=3)
     # Axes span the data in steps of 10 points, so close models stay apart.
     lo = max(0.0, 10 * np.floor(min(x.min(), y.min()) / 10 - 0.5))
     hi = min(100.0, 10 * np.ceil(max(x.max(), y.max()) / 10 + 0.5))
@@ -255,9 +286,14 @@ def fig_val_vs_ooc(results: Sequence[Results]) -> Figure:
     ax.set_xlabel(f"validation top-1 (%) — {_data_label(pts['val_data'])}")
     ax.set_ylabel(f"out-of-context top-1 (%) — {_data_label(pts['ooc_data'])}")
     ax.grid(alpha=0.3)
+    heads = [Line2D([], [], marker="o", ls="", color="#dddddd", markeredgecolor="black", markersize=8,
+                    label="1000-way head (the paper's task)")] if (~subset).any() else []
+    heads += [Line2D([], [], marker="s", ls="", color="#dddddd", markeredgecolor="black", markersize=8,
+                     label=robustness.head_note(int(w))) for w in sorted(pts.loc[subset, "way"].unique())]
     colours = ax.legend(handles=[Line2D([], [], marker="o", ls="", color=c, markeredgecolor="black", markersize=8,
-                                        label=d) for d, c in palette.items()],
-                        title="pre-training data", fontsize=8, title_fontsize=8, loc="upper left")
+                                        label=d) for d, c in palette.items()] + (heads if subset.any() else []),
+                        title="pre-training data" + (" / head" if subset.any() else ""), fontsize=8,
+                        title_fontsize=8, loc="upper left")
     ax.add_artist(colours)
     lo_p, hi_p = pts["params_m"].min(), pts["params_m"].max()
     refs = [p for p in (SMALLEST_M, 25, 100, 400, 900) if lo_p / 2 <= p <= hi_p * 2] or [round(hi_p, 1)]
@@ -295,11 +331,12 @@ def fig_backgrounds(r: Results, most_fooling: int = 10) -> Figure:
     ax.tick_params(axis="y", labelrotation=0, labelsize=8)
     n_img = int(counts.max().max())
     effect = robustness.background_effect(df)
-    ax.set_title(f"{r.label}: top-1 per class and background (all: {df['top1_correct'].mean():.0%})"
+    ax.set_title(f"{shown_label(r)}: top-1 per class and background (all: {df['top1_correct'].mean():.0%})"
                  + (f"\n(each cell: {n_img} image{'s' if n_img > 1 else ''})" if counts.min().min() == n_img else "")
                  + (f"\nvariance: class {effect['class']:.0%}, background {effect['background']:.0%} "
                     f"(p = {effect['p_value']:.2g}), class x background {effect['class_x_background']:.0%}"
-                    if effect else ""), fontsize=10)
+                    if effect else "")
+                 + (f"\n{r.task['note']}" if r.subset_head else ""), fontsize=10)
     worst = [w for w in worst if w["top1_error"] > 0][::-1]
     bars = bx.barh([spaced(w["background"]) for w in worst], [w["top1_error"] * 100 for w in worst], color="#c62828")
     for bar, w in zip(bars, worst):
