@@ -93,11 +93,11 @@ def test_notebook_runs_on_the_offline_sample(name, tmp_path, monkeypatch):
     if name == "error_analysis":
         # Headless: no clicks, so ratings come from a CSV, as a team's would. On the sample's ocean photo,
         # two raters agree with the prediction on the Stryker ("amphibian"), one sides with the label on
-        # the penguin, two split on the sea lion (-> unsure); a rating of another model's prediction for
-        # the teddy bear is ignored.
+        # the other armoured vehicle (also "amphibian"), two split on the sea lion (-> unsure); a rating of
+        # another model's prediction for the teddy bear (Lite0 says "ice bear") is ignored.
         rows = [("tank/cb2b1df6fbe718f3_m07cmd_a5edeb52", "a", "prediction", "amphibian"),
                 ("tank/cb2b1df6fbe718f3_m07cmd_a5edeb52", "b", "prediction", "amphibian"),
-                ("penguin/e6561ca62796793c_m05z6w_ce5950ab", "a", "label", "grey whale"),
+                ("tank/65d2adc638fd4231_m07cmd_d21ad2bc", "a", "label", "amphibian"),
                 ("sea_lion/e0edcd42d4fb37ff_m0gd36_e706483b", "a", "prediction", "grey whale"),
                 ("sea_lion/e0edcd42d4fb37ff_m0gd36_e706483b", "b", "neither", "grey whale"),
                 ("teddy_bear/99ebb50dbdbd5c0a_m0kmg4_39461c75", "a", "prediction", "polar bear")]
