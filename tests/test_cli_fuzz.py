@@ -5,7 +5,6 @@ traceback, and leave nothing behind that looks like a finished result."""
 from __future__ import annotations
 
 import io as stdio
-import json
 import shutil
 import zipfile
 from dataclasses import dataclass
