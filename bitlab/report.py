@@ -39,7 +39,7 @@ from bitlab.errors import BitlabError
 from bitlab.eval import robustness
 from bitlab.eval.dedup import DedupResult
 from bitlab.eval.errors import UNSURE
-from bitlab.eval.results import PREDICTIONS, Results, load_results
+from bitlab.eval.results import PREDICTIONS, Results, find_results, load_results, slug
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,6 @@ def save(fig: Figure, out_dir: str | Path, stem: str) -> list[Path]:
             fig.savefig(f, format=fmt, dpi=150, bbox_inches="tight")
         paths.append(path)
     return paths
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._]+", "-", text).strip("-")
 
 
 def spaced(name: str) -> str:

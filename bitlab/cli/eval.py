@@ -6,19 +6,26 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="score a model on an out-of-context set or an ILSVRC-2012 validation folder")
-    p.add_argument("--model", required=True, help="model name (see `bitlab models`; any timm name works)")
-    p.add_argument("--pretrained", help="weights file (official .npz, bitlab or timm)")
+    p = sub.add_parser("evaluate", help="score models on an out-of-context set or an ILSVRC-2012 validation folder")
+    p.add_argument("--model", action="append", metavar="NAME",
+                   help="model name (see `bitlab models`; any timm name works); repeat it for several models "
+                        "evaluated in one pass (results in OUT/<label>/)")
+    p.add_argument("--models", metavar="FILE", help="YAML/JSON list of models, each a name or a mapping of "
+                   "model, pretrained, num_classes, image_size, label_map, label, pretraining_data")
+    p.add_argument("--pretrained", help="weights file (official .npz, bitlab or timm); one model only")
     p.add_argument("--data", required=True, help="make-ooc output, official OOC class folders, "
                    "ILSVRC ImageFolder (wnid folders) or any folder with manifest.csv")
-    p.add_argument("--out", required=True, help="results folder (predictions.csv, summary.json, config.json)")
+    p.add_argument("--out", required=True, help="results folder (predictions.csv, summary.json, config.json); "
+                   "with several models, one such folder per model inside it")
+    p.add_argument("--variants-dir", help="make-ooc's variants (only_fg, no_fg, mixed_rand folders) when not in "
+                   "DATA/variants: the context scores need them")
     p.add_argument("--num-classes", type=int, help="head size of the weights file, if not the name's default")
     p.add_argument("--image-size", type=int, help="evaluation resolution (default: the model's)")
     p.add_argument("--classes", help="class table for class folders "
                    "(default: DATA/classes.csv, then ooc_dataset/classes.csv)")
     p.add_argument("--label-map", help="text file mapping each model output to an ILSVRC-2012 wnid ('-' for none)")
     p.add_argument("--role", choices=["ooc", "val"], help="what the data is to the report (default: from its layout)")
-    p.add_argument("--label", help="model name shown in figures")
+    p.add_argument("--label", help="model name shown in figures; one model only")
     p.add_argument("--pretraining-data", help="pre-training data shown in figures (default: from the model name)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     p.add_argument("--workers", type=int,
@@ -37,27 +44,69 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_report)
 
 
-def _evaluate(args: argparse.Namespace) -> None:
-    from bitlab.eval.evaluate import EvaluateConfig, evaluate
+# Per-model flags: with several models they differ per model, so they come from --models FILE.
+_PER_MODEL = ("pretrained", "num_classes", "label_map", "label", "pretraining_data")
 
-    cfg = EvaluateConfig(model=args.model, data=args.data, out=args.out, pretrained=args.pretrained,
-                         num_classes=args.num_classes, image_size=args.image_size, classes=args.classes,
-                         label_map=args.label_map, role=args.role, label=args.label,
-                         pretraining_data=args.pretraining_data, batch_size=args.batch_size,
-                         workers=args.workers, device=args.device, progress=args.progress)
-    s = evaluate(cfg)
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from bitlab.errors import BitlabError
+    from bitlab.eval.evaluate import EvaluateConfig, evaluate, evaluate_models, read_models_file
+    from bitlab.train.torchrun import env_rank
+
+    models = [{"model": m} for m in args.model or []] + (read_models_file(args.models) if args.models else [])
+    if not models:
+        raise BitlabError("give a model: --model NAME (repeatable) or --models FILE")
+    several = len(models) > 1 or args.models
+    if several and (given := [f for f in _PER_MODEL if getattr(args, f) is not None]):
+        raise BitlabError(f"--{given[0].replace('_', '-')} applies to one model: with several, set it per model "
+                          "in --models FILE")
+    base = EvaluateConfig(model=models[0]["model"], data=args.data, out=args.out, pretrained=args.pretrained,
+                          num_classes=args.num_classes, image_size=args.image_size, classes=args.classes,
+                          label_map=args.label_map, role=args.role, label=args.label,
+                          pretraining_data=args.pretraining_data, batch_size=args.batch_size,
+                          workers=args.workers, device=args.device, progress=args.progress)
+    if several:
+        models = [{"image_size": args.image_size, **m} for m in models]
+        summaries = evaluate_models(base, models, args.variants_dir)
+    else:
+        summaries = [evaluate(base, args.variants_dir)]
+    if env_rank() == 0:  # under torchrun, one process speaks
+        for s in summaries:
+            _print_summary(s)
+        print(f"results: {Path(args.out)}" + (f" (one folder per model, listed in {Path(args.out) / 'models.json'})"
+                                              if several else ""))
+
+
+def _pct(entry: dict, key: str = "top1") -> str:
+    low, high = entry.get(f"{key}_ci") or entry.get("ci") or (None, None)
+    value = entry[key] if key in entry else entry["value"]
+    return f"{value:.1%}" + (f" [{low:.1%}, {high:.1%}]" if low is not None and high is not None else "")
+
+
+def _print_summary(s: dict) -> None:
     d = s["dataset"]
     print(f"{s['model']['label']} on {d['path']} ({d['num_images']} images, {d['role']}): "
-          f"top-1 {s['top1']:.1%}, top-5 {s['top5']:.1%}")
+          f"top-1 {_pct(s)}, top-5 {_pct(s, 'top5') if 'top5' in s else '-'} (95% intervals: {s.get('ci', '')})")
     for part in ("out_of_context", "excluding_usual_context", "in_context"):
         if part in s:
-            print(f"  {part.replace('_', '-')}: top-1 {s[part]['top1']:.1%} ({s[part]['n']} images)")
+            print(f"  {part.replace('_', '-')}: top-1 {_pct(s[part])} ({s[part]['n']} images)")
     if fg := s.get("per_foreground"):
         print(f"  objects fooled by at least one background: {fg['fooled_by_any']} of {fg['count']} "
               f"(mean share of backgrounds that fool: {fg['mean_fooled_fraction']:.0%})")
     for row in s.get("most_fooling_backgrounds", [])[:3]:
-        print(f"  most fooling background: {row['background']} (top-1 error {row['top1_error']:.0%})")
-    print(f"results: {Path(args.out)}")
+        print(f"  most fooling background: {row['background']} (top-1 error {row['top1_error']:.0%}, "
+              f"top-1 {_pct(row)} vs {row['rest_top1']:.0%} elsewhere)")
+    if note := s.get("most_fooling_backgrounds_note"):
+        print(f"  most fooling backgrounds: {note}")
+    if c := s.get("context"):
+        for name, what in (("object_alone_correct", "object alone (only_fg) right"),
+                           ("fooled_by_context", "fooled by the background (right alone, wrong on it)"),
+                           ("context_consistent_share_of_errors", "mistakes the background suggests (of all)")):
+            if name in c:
+                print(f"  {what}: {_pct(c[name], 'value')} ({c[name]['n']} images)")
+        if gap := c.get("background_gap", {}).get("overall"):
+            print(f"  background gap, top-1 alone - on backgrounds: {gap['value']:+.1%} "
+                  f"[{gap['ci'][0]:+.1%}, {gap['ci'][1]:+.1%}], McNemar p = {gap['mcnemar_p']:.2g}")
 
 
 def _report(args: argparse.Namespace) -> None:

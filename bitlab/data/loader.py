@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from bitlab.data import shards
 from bitlab.data.datasets import ImageSet
 from bitlab.data.multilabel import MultiLabelSet
-from bitlab.data.transforms import decode_image, decode_image_bytes, to_chw_tensor
+from bitlab.data.transforms import decode_image, decode_image_bytes, decode_image_sizes, to_chw_tensor
 from bitlab.errors import BitlabError
 
 # What reading an image may raise: bitlab's own errors (undecodable, no such file, a bad shard
@@ -48,7 +48,7 @@ class Item(NamedTuple):
 
 
 class Batch(NamedTuple):
-    images: torch.Tensor  # uint8 NCHW (or the views' own tensors)
+    images: torch.Tensor | tuple[torch.Tensor, ...]  # uint8 NCHW (or the views' own tensors; a tuple: several views)
     targets: torch.Tensor | None  # int64 N, uint8 N x C, or None
     replaced: tuple[str, ...]  # bad images replaced by readable ones
     errors: tuple[str, ...]  # items without an image: left out of this batch
@@ -65,7 +65,10 @@ def collate(items: Sequence[Item]) -> Batch:
         targets = torch.stack([it.target for it in good]) if good else torch.empty((0, len(like)), dtype=like.dtype)
     else:
         targets = torch.tensor([it.target for it in good], dtype=torch.int64)
-    images = torch.stack([it.image for it in good]) if good else torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+    if good and isinstance(good[0].image, tuple):  # several views of each image: a batch per view
+        images = tuple(torch.stack(views) for views in zip(*(it.image for it in good)))
+    else:
+        images = torch.stack([it.image for it in good]) if good else torch.empty(0, 3, 0, 0, dtype=torch.uint8)
     return Batch(images, targets, replaced, errors)
 
 
@@ -92,7 +95,9 @@ def _message(error: Exception, name: str) -> str:
     return f"{name}: cannot process image ({type(error).__name__}: {error})"
 
 
-def to_tensor(view: Any) -> torch.Tensor:
+def to_tensor(view: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    if isinstance(view, tuple):
+        return tuple(to_tensor(v) for v in view)
     return view if isinstance(view, torch.Tensor) else to_chw_tensor(view)
 
 
@@ -144,9 +149,11 @@ class TrainFiles(Dataset):
 
 
 class EvalFiles(Dataset):
-    """Evaluation views of a labelled set, or of plain paths (target None)."""
+    """Evaluation views of a labelled set, or of plain paths (target None). With a tuple of
+    `decode_side`s (several models' views of one file: `decode_image_sizes`), `view` gets the tuple of
+    decoded images and returns a tuple of views."""
 
-    def __init__(self, images: Images, view: Callable, decode_side: int | None = None) -> None:
+    def __init__(self, images: Images, view: Callable, decode_side: int | tuple[int, ...] | None = None) -> None:
         self.images, self.view, self.decode_side = images, view, decode_side
         self.paths = images.paths if isinstance(images, (ImageSet, MultiLabelSet)) else images
 
@@ -155,7 +162,10 @@ class EvalFiles(Dataset):
 
     def __getitem__(self, i: int) -> Item:
         def read(j: int) -> tuple[torch.Tensor, Any]:
-            img = decode_image(self.paths[j], min_side=self.decode_side)
+            if isinstance(self.decode_side, tuple):
+                img = tuple(decode_image_sizes(self.paths[j], self.decode_side))
+            else:
+                img = decode_image(self.paths[j], min_side=self.decode_side)
             return to_tensor(self.view(img)), target_of(self.images, j)
 
         return first_readable([i], read, lambda j: str(self.paths[j]), tries=1, target=target_of(self.images, i))

@@ -12,6 +12,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -59,16 +60,27 @@ def decode_image(path: str | os.PathLike, min_side: int | None = None) -> np.nda
     fraction directly (libjpeg's DCT scaling): 2-4x less decoding for the usual downscales, with
     the result anti-aliased like INTER_AREA. Other formats are decoded whole.
     """
+    return decode_image_sizes(path, (min_side,))[0]
+
+
+def decode_image_sizes(path: str | os.PathLike, min_sides: Sequence[int | None]) -> list[np.ndarray]:
+    """`decode_image(path, min_side=m)` for each of `min_sides` (several models' views of one file):
+    the file is read once and decoded once per distinct JPEG reduction, so each view gets exactly
+    the pixels a decode of its own would give. The images may be shared: do not modify them."""
     data = np.fromfile(path, dtype=np.uint8) if Path(path).is_file() else None
     if data is None:
         raise BadImageError(f"{path}: no such image file")
-    flag = cv2.IMREAD_COLOR
-    if min_side and (size := jpeg_size(data)):
-        flag = _REDUCED.get(_reduction(size, min_side), cv2.IMREAD_COLOR)
-    img = imdecode(data, flag, str(path), BadImageError)  # refuses absurd sizes before allocating them
-    if img is None:
-        raise BadImageError(f"{path}: cannot decode image (corrupt or not an image)")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    size = jpeg_size(data) if any(min_sides) else None
+    flags = [_REDUCED.get(_reduction(size, m), cv2.IMREAD_COLOR) if m and size else cv2.IMREAD_COLOR
+             for m in min_sides]
+    decoded: dict[int, np.ndarray] = {}
+    for flag in flags:
+        if flag not in decoded:
+            img = imdecode(data, flag, str(path), BadImageError)  # refuses absurd sizes before allocating them
+            if img is None:
+                raise BadImageError(f"{path}: cannot decode image (corrupt or not an image)")
+            decoded[flag] = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return [decoded[flag] for flag in flags]
 
 
 _REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}

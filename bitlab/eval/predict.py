@@ -2,10 +2,11 @@
 
 Workers decode and resize with OpenCV at the model's resolution (`model.data_config`) and ship
 uint8 tensors (`bitlab.data.loader`); normalisation happens once per batch on the model's device.
+Several models over the same files (`iter_probs_many`) share each file's reading and decoding,
+and models of the same input size and crop share its view.
 """
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -29,21 +30,45 @@ class Predictions:
     probs: np.ndarray  # (N, k) float32
 
 
+class EvalViews:
+    """The evaluation views of one decoded file for several models' data configs (a picklable
+    callable for loader workers): one view per distinct (input size, crop), uint8 HxWx3 each."""
+
+    def __init__(self, cfgs: Sequence[DataConfig]) -> None:
+        self.cfgs = list(cfgs)
+        self.sides = tuple(eval_min_side(c) for c in self.cfgs)
+
+    def __call__(self, imgs: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+        return tuple(eval_image(img, c) for img, c in zip(imgs, self.cfgs))
+
+
+def view_key(cfg: DataConfig) -> tuple[int, float]:
+    """What decides a model's uint8 input (mean and std are applied per model on the device)."""
+    return cfg.input_size, cfg.crop_pct
+
+
+def prepare_for_inference(model: nn.Module, device: torch.device) -> nn.Module:
+    """The one place a model is made ready for inference."""
+    # channels_last: oneDNN's (and cuDNN's) fast layout for convolutions; same numbers.
+    return model.eval().to(device, memory_format=torch.channels_last)
 
 
 @torch.inference_mode()
-def iter_probs(model: nn.Module, paths: Sequence[str | os.PathLike], *, batch_size: int = 32,
-               workers: int | None = None, device: str | torch.device | None = None,
-               progress: bool | tqdm = True) -> Iterator[torch.Tensor]:
-    """Softmax probabilities of `model` over image files, one (B, num_outputs) float32 CPU tensor
-    per batch, in file order. `progress` may be a tqdm bar to advance (by images)."""
-    cfg = data_config_of(model)
+def iter_probs_many(models: Sequence[nn.Module], paths: Sequence[str | os.PathLike], *, batch_size: int = 32,
+                    workers: int | None = None, device: str | torch.device | None = None,
+                    progress: bool | tqdm = True) -> Iterator[list[torch.Tensor]]:
+    """Softmax probabilities of several models over the same image files, one list (a (B,
+    num_outputs) float32 CPU tensor per model) per batch, in file order. Each file is read and
+    decoded once for all the models; models that share an input size and crop share its view too."""
+    cfgs = [data_config_of(m) for m in models]
+    keys = list(dict.fromkeys(view_key(c) for c in cfgs))
+    views = EvalViews([next(c for c in cfgs if view_key(c) == k) for k in keys])
+    view_of = [keys.index(view_key(c)) for c in cfgs]
     device = parse_device(device)
-    # channels_last: oneDNN's (and cuDNN's) fast layout for convolutions; same numbers.
-    model = model.eval().to(device, memory_format=torch.channels_last)
+    models = [prepare_for_inference(m, device) for m in models]
     workers = default_workers() if workers is None else workers
     # Below one batch, worker start-up costs more than it saves.
-    loader = make_loader(EvalFiles(paths, functools.partial(eval_image, cfg=cfg), eval_min_side(cfg)), batch_size,
+    loader = make_loader(EvalFiles(paths, views, views.sides), batch_size,
                          workers=workers if len(paths) > batch_size else 0, pin_memory=device.type == "cuda")
     bar = progress if isinstance(progress, tqdm) else tqdm(
         total=len(paths), desc="predict", unit="img", disable=not progress, leave=False)
@@ -51,13 +76,26 @@ def iter_probs(model: nn.Module, paths: Sequence[str | os.PathLike], *, batch_si
         for batch in loader:
             if batch.errors:  # the loader's policy: inference stops, naming the file
                 raise BadImageError(batch.errors[0])
-            x = normalize(batch.images.to(device, non_blocking=True), cfg.mean, cfg.std)
-            x = x.contiguous(memory_format=torch.channels_last)
-            yield model(x).float().softmax(dim=-1).cpu()
-            bar.update(len(batch.images))
+            xs = [v.to(device, non_blocking=True) for v in batch.images]
+            out = []
+            for model, cfg, v in zip(models, cfgs, view_of):
+                x = normalize(xs[v], cfg.mean, cfg.std).contiguous(memory_format=torch.channels_last)
+                out.append(model(x).float().softmax(dim=-1).cpu())
+            yield out
+            bar.update(len(xs[0]))
     finally:
         if bar is not progress:
             bar.close()
+
+
+def iter_probs(model: nn.Module, paths: Sequence[str | os.PathLike], *, batch_size: int = 32,
+               workers: int | None = None, device: str | torch.device | None = None,
+               progress: bool | tqdm = True) -> Iterator[torch.Tensor]:
+    """Softmax probabilities of `model` over image files, one (B, num_outputs) float32 CPU tensor
+    per batch, in file order. `progress` may be a tqdm bar to advance (by images)."""
+    for probs in iter_probs_many([model], paths, batch_size=batch_size, workers=workers, device=device,
+                                 progress=progress):
+        yield probs[0]
 
 
 def predict_files(model: nn.Module, paths: Sequence[str | os.PathLike], *, topk: int = 5, batch_size: int = 32,

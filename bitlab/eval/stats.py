@@ -101,6 +101,22 @@ def accuracy(correct: np.ndarray, clusters: np.ndarray | None = None, *, confide
     return Estimate(value, low, high, n, "bootstrap over objects", len(sums))
 
 
+def mean_over_objects(values: np.ndarray, *, confidence: float = CONFIDENCE, seed: int = SEED) -> Estimate:
+    """The mean of one number per object (a share in [0, 1], e.g. of its backgrounds that fool the
+    model), each object weighing alike: a bootstrap over the objects; below `MIN_OBJECTS`, or when
+    all agree, Wilson's interval with each object counted once (its share as a fractional success)."""
+    values = np.asarray(values, dtype=float)
+    n = len(values)
+    if n == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0, "wilson over objects", 0)
+    value = float(values.mean())
+    if n < MIN_OBJECTS or np.all(values == values[0]):
+        low, high = proportion_confint(value * n, n, alpha=1 - confidence, method="wilson")
+        return Estimate(value, float(low), float(high), n, "wilson over objects", n)
+    low, high = _bootstrap(lambda v, axis=-1: v.mean(axis), (values,), confidence, seed)
+    return Estimate(value, low, high, n, "bootstrap over objects", n)
+
+
 @dataclass(frozen=True)
 class PairedDifference:
     """Accuracy of model A minus model B on the same images."""

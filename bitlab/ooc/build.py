@@ -471,7 +471,9 @@ def _write_records(cfg: MakeOOCConfig, out: Path, inp: _Inputs, jobs: Sequence[_
 
 
 def _manifest_row(cfg: MakeOOCConfig, inp: _Inputs, j: _Job, computed: dict) -> dict:
-    row = {"file": j.file, "size": cfg.size, "blend": cfg.blend, "annotations_license": ANNOTATIONS_LICENSE,
+    # A variant's manifest lists its files relative to its own folder, which it describes alone.
+    file = j.file if j.variant == COMPOSITE else Path(j.file).relative_to(variants.folder(j.variant)).as_posix()
+    row = {"file": file, "size": cfg.size, "blend": cfg.blend, "annotations_license": ANNOTATIONS_LICENSE,
            "modified": "true", "variant": j.variant, "pair_bg_uid": j.pair_bg.uid if j.pair_bg else "", **computed}
     if j.fg is not None:
         c = inp.classes[j.fg.folder]

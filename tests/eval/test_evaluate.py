@@ -15,6 +15,7 @@ from bitlab.data.transforms import decode_image, eval_image, normalize, to_chw_t
 from bitlab.errors import BitlabError
 from tests.fixtures import numerics
 from bitlab.eval import evaluate as ev_mod
+from bitlab.eval import multi, predict
 from bitlab.eval.evaluate import EvaluateConfig, evaluate
 from bitlab.models import create_model, zoo
 
@@ -65,7 +66,7 @@ def test_summary_and_config_agree_with_predictions(offline_results):
 def test_interrupted_run_resumes_from_saved_chunks(tiny_ooc, tmp_path, monkeypatch, offline_results):
     data = tmp_path / "data"
     shutil.copytree(tiny_ooc, data)
-    monkeypatch.setattr(ev_mod, "CHUNK", 4)
+    monkeypatch.setattr(multi, "CHUNK", 4)
     victim = data / "missile" / "rocket__brick.png"  # row 10: in the third chunk
     good = victim.read_bytes()
     victim.write_bytes(b"not an image")
@@ -77,12 +78,12 @@ def test_interrupted_run_resumes_from_saved_chunks(tiny_ooc, tmp_path, monkeypat
 
     victim.write_bytes(good)
     seen = []
-    real = ev_mod.iter_probs
-    def spy(model, paths, **kw):
+    real = predict.iter_probs_many
+    def spy(models, paths, **kw):
         seen.append(len(paths))
-        return real(model, paths, **kw)
+        return real(models, paths, **kw)
 
-    monkeypatch.setattr(ev_mod, "iter_probs", spy)
+    monkeypatch.setattr(predict, "iter_probs_many", spy)
     evaluate(cfg)
     assert seen == [4]  # only the chunk that failed ran again
     resumed = pd.read_csv(tmp_path / "r" / "predictions.csv", keep_default_na=False)
@@ -128,7 +129,8 @@ def test_cli_evaluate_prints_scores_and_errors_name_the_culprit(tiny_ooc, tmp_pa
     assert main(["evaluate", "--model", "R14x0.5", "--image-size", "64", "--data", str(tiny_ooc),
                  "--out", str(out), "--label", "tiny random"]) == 0
     printed = capsys.readouterr().out
-    assert "tiny random on" in printed and "top-1" in printed and "most fooling background" in printed
+    assert "tiny random on" in printed and "top-1" in printed
+    assert "most fooling backgrounds: no background is separated from the rest by its 95% interval" in printed
     assert "objects fooled by at least one background: 3 of 3" in printed  # random weights: all wrong
     assert json.loads((out / "summary.json").read_text())["model"]["pretraining_data"] == "none (random weights)"
     (tmp_path / "empty").mkdir()

@@ -11,7 +11,7 @@ from bitlab.eval import stats
 Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile
 
 
-def wilson_by_hand(k: int, n: int) -> tuple[float, float]:
+def wilson_by_hand(k: float, n: int) -> tuple[float, float]:
     p, z2 = k / n, Z95 ** 2
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = Z95 / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
@@ -136,3 +136,15 @@ def test_by_group_pools_the_rest_and_feeds_separated():
     assert stats.separated(own, rest, "low") == ["water"]
     # counted by hand: each group's interval is Wilson over its 8 images
     assert (own["sky"].low, own["sky"].high) == pytest.approx(wilson_by_hand(8, 8))
+
+
+def test_mean_over_objects_resamples_objects():
+    rng = np.random.default_rng(5)
+    shares = rng.integers(0, 42, 30) / 41  # 30 objects, the share of their 41 backgrounds that fool
+    est = stats.mean_over_objects(shares)
+    draws = shares[np.random.default_rng(9).integers(0, 30, size=(20000, 30))].mean(1)
+    low, high = np.percentile(draws, [2.5, 97.5])
+    assert est.method == "bootstrap over objects" and est.value == pytest.approx(shares.mean())
+    assert est.low == pytest.approx(low, abs=0.01) and est.high == pytest.approx(high, abs=0.01)
+    few = stats.mean_over_objects(np.array([0.5, 0.25]))
+    assert few.method == "wilson over objects" and (few.low, few.high) == pytest.approx(wilson_by_hand(0.75, 2))
