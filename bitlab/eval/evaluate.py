@@ -26,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 from torch import nn
 
 from bitlab import io
@@ -110,9 +111,13 @@ def check_head(model: nn.Module, n_out: int | None, label_map: np.ndarray | None
 
 
 def load_model_for_eval(cfg: EvaluateConfig) -> nn.Module:
-    """The one place evaluate builds a model: name, weights, head size and resolution."""
-    return registry.create_model(cfg.model, num_classes=cfg.num_classes, pretrained=cfg.pretrained,
-                                 image_size=cfg.image_size)
+    """The one place evaluate builds a model: name, weights, head size and resolution. Weights that
+    no file gives are drawn from seed 0, so every torchrun process, and a resumed run, has the same
+    model (the caller's random state is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return registry.create_model(cfg.model, num_classes=cfg.num_classes, pretrained=cfg.pretrained,
+                                     image_size=cfg.image_size)
 
 
 def _fingerprint(cfg: EvaluateConfig, model: nn.Module, ev: robustness.EvalSet) -> str:

@@ -101,6 +101,10 @@ def load_results(path: str | Path) -> Results:
     path = Path(path)
     if not path.is_dir():
         raise BitlabError(f"{path}: results folder not found")
+    if (path / MODELS_INDEX).is_file() and not (path / SUMMARY).is_file():
+        folders = ", ".join(str(p) for p in model_folders(path))
+        raise BitlabError(f"{path}: holds several models' results ({MODELS_INDEX}): read one of {folders} "
+                          "(bitlab report takes the folder itself)")
     for name in (SUMMARY, CONFIG, PREDICTIONS):
         if not (path / name).is_file():
             raise BitlabError(f"{path / name}: missing results file (run `bitlab evaluate --out {path}` first)")
