@@ -34,9 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_evaluate)
 
-    p = sub.add_parser("report", help="draw the robustness figures from evaluation results")
-    p.add_argument("results", nargs="+", metavar="RESULTS_DIR", help="folders written by `bitlab evaluate`; "
-                   "the first two OOC results are compared image by image (baseline first)")
+    p = sub.add_parser("report", help="draw the robustness figures and write the comparison tables from "
+                       "evaluation results")
+    p.add_argument("results", nargs="+", metavar="RESULTS_DIR", help="folders written by `bitlab evaluate` "
+                   "(a folder of several models stands for all of them); the first two OOC results are compared "
+                   "image by image (baseline first) and every OOC result is tabulated against the first")
     p.add_argument("--out", default="figures", help="folder for the figures (default: ./figures)")
     p.add_argument("--images", nargs="+", metavar="IMAGE", help="images for Fig. 13 (paths as in predictions.csv; "
                    "default: where the first model errs and the second does not)")
@@ -114,5 +116,5 @@ def _report(args: argparse.Namespace) -> None:
 
     files = report.make_report(args.results, args.out, images=args.images, num_images=args.num_images)
     for f in files:
-        print(f"figure: {f}")
-    print(f"figures in {Path(args.out)}")
+        print(f"{'table' if f.suffix == '.csv' else 'figure'}: {f}")
+    print(f"figures and tables in {Path(args.out)}")
