@@ -1,7 +1,8 @@
 """`bitlab demo`: the main flow on the embedded offline sample, in about a minute on 2 cores.
 
-make-ooc on the sample -> evaluate three models on it and on the sample's original photos (the
-stand-in for the ILSVRC-2012 validation set, which does not ship) -> the report's figures.
+make-ooc on the sample (with its variants) -> evaluate three models together on it and on the
+sample's original photos (the stand-in for the ILSVRC-2012 validation set, which does not ship) ->
+the report's figures and tables (context.png and the context scores among them).
 
 The models: the two real ImageNet-1k classifiers that install offline (EfficientNet-Lite0, the
 baseline on the left of the top-5 figures, and the larger Lite2), and a bitlab BiT-S-R50x1 that
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from bitlab import io, report
-from bitlab.eval.evaluate import EvaluateConfig, evaluate
+from bitlab.eval.evaluate import EvaluateConfig, evaluate_many
 from bitlab.models import create_model, save_npz, zoo
 from bitlab.ooc.build import build_demo
 from bitlab.paths import SAMPLE_DIR
@@ -84,12 +85,14 @@ def run_demo(out: Path, figures: Path, sample_dir: Path = SAMPLE_DIR) -> DemoRes
     models = [dict(model=name) for name in zoo.OFFLINE_MODELS] + [
               dict(model="BiT-S-R50x1", pretrained=str(npz), image_size=BIT_DEMO_SIZE, label=BIT_DEMO_LABEL,
                    pretraining_data="none (random weights)")]
-    dirs = []
-    for m in models:
-        for role, data in (("ooc", res.ooc), ("val", res.in_context)):
-            d = out / "results" / f"{report.slug(m.get('label', m['model']))}_{role}"
-            res.summaries[str(d)] = evaluate(EvaluateConfig(data=str(data), out=str(d), role=role, **m))
-            dirs.append(d)
+    dirs = {}
+    for role, data in (("ooc", res.ooc), ("val", res.in_context)):
+        # every model in one pass per set: each image is decoded once for all of them
+        cfgs = [EvaluateConfig(data=str(data), out=str(out / "results" / f"{report.slug(m.get('label', m['model']))}_{role}"),
+                               role=role, **m) for m in models]
+        for cfg, summary in zip(cfgs, evaluate_many(cfgs)):
+            res.summaries[cfg.out] = summary
+            dirs[cfg.model, role] = Path(cfg.out)
     # Baseline first: the report's top-5 figures put the first model on the left.
-    res.figures = report.make_report(dirs, figures)
+    res.figures = report.make_report([dirs[m["model"], role] for m in models for role in ("ooc", "val")], figures)
     return res

@@ -31,6 +31,15 @@ def test_demo_runs_the_main_flow_and_leaves_figures(tmp_path, capsys):
     assert bit["model"]["pretraining_data"] == "none (random weights)"
     manifest = (tmp_path / "demo_out" / "ooc" / "manifest.csv").read_text().strip().splitlines()
     assert bit["dataset"]["num_images"] == len(manifest) - 1  # every make-ooc image evaluated
+    # the context, measured: the variants were built and scored, the figure and the tables drawn
+    assert_real_figure(tmp_path / "figures" / "context.png")
+    for table in ("per_class.csv", "per_background.csv", "per_object.csv"):
+        assert f"{tmp_path / 'figures' / table}" in printed
+    lite0 = json.loads((results / "efficientnet_lite0.offline_in1k_ooc" / "summary.json").read_text())
+    alone = (tmp_path / "demo_out" / "ooc" / "variants" / "only_fg" / "manifest.csv").read_text().strip().splitlines()
+    assert lite0["context"]["variants"]["only_fg"]["n"] == len(alone) - 1
+    assert lite0["top1_ci"][0] <= lite0["top1"] <= lite0["top1_ci"][1]
+    assert "objects alone (only_fg) top-1" in printed
 
 
 def test_in_context_set_keeps_every_foreground_of_a_photo(tmp_path):
