@@ -36,20 +36,27 @@ from bitlab.data.transforms import decode_image
 from bitlab.demo import sample_photos
 from bitlab.eval.evaluate import EvaluateConfig, evaluate
 from bitlab.models import create_model, zoo
+from bitlab.ooc.spec import load_classes
+from bitlab.paths import SAMPLE_DIR
 
-# The sample's three photos and their ILSVRC-2012 classes (tabby, espresso, missile).
-WNIDS = {"d9ce3f9b1da15b67": "n02123045", "477fca715251f3a5": "n07920052", "11ec6abc282e3e38": "n03773504"}
+
+def sample_wnids() -> dict[str, str]:
+    """The sample's photos (image id) -> the first ILSVRC-2012 wnid of their object's class."""
+    wnid = {c.mid: c.ilsvrc_wnids[0] for c in load_classes(SAMPLE_DIR / "classes.csv")}
+    rows = (SAMPLE_DIR / "openimages" / "validation-annotations-object-segmentation.csv").read_text().splitlines()
+    return {r.split(",")[1]: wnid[r.split(",")[2]] for r in rows[1:]}
 
 
 def make_images(root: Path, n: int) -> Path:
     photos = {p.stem: decode_image(p) for p in sample_photos()}
+    wnids = sample_wnids()
     for i in range(n):
         stem = sorted(photos)[i % len(photos)]
         img = photos[stem]
         side = 300 + (i * 97) % 700  # long side 300..999 px: decode and resize cost vary like real data
         scale = side / max(img.shape[:2])
         img = cv2.resize(img, (round(img.shape[1] * scale), round(img.shape[0] * scale)), interpolation=cv2.INTER_AREA)
-        folder = root / WNIDS[stem]
+        folder = root / wnids[stem]
         folder.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(folder / f"{i:05d}.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
     return root

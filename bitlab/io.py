@@ -1,7 +1,11 @@
-"""Files and the network: atomic writes, checksums, resumable HTTP downloads, safe extraction.
+"""Files and the network: atomic writes, one writer per folder, checksums, resumable HTTP
+downloads, safe extraction.
 
 Everything that writes a file a user keeps goes through `atomic_write` (temp file in the same
-folder, then `os.replace`), so an interrupted job never leaves a half-written file behind.
+folder, then `os.replace`), so an interrupted job never leaves a half-written file behind; a full
+disk is reported naming the file being written (`DiskFullError`). Every command that fills an
+output folder holds that folder's `.lock` for its run (`lock_folder`), and readers refuse a folder
+whose writer is still at work (`check_not_in_use`).
 
 Every network read goes through `open_url`: http:// and https:// only (a URL that a server hands
 us, e.g. a search API's answer, can never make bitlab read a local `file://`), redirects only to
@@ -12,12 +16,16 @@ from __future__ import annotations
 import base64
 import codecs
 import contextlib
+import errno
+import fcntl
 import hashlib
 import http.client
 import json
 import logging
 import os
 import shutil
+import socket
+import sys
 import tempfile
 import threading
 import time
@@ -25,6 +33,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator
 
@@ -59,16 +68,45 @@ class UnsafeArchiveError(BitlabError):
 
 
 # ----------------------------------------------------------------------------- atomic writes
+class DiskFullError(BitlabError):
+    """No space left on the device (or over the quota) while writing a file; the message names it."""
+
+
+# Both mean the same to the user: nothing more can be written until space is freed.
+_NO_SPACE = {errno.ENOSPC: "ENOSPC: no space left on device", errno.EDQUOT: "EDQUOT: disk quota exceeded"}
+
+
+def disk_full(path: str | os.PathLike, error: BaseException) -> DiskFullError | None:
+    """The `DiskFullError` naming `path` when `error` is a write that found no space, else None."""
+    if isinstance(error, OSError) and error.errno in _NO_SPACE:
+        return DiskFullError(f"{path}: cannot write this file, the disk is full (errno {_NO_SPACE[error.errno]}); "
+                             "nothing half-written was kept: free some space and rerun")
+    return None
+
+
+@contextlib.contextmanager
+def naming_full_disk(path: str | os.PathLike) -> Iterator[None]:
+    """Inside the block, a write that finds no space raises `DiskFullError` naming `path`."""
+    try:
+        yield
+    except OSError as e:
+        if (full := disk_full(path, e)) is not None:
+            raise full from None
+        raise
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", *, fsync: bool = True, **kwargs: Any) -> Iterator[IO]:
     """Open a temp file beside `path`; on success rename it over `path`, on error delete it.
 
     `fsync=False` still never shows a partial file to other processes (the rename is atomic),
     but a power cut may lose the data; bulk writers that verify checksums on resume use it.
+    A full disk raises `DiskFullError` naming `path`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with naming_full_disk(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, mode, **kwargs) as f:
@@ -77,10 +115,32 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, fsync: bool = Tru
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if (full := disk_full(path, e)) is not None:
+            raise full from None
         raise
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append `text` (UTF-8) to `path` whole or not at all: a write cut short by a full disk is cut
+    back to the file's previous end, then `DiskFullError` (logs read line by line stay whole)."""
+    data = memoryview(text.encode("utf-8"))
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            if (full := disk_full(path, e)) is not None:
+                raise full from None
+            raise
+    finally:
+        os.close(fd)
 
 
 def check_can_create_folder(path: str | os.PathLike, flag: str) -> None:
@@ -118,9 +178,11 @@ def write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> 
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if (full := disk_full(path, e)) is not None:
+            raise full from None
         raise
 
 
@@ -157,12 +219,37 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+class _WriteErrors:
+    """A file's `write` that keeps the OSError it raised: torch's writer turns it into a
+    RuntimeError ('[enforce fail at inline_container.cc...] unexpected pos') that names no cause."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """`torch.save` through a temp file, so a crash mid-save keeps the previous file intact."""
+    """`torch.save` through a temp file, so a crash mid-save keeps the previous file intact (a full
+    disk: `DiskFullError` naming `path`)."""
     import torch
 
     with atomic_write(path, "wb") as f:
-        torch.save(obj, f)
+        sink = _WriteErrors(f)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError:
+            if sink.error is not None:
+                raise sink.error from None  # the real cause, which atomic_write words
+            raise
 
 
 def torch_load(path: str | os.PathLike) -> Any:
@@ -202,6 +289,200 @@ def _pickled_objects(path: str | os.PathLike) -> str:
             "environment with the code that wrote it and save only the weights, "
             "torch.save(model.state_dict(), 'weights.pt'), then use weights.pt (or ask its publisher for "
             "an .npz or a state dict)")
+
+
+# ----------------------------------------------------------------------------- one writer per folder
+LOCK_FILE = ".lock"
+HOST = socket.gethostname()
+
+
+class FolderInUseError(BitlabError):
+    """Another process holds the folder's lock: it is writing there now."""
+
+
+class FolderLock:
+    """`FOLDER/.lock`, held by one process at a time for a whole command (`lock_folder`).
+
+    The file says who holds it (pid, host, command, since when); the hold itself is an `flock` on
+    it, which the kernel drops when the holder dies, however it dies (forked children, such as
+    loader workers, close their copy at once: `_forget_in_child`). So a lock file left by a killed
+    run on this host is stale: the next run takes it over and logs so. One written on another host
+    is never taken over (whether that process lives cannot be seen from here, and not every network
+    file system shares locks between hosts): the error says to remove it if that process is gone.
+    (Not POSIX `lockf` locks: any close of the file anywhere in the process would drop those.)
+    Re-entrant within a process (a library call inside a command that locked the folder already);
+    a folder that the lock created is removed on release when nothing else was put in it.
+    """
+
+    _held: dict[Path, "FolderLock"] = {}  # this process's locks, by lock file
+    _guard = threading.Lock()
+
+    def __init__(self, folder: str | os.PathLike, command: str) -> None:
+        self.folder, self.command = Path(folder), command
+        self.path = self.folder / LOCK_FILE
+        self.key = self.path.absolute()
+        self.depth, self._fd, self._made, self._outer = 0, -1, [], None
+
+    def __enter__(self) -> "FolderLock":
+        with self._guard:
+            self._outer = self._held.get(self.key)
+            if self._outer is not None:
+                self._outer.depth += 1
+                return self
+        self._made = _make_folder(self.folder)
+        try:
+            self._fd = self._take()
+        except BaseException:
+            _remove_empty(self._made)
+            raise
+        with self._guard:
+            self._held[self.key] = self
+        return self
+
+    def _take(self) -> int:
+        """The locked, current lock file's descriptor, our record written into it."""
+        deadline = time.monotonic() + 0.5
+        while True:
+            with naming_full_disk(self.path):
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(fd)
+                os.close(fd)
+                # A reader's check holds the lock for a moment (`check_not_in_use`), also on a stale
+                # file; a live writer holds it with its own record: only that one is refused at once.
+                if (holder is None or not _alive(holder)) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    continue
+                raise FolderInUseError(_in_use(self.folder, holder)) from None
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # released (unlinked) between our open and lock: lock the new file
+        previous = _holder(fd)
+        if previous is not None and previous.get("host") != HOST:
+            os.close(fd)
+            raise FolderInUseError(_in_use(self.folder, previous))
+        if previous is not None:
+            log.warning("%s: took over the lock of pid %s (%s, since %s), which is no longer running; its "
+                        "unfinished work there is redone or resumed", self.folder, previous.get("pid"),
+                        previous.get("command"), previous.get("since"))
+        record = {"pid": os.getpid(), "host": HOST, "command": self.command, "argv": sys.argv,
+                  "since": datetime.now().astimezone().isoformat(timespec="seconds")}
+        try:
+            with naming_full_disk(self.path):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(record).encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def __exit__(self, *exc: Any) -> None:
+        with self._guard:
+            if self._outer is not None:
+                self._outer.depth -= 1
+                return
+            del self._held[self.key]
+        try:
+            if _same_file(self._fd, self.path):  # unlinked while still held: nobody takes the old file
+                self.path.unlink()
+        finally:
+            os.close(self._fd)
+        _remove_empty(self._made)
+
+
+def lock_folder(folder: str | os.PathLike, command: str) -> FolderLock:
+    """`with lock_folder(OUT, "make-ooc"):` one writer per output folder (`FolderLock`); a folder in
+    use raises `FolderInUseError` naming the holder's pid, host and command."""
+    return FolderLock(folder, command)
+
+
+def check_not_in_use(folder: str | os.PathLike) -> None:
+    """Readers: refuse (`FolderInUseError`) a folder whose writer is at work. A lock file that no
+    process holds (left by a killed run) is ignored here: the reader's record checks decide."""
+    path = Path(folder) / LOCK_FILE
+    if path.absolute() in FolderLock._held:  # this process writes it
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise FolderInUseError(_in_use(Path(folder), _holder(fd))) from None
+    finally:
+        os.close(fd)  # which also drops the shared lock
+
+
+def _forget_in_child() -> None:
+    """After a fork: the child holds no folder, and closes its copies of the locked files, so that
+    the lock lives exactly as long as the process that took it."""
+    for lock in FolderLock._held.values():
+        with contextlib.suppress(OSError):
+            os.close(lock._fd)
+    FolderLock._held = {}
+    FolderLock._guard = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
+def _alive(holder: dict) -> bool:
+    """Whether a lock record's process may still run (another host's: unknown, so yes)."""
+    if holder.get("host") != HOST or not isinstance(holder.get("pid"), int):
+        return True
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _make_folder(folder: Path) -> list[Path]:
+    """Create `folder` (and parents); returns those created, innermost first."""
+    made = [p for p in (folder, *folder.absolute().parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise BitlabError(f"{folder}: exists and is not a folder") from None
+    except OSError as e:
+        raise BitlabError(f"{folder}: cannot create this folder ({e.strerror})") from None
+    return made
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()  # only an empty folder: never what someone else put there
+        except OSError:
+            return
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _holder(fd: int) -> dict | None:
+    """The record a lock file holds (None: empty or unreadable)."""
+    try:
+        record = json.loads(os.pread(fd, 1 << 16, 0) or b"null")
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _in_use(folder: Path, holder: dict | None) -> str:
+    who = ("another process" if holder is None else
+           f"pid {holder.get('pid')} on {holder.get('host')} (bitlab {holder.get('command')}, since "
+           f"{holder.get('since')})")
+    return (f"{folder} is in use by {who}; wait for it or remove {folder / LOCK_FILE} if that process is gone")
 
 
 # ----------------------------------------------------------------------------- checksums

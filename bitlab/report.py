@@ -27,7 +27,7 @@ import math
 import re
 import textwrap
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -86,21 +86,37 @@ def telling_images(a: Results, b: Results) -> list[str]:
     return m.loc[m["telling"], "image"].tolist()
 
 
-def choose_images(a: Results, b: Results, n: int) -> list[str]:
-    """Fig. 13's images: those that meet the paper's rule (`telling_images`) first, then, when
-    fewer than `n` do, other out-of-context images as filler (`fig_top5` marks them), in-context
-    ones last. Within each, one per class before a class repeats (so the figure shows several
-    objects), the largest gain in probability on the right classes first."""
+def fitting_mistakes(r: Results) -> set[str]:
+    """The images whose wrong top-1 fits the background: `r`'s context-consistent errors
+    (`bitlab.eval.context`), none when its variants were not evaluated."""
+    df = r.predictions
+    if "context_consistent_error" not in df:
+        return set()
+    return set(df.loc[df["context_consistent_error"].fillna(False).astype(bool), "image"])
+
+
+def choose_images(a: Results, b: Results, n: int, fits: Collection[str] = ()) -> list[str]:
+    """Fig. 13's images: those that meet the paper's rule (`telling_images`) first, those where
+    `a`'s wrong top-1 fits the background (`fits`: `fitting_mistakes`) before
+    the others; then images where both models are wrong and `a`'s top-1 fits the background; then,
+    when still fewer than `n`, other out-of-context images as filler (`fig_top5` marks them),
+    in-context ones last. Within each, one per class before a class repeats (so the figure shows
+    several objects), the largest gain in probability on the right classes first."""
     m = _paired(a, b).sort_values("gain", ascending=False)
-    m["repeat"] = m.groupby(["telling", "class_a"]).cumcount()
-    order = ["telling", "in_context", "repeat", "gain"]
-    return m.sort_values(order, ascending=[False, True, True, False], kind="stable")["image"].head(n).tolist()
+    fit = m["image"].isin(set(fits)) & ~m["top1_correct_a"] & ~m["in_context"]
+    m["tier"] = np.select([m["telling"] & fit, m["telling"], fit & ~m["top1_correct_b"]], [0, 1, 2], 3)
+    m["repeat"] = m.groupby(["tier", "class_a"]).cumcount()
+    order = ["tier", "in_context", "repeat", "gain"]
+    return m.sort_values(order, ascending=[True, True, True, False], kind="stable")["image"].head(n).tolist()
 
 
-def _filler_note(ra: pd.Series, rb: pd.Series, a: Results) -> str:
-    """Why an image of `fig_top5` does not meet the paper's rule ('' when it does)."""
+def _filler_note(ra: pd.Series, rb: pd.Series, a: Results, fits: Collection[str] = ()) -> str:
+    """Why an image of `fig_top5` is there: '' when it meets the paper's rule, what its top-1 has to
+    do with the background when `a`'s mistake fits it (`fits`), else '(filler: ...)'."""
     if ra["background"] == robustness.IN_CONTEXT:
         return "(filler: in context)"
+    if ra["image"] in fits and not ra["top1_correct"]:
+        return f"({a.label}'s top-1 fits the background" + (")" if rb["top1_correct"] else "; both wrong)")
     if ra["top1_correct"] == rb["top1_correct"]:
         return "(filler: both right)" if ra["top1_correct"] else "(filler: both wrong)"
     return "" if rb["top1_correct"] else f"(filler: only {a.label} right)"
@@ -137,8 +153,9 @@ def _draw_top5(ax, row: pd.Series, k: int, title: str) -> None:
     ax.spines[["top", "right"]].set_visible(False)
 
 
-def fig_top5(a: Results, b: Results, images: Sequence[str]) -> Figure:
-    """Fig. 12 left (one image) / Fig. 13 (several): image | top-5 of `a` | top-5 of `b`."""
+def fig_top5(a: Results, b: Results, images: Sequence[str], fits: Collection[str] = ()) -> Figure:
+    """Fig. 12 left (one image) / Fig. 13 (several): image | top-5 of `a` | top-5 of `b`; `fits`:
+    the images where `a`'s wrong top-1 fits the background, said so under the image's title."""
     if not images:
         raise BitlabError("no images to draw")
     fig = Figure(figsize=(10.5, 2.3 * len(images) + 0.6), layout="constrained")
@@ -150,7 +167,7 @@ def fig_top5(a: Results, b: Results, images: Sequence[str]) -> Figure:
         ax.set_xticks([])
         ax.set_yticks([])
         where = f"\nbackground: {spaced(ra['background'])}" if ra["background"] else ""
-        note = _filler_note(ra, rb, a)
+        note = _filler_note(ra, rb, a, fits)
         ax.set_title(f"class: {spaced(ra['class'])}{where}" + (f"\n{note}" if note else ""), fontsize=9)
         names = [imagenet.names()[int(t)] for t in str(ra["targets"]).split(";") if t]
         right = ", ".join(names[:3]) + (f" +{len(names) - 3} more" if len(names) > 3 else "")
@@ -310,8 +327,12 @@ def _heatmap(ax, df: pd.DataFrame, label: str) -> None:
     ax.tick_params(axis="x", labelrotation=60, labelsize=8)
     ax.tick_params(axis="y", labelrotation=0, labelsize=8)
     est = robustness.accuracy(df)
+    effect = robustness.background_effect(df)
     ax.set_title(f"{label}: top-1 per class and background\nall: {est.value:.0%} "
-                 f"[{est.low:.0%}, {est.high:.0%}] (95%, {robustness.interval_method(est)})", fontsize=10)
+                 f"[{est.low:.0%}, {est.high:.0%}] (95%, {robustness.interval_method(est)})"
+                 + (f"\nvariance: class {effect['class']:.0%}, background {effect['background']:.0%} "
+                    f"(p = {effect['p_value']:.2g}), class x background {effect['class_x_background']:.0%}"
+                    if effect else ""), fontsize=10)
 
 
 def _fooling_bars(bx, df: pd.DataFrame, most_fooling: int) -> None:
@@ -713,10 +734,11 @@ def fig_ooc_grid(ev: robustness.EvalSet, *, classes: Sequence[str] | None = None
 
 # ----------------------------------------------------------------------------- all of it
 def make_report(result_dirs: Sequence[str | Path], out: str | Path, *, images: Sequence[str] | None = None,
-                num_images: int = 4) -> list[Path]:
+                num_images: int = 4, fits: Collection[str] | None = None) -> list[Path]:
     """Every figure and table the results allow; returns the files written (PNG and PDF of each
     figure, the CSV tables). A folder of several models (`bitlab evaluate --model A --model B`)
-    stands for all of them, in their order."""
+    stands for all of them, in their order. `fits`: images where the first model's wrong top-1 fits
+    the background (`choose_images`); by default its `context_consistent_error`s, when evaluated."""
     if num_images < 1:
         raise BitlabError(f"--num-images must be at least 1, got {num_images}")
     results = find_results(result_dirs)
@@ -724,8 +746,9 @@ def make_report(result_dirs: Sequence[str | Path], out: str | Path, *, images: S
     existed = out.exists()
     files: list[Path] = []
     try:
-        _draw_all(results, out, images, num_images, files)
-        _write_tables(results, out, files)
+        with io.lock_folder(out, "report"):  # one report fills a figures folder at a time
+            _draw_all(results, out, images, num_images, files, fits)
+            _write_tables(results, out, files)
     except BaseException:
         if not existed:  # a failed report leaves no half-filled (or empty) folder of its own behind
             for f in files:
@@ -737,9 +760,11 @@ def make_report(result_dirs: Sequence[str | Path], out: str | Path, *, images: S
 
 
 def _draw_all(results: list[Results], out: Path, images: Sequence[str] | None, num_images: int,
-              files: list[Path]) -> None:
+              files: list[Path], fits: Collection[str] | None = None) -> None:
     """make_report's drawing; appends each file to `files` as soon as it is written."""
     ooc = [r for r in results if r.role == "ooc"]
+    if fits is None:
+        fits = fitting_mistakes(ooc[0]) if ooc else set()
     for r in ooc:
         if r.has_backgrounds:
             files.extend(save(fig_backgrounds(r), out, f"backgrounds_{slug(r.label)}"))
@@ -749,9 +774,9 @@ def _draw_all(results: list[Results], out: Path, images: Sequence[str] | None, n
         a, b = ooc[:2]
         log.info("%d images meet the paper's rule for Fig. 13 (out of context, %s wrong, %s right)",
                  len(telling_images(a, b)), a.label, b.label)
-        chosen = list(images) if images else choose_images(a, b, num_images)
-        files.extend(save(fig_top5(a, b, chosen[:1]), out, "fig12_left_top5"))
-        files.extend(save(fig_top5(a, b, chosen), out, "fig13_top5"))
+        chosen = list(images) if images else choose_images(a, b, num_images, fits)
+        files.extend(save(fig_top5(a, b, chosen[:1], fits), out, "fig12_left_top5"))
+        files.extend(save(fig_top5(a, b, chosen, fits), out, "fig13_top5"))
     else:
         log.warning("Fig. 12 left / 13 need two models' out-of-context results; got %d", len(ooc))
     if not val_vs_ooc_points(results).empty:

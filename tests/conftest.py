@@ -1,4 +1,5 @@
-"""Shared fixtures: real CC0 photos, and a real HTTP server on 127.0.0.1 for the download code."""
+"""Shared fixtures: real CC0 photos, a real HTTP server on 127.0.0.1 for the download code, and real
+small file systems for full-disk tests."""
 from __future__ import annotations
 
 import base64
@@ -132,3 +133,11 @@ def http_server(tmp_path: Path):
     server.root.mkdir()
     yield server
     server.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """`small_disk("2M")`: a real tmpfs of that size (tests/fixtures/disks.py), unmounted after the test."""
+    from tests.fixtures.disks import small_disks
+
+    yield from small_disks(tmp_path)

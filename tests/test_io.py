@@ -1,10 +1,20 @@
-"""Atomic writes, resumable downloads and safe archive extraction."""
+"""Atomic writes (a real full disk too), one writer per folder (real processes), resumable downloads
+and safe archive extraction."""
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 import urllib.parse
 import zipfile
 
 import pytest
 
 from bitlab import io
+from bitlab.errors import BitlabError
+from tests.fixtures.processes import ENV
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
@@ -198,3 +208,124 @@ def test_the_redirect_rule(origin, target, allowed):
     else:
         with pytest.raises(io.UnsafeURLError, match="never from https to http"):
             handler.http_error_302(request, pyio.BytesIO(), 302, "Found", headers)
+
+
+# ----------------------------------------------------------------------------- a full disk
+def test_a_full_disk_is_named_and_nothing_is_half_written(small_disk):
+    """On a real 1 MiB tmpfs: each writer names its file and says the disk is full; the previous
+    file stays whole, no temp file is left, an append is cut back to the line before."""
+    import torch
+
+    disk = small_disk("1M")
+    io.write_json(disk / "a.json", {"v": 1})
+    with pytest.raises(io.DiskFullError, match=r"a.json: cannot write this file, the disk is full \(errno ENOSPC"):
+        with io.atomic_write(disk / "a.json", "wb") as f:
+            f.write(bytes(2 << 20))
+    assert json.loads((disk / "a.json").read_text()) == {"v": 1}
+    with pytest.raises(io.DiskFullError, match="b.bin: cannot write"):
+        io.write_bytes(disk / "b.bin", bytes(2 << 20))
+    with pytest.raises(io.DiskFullError, match="c.pt: cannot write") as e:
+        io.torch_save({"w": torch.zeros(1 << 19)}, disk / "c.pt")  # torch says only "enforce fail at inline_container"
+    assert "inline_container" not in str(e.value)
+    assert sorted(p.name for p in disk.iterdir()) == ["a.json"]
+    io.append_text(disk / "log.jsonl", '{"step": 1}\n')
+    with pytest.raises(io.DiskFullError, match="log.jsonl: cannot write"):
+        io.append_text(disk / "log.jsonl", '{"step": 2, "x": "' + "x" * (2 << 20) + '"}\n')
+    assert (disk / "log.jsonl").read_text() == '{"step": 1}\n'
+
+
+# ----------------------------------------------------------------------------- one writer per folder
+_HOLD = """
+import os, sys, time
+from bitlab import io
+with io.lock_folder(sys.argv[1], "test-holder"):
+    child = os.fork() if sys.argv[2:] == ["fork"] else 1  # a child that outlives it, as a loader worker may
+    if child == 0:
+        time.sleep(60)
+        os._exit(0)
+    print("locked", child, flush=True)
+    time.sleep(60)
+"""
+
+
+def _hold(folder, *args) -> tuple[subprocess.Popen, int]:
+    """A real process holding `folder`'s lock: (the process, its forked child's pid or 1)."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(folder), *args], env=ENV, stdout=subprocess.PIPE,
+                            text=True)
+    word, child = proc.stdout.readline().split()
+    assert word == "locked"
+    return proc, int(child)
+
+
+def test_a_live_holder_is_named_and_a_dead_ones_lock_is_taken_over(tmp_path, caplog):
+    out = tmp_path / "out"
+    proc, _ = _hold(out)
+    try:
+        with pytest.raises(io.FolderInUseError) as e, io.lock_folder(out, "evaluate"):
+            pass
+        assert (f"{out} is in use by pid {proc.pid} on {io.HOST} (bitlab test-holder, since " in str(e.value)
+                and str(e.value).endswith(f"wait for it or remove {out / '.lock'} if that process is gone"))
+        with pytest.raises(io.FolderInUseError, match=f"in use by pid {proc.pid} "):
+            io.check_not_in_use(out)  # readers refuse a folder being written
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert (out / ".lock").exists()  # left by the killed holder, but nobody holds it:
+    io.check_not_in_use(out)  # readers go on (their record checks decide)
+    with caplog.at_level(logging.WARNING, "bitlab"), io.lock_folder(out, "evaluate"):
+        assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
+    assert f"took over the lock of pid {proc.pid} (test-holder, since" in caplog.text
+    assert list(out.iterdir()) == []  # released: the file goes
+
+
+def test_a_forked_child_does_not_keep_a_killed_holders_lock(tmp_path):
+    """Loader workers are forked children: the lock must die with the process that took it."""
+    out = tmp_path / "out"
+    proc, child = _hold(out, "fork")
+    try:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        os.kill(child, 0)  # the child lives on
+        with io.lock_folder(out, "next"):
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def test_another_hosts_lock_is_never_taken_over(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "command": "make-ooc",
+                                           "since": "2026-01-01T00:00:00+00:00"}))
+    with pytest.raises(io.FolderInUseError, match=r"in use by pid 1 on elsewhere \(bitlab make-ooc, since 2026-01-01"
+                                                  r".*remove .*\.lock if that process is gone"), io.lock_folder(out, "x"):
+        pass
+    assert (out / ".lock").exists()
+
+
+def test_processes_started_together_get_the_lock_one_at_a_time(tmp_path):
+    """Four real processes try the same folder at the same instant: exactly one holds it."""
+    start = time.time() + 3  # after every interpreter has started
+    script = ("import sys, time\nfrom bitlab import io\ntime.sleep(max(0, float(sys.argv[2]) - time.time()))\n"
+              "try:\n    with io.lock_folder(sys.argv[1], 'race'):\n        print('got', flush=True)\n"
+              "        time.sleep(2)\nexcept io.FolderInUseError as e:\n    print('refused', e)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "out"), str(start)], env=ENV,
+                              stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    said = sorted(p.communicate(timeout=60)[0].split(" ")[0].strip() for p in procs)
+    assert said == ["got", "refused", "refused", "refused"]
+
+
+def test_a_lock_is_reentrant_in_its_process_and_removes_the_folders_it_made(tmp_path):
+    out = tmp_path / "a" / "b"
+    with io.lock_folder(out, "outer"):
+        with io.lock_folder(out, "inner"):  # a library call inside a command that locked the folder
+            pass
+        assert json.loads((out / ".lock").read_text())["command"] == "outer"  # still held
+        io.check_not_in_use(out)  # its own writer may read it
+    assert not (tmp_path / "a").exists()  # nothing else was put there
+    with io.lock_folder(out, "x"):
+        (out / "kept.txt").write_text("x")
+    assert [p.name for p in out.iterdir()] == ["kept.txt"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BitlabError, match="file: exists and is not a folder"), io.lock_folder(tmp_path / "file", "x"):
+        pass

@@ -13,6 +13,7 @@ from matplotlib.colors import to_hex, to_rgba
 from bitlab import report
 from bitlab.cli import main
 from bitlab.errors import BitlabError
+from bitlab.eval import robustness
 from bitlab.eval.evaluate import EvaluateConfig, evaluate
 from bitlab.eval.results import Results, load_results
 from bitlab.models import zoo
@@ -89,6 +90,30 @@ def test_choose_images_takes_every_rule_image_before_fillers():
     assert report.choose_images(a, b, 6)[-1] == "fish/0"  # in context: last
 
 
+def test_choose_images_puts_mistakes_that_fit_the_background_first():
+    """Among the rule's images, those whose baseline top-1 fits the background (a whale on the
+    sea) come first; where both models are wrong, such an image still beats a filler."""
+    a = _results([("cat/1", "cat", "grass", False, 0.1), ("cat/2", "cat", "sea", False, 0.2),
+                  ("dog/1", "dog", "sea", False, 0.1), ("dog/2", "dog", "road", False, 0.1),
+                  ("fish/1", "fish", "grass", True, 0.9)])
+    b = _results([("cat/1", "cat", "grass", True, 0.95), ("cat/2", "cat", "sea", True, 0.5),
+                  ("dog/1", "dog", "sea", False, 0.2), ("dog/2", "dog", "road", False, 0.9),
+                  ("fish/1", "fish", "grass", False, 0.1)])
+    fits = {"cat/2", "dog/1", "fish/1"}  # fish/1: the baseline is right there, so it is no fitting mistake
+    assert report.choose_images(a, b, 3) == ["cat/1", "cat/2", "dog/2"]  # by gain; then fillers by gain
+    assert report.choose_images(a, b, 5, fits) == ["cat/2", "cat/1", "dog/1", "dog/2", "fish/1"]
+    a.summary["model"] = {"label": "Lite0"}  # how the note names the baseline
+    assert report._filler_note(_row(a, "cat/2"), _row(b, "cat/2"), a, fits) == "(Lite0's top-1 fits the background)"
+    assert report._filler_note(_row(a, "dog/1"), _row(b, "dog/1"), a, fits) == \
+        "(Lite0's top-1 fits the background; both wrong)"
+    assert report._filler_note(_row(a, "dog/2"), _row(b, "dog/2"), a, fits) == "(filler: both wrong)"
+    assert report._filler_note(_row(a, "cat/1"), _row(b, "cat/1"), a, fits) == ""
+
+
+def _row(r: Results, image: str) -> pd.Series:
+    return r.predictions.set_index("image", drop=False).loc[image]
+
+
 def test_fig13_marks_images_that_do_not_meet_the_paper_rule(results):
     a, b = load_results(results["random_ooc"]), load_results(results["real_ooc"])
     telling = set(report.telling_images(a, b))
@@ -136,6 +161,8 @@ def test_folder_names_are_shown_as_words(results):
     heat, bars = report.fig_backgrounds(r).axes[:2]
     ticks = [t.get_text() for t in heat.get_xticklabels()] + [t.get_text() for t in bars.get_yticklabels()]
     assert "brick wall" in ticks and not any("_" in t for t in ticks)
+    e = robustness.background_effect(r.predictions)  # the heat map says how much the background explains
+    assert f"variance: class {e['class']:.0%}, background {e['background']:.0%}" in heat.get_title()
     image = r.predictions.loc[r.predictions["background"] == "brick_wall", "image"].iloc[0]
     ax = report.fig_top5(r, r, [image]).axes[0]
     assert "background: brick wall" in ax.get_title()

@@ -47,14 +47,16 @@ def _dedup(args: argparse.Namespace) -> None:
         raise BitlabError(f"--gallery must be at least 0, got {args.gallery}")
     from bitlab import report
     from bitlab.eval.dedup import DedupConfig, run_dedup
+    from bitlab.io import lock_folder
 
     cfg = DedupConfig(upstream=args.upstream, downstream=args.downstream, out=args.out, embedding=args.embedding,
                       weights=args.weights, threshold=args.threshold, topk=args.topk, block_size=args.block_size,
                       query_block_size=args.query_block_size, batch_size=args.batch_size, workers=args.workers,
                       device=args.device, predictions=args.predictions,
                       correct_column=args.correct_column, cache=args.cache, progress=args.progress)
-    result = run_dedup(cfg)
-    gallery = report.save_duplicates_gallery(result, args.gallery)
+    with lock_folder(args.out, "dedup"):  # the results and their gallery: one writer
+        result = run_dedup(cfg)
+        gallery = report.save_duplicates_gallery(result, args.gallery)
     s = result.summary
     unit = "cosine >=" if s["metric"] == "cosine" else "Hamming <="
     print(f"{s['embedding']} ({unit} {s['threshold']}): {s['dups']} of {s['downstream_images']} test images have a "

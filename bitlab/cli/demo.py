@@ -27,8 +27,31 @@ def _demo(args: argparse.Namespace) -> None:
             print(f"{'':<34} objects alone (only_fg) top-1 {alone['top1']:.0%} [{alone['top1_ci'][0]:.0%}, "
                   f"{alone['top1_ci'][1]:.0%}]" + (f"; mistakes the bare background suggests: {share['value']:.0%} "
                                                     f"of {share['n']}" if share and share["n"] else ""))
+    _print_summary(res.summary)
+    print(f"summary: {Path(args.out) / demo.SUMMARY}")
     print("figures and tables:")
     for f in res.figures:
         if f.suffix in (".png", ".csv"):
             print(f"  {f}" + ("  (+ .pdf)" if f.suffix == ".png" else ""))
     print(f"the figures are in {Path(args.figures).resolve()}")
+
+
+def _print_summary(s: dict) -> None:
+    a, b = s["baseline"], s["compared"]
+    print(f"\nFig. 12 left / 13, {a} (left) vs {b} (right): {s['fig13_meet_rule']} of {len(s['fig13'])} images "
+          f"meet the paper's rule ({a} wrong, {b} right); in {s['fig13_fit_background']} the wrong top-1 is among "
+          f"{a}'s top 5 on the background alone")
+    for f in s["fig13"]:
+        fit = " (fits the background)" if f["fits_background"] else ""
+        print(f"  {f['class']} on {f['background']}: {a} '{f['baseline_top1']}'{fit}, {b} '{f['compared_top1']}'")
+    print(f"\n{a}: right on the object's own photo, wrong on a background that is not its usual context:")
+    for o in s["baseline_fooled_out_of_context"]:
+        wrong = ", ".join(f"{bg}: '{top1}'" for bg, top1 in o["wrong_on"].items())
+        print(f"  {o['class']} {o['fg_uid'][:8]} ('{o['own_photo_top1']}' alone) -> {wrong}")
+    print("\nHeat maps: shares of the class x background top-1 table's variance explained by the class alone, "
+          "by backgrounds that fool every class (permutation p) and by class-specific backgrounds:")
+    for label, m in s["models"].items():
+        if e := m.get("background_effect"):
+            print(f"  {label:<34} class {e['class']:4.0%}  background {e['background']:4.0%} (p = {e['p_value']:.2g})  "
+                  f"class x background {e['class_x_background']:4.0%}  -> background-dependent "
+                  f"{e['background_dependent']:4.0%}")

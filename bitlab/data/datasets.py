@@ -340,6 +340,17 @@ def align_classes(train: ImageSet, val: ImageSet) -> ImageSet:
     return aligned
 
 
+def validation_leak(train: ImageSet, val: ImageSet) -> str | None:
+    """A warning when files are in both sets (by absolute path): their validation scores are not
+    held out. None when the sets are apart."""
+    shared = sorted({os.path.abspath(p) for p in train.paths} & {os.path.abspath(p) for p in val.paths})
+    if not shared:
+        return None
+    shown = ", ".join(shared[:3]) + (f" and {len(shared) - 3} more" if len(shared) > 3 else "")
+    return (f"validation leak: {len(shared)} file(s) of {val.source} are also training images ({shown}); "
+            "validation scores on them are not held out")
+
+
 def split_off_validation(splits: dict, data: str | os.PathLike, *, open_source: Callable[[Any], dict] | None = None,
                          val_data: Any = None, val_split: str | None = None, val_fraction: float = 0.0, seed: int = 0,
                          holdout: Callable | None = None) -> tuple[Any, Any | None, list[str]]:

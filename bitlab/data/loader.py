@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from bitlab.data import shards
 from bitlab.data.datasets import ImageSet
 from bitlab.data.multilabel import MultiLabelSet
-from bitlab.data.transforms import decode_image, decode_image_bytes, decode_image_sizes, to_chw_tensor
+from bitlab.data.transforms import decode_image, decode_image_bytes, to_chw_tensor
 from bitlab.errors import BitlabError
 
 # What reading an image may raise: bitlab's own errors (undecodable, no such file, a bad shard
@@ -149,11 +149,10 @@ class TrainFiles(Dataset):
 
 
 class EvalFiles(Dataset):
-    """Evaluation views of a labelled set, or of plain paths (target None). With a tuple of
-    `decode_side`s (several models' views of one file: `decode_image_sizes`), `view` gets the tuple of
-    decoded images and returns a tuple of views."""
+    """Evaluation views of a labelled set, or of plain paths (target None). `view` may return a
+    tuple of views (several models' views of one decoded file): batches then hold a tuple of tensors."""
 
-    def __init__(self, images: Images, view: Callable, decode_side: int | tuple[int, ...] | None = None) -> None:
+    def __init__(self, images: Images, view: Callable, decode_side: int | None = None) -> None:
         self.images, self.view, self.decode_side = images, view, decode_side
         self.paths = images.paths if isinstance(images, (ImageSet, MultiLabelSet)) else images
 
@@ -162,10 +161,7 @@ class EvalFiles(Dataset):
 
     def __getitem__(self, i: int) -> Item:
         def read(j: int) -> tuple[torch.Tensor, Any]:
-            if isinstance(self.decode_side, tuple):
-                img = tuple(decode_image_sizes(self.paths[j], self.decode_side))
-            else:
-                img = decode_image(self.paths[j], min_side=self.decode_side)
+            img = decode_image(self.paths[j], min_side=self.decode_side)
             return to_tensor(self.view(img)), target_of(self.images, j)
 
         return first_readable([i], read, lambda j: str(self.paths[j]), tries=1, target=target_of(self.images, i))

@@ -504,32 +504,32 @@ def write_shards(images: ImageSet | MultiLabelSet, out: str | os.PathLike, *, sh
     if n == 1:
         common = common.parent
     width, position = max(9, len(str(n))), {int(i): k for k, i in enumerate(order)}
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / INDEX).exists():
-        os.unlink(out / INDEX)  # the index is rewritten last: without it, the folder is not a shard set
+    with io.lock_folder(out, "shards"):  # one writer per shard set
+        if (out / INDEX).exists():
+            os.unlink(out / INDEX)  # the index is rewritten last: without it, the folder is not a shard set
 
-    def write_one(k: int) -> tuple[ShardInfo, list[tuple[str, list[int]]]]:
-        path = out / f"{prefix}-{k:06d}.tar"
-        members = [(f"{position[i]:0{width}d}", Path(images.paths[i]), labels[i]) for i in groups[k]]
-        skipped = _write_shard(path, members, multi=multi, common=common, source=images.source, skip_bad=skip_bad)
-        return ShardInfo(path.name, len(members) - len(skipped), path.stat().st_size, io.sha256_file(path)), skipped
+        def write_one(k: int) -> tuple[ShardInfo, list[tuple[str, list[int]]]]:
+            path = out / f"{prefix}-{k:06d}.tar"
+            members = [(f"{position[i]:0{width}d}", Path(images.paths[i]), labels[i]) for i in groups[k]]
+            skipped = _write_shard(path, members, multi=multi, common=common, source=images.source, skip_bad=skip_bad)
+            return ShardInfo(path.name, len(members) - len(skipped), path.stat().st_size, io.sha256_file(path)), skipped
 
-    results = _map_shards(write_one, range(len(groups)), workers=workers, desc="shards", progress=progress)
-    infos, skipped = [info for info, _ in results], [s for _, left_out in results for s in left_out]
-    if len(skipped) == n:
-        raise BitlabError(f"{images.source}: none of the {n} images decodes")
-    planned = {i.name for i in infos}
-    if stale := sorted(p.name for p in out.glob(f"{prefix}-*.tar") if p.name not in planned):
-        log.warning("%s: %d shard file(s) from an earlier write are not part of this set (e.g. %s)", out,
-                    len(stale), stale[0])
-    counts = np.zeros(len(images.classes), np.int64)
-    for lab in labels:
-        counts[lab] += 1
-    for _, lab in skipped:
-        counts[lab] -= 1
-    index = ShardIndex(out, infos, list(images.classes), multi, images.source, seed if shuffle else None,
-                       counts.tolist(), sorted(src for src, _ in skipped))
-    io.write_json(out / INDEX, index.to_dict())
+        results = _map_shards(write_one, range(len(groups)), workers=workers, desc="shards", progress=progress)
+        infos, skipped = [info for info, _ in results], [s for _, left_out in results for s in left_out]
+        if len(skipped) == n:
+            raise BitlabError(f"{images.source}: none of the {n} images decodes")
+        planned = {i.name for i in infos}
+        if stale := sorted(p.name for p in out.glob(f"{prefix}-*.tar") if p.name not in planned):
+            log.warning("%s: %d shard file(s) from an earlier write are not part of this set (e.g. %s)", out,
+                        len(stale), stale[0])
+        counts = np.zeros(len(images.classes), np.int64)
+        for lab in labels:
+            counts[lab] += 1
+        for _, lab in skipped:
+            counts[lab] -= 1
+        index = ShardIndex(out, infos, list(images.classes), multi, images.source, seed if shuffle else None,
+                           counts.tolist(), sorted(src for src, _ in skipped))
+        io.write_json(out / INDEX, index.to_dict())
     log.info("%s: %d samples in %d shards (%.1f MB)", out, index.num_samples, len(infos),
              sum(i.bytes for i in infos) / 1e6)
     return index
@@ -553,10 +553,13 @@ def write_source(data: str | os.PathLike, out: str | os.PathLike, *, split: str 
     if split is not None:
         if split not in splits:
             raise BitlabError(f"{data}: no split {split!r} (found: {', '.join(sorted(splits))})")
-        return {split: write_shards(splits[split], out, **kwargs)}
-    if list(splits) == ["all"]:
-        return {"all": write_shards(splits["all"], out, **kwargs)}
-    return {name: write_shards(s, Path(out) / name, **kwargs) for name, s in sorted(splits.items())}
+        targets = {split: (splits[split], Path(out))}
+    elif list(splits) == ["all"]:
+        targets = {"all": (splits["all"], Path(out))}
+    else:
+        targets = {name: (s, Path(out) / name) for name, s in sorted(splits.items())}
+    with io.lock_folder(out, "shards"):  # one writer for the whole set (and each split's folder)
+        return {name: write_shards(s, dest, **kwargs) for name, (s, dest) in targets.items()}
 
 
 # ----------------------------------------------------------------------------- indexing foreign shards
@@ -569,12 +572,18 @@ def index_shards(root: str | os.PathLike, *, pattern: str = "*.tar", classes: Se
     root = Path(root)
     if not root.is_dir():
         raise ShardError(f"{root}: no such folder")
+    with io.lock_folder(root, "shards-index"):  # no writer may change the tars while they are read
+        return _index_shards(root, pattern, classes, multi_label, workers, progress)
+
+
+def _index_shards(root: Path, pattern: str, classes: Sequence[str] | None, multi_label: bool, workers: int,
+                  progress: bool) -> ShardIndex:
     if (root / INDEX).exists():
         # Re-indexing would replace the class names (and a writer's source, seed, skipped list).
         raise ShardError(f"{root / INDEX}: already a shard set (delete it to index the tars again)")
     if Path(pattern).name != pattern:
         raise ShardError(f"--pattern {pattern!r}: a file name pattern in {root}, not a path")
-    paths = sorted(p for p in root.glob(pattern) if p.is_file())
+    paths = sorted(p for p in root.glob(pattern) if p.is_file() and p.name != io.LOCK_FILE)
     if not paths:
         raise ShardError(f"{root}: no files match {pattern!r}")
     limit = None if classes is None else len(classes)

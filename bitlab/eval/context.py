@@ -22,18 +22,23 @@ and `background_gap` = top-1(only_fg) - top-1(composite) over composites, overal
 per background: a paired difference over the same composites (each paired with its object alone),
 with a bootstrap interval over objects and McNemar's exact test (`bitlab.eval.stats`). The summary
 (`summarize`) gives each share with its interval; README's "Context scores" table says why each.
+What the demo and the report call a mistake that "fits the background" (Fig. 13) is
+`context_consistent_error`, from `context_consistent_errors`: one definition.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
+from bitlab import io
 from bitlab.errors import BitlabError
 from bitlab.eval import robustness, stats
 from bitlab.eval.robustness import IN_CONTEXT, EvalItem, EvalSet
+from bitlab.ooc.record import DATASET
 from bitlab.ooc.variants import FOLDER, VARIANTS
 
 COLUMNS = ("object_alone_correct", "fooled_by_context", "context_consistent_error", "mixed_rand_correct")
@@ -49,6 +54,8 @@ def find_variants(ev: EvalSet, variants_dir: str | Path | None = None) -> dict[s
         return {}
     base = Path(variants_dir) if variants_dir is not None else ev.root / FOLDER
     found = {v: robustness.load_eval_set(base / v) for v in VARIANTS if (base / v / robustness.MANIFEST).is_file()}
+    if variants_dir is None:
+        _check_recorded(ev.root, found)
     if variants_dir is not None and not found:
         raise BitlabError(f"{base}: no variants found (looked for {', '.join(f'{v}/manifest.csv' for v in VARIANTS)}; "
                           "`bitlab make-ooc --variants` writes them)")
@@ -59,6 +66,19 @@ def find_variants(ev: EvalSet, variants_dir: str | Path | None = None) -> dict[s
             raise BitlabError(f"{vs.root}: the {v} images share no {'background' if v == 'no_fg' else 'object'} "
                               f"with {ev.root}'s composites (variants of another build?)")
     return found
+
+
+def _check_recorded(root: Path, found: Mapping[str, EvalSet]) -> None:
+    """Variants beside a build must be the ones its dataset.json records (manifest sha256)."""
+    record = root / DATASET
+    if not record.is_file():  # not a make-ooc build (check_complete has refused an unfinished one)
+        return
+    recorded = json.loads(record.read_text(encoding="utf-8")).get("variants", {})
+    for v, vs in found.items():
+        want = recorded.get(v, {}).get("manifest_sha256")
+        if want != io.sha256_file(vs.root / robustness.MANIFEST):
+            raise BitlabError(f"{vs.root / robustness.MANIFEST}: not the {v} manifest that {record} records "
+                              "(variants of another build, or edited); rerun the make-ooc command")
 
 
 def variant_items(ev: EvalSet, sets: Mapping[str, EvalSet]) -> list[EvalItem]:
@@ -104,17 +124,31 @@ def join(df: pd.DataFrame, items: Sequence[EvalItem], variants: Mapping[str, pd.
         out["object_alone_correct"] = _lookup(key, alone, akey, "top1_correct").astype("boolean")
         out["fooled_by_context"] = (out["object_alone_correct"] & wrong).astype("boolean")
     if (bare := variants.get("no_fg")) is not None:
-        ids = bare[[f"top{j}_id" for j in range(1, k + 1)]].astype(int).astype(str).agg(";".join, axis=1)
-        top = _lookup(out["bg_uid"], bare.assign(ids=ids), bare["bg_uid"], "ids")
-        out[f"no_fg_top{k}_ids"] = top.fillna("")
+        top = background_topk(bare)
+        out[f"no_fg_top{k}_ids"] = out["bg_uid"].map(lambda u: ";".join(map(str, top[u])) if u in top else "")
         out["no_fg_top1_name"] = _lookup(out["bg_uid"], bare, bare["bg_uid"], "top1_name").fillna("")
-        inside = [str(int(i)) in t.split(";") if isinstance(t, str) else pd.NA for i, t in zip(out["top1_id"], top)]
-        out["context_consistent_error"] = (pd.array(inside, dtype="boolean") & wrong.to_numpy())
+        out["context_consistent_error"] = context_consistent_errors(out, top)
     if (mixed := variants.get("mixed_rand")) is not None:
         key = out["fg_uid"] + "|" + out["bg_uid"]
         out["mixed_rand_correct"] = _lookup(key, mixed, mixed["fg_uid"] + "|" + mixed["pair_bg_uid"],
                                             "top1_correct").astype("boolean")
     return out
+
+
+def background_topk(bare: pd.DataFrame) -> dict[str, list[int]]:
+    """A model's top-k ILSVRC-2012 classes on each bare background, from its no_fg predictions:
+    bg_uid -> ids, best first."""
+    cols = [f"top{j}_id" for j in range(1, robustness.topk_of(bare) + 1)]
+    return {uid: [int(i) for i in ids] for uid, ids in zip(bare["bg_uid"], bare[cols].to_numpy())}
+
+
+def context_consistent_errors(df: pd.DataFrame, topk: Mapping[str, Sequence[int]]) -> pd.Series:
+    """The one definition of a mistake that fits the background: per composite of a predictions
+    table, the top-1 is wrong and among the model's top-k on the same bare background (`topk`:
+    `background_topk`). NA where the background has no no_fg prediction."""
+    inside = [int(i) in topk[u] if u in topk else pd.NA for i, u in zip(df["top1_id"], df["bg_uid"])]
+    wrong = ~df["top1_correct"].astype(bool).to_numpy()
+    return pd.Series(pd.array(inside, dtype="boolean") & wrong, index=df.index, name="context_consistent_error")
 
 
 # ----------------------------------------------------------------------------- the summary

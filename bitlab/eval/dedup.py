@@ -1,8 +1,8 @@
 """Near-duplicates between an upstream (training) set and a downstream (test) set: paper Appendix B,
 Table 6 and Fig. 9.
 
-Every image becomes one embedding, at the same OpenCV pre-processing as evaluation
-(`bitlab.data.transforms`):
+Every image becomes one embedding, at the same pre-processing as evaluation (the model's reference
+view, `bitlab.data.transforms.eval_image`):
 
 - `model:NAME`: a bitlab model's pre-logits (global-pooled features before the classifier),
   L2-normalised, compared by cosine similarity. The default is the real offline ImageNet model
@@ -22,10 +22,10 @@ Hamming distances: hamming = (bits - dot) / 2.
 Thresholds (`DEFAULT_THRESHOLDS`), and how they were chosen. On real photos (scikit-image and
 matplotlib sample photos, the acceptance test's fixture) we planted near-duplicates (resized to
 half size, re-encoded as JPEG at quality 30, 6 % cropped from every side) and measured, with
-`efficientnet_lite0.offline_in1k` at its 224 px evaluation view:
+`efficientnet_lite0.offline_in1k` at its 224 px evaluation view (timm's: bicubic, crop 0.875):
 
-    planted copy vs its original, cosine   0.73 (JPEG q30 of a grey clock) ... 1.00
-    unrelated photos, highest cosine       0.54 (moon vs. a microscopy cell)
+    planted copy vs its original, cosine   0.74 (JPEG q30 of a grey clock) ... 1.00
+    unrelated photos, highest cosine       0.51 (moon vs. a microscopy cell)
 
 so `model:*` pairs with cosine similarity >= 0.70 count as duplicates: above every unrelated pair
 by a wide margin, and as close to the planted floor as keeps all of them, because a lower value
@@ -412,9 +412,20 @@ class DedupResult:
         return [(down[r["query"]], up[r["match"]], r["similarity"]) for r in self.duplicates if r["rank"] == 1]
 
 
+# What a run writes in `out/`: removed before its config.json replaces the old one, so that an
+# interrupted rerun never leaves the new settings beside the old counts.
+RESULT_FILES = ("summary.json", "duplicates.csv", "nearest.csv", "duplicates.png", "duplicates.pdf")
+
+
 def run_dedup(cfg: DedupConfig) -> DedupResult:
     """Embed, search, threshold and count; writes the files listed in the module docstring (the
-    gallery is drawn from the result: `bitlab.report.save_duplicates_gallery`)."""
+    gallery is drawn from the result: `bitlab.report.save_duplicates_gallery`). `out` is locked
+    meanwhile (`bitlab.io.lock_folder`: one dedup writes a folder at a time)."""
+    with io.lock_folder(cfg.out, "dedup"):
+        return _run_dedup(cfg)
+
+
+def _run_dedup(cfg: DedupConfig) -> DedupResult:
     for field, least in (("topk", 1), ("block_size", 1), ("query_block_size", 1), ("batch_size", 1),
                          ("workers", 0)):
         value = getattr(cfg, field)
@@ -427,6 +438,8 @@ def run_dedup(cfg: DedupConfig) -> DedupResult:
     threshold = DEFAULT_THRESHOLDS[embedding.metric] if cfg.threshold is None else float(cfg.threshold)
     _check_threshold(embedding.metric, threshold)
     correct = read_predictions(cfg.predictions, downstream, cfg.correct_column) if cfg.predictions else None
+    for name in RESULT_FILES:
+        (out / name).unlink(missing_ok=True)
     io.write_json(out / "config.json", {**cfg.to_dict(), "threshold": threshold, "metric": embedding.metric})
 
     workers = default_workers() if cfg.workers is None else cfg.workers

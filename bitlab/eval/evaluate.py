@@ -10,11 +10,14 @@ read and decoded once per batch for all of them (`bitlab.eval.multi`). `evaluate
 folders out as `OUT/<model label slug>/` beside `OUT/models.json`; one model keeps `OUT` itself.
 
 Long runs resume: predictions are saved per model in chunks under `.partial/` (atomically) and a
-rerun with the same model, weights and images skips the chunks already done. Under torchrun the
-images are sharded over the processes and rank 0 writes the one result.
+rerun with the same model and weights skips the chunks whose images (names, sizes and modification
+times) are unchanged. Under torchrun the images are sharded over the processes and rank 0 writes
+the one result. One evaluate writes a folder at a time (`bitlab.io.lock_folder`), and the old
+results go before the new config.json is written (`results.invalidate`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -33,7 +36,7 @@ from bitlab import io
 from bitlab.device import parse_device
 from bitlab.errors import BitlabError
 from bitlab.eval import context, multi, robustness
-from bitlab.eval.results import CONFIG, MODELS_INDEX, PREDICTIONS, SUMMARY, VARIANT_PREDICTIONS, slug
+from bitlab.eval.results import CONFIG, MODELS_INDEX, PREDICTIONS, SUMMARY, VARIANT_PREDICTIONS, invalidate, slug
 from bitlab.models import data_config_of, registry, zoo
 from bitlab.train import distributed
 from bitlab.train.torchrun import env_rank
@@ -120,21 +123,20 @@ def load_model_for_eval(cfg: EvaluateConfig) -> nn.Module:
                                      image_size=cfg.image_size)
 
 
-def _fingerprint(cfg: EvaluateConfig, model: nn.Module, ev: robustness.EvalSet) -> str:
-    """What the saved chunks depend on: model, weights file, resolution and the image list."""
+def _fingerprint(cfg: EvaluateConfig, model: nn.Module) -> str:
+    """What every saved chunk depends on besides its images: model, weights file, resolution, label
+    map, top-k, chunk size (the images themselves key each chunk: `multi.chunk_keys`)."""
     h = hashlib.sha256()
     weights = Path(cfg.pretrained) if cfg.pretrained else None
     stat = weights.stat() if weights and weights.is_file() else None
     h.update(json.dumps([cfg.model, str(weights), stat and (stat.st_size, stat.st_mtime_ns), cfg.num_classes,
                          data_config_of(model).to_dict(), cfg.label_map, cfg.topk, multi.CHUNK]).encode())
-    for it in ev.items:
-        h.update(it.image.encode() + b"\0")
     return h.hexdigest()[:16]
 
 
 def evaluate(cfg: EvaluateConfig, variants_dir: str | Path | None = None) -> dict:
-    """Evaluate `cfg.model` on `cfg.data`; write predictions, summary and config to `cfg.out`.
-    Returns the summary."""
+    """Evaluate `cfg.model` on `cfg.data`; write predictions, summary and config to `cfg.out`, which
+    this run locks meanwhile (a folder another evaluate writes is refused). Returns the summary."""
     return evaluate_many([cfg], variants_dir)[0]
 
 
@@ -187,9 +189,17 @@ def _run(m: _Model, items: Sequence[robustness.EvalItem], key: str) -> multi.Mod
 def evaluate_many(cfgs: Sequence[EvaluateConfig], variants_dir: str | Path | None = None) -> list[dict]:
     """Evaluate several models on the same data in one pass (each `cfg.out` its own results folder,
     as `evaluate` writes it); returns their summaries. Under torchrun the images are sharded over the
-    processes; rank 0 writes, and every process returns the summaries."""
+    processes; rank 0 writes (holding each folder's lock), and every process returns the summaries."""
     base = _shared(cfgs)
     parse_device(base.device)  # a bad --device fails before anything is read or written
+    with contextlib.ExitStack() as locks:
+        if env_rank() == 0:
+            for c in cfgs:
+                locks.enter_context(io.lock_folder(c.out, "evaluate"))
+        return _evaluate_many(cfgs, base, variants_dir)
+
+
+def _evaluate_many(cfgs: Sequence[EvaluateConfig], base: EvaluateConfig, variants_dir: str | Path | None) -> list[dict]:
     ev = robustness.load_eval_set(base.data, base.classes, base.role)
     if not any(it.targets for it in ev.items):
         raise BitlabError(f"{ev.root}: no image has a class to score (a no_fg variant shows backgrounds alone: "
@@ -201,10 +211,11 @@ def evaluate_many(cfgs: Sequence[EvaluateConfig], variants_dir: str | Path | Non
         if info.is_main:
             for m in models:
                 Path(m.cfg.out).mkdir(parents=True, exist_ok=True)
+                invalidate(m.cfg.out)  # before the new config.json: never one run's config beside another's results
                 io.write_json(Path(m.cfg.out) / CONFIG, dataclasses.asdict(m.cfg))
         log.info("%s: %d images (%s, role %s) and %d variant images with %s", ev.root, len(ev.items), ev.kind,
                  ev.role, len(everything.items) - len(ev.items), ", ".join(model_label(c) for c in cfgs))
-        runs = [_run(m, everything.items, _fingerprint(m.cfg, m.model, everything)) for m in models]
+        runs = [_run(m, everything.items, _fingerprint(m.cfg, m.model)) for m in models]
         preds = multi.predict_runs(runs, everything.paths(), batch_size=base.batch_size, workers=base.workers,
                                    info=info, progress=base.progress,
                                    desc="evaluate " + ", ".join(model_label(c) for c in cfgs))
@@ -307,8 +318,13 @@ def evaluate_models(base: EvaluateConfig, models: Sequence[dict], variants_dir: 
     """Several models on `base.data` in one pass: `base.out/<label slug>/` per model (a results folder
     as `evaluate` writes it) and `base.out/models.json` listing them (`results.find_results` reads it)."""
     cfgs = model_configs(base, models)
-    summaries = evaluate_many(cfgs, variants_dir)
-    if env_rank() == 0:  # under torchrun, rank 0 writes
-        io.write_json(Path(base.out) / MODELS_INDEX, {"models": [
-            {"label": s["model"]["label"], "folder": Path(c.out).name, "model": c.model} for c, s in zip(cfgs, summaries)]})
+    index = Path(base.out) / MODELS_INDEX
+    with contextlib.ExitStack() as lock:
+        if env_rank() == 0:  # under torchrun, rank 0 writes
+            lock.enter_context(io.lock_folder(base.out, "evaluate"))
+            index.unlink(missing_ok=True)  # an interrupted run leaves no index of another run's models
+        summaries = evaluate_many(cfgs, variants_dir)
+        if env_rank() == 0:
+            io.write_json(index, {"models": [{"label": s["model"]["label"], "folder": Path(c.out).name,
+                                              "model": c.model} for c, s in zip(cfgs, summaries)]})
     return summaries

@@ -3,14 +3,17 @@
 - One pass: each batch of files is read and decoded once for every model (`predict.iter_probs_many`),
   and models that share an input size and crop share its uint8 view.
 - Resumable per model: the top-k of each chunk of `CHUNK` images is saved per model
-  (`<out>/.partial/<key>-<start>.npz`, atomically, keyed by what the numbers depend on); a rerun
-  runs a chunk only for the models that lack it.
+  (`<out>/.partial/<key>-<start>-<images>.npz`, atomically, keyed by what the numbers depend on:
+  the model's fingerprint and the chunk's image paths, sizes and modification times, so that an
+  image replaced under its name is predicted again, and only its chunk); a rerun runs a chunk only
+  for the models that lack it.
 - Sharded: under torchrun, process r takes images start+r, start+r+world, ... of each chunk (one
   device each), and rank 0 gathers the chunk, puts it back in image order and saves it, so the
   result is the single-process one (up to float rounding across batch compositions).
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -41,15 +44,28 @@ class ModelRun:
     topk: int
     check: Callable[[int], None]  # called with the number of outputs on the first batch (head checks)
 
-    def chunk_file(self, start: int) -> Path:
-        return self.out / PARTIAL / f"{self.key}-{start:07d}.npz"
+    def chunk_file(self, start: int, images: str) -> Path:
+        return self.out / PARTIAL / f"{self.key}-{start:07d}-{images}.npz"
 
-    def drop_stale(self) -> None:
+    def drop_stale(self, images: Sequence[str], chunk: int) -> None:
         """Chunks saved under another key (other model, weights or images) are of no use."""
-        (self.out / PARTIAL).mkdir(parents=True, exist_ok=True)
-        for stale in (self.out / PARTIAL).glob("*.npz"):
-            if not stale.name.startswith(self.key):
-                stale.unlink()
+        partial = self.out / PARTIAL
+        partial.mkdir(parents=True, exist_ok=True)
+        keep = {self.chunk_file(i * chunk, k) for i, k in enumerate(images)}
+        for stale in set(partial.glob("*.npz")) - keep:
+            stale.unlink()
+
+
+def chunk_keys(paths: Sequence[Path], chunk: int) -> list[str]:
+    """Each chunk's images as a key: their paths, sizes and modification times."""
+    keys = []
+    for start in range(0, len(paths), chunk):
+        h = hashlib.sha256()
+        for p in paths[start:start + chunk]:
+            st = Path(p).stat()
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        keys.append(h.hexdigest()[:16])
+    return keys
 
 
 Chunk = tuple[np.ndarray, np.ndarray, np.ndarray]  # top-k ids, top-k probabilities, probability on the targets
@@ -61,16 +77,17 @@ def predict_runs(runs: Sequence[ModelRun], paths: Sequence[Path], *, batch_size:
     """Every run's top-k ids, probabilities and target probability over `paths`, in path order (on
     rank 0; None on the other ranks). A file that cannot be read stops every process, named."""
     chunk = chunk or CHUNK
+    images = chunk_keys(paths, chunk) if info.is_main else []  # only rank 0 reads and writes chunks
     if info.is_main:
         for r in runs:
-            r.drop_stale()
+            r.drop_stale(images, chunk)
     distributed.barrier(info)
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not (progress and info.is_main))
     try:
-        for start in range(0, len(paths), chunk):
+        for c, start in enumerate(range(0, len(paths), chunk)):
             stop = min(start + chunk, len(paths))
             todo = distributed.main_rank_call(
-                lambda: [i for i, r in enumerate(runs) if not r.chunk_file(start).is_file()], info)
+                lambda: [i for i, r in enumerate(runs) if not r.chunk_file(start, images[c]).is_file()], info)
             mine = list(range(start + info.rank, stop, info.world_size)) if todo else []
             if todo:
                 local, errors = _predict_share([runs[i] for i in todo], paths, mine, batch_size, workers, info, bar)
@@ -78,13 +95,13 @@ def predict_runs(runs: Sequence[ModelRun], paths: Sequence[Path], *, batch_size:
                 shares = distributed.all_gather_object((mine, local), info)
                 if info.is_main:
                     for j, i in enumerate(todo):
-                        _save(runs[i].chunk_file(start), _in_order(shares, j, start, stop))
+                        _save(runs[i].chunk_file(start, images[c]), _in_order(shares, j, start, stop))
             bar.update(stop - start - len(mine))  # this process's own images advanced it already
     finally:
         bar.close()
     if not info.is_main:
         return None
-    return [_load_all(r, len(paths), chunk) for r in runs]
+    return [_load_all(r, images, chunk) for r in runs]
 
 
 def _predict_share(runs: Sequence[ModelRun], paths: Sequence[Path], mine: list[int], batch_size: int,
@@ -133,10 +150,10 @@ def _save(file: Path, chunk: Chunk) -> None:
         np.savez(f, ids=chunk[0], probs=chunk[1], target_prob=chunk[2])
 
 
-def _load_all(run: ModelRun, n: int, chunk: int) -> Chunk:
+def _load_all(run: ModelRun, images: Sequence[str], chunk: int) -> Chunk:
     parts = []
-    for start in range(0, n, chunk):
-        with np.load(run.chunk_file(start), allow_pickle=False) as z:
+    for c, key in enumerate(images):
+        with np.load(run.chunk_file(c * chunk, key), allow_pickle=False) as z:
             parts.append((z["ids"], z["probs"], z["target_prob"]))
     ids, probs, tprob = (np.concatenate([p[j] for p in parts]) for j in range(3))
     return ids, probs, tprob

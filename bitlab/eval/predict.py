@@ -1,9 +1,10 @@
 """Batched inference: image files -> class probabilities, with the training pre-processing.
 
-Workers decode and resize with OpenCV at the model's resolution (`model.data_config`) and ship
-uint8 tensors (`bitlab.data.loader`); normalisation happens once per batch on the model's device.
+Workers decode with OpenCV and resize and crop as the model's reference pipeline does
+(`model.data_config`, `bitlab.data.transforms.eval_image`), shipping uint8 tensors
+(`bitlab.data.loader`); normalisation happens once per batch on the model's device.
 Several models over the same files (`iter_probs_many`) share each file's reading and decoding,
-and models of the same input size and crop share its view.
+and models with the same evaluation view (size, filter, crop) share that view.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitlab.data.loader import EvalFiles, default_workers, make_loader
-from bitlab.data.transforms import BadImageError, DataConfig, eval_image, eval_min_side, normalize
+from bitlab.data.transforms import BadImageError, DataConfig, eval_image, normalize
 from bitlab.device import parse_device
 from bitlab.models.registry import data_config_of
 
@@ -31,20 +32,19 @@ class Predictions:
 
 
 class EvalViews:
-    """The evaluation views of one decoded file for several models' data configs (a picklable
-    callable for loader workers): one view per distinct (input size, crop), uint8 HxWx3 each."""
+    """The evaluation views of one decoded image for several models' data configs (a picklable
+    callable for loader workers): one uint8 HxWx3 view per config, in order."""
 
     def __init__(self, cfgs: Sequence[DataConfig]) -> None:
         self.cfgs = list(cfgs)
-        self.sides = tuple(eval_min_side(c) for c in self.cfgs)
 
-    def __call__(self, imgs: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
-        return tuple(eval_image(img, c) for img, c in zip(imgs, self.cfgs))
+    def __call__(self, img: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(eval_image(img, c) for c in self.cfgs)
 
 
-def view_key(cfg: DataConfig) -> tuple[int, float]:
+def view_key(cfg: DataConfig) -> tuple[int, str, float, str]:
     """What decides a model's uint8 input (mean and std are applied per model on the device)."""
-    return cfg.input_size, cfg.crop_pct
+    return cfg.input_size, cfg.interpolation, cfg.crop_pct, cfg.crop_mode
 
 
 def prepare_for_inference(model: nn.Module, device: torch.device) -> nn.Module:
@@ -67,8 +67,9 @@ def iter_probs_many(models: Sequence[nn.Module], paths: Sequence[str | os.PathLi
     device = parse_device(device)
     models = [prepare_for_inference(m, device) for m in models]
     workers = default_workers() if workers is None else workers
-    # Below one batch, worker start-up costs more than it saves.
-    loader = make_loader(EvalFiles(paths, views, views.sides), batch_size,
+    # Below one batch, worker start-up costs more than it saves. Images are decoded whole (no
+    # DCT-scaled JPEG decode): the reference resamples the full image.
+    loader = make_loader(EvalFiles(paths, views), batch_size,
                          workers=workers if len(paths) > batch_size else 0, pin_memory=device.type == "cuda")
     bar = progress if isinstance(progress, tqdm) else tqdm(
         total=len(paths), desc="predict", unit="img", disable=not progress, leave=False)

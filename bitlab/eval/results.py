@@ -9,6 +9,10 @@
 
 Several models evaluated together (`bitlab evaluate --model A --model B`) write `OUT/models.json`
 and one such folder per model, `OUT/<label slug>/`; `find_results` expands OUT into them.
+
+`evaluate` holds the folder's lock while it writes (`bitlab.io.lock_folder`) and `invalidate`s the
+old summary and predictions before its config.json replaces the old one; `load_results` refuses a
+folder in use, or whose files disagree.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from typing import Sequence
 
 import pandas as pd
 
+from bitlab import io
 from bitlab.errors import BitlabError
 from bitlab.eval import robustness
 
@@ -29,9 +34,7 @@ SUMMARY = "summary.json"
 CONFIG = "config.json"
 MODELS_INDEX = "models.json"
 # Per-image context columns (bitlab.eval.context): True / False, empty where a partner is missing.
-_FLAGS = ("object_alone_correct", "fooled_by_context", "context_consistent_error", "mixed_rand_correct")
-_TEXT = ("image", "class", "background", "fg_uid", "bg_uid", "targets", "variant", "paste_xy", "pair_bg_uid",
-         "only_fg_top1_name", "no_fg_top1_name")
+_CONTEXT_FLAGS = ("object_alone_correct", "fooled_by_context", "context_consistent_error", "mixed_rand_correct")
 
 
 def slug(text: str) -> str:
@@ -87,17 +90,27 @@ class Results:
         return self.summary.get("context")
 
 
-def _read_table(path: Path) -> pd.DataFrame:
-    df = pd.read_csv(path, keep_default_na=False, dtype={c: str for c in _TEXT})
-    for c in _FLAGS:
-        if c in df:
-            df[c] = df[c].astype(str).map({"True": True, "False": False, "": pd.NA}).astype("boolean")
-    for c in [c for c in df if re.fullmatch(r"no_fg_top\d+_ids", c)]:
-        df[c] = df[c].astype(str)
-    return df
+def invalidate(path: str | Path) -> None:
+    """Before a results folder is rewritten: its summary goes first, then its predictions, so that an
+    interrupted rerun leaves no folder whose files describe two runs (`load_results` refuses it)."""
+    for name in (SUMMARY, PREDICTIONS, VARIANT_PREDICTIONS):
+        (Path(path) / name).unlink(missing_ok=True)
+
+
+# What figures and notebooks read from summary.json (dotted paths), and the types they need.
+_SUMMARY_FIELDS = {"model.label": str, "model.name": str, "model.params_m": (int, float),
+                   "model.pretraining_data": str, "dataset.path": str, "dataset.name": str, "dataset.role": str,
+                   "dataset.num_images": int, "n": int, "top1": (int, float)}
+# config.json (the EvaluateConfig) against summary.json: the same run wrote both.
+_SAME_RUN = (("model", "model.name"), ("pretrained", "model.pretrained"), ("label_map", "model.label_map"))
+_TEXT_COLUMNS = ("image", "class", "background", "targets")
 
 
 def load_results(path: str | Path) -> Results:
+    """Read a results folder, refusing one whose files disagree or are damaged (a `BitlabError`
+    naming the file and field): a writer still at work, a missing or unreadable file, a summary
+    without a field the figures need, a config from another run than the summary, predictions
+    with missing columns, cells that are not numbers or booleans, or another row count than `n`."""
     path = Path(path)
     if not path.is_dir():
         raise BitlabError(f"{path}: results folder not found")
@@ -105,19 +118,40 @@ def load_results(path: str | Path) -> Results:
         folders = ", ".join(str(p) for p in model_folders(path))
         raise BitlabError(f"{path}: holds several models' results ({MODELS_INDEX}): read one of {folders} "
                           "(bitlab report takes the folder itself)")
+    io.check_not_in_use(path)
     for name in (SUMMARY, CONFIG, PREDICTIONS):
         if not (path / name).is_file():
             raise BitlabError(f"{path / name}: missing results file (run `bitlab evaluate --out {path}` first)")
-    try:
-        summary = json.loads((path / SUMMARY).read_text())
-        config = json.loads((path / CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise BitlabError(f"{path}: unreadable results file: {e}") from None
-    df = _read_table(path / PREDICTIONS)
-    if df.empty:
-        raise BitlabError(f"{path / PREDICTIONS}: no predictions")
-    variants = _read_table(path / VARIANT_PREDICTIONS) if (path / VARIANT_PREDICTIONS).is_file() else None
-    return Results(path, summary, config, df, variants)
+    summary, config = _read_json(path / SUMMARY), _read_json(path / CONFIG)
+    _check_summary(path / SUMMARY, summary)
+    for key, field in _SAME_RUN:
+        if key in config and config[key] != _field(summary, field):
+            raise BitlabError(f"{path / CONFIG}: field {key!r} is {config[key]!r}, but {path / SUMMARY} field "
+                              f"{field!r} is {_field(summary, field)!r}: the files come from two runs (an "
+                              "interrupted evaluate?); run `bitlab evaluate` again")
+    df = _read_predictions(path / PREDICTIONS)
+    if len(df) != summary["n"]:
+        raise BitlabError(f"{path / PREDICTIONS}: {len(df)} rows, but {path / SUMMARY} field 'n' is {summary['n']} "
+                          "(the file is cut short, or from another run); run `bitlab evaluate` again")
+    return Results(path, summary, config, df, _read_variants(path, summary))
+
+
+def _read_variants(path: Path, summary: dict) -> pd.DataFrame | None:
+    """variant_predictions.csv, which a summary with context scores needs, with as many rows as the
+    summary's variants."""
+    if summary.get("context") is None:
+        return None
+    file = path / VARIANT_PREDICTIONS
+    if not file.is_file():
+        raise BitlabError(f"{file}: missing results file ({path / SUMMARY} has context scores); "
+                          "run `bitlab evaluate` again")
+    df = _read_predictions(file)
+    n = sum(v.get("n", 0) for v in _field(summary, "context.variants").values()) \
+        if isinstance(_field(summary, "context.variants"), dict) else len(df)
+    if len(df) != n:
+        raise BitlabError(f"{file}: {len(df)} rows, but {path / SUMMARY} counts {n} variant images "
+                          "(the file is cut short, or from another run); run `bitlab evaluate` again")
+    return df
 
 
 def model_folders(path: str | Path) -> list[Path]:
@@ -136,3 +170,73 @@ def model_folders(path: str | Path) -> list[Path]:
 def find_results(paths: Sequence[str | Path]) -> list[Results]:
     """`load_results` of every folder given, a multi-model folder expanded into its models."""
     return [load_results(p) for path in paths for p in model_folders(path)]
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BitlabError(f"{path}: unreadable results file: {e}") from None
+    if not isinstance(value, dict):
+        raise BitlabError(f"{path}: unreadable results file: a JSON object was expected, got {type(value).__name__}")
+    return value
+
+
+_MISSING = object()
+
+
+def _field(obj: dict, dotted: str):
+    for key in dotted.split("."):
+        obj = obj.get(key, _MISSING) if isinstance(obj, dict) else _MISSING
+    return obj
+
+
+def _check_summary(path: Path, summary: dict) -> None:
+    for field, kind in _SUMMARY_FIELDS.items():
+        value = _field(summary, field)
+        if value is _MISSING:
+            raise BitlabError(f"{path}: field {field!r} is missing (not a complete `bitlab evaluate` summary)")
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise BitlabError(f"{path}: field {field!r} is {value!r}, not a {getattr(kind, '__name__', 'number')}")
+    if summary["dataset"]["role"] not in ("ooc", "val"):
+        raise BitlabError(f"{path}: field 'dataset.role' is {summary['dataset']['role']!r}, not 'ooc' or 'val'")
+
+
+def _read_predictions(path: Path) -> pd.DataFrame:
+    """predictions.csv with its columns checked and typed: ids int, probabilities float, flags bool."""
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except pd.errors.EmptyDataError:
+        raise BitlabError(f"{path}: no predictions (the file is empty)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BitlabError(f"{path}: not a readable predictions table ({detail})") from None
+    if df.empty:
+        raise BitlabError(f"{path}: no predictions")
+    ks = sorted(int(c[3:-3]) for c in df.columns if re.fullmatch(r"top\d+_id", c))
+    k = ks[-1] if ks else 1
+    ranks = [f"top{j}_{x}" for j in range(1, k + 1) for x in ("id", "prob")]
+    flags = ["top1_correct", f"top{k}_correct", *(["usual_context"] if "usual_context" in df else [])]
+    if missing := [c for c in (*_TEXT_COLUMNS, *flags, "target_prob", *ranks) if c not in df]:
+        raise BitlabError(f"{path}: missing column(s) {', '.join(missing)} (columns: {', '.join(df.columns)})")
+    for col in ("target_prob", *ranks):
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = values.isna() | ((values != values.round()) if col.endswith("_id") else False)
+        if bad.any():
+            _bad_cell(path, df, col, bad, "an integer" if col.endswith("_id") else "a number")
+        df[col] = values.astype("int64") if col.endswith("_id") else values.astype("float64")
+    for col in flags:
+        bad = ~df[col].isin(("True", "False"))
+        if bad.any():
+            _bad_cell(path, df, col, bad, "True or False")
+        df[col] = df[col] == "True"
+    for col in [c for c in _CONTEXT_FLAGS if c in df]:
+        bad = ~df[col].isin(("True", "False", ""))
+        if bad.any():
+            _bad_cell(path, df, col, bad, "True, False or empty")
+        df[col] = df[col].map({"True": True, "False": False, "": pd.NA}).astype("boolean")
+    return df
+
+
+def _bad_cell(path: Path, df: pd.DataFrame, column: str, bad: pd.Series, wanted: str) -> None:
+    i = int(bad.to_numpy().argmax())
+    raise BitlabError(f"{path}: line {i + 2}, column {column!r} is {df[column].iloc[i]!r}, not {wanted} "
+                      "(the file is cut short or was edited?); run `bitlab evaluate` again")

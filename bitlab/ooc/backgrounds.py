@@ -119,6 +119,7 @@ def fetch(cfg: BackgroundsConfig) -> dict:
     Otherwise every category is tried; `backgrounds.csv` is rewritten (atomically) after each one,
     so it always lists exactly the files fetched, and if some categories stay short the error names
     each of them (a rerun resumes). `fetch.json` is written only when every category is complete.
+    One fetch fills a folder at a time (`bitlab.io.lock_folder`).
     """
     if cfg.per_category < 1:
         raise BitlabError(f"--per-category must be at least 1, got {cfg.per_category}")
@@ -127,13 +128,18 @@ def fetch(cfg: BackgroundsConfig) -> dict:
             io.check_url(cfg.api_url)
         except io.UnsafeURLError as e:
             raise BitlabError(f"--api-url {e}") from None
-    root = Path(cfg.out)
     categories = load_background_categories(cfg.spec)
     if cfg.categories:
         unknown = sorted(set(cfg.categories) - {c.category for c in categories})
         if unknown:
             raise BitlabError(f"{cfg.spec}: no category {', '.join(unknown)}")
         categories = [c for c in categories if c.category in cfg.categories]
+    with io.lock_folder(cfg.out, "backgrounds fetch"):
+        return _fetch(cfg, Path(cfg.out), categories)
+
+
+def _fetch(cfg: BackgroundsConfig, root: Path, categories: list[BackgroundCategory]) -> dict:
+    """`fetch` once `root` is locked."""
     table = {b.uid: b for b in (read_background_files(root / TABLE) if (root / TABLE).exists() else [])}
     have = {c.category: [b for b in table.values() if b.category == c.category and (root / b.file).is_file()]
             for c in categories}

@@ -21,6 +21,9 @@ How it stays correct and fast:
   every image whose file still has the journalled sha256 for the same recipe.
 - Same inputs, options and library versions give byte-identical images and tables (no timestamps
   anywhere); only dataset.json and config.json, the provenance, name this machine's paths.
+- One build writes a folder at a time (`bitlab.io.lock_folder`); before it replaces anything, the
+  folder's old record goes, dataset.json first (`record.invalidate`), so a build killed midway
+  leaves a folder that readers (`record.check_complete`) refuse until a rerun finishes it.
 """
 from __future__ import annotations
 
@@ -45,7 +48,9 @@ from bitlab import __version__, io
 from bitlab.errors import BitlabError
 from bitlab.ooc import backgrounds as bgmod
 from bitlab.ooc import compose, variants
-from bitlab.ooc.openimages import ANNOTATIONS_LICENSE, UPSTREAM_MD5, Tree, read_image_metadata
+from bitlab.ooc.openimages import (ANNOTATIONS_LICENSE, ANNOTATIONS_LICENSE_COLUMN, UPSTREAM_MD5, Tree,
+                                   read_image_metadata)
+from bitlab.ooc.record import JOURNAL, MANIFEST, invalidate
 from bitlab.ooc.spec import (CLASS_COLUMNS, Background, Foreground, OOCClass, class_row, load_background_categories,
                              load_classes, load_selection, table_text, write_table)
 from bitlab.ooc.variants import COMPOSITE
@@ -55,7 +60,6 @@ log = logging.getLogger(__name__)
 
 # Bump when the same inputs and options would give different pixels (invalidates resumed files).
 COMPOSE_VERSION = 1
-JOURNAL = ".make-ooc-journal.jsonl"
 MANIFEST_COLUMNS = (
     "file", "sha256", "pixel_sha256", "size", "class", "fg_class", "fg_mid", "ilsvrc_wnids", "ilsvrc_indices",
     "fg_uid", "fg_split", "fg_image_id", "fg_box_id", "fg_mask_path", "fg_predicted_iou", "fg_image_sha256",
@@ -150,8 +154,14 @@ class _Inputs:
 
 
 def build(cfg: MakeOOCConfig, command: Sequence[str] | None = None) -> dict:
-    """Build the dataset into `cfg.out`; returns a summary (counts, skipped inputs, timings)."""
+    """Build the dataset into `cfg.out`, locked meanwhile (a folder another build writes is
+    refused); returns a summary (counts, skipped inputs, timings)."""
     cfg.validate()
+    with io.lock_folder(cfg.out, "make-ooc"):
+        return _build(cfg, command)
+
+
+def _build(cfg: MakeOOCConfig, command: Sequence[str] | None) -> dict:
     t0 = time.perf_counter()
     out = Path(cfg.out)
     inp = _preflight(cfg)
@@ -159,6 +169,9 @@ def build(cfg: MakeOOCConfig, command: Sequence[str] | None = None) -> dict:
     jobs = _plan_jobs(cfg, inp)
     if len({j.file for j in jobs}) != len(jobs):
         raise BitlabError(f"{cfg.selection}: two foreground/background pairs give the same file name")
+    invalidate(out)  # before any image is replaced: a kill from here on leaves no complete-looking folder
+    for v in variants.VARIANTS:  # nor variant manifests that a reader could take for this build's
+        (out / variants.folder(v) / MANIFEST).unlink(missing_ok=True)
     _clean_temp(out, {str(Path(j.file).parent) for j in jobs})
     done = _resume(out, jobs, workers)
     todo = [j for j in jobs if j.file not in done]
@@ -402,7 +415,7 @@ def _compose_all(cfg: MakeOOCConfig, out: Path, todo: Sequence[_Job], cutouts: d
     out.mkdir(parents=True, exist_ok=True)
     pool = ThreadPoolExecutor(workers)
     try:
-        with open(out / JOURNAL, "a", encoding="utf-8") as journal, \
+        with io.naming_full_disk(out / JOURNAL), open(out / JOURNAL, "a", encoding="utf-8") as journal, \
                 tqdm(total=len(todo), desc="make-ooc", unit="img") as bar:
             for fut in as_completed([pool.submit(task, c) for c in chunks]):
                 for j, computed in fut.result():
@@ -473,8 +486,8 @@ def _write_records(cfg: MakeOOCConfig, out: Path, inp: _Inputs, jobs: Sequence[_
 def _manifest_row(cfg: MakeOOCConfig, inp: _Inputs, j: _Job, computed: dict) -> dict:
     # A variant's manifest lists its files relative to its own folder, which it describes alone.
     file = j.file if j.variant == COMPOSITE else Path(j.file).relative_to(variants.folder(j.variant)).as_posix()
-    row = {"file": file, "size": cfg.size, "blend": cfg.blend, "annotations_license": ANNOTATIONS_LICENSE,
-           "modified": "true", "variant": j.variant, "pair_bg_uid": j.pair_bg.uid if j.pair_bg else "", **computed}
+    row = {"file": file, "size": cfg.size, "blend": cfg.blend, "annotations_license": "", "modified": "true",
+           "variant": j.variant, "pair_bg_uid": j.pair_bg.uid if j.pair_bg else "", **computed}
     if j.fg is not None:
         c = inp.classes[j.fg.folder]
         meta = inp.fg_meta.get(j.fg.uid, {})
@@ -485,7 +498,7 @@ def _manifest_row(cfg: MakeOOCConfig, inp: _Inputs, j: _Job, computed: dict) -> 
             "fg_predicted_iou": j.fg.predicted_iou, "fg_image_sha256": j.fg.image_sha256,
             "fg_mask_sha256": j.fg.mask_sha256, "fg_title": meta.get("Title", ""), "fg_author": meta.get("Author", ""),
             "fg_author_url": meta.get("AuthorProfileURL", ""), "fg_landing_url": meta.get("OriginalLandingURL", ""),
-            "fg_license": meta.get("License", "")})
+            "fg_license": meta.get("License", ""), "annotations_license": _annotations_license(meta)})
     if j.bg is not None:
         bg = inp.bg_meta[j.bg.uid]
         row.update({
@@ -498,6 +511,11 @@ def _manifest_row(cfg: MakeOOCConfig, inp: _Inputs, j: _Job, computed: dict) -> 
     return row
 
 
+def _annotations_license(meta: dict[str, str]) -> str:
+    """The licence of a foreground's mask and box: the images table's own, else Open Images'."""
+    return meta.get(ANNOTATIONS_LICENSE_COLUMN, "").strip() or ANNOTATIONS_LICENSE
+
+
 def _md(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ") or "-"
 
@@ -505,25 +523,29 @@ def _md(text: str) -> str:
 def _attribution(inp: _Inputs, jobs: Sequence[_Job], built_variants: Sequence[str] = ()) -> str:
     fgs = sorted({(j.fg.folder, j.fg.uid): j.fg for j in jobs}.values(), key=lambda f: (f.folder, f.uid))
     bgs = sorted({j.bg.uid: j.bg for j in jobs}.values(), key=lambda b: (b.category, b.uid))
+    masks = {_annotations_license(inp.fg_meta.get(f.uid, {})) for f in fgs}
     lines = [
         "# Attribution", "",
         "Every image in this dataset is an adaptation (modified): a foreground object was cut out of a",
-        "photo with its Open Images segmentation mask, scaled, and pasted onto the top-left square of a",
-        "background photo, which was resized. Generated by `bitlab make-ooc`."
+        "photo with its segmentation mask, scaled, and pasted onto the top-left square of a background",
+        "photo, which was resized. Generated by `bitlab make-ooc`."
         + (f" The controls in variants/ ({', '.join(built_variants)}) are adaptations of the same photos."
            if built_variants else ""), "",
-        f"Segmentation masks and annotations: Open Images, {ANNOTATIONS_LICENSE}.",
-        "Licences are listed as the sources state them; Open Images makes no representations about the",
-        "licence of each image, so verify them before you redistribute.", "",
+        # Open Images builds keep the one-line statement; other sources name each mask's own licence.
+        f"Segmentation masks and annotations: Open Images, {ANNOTATIONS_LICENSE}." if masks == {ANNOTATIONS_LICENSE}
+        else "Segmentation masks and annotations: each foreground's own licence, in the table's mask column.",
+        "Licences are listed as the sources state them (Open Images makes no representations about the",
+        "licence of each of its images), so verify them before you redistribute.", "",
         "## Foreground photos", "",
-        "| class | foreground | title | author | licence | source |", "|---|---|---|---|---|---|"]
+        "| class | foreground | title | author | licence | mask | source |", "|---|---|---|---|---|---|---|"]
     for f in fgs:
         m = inp.fg_meta.get(f.uid, {})
         author = m.get("Author", "")
         if m.get("AuthorProfileURL"):
             author = f"[{_md(author)}]({m['AuthorProfileURL']})"
         lines.append(f"| {f.folder} | {f.uid} | {_md(m.get('Title', ''))} | {_md(author)} | "
-                     f"{_md(m.get('License', ''))} | {_md(m.get('OriginalLandingURL', ''))} |")
+                     f"{_md(m.get('License', ''))} | {_md(_annotations_license(m))} | "
+                     f"{_md(m.get('OriginalLandingURL', ''))} |")
     lines += ["", "## Backgrounds", "",
               "| category | background | title | author | licence | source | provider | credit line (as given) |",
               "|---|---|---|---|---|---|---|---|"]
@@ -562,7 +584,8 @@ def _dataset_json(cfg: MakeOOCConfig, inp: _Inputs, jobs: Sequence[_Job], comman
 
 # ----------------------------------------------------------------------------- the embedded sample
 def demo_config(out: str | os.PathLike, sample_dir: Path = SAMPLE_DIR, **overrides) -> MakeOOCConfig:
-    """The build of the embedded sample, with every variant (the context scores need them)."""
+    """The build of the embedded sample (9 foregrounds x 12 backgrounds, ooc_dataset/README.md), with
+    every variant (the context scores need them)."""
     return replace(MakeOOCConfig(out=str(out), openimages=str(sample_dir / "openimages"),
                                  backgrounds=str(sample_dir / "backgrounds"),
                                  selection=str(sample_dir / "selection.csv"),

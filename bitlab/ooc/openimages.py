@@ -74,6 +74,9 @@ BOX_COLUMNS = ("ImageID", "Source", "LabelName", "Confidence", "XMin", "XMax", "
 IMAGE_COLUMNS = ("ImageID", "Subset", "OriginalURL", "OriginalLandingURL", "License", "AuthorProfileURL", "Author",
                  "Title", "OriginalSize", "OriginalMD5", "Thumbnail300KURL", "Rotation")
 ANNOTATIONS_LICENSE = "CC BY 4.0 (Google, Open Images)"
+# Not an upstream column: a tree whose masks are not Open Images' own (bitlab's embedded sample,
+# masks from a photo's alpha channel) names their licence per image here; make-ooc records it.
+ANNOTATIONS_LICENSE_COLUMN = "AnnotationsLicense"
 
 
 # ----------------------------------------------------------------------------- the tree
@@ -347,8 +350,14 @@ class FetchConfig:
 
 
 def fetch(cfg: FetchConfig) -> dict:
-    """Download what a build needs into the tree at `cfg.out`; returns a summary (also fetch.json)."""
+    """Download what a build needs into the tree at `cfg.out`, locked meanwhile (one fetch fills a
+    tree at a time); returns a summary (also fetch.json)."""
     sel = _check_fetch(cfg)
+    with io.lock_folder(cfg.out, "openimages fetch"):
+        return _fetch(cfg, sel)
+
+
+def _fetch(cfg: FetchConfig, sel: Selection | None) -> dict:
     tree = Tree(Path(cfg.out), cfg.split)
     tree.root.mkdir(parents=True, exist_ok=True)
     files = {}

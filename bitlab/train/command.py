@@ -3,7 +3,8 @@
 A task (`finetune.Finetune`, `pretrain.Pretrain`) supplies its data, model, plan and the loop's
 parts; `train` the rest, in an order where a refused command leaves no run folder behind: device
 defaults, data, the seeded model, the plan, the resume check (`rundir.check_resume_settings`), then
-the claimed folder's config.json and plan.json, `loop.run`, every rank's bad images, summary.json.
+the claimed folder's config.json and plan.json, `loop.run`, every rank's bad images, summary.json;
+the folder locked throughout (`rundir.RunRecord`: one run writes a folder at a time).
 """
 from __future__ import annotations
 
@@ -85,6 +86,7 @@ class Task(Protocol):
     """What differs between training commands. Its plan has `total_steps`, `counts()` (what a resumed
     run's data must still count) and `to_dict()` (plan.json)."""
 
+    name: str  # the command, as the run folder's lock names it ("finetune")
     resume_keys: tuple[str, ...]  # the settings a resumed run must share with its checkpoint
 
     def load(self) -> Any: ...  # the data, with `notes` to log
@@ -97,7 +99,7 @@ class Task(Protocol):
 
 def train(task: Task, cfg: TrainSettings, dist: D.DistInfo | None = None) -> TrainResult:
     """Run `task` with `cfg` on every rank; `dist` (`distributed.setup`) is set up and torn down here if not given."""
-    with D.session(cfg.device, dist) as dist, RunRecord(cfg.out, dist) as record:
+    with D.session(cfg.device, dist) as dist, RunRecord(cfg.out, dist, task.name) as record:
         return _train(task, cfg, dist, record)
 
 

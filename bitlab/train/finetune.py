@@ -32,7 +32,7 @@ from bitlab.train.command import Env, LoaderSteps, Parts, train
 from bitlab.train.config import FewShotConfig, FinetuneConfig
 from bitlab.train.evaluators import Evaluator
 from bitlab.train.loop import MicroBatches, TrainResult
-from bitlab.train.rundir import check_resume_settings, check_settings, write_config, write_csv
+from bitlab.train.rundir import check_resume_settings, check_settings, lock_run_folder, write_config, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,7 @@ def plan(cfg: FinetuneConfig, splits: Splits) -> FinetunePlan:
 class Finetune:
     """BiT-HyperRule fine-tuning as a `command.Task`."""
 
+    name = "finetune"
     resume_keys = _RESUME_KEYS
 
     def __init__(self, cfg: FinetuneConfig) -> None:
@@ -186,7 +187,8 @@ class Finetune:
     def plan(self, splits: Splits, model: nn.Module, env: Env) -> FinetunePlan:
         micro = D.per_rank_batch(self.cfg.batch_size, self.cfg.batch_split, env.dist)
         p = plan(self.cfg, splits)
-        p.warnings = [w for w in (batch_norm_warning(model, self.cfg.batch_size, micro),) if w]
+        p.warnings = [w for w in (batch_norm_warning(model, self.cfg.batch_size, micro),
+                                  datasets.validation_leak(splits.train, splits.val)) if w]
         return p
 
     def record(self, splits: Splits, p: FinetunePlan, run_dir: Path) -> None:
@@ -228,7 +230,7 @@ class Finetune:
 
     def summary(self, p: FinetunePlan) -> dict:
         return {"examples_per_class": self.cfg.examples_per_class, "seed": self.cfg.seed,
-                "dataset_size": p.dataset_size, "num_classes": p.num_classes}
+                "dataset_size": p.dataset_size, "num_classes": p.num_classes, "warnings": p.warnings}
 
 
 def finetune(cfg: FinetuneConfig, dist: D.DistInfo | None = None) -> TrainResult:
@@ -255,7 +257,7 @@ def fewshot(cfg: FewShotConfig) -> FewShotResult:
     either only if made with the same settings; finished ones drop checkpoint.pt), then write
     `fewshot.csv` (per run) and `fewshot_summary.csv` (per K: top-1 median, min, max, std): Fig. 2/5."""
     base = {k: v for k, v in asdict(cfg).items() if k not in ("shots", "seeds")}
-    with D.session(cfg.device) as dist:
+    with D.session(cfg.device) as dist, lock_run_folder(cfg.out, dist, "fewshot"):
         return _fewshot(cfg, Path(cfg.out), base, dist)
 
 

@@ -174,6 +174,7 @@ class PretrainPlan:
 class Pretrain:
     """Upstream pre-training as a `command.Task`."""
 
+    name = "pretrain"
     resume_keys = _RESUME_KEYS
 
     def __init__(self, cfg: PretrainConfig) -> None:

@@ -1,6 +1,7 @@
 """A training run's folder but its checkpoints (rank 0 writes): `config.json` (the settings, which
 `--config` reads back), resume checks against it, `metrics.jsonl` / `metrics.csv` / TensorBoard
-(`MetricsWriter`), `log.txt` and `summary.json` (`RunRecord`). `plan.json` is the task's."""
+(`MetricsWriter`), `log.txt`, `summary.json` and the folder's lock (`RunRecord`). `plan.json` is
+the task's."""
 from __future__ import annotations
 
 import contextlib
@@ -9,14 +10,15 @@ import io as _io
 import json
 import logging
 import os
+import sys
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from bitlab import io
 from bitlab.errors import BitlabError
-from bitlab.train.checkpoint import CHECKPOINT, saved_step
-from bitlab.train.distributed import DistInfo
+from bitlab.train.checkpoint import CHECKPOINT, FINAL, saved_step
+from bitlab.train.distributed import DistInfo, main_rank_call
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +109,14 @@ class MetricsWriter:
 
     def write(self, row: dict) -> None:
         self.rows.append(row)
-        with open(self.jsonl, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        io.append_text(self.jsonl, json.dumps(row) + "\n")  # a full disk: no torn line
         if set(row) - set(self.columns) or not self.csv.exists():
             self.columns = _columns(self.rows)
             self._rewrite_csv()
         else:
-            with open(self.csv, "a", newline="", encoding="utf-8") as f:
-                csv.DictWriter(f, self.columns).writerow(row)
+            line = _io.StringIO()
+            csv.DictWriter(line, self.columns).writerow(row)
+            io.append_text(self.csv, line.getvalue())
         if self.tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "step":
@@ -166,7 +168,8 @@ def log_to_file(path: Path, enabled: bool) -> Iterator[logging.Handler | None]:
         yield same[0]
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    with io.naming_full_disk(path):
+        handler = _RunLog(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     old_level = logger.level
     if logger.getEffectiveLevel() > logging.INFO:
@@ -180,62 +183,92 @@ def log_to_file(path: Path, enabled: bool) -> Iterator[logging.Handler | None]:
         handler.close()
 
 
+class _RunLog(logging.FileHandler):
+    """log.txt: once a write fails (a full disk), one warning on the other handlers and no more
+    attempts, instead of logging's traceback on stderr for every record."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's hook)
+        self.failed = True
+        error = sys.exc_info()[1]
+        log.warning("%s", io.disk_full(self.baseFilename, error) or f"{self.baseFilename}: cannot write ({error})")
+
+
+@contextlib.contextmanager
+def lock_run_folder(run_dir: str | Path, dist: DistInfo, command: str) -> Iterator[None]:
+    """Rank 0 holds `run_dir`'s lock (`io.lock_folder`); a folder in use stops every rank alike."""
+    lock = io.lock_folder(run_dir, command)
+    main_rank_call(lambda: lock.__enter__() and None, dist)  # runs on rank 0; its error reaches all
+    try:
+        yield
+    finally:
+        if dist.is_main:
+            lock.__exit__(None, None, None)
+
+
 class RunRecord:
-    """Around a whole command: `log.txt` from its first line, and when the run dies, the error in
-    `log.txt` and `summary.json` (`completed: false`, the step `checkpoint.pt` holds). Rank 0 writes.
+    """Around a whole command: the folder's lock (one run writes it at a time: `io.lock_folder`),
+    `log.txt` from its first line, and when the run dies, the error in `log.txt` and `summary.json`
+    (`completed: false`, the step `checkpoint.pt` holds). Rank 0 writes.
 
     `summary.json` only once `claim()` was called (the folder checked to be this run's): a refused
     rerun must not overwrite the summary there. A command failing before `claim()` (bad data, an
     unknown model, a refused resume) leaves nothing behind: its new log.txt and folders go."""
 
-    def __init__(self, run_dir: str | Path, dist: DistInfo) -> None:
-        self.run_dir, self.dist, self.claimed = Path(run_dir), dist, False
+    def __init__(self, run_dir: str | Path, dist: DistInfo, command: str = "train") -> None:
+        self.run_dir, self.dist, self.command, self.claimed = Path(run_dir), dist, command, False
         self._stack = contextlib.ExitStack()
         self._handler: logging.Handler | None = None
-        self._made: Path | None = None  # the topmost folder this command creates (None: run_dir exists)
+        self._lock = lock_run_folder(self.run_dir, dist, command)
         self._new_log = False
 
     def __enter__(self) -> "RunRecord":
-        if self.dist.is_main:
-            self._made = next((p for p in reversed([self.run_dir, *self.run_dir.parents])
-                               if not p.exists()), None)
-            self._new_log = not (self.run_dir / "log.txt").exists()
-        self._handler = self._stack.enter_context(log_to_file(self.run_dir / "log.txt", self.dist.is_main))
+        self._lock.__enter__()
+        try:
+            self._new_log = self.dist.is_main and not (self.run_dir / "log.txt").exists()
+            self._handler = self._stack.enter_context(log_to_file(self.run_dir / "log.txt", self.dist.is_main))
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            raise
         return self
 
     def claim(self) -> None:
-        """From now on a failure is this run's: record it in summary.json."""
+        """From now on a failure is this run's: record it in summary.json. What the folder recorded
+        of an earlier run goes first (its summary.json, and final.pt when nothing resumes from a
+        checkpoint), so that a kill from here on never leaves this run's config beside another's results."""
         self.claimed = True
+        if not self.dist.is_main:
+            return
+        (self.run_dir / "summary.json").unlink(missing_ok=True)
+        if (self.run_dir / FINAL).exists() and not (self.run_dir / CHECKPOINT).exists():
+            log.warning("%s: starting afresh; removed the earlier run's %s", self.run_dir, FINAL)
+            (self.run_dir / FINAL).unlink()
 
     def __exit__(self, kind, error, tb) -> None:
         try:
             if error is not None and isinstance(error, (Exception, KeyboardInterrupt)) and self.dist.is_main:
-                message = str(error) or type(error).__name__
-                if self._handler is not None:  # to the file only: the CLI prints the error on stderr itself
-                    self._handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0,
-                                                        "run stopped by an error: %s", (message,), None))
-                if self.claimed:
-                    ckpt = self.run_dir / CHECKPOINT
-                    io.write_json(self.run_dir / "summary.json", {
-                        "completed": False, "error": message, "error_type": type(error).__name__,
-                        "checkpoint_step": saved_step(ckpt) if ckpt.exists() else None})
+                self._record_error(error)
         finally:
             self._stack.close()
-            if error is not None and not self.claimed and self.dist.is_main:
-                self._remove_own_traces()
+            if error is not None and not self.claimed and self._new_log:
+                (self.run_dir / "log.txt").unlink(missing_ok=True)
+            self._lock.__exit__(None, None, None)  # also removes the folders it made, if left empty
 
-    def _remove_own_traces(self) -> None:
-        """log.txt if this command made it, then the folders it made, innermost first, while empty."""
-        if self._new_log:
-            (self.run_dir / "log.txt").unlink(missing_ok=True)
-        if self._made is None:
-            return
-        folder = self.run_dir
-        while True:
+    def _record_error(self, error: BaseException) -> None:
+        message = str(error) or type(error).__name__
+        if self._handler is not None:  # to the file only: the CLI prints the error on stderr itself
+            self._handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0,
+                                                "run stopped by an error: %s", (message,), None))
+        if self.claimed:
+            ckpt = self.run_dir / CHECKPOINT
             try:
-                folder.rmdir()  # only an empty folder: never what someone else put there
-            except OSError:
-                return
-            if folder == self._made:
-                return
-            folder = folder.parent
+                io.write_json(self.run_dir / "summary.json", {
+                    "completed": False, "error": message, "error_type": type(error).__name__,
+                    "checkpoint_step": saved_step(ckpt) if ckpt.exists() else None})
+            except (BitlabError, OSError) as e:  # a full disk: the error itself still reaches the user
+                log.warning("could not record the error in summary.json: %s", e)

@@ -1,5 +1,7 @@
-"""Training-time views: square resize, random crop, flip, each switchable; seeded and exact."""
+"""Training-time views: square resize, random crop, flip, each switchable; seeded and exact. The
+evaluation view: each model's reference pipeline (timm's transform, the official BiT resize)."""
 import struct
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from bitlab.data.transforms import (
 )
 from bitlab.errors import BitlabError
 from tests.fixtures.images import jpeg_declaring, png_declaring
+from tests.fixtures.reference_views import FAR, MAX_LEVELS, NEAR, differing, reference_view
 
 
 def test_train_view_matches_manual_recipe(photos):
@@ -103,3 +106,60 @@ def test_huge_declared_sizes_are_refused_before_decoding(tmp_path, data):
         decode_image(path)
     with pytest.raises(BadImageError, match=r"shard\.tar:k\.png: the file declares"):
         decode_image_bytes(data, "shard.tar:k.png")
+
+
+# ----------------------------------------------------------------------------- the reference evaluation view
+@pytest.mark.parametrize("interpolation, other", [("bicubic", "bilinear"), ("bilinear", "bicubic")])
+@pytest.mark.parametrize("size, crop_pct, crop_mode", [(224, 0.875, "center"), (97, 0.9, "center"),
+                                                       (224, 1.0, "squash"), (61, 0.8, "squash")])
+def test_eval_view_resamples_with_the_interpolation_the_model_asks_for(photos, interpolation, other, size,
+                                                                       crop_pct, crop_mode):
+    """A config that says bicubic gets the bicubic reference's pixels, not bilinear's (and back)."""
+    from bitlab.data.transforms import DataConfig, eval_image
+
+    cfg = DataConfig(input_size=size, interpolation=interpolation, crop_pct=crop_pct, crop_mode=crop_mode)
+    near, far = [], []
+    for img in photos.values():
+        out, ref = eval_image(img, cfg), reference_view(img, cfg)
+        assert out.shape == ref.shape == (size, size, 3) and out.dtype == np.uint8
+        assert np.abs(out.astype(int) - ref).max() <= MAX_LEVELS
+        near.append(differing(out, ref))
+        far.append(differing(out, reference_view(img, replace(cfg, interpolation=other))))
+    assert max(near) < NEAR and np.mean(far) > FAR, (near, far)
+
+
+@pytest.mark.parametrize("interpolation", ["nearest", "box", "hamming", "lanczos"])
+def test_filters_without_a_tensor_kernel_are_pils_own(photos, interpolation):
+    from bitlab.data.transforms import DataConfig, eval_image
+
+    for cfg in (DataConfig(input_size=97, interpolation=interpolation, crop_pct=0.9, crop_mode="center"),
+                DataConfig(input_size=64, interpolation=interpolation)):
+        for img in photos.values():
+            np.testing.assert_array_equal(eval_image(img, cfg), reference_view(img, cfg))
+
+
+def test_eval_view_geometry_is_torchvisions(photos):
+    """Resize target and centre-crop offsets as the reference computes them: the shorter side to
+    floor(size / crop_pct), the longer side truncated, offsets rounded half to even (not floored);
+    squash resizes both sides and, at crop_pct 1, crops nothing (BiT's official view)."""
+    from bitlab.data.transforms import DataConfig, eval_resize_shape, reference_center_crop
+
+    centre = DataConfig(input_size=224, crop_pct=0.875, crop_mode="center")
+    assert eval_resize_shape(400, 600, centre) == (256, 384)
+    assert eval_resize_shape(451, 300, centre) == (384, 256)  # 256 * 451 / 300 = 384.85, truncated
+    assert eval_resize_shape(400, 600, DataConfig(input_size=260, crop_pct=0.89, crop_mode="center"))[0] == 292
+    assert eval_resize_shape(400, 600, DataConfig(input_size=480)) == (480, 480)
+    img = np.arange(7 * 10, dtype=np.uint8).reshape(7, 10, 1)
+    # (7 - 4) / 2 = 1.5 -> 2 and (10 - 4) / 2 = 3: torchvision's CenterCrop; floor would start at row 1
+    np.testing.assert_array_equal(reference_center_crop(img, 4), img[2:6, 3:7])
+
+
+def test_bad_data_configs_are_refused():
+    from bitlab.data.transforms import DataConfig
+
+    with pytest.raises(BitlabError, match="interpolation 'cubic' is not supported"):
+        DataConfig(interpolation="cubic")
+    with pytest.raises(BitlabError, match="crop_mode 'border' is not supported"):
+        DataConfig(crop_mode="border")
+    with pytest.raises(BitlabError, match=r"crop_pct must be in \(0, 1\]"):
+        DataConfig(crop_pct=0)

@@ -184,3 +184,61 @@ def test_evaluate_finds_variants_elsewhere_and_refuses_what_does_not_pair(demo, 
 
 def test_summary_json_is_valid_json(demo):
     json.loads((demo["out"] / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+
+
+def test_no_fg_images_are_the_composited_background_squares(demo):
+    """The bare background is the very square the objects were pasted on: no_fg equals make-ooc's
+    prepared background, and every composite equals it outside the object."""
+    from bitlab.ooc import compose
+    from bitlab.paths import SAMPLE_DIR
+
+    ooc, size = demo["ooc"], json.loads((demo["ooc"] / "dataset.json").read_text())["config"]["size"]
+    bare = {m["bg_uid"]: m for m in _rows(ooc / "variants/no_fg/manifest.csv")}
+    table = pd.read_csv(SAMPLE_DIR / "backgrounds" / "backgrounds.csv")
+    assert sorted(bare) == sorted(table["uid"])  # one per background file
+    for row in table.itertuples():
+        want = compose.prepare_background(compose.decode(SAMPLE_DIR / "backgrounds" / row.file), size)
+        assert np.array_equal(compose.decode(ooc / "variants/no_fg" / bare[row.uid]["file"]), want)
+    for m in _rows(ooc / "manifest.csv")[::13]:
+        img = compose.decode(ooc / m["file"])
+        square = compose.decode(ooc / "variants/no_fg" / bare[m["bg_uid"]]["file"])
+        x0, y0, x1, y1 = map(int, m["fg_bbox_out"].split(","))
+        outside = np.ones(img.shape[:2], bool)
+        outside[y0:y1, x0:x1] = False
+        assert np.array_equal(img[outside], square[outside]), m["file"]
+
+
+def test_a_real_model_sees_the_sea_in_the_ocean(demo):
+    """Lite0's top-5 on the bare backgrounds (its no_fg predictions): the sea suggests a grey whale,
+    which is where a sea animal on the ocean becomes a whale."""
+    from bitlab.data import imagenet
+    from bitlab.eval import context
+
+    r = demo["results"]
+    top = context.background_topk(r.variant_predictions[r.variant_predictions["variant"] == "no_fg"])
+    names = {uid: [imagenet.names()[i] for i in ids] for uid, ids in top.items()}
+    assert len(names) == 12 and all(len(v) == 5 for v in names.values())
+    assert "grey whale" in names["beach_ocean_waves"]
+    assert "coral reef" in names["underwater_reef"] or "brain coral" in names["underwater_reef"]
+
+
+def test_context_consistent_error_is_a_wrong_top1_among_the_bare_top_k():
+    from bitlab.eval import context
+
+    df = pd.DataFrame({"image": list("abcde"), "bg_uid": ["sea", "sea", "sea", "road", "field"],
+                       "top1_id": [147, 150, 7, 147, 147], "top1_correct": [False, True, False, False, False]})
+    got = context.context_consistent_errors(df, {"sea": [147, 150, 3], "road": [8]})
+    # a: wrong, whale seen in the sea; b: right (not a mistake); c: wrong, not seen there;
+    # d: whale not seen on the road; e: no bare prediction for that background (unknown)
+    assert got.tolist()[:4] == [True, False, False, False] and got.isna().tolist() == [False] * 4 + [True]
+    assert got.name == "context_consistent_error"
+
+
+def test_variants_that_are_not_the_builds_are_refused(demo, tmp_path):
+    """Variant manifests beside a build must be those its dataset.json records."""
+    data = tmp_path / "ooc"
+    shutil.copytree(demo["ooc"], data)
+    manifest = data / "variants/only_fg/manifest.csv"
+    manifest.write_text(manifest.read_text().replace("\n", "\r\n"))  # the same rows, other bytes
+    with pytest.raises(BitlabError, match=r"only_fg/manifest.csv: not the only_fg manifest that .*dataset.json records"):
+        evaluate(EvaluateConfig(model="R14x0.5", image_size=32, data=str(data), out=str(tmp_path / "r"), progress=False))

@@ -167,18 +167,22 @@ def test_phash_finds_resized_and_reencoded_copies(sets, tmp_path):
     assert {(q.name, m.relative_to(sets["up"]).as_posix()) for q, m, _ in result.pairs()} == set(truth.items())
 
 
-def test_offline_sample_photos_are_duplicates_of_the_skimage_originals(tmp_path, photos):
-    """The embedded sample holds re-encoded skimage photos: found from a list file, across a set."""
+def test_offline_sample_holds_a_resized_skimage_photo(tmp_path, photos):
+    """The embedded sample's Hubble background is scikit-image's photo, resized and re-encoded:
+    found from a list file, across the sample's folders; its other photos match nothing."""
+    import skimage.data
+
     up = tmp_path / "up"
+    _write(up / "hubble.png", skimage.data.hubble_deep_field())
     for name in ("chelsea", "coffee", "rocket"):
         _write(up / f"{name}.png", photos[name])
     listing = tmp_path / "upstream.txt"
-    listing.write_text("# originals\nup/chelsea.png\n\nup/coffee.png\nup/rocket.png\n")
+    listing.write_text("# originals\nup/hubble.png\n\nup/chelsea.png\nup/coffee.png\nup/rocket.png\n")
     result = dedup.run_dedup(dedup.DedupConfig(upstream=str(listing), downstream=str(SAMPLE_DIR),
                                                out=str(tmp_path / "o"), workers=0, progress=False, ))
     found = {Path(r["query"]).name: r["match"] for r in result.duplicates}
-    assert found == {"d9ce3f9b1da15b67.jpg": "up/chelsea.png", "477fca715251f3a5.jpg": "up/coffee.png",
-                     "11ec6abc282e3e38.jpg": "up/rocket.png"}
+    assert found == {"hubble_deep_field.jpg": "up/hubble.png"}
+    assert result.summary["downstream_images"] == 9 + 9 + 12  # the sample's photos, masks and backgrounds
     assert not (tmp_path / "o" / "duplicates.png").exists()
 
 

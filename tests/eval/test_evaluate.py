@@ -1,9 +1,17 @@
-"""`bitlab evaluate` end to end with the real offline ImageNet model on a tiny OOC set from real photos."""
+"""`bitlab evaluate` end to end with the real offline ImageNet model on a tiny OOC set from real photos;
+resume keyed by the images' content, one writer per results folder (real processes)."""
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,7 +25,9 @@ from tests.fixtures import numerics
 from bitlab.eval import evaluate as ev_mod
 from bitlab.eval import multi, predict
 from bitlab.eval.evaluate import EvaluateConfig, evaluate
-from bitlab.models import create_model, zoo
+from bitlab.eval.results import load_results
+from bitlab.models import create_model, save_bitlab, zoo
+from tests.fixtures.processes import ENV
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +177,140 @@ def test_summary_stores_the_data_folder_absolute(tiny_ooc, tmp_path, monkeypatch
     summary = evaluate(EvaluateConfig(model="R14x0.5", image_size=32, data=tiny_ooc.name, out=str(tmp_path)))
     assert summary["dataset"]["path"] == str(tiny_ooc.resolve())
     assert json.loads((tmp_path / "summary.json").read_text())["dataset"]["path"] == str(tiny_ooc.resolve())
+
+
+def test_an_image_replaced_under_its_name_is_predicted_again(tiny_ooc, tmp_path, monkeypatch):
+    """A saved chunk is reused only for the same images: one replaced under its name (other pixels,
+    same file name) is predicted again, and only its chunk."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_ooc, data)
+    monkeypatch.setattr(multi, "CHUNK", 4)
+    torch.manual_seed(0)
+    weights = save_bitlab(create_model("R14x0.5"), tmp_path / "r14.pt", name="R14x0.5")
+    cfg = EvaluateConfig(model="R14x0.5", pretrained=str(weights), image_size=32, data=str(data),
+                         out=str(tmp_path / "r"), workers=0, progress=False)
+    victim = data / "missile" / "rocket__brick.png"  # row 10: in the third chunk
+    good = victim.read_bytes()
+    victim.write_bytes(b"not an image")
+    with pytest.raises(BitlabError, match="rocket__brick.png: cannot decode"):
+        evaluate(cfg)  # chunks 1 and 2 are saved
+    changed = data / "cat" / "chelsea__grass.png"  # row 2, in the first chunk: now other pixels
+    changed.write_bytes((data / "espresso" / "coffee__gravel.png").read_bytes())
+    victim.write_bytes(good)
+    seen = []
+    real = predict.iter_probs_many
+
+    def spy(models, paths, **kw):
+        seen.append([Path(p).name for p in paths])
+        return real(models, paths, **kw)
+
+    monkeypatch.setattr(predict, "iter_probs_many", spy)
+    evaluate(cfg)
+    assert [names[0] for names in seen] == ["chelsea__in-context.png", "rocket__in-context.png"]  # chunks 1, 3 again
+    fresh = dataclasses.replace(cfg, out=str(tmp_path / "fresh"))
+    evaluate(fresh)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "r" / "predictions.csv"),
+                                  pd.read_csv(tmp_path / "fresh" / "predictions.csv"))
+
+
+# ----------------------------------------------------------------------------- one writer per folder
+@pytest.fixture(scope="module")
+def big_ooc(tiny_ooc, tmp_path_factory) -> Path:
+    """300 images (the tiny set's, hard-linked 25 times): a run long enough (~10 s of CPU at 64 px)
+    for a second process to meet it."""
+    root = tmp_path_factory.mktemp("big") / "big_ooc"
+    with open(tiny_ooc / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for i in range(25):
+        for r in rows:
+            src = Path(r["file"])
+            dst = src.parent / f"{src.stem}_{i}{src.suffix}"
+            (root / dst.parent).mkdir(parents=True, exist_ok=True)
+            os.link(tiny_ooc / src, root / dst)
+            out.append({**r, "file": dst.as_posix(), "fg_uid": f"{r['fg_uid']}_{i}"})
+    with open(root / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(out[0]))
+        w.writeheader()
+        w.writerows(out)
+    return root
+
+
+@pytest.fixture(scope="module")
+def weight_files(tmp_path_factory) -> list[Path]:
+    """Two fixed R14x0.5 weight files (a model given without weights would differ per process)."""
+    folder = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    return [save_bitlab(create_model("R14x0.5"), folder / f"r14_{i}.pt", name="R14x0.5") for i in range(2)]
+
+
+def _evaluate_cmd(data: Path, out: Path, weights: Path) -> list[str]:
+    return [sys.executable, "-m", "bitlab", "evaluate", "--model", "R14x0.5", "--pretrained", str(weights),
+            "--image-size", "64", "--data", str(data), "--out", str(out), "--workers", "0", "--no-progress"]
+
+
+def test_two_evaluates_started_together_into_one_folder(big_ooc, weight_files, tmp_path):
+    """Exactly one runs; the other exits 2 naming the first one's pid, without a traceback."""
+    out = tmp_path / "r"
+    procs = [subprocess.Popen(_evaluate_cmd(big_ooc, out, w), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for w in weight_files]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert sorted(p.returncode for p in procs) == [0, 2], errs
+    (winner, _), (loser, err) = sorted(zip(procs, errs), key=lambda x: x[0].returncode)
+    assert f"bitlab evaluate: error: {out} is in use by pid {winner.pid} on " in err and "Traceback" not in err
+    r = load_results(out)  # the winner's, whole
+    assert r.config["pretrained"] == r.summary["model"]["pretrained"] == str(weight_files[procs.index(winner)])
+    assert len(r.predictions) == 300 and not (out / ".lock").exists()
+
+
+def test_killed_while_re_evaluating_with_other_weights_readers_refuse_until_rerun(big_ooc, weight_files, tmp_path,
+                                                                                   capsys):
+    """A finished folder re-evaluated with other weights and SIGKILLed midway: config.json already
+    names the new weights, so the old summary and predictions must be gone; report refuses the
+    folder until a rerun finishes it."""
+    out = tmp_path / "r"
+    first, second = weight_files
+    evaluate(EvaluateConfig(model="R14x0.5", pretrained=str(first), image_size=64, data=str(big_ooc), out=str(out),
+                            workers=0, progress=False))
+    proc = subprocess.Popen(_evaluate_cmd(big_ooc, out, second), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if json.loads((out / "config.json").read_text())["pretrained"] == str(second):
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    assert proc.poll() is None, "the second evaluate finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with pytest.raises(BitlabError, match="summary.json: missing results file"):
+        load_results(out)
+    assert main(["report", str(out), "--out", str(tmp_path / "figures")]) == 2
+    assert "summary.json: missing results file" in capsys.readouterr().err
+    assert not (tmp_path / "figures").exists()
+    evaluate(EvaluateConfig(model="R14x0.5", pretrained=str(second), image_size=64, data=str(big_ooc), out=str(out),
+                            workers=0, progress=False))
+    r = load_results(out)
+    assert r.config["pretrained"] == r.summary["model"]["pretrained"] == str(second)
+
+
+def test_a_full_disk_names_the_file_and_a_rerun_finishes(tiny_ooc, weight_files, tmp_path, small_disk, capsys):
+    """On a real tmpfs filled but for 8 KiB, evaluate stops naming the file it could not write and the
+    full disk, leaves no temp file and no folder a reader accepts; with space freed, a rerun finishes."""
+    disk = small_disk("1M")
+    filler = disk / "filler"
+    filler.write_bytes(bytes((1 << 20) - (8 << 10)))
+    out = disk / "r"
+    args = ["evaluate", "--model", "R14x0.5", "--pretrained", str(weight_files[0]), "--image-size", "32",
+            "--data", str(tiny_ooc), "--out", str(out), "--workers", "0", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"error: {out}/" in err and ": cannot write this file, the disk is full (errno ENOSPC" in err
+    assert "Traceback" not in err and not list(out.rglob(".*.tmp"))
+    with pytest.raises(BitlabError):
+        load_results(out)
+    filler.unlink()
+    assert main(args) == 0
+    assert len(load_results(out).predictions) == 12

@@ -58,19 +58,25 @@ def test_models_together_write_what_separate_runs_write(ooc, together, tmp_path)
 
 
 def test_each_file_is_decoded_once_for_every_model(ooc, tmp_path, monkeypatch):
-    seen = []
-    real = loader.decode_image_sizes
+    seen, views = [], []
+    real_decode, real_view = loader.decode_image, predict.eval_image
 
-    def spy(path, sides):
-        seen.append((Path(path).name, tuple(sides)))
-        return real(path, sides)
+    def spy_decode(path, min_side=None):
+        seen.append(Path(path).name)
+        return real_decode(path, min_side)
 
-    monkeypatch.setattr(loader, "decode_image_sizes", spy)
+    def spy_view(img, cfg):
+        views.append(predict.view_key(cfg))
+        return real_view(img, cfg)
+
+    monkeypatch.setattr(loader, "decode_image", spy_decode)
+    monkeypatch.setattr(predict, "eval_image", spy_view)
     models = [create_model(LITE0), create_model(LITE2), create_model(LITE0)]
     paths = sorted(ooc.glob("*/*.png"))
     batches = list(predict.iter_probs_many(models, paths, batch_size=5, workers=0, progress=False))
-    assert [name for name, _ in seen] == [p.name for p in paths]  # each file once, for all three models
-    assert {sides for _, sides in seen} == {(256, 292)}  # one view per input size and crop: two
+    assert seen == [p.name for p in paths]  # each file once, for all three models
+    sizes = [key[0] for key in views]
+    assert sizes == [224, 260] * len(paths)  # one view per distinct evaluation view: two per file
     first = torch.cat([b[0] for b in batches])
     assert torch.equal(first, torch.cat([b[2] for b in batches]))  # the same model, the same view
     assert first.shape == (len(paths), 1000)

@@ -1,10 +1,13 @@
 """The reader of `bitlab evaluate`'s results folder, beside its writer: what evaluate wrote comes back,
-old relative data paths are found, broken folders are named; figures import eval, never the reverse."""
+old relative data paths are found, broken, cut-short or mixed folders are refused naming the file and
+field, a folder being written is refused; figures import eval, never the reverse."""
 from __future__ import annotations
 
 import ast
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +18,7 @@ import bitlab
 from bitlab.errors import BitlabError
 from bitlab.eval.evaluate import EvaluateConfig, evaluate
 from bitlab.eval.results import CONFIG, PREDICTIONS, SUMMARY, Results, load_results
+from tests.fixtures.processes import ENV
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +91,62 @@ def test_nothing_in_eval_imports_the_figures():
                      else [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom) else [])
             offenders += [f"{path.name}: {n}" for n in names if n == "bitlab.report" or n.startswith("bitlab.report.")]
     assert offenders == []
+
+
+def _set_cell(text: str, row: int, column: str, value: str) -> str:
+    lines = text.splitlines(keepends=True)
+    header = lines[0].rstrip("\n").split(",")
+    cells = lines[row].rstrip("\n").split(",")  # these rows have no quoted commas
+    cells[header.index(column)] = value
+    lines[row] = ",".join(cells) + "\n"
+    return "".join(lines)
+
+
+def _damaged(out: Path, tmp_path: Path, name: str, damage) -> Path:
+    broken = tmp_path / f"broken_{len(list(tmp_path.iterdir()))}"
+    shutil.copytree(out, broken)
+    (broken / name).write_text(damage((out / name).read_text()))
+    return broken
+
+
+@pytest.mark.parametrize("name, damage, message", [
+    # cut inside the last row: its cells are empty, not numbers (was: TypeError in 'mean')
+    (PREDICTIONS, lambda t: t[: t.rindex("\n", 0, -1) + 40], r"predictions.csv: line 13, column '.*' is '', not "),
+    # cut after a whole row: fewer rows than the summary counts
+    (PREDICTIONS, lambda t: "".join(t.splitlines(keepends=True)[:8]), r"predictions.csv: 7 rows, but .*summary.json "
+                                                                       r"field 'n' is 12"),
+    (PREDICTIONS, lambda t: t.replace("top1_prob", "top1_p"), r"predictions.csv: missing column\(s\) top1_prob"),
+    (PREDICTIONS, lambda t: _set_cell(t, 3, "top1_correct", "yes"), r"line 4, column 'top1_correct' is 'yes', not "
+                                                                    "True or False"),
+    (PREDICTIONS, lambda t: _set_cell(t, 5, "top2_id", "2.5"), r"line 6, column 'top2_id' is '2.5', not an integer"),
+    (PREDICTIONS, lambda t: "", r"predictions.csv: no predictions \(the file is empty\)"),
+    (SUMMARY, lambda t: '{"model": {}}', r"summary.json: field 'model.label' is missing"),  # was: KeyError 'dataset'
+    (SUMMARY, lambda t: "[1, 2]", r"summary.json: unreadable results file: a JSON object was expected"),
+    (SUMMARY, lambda t: t.replace('"n": 12', '"n": "12"'), r"summary.json: field 'n' is '12', not a int"),
+    (SUMMARY, lambda t: t.replace('"role": "ooc"', '"role": "test"'), r"field 'dataset.role' is 'test'"),
+    (CONFIG, lambda t: t.replace('"model": "R14x0.5"', '"model": "R50x1"'),
+     r"config.json: field 'model' is 'R50x1', but .*summary.json field 'model.name' is 'R14x0.5': the files come "
+     "from two runs"),
+])
+def test_damaged_or_mixed_folders_are_refused_naming_file_and_field(written, tmp_path, name, damage, message):
+    out, _ = written
+    with pytest.raises(BitlabError, match=message):
+        load_results(_damaged(out, tmp_path, name, damage))
+
+
+def test_a_folder_being_written_is_refused(written, tmp_path):
+    """While `evaluate` holds the folder (here a real process holding its lock), readers wait for it."""
+    out, _ = written
+    busy = tmp_path / "busy"
+    shutil.copytree(out, busy)
+    hold = ("import sys, time\nfrom bitlab import io\nwith io.lock_folder(sys.argv[1], 'evaluate'):\n"
+            "    print('locked', flush=True)\n    time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(busy)], env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(BitlabError, match=f"busy is in use by pid {proc.pid} .*bitlab evaluate"):
+            load_results(busy)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(load_results(busy).predictions) == 12  # its lock file left behind is no obstacle

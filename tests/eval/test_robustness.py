@@ -191,6 +191,9 @@ def test_summary_breakdowns():
     assert worst["background"] == "road" and worst["top1_error"] == 1.0
     assert worst["top1_error_ci"] == pytest.approx([1 - h for h in wilson_by_hand(0, 2)[::-1]])
     assert worst["wrong_predictions"] == [[imagenet.names()[9], 2]]
+    effect = s["background_effect"]  # both classes right on the sea, wrong on the road: all background
+    assert (effect["background"], effect["class"], effect["background_dependent"]) == (1.0, 0.0, 1.0)
+    assert effect["p_value"] > 0.3  # but 2 x 2 cells line up by chance every other shuffle
     fg = s["per_foreground"]
     assert fg["count"] == 2 and fg["fooled_by_any"] == 2 and fg["fooled_by_all"] == 0
     assert fg["objects"]["fb"]["fooling_backgrounds"] == ["road"] and fg["mean_fooled_fraction"] == 0.5
@@ -269,3 +272,38 @@ def test_manifest_encodings_and_repeated_rows(tiny_ooc, tmp_path, capsys):
     file = next(csv.DictReader([lines[0].decode(), lines[3].decode()]))["file"]
     assert rc == 2 and f"error: {manifest}: row {n_rows + 2}: image '{file}' is listed again (first on row 4)" in err
     assert not (tmp_path / "out").exists()
+
+
+def _grid(cells: list[list[int]]) -> "pd.DataFrame":
+    """A predictions-like table: one image per (class row, background column), right when 1."""
+    import pandas as pd
+
+    return pd.DataFrame([{"class": f"c{i}", "background": f"b{j}", "top1_correct": bool(v)}
+                         for i, row in enumerate(cells) for j, v in enumerate(row)])
+
+
+def test_background_effect_splits_the_heat_map_variance():
+    stripes = [[1] * 8, [0] * 8, [1] * 8, [0] * 8, [1] * 8, [1] * 8]  # a class effect only
+    e = robustness.background_effect(_grid(stripes))
+    assert (e["class"], e["background"], e["background_dependent"]) == (1.0, 0.0, 0.0) and e["p_value"] == 1.0
+    columns = [[0, 0, 0, 1, 1, 1, 1, 1]] * 6  # three backgrounds fool every class
+    e = robustness.background_effect(_grid(columns))
+    assert (e["class"], e["background"], e["class_x_background"]) == (0.0, 1.0, 0.0)
+    assert e["p_value"] < 0.01 and e["permutations"] == 2000  # six rows lining up by chance: (3!5!/8!)^5
+    checkers = [[(i + j) % 2 for j in range(8)] for i in range(6)]  # each background fools half the classes
+    e = robustness.background_effect(_grid(checkers))
+    assert e["class_x_background"] == pytest.approx(1.0) and e["background_dependent"] == pytest.approx(1.0)
+    mixed = [[1, 1, 0, 1, 0, 1, 1, 1], [0, 0, 0, 0, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]]
+    e = robustness.background_effect(_grid(mixed))
+    a = np.array(mixed, float)
+    ss = ((a - a.mean()) ** 2).sum()
+    assert e["class"] == pytest.approx(8 * ((a.mean(1) - a.mean()) ** 2).sum() / ss)
+    assert e["background"] == pytest.approx(3 * ((a.mean(0) - a.mean()) ** 2).sum() / ss)
+    assert e["p_value"] == robustness.background_effect(_grid(mixed))["p_value"]  # seeded
+
+
+def test_background_effect_needs_a_full_varying_table():
+    assert robustness.background_effect(_grid([[1, 1], [1, 1]])) is None  # nothing varies
+    holey = _grid([[1, 0, 1], [0, 1, 1]]).drop(index=1)
+    assert robustness.background_effect(holey) is None  # an empty cell
+    assert robustness.background_effect(_grid([[1, 0, 1]])) is None  # one class: no table

@@ -426,3 +426,19 @@ def test_a_bitlab_files_config_is_checked_before_a_model_is_built(tmp_path, caps
                tmp_path / "m.pt")
     err = _convert_cli(tmp_path / "m.pt", tmp_path / "out.npz", capsys)
     assert f"{tmp_path / 'm.pt'}: key 'config': {message}" in err
+
+
+@pytest.mark.parametrize("dst", ["m.pt", "m.npz", "m.pth"])
+def test_convert_onto_a_full_disk_names_the_file(tmp_path, small_disk, capsys, dst):
+    """A real 4 MiB tmpfs, a 12 MB model: `bitlab convert` says which file and that the disk is full
+    (torch's own words were '[enforce fail at inline_container.cc] unexpected pos'), leaving nothing."""
+    from bitlab.cli import main
+
+    src = checkpoints.save_npz(create_model("R14x0.5"), tmp_path / "r14.npz")
+    disk = small_disk("4M")
+    args = ["convert", str(src), str(disk / dst)] + (["--to", "timm"] if dst.endswith(".pth") else [])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"bitlab convert: error: {disk / dst}: cannot write this file, the disk is full (errno ENOSPC" in err
+    assert "inline_container" not in err and "Traceback" not in err
+    assert list(disk.iterdir()) == []

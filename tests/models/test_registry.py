@@ -80,18 +80,21 @@ def test_a_registered_family_builds_its_names_first(monkeypatch):
         create_model("toy-1", zero_head=True)
 
 
-# Today's pre-processing of each family, recorded before the registry took its current shape
-# (evaluation pixels must not change): size, mean, std, crop_pct.
+# Each family's pre-processing: size, mean, std, then the evaluation view (interpolation, crop_pct,
+# crop mode): BiT's official bit_pytorch evaluation (Resize((s, s)) bilinear, no crop) and, for the
+# timm-built families, what timm's pretrained_cfg says (the offline EfficientNet-Lites included).
 BIT, IMAGENET = ((0.5,) * 3, (0.5,) * 3), ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+BIT_VIEW = ("bilinear", 1.0, "squash")
 DATA_CONFIGS = [
-    ("R14x0.5", {}, (224, *BIT, 1.0)),
-    ("BiT-M-R50x1-ILSVRC2012", {}, (480, *BIT, 1.0)),
-    ("BiT-S-R50x1", {"image_size": 128}, (128, *BIT, 1.0)),
-    ("efficientnet_lite0.offline_in1k", {}, (224, *IMAGENET, 0.875)),
-    ("efficientnet_lite2.offline_in1k", {"image_size": 300}, (300, *IMAGENET, 0.89)),
-    ("resnet18", {}, (224, *IMAGENET, 0.95)),
-    ("resnetv2_50x1_bit", {}, (224, *BIT, 0.875)),
-    ("vit_tiny_patch16_224", {}, (224, *BIT, 0.9)),
+    ("R14x0.5", {}, (224, *BIT, *BIT_VIEW)),
+    ("BiT-M-R50x1-ILSVRC2012", {}, (480, *BIT, *BIT_VIEW)),
+    ("BiT-S-R50x1", {"image_size": 128}, (128, *BIT, *BIT_VIEW)),
+    ("efficientnet_lite0.offline_in1k", {}, (224, *IMAGENET, "bicubic", 0.875, "center")),
+    ("efficientnet_lite1.offline_in1k", {}, (240, *IMAGENET, "bicubic", 0.882, "center")),
+    ("efficientnet_lite2.offline_in1k", {"image_size": 300}, (300, *IMAGENET, "bicubic", 0.89, "center")),
+    ("resnet18", {}, (224, *IMAGENET, "bicubic", 0.95, "center")),
+    ("resnetv2_50x1_bit", {}, (224, *BIT, "bicubic", 0.875, "center")),  # its default tag: goog_distilled_in1k
+    ("vit_tiny_patch16_224", {}, (224, *BIT, "bicubic", 0.9, "center")),
 ]
 
 
@@ -103,8 +106,23 @@ def test_every_model_carries_its_name_and_data_config(name, options, expected):
     with torch.device(device):
         model = create_model(name, **options)
     cfg = model.data_config
-    assert (cfg.input_size, cfg.mean, cfg.std, cfg.crop_pct) == expected
+    assert (cfg.input_size, cfg.mean, cfg.std, cfg.interpolation, cfg.crop_pct, cfg.crop_mode) == expected
     assert model.model_name == name and data_config_of(model) is cfg
+
+
+@pytest.mark.parametrize("name", [c[0] for c in DATA_CONFIGS if registry.family_of(c[0]).name != "bit"])
+def test_timm_built_models_take_timms_pretrained_config(name):
+    """The data config of a timm-built model is what timm's own transform would be built from."""
+    import timm.data
+
+    device = "cpu" if registry.family_of(name).name == "offline" else "meta"
+    with torch.device(device):
+        model = create_model(name)
+    ref = timm.data.resolve_data_config({}, model=model)
+    cfg = model.data_config
+    assert (cfg.interpolation, cfg.crop_pct, cfg.crop_mode, cfg.mean, cfg.std, cfg.input_size) == (
+        ref["interpolation"], ref["crop_pct"], ref["crop_mode"], tuple(ref["mean"]), tuple(ref["std"]),
+        ref["input_size"][-1])
 
 
 def test_resnetv2_takes_its_data_config_in_the_constructor_and_modules_without_one_get_bits():

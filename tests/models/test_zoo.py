@@ -68,18 +68,18 @@ def test_offline_imagenet_models_are_real(name, tmp_path, photos):
         paths.append(tmp_path / f"{photo}.jpg")
         cv2.imwrite(str(paths[-1]), cv2.cvtColor(photos[photo], cv2.COLOR_RGB2BGR))
     model = create_model(name)
-    assert model.data_config == zoo.OFFLINE_MODELS[name].data_config
     pred = predict_files(model, paths, topk=5, progress=False)
     idx = imagenet.index_of()
     cats = {idx[w] for w in ("n02123045", "n02123159", "n02124075")}  # tabby, tiger cat, Egyptian cat
     assert pred.indices[0, 0] in cats
     assert imagenet.names()[pred.indices[1, 0]] == "espresso"
-    assert np.all(np.diff(pred.probs, axis=1) <= 0) and pred.probs[1, 0] > 0.5
+    # Real weights, not a lucky guess: random ones put about 0.001 on any class (Lite1: 0.48 here).
+    assert np.all(np.diff(pred.probs, axis=1) <= 0) and pred.probs[1, 0] > 0.3
 
 
 def test_offline_weights_are_checked_against_the_architecture(monkeypatch):
     lite0 = zoo.OFFLINE_MODELS["efficientnet_lite0.offline_in1k"]
-    wrong = zoo.OfflineModel(lite0.package, "efficientnet_lite2", lite0.data_config)  # lite0 file, lite2 net
+    wrong = zoo.OfflineModel(lite0.package, "efficientnet_lite2")  # lite0 file, lite2 net
     monkeypatch.setitem(zoo.OFFLINE_MODELS, "mismatched", wrong)
     with pytest.raises(BitlabError, match=r"efficientnet-lite0-57934424\.pth: .*(tensors|shape)"):
         zoo.offline_model("mismatched")

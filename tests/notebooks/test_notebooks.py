@@ -20,7 +20,7 @@ FIGURES = {
     "ooc_tour": ["ooc_tour_grid"],
     "robustness": ["robustness_fig12_left_top5", "robustness_fig13_top5", "robustness_fig12_right_val_vs_ooc",
                    "robustness_backgrounds_EfficientNet-Lite0",
-                   "robustness_backgrounds_EfficientNet-Lite2",
+                   "robustness_backgrounds_EfficientNet-Lite2", "robustness_backgrounds_EfficientNet-Lite1",
                    "robustness_backgrounds_BiT-S-R50x1-random-weights", "robustness_context"],
     "error_analysis": ["error_analysis_topk_groups", "error_analysis_confusions", "error_analysis_gallery"],
     "duplicates": ["duplicates_nearest_model-efficientnet_lite0.offline_in1k", "duplicates_nearest_phash",
@@ -91,16 +91,19 @@ def test_notebook_runs_on_the_offline_sample(name, tmp_path, monkeypatch):
         stale.unlink()  # a figure from an earlier run must not pass for this one
     params = {"WORK": str(tmp_path / "work")}
     if name == "error_analysis":
-        # Headless: no clicks, so ratings come from a CSV, as a team's would. Two raters agree with the
-        # prediction on one rocket, split on another (-> unsure), one sides with the label on a third;
-        # a rating of another model's prediction for the fourth is ignored.
-        rows = [("brick_wall", "a", "prediction", "solar dish"), ("brick_wall", "b", "prediction", "solar dish"),
-                ("grass", "a", "label", "plunger"), ("gravel", "a", "prediction", "plunger"),
-                ("gravel", "b", "neither", "plunger"), ("outer_space", "a", "prediction", "missile")]
-        image = "rocket/11ec6abc282e3e38_m09rvcxw_07a13432__{}_skimage.png"
+        # Headless: no clicks, so ratings come from a CSV, as a team's would. On the sample's ocean photo,
+        # two raters agree with the prediction on the Stryker ("amphibian"), one sides with the label on
+        # the penguin, two split on the sea lion (-> unsure); a rating of another model's prediction for
+        # the teddy bear is ignored.
+        rows = [("tank/cb2b1df6fbe718f3_m07cmd_a5edeb52", "a", "prediction", "amphibian"),
+                ("tank/cb2b1df6fbe718f3_m07cmd_a5edeb52", "b", "prediction", "amphibian"),
+                ("penguin/e6561ca62796793c_m05z6w_ce5950ab", "a", "label", "grey whale"),
+                ("sea_lion/e0edcd42d4fb37ff_m0gd36_e706483b", "a", "prediction", "grey whale"),
+                ("sea_lion/e0edcd42d4fb37ff_m0gd36_e706483b", "b", "neither", "grey whale"),
+                ("teddy_bear/99ebb50dbdbd5c0a_m0kmg4_39461c75", "a", "prediction", "polar bear")]
         ratings = tmp_path / "ratings.csv"
-        ratings.write_text("image,rater,verdict,label,prediction\n"
-                           + "".join(f"{image.format(bg)},{r},{v},rocket,{p}\n" for bg, r, v, p in rows))
+        ratings.write_text("image,rater,verdict,label,prediction\n" + "".join(
+            f"{fg}__beach_ocean_waves.png,{r},{v},{fg.split('/')[0]},{p}\n" for fg, r, v, p in rows))
         params["RATINGS"] = str(ratings)
     start = time.perf_counter()
     # One intra-op thread in the kernel, as in tests/train: `make test` runs two workers on two
@@ -125,7 +128,15 @@ def test_notebook_runs_on_the_offline_sample(name, tmp_path, monkeypatch):
         assert _has(gallery, GREEN) and _has(gallery, RED) and _has(gallery, YELLOW)
         # The rated mistakes are counted in the notebook's verdict table.
         text = json.dumps([c.outputs for c in nb.cells if c.cell_type == "code"])
-        assert "5 ratings by 2 rater(s) of 3 of 4 mistakes" in text and "1 rating(s) ignored" in text
+        import pandas as pd
+
+        wrong = int((~pd.read_csv(tmp_path / "work" / "results" / "predictions.csv")["top1_correct"]).sum())
+        assert f"5 ratings by 2 rater(s) of 3 of {wrong} mistakes" in text and "1 rating(s) ignored" in text
+    if name == "robustness":  # the sample shows the paper's effect: enough rule images for Fig. 13, no filler
+        text = json.dumps([c.outputs for c in nb.cells if c.cell_type == "code"])
+        rule = re.search(r"(\d+) images meet the paper's rule .*; (\d+) of EfficientNet-Lite0's mistakes fit", text)
+        assert rule and int(rule[1]) >= 3 and int(rule[2]) >= 2, rule
+        assert "EfficientNet-Lite0: class " in text  # the heat map's variance, printed
     if name == "duplicates":
         text = json.dumps([c.outputs for c in nb.cells if c.cell_type == "code"])
         assert "found 15 of 15 planted copies; missed none; false positives none" in text

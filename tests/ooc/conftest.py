@@ -1,8 +1,8 @@
 """Fixture OpenImages trees and backgrounds folders, written from real photos with real masks.
 
-The photos and masks are the embedded sample's (CC0 / public-domain photos, GrabCut masks checked
-by eye), shrunk so that tests stay fast; masks are stored at another resolution than their
-images, as upstream.
+The photos and masks are the embedded sample's (Tux Paint photos with masks from their alpha
+channel, a lighthouse photo with a colour-key mask), shrunk so that tests stay fast; masks are
+stored at another resolution than their images, as upstream.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class Inst:
 
     image_id: str
     mid: str
-    photo: int = 0  # which real photo (0 cat, 1 coffee cup, 2 rocket)
+    photo: int = 0  # which real photo (SAMPLE_PHOTOS: 0 zebra, 1 sea lion, 2 lighthouse)
     iou: str = "0.9"
     rotation: str = "0.0"
     flags: dict = field(default_factory=dict)  # IsGroupOf etc. overrides
@@ -49,12 +49,19 @@ def image_id(*parts) -> str:
     return hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:16]
 
 
+# Three of the sample's photos, by class MID: two objects on flat grey and one in its own scene
+# that runs out of the frame (the lighthouse: a truncated object).
+SAMPLE_PHOTOS = ("/m/0898b", "/m/0gd36", "/m/04h7h")
+
+
 def real_foregrounds(long_side: int = 120) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The sample's three photos with their masks, photo shrunk to `long_side` (BGR, bool mask)."""
-    seg = (SAMPLE_OI / "validation-annotations-object-segmentation.csv").read_text().splitlines()[1:]
+    """Three of the sample's photos with their masks (SAMPLE_PHOTOS), photo shrunk to `long_side`
+    (BGR, bool mask)."""
+    seg_csv = SAMPLE_OI / "validation-annotations-object-segmentation.csv"
+    seg = [r.split(",") for r in seg_csv.read_text().splitlines()[1:]]
     out = []
-    for image_id_ in ("d9ce3f9b1da15b67", "477fca715251f3a5", "11ec6abc282e3e38"):
-        mask_path = next(r.split(",")[0] for r in seg if r.split(",")[1] == image_id_)
+    for mid in SAMPLE_PHOTOS:
+        mask_path, image_id_ = next(r[:2] for r in seg if r[2] == mid)
         img = cv2.imread(str(SAMPLE_OI / "validation" / f"{image_id_}.jpg"))
         mask = cv2.imread(str(SAMPLE_OI / "validation-masks" / mask_path), cv2.IMREAD_GRAYSCALE)
         s = long_side / max(img.shape[:2])

@@ -5,6 +5,12 @@ import csv
 import hashlib
 import json
 import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -14,8 +20,12 @@ import pytest
 from bitlab.cli import main
 from bitlab.errors import BitlabError
 from bitlab.ooc import build, compose
+from bitlab.eval.robustness import load_eval_set
 from bitlab.ooc.build import MakeOOCConfig, build_demo
+from bitlab.ooc.record import check_complete
 from bitlab.ooc.spec import load_background_categories, load_classes
+from bitlab.paths import SAMPLE_DIR
+from tests.fixtures.processes import ENV
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -70,6 +80,7 @@ def test_acceptance_3321_images(full_build, capsys):
         img = cv2.imread(str(out / r["file"]))
         assert img.shape == (32, 32, 3) and compose.pixel_sha256(img) == r["pixel_sha256"]
         assert r["fg_license"] and r["bg_license"] == "cc0" and r["modified"] == "true"
+        assert r["annotations_license"] == "CC BY 4.0 (Google, Open Images)"  # Open Images' masks
         cat, k = r["bg_uid"].rsplit("_", 1)
         assert (r["bg_provider"], r["bg_source_id"]) == ("test", f"id-{cat}-{k}")
         assert r["bg_attribution"] == f'"{cat} {k}" by a | b is marked with CC0 1.0'  # the source's credit line
@@ -166,6 +177,63 @@ def test_resume_after_interruption(full_build, tmp_path, capsys):
     assert not list(out.glob("*/.*.tmp"))
 
 
+# ----------------------------------------------------------------------------- one writer per folder
+def _bitlab(argv: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "bitlab", *argv], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_two_builds_started_together_into_one_folder(full_build, tmp_path):
+    """Two real `bitlab make-ooc` processes started together: exactly one builds (exit 0), the other
+    exits 2 naming its pid, without a traceback; the folder is the one build's, whole."""
+    out = tmp_path / "out"
+    argv = [a if a != str(full_build["out"]) else str(out) for a in full_build["argv"]]
+    procs = [_bitlab([*argv, "--workers", "1"]) for _ in range(2)]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert sorted(p.returncode for p in procs) == [0, 2], errs
+    winner = next(p for p in procs if p.returncode == 0)
+    err = errs[1 - procs.index(winner)]
+    assert f"bitlab make-ooc: error: {out} is in use by pid {winner.pid} on " in err and "Traceback" not in err
+    got, reference = _tree_digest(out), _tree_digest(full_build["out"])
+    for name in ("dataset.json", "config.json"):  # they name the output folder, which differs here
+        got.pop(name), reference.pop(name)
+    assert got == reference
+    check_complete(out)
+
+
+def test_killed_rebuild_with_other_settings_is_refused_by_readers_until_finished(full_build, tmp_path, capsys):
+    """A finished --size 32 folder rebuilt at --size 48 and SIGKILLed midway: no record describes the
+    mix of sizes (dataset.json, manifest.csv, config.json are gone first), `evaluate` refuses the
+    folder naming it, and a rerun leaves a folder whose record and images agree."""
+    out = tmp_path / "out"
+    shutil.copytree(full_build["out"], out)
+    argv = [a if a != str(full_build["out"]) else str(out) for a in full_build["argv"]]
+    argv[argv.index("--size") + 1] = "48"
+    journal = out / build.JOURNAL
+    before = journal.read_text().count("\n")
+    proc = _bitlab([*argv, "--workers", "1"])
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if journal.read_text().count("\n") >= before + 300:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the rebuild finished before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    sizes = {cv2.imread(str(p)).shape[0] for p in list(out.glob("*/*.png"))[::50]}
+    assert sizes == {32, 48}  # a mix on disk...
+    assert not any((out / name).exists() for name in ("dataset.json", "manifest.csv", "config.json"))  # ...unrecorded
+    with pytest.raises(BitlabError, match=r"out: an unfinished make-ooc build"):
+        load_eval_set(out)
+    capsys.readouterr()
+    assert main(["evaluate", "--model", "R14x0.5", "--data", str(out), "--out", str(tmp_path / "r")]) == 2
+    assert "out: an unfinished make-ooc build" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    assert main(argv) == 0
+    check_complete(out)
+    assert {cv2.imread(str(out / r["file"])).shape[0] for r in _manifest(out)[::97]} == {48}
+    assert json.loads((out / "dataset.json").read_text())["config"]["size"] == 48
+
+
 # ----------------------------------------------------------------------------- bad inputs
 @pytest.fixture
 def small_cfg(plan_small, tmp_path):
@@ -173,6 +241,30 @@ def small_cfg(plan_small, tmp_path):
     return MakeOOCConfig(out=str(tmp_path / "out"), openimages=str(inp["openimages"]),
                          backgrounds=str(inp["backgrounds"]), selection=str(sel), classes=str(inp["classes"]),
                          background_categories=str(inp["categories"]), size=48, workers=2)
+
+
+def test_each_foreground_keeps_its_own_mask_licence(small_cfg):
+    """A tree whose images table names its masks' licence (`AnnotationsLicense`, as the embedded
+    sample's does) gets it in the manifest and ATTRIBUTION.md; the others keep Open Images'."""
+    images = Path(small_cfg.openimages) / "validation-images-with-rotation.csv"
+    with images.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    cats = {r["image_id"] for r in _selection_rows(small_cfg) if r["kind"] == "foreground" and r["group"] == "cat"}
+    for r in rows:
+        r["AnnotationsLicense"] = "GPL-2 (the photo's alpha channel)" if r["ImageID"] in cats else ""
+    with images.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    out = Path(small_cfg.out)
+    build.build(small_cfg)
+    got = {(r["class"], r["annotations_license"]) for r in _manifest(out)}
+    assert got == {("cat", "GPL-2 (the photo's alpha channel)"), ("coffee_cup", "CC BY 4.0 (Google, Open Images)")}
+    attribution = (out / "ATTRIBUTION.md").read_text()
+    assert "Segmentation masks and annotations: each foreground's own licence" in attribution
+    assert "Open Images, CC BY 4.0." not in attribution  # the one-line claim would be wrong for the cats
+    cat_rows = [line for line in attribution.splitlines() if line.startswith("| cat |")]
+    assert len(cat_rows) == 2 and all("| GPL-2 (the photo's alpha channel) |" in line for line in cat_rows)
 
 
 def _selection_rows(cfg) -> list[dict]:
@@ -350,7 +442,8 @@ def test_invalid_options(small_cfg):
 def test_demo_builds_in_seconds_and_the_real_model_agrees(tmp_path):
     out = build_demo(tmp_path / "demo")
     rows = _manifest(out)
-    assert len(rows) == 3 * 4 and {r["class"] for r in rows} == {"cat", "coffee_cup", "rocket"}
+    assert len(rows) == 9 * 12 and {r["class"] for r in rows} == {
+        "zebra", "sea_lion", "penguin", "ostrich", "tiger", "teddy_bear", "tank", "lighthouse"}
     for r in rows:  # the longest object side is 80% of 512 on real pixels
         x0, y0, x1, y1 = map(int, r["fg_bbox_out"].split(","))
         assert abs(max(x1 - x0, y1 - y0) - 410) <= 1
@@ -361,16 +454,61 @@ def test_demo_builds_in_seconds_and_the_real_model_agrees(tmp_path):
     model = create_model(zoo.OFFLINE_IMAGENET_MODEL)
     pred = predict_files(model, [out / r["file"] for r in rows], topk=5, progress=False)
     names = imagenet.names()
+    right = {}
     for r, top in zip(rows, pred.indices):
-        targets = {int(i) for i in r["ilsvrc_indices"].split(";")}
-        if r["class"] in ("cat", "coffee_cup"):  # recognised on every background
-            assert int(top[0]) in targets, (r["file"], [names[i] for i in top])
+        right.setdefault(r["class"], []).append(int(top[0]) in {int(i) for i in r["ilsvrc_indices"].split(";")})
+        if r["class"] in ("zebra", "tiger"):  # recognised on every background
+            assert right[r["class"]][-1], (r["file"], [names[i] for i in top])
+    assert not all(right["sea_lion"]) and not all(right["penguin"])  # ... and these are not
     summary = json.loads((out / "dataset.json").read_text())
-    assert summary["counts"]["images"] == 12
+    assert summary["counts"]["images"] == 108
+
+
+def test_demo_records_each_sample_files_own_licence(tmp_path):
+    """The sample is not Open Images: its manifest and ATTRIBUTION.md carry each photo's and each
+    mask's own licence and author, from the sample's images table and backgrounds.csv."""
+    out = build_demo(tmp_path / "demo", size=64)
+    rows = _manifest(out)
+    def table(path, key):
+        return {r[key]: r for r in csv.DictReader(path.read_text().splitlines())}
+
+    images = table(SAMPLE_DIR / "openimages" / "validation-images-with-rotation.csv", "ImageID")
+    backgrounds = table(SAMPLE_DIR / "backgrounds" / "backgrounds.csv", "uid")
+    for r in rows:
+        meta, bg = images[r["fg_image_id"]], backgrounds[r["bg_uid"]]
+        assert r["annotations_license"] == meta["AnnotationsLicense"] and r["annotations_license"].startswith("GPL-2")
+        assert (r["fg_license"], r["fg_author"]) == (meta["License"], meta["Author"])
+        assert (r["bg_license"], r["bg_author"], r["bg_provider"]) == (bg["license"], bg["author"], bg["provider"])
+    assert {r["bg_license"].split(" (")[0] for r in rows} == {"GPL-2 or later", "public domain"}
+    attribution = (out / "ATTRIBUTION.md").read_text()
+    assert "Open Images" not in attribution.split("## Foreground photos")[0].replace("Open Images makes", "")
+    for who in ("Albert Cahalan", "Jim Trice", "Sergey Nazarov", "Thomas K. Gibson", "NASA"):
+        assert who in attribution
 
 
 def test_demo_cli(tmp_path, capsys):
     assert main(["make-ooc", "--demo", "--out", str(tmp_path / "d")]) == 0
-    assert "12 images (3 classes, 3 foregrounds x 4 backgrounds)" in capsys.readouterr().out
-    assert len(list((tmp_path / "d").glob("*/*.png"))) == 12
+    assert "108 images (8 classes, 9 foregrounds x 12 backgrounds)" in capsys.readouterr().out
+    assert len(list((tmp_path / "d").glob("*/*.png"))) == 108
     assert os.path.exists(tmp_path / "d" / "ATTRIBUTION.md")
+
+
+def test_a_full_disk_names_the_image_and_a_rerun_resumes(tmp_path, small_disk, capsys):
+    """The demo (108 composites of about 400 KB, then its variants) onto a real 16 MiB tmpfs: exit 2 naming the image being
+    written and the full disk (it was a bare '[Errno 28]'), no temp file, no record; with room made
+    (the tmpfs grown), the rerun keeps what was written and finishes."""
+    disk = small_disk("16M")  # room for a few 16-image chunks, not for 108 images
+    out = disk / "ooc"
+    assert main(["make-ooc", "--demo", "--out", str(out), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"bitlab make-ooc: error: {out}/" in err and ".png: cannot write this file, the disk is full" in err
+    assert "Traceback" not in err and not list(out.rglob(".*.tmp"))
+    written = len(list(out.rglob("*.png")))  # composites and any variant images
+    assert 0 < written < 108 and not (out / "dataset.json").exists() and not (out / "manifest.csv").exists()
+    subprocess.run(["mount", "-o", "remount,size=128M", str(disk)], check=True)  # the composites and variants
+    assert main(["make-ooc", "--demo", "--out", str(out)]) == 0
+    built, kept = map(int, re.search(r"built (\d+), kept (\d+)", capsys.readouterr().out).groups())
+    meta = json.loads((out / "dataset.json").read_text())
+    total = meta["counts"]["images"] + sum(v["images"] for v in meta["variants"].values())
+    assert meta["counts"]["images"] == 108 and built + kept == total and 0 < kept <= written  # journalled images are kept (the last chunk's are redone)
+    check_complete(out)

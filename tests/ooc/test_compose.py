@@ -10,10 +10,9 @@ from bitlab.paths import SAMPLE_DIR
 
 OI = SAMPLE_DIR / "openimages"
 SAMPLE = {  # image id -> mask file of the embedded sample
-    "d9ce3f9b1da15b67": "d9ce3f9b1da15b67_m01yrx_bd42f470.png",
-    "477fca715251f3a5": "477fca715251f3a5_m02p5f1q_00bf5d96.png",
-    "11ec6abc282e3e38": "11ec6abc282e3e38_m09rvcxw_07a13432.png",
-}
+    row.split(",")[1]: row.split(",")[0]
+    for row in (OI / "validation-annotations-object-segmentation.csv").read_text().splitlines()[1:]}
+ZEBRA, SEA_LION, TANK, LIGHTHOUSE = "212826d645e3b0e6", "e0edcd42d4fb37ff", "cb2b1df6fbe718f3", "05dc505c2e373ad8"
 
 
 def _fg(image_id: str):
@@ -33,7 +32,7 @@ def _changed_box(out: np.ndarray, bg: np.ndarray):
 @pytest.mark.parametrize("size,scale", [(512, 0.8), (224, 0.8), (97, 0.8), (300, 0.5)])
 def test_object_longest_side_and_top_left_crop(image_id, size, scale):
     image, mask = _fg(image_id)
-    bg_full = _hubble()  # 1000 x 872: not square, so the crop position matters
+    bg_full = _hubble()  # 587 x 512: not square, so the crop position matters
     side = min(bg_full.shape[:2])
     # The expected background, computed here independently: the top-left square, resized.
     expected_bg = cv2.resize(bg_full[:side, :side], (size, size), interpolation=cv2.INTER_AREA)
@@ -49,26 +48,29 @@ def test_object_longest_side_and_top_left_crop(image_id, size, scale):
     want = round(scale * size)
     assert max(cut.size) == want
     assert abs(max(x1 - x0, y1 - y0) - want) <= 1, (x0, y0, x1, y1)
-    # centred: the visible object's box centre is the image centre (within a pixel and a half)
-    assert abs((x0 + x1) / 2 - size / 2) <= 1.5 and abs((y0 + y1) / 2 - size / 2) <= 1.5
+    # centred: the cut-out's box centre is the image centre, and all that changed lies inside it
+    # (thin parts, the tank's antennas, vanish at 97 px: the visible box may be smaller)
+    x, y = xy
+    assert abs(x + cut.size[0] / 2 - size / 2) <= 0.5 and abs(y + cut.size[1] / 2 - size / 2) <= 0.5
+    assert x <= x0 and y <= y0 and x1 <= x + cut.size[0] and y1 <= y + cut.size[1]
     # outside the object, the output is exactly the background
     assert np.array_equal(out[~changed], expected_bg[~changed])
     # inside, hard mask: pixels are the photo's resized pixels, not blends
-    x, y = xy
     inside = cut.alpha > 0
     assert np.array_equal(out[y:y + cut.size[1], x:x + cut.size[0]][inside], cut.bgr[inside])
 
 
 def test_mask_resized_to_exact_image_size():
-    """Upstream masks are ~1600 px while images are <= 1024 px, with independent rounding."""
-    image_id = "d9ce3f9b1da15b67"
+    """Upstream masks are ~1600 px while images are <= 1024 px, with independent rounding (the
+    sample's lighthouse: a 638 x 960 photo, a 1063 x 1600 mask)."""
+    image_id = LIGHTHOUSE
     image = compose.decode(OI / "validation" / f"{image_id}.jpg", upright=False)
     raw = compose.decode_mask(OI / "validation-masks" / SAMPLE[image_id])
     assert raw.shape != image.shape[:2]
     assert abs(raw.shape[1] / image.shape[1] - raw.shape[0] / image.shape[0]) > 1e-4  # not one exact factor
     m = compose.mask_to_image(raw, image.shape[1], image.shape[0])
     assert m.shape == image.shape[:2] and m.dtype == bool
-    assert 0.5 < m.mean() < 0.95
+    assert 0.3 < m.mean() < 0.6  # the tower, not the sky around it
 
 
 def test_tight_box_and_empty_mask():
@@ -81,7 +83,7 @@ def test_tight_box_and_empty_mask():
 
 
 def test_feather_and_erode():
-    image, mask = _fg("477fca715251f3a5")
+    image, mask = _fg(SEA_LION)
     hard = compose.make_cutout(image, mask, size=256)
     assert set(np.unique(hard.alpha)) == {0, 255} and hard.hard
     soft = compose.make_cutout(image, mask, size=256, feather=2.0)
@@ -99,7 +101,7 @@ def test_feather_and_erode():
 
 
 def test_random_placement_is_seeded_and_inside():
-    image, mask = _fg("11ec6abc282e3e38")
+    image, mask = _fg(TANK)
     cut = compose.make_cutout(image, mask, size=128)
     spots = {compose.paste_position(128, cut.size, "random", key=f"0:fg:{k}") for k in range(20)}
     assert len(spots) > 5
@@ -119,7 +121,7 @@ def test_decode_errors_name_the_file(tmp_path):
     empty = tmp_path / "empty.png"
     cv2.imwrite(str(empty), np.zeros((8, 8), np.uint8))
     with pytest.raises(compose.BadInputError, match="mask is empty"):
-        compose.load_foreground(OI / "validation" / "d9ce3f9b1da15b67.jpg", empty)
+        compose.load_foreground(OI / "validation" / f"{ZEBRA}.jpg", empty)
 
 
 def test_png_round_trip_and_pixel_hash():
@@ -144,4 +146,4 @@ def test_huge_declared_sizes_are_refused_before_decoding(tmp_path):
     mask.write_bytes(png_declaring(20000, 20000, depth=1, colour=0, rows=20000))  # a whole, empty 1-bit mask
     assert mask.stat().st_size < 100_000  # about 50 KB that would decode to 400 MB, then 1.5 GB in all
     with pytest.raises(compose.BadInputError, match=r"mask\.png: the file declares 20000 x 20000 px"):
-        compose.load_foreground(OI / "validation" / "d9ce3f9b1da15b67.jpg", mask)
+        compose.load_foreground(next((OI / "validation").glob("*.jpg")), mask)

@@ -97,14 +97,21 @@ def test_unknown_mid_and_missing_counts(small_inputs, tmp_path):
 
 
 def test_replanning_the_embedded_sample_reproduces_it(tmp_path):
-    """The committed sample selection is exactly what `plan` makes of the committed sample."""
+    """The committed sample selection is exactly what `plan` makes of the committed sample, with
+    the limits its selection.json records (make_sample.py's)."""
     from bitlab.paths import SAMPLE_DIR
 
+    recorded = json.loads((SAMPLE_DIR / "selection.json").read_text())["config"]
+    assert recorded["filters"]["min_predicted_iou"] == 0.0 and recorded["min_background_px"] == 360
     cfg = PlanConfig(out=str(tmp_path / "selection.csv"), openimages=str(SAMPLE_DIR / "openimages"),
                      backgrounds=str(SAMPLE_DIR / "backgrounds"), classes=str(SAMPLE_DIR / "classes.csv"),
                      background_categories=str(SAMPLE_DIR / "background_categories.csv"),
-                     filters=AnnotationFilter(min_predicted_iou=0.0, allow_truncated=True))
+                     filters=AnnotationFilter(**recorded["filters"]), min_background_px=recorded["min_background_px"],
+                     min_object_px=recorded["min_object_px"], min_mask_fill=recorded["min_mask_fill"])
     plan(cfg)
     assert (tmp_path / "selection.csv").read_bytes() == (SAMPLE_DIR / "selection.csv").read_bytes()
-    with pytest.raises(BitlabError, match="class 'Cat'.*need 1"):  # the cat touches the border
-        plan(PlanConfig(**{**cfg.__dict__, "filters": AnnotationFilter(min_predicted_iou=0.0)}))
+    filters = AnnotationFilter(**{**recorded["filters"], "allow_truncated": False})
+    with pytest.raises(BitlabError, match="class 'Lighthouse'.*need 1"):  # the tower runs out of the frame
+        plan(PlanConfig(**{**cfg.__dict__, "filters": filters}))
+    with pytest.raises(BitlabError, match="underwater.*need 1"):  # the reef photo is 448 x 376
+        plan(PlanConfig(**{**cfg.__dict__, "min_background_px": 512}))

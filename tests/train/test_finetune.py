@@ -441,3 +441,98 @@ def test_rerun_from_config_json_gives_the_same_weights(tiny_digits, tmp_path):
     a, b = (json.loads((tmp_path / d / "config.json").read_text()) for d in "ab")
     assert {k: v for k, v in a.items() if k != "out"} == {k: v for k, v in b.items() if k != "out"}
     assert_same(weights(tmp_path / "a"), weights(tmp_path / "b"))
+
+
+# ----------------------------------------------------------------------------- one writer per run folder
+_LONG = ["finetune", "--model", "R14x0.5", "--batch-size", "8", "--resolution", "18", "16", "--schedule", "5", "100",
+         "150", "200", "250", "--workers", "0", "--no-progress", "--checkpoint-every", "20", "--log-every", "1"]
+
+
+def _finetune_proc(data: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "bitlab", *_LONG, "--data", str(data), "--out", str(out), *extra],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_finetunes_started_together_into_one_folder(tiny_digits, tmp_path):
+    """Exactly one trains; the other exits 2 naming its pid (no metrics row written twice, no
+    checkpoint written by both)."""
+    out = tmp_path / "run"
+    procs = [_finetune_proc(tiny_digits, out, "--base-lr", lr) for lr in ("0.05", "0.01")]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert sorted(p.returncode for p in procs) == [0, 2], errs
+    winner = next(p for p in procs if p.returncode == 0)
+    err = errs[1 - procs.index(winner)]
+    assert f"bitlab finetune: error: {out} is in use by pid {winner.pid} on " in err and "Traceback" not in err
+    steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+    assert steps == list(range(1, 251))
+    lr = json.loads((out / "config.json").read_text())["base_lr"]
+    assert lr == (0.05 if procs.index(winner) == 0 else 0.01)
+    assert json.loads((out / "summary.json").read_text())["completed"] and not (out / ".lock").exists()
+
+
+def _kill_when(proc: subprocess.Popen, ready) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_a_killed_runs_lock_is_taken_over_by_the_resuming_run(tiny_digits, tmp_path):
+    out = tmp_path / "run"
+    proc = _finetune_proc(tiny_digits, out)
+    _kill_when(proc, lambda: (out / "checkpoint.pt").exists())
+    assert json.loads((out / ".lock").read_text())["pid"] == proc.pid  # left behind by SIGKILL
+    done = subprocess.run([sys.executable, "-m", "bitlab", *_LONG, "--data", str(tiny_digits), "--out", str(out),
+                           "--resume"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"took over the lock of pid {proc.pid} (finetune, since" in done.stderr
+
+
+def test_a_fresh_run_killed_in_a_finished_runs_folder_leaves_no_old_results(tiny_digits, tmp_path):
+    """A finished run without its checkpoint (as fewshot leaves them) is replaced by a run with other
+    settings, SIGKILLed midway: the old summary.json and final.pt are gone before the new config.json
+    is written, so the folder never shows the new settings beside the old results."""
+    out = tmp_path / "run"
+    assert main([*_LONG, "--data", str(tiny_digits), "--out", str(out), "--schedule", "1", "2", "3", "4", "5"]) == 0
+    (out / "checkpoint.pt").unlink()
+    proc = _finetune_proc(tiny_digits, out, "--base-lr", "0.01")
+    _kill_when(proc, lambda: json.loads((out / "config.json").read_text())["base_lr"] == 0.01)
+    assert not (out / "summary.json").exists() and not (out / "final.pt").exists()
+
+
+def test_a_full_disk_names_the_checkpoint_and_records_it_plainly(tiny_digits, tmp_path, small_disk, capsys):
+    """On a real 4 MiB tmpfs the first checkpoint (16 MB) does not fit: exit 2 naming checkpoint.pt
+    and the full disk, in summary.json too (it was torch's '[enforce fail at inline_container.cc]'),
+    no half-written checkpoint, metrics whole."""
+    out = small_disk("4M") / "run"
+    assert main(["finetune", "--model", "R14x0.5", "--data", str(tiny_digits), "--out", str(out), "--batch-size", "8",
+                 "--resolution", "18", "16", "--schedule", "1", "2", "3", "4", "6", "--checkpoint-every", "2",
+                 "--log-every", "1", "--workers", "0", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {out / 'checkpoint.pt'}: cannot write this file, the disk is full (errno ENOSPC" in err
+    assert "inline_container" not in err and "Traceback" not in err and "Logging error" not in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["completed"] is False and summary["error_type"] == "DiskFullError"
+    assert "checkpoint.pt: cannot write this file, the disk is full" in summary["error"]
+    assert not (out / "checkpoint.pt").exists() and not list(out.glob(".*.tmp"))
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2]
+
+
+def test_a_file_in_both_train_and_val_is_warned_as_a_validation_leak(tiny_digits, tmp_path, caplog):
+    """A CSV listing two files under both splits: the run warns naming the count and the files, and
+    records it in plan.json and summary.json."""
+    files = sorted((tiny_digits / "train").rglob("*.png"))
+    rows = [f"{f},{f.parent.name},train" for f in files]
+    rows += [f"{f},{f.parent.name},val" for f in sorted((tiny_digits / "val").rglob("*.png"))]
+    rows += [f"{f},{f.parent.name},val" for f in files[:2]]  # the leak
+    (tmp_path / "data.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    with caplog.at_level("WARNING", logger="bitlab.train.finetune"):
+        finetune(cfg(tmp_path / "data.csv", tmp_path / "run", schedule=[1, 1, 1, 1, 1]))
+    leak = f"validation leak: 2 file(s) of {tmp_path / 'data.csv'}"
+    assert leak in caplog.text and str(files[0]) in caplog.text and str(files[1]) in caplog.text
+    assert leak in json.loads((tmp_path / "run" / "plan.json").read_text())["warnings"][0]
+    assert leak in json.loads((tmp_path / "run" / "summary.json").read_text())["warnings"][0]
+    finetune(cfg(tiny_digits, tmp_path / "apart", schedule=[1, 1, 1, 1, 1]))
+    assert json.loads((tmp_path / "apart" / "summary.json").read_text())["warnings"] == []
