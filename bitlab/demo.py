@@ -104,7 +104,7 @@ def _run_demo(out: Path, figures: Path, sample_dir: Path) -> DemoResult:
     ooc = build_demo(out / "ooc", sample_dir, command=same_as)  # `bitlab make-ooc --demo`
     res = DemoResult(ooc, in_context_set(ooc, out / "in_context", sample_dir))
     torch.manual_seed(0)
-    npz = save_npz(create_model("BiT-S-R50x1"), out / "BiT-S-R50x1-random.npz")
+    npz = save_npz(create_model("BiT-S-R50x1", pretrained=False), out / "BiT-S-R50x1-random.npz")
     models = [dict(model=name) for name in OFFLINE] + [
               dict(model="BiT-S-R50x1", pretrained=str(npz), image_size=BIT_DEMO_SIZE, label=BIT_DEMO_LABEL,
                    pretraining_data="none (random weights)")]

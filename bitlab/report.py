@@ -13,7 +13,12 @@
 - `fig_duplicates`: paper Fig. 9: test images beside their near-duplicates upstream (`bitlab dedup`);
 - `fig_fewshot`: paper Fig. 2 / 5: top-1 against examples per class, every trial a light dot,
   the median over seeds a line (`bitlab fewshot`);
-- `fig_ooc_grid`: the out-of-context set at a glance, foreground objects x backgrounds (make-ooc).
+- `fig_ooc_grid`: the out-of-context set at a glance, foreground objects x backgrounds (make-ooc);
+- `results_table`: one row per results folder, what the figures compare (head, weights, scores).
+
+Results of a head over a subset of the ILSVRC-2012 classes (a fine-tuned run's) are drawn beside
+1000-way ones, never silently: their panels say "N-way head", Fig. 12 right draws them as squares
+with a legend entry saying the task is easier, and `results_table` has a `head` column.
 
 The robustness numbers come from `bitlab evaluate` results folders (`bitlab.eval.results` reads
 them); figures import the evaluation modules, never the reverse. The paper publishes no
@@ -37,7 +42,7 @@ from matplotlib.lines import Line2D
 from bitlab import io
 from bitlab.data import imagenet
 from bitlab.data.transforms import decode_image, resize
-from bitlab.errors import BitlabError
+from bitlab.errors import BitlabError, ConfigError
 from bitlab.eval import robustness, tables
 from bitlab.eval.dedup import DedupResult
 from bitlab.eval.errors import UNSURE
@@ -65,6 +70,25 @@ def save(fig: Figure, out_dir: str | Path, stem: str) -> list[Path]:
 def spaced(name: str) -> str:
     """A class or background folder name as figure text: 'coffee_cup' -> 'coffee cup'."""
     return name.replace("_", " ")
+
+
+def shown_label(r: Results) -> str:
+    """A model's label as figures show it: with its head when it answers among a subset of the classes."""
+    return f"{r.label} ({r.task['way']}-way head)" if r.subset_head else r.label
+
+
+def results_table(results: Sequence[Results]) -> pd.DataFrame:
+    """One row per results folder: model, set, images, head (1000-way, or N-way: easier), weights'
+    pre-training data (random weights say so), top-1 and top-k."""
+    rows = []
+    for r in results:
+        s = r.summary
+        rows.append({"model": r.label, "set": r.role, "images": s["n"],
+                     "head": f"{r.task['way']}-way (easier task)" if r.subset_head else f"{r.task['way']}-way",
+                     "pre-training": s["model"]["pretraining_data"], "top-1": s["top1"],
+                     "top-1 95% interval": "[{:.3f}, {:.3f}]".format(*s["top1_ci"]) if s.get("top1_ci") else "",
+                     f"top-{r.k}": s[f"top{r.k}"]})
+    return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------- Fig. 12 left / Fig. 13
@@ -177,10 +201,12 @@ def fig_top5(a: Results, b: Results, images: Sequence[str], fits: Collection[str
                     ha="center", va="top", fontsize=7, color=FILE_NAME)
         for ax, r, row in ((row_axes[1], a, ra), (row_axes[2], b, rb)):
             verdict = "right" if row["top1_correct"] else "wrong"
-            _draw_top5(ax, row, a.k, f"{r.label}: top-1 {verdict}")
+            _draw_top5(ax, row, r.k, f"{shown_label(r)}: top-1 {verdict}")
     for ax in axes[-1, 1:]:
         ax.set_xlabel("probability (log scale)", fontsize=8)
-    fig.suptitle(f"Top-{a.k} predictions on objects out of context: {a.label} vs. {b.label}", fontsize=10)
+    notes = sorted({r.task["note"] for r in (a, b) if r.subset_head})
+    fig.suptitle(f"Top-{max(a.k, b.k)} predictions on objects out of context: {shown_label(a)} vs. {shown_label(b)}"
+                 + "".join(f"\n({n})" for n in notes), fontsize=10)
     fig.legend(handles=[Line2D([], [], color=CORRECT, lw=6, label="correct label (in the class's ILSVRC set)"),
                         Line2D([], [], color=WRONG, lw=6, label="other label")],
                loc="outside lower center", ncols=2, fontsize=8, frameon=False)
@@ -214,6 +240,8 @@ def val_vs_ooc_points(results: Sequence[Results]) -> pd.DataFrame:
             rows.append({"label": label, "val_top1": val["top1"], "ooc_top1": away["top1"], "val_low": vl,
                          "val_high": vh, "ooc_low": ol, "ooc_high": oh, "params_m": m["params_m"],
                          "pretraining_data": m["pretraining_data"],
+                         "way": max(slot["val"].task["way"], slot["ooc"].task["way"]),
+                         "subset_head": slot["val"].subset_head or slot["ooc"].subset_head,
                          "val_data": slot["val"].summary["dataset"], "ooc_data": slot["ooc"].summary["dataset"]})
     return pd.DataFrame(rows)
 
@@ -265,8 +293,12 @@ def fig_val_vs_ooc(results: Sequence[Results]) -> Figure:
     yerr = np.abs(np.stack([pts["ooc_low"], pts["ooc_high"]]).astype(float) * 100 - y)
     ax.errorbar(x, y, xerr=np.nan_to_num(xerr), yerr=np.nan_to_num(yerr), fmt="none", ecolor="#555555",
                 elinewidth=1, capsize=3, zorder=2)
-    ax.scatter(x, y, s=_marker_area(pts["params_m"]), c=pts["pretraining_data"].map(palette),
-               alpha=0.85, edgecolors="black", linewidths=0.6, zorder=3)
+    subset = pts["subset_head"].to_numpy(bool)
+    for marker, rows in (("o", ~subset), ("s", subset)):  # squares: heads over a subset of the classes
+        if rows.any():
+            ax.scatter(x[rows], y[rows], s=_marker_area(pts["params_m"][rows]), marker=marker,
+                       c=pts["pretraining_data"][rows].map(palette), alpha=0.85, edgecolors="black", linewidths=0.6,
+                       zorder=3)
     # Axes span the data in steps of 10 points, so close models stay apart.
     xerr, yerr = np.nan_to_num(xerr), np.nan_to_num(yerr)
     lo = max(0.0, 10 * np.floor(min((x - xerr[0]).min(), (y - yerr[0]).min()) / 10 - 0.5))
@@ -278,9 +310,14 @@ def fig_val_vs_ooc(results: Sequence[Results]) -> Figure:
     ax.set_xlabel(f"validation top-1 (%) — {_data_label(pts['val_data'])}")
     ax.set_ylabel(f"out-of-context top-1 (%) — {_data_label(pts['ooc_data'])}")
     ax.grid(alpha=0.3)
+    heads = [Line2D([], [], marker="o", ls="", color="#dddddd", markeredgecolor="black", markersize=8,
+                    label="1000-way head (the paper's task)")] if (~subset).any() else []
+    heads += [Line2D([], [], marker="s", ls="", color="#dddddd", markeredgecolor="black", markersize=8,
+                     label=robustness.head_note(int(w))) for w in sorted(pts.loc[subset, "way"].unique())]
     colours = ax.legend(handles=[Line2D([], [], marker="o", ls="", color=c, markeredgecolor="black", markersize=8,
-                                        label=d) for d, c in palette.items()],
-                        title="pre-training data", fontsize=8, title_fontsize=8, loc="upper left")
+                                        label=d) for d, c in palette.items()] + (heads if subset.any() else []),
+                        title="pre-training data" + (" / head" if subset.any() else ""), fontsize=8,
+                        title_fontsize=8, loc="upper left")
     ax.add_artist(colours)
     lo_p, hi_p = pts["params_m"].min(), pts["params_m"].max()
     refs = [p for p in (SMALLEST_M, 25, 100, 400, 900) if lo_p / 2 <= p <= hi_p * 2] or [round(hi_p, 1)]
@@ -302,12 +339,12 @@ def fig_backgrounds(r: Results, most_fooling: int = 10) -> Figure:
     ncol, nrow = df["background"].nunique(), df["class"].nunique()
     fig = Figure(figsize=(max(7.0, 0.48 * ncol + 2.5) + 5.0, max(3.6, 0.42 * nrow + 2.2)), layout="constrained")
     ax, bx = fig.subplots(1, 2, width_ratios=[max(4.0, 0.48 * ncol + 1.5), 5.0])
-    _heatmap(ax, df, r.label)
+    _heatmap(ax, df, shown_label(r), r.task["note"] if r.subset_head else "")
     _fooling_bars(bx, df[df["background"] != robustness.IN_CONTEXT], most_fooling)
     return fig
 
 
-def _heatmap(ax, df: pd.DataFrame, label: str) -> None:
+def _heatmap(ax, df: pd.DataFrame, label: str, note: str = "") -> None:
     import seaborn as sns
 
     grid = df.pivot_table(index="class", columns="background", values="top1_correct", aggfunc="mean") * 100
@@ -332,7 +369,8 @@ def _heatmap(ax, df: pd.DataFrame, label: str) -> None:
                  f"[{est.low:.0%}, {est.high:.0%}] (95%, {robustness.interval_method(est)})"
                  + (f"\nvariance: class {effect['class']:.0%}, background {effect['background']:.0%} "
                     f"(p = {effect['p_value']:.2g}), class x background {effect['class_x_background']:.0%}"
-                    if effect else ""), fontsize=10)
+                    if effect else "")
+                 + (f"\n{note}" if note else ""), fontsize=10)
 
 
 def _fooling_bars(bx, df: pd.DataFrame, most_fooling: int) -> None:
@@ -740,7 +778,7 @@ def make_report(result_dirs: Sequence[str | Path], out: str | Path, *, images: S
     stands for all of them, in their order. `fits`: images where the first model's wrong top-1 fits
     the background (`choose_images`); by default its `context_consistent_error`s, when evaluated."""
     if num_images < 1:
-        raise BitlabError(f"--num-images must be at least 1, got {num_images}")
+        raise ConfigError("num_images", f"must be at least 1, got {num_images}")
     results = find_results(result_dirs)
     out = Path(out)
     existed = out.exists()

@@ -52,7 +52,7 @@ def test_output_under_a_file_is_a_clean_error(tmp_path, capsys, argv):
     from bitlab.models import checkpoints, create_model
 
     torch.manual_seed(0)
-    src = checkpoints.save_npz(create_model("R14x0.5", num_classes=2), tmp_path / "a.npz")
+    src = checkpoints.save_npz(create_model("R14x0.5", num_classes=2, pretrained=False), tmp_path / "a.npz")
     (tmp_path / "f").write_text("a file")
     argv = [a.format(src=src, f=tmp_path / "f") for a in argv]
     assert main(argv) == 2
@@ -69,10 +69,10 @@ def test_demo_checks_figures_folder_first(tmp_path, capsys):
 
 def test_parse_device():
     assert parse_device("cpu") == torch.device("cpu")
-    with pytest.raises(BitlabError, match=r"--device bogus: not a torch device \(cpu, cuda, cuda:N"):
+    with pytest.raises(BitlabError, match=r"device bogus: not a torch device \(cpu, cuda, cuda:N"):
         parse_device("bogus")
     if not torch.cuda.is_available():
-        with pytest.raises(BitlabError, match="--device cuda: no CUDA device here"):
+        with pytest.raises(BitlabError, match="device cuda: no CUDA device here"):
             parse_device("cuda")
 
 

@@ -37,7 +37,8 @@ def results(tmp_path_factory, photos) -> dict[str, Path]:
     out = {}
     torch.manual_seed(0)
     for key, model, extra in (("real", zoo.OFFLINE_IMAGENET_MODEL, {}),
-                              ("random", "R14x0.5", {"image_size": 64, "label": "R14x0.5 (random)"})):
+                              ("random", "R14x0.5", {"image_size": 64, "label": "R14x0.5 (random)",
+                                                     "random_init": True})):
         for role, data in (("ooc", ooc), ("val", val)):
             out[f"{key}_{role}"] = root / f"{key}_{role}"
             evaluate(EvaluateConfig(model=model, data=str(data), out=str(out[f"{key}_{role}"]), **extra))
@@ -368,7 +369,7 @@ def with_variants(tmp_path_factory) -> Path:
     ooc = build_demo(root / "ooc")
     evaluate_models(EvaluateConfig(model=zoo.OFFLINE_IMAGENET_MODEL, data=str(ooc), out=str(root / "res"),
                                    progress=False),
-                    [{"model": zoo.OFFLINE_IMAGENET_MODEL}, {"model": "R14x0.5", "image_size": 64,
+                    [{"model": zoo.OFFLINE_IMAGENET_MODEL}, {"model": "R14x0.5", "random_init": True, "image_size": 64,
                                                              "label": "R14x0.5 (random)"}])
     return root / "res"
 

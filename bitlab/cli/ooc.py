@@ -52,12 +52,13 @@ def _register_backgrounds(sub: argparse._SubParsersAction) -> None:
     f = bsub.add_parser("fetch", help="openly licensed backgrounds from Openverse (or a folder), with licences")
     f.add_argument("--out", required=True, help="backgrounds root (<category>/<file> + backgrounds.csv)")
     f.add_argument("--spec", default=_CATEGORIES, help=f"category table with search terms (default: {_CATEGORIES})")
-    f.add_argument("--per-category", type=int, default=3, help="images per category (default 3)")
+    f.add_argument("--per-category", type=int, help="searching: images per category (default 3); with --folder: "
+                   "the least each category needs (default 1), as every image of its folder is imported")
     f.add_argument("--categories", default="", help="comma-separated subset of categories")
     f.add_argument("--licenses", default="cc0,pdm,by,by-sa",
                    help="Openverse licence codes to accept (must allow modification; default cc0,pdm,by,by-sa)")
     f.add_argument("--min-side", type=int, default=512, help="smallest acceptable shorter side in px")
-    f.add_argument("--folder", help="import <FOLDER>/<category>/* instead of searching")
+    f.add_argument("--folder", help="import every image of <FOLDER>/<category>/ instead of searching")
     f.add_argument("--api-url", help="Openverse images endpoint, http(s) (default: the public API)")
     download_size_arg(f, MAX_IMAGE_DOWNLOAD, "image file")
     f.set_defaults(func=_backgrounds_fetch)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from bitlab.data.loader import EvalFiles, default_workers, make_loader
 from bitlab.data.transforms import BadImageError, DataConfig, eval_image, normalize
 from bitlab.device import parse_device
-from bitlab.models.registry import data_config_of
+from bitlab.models import data_config_of, prepare_for_inference
 
 
 @dataclass
@@ -45,12 +45,6 @@ class EvalViews:
 def view_key(cfg: DataConfig) -> tuple[int, str, float, str]:
     """What decides a model's uint8 input (mean and std are applied per model on the device)."""
     return cfg.input_size, cfg.interpolation, cfg.crop_pct, cfg.crop_mode
-
-
-def prepare_for_inference(model: nn.Module, device: torch.device) -> nn.Module:
-    """The one place a model is made ready for inference."""
-    # channels_last: oneDNN's (and cuDNN's) fast layout for convolutions; same numbers.
-    return model.eval().to(device, memory_format=torch.channels_last)
 
 
 @torch.inference_mode()

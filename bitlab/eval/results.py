@@ -61,6 +61,17 @@ class Results:
         return self.summary["dataset"]["role"]
 
     @property
+    def task(self) -> dict:
+        """How the model was scored (`evaluate.scored_items`); results from before it: the 1000-way task."""
+        return self.summary.get("task") or {"way": robustness.PAPER_WAY, "subset": False, "note": "",
+                                            "images_left_out": 0, "classes_left_out": []}
+
+    @property
+    def subset_head(self) -> bool:
+        """A head over a subset of the ILSVRC-2012 classes: scored over its own classes, an easier task."""
+        return bool(self.task["subset"])
+
+    @property
     def data_root(self) -> Path:
         """The evaluated data folder. Results made before paths were stored absolute hold it relative
         to where `bitlab evaluate` ran: then it is looked for beside the results folder's parents."""
@@ -101,8 +112,11 @@ def invalidate(path: str | Path) -> None:
 _SUMMARY_FIELDS = {"model.label": str, "model.name": str, "model.params_m": (int, float),
                    "model.pretraining_data": str, "dataset.path": str, "dataset.name": str, "dataset.role": str,
                    "dataset.num_images": int, "n": int, "top1": (int, float)}
-# config.json (the EvaluateConfig) against summary.json: the same run wrote both.
-_SAME_RUN = (("model", "model.name"), ("pretrained", "model.pretrained"), ("label_map", "model.label_map"))
+# config.json (the EvaluateConfig) against summary.json: the same run wrote both. `--model RUN_DIR`
+# is recorded as `model.run` (its registry name as `model.name`), and a run's weights file as
+# `model.pretrained` with no --pretrained given, so a config's None there is filled in by the run.
+_SAME_RUN = (("model", ("model.name", "model.run"), True), ("pretrained", ("model.pretrained",), True),
+             ("label_map", ("model.label_map",), False))
 _TEXT_COLUMNS = ("image", "class", "background", "targets")
 
 
@@ -124,10 +138,12 @@ def load_results(path: str | Path) -> Results:
             raise BitlabError(f"{path / name}: missing results file (run `bitlab evaluate --out {path}` first)")
     summary, config = _read_json(path / SUMMARY), _read_json(path / CONFIG)
     _check_summary(path / SUMMARY, summary)
-    for key, field in _SAME_RUN:
-        if key in config and config[key] != _field(summary, field):
+    for key, fields, filled in _SAME_RUN:
+        if key not in config or (filled and config[key] is None):
+            continue
+        if not any(_same(config[key], _field(summary, field)) for field in fields):
             raise BitlabError(f"{path / CONFIG}: field {key!r} is {config[key]!r}, but {path / SUMMARY} field "
-                              f"{field!r} is {_field(summary, field)!r}: the files come from two runs (an "
+                              f"{fields[0]!r} is {_field(summary, fields[0])!r}: the files come from two runs (an "
                               "interrupted evaluate?); run `bitlab evaluate` again")
     df = _read_predictions(path / PREDICTIONS)
     if len(df) != summary["n"]:
@@ -170,6 +186,8 @@ def model_folders(path: str | Path) -> list[Path]:
 def find_results(paths: Sequence[str | Path]) -> list[Results]:
     """`load_results` of every folder given, a multi-model folder expanded into its models."""
     return [load_results(p) for path in paths for p in model_folders(path)]
+
+
 def _read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_bytes().decode("utf-8"))
@@ -181,6 +199,11 @@ def _read_json(path: Path) -> dict:
 
 
 _MISSING = object()
+
+
+def _same(given, recorded) -> bool:
+    """A config value against the summary's record of it (paths compare as paths: `runs/ft/` is `runs/ft`)."""
+    return given == recorded or (isinstance(given, str) and isinstance(recorded, str) and Path(given) == Path(recorded))
 
 
 def _field(obj: dict, dotted: str):

@@ -17,6 +17,12 @@ restriction of the logits to the evaluated classes: that would inflate accuracy.
 Every accuracy comes with its 95% interval (`bitlab.eval.stats`): over foreground objects where
 the images share objects, Wilson's over images where they are independent; a ranking (the most
 fooling backgrounds, the hardest classes) names only what its interval separates from the rest.
+
+A model whose head is not ILSVRC-2012's 1000 classes (a fine-tuned run's, or one with a label map)
+is scored through a `HeadMap`: each output stands for the ILSVRC-2012 classes its class name (a
+wnid, an ILSVRC-2012 class name, a class-table folder, name or alias) or its label-map line names.
+A head over a subset of them is scored over its own classes, on the images of those classes: an
+easier task than the 1000-way one, which `HeadMap.note` says wherever such results are shown.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import csv
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -45,6 +52,9 @@ _WNID = re.compile(r"n\d{8}")
 # on it are reported apart, and the out-of-context scores leave it out.
 IN_CONTEXT = "in-context"
 NO_OBJECT = "no_fg"  # make-ooc's variant of backgrounds alone (bitlab.ooc.variants): rows without a class
+
+
+PAPER_WAY = imagenet.NUM_CLASSES  # the paper's models answer among the 1000 ILSVRC-2012 classes
 
 
 def _parse_targets(row: dict, where: str) -> tuple[int, ...] | None:
@@ -147,7 +157,8 @@ def load_eval_set(root: str | Path, classes: str | Path | None = None, role: str
     return ev
 
 
-def _class_table_for(root: Path, classes: str | Path | None) -> list[OOCClass]:
+def class_table_for(root: Path, classes: str | Path | None) -> list[OOCClass]:
+    """The class table of the set at `root`: `classes` when given, else `root/classes.csv`, else bitlab's."""
     if classes is not None:
         return load_classes(classes)
     for candidate in (root / CLASS_TABLE, DEFAULT_CLASS_TABLE):
@@ -204,7 +215,7 @@ def _from_manifest(root: Path, classes: str | Path | None) -> EvalSet:
             targets = _parse_targets(row, where)
         if targets is None:
             if by_name is None:
-                by_name = folder_lookup(_class_table_for(root, classes))
+                by_name = folder_lookup(class_table_for(root, classes))
             if (c := by_name.get(_norm(cls))) is None:
                 raise BitlabError(f"{where}: class {cls!r} has no ILSVRC targets in the row "
                                   "and is not in the class table")
@@ -241,7 +252,7 @@ def _from_folders(root: Path, classes: str | Path | None) -> EvalSet:
         items = [EvalItem(p.relative_to(root).as_posix(), f.name, (index_of[f.name],))
                  for f in folders for p in _images_in(f)]
         return EvalSet(root, "imagefolder", "val", items)
-    lookup = folder_lookup(_class_table_for(root, classes))
+    lookup = folder_lookup(class_table_for(root, classes))
     items = []
     for f in folders:
         c = lookup.get(_norm(f.name))
@@ -255,6 +266,118 @@ def _from_folders(root: Path, classes: str | Path | None) -> EvalSet:
     return EvalSet(root, "ooc-folders", "ooc", items)
 
 
+# ----------------------------------------------------------------------------- heads
+@dataclass(frozen=True)
+class HeadMap:
+    """What each output of a head that is not ILSVRC-2012's 1000 classes stands for: output j counts
+    as right for an image when `ilsvrc[j]` shares a class with the image's targets."""
+
+    names: tuple[str, ...]  # per output: its class name (or label-map line)
+    ilsvrc: tuple[tuple[int, ...], ...]  # per output: the ILSVRC-2012 indices it stands for (empty: none)
+    source: str  # where the mapping comes from, for messages
+
+    @property
+    def covered(self) -> frozenset[int]:
+        return frozenset(i for s in self.ilsvrc for i in s)
+
+    @property
+    def way(self) -> int:
+        """The classes the head answers among: its outputs that stand for some ILSVRC-2012 class."""
+        return sum(1 for s in self.ilsvrc if s)
+
+    @property
+    def subset(self) -> bool:
+        """Whether the head covers fewer than the 1000 classes: then only images of the classes it
+        covers are scored, an easier task than the paper's."""
+        return len(self.covered) < PAPER_WAY
+
+    @property
+    def note(self) -> str:
+        return head_note(self.way) if self.subset else ""
+
+    def scores(self, targets: Sequence[int]) -> bool:
+        """Whether an image with these targets can be answered right (some output stands for them)."""
+        return not self.covered.isdisjoint(targets)
+
+    def right_outputs(self, targets: Sequence[int]) -> np.ndarray:
+        """The outputs that are a right answer for an image with these targets."""
+        t = set(targets)
+        return np.asarray([j for j, s in enumerate(self.ilsvrc) if not t.isdisjoint(s)], dtype=np.int64)
+
+    def ilsvrc_ids(self, outputs: np.ndarray, targets: Sequence[Sequence[int]]) -> np.ndarray:
+        """Output ids (N, k) -> the ILSVRC-2012 index each stands for on its image (row): one of the
+        image's targets when the output covers one (so `id in targets` is the verdict), else its
+        first class; -1 for an output with none."""
+        out = np.full(outputs.shape, -1, dtype=np.int64)
+        for r, (row, t) in enumerate(zip(outputs, targets)):
+            for c, j in enumerate(row):
+                s = self.ilsvrc[int(j)]
+                out[r, c] = next((i for i in s if i in t), s[0] if s else -1)
+        return out
+
+    def describe(self) -> dict:
+        """For summary.json: `classes` lists each output's name with the wnids it stands for, in head order."""
+        return {"outputs": len(self.names), "way": self.way, "subset": self.subset, "source": self.source,
+                "classes": [[n, [imagenet.wnids()[i] for i in s]] for n, s in zip(self.names, self.ilsvrc)]}
+
+
+def head_note(way: int) -> str:
+    """How results of a head over `way` of the classes are marked (summary.json, report, figures)."""
+    return f"{way}-way head: an easier task than the paper's {PAPER_WAY}-way models"
+
+
+def head_from_classes(names: Sequence[str], table: list[OOCClass], source: str) -> HeadMap | None:
+    """The `HeadMap` of a head whose outputs are the classes `names` (a run's, in head order): each an
+    ILSVRC-2012 wnid, a class of `table` by folder, name or alias (its ILSVRC set), or an ILSVRC-2012
+    class name (the short name first, then any other lemma, when it names one class). None for
+    ILSVRC-2012's own 1000 wnids in their order. Names that map to nothing, or to several classes,
+    are one error naming each, with the `--label-map` way out."""
+    wnids = imagenet.wnids()
+    if tuple(names) == wnids:
+        return None
+    index_of = imagenet.index_of()
+    table_of = {_norm(k): c for c in table for k in (c.folder, c.name, *c.aliases)}
+    short, lemma = _ilsvrc_names()
+    mapped, unknown, ambiguous = [], [], []
+    for name in names:
+        key = _norm(name)
+        found = ((index_of[name],) if name in index_of else tuple(table_of[key].ilsvrc_indices) if key in table_of
+                 else short.get(key) or lemma.get(key) or ())
+        if len(found) > 1 and key not in table_of:
+            ambiguous.append(f"{name!r} names {len(found)} ILSVRC-2012 classes "
+                             f"({', '.join(f'{wnids[i]} {imagenet.names()[i]}' for i in found)}): use its wnid")
+        elif not found:
+            unknown.append(repr(name))
+        mapped.append(found)
+    if unknown or ambiguous:
+        problems = ([f"{', '.join(unknown)} map{'s' if len(unknown) == 1 else ''} to no ILSVRC-2012 class"]
+                    if unknown else []) + ambiguous
+        raise BitlabError(f"{source}: {'; '.join(problems)}. A class maps when it is named by an ILSVRC-2012 "
+                          "wnid (n02123045), an ILSVRC-2012 class name (tabby) or a class of the class table by "
+                          "folder, name or alias; else pass --label-map FILE (one ILSVRC-2012 wnid or '-' per "
+                          f"output, {len(names)} lines in head order)")
+    return HeadMap(tuple(names), tuple(mapped), source)
+
+
+def _ilsvrc_names() -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """Normalised ILSVRC-2012 short names and all lemmas -> the indices they name."""
+    short: dict[str, tuple[int, ...]] = {}
+    lemma: dict[str, tuple[int, ...]] = {}
+    for i, description in enumerate(imagenet.descriptions()):
+        short[_norm(imagenet.names()[i])] = short.get(_norm(imagenet.names()[i]), ()) + (i,)
+        for word in {_norm(w) for w in description.split(",") if w.strip()}:
+            lemma[word] = lemma.get(word, ()) + (i,)
+    return short, lemma
+
+
+def head_from_label_map(path: str | Path) -> HeadMap:
+    """The `HeadMap` of a `--label-map` file (`read_label_map`)."""
+    ids = read_label_map(path)
+    names = imagenet.wnids()
+    return HeadMap(tuple(names[i] if i >= 0 else "-" for i in ids), tuple((int(i),) if i >= 0 else () for i in ids),
+                   f"--label-map {path}")
+
+
 # ----------------------------------------------------------------------------- scoring
 def read_label_map(path: str | Path) -> np.ndarray:
     """Model output j -> ILSVRC-2012 index (-1: none), from a text file with one line per output:
@@ -264,7 +387,7 @@ def read_label_map(path: str | Path) -> np.ndarray:
         raise BitlabError(f"{path}: label map not found")
     index_of = imagenet.index_of()
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(io.text_lines(path), start=1):
         v = line.split("#")[0].strip()
         if v in ("", "-"):
             out.append(-1)

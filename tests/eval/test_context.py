@@ -152,15 +152,15 @@ def test_evaluate_finds_variants_elsewhere_and_refuses_what_does_not_pair(demo, 
     shutil.copytree(demo["ooc"], data, ignore=shutil.ignore_patterns("variants"))
     moved = tmp_path / "elsewhere"
     shutil.copytree(demo["ooc"] / "variants", moved)
-    plain = evaluate(EvaluateConfig(model="R14x0.5", image_size=32, data=str(data), out=str(tmp_path / "a"),
+    plain = evaluate(EvaluateConfig(model="R14x0.5", random_init=True, image_size=32, data=str(data), out=str(tmp_path / "a"),
                                     progress=False))
     assert "context" not in plain and not (tmp_path / "a" / "variant_predictions.csv").exists()
-    found = evaluate(EvaluateConfig(model="R14x0.5", image_size=32, data=str(data), out=str(tmp_path / "b"),
+    found = evaluate(EvaluateConfig(model="R14x0.5", random_init=True, image_size=32, data=str(data), out=str(tmp_path / "b"),
                                     progress=False), variants_dir=moved)
     assert set(found["context"]["variants"]) == {"only_fg", "no_fg", "mixed_rand"}
     assert found["dataset"]["variants"]["only_fg"] == str((moved / "only_fg").resolve())
     with pytest.raises(BitlabError, match="no variants found"):
-        evaluate(EvaluateConfig(model="R14x0.5", image_size=32, data=str(data), out=str(tmp_path / "c")),
+        evaluate(EvaluateConfig(model="R14x0.5", random_init=True, image_size=32, data=str(data), out=str(tmp_path / "c")),
                  variants_dir=tmp_path / "a")
     # variants of another build share no object with these composites
     other = tmp_path / "other"
@@ -171,13 +171,13 @@ def test_evaluate_finds_variants_elsewhere_and_refuses_what_does_not_pair(demo, 
         w.writeheader()
         w.writerows({**r, "fg_uid": "another_" + r["fg_uid"]} for r in rows)
     with pytest.raises(BitlabError, match="only_fg images share no object with .*composites"):
-        evaluate(EvaluateConfig(model="R14x0.5", image_size=32, data=str(data), out=str(tmp_path / "f")),
+        evaluate(EvaluateConfig(model="R14x0.5", random_init=True, image_size=32, data=str(data), out=str(tmp_path / "f")),
                  variants_dir=other)
     # the no_fg folder alone: nothing to score, said so
-    assert main(["evaluate", "--model", "R14x0.5", "--image-size", "32", "--data", str(moved / "no_fg"),
+    assert main(["evaluate", "--model", "R14x0.5", "--random-init", "--image-size", "32", "--data", str(moved / "no_fg"),
                  "--out", str(tmp_path / "d")]) == 2
     # a variant alone is a set of its own
-    alone = evaluate(EvaluateConfig(model="R14x0.5", image_size=32, data=str(moved / "only_fg"),
+    alone = evaluate(EvaluateConfig(model="R14x0.5", random_init=True, image_size=32, data=str(moved / "only_fg"),
                                     out=str(tmp_path / "e"), progress=False))
     assert alone["dataset"]["role"] == "ooc" and alone["n"] == demo["summary"]["context"]["variants"]["only_fg"]["n"]
 
@@ -241,4 +241,4 @@ def test_variants_that_are_not_the_builds_are_refused(demo, tmp_path):
     manifest = data / "variants/only_fg/manifest.csv"
     manifest.write_text(manifest.read_text().replace("\n", "\r\n"))  # the same rows, other bytes
     with pytest.raises(BitlabError, match=r"only_fg/manifest.csv: not the only_fg manifest that .*dataset.json records"):
-        evaluate(EvaluateConfig(model="R14x0.5", image_size=32, data=str(data), out=str(tmp_path / "r"), progress=False))
+        evaluate(EvaluateConfig(model="R14x0.5", random_init=True, image_size=32, data=str(data), out=str(tmp_path / "r"), progress=False))

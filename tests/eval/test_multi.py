@@ -113,8 +113,9 @@ def test_an_interrupted_pass_resumes_per_model(ooc, tmp_path, monkeypatch):
 
 def test_models_file_and_flags(ooc, tmp_path, capsys):
     spec = tmp_path / "models.yaml"
-    spec.write_text(f"- {LITE0}\n- model: R14x0.5\n  image_size: 32\n  label: tiny (random)\n")
-    assert read_models_file(spec)[1] == {"model": "R14x0.5", "image_size": 32, "label": "tiny (random)"}
+    spec.write_text(f"- {LITE0}\n- model: R14x0.5\n  random_init: true\n  image_size: 32\n  label: tiny (random)\n")
+    assert read_models_file(spec)[1] == {"model": "R14x0.5", "random_init": True, "image_size": 32,
+                                         "label": "tiny (random)"}
     out = tmp_path / "res"
     assert main(["evaluate", "--models", str(spec), "--data", str(ooc), "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
@@ -136,7 +137,7 @@ def test_models_file_and_flags(ooc, tmp_path, capsys):
 @pytest.mark.slow
 def test_torchrun_shards_the_images_and_rank0_writes_the_single_process_result(ooc, tmp_path):
     spec = tmp_path / "models.yaml"
-    spec.write_text(f"- {LITE0}\n- model: R14x0.5\n  image_size: 48\n")  # random weights: seeded alike
+    spec.write_text(f"- {LITE0}\n- model: R14x0.5\n  random_init: true\n  image_size: 48\n")  # seeded alike
     single, out = tmp_path / "single", tmp_path / "dist"
     assert main(["evaluate", "--models", str(spec), "--data", str(ooc), "--out", str(single), "--batch-size", "4",
                  "--workers", "0", "--no-progress"]) == 0
@@ -145,7 +146,7 @@ def test_torchrun_shards_the_images_and_rank0_writes_the_single_process_result(o
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count(f"{LITE0} on") == 1  # one process speaks
     tol = numerics.MARGIN * _batch_floor(create_model(LITE0).eval(), ooc)
-    for folder in (LITE0, "R14x0.5"):
+    for folder in (LITE0, "R14x0.5-random-weights"):
         a, b = load_results(single / folder), load_results(out / folder)
         for table in ("predictions", "variant_predictions"):
             _assert_same_topk(getattr(a, table), getattr(b, table), tol)

@@ -245,7 +245,8 @@ def test_official_folders_against_the_shipped_class_table(tiny_ooc, tmp_path):
 def _evaluate_cli(root, out, capsys) -> tuple[int, str]:
     from bitlab.cli import main
 
-    rc = main(["evaluate", "--model", "R14x0.5", "--image-size", "32", "--data", str(root), "--out", str(out)])
+    rc = main(["evaluate", "--model", "R14x0.5", "--random-init", "--image-size", "32", "--data", str(root),
+               "--out", str(out)])
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return rc, err
@@ -272,6 +273,43 @@ def test_manifest_encodings_and_repeated_rows(tiny_ooc, tmp_path, capsys):
     file = next(csv.DictReader([lines[0].decode(), lines[3].decode()]))["file"]
     assert rc == 2 and f"error: {manifest}: row {n_rows + 2}: image '{file}' is listed again (first on row 4)" in err
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- heads
+def test_head_classes_map_by_wnid_class_table_and_ilsvrc_name(tmp_path):
+    """A run's class names in head order -> what each output stands for: a wnid, a class of the table by
+    folder or name (its whole ILSVRC set; the table wins over an ILSVRC name), an ILSVRC short name or
+    another lemma that names one class."""
+    table = robustness.load_classes(write_classes(tmp_path / "classes.csv"))
+    head = robustness.head_from_classes(["n01440764", "cat", "Coffee", "goldfish", "tabby cat", "missile"], table,
+                                        "run")
+    assert head.ilsvrc == ((0,), (281, 282, 285), (967,), (1,), (281,), (657, 744))
+    assert (head.way, head.subset) == (6, True)
+    assert head.note == "6-way head: an easier task than the paper's 1000-way models"
+    assert head.right_outputs((282,)).tolist() == [1] and head.right_outputs((281, 283)).tolist() == [1, 4]
+    assert head.scores((744,)) and not head.scores((2,))
+    # the ILSVRC class each output answered stands for on its image: the image's own when it covers it
+    assert head.ilsvrc_ids(np.array([[1, 5], [1, 0]]), [(282,), (3,)]).tolist() == [[282, 657], [281, 0]]
+    assert robustness.head_from_classes(list(imagenet.wnids()), table, "run") is None  # ILSVRC-2012's own head
+
+
+def test_classes_that_map_to_nothing_or_to_several_are_one_error(tmp_path):
+    table = robustness.load_classes(write_classes(tmp_path / "classes.csv"))
+    with pytest.raises(BitlabError) as e:
+        robustness.head_from_classes(["cat", "giraffe_xyz", "crane", "7"], table, "runs/x/final.pt")
+    message = str(e.value)
+    assert message.startswith("runs/x/final.pt: 'giraffe_xyz', '7' map to no ILSVRC-2012 class; 'crane' names 2 "
+                              "ILSVRC-2012 classes (n02012849 crane, n03126707 crane): use its wnid.")
+    assert message.endswith("--label-map FILE (one ILSVRC-2012 wnid or '-' per output, 4 lines in head order)")
+
+
+def test_a_label_map_is_a_head_map_too(tmp_path):
+    (tmp_path / "map.txt").write_text("n02123045\n-\n967\n")
+    head = robustness.head_from_label_map(tmp_path / "map.txt")
+    assert head.ilsvrc == ((281,), (), (967,)) and head.names == ("n02123045", "-", "n07920052") and head.way == 2
+    full = tmp_path / "full.txt"
+    full.write_text("\n".join(imagenet.wnids()[::-1]) + "\n")  # all 1000, in another order: the paper's task
+    assert not robustness.head_from_label_map(full).subset and robustness.head_from_label_map(full).note == ""
 
 
 def _grid(cells: list[list[int]]) -> "pd.DataFrame":

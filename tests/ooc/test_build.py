@@ -226,7 +226,7 @@ def test_killed_rebuild_with_other_settings_is_refused_by_readers_until_finished
     with pytest.raises(BitlabError, match=r"out: an unfinished make-ooc build"):
         load_eval_set(out)
     capsys.readouterr()
-    assert main(["evaluate", "--model", "R14x0.5", "--data", str(out), "--out", str(tmp_path / "r")]) == 2
+    assert main(["evaluate", "--model", "R14x0.5", "--random-init", "--data", str(out), "--out", str(tmp_path / "r")]) == 2
     assert "out: an unfinished make-ooc build" in capsys.readouterr().err and not (tmp_path / "r").exists()
     assert main(argv) == 0
     check_complete(out)
