@@ -29,8 +29,8 @@ GROUPS = {"class": "class", "background": "background", "object": "fg_uid"}
 
 
 def joined(results: Sequence[Results]) -> pd.DataFrame:
-    """The out-of-context composites every model saw, one row per image: its class, background,
-    object and, per model label, `correct[label]` and the context columns `alone[label]`,
+    """The out-of-context composites every model scored (a head over a subset of the classes scores
+    only its classes' images: then only those), one row per image: its class, background, object and, per model label, `correct[label]` and the context columns `alone[label]`,
     `consistent[label]` (NA where the model has no variants)."""
     if not results:
         raise BitlabError("no results to tabulate")
@@ -42,9 +42,14 @@ def joined(results: Sequence[Results]) -> pd.DataFrame:
     for r in results:
         p = r.predictions.set_index("image")
         missing = ~df["image"].isin(p.index)
-        if missing.any():
+        if missing.any() and not r.subset_head:
             raise BitlabError(f"{r.path}: no prediction for {int(missing.sum())} of the images {results[0].path} "
                               f"has (e.g. {df.loc[missing, 'image'].iloc[0]}): evaluate every model on the same data")
+        # A head over a subset of the classes scored only its classes' images: the table is of those.
+        df = df[~missing]
+        if df.empty:
+            raise BitlabError(f"{r.path}: no out-of-context image in common with {results[0].path} "
+                              f"({r.task['note']}): nothing to tabulate side by side")
         rows = p.loc[df["image"]]
         df[f"correct[{r.label}]"] = rows["top1_correct"].to_numpy(bool)
         for col, name in (("object_alone_correct", "alone"), ("context_consistent_error", "consistent")):
