@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from bitlab.cli import download_size_arg
 from bitlab.errors import BitlabError
@@ -92,6 +93,10 @@ def _register_make_ooc(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality for --format jpg (default 95)")
     p.add_argument("--workers", type=int, default=0, help="threads (default: one per core)")
     p.add_argument("--skip-bad", action="store_true", help="skip unusable inputs and report them instead of stopping")
+    p.add_argument("--variants", nargs="*", metavar="VARIANT",
+                   help="controls to build beside the composites in OUT/variants/: only_fg (the object on grey "
+                        "128), no_fg (each background alone), mixed_rand (the object on a random background of "
+                        "another category); default: none, or all three with --demo; `--variants` alone: none")
     p.set_defaults(func=_make_ooc)
     _register_plan(p.add_subparsers(dest="make_ooc_step", metavar="[plan]", prog=p.prog))  # not from the usage above
 
@@ -199,6 +204,8 @@ def _make_ooc(args: argparse.Namespace) -> None:
     opts = dict(size=args.size, object_scale=args.object_scale, placement=args.placement, feather=args.feather,
                 erode=args.erode, seed=args.seed, format=args.format, png=args.png, jpeg_quality=args.jpeg_quality,
                 workers=args.workers, skip_bad=args.skip_bad)
+    if args.variants is not None:
+        opts["variants"] = args.variants
     if args.demo:
         cfg = build.demo_config(args.out, **opts)
     else:
@@ -210,6 +217,9 @@ def _make_ooc(args: argparse.Namespace) -> None:
     s = build.build(cfg, command=["bitlab", *args.argv])
     print(f"{s['out']}: {s['images']} images ({s['classes']} classes, {s['foregrounds']} foregrounds x "
           f"{s['backgrounds']} backgrounds); built {s['composed']}, kept {s['reused']} in {s['seconds']} s")
+    if s["variants"]:
+        print("variants in " + str(Path(s["out"]) / "variants") + ": "
+              + ", ".join(f"{v} {n} images" for v, n in s["variants"].items()))
     if s["skipped"]:
         print(f"skipped {len(s['skipped'])} bad input(s):")
         print("\n".join(f"  {p}" for p in s["skipped"]))

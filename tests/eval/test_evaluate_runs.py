@@ -171,9 +171,34 @@ def test_help_describes_the_run_directory_form_and_subset_scoring(capsys):
     with pytest.raises(SystemExit) as e:
         main(["evaluate", "--help"])
     assert e.value.code == 0
-    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    # argparse wraps lines, also after a word's hyphen ("class-\ntable")
+    text = " ".join(capsys.readouterr().out.replace("-\n", "-").split())
     for part in ("a `bitlab finetune`/`pretrain` run directory (--model RUN_DIR)", "class names, which map to "
                  "ILSVRC-2012 by wnid, ILSVRC class name or class-table folder/alias", "A head over a subset of the "
                  "1000 classes is scored over its own classes", "an easier task than the paper's 1000-way models",
                  "--random-init"):
         assert part in text, part
+
+
+def test_a_run_evaluated_together_with_a_1000_way_model_is_scored_as_alone(wnid_run, ooc, tmp_path, capsys):
+    """One pass for a 3-way run and Lite0: each scored on its own images (the run: its classes'
+    composites and variants; Lite0: all), each result the one a separate evaluate writes."""
+    run, _ = wnid_run
+    lite0 = zoo.OFFLINE_IMAGENET_MODEL
+    code, out, err = _evaluate(capsys, "--model", str(run), "--model", lite0, "--data", str(ooc),
+                               "--out", str(tmp_path / "both"))
+    assert code == 0, err
+    for model, folder in ((str(run), f"R14x0.5-{run.name}"), (lite0, lite0)):
+        code, _, err = _evaluate(capsys, "--model", model, "--data", str(ooc), "--out", str(tmp_path / folder))
+        assert code == 0, err
+        together, alone = load_results(tmp_path / "both" / folder), load_results(tmp_path / folder)
+        for table in ("predictions", "variant_predictions"):
+            a, b = getattr(together, table), getattr(alone, table)
+            assert list(a["image"]) == list(b["image"])
+            assert (a["top1_id"] == b["top1_id"]).all()
+        assert together.summary["task"] == alone.summary["task"]
+        assert together.summary["n"] == alone.summary["n"]
+    run_rows = load_results(tmp_path / "both" / f"R14x0.5-{run.name}")
+    assert set(run_rows.predictions["class"]) == {"tiger", "zebra", "teddy_bear"}
+    assert set(run_rows.variant_predictions["class"]) <= {"tiger", "zebra", "teddy_bear", ""}
+    assert (run_rows.variant_predictions["variant"] == "no_fg").any()  # bare backgrounds kept: no class

@@ -11,6 +11,7 @@ from bitlab.data import imagenet
 from bitlab.errors import BitlabError
 from bitlab.eval import robustness
 from bitlab.eval.robustness import EvalItem
+from tests.eval.test_stats import wilson_by_hand
 from tests.fixtures.ooc_sets import write_classes
 
 
@@ -78,7 +79,9 @@ def test_usual_context_pairs_are_reported_apart():
                                       np.full((4, 5), 0.1, np.float32), np.zeros(4))
     s = robustness.summarize(df)
     assert s["top1"] == 0.5  # a on sea (its usual context) was right
-    assert s["excluding_usual_context"] == {"n": 3, "top1": 1 / 3, "top5": 2 / 3}
+    away = s["excluding_usual_context"]
+    assert (away["n"], away["top1"], away["top5"]) == (3, 1 / 3, 2 / 3)
+    assert away["top1_ci"] == pytest.approx(list(wilson_by_hand(1, 3)))
     assert "excluding_usual_context" not in robustness.summarize(_table())  # none marked: nothing to exclude
 
 
@@ -171,11 +174,22 @@ def test_scoring_is_top1_in_the_class_set():
 def test_summary_breakdowns():
     s = robustness.summarize(_table())
     assert (s["top1"], s["top5"], s["n"]) == (0.5, 0.75, 4)
-    assert s["per_class"]["a"] == {"n": 2, "top1": 0.5, "top5": 1.0}
+    # 2 objects: too few to resample; Wilson over the images, and the method says so
+    assert s["ci"] == "wilson over images (2 objects)"
+    assert s["top1_ci"] == pytest.approx(list(wilson_by_hand(2, 4)))
+    a = s["per_class"]["a"]
+    assert (a["n"], a["top1"], a["top5"]) == (2, 0.5, 1.0) 
+    assert a["top5_ci"] == pytest.approx(list(wilson_by_hand(1, 1)))  # one object, right on both: counted once
     assert s["per_background"]["road"]["top1"] == 0.0 and s["per_background"]["sea"]["top1"] == 1.0
+    assert s["per_background"]["road"]["ci"] == "wilson"  # one image per object: independent
     assert s["class_background_top1"] == {"a": {"road": 0.0, "sea": 1.0}, "b": {"road": 0.0, "sea": 1.0}}
-    worst = s["most_fooling_backgrounds"][0]
+    assert s["class_background_n"] == {"a": {"road": 1, "sea": 1}, "b": {"road": 1, "sea": 1}}
+    # 0 of 2 against 2 of 2: the intervals overlap, so no background is named
+    assert s["most_fooling_backgrounds"] == []
+    assert s["most_fooling_backgrounds_note"].startswith("no background is separated")
+    worst = robustness.most_fooling_backgrounds(_table())[0]  # the plain ranking, with its interval
     assert worst["background"] == "road" and worst["top1_error"] == 1.0
+    assert worst["top1_error_ci"] == pytest.approx([1 - h for h in wilson_by_hand(0, 2)[::-1]])
     assert worst["wrong_predictions"] == [[imagenet.names()[9], 2]]
     effect = s["background_effect"]  # both classes right on the sea, wrong on the road: all background
     assert (effect["background"], effect["class"], effect["background_dependent"]) == (1.0, 0.0, 1.0)
@@ -183,6 +197,32 @@ def test_summary_breakdowns():
     fg = s["per_foreground"]
     assert fg["count"] == 2 and fg["fooled_by_any"] == 2 and fg["fooled_by_all"] == 0
     assert fg["objects"]["fb"]["fooling_backgrounds"] == ["road"] and fg["mean_fooled_fraction"] == 0.5
+    assert fg["objects"]["fb"]["fooled_ci"] == pytest.approx(list(wilson_by_hand(1, 2)))
+
+
+def test_rankings_name_only_what_the_intervals_separate():
+    """12 objects on 4 backgrounds: 'road' fools every object, 'dust' every third; only road is
+    separated from the rest, and the per-class ranking names the class a model never gets."""
+    items, rows = [], []
+    for o in range(12):
+        for b in ("sea", "sky", "road", "dust"):
+            cls = "hard" if o < 6 else "easy"
+            items.append(EvalItem(f"{o}/{b}", cls, (1,), b, f"f{o}", b))
+            right = b != "road" and not (b == "dust" and o % 3 == 0) and not (cls == "hard" and b == "sky")
+            rows.append([1 if right else 7, 2, 3, 4, 5])
+    df = robustness.predictions_table(items, np.array(rows), np.full((48, 5), 0.2, np.float32), np.zeros(48))
+    s = robustness.summarize(df)
+    assert [r["background"] for r in s["most_fooling_backgrounds"]] == ["road"]
+    road = s["most_fooling_backgrounds"][0]
+    assert road["n"] == 12 and road["top1"] == 0.0 and road["top1_ci"][1] < road["rest_top1_ci"][0]
+    assert road["wrong_predictions"] == [[imagenet.names()[7], 12]]
+    assert "1 of 4 separated" in s["most_fooling_backgrounds_note"]
+    # two classes of 6 objects each: 'hard' (right on 2 of 4 backgrounds at best) vs 'easy'
+    assert s["ci"] == "bootstrap over objects, 12 objects"
+    assert [r["class"] for r in s["hardest_classes"]] in ([], ["hard"])  # only if the intervals allow
+    hard, easy = s["per_class"]["hard"], s["per_class"]["easy"]
+    separated = hard["top1_ci"][1] < easy["top1_ci"][0]
+    assert bool(s["hardest_classes"]) == separated
 
 
 def test_official_folders_against_the_shipped_class_table(tiny_ooc, tmp_path):

@@ -21,7 +21,7 @@ FIGURES = {
     "robustness": ["robustness_fig12_left_top5", "robustness_fig13_top5", "robustness_fig12_right_val_vs_ooc",
                    "robustness_backgrounds_EfficientNet-Lite0",
                    "robustness_backgrounds_EfficientNet-Lite2", "robustness_backgrounds_EfficientNet-Lite1",
-                   "robustness_backgrounds_BiT-S-R50x1-random-weights"],
+                   "robustness_backgrounds_BiT-S-R50x1-random-weights", "robustness_context"],
     "error_analysis": ["error_analysis_topk_groups", "error_analysis_confusions", "error_analysis_gallery"],
     "duplicates": ["duplicates_nearest_model-efficientnet_lite0.offline_in1k", "duplicates_nearest_phash",
                    "duplicates_fig9_model-efficientnet_lite0.offline_in1k", "duplicates_fig9_phash"],
@@ -63,7 +63,7 @@ def test_figures_readme_lists_every_notebook_and_demo_figure():
     for stems in FIGURES.values():
         for stem in stems:
             assert listed(stem), stem
-    for stem in ("fig12_left_top5", "fig13_top5", "fig12_right_val_vs_ooc", "backgrounds_<model>"):
+    for stem in ("fig12_left_top5", "fig13_top5", "fig12_right_val_vs_ooc", "backgrounds_<model>", "context"):
         assert f"`{stem}`" in readme, stem
 
 
