@@ -138,15 +138,16 @@ def _fused_channels_last(model: nn.Module) -> bool:
 
 def test_evaluate_predicts_with_a_fused_channels_last_model(tmp_path, photos, monkeypatch):
     from bitlab.eval import evaluate as ev
+    from bitlab.eval import predict
     from tests.fixtures.ooc_sets import build_tiny_ooc
 
-    seen, real = [], ev.iter_probs
+    seen, real = [], predict.iter_probs_many
 
-    def spy(model, *args, **kwargs):  # records the model, then runs the real prediction
-        seen.append(model)
-        return real(model, *args, **kwargs)
+    def spy(models, *args, **kwargs):  # records the models, then runs the real prediction
+        seen.extend(models)
+        return real(models, *args, **kwargs)
 
-    monkeypatch.setattr(ev, "iter_probs", spy)
+    monkeypatch.setattr(predict, "iter_probs_many", spy)
     summary = ev.evaluate(ev.EvaluateConfig(model="R14x0.5", data=str(build_tiny_ooc(tmp_path / "ooc", photos)),
                                             out=str(tmp_path / "res"), workers=0, progress=False,
                                             random_init=True))
