@@ -8,9 +8,12 @@
   backgrounds that fool the model most and what it predicts there;
 - `fig_mistakes`: paper Fig. 7 and 11: mistakes as a gallery, prediction over label, in groups
   (`bitlab.eval.errors`), coloured by what raters said (Fig. 7 left);
-- `fig_duplicates`: paper Fig. 9: test images beside their near-duplicates upstream (`bitlab dedup`);
+- `fig_duplicates`, `fig_duplicates_by_downstream`: paper Fig. 9: test images beside their
+  near-duplicates upstream (`bitlab dedup`), in a block per downstream data set;
 - `fig_fewshot`: paper Fig. 2 / 5: top-1 against examples per class, every trial a light dot,
   the median over seeds a line (`bitlab fewshot`);
+- `fig_fewshot_architectures`: paper Fig. 5: few-shot top-1 against architecture, a line per
+  upstream data set, a panel per downstream set and K;
 - `fig_ooc_grid`: the out-of-context set at a glance, foreground objects x backgrounds (make-ooc).
 
 The robustness numbers come from `bitlab evaluate` results folders (`bitlab.eval.results` reads
@@ -432,20 +435,47 @@ def fig_duplicates(pairs: Sequence[tuple], labels: Sequence[bool] | None = None,
     `labels` (True = a real duplicate, False = a false positive, as judged by a person or known
     from planted copies) colour the borders green / red as in the paper; `summary` (a `bitlab
     dedup` summary) titles the figure and, for hashes, captions Hamming distances."""
-    if labels is not None and len(labels) != len(pairs):
-        raise BitlabError(f"{len(labels)} labels for {len(pairs)} pairs")
-    hamming = summary is not None and summary["metric"] == "hamming"
-    images = [_side_by_side(decode_image(q), decode_image(m), height) for q, m, _ in pairs]
-    n = max(len(pairs), 1)
-    ncols = min(ncols, n)
-    nrows = math.ceil(n / ncols)
+    return fig_duplicates_by_downstream({"": (pairs, labels)}, summary=summary, ncols=ncols, height=height)
+
+
+def fig_duplicates_by_downstream(groups: Mapping[str, tuple[Sequence[tuple], Sequence[bool] | None]], *,
+                                 summary: Mapping | None = None, ncols: int = 4, height: int = 128) -> Figure:
+    """Fig. 9 as the paper lays it out: a block of pairs per downstream data set (`groups`: its
+    name -> (pairs, labels), as for `fig_duplicates`; a name "" draws no block heading)."""
+    for name, (pairs, labels) in groups.items():
+        if labels is not None and len(labels) != len(pairs):
+            raise BitlabError(f"{name or 'pairs'}: {len(labels)} labels for {len(pairs)} pairs")
+    images = {name: [_side_by_side(decode_image(q), decode_image(m), height) for q, m, _ in pairs]
+              for name, (pairs, _) in groups.items()}
+    every = [im for ims in images.values() for im in ims]
+    ncols = min(ncols, max([len(p) for p, _ in groups.values()] + [1]))
+    rows = {name: max(1, math.ceil(len(p) / ncols)) for name, (p, _) in groups.items()}
     # Rows as tall as the pictures are (the pairs are wide), plus two caption lines.
-    aspect = float(np.mean([im.shape[1] / im.shape[0] for im in images])) if images else 2.0
+    aspect = float(np.mean([im.shape[1] / im.shape[0] for im in every])) if every else 2.0
     width = 3.2
-    fig = Figure(figsize=(max(width * ncols, 6.4), (width / aspect + 0.6) * nrows + 0.7), layout="constrained")
+    heading = {name: 0.35 if name else 0.0 for name in groups}
+    heights = [(width / aspect + 0.6) * rows[name] + heading[name] for name in groups]
+    fig = Figure(figsize=(max(width * ncols, 6.4), sum(heights) + 0.7), layout="constrained")
     # Pairs narrower than the mean fill their panel's height, and their captions would touch the row above.
     fig.get_layout_engine().set(h_pad=0.12)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
+    subfigs = fig.subfigures(len(groups), 1, height_ratios=heights, squeeze=False)[:, 0]
+    for sub, (name, (pairs, labels)) in zip(subfigs, groups.items()):
+        if name:
+            sub.suptitle(f"{name}: {len(pairs)} pair{'s' if len(pairs) != 1 else ''}", fontsize=10, x=0.01,
+                         ha="left")
+        _duplicate_panels(sub, pairs, labels, images[name], rows[name], ncols, summary)
+    labelled = any(labels is not None for _, labels in groups.values())
+    note = "left: test image, right: its nearest training image"
+    note += ("; green border: true duplicate, red: false positive" if labelled
+             else "; not reviewed: a person judges each pair, as in the paper")
+    fig.suptitle(f"{duplicates_title(summary)}\n({note})" if summary else note, fontsize=9)
+    return fig
+
+
+def _duplicate_panels(sub, pairs: Sequence[tuple], labels: Sequence[bool] | None, images: Sequence[np.ndarray],
+                      nrows: int, ncols: int, summary: Mapping | None) -> None:
+    hamming = summary is not None and summary["metric"] == "hamming"
+    axes = sub.subplots(nrows, ncols, squeeze=False)
     for ax in axes.ravel():
         _bare(ax)
     for i, ((q, m, s), img) in enumerate(zip(pairs, images)):
@@ -455,13 +485,6 @@ def fig_duplicates(pairs: Sequence[tuple], labels: Sequence[bool] | None = None,
         ax.set_title(f"{_short(Path(q).name)} | {_short(Path(m).name)}\n{how}", fontsize=7)
         if labels is not None:
             _frame(ax, "tab:green" if labels[i] else "tab:red", 4)
-    note = "left: test image, right: its nearest training image"
-    if labels is not None:
-        note += "; green border: true duplicate, red: false positive"
-    else:
-        note += "; not reviewed: a person judges each pair, as in the paper"
-    fig.suptitle(f"{duplicates_title(summary)}\n({note})" if summary else note, fontsize=9)
-    return fig
 
 
 def save_duplicates_gallery(result: DedupResult, n: int) -> list[Path]:
@@ -571,6 +594,53 @@ def fig_fewshot(runs: pd.DataFrame, *, series: str | None = None, title: str | N
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best", title="light dots: every trial (seed)", title_fontsize=8)
     ax.set_title((title or "Few-shot transfer") + ("\n(trained from scratch, no pre-training)" if all_scratch else ""),
+                 fontsize=10)
+    return fig
+
+
+def fig_fewshot_architectures(runs: pd.DataFrame, *, shots: Sequence[int] = (1, 5),
+                              title: str | None = None) -> Figure:
+    """Fig. 5: few-shot top-1 (%) against architecture, a panel per downstream data set (columns)
+    and K examples per class (rows), a line per upstream data set through the medians over trials,
+    every trial a light dot. `runs` has `architecture`, `upstream`, `k`, `seed`, `top1` and
+    optionally `downstream` (`read_fewshot` rows of several sweeps, labelled); architectures keep
+    their order of appearance (order them small to large)."""
+    runs = runs[runs["k"].isin(shots)]
+    if runs.empty:
+        raise BitlabError(f"no few-shot runs with {' or '.join(map(str, shots))} example(s) per class to draw")
+    runs = runs.assign(downstream=runs["downstream"] if "downstream" in runs else "")
+    archs = list(dict.fromkeys(runs["architecture"]))
+    downs = list(dict.fromkeys(runs["downstream"]))
+    ks = [k for k in shots if (runs["k"] == k).any()]
+    fig = Figure(figsize=(max(3.2, 1.1 * len(archs) + 1.4) * len(downs), 2.6 * len(ks) + 0.9), layout="constrained")
+    axes = fig.subplots(len(ks), len(downs), squeeze=False, sharex=True)
+    colours = ["#1565c0", "#ef6c00", "#2e7d32", "#6a1b9a", "#c62828", "#00838f"]
+    x_of = {a: i for i, a in enumerate(archs)}
+    for r, k in enumerate(ks):
+        for c, down in enumerate(downs):
+            ax = axes[r, c]
+            cell = runs[(runs["k"] == k) & (runs["downstream"] == down)]
+            for i, (up, g) in enumerate(cell.groupby("upstream", sort=False)):
+                colour = colours[i % len(colours)]
+                x = g["architecture"].map(x_of).to_numpy(float)
+                order = g.groupby("architecture").cumcount().to_numpy()  # trials side by side, not on top
+                ax.scatter(x + 0.04 * (order - order.mean()), g["top1"] * 100, s=16, color=colour, alpha=0.35,
+                           linewidths=0, zorder=2)
+                med = g.groupby("architecture", sort=False)["top1"].median() * 100
+                n = g.groupby("architecture").size()
+                ax.plot(med.index.map(x_of), med.to_numpy(), "-o", color=colour, ms=5, lw=2, zorder=3,
+                        label=f"{up} (median of {n.min()}" + (f"-{n.max()}" if n.max() != n.min() else "") + ")")
+            ax.set_xticks(range(len(archs)), archs, fontsize=8)
+            ax.set_xlim(-0.5, len(archs) - 0.5)
+            ax.set_ylim(0, 100)
+            ax.grid(alpha=0.3)
+            ax.set_title((f"{down}, " if down else "") + f"{k} example{'s' if k != 1 else ''} per class", fontsize=9)
+            if c == 0:
+                ax.set_ylabel("top-1 accuracy (%)")
+            if r == len(ks) - 1:
+                ax.set_xlabel("architecture")
+    axes[0, 0].legend(fontsize=7, title="upstream (pre-training) data", title_fontsize=7, loc="best")
+    fig.suptitle(title or "Few-shot transfer by architecture (paper Fig. 5): light dots are single trials",
                  fontsize=10)
     return fig
 
