@@ -3,13 +3,14 @@
 Choose two models, a class and a background (dropdowns; "any" for all), and an image of that cell
 (or all of them): the images are drawn beside both models' top-5 bars (`report.fig_top5`, the
 figure of paper Fig. 12 left / 13), so the cell behind a number of the heat map, and the Fig. 12 left
-image, are picked by clicking instead of by typing paths.
+image (saved with a button), are picked by clicking instead of by typing paths.
 
     explorer = Explorer({r.label: r for r in ooc_results})
     explorer  # display it in JupyterLab
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Collection, Mapping
 
 from bitlab import report
@@ -21,9 +22,12 @@ ANY = "(any)"
 
 class Explorer:
     """Model pair, class, background and image dropdowns over out-of-context `results` (label ->
-    Results, the same images in each); at most `max_images` images of a cell are drawn at once."""
+    Results, the same images in each); at most `max_images` images of a cell are drawn at once.
+    `save_as` (folder, stem): a button saves the figure of the one image chosen there (PNG and
+    PDF, `report.save`), e.g. as Fig. 12 left."""
 
-    def __init__(self, results: Mapping[str, Results], fits: Collection[str] = (), max_images: int = 4) -> None:
+    def __init__(self, results: Mapping[str, Results], fits: Collection[str] = (), max_images: int = 4,
+                 save_as: tuple[str | Path, str] | None = None) -> None:
         import ipywidgets as w  # the notebooks extra
 
         if not results:
@@ -40,12 +44,16 @@ class Explorer:
         self.image = w.Dropdown(description="image", layout=w.Layout(width="46em"))
         self.summary = w.HTML()
         self.figure = w.Output()
+        self.save_as, self.saved = save_as, []
+        self.save = w.Button(description=f"save as {save_as[1]}" if save_as else "save", disabled=True,
+                             layout=w.Layout(width="auto", display="" if save_as else "none"))
+        self.save.on_click(lambda _: self._save())
         for box in (self.model_a, self.model_b, self.cls, self.background):
             box.observe(lambda _: self._cell_changed(), names="value")
         self._updating = False  # while the image list is replaced: one redraw at its end, not one per change
         self.image.observe(lambda _: self._updating or self.draw(), names="value")
         self.widget = w.VBox([w.HBox([self.model_a, self.model_b]), w.HBox([self.cls, self.background]),
-                              self.image, self.summary, self.figure])
+                              w.HBox([self.image, self.save]), self.summary, self.figure])
         self._cell_changed()
 
     def _repr_mimebundle_(self, **kwargs) -> dict:
@@ -84,9 +92,18 @@ class Explorer:
         """The images drawn now: the chosen one, or the cell's first `max_images`."""
         return [self.image.value] if self.image.value else self.cell_images()[:self.max_images]
 
+    def _figure(self, images: list[str]):
+        a, b = self.results[self.model_a.value], self.results[self.model_b.value]
+        return report.fig_top5(a, b, images, self.fits)
+
     def draw(self) -> None:
         """Redraws the figure (kept in the widget's state, so a test or a saved notebook can see it)."""
         self.figure.outputs = ()
+        self.save.disabled = not self.image.value
         if images := self.shown():
-            a, b = self.results[self.model_a.value], self.results[self.model_b.value]
-            self.figure.append_display_data(report.fig_top5(a, b, images, self.fits))
+            self.figure.append_display_data(self._figure(images))
+
+    def _save(self) -> None:
+        if self.save_as and self.image.value:
+            self.saved = report.save(self._figure([self.image.value]), *self.save_as)
+            self.summary.value += f"<br>saved {', '.join(p.name for p in self.saved)} in {self.save_as[0]}"

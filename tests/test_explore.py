@@ -10,6 +10,7 @@ import torch
 
 from bitlab.eval.evaluate import EvaluateConfig, evaluate
 from bitlab.models import zoo
+from tests.fixtures.figures import assert_real_figure
 from tests.fixtures.ooc_sets import build_tiny_ooc
 from tests.notebooks.test_notebooks import _kernel_env
 
@@ -18,13 +19,13 @@ import json
 from bitlab.eval.results import load_results
 from bitlab.explore import Explorer
 
-ex = Explorer({"real": load_results(REAL), "random": load_results(RANDOM)}, max_images=2)
+ex = Explorer({"real": load_results(REAL), "random": load_results(RANDOM)}, max_images=2, save_as=(FIGS, "fig12_left"))
 
 
 def state():
     return {"images": ex.cell_images(), "shown": ex.shown(), "summary": ex.summary.value,
             "figure": [sorted(o["data"]) for o in ex.figure.outputs], "title": ex.figure.outputs and
-            ex.figure.outputs[0]["data"]["text/plain"]}
+            ex.figure.outputs[0]["data"]["text/plain"], "save enabled": not ex.save.disabled}
 
 
 steps = {"start": state(), "models": [ex.model_a.value, ex.model_b.value],
@@ -36,6 +37,8 @@ steps["cell"] = state()
 ex.background.value = "(any)"
 ex.image.value = steps["cat"]["images"][-1]
 steps["one image"] = state()
+ex.save.click()
+steps["saved"] = sorted(p.name for p in ex.saved)
 ex.model_a.value, ex.model_b.value = "random", "real"
 steps["swapped"] = state()
 print(json.dumps(steps))
@@ -52,10 +55,11 @@ def ooc_results(tmp_path_factory, photos):
     return root
 
 
-def test_explorer_dropdowns_pick_pair_cell_and_image_in_a_real_kernel(ooc_results):
+def test_explorer_dropdowns_pick_pair_cell_and_image_in_a_real_kernel(ooc_results, tmp_path):
     import nbclient
 
-    code = f"REAL, RANDOM = {str(ooc_results / 'real')!r}, {str(ooc_results / 'random')!r}\n" + KERNEL
+    code = (f"REAL, RANDOM = {str(ooc_results / 'real')!r}, {str(ooc_results / 'random')!r}\n"
+            f"FIGS = {str(tmp_path / 'figs')!r}\n" + KERNEL)
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("%matplotlib inline\n" + code)])
     nb.metadata.kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
     with _kernel_env():
@@ -75,5 +79,8 @@ def test_explorer_dropdowns_pick_pair_cell_and_image_in_a_real_kernel(ooc_result
     cell = steps["cell"]
     assert cell["images"] == ["cat/chelsea__in-context.png"] and cell["shown"] == cell["images"]
     assert steps["one image"]["shown"] == [cat["images"][-1]] and steps["one image"]["figure"] == figure
+    assert not cat["save enabled"] and steps["one image"]["save enabled"]  # one image: Fig. 12 left
+    assert steps["saved"] == ["fig12_left.pdf", "fig12_left.png"]
+    assert_real_figure(tmp_path / "figs" / "fig12_left.png")
     assert steps["swapped"]["shown"] == steps["swapped"]["images"][:2]  # a new pair shows its cell again
     assert steps["swapped"]["figure"] == figure
