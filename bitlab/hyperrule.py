@@ -127,6 +127,10 @@ class HyperRule:
 def hyperrule(dataset_size: int, image_size: tuple[int, int], *, batch_size: int = REFERENCE_BATCH,
               base_lr: float = BASE_LR, scale_with_batch: bool = False) -> HyperRule:
     """Apply BiT-HyperRule to a task of `dataset_size` training examples of `image_size` = (H, W)."""
+    if dataset_size <= 0:
+        raise ConfigError("dataset_size", f"must be positive, got {dataset_size}")
+    if min(image_size) <= 0:
+        raise ConfigError("image_size", f"must be positive, got {image_size[0]}x{image_size[1]}")
     if batch_size <= 0:
         raise ConfigError("batch_size", f"must be positive, got {batch_size}")
     if not (math.isfinite(base_lr) and base_lr > 0):

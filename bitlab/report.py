@@ -38,7 +38,7 @@ from matplotlib.lines import Line2D
 from bitlab import io
 from bitlab.data import imagenet
 from bitlab.data.transforms import decode_image, resize
-from bitlab.errors import BitlabError
+from bitlab.errors import BitlabError, ConfigError
 from bitlab.eval import robustness
 from bitlab.eval.dedup import DedupResult
 from bitlab.eval.errors import UNSURE
@@ -697,7 +697,7 @@ def make_report(result_dirs: Sequence[str | Path], out: str | Path, *, images: S
     """Every figure the results allow; returns the files written (PNG and PDF of each). `fits`:
     images where the first model's wrong top-1 fits the background (`choose_images`)."""
     if num_images < 1:
-        raise BitlabError(f"--num-images must be at least 1, got {num_images}")
+        raise ConfigError("num_images", f"must be at least 1, got {num_images}")
     results = [load_results(p) for p in result_dirs]
     out = Path(out)
     existed = out.exists()

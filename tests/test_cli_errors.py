@@ -69,10 +69,10 @@ def test_demo_checks_figures_folder_first(tmp_path, capsys):
 
 def test_parse_device():
     assert parse_device("cpu") == torch.device("cpu")
-    with pytest.raises(BitlabError, match=r"--device bogus: not a torch device \(cpu, cuda, cuda:N"):
+    with pytest.raises(BitlabError, match=r"device bogus: not a torch device \(cpu, cuda, cuda:N"):
         parse_device("bogus")
     if not torch.cuda.is_available():
-        with pytest.raises(BitlabError, match="--device cuda: no CUDA device here"):
+        with pytest.raises(BitlabError, match="device cuda: no CUDA device here"):
             parse_device("cuda")
 
 

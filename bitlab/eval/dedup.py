@@ -72,7 +72,7 @@ from bitlab.data.loader import EvalFiles, default_workers, make_loader
 from bitlab.data.transforms import (BadImageError, DataConfig, decode_image, eval_image, normalize, resize,
                                     to_chw_tensor)
 from bitlab.device import parse_device
-from bitlab.errors import BitlabError
+from bitlab.errors import BitlabError, ConfigError
 from bitlab.models import zoo
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ def make_embedding(spec: str, weights: str | os.PathLike | None = None,
     """`model:NAME` (any `create_model` name) or `phash`."""
     if spec == "phash":
         if weights is not None:
-            raise BitlabError("--weights applies to model embeddings, not phash")
+            raise ConfigError("weights", "{setting} applies to model embeddings, not phash")
         return PHashEmbedding(device)
     if spec.startswith("model:") and spec[len("model:"):]:
         return ModelEmbedding(spec[len("model:"):], weights, device)
@@ -490,10 +490,10 @@ def _run_dedup(cfg: DedupConfig) -> DedupResult:
 
 def _check_threshold(metric: str, threshold: float) -> None:
     if metric == "cosine" and not -1.0 <= threshold <= 1.0:
-        raise BitlabError(f"threshold {threshold} is a cosine similarity: it must lie in [-1, 1]")
+        raise ConfigError("threshold", f"{{setting}} {threshold} is a cosine similarity: it must lie in [-1, 1]")
     bits = PHASH_FREQS**2
     if metric == "hamming" and not 0 <= threshold <= bits:
-        raise BitlabError(f"threshold {threshold} is a Hamming distance between {bits}-bit hashes: "
+        raise ConfigError("threshold", f"{{setting}} {threshold} is a Hamming distance between {bits}-bit hashes: "
                           f"it must lie in [0, {bits}]")
 
 
@@ -528,23 +528,22 @@ def read_predictions(path: str | os.PathLike, images: ImageFiles, column: str = 
     by_base = {b: i for i, b in enumerate(basenames)} if len(set(basenames)) == len(basenames) else {}
     correct = np.zeros(len(images), dtype=bool)
     seen = np.zeros(len(images), dtype=bool)
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = {"image", column} - set(reader.fieldnames or [])
-        if missing:
-            raise BitlabError(f"{path}: missing column(s) {', '.join(sorted(missing))} "
-                              f"(has {', '.join(reader.fieldnames or []) or 'none'})")
-        for line, rec in enumerate(reader, start=2):
-            name = (rec["image"] or "").strip()
-            i = by_name.get(name, by_base.get(Path(name).name))
-            if i is None:
-                raise BitlabError(f"{path}:{line}: image {name!r} is not in the downstream set {images.source}")
-            if seen[i]:
-                raise BitlabError(f"{path}:{line}: image {name!r} appears twice")
-            value = (rec[column] or "").strip().lower()
-            if value not in _TRUE | _FALSE:
-                raise BitlabError(f"{path}:{line}: {column}={rec[column]!r} is not a boolean (1/0, true/false)")
-            correct[i], seen[i] = value in _TRUE, True
+    reader = csv.DictReader(io.text_lines(path))
+    missing = {"image", column} - set(reader.fieldnames or [])
+    if missing:
+        raise BitlabError(f"{path}: missing column(s) {', '.join(sorted(missing))} "
+                          f"(has {', '.join(reader.fieldnames or []) or 'none'})")
+    for line, rec in enumerate(reader, start=2):
+        name = (rec["image"] or "").strip()
+        i = by_name.get(name, by_base.get(Path(name).name))
+        if i is None:
+            raise BitlabError(f"{path}:{line}: image {name!r} is not in the downstream set {images.source}")
+        if seen[i]:
+            raise BitlabError(f"{path}:{line}: image {name!r} appears twice")
+        value = (rec[column] or "").strip().lower()
+        if value not in _TRUE | _FALSE:
+            raise BitlabError(f"{path}:{line}: {column}={rec[column]!r} is not a boolean (1/0, true/false)")
+        correct[i], seen[i] = value in _TRUE, True
     if not seen.all():
         absent = [images.names[i] for i in np.flatnonzero(~seen)[:3]]
         raise BitlabError(f"{path}: no prediction for {int((~seen).sum())} downstream image(s), "

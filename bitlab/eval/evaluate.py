@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from bitlab import io
 from bitlab.device import parse_device
-from bitlab.errors import BitlabError
+from bitlab.errors import BitlabError, ConfigError
 from bitlab.eval import robustness
 from bitlab.eval.predict import iter_probs
 from bitlab.eval.results import CONFIG, PREDICTIONS, SUMMARY, invalidate
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 PARTIAL = ".partial"
 # Images per resumable chunk: ~1 min of CPU work for an R50 at 224 px, so an interrupt loses little.
 CHUNK = 512
+MAX_IMAGE_SIZE = 4096  # px per side: 8.5x BiT's largest input (480); beyond, a batch no longer fits in memory
 
 
 @dataclass
@@ -58,11 +59,14 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         # Refused here, before any file is read or written: a size below 1 made the resize loop
-        # forever and 0 fell back silently to the model's default.
-        for name, least in (("image_size", 1), ("batch_size", 1), ("workers", 0)):
+        # forever and 0 fell back silently to the model's default; a side far above any model's
+        # (BiT's largest is 480) only ends in a failed allocation of the resized batch.
+        for name, least, most in (("image_size", 1, MAX_IMAGE_SIZE), ("batch_size", 1, None), ("workers", 0, None)):
             value = getattr(self, name)
             if value is not None and value < least:
-                raise BitlabError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+                raise ConfigError(name, f"must be at least {least}, got {value}")
+            if value is not None and most is not None and value > most:
+                raise ConfigError(name, f"must be at most {most}, got {value}")
 
 
 def model_label(cfg: EvaluateConfig) -> str:

@@ -249,7 +249,7 @@ def read_label_map(path: str | Path) -> np.ndarray:
         raise BitlabError(f"{path}: label map not found")
     index_of = imagenet.index_of()
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(io.text_lines(path), start=1):
         v = line.split("#")[0].strip()
         if v in ("", "-"):
             out.append(-1)

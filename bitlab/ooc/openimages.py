@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 from tqdm.auto import tqdm
 
 from bitlab import io
-from bitlab.errors import BitlabError
+from bitlab.errors import BitlabError, ConfigError
 from bitlab.ooc.spec import SAFE_NAME, OOCClass, Selection, SpecError, load_classes, load_selection, seeded_order
 
 log = logging.getLogger(__name__)
@@ -397,16 +397,15 @@ def _check_fetch(cfg: FetchConfig) -> Selection | None:
     """Everything local that can be wrong, before the first byte is downloaded: the numbers, the
     split, and the selection or class table (read here; a fetch can take hours)."""
     if cfg.split not in SPLITS:
-        raise BitlabError(f"--split must be one of {', '.join(SPLITS)}, got {cfg.split!r}")
-    for flag, url in (("--base-url", cfg.base_url), ("--images-url", cfg.images_url)):
+        raise ConfigError("split", f"must be one of {', '.join(SPLITS)}, got {cfg.split!r}")
+    for setting, url in (("base_url", cfg.base_url), ("images_url", cfg.images_url)):
         try:
             io.check_url(url)
         except io.UnsafeURLError as e:
-            raise BitlabError(f"{flag} {e}") from None
-    for flag, value in (("--max-per-class", cfg.max_per_class), ("--workers", cfg.workers),
-                        ("retries", cfg.retries)):
+            raise ConfigError(setting, f"{{setting}} {e}") from None
+    for setting, value in (("max_per_class", cfg.max_per_class), ("workers", cfg.workers), ("retries", cfg.retries)):
         if value < 1:
-            raise BitlabError(f"{flag} must be at least 1, got {value}")
+            raise ConfigError(setting, f"must be at least 1, got {value}")
     if not cfg.selection:
         load_classes(cfg.classes)
         return None

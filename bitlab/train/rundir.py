@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from bitlab import io
-from bitlab.errors import BitlabError
+from bitlab.errors import BitlabError, ConfigError
 from bitlab.train.checkpoint import CHECKPOINT, FINAL, saved_step
 from bitlab.train.distributed import DistInfo, main_rank_call
 
@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def refuse_overwrite(run_dir: Path, how: str) -> None:
-    raise BitlabError(f"{run_dir} already holds a training checkpoint; {how} to continue it or choose another --out")
+    raise ConfigError("out", f"{run_dir} already holds a training checkpoint; {how} to continue it or choose "
+                              "another {setting}")
 
 
 def _resolved(value: Any) -> Any:
@@ -52,7 +53,7 @@ def check_settings(run_dir: Path, config: Any, keys: Sequence[str], *, what: str
     """Refuse `run_dir` if its config.json has other values of `keys`, naming each (`what`, `action`: wording)."""
     path = run_dir / "config.json"
     if not path.exists():
-        raise BitlabError(f"{run_dir}: {what} without config.json (not a bitlab run?); use another --out")
+        raise ConfigError("out", f"{run_dir}: {what} without config.json (not a bitlab run?); use another {{setting}}")
     old, new = json.loads(path.read_text()), recorded_config(config)
     for key in getattr(config, "PATH_FIELDS", ()):  # older runs recorded paths as typed
         old[key] = _resolved(old.get(key))

@@ -187,12 +187,12 @@ def test_fetch_a_committed_selection(small_inputs, http_server, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"split": "bogus"}, "--split must be one of train, validation, test, got 'bogus'"),
-    ({"max_per_class": -1}, "--max-per-class must be at least 1, got -1"),
+    ({"split": "bogus"}, "split must be one of train, validation, test, got 'bogus'"),
+    ({"max_per_class": -1}, "max_per_class must be at least 1, got -1"),
     ({"classes": "nope.csv"}, "nope.csv: no such file"),
     ({"selection": "nope.csv"}, "nope.csv: no such file"),
-    ({"base_url": "file:///srv/oi"}, "--base-url file:///srv/oi: only http:// and https:// URLs are fetched"),
-    ({"images_url": "ftp://mirror/img"}, "--images-url ftp://mirror/img: only http:// and https:// URLs"),
+    ({"base_url": "file:///srv/oi"}, "base_url file:///srv/oi: only http:// and https:// URLs are fetched"),
+    ({"images_url": "ftp://mirror/img"}, "images_url ftp://mirror/img: only http:// and https:// URLs"),
 ])
 def test_fetch_checks_local_inputs_before_any_download(small_inputs, http_server, tmp_path, change, message):
     cfg = _fetch_cfg(small_inputs, {"base_url": f"{http_server.url}/oi", "images_url": f"{http_server.url}/img"},
