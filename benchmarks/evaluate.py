@@ -1,86 +1,93 @@
-"""`bitlab evaluate` vs timm's own validation loop: images/s on the same model, images and threads.
+"""`bitlab evaluate` on an OOC set vs timm's validation loop and vs the model's forward passes alone.
 
-    .venv/bin/python benchmarks/evaluate.py [--images 192 --rounds 3 --threads 2 --workers 2]
+    PYTHONPATH=. .venv/bin/python benchmarks/evaluate.py [--images 324 --rounds 3 --threads 2 --workers 2]
 
-The data: the embedded sample photos re-encoded at several sizes (JPEG, 300-1000 px long side)
-into an ImageFolder of ILSVRC wnid folders, which both sides read. Both sides start from nothing
-(model construction included) and end with top-1/top-5 counted:
+The data: an out-of-context set built by `make-ooc` from the inputs of benchmarks/ooc.py (the
+embedded sample's photos and scikit-image's textures at upstream sizes): 512 px PNGs in class
+folders with manifest.csv, `--images` of them (all 81 foregrounds x an even subset of the 41 background categories).
+The model: R50x1 (random weights saved once to a bitlab file, so every side loads the same ones)
+at its own resolution, 224 px. Three ways through the same images, same batch and threads:
 
-- bitlab: `bitlab.eval.evaluate.evaluate` (OpenCV decode in workers, uint8 batches, predictions.csv
-  and summary.json written);
-- timm: the loop of timm's `validate.py`: `create_dataset` + `create_loader` (PIL decode,
-  torchvision resize/crop/normalise in workers) + `model(input)` + `timm.utils.accuracy`, with the
-  same weights; run as timm runs by default (`ratio`) and with its `--channels-last` flag
-  (`ratio_vs_timm_channels_last`), since bitlab uses channels_last itself.
+- bitlab: `bitlab.eval.evaluate.evaluate` end to end: model built from the file and fused, OpenCV
+  decode in `--workers` processes, uint8 batches normalised once per batch, predictions.csv and
+  summary.json written;
+- timm: the loop of timm's `validate.py` (`create_dataset` + `create_loader`: PIL decode and
+  torchvision resize/normalise in `--workers` processes; `model(input)`; `timm.utils.accuracy`) on
+  timm's `resnetv2_50x1_bit` with the same weights and pre-processing (224 px, crop 1.0, mean/std
+  0.5, bilinear), as timm runs it by default (contiguous) and with its `--channels-last` flag;
+- model only: bitlab's prepared model (`prepare_for_inference(..., fuse=True)`, built outside the
+  timing) on the same number of images as ready-made normalised tensors, softmax included: what
+  evaluation would cost with a free data path. `data_path_share` = 1 - model-only / evaluate time.
 
-Runs are interleaved (bitlab, timm, bitlab, ...) so machine load hits both alike; the ratio is
-taken from the medians. Prints one JSON line.
+Runs are interleaved (bitlab, timm, timm channels-last, model only) round by round after waiting
+for a quiet machine; ratios from the medians, each side's spread printed, in wall time and in CPU
+seconds of the process and its loader workers (which other jobs' load moves far less). Prints one
+JSON line.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import cv2
 import timm
 import timm.data
 import timm.utils
 import torch
 
-from bitlab.data.transforms import decode_image
-from bitlab.demo import sample_photos
+from bitlab.data.transforms import BIT_MEAN, BIT_STD
 from bitlab.eval.evaluate import EvaluateConfig, evaluate
-from bitlab.models import create_model, zoo
-from bitlab.ooc.spec import load_classes
-from bitlab.paths import SAMPLE_DIR
+from bitlab.models import checkpoints, create_model, load_weights, prepare_for_inference
+from bitlab.ooc.spec import Selection
+
+import machine
+import ooc
+
+MODEL = "R50x1"
+TIMM_MODEL = "resnetv2_50x1_bit"
 
 
-def sample_wnids() -> dict[str, str]:
-    """The sample's photos (image id) -> the first ILSVRC-2012 wnid of their object's class."""
-    wnid = {c.mid: c.ilsvrc_wnids[0] for c in load_classes(SAMPLE_DIR / "classes.csv")}
-    rows = (SAMPLE_DIR / "openimages" / "validation-annotations-object-segmentation.csv").read_text().splitlines()
-    return {r.split(",")[1]: wnid[r.split(",")[2]] for r in rows[1:]}
+def make_ooc_set(root: Path, images: int, workers: int) -> tuple[Path, int]:
+    """Build about `images` 512 px OOC images: every foreground (each class needs its objects) on
+    an evenly spaced subset of the background categories."""
+    inputs = ooc.prepare(root / "inputs")
+    fgs, bgs = inputs["fgs"], inputs["bgs"]
+    k = min(len(bgs), max(1, round(images / len(fgs))))
+    inputs["selection"] = Selection(fgs, bgs[::len(bgs) // k][:k]).save(root / "subset.csv")
+    ooc.run_build(inputs, root / "ooc", 512, workers, "png")
+    return root / "ooc", len(fgs) * k
 
 
-def make_images(root: Path, n: int) -> Path:
-    photos = {p.stem: decode_image(p) for p in sample_photos()}
-    wnids = sample_wnids()
-    for i in range(n):
-        stem = sorted(photos)[i % len(photos)]
-        img = photos[stem]
-        side = 300 + (i * 97) % 700  # long side 300..999 px: decode and resize cost vary like real data
-        scale = side / max(img.shape[:2])
-        img = cv2.resize(img, (round(img.shape[1] * scale), round(img.shape[0] * scale)), interpolation=cv2.INTER_AREA)
-        folder = root / wnids[stem]
-        folder.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(folder / f"{i:05d}.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
-    return root
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the loader workers, joined at the end
+    of each pass): what another job's load moves far less than wall time."""
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
-def run_bitlab(data: Path, out: Path, args) -> float:
+def run_bitlab(data: Path, weights: Path, out: Path, args) -> float:
     start = time.perf_counter()
-    evaluate(EvaluateConfig(model=args.model, data=str(data), out=str(out), batch_size=args.batch,
-                            workers=args.workers, device=args.device))
+    evaluate(EvaluateConfig(model=MODEL, pretrained=str(weights), data=str(data), out=str(out),
+                            batch_size=args.batch, workers=args.workers, device=args.device, progress=False))
     return time.perf_counter() - start
 
 
-def run_timm(data: Path, args, channels_last: bool = False) -> float:
+def run_timm(data: Path, weights: Path, args, channels_last: bool) -> float:
     """timm validate.py's loop, CPU path (no prefetcher); `channels_last` = its --channels-last flag."""
     start = time.perf_counter()
-    model = create_model(args.model).to(args.device).eval()  # same weights as bitlab loads
+    model = load_weights(timm.create_model(TIMM_MODEL, num_classes=1000), weights).to(args.device).eval()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    cfg = timm.data.resolve_data_config({}, model=model)
     dataset = timm.data.create_dataset(name="", root=str(data), split="validation")
-    loader = timm.data.create_loader(dataset, input_size=cfg["input_size"], batch_size=args.batch,
-                                     use_prefetcher=False, interpolation=cfg["interpolation"], mean=cfg["mean"],
-                                     std=cfg["std"], num_workers=args.workers, crop_pct=cfg["crop_pct"],
-                                     crop_mode=cfg["crop_mode"], device=torch.device(args.device))
+    loader = timm.data.create_loader(dataset, input_size=(3, 224, 224), batch_size=args.batch, use_prefetcher=False,
+                                     interpolation="bilinear", mean=BIT_MEAN, std=BIT_STD, num_workers=args.workers,
+                                     crop_pct=1.0, crop_mode="center", device=torch.device(args.device))
     top1 = top5 = 0.0
     with torch.no_grad():
         for x, y in loader:
@@ -91,32 +98,64 @@ def run_timm(data: Path, args, channels_last: bool = False) -> float:
     return time.perf_counter() - start
 
 
+def run_model_only(model: torch.nn.Module, n: int, args) -> float:
+    """The forward passes evaluation makes (same batches, softmax), on ready tensors."""
+    x = torch.randn(args.batch, 3, 224, 224, device=args.device).contiguous(memory_format=torch.channels_last)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, n, args.batch):
+            model(x[:min(args.batch, n - i)]).float().softmax(dim=-1).cpu()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=zoo.OFFLINE_IMAGENET_MODEL)
-    ap.add_argument("--images", type=int, default=192)
+    ap.add_argument("--images", type=int, default=324)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quiet-load", type=float, default=1.5, help="wait for a load average below this")
+    ap.add_argument("--quiet-wait", type=float, default=1800, help="seconds to wait for it at most")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bitlab-bench-"))
     try:
-        data = make_images(tmp / "data", args.images)
-        times: dict[str, list[float]] = {"bitlab": [], "timm": [], "timm_cl": []}
+        data, n = make_ooc_set(tmp, args.images, args.workers)
+        torch.manual_seed(0)
+        weights = checkpoints.save_bitlab(create_model(MODEL, num_classes=1000), tmp / "r50x1.pt", name=MODEL)
+        prepared = prepare_for_inference(create_model(MODEL, pretrained=weights), args.device, fuse=True)
+        if args.device == "cpu":
+            machine.wait_until_quiet(args.quiet_load, limit_s=args.quiet_wait)
+        load = os.getloadavg()[0]
+        runs = {"bitlab": lambda r: run_bitlab(data, weights, tmp / f"out{r}", args),
+                "timm": lambda r: run_timm(data, weights, args, channels_last=False),
+                "timm_cl": lambda r: run_timm(data, weights, args, channels_last=True),
+                "model_only": lambda r: run_model_only(prepared, n, args)}
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        cpu: dict[str, list[float]] = {k: [] for k in runs}
         for r in range(args.rounds):
-            times["bitlab"].append(run_bitlab(data, tmp / f"out{r}", args))
-            times["timm"].append(run_timm(data, args))
-            times["timm_cl"].append(run_timm(data, args, channels_last=True))
-        ips = {k: args.images / statistics.median(v) for k, v in times.items()}
-        print(json.dumps({"model": args.model, "device": args.device, "images": args.images, "batch": args.batch,
-                          "threads": args.threads, "workers": args.workers,
-                          **{f"{k}_img_s": round(v, 2) for k, v in ips.items()},
-                          "ratio": round(ips["bitlab"] / ips["timm"], 3),
-                          "ratio_vs_timm_channels_last": round(ips["bitlab"] / ips["timm_cl"], 3),
-                          "rounds_s": {k: [round(t, 2) for t in v] for k, v in times.items()}}), flush=True)
+            for name, run in runs.items():
+                c = cpu_seconds()
+                times[name].append(run(r))
+                cpu[name].append(cpu_seconds() - c)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+        print(json.dumps({
+            "model": MODEL, "timm_model": TIMM_MODEL, "resolution": 224, "images": n, "ooc_size": 512,
+            "device": args.device, **machine.describe(torch.device(args.device)), "batch": args.batch,
+            "threads": args.threads, "workers": args.workers,
+            **{f"{k}_img_s": round(n / v, 2) for k, v in med.items()},
+            "ratio_vs_timm": round(med["timm"] / med["bitlab"], 3),
+            "ratio_vs_timm_channels_last": round(med["timm_cl"] / med["bitlab"], 3),
+            "data_path_share": round(1 - med["model_only"] / med["bitlab"], 3),
+            "cpu_s_per_img": {k: round(v / n, 4) for k, v in med_cpu.items()},
+            "ratio_vs_timm_cpu_time": round(med_cpu["timm"] / med_cpu["bitlab"], 3),
+            "ratio_vs_timm_channels_last_cpu_time": round(med_cpu["timm_cl"] / med_cpu["bitlab"], 3),
+            "data_path_share_cpu_time": round(1 - med_cpu["model_only"] / med_cpu["bitlab"], 3),
+            "spread_img_s": {k: [round(n / max(v), 2), round(n / min(v), 2)] for k, v in times.items()},
+            "load_1min": [round(load, 2), round(os.getloadavg()[0], 2)]}), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

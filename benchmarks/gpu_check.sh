@@ -19,6 +19,10 @@ log() { local f="$1"; shift; echo "+ $*" >&2; "$@" | tee "${OUT:-/tmp}/$f" || { 
 # 1. Models (issue 2): bitlab R50x1 vs timm resnetv2_50x1_bit, bf16 autocast + channels_last.
 run $PY benchmarks/models.py --device cuda --amp bf16 --size 128 --batch 128 --rounds 5 --iters 10
 run $PY benchmarks/models.py --device cuda --amp bf16 --size 480 --batch 32 --rounds 5 --iters 5
+#    Inference (issue 17), as on the CPU: bitlab fused (and its kernel-cached model) vs timm at 128 and
+#    224 px, batch 8, float32 as `bitlab evaluate` runs, both memory formats.
+run $PY benchmarks/models.py --device cuda --modes inference --size 128 --batch 8 --rounds 5 --iters 50
+run $PY benchmarks/models.py --device cuda --modes inference --size 224 --batch 8 --rounds 5 --iters 50
 
 # 2. Fine-tuning (issue 4): the BiT-HyperRule step at 128 px (batch 256) and 480 px (batch 64,
 #    --batch-split 2), R50x1, bf16 autocast + channels_last: model-only vs the `bitlab finetune` loop

@@ -48,8 +48,8 @@ def test_every_command_parses(monkeypatch):
         else:
             args = _benchmark_parser(argv[1]).parse_args(argv[2:])
             seen.add(argv[1])
-            if argv[1] == "benchmarks/models.py":
-                assert args.device == "cuda" and args.amp == "bf16"
+            if argv[1] == "benchmarks/models.py":  # bf16 autocast, or float32 inference as evaluate runs
+                assert args.device == "cuda" and (args.amp == "bf16" or args.modes == ["inference"])
             else:
                 assert args.part == "gpu"
     assert seen == {"benchmarks/models.py", "benchmarks/finetune.py", "benchmarks/pretrain.py", "bitlab finetune",

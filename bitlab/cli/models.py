@@ -1,4 +1,4 @@
-"""`bitlab models`, `bitlab convert`, `bitlab weights`."""
+"""`bitlab models`, `bitlab convert`, `bitlab weights`, `bitlab export`."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +32,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--sha256", help="expected sha256 (one NAME only)")
     download_size_arg(w, MAX_DOWNLOAD_BYTES, "file")
     w.set_defaults(func=_download)
+
+    p = sub.add_parser("export", help="write a model as ONNX or TorchScript, weight standardisation folded in")
+    p.add_argument("model", help="model name (see `bitlab models`; any timm name works)")
+    p.add_argument("--pretrained", help="weights file (official .npz, bitlab or timm)")
+    p.add_argument("--out", required=True, help="file to write (FILE.onnx, or FILE.pt with --format torchscript)")
+    p.add_argument("--format", choices=["onnx", "torchscript"], help="default: onnx for a .onnx file")
+    p.add_argument("--num-classes", type=int, help="head size of the weights file, if not the name's default")
+    p.add_argument("--image-size", type=int, help="input resolution of the exported graph (default: the model's)")
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    p.set_defaults(func=_export)
 
 
 def _list_weights(args: argparse.Namespace) -> None:
@@ -77,3 +87,11 @@ def _download(args: argparse.Namespace) -> None:
         path = zoo.download_weights(name, args.out, base_url=args.base_url or zoo.BIT_WEIGHTS_URL,
                                     sha256=args.sha256, max_bytes=args.max_download)
         print(f"{name}: {path}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from bitlab.models.export import ExportConfig, run_export
+
+    out = run_export(ExportConfig(model=args.model, out=args.out, pretrained=args.pretrained, format=args.format,
+                                  num_classes=args.num_classes, image_size=args.image_size, force=args.force))
+    print(f"wrote {out}")

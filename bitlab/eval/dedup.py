@@ -185,12 +185,12 @@ class ModelEmbedding(Embedding):
     metric = "cosine"
 
     def __init__(self, name: str, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> None:
-        from bitlab.models import create_model
+        from bitlab.models import create_model, prepare_for_inference
 
         self.spec = f"model:{name}"
         self.weights = None if weights is None else Path(weights)
         self.device = torch.device(device)
-        self.model = create_model(name, pretrained=weights).eval().to(self.device)
+        self.model = prepare_for_inference(create_model(name, pretrained=weights), self.device, fuse=True)
         # Only now: an unknown name must fail before anything is said about its weights.
         if weights is None and name not in zoo.OFFLINE_MODELS:
             log.warning("%s without weights= has random weights: its embeddings find no real duplicates", name)

@@ -28,7 +28,7 @@ from bitlab.errors import BitlabError, ConfigError
 from bitlab.eval import robustness
 from bitlab.eval.predict import iter_probs
 from bitlab.eval.results import CONFIG, PREDICTIONS, SUMMARY, invalidate
-from bitlab.models import data_config_of, registry, zoo
+from bitlab.models import data_config_of, prepare_for_inference, registry, zoo
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +188,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 def _evaluate(cfg: EvaluateConfig) -> dict:
     ev = robustness.load_eval_set(cfg.data, cfg.classes, cfg.role)
     label_map = robustness.read_label_map(cfg.label_map) if cfg.label_map else None
-    model = registry.create_model(cfg.model, num_classes=cfg.num_classes, pretrained=cfg.pretrained,
-                                  image_size=cfg.image_size)
+    model = prepare_for_inference(registry.create_model(cfg.model, num_classes=cfg.num_classes, pretrained=cfg.pretrained,
+                                                        image_size=cfg.image_size), cfg.device, fuse=True)
     n_out = num_outputs(model)
     check_head(model, n_out, label_map, cfg)
     out = Path(cfg.out)

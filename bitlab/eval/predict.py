@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from bitlab.data.loader import EvalFiles, default_workers, make_loader
 from bitlab.data.transforms import BadImageError, eval_image, normalize
 from bitlab.device import parse_device
-from bitlab.models.registry import data_config_of
+from bitlab.models import data_config_of, prepare_for_inference
 
 
 @dataclass
@@ -40,8 +40,7 @@ def iter_probs(model: nn.Module, paths: Sequence[str | os.PathLike], *, batch_si
     per batch, in file order. `progress` may be a tqdm bar to advance (by images)."""
     cfg = data_config_of(model)
     device = parse_device(device)
-    # channels_last: oneDNN's (and cuDNN's) fast layout for convolutions; same numbers.
-    model = model.eval().to(device, memory_format=torch.channels_last)
+    model = prepare_for_inference(model, device)
     workers = default_workers() if workers is None else workers
     # Below one batch, worker start-up costs more than it saves. Images are decoded whole (no
     # DCT-scaled JPEG decode): the reference resamples the full image.

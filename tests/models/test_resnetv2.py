@@ -129,3 +129,170 @@ def test_channels_last_matches_contiguous():
     model = model.to(memory_format=torch.channels_last)
     with torch.no_grad():
         numerics.assert_near_exact(model(x.contiguous(memory_format=torch.channels_last)), exact, floor, "channels-last")
+
+
+# ----------------------------------------------------------------------------- the standardised-kernel cache
+def _trained(seed: int = 0) -> ResNetV2:
+    """TINY with random weights everywhere (GN affine and head too), in evaluation mode."""
+    torch.manual_seed(seed)
+    model = ResNetV2(TINY).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * (0.05 if p.ndim > 1 else 0.3) + (1.0 if p.ndim == 1 else 0.0))
+    return model
+
+
+def _fresh(model: ResNetV2, x: torch.Tensor) -> torch.Tensor:
+    """What `model` computes from its current weights, every kernel standardised anew (a copy
+    carries no cache)."""
+    import copy
+
+    with torch.no_grad():
+        return copy.deepcopy(model)(x)
+
+
+def _convs(model: nn.Module) -> list[StdConv2d]:
+    return [m for m in model.modules() if isinstance(m, StdConv2d)]
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_kernel_is_standardised_once_while_the_weight_does_not_change(context):
+    model, x = _trained(), torch.randn(2, 3, 32, 32)
+    conv = model.root.conv
+    with context():
+        first = model(x)
+        kernel = conv.standardized_weight()
+        torch.testing.assert_close(model(x), first)
+        assert conv.standardized_weight() is kernel  # reused, not recomputed
+    torch.testing.assert_close(kernel, conv.standardize(conv.weight.detach()))
+    assert all(c._kernel_cache is not None for c in _convs(model))
+    with torch.no_grad():  # a kernel cached under inference_mode serves plain no_grad too
+        torch.testing.assert_close(model(x), first)
+
+
+def test_an_optimiser_step_in_eval_mode_is_seen_by_the_next_forward():
+    model, x = _trained(), torch.randn(2, 3, 32, 32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(x).square().sum().backward()  # gradients, in eval mode
+    with torch.no_grad():
+        before = model(x)  # caches every kernel
+    opt.step()  # in place, under no_grad, in eval mode
+    with torch.no_grad():
+        after = model(x)
+    assert (after - before).abs().max() > 1e-2  # the step changed the function...
+    torch.testing.assert_close(after, _fresh(model, x))  # ...and the cached forward knows it
+
+
+def test_load_state_dict_is_seen_by_the_next_forward():
+    model, other, x = _trained(0), _trained(1), torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        before = model(x)
+    model.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        after = model(x)
+    assert (after - before).abs().max() > 1e-2
+    torch.testing.assert_close(after, _fresh(other, x))
+
+
+def test_dtype_and_memory_format_conversions_drop_the_cache():  # .to(float64), channels-last, .half()
+    model, x = _trained(), torch.randn(2, 3, 32, 32)
+    exact, floor = numerics.exact_and_floor(model, x)
+    with torch.no_grad():
+        model(x)
+        model.to(torch.float64)
+        assert all(c._kernel_cache is None for c in _convs(model))
+        got = model(x.double())
+        assert got.dtype == torch.float64 and model.root.conv.standardized_weight().dtype == torch.float64
+        torch.testing.assert_close(got, exact, rtol=0, atol=1e-12)  # float64 all the way: no float32 kernel left
+        model.float().to(memory_format=torch.channels_last)
+        cl = model(x.contiguous(memory_format=torch.channels_last))
+        # kept in the weight's layout, which the conv would otherwise convert it to on every call
+        assert model.root.conv.standardized_weight().is_contiguous(memory_format=torch.channels_last)
+        model.half()
+        assert all(c._kernel_cache is None for c in _convs(model))
+        conv = model.root.conv
+        torch.testing.assert_close(conv.standardized_weight(), conv.standardize(conv.weight))
+        assert conv.standardized_weight().dtype == torch.float16
+    numerics.assert_near_exact(cl, exact, floor, "channels-last after float64")
+
+
+def test_training_forward_builds_the_graph_through_the_standardisation():
+    """With a weight that needs its gradient, the kernel is computed in the graph (in eval mode
+    too): the gradient includes WS's Jacobian, and no stale copy is kept."""
+    conv = StdConv2d(4, 3, kernel_size=3, padding=1, bias=False).double().eval()  # float64: one rounding floor
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        conv(x)  # a cached kernel exists...
+    conv(x).square().sum().backward()  # ...but is not used here
+    assert conv._kernel_cache is None
+    w = conv.weight.detach().clone().requires_grad_()
+    mean = w.mean(dim=(1, 2, 3), keepdim=True)
+    ref = (w - mean) / torch.sqrt(((w - mean) ** 2).mean(dim=(1, 2, 3), keepdim=True) + WS_EPS)
+    F.conv2d(x, ref, None, 1, 1).square().sum().backward()
+    torch.testing.assert_close(conv.weight.grad, w.grad, rtol=1e-9, atol=1e-9)
+
+
+def test_a_frozen_weight_uses_the_cache_and_still_passes_input_gradients():
+    conv = StdConv2d(4, 3, kernel_size=3, padding=1, bias=False).requires_grad_(False)
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    conv(x).sum().backward()
+    kernel = conv._kernel_cache[2]
+    assert conv.standardized_weight() is kernel
+    x2 = x.detach().clone().requires_grad_()
+    F.conv2d(x2, conv.standardize(conv.weight), None, 1, 1).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_writes_through_data_need_clear_kernel_cache():
+    """A tensor assigned to `.data` is seen (another storage); an in-place write through `.data`
+    bypasses autograd's version counter: the documented blind spot, and its remedy."""
+    model, x = _trained(), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+        for c in _convs(model):
+            c.weight.data = torch.randn_like(c.weight) * 0.05
+            c.eps = 1e-3  # a changed eps is seen too
+        torch.testing.assert_close(model(x), _fresh(model, x))
+    for c in _convs(model):
+        c.weight.data.mul_(-1.0).add_(0.01)  # not seen by the version counter
+        c.clear_kernel_cache()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _fresh(model, x))
+
+
+def test_the_cache_is_not_state_and_does_not_travel():
+    import copy
+    import pickle
+
+    model, x = _trained(), torch.randn(2, 3, 32, 32)
+    keys = set(model.state_dict())
+    size = len(pickle.dumps(model))
+    with torch.no_grad():
+        want = model(x)
+    assert set(model.state_dict()) == keys  # no extra keys in checkpoints
+    assert len(pickle.dumps(model)) == size  # pickles (DDP spawn, torch.save) carry no kernels
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert all(c._kernel_cache is None for c in _convs(clone))
+        with torch.no_grad():
+            torch.testing.assert_close(clone(x), want)
+
+
+def test_torch_compile_traces_the_standardisation_not_the_cache():
+    """Under dynamo the kernel is computed in the graph: compiled inference follows weight
+    changes, and compiled training gets WS's gradient ("aot_eager": dynamo and AOT autograd's
+    tracing, without a C++ compiler; `fullgraph`: the cache causes no graph break)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = nn.Sequential(StdConv2d(3, 8, kernel_size=3, padding=1), nn.ReLU(), StdConv2d(8, 4, kernel_size=1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)  # no graph break at the cache
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), net(x))
+        net[0].weight.mul_(-1.0).add_(0.1)
+        torch.testing.assert_close(compiled(x), _fresh(net, x))
+    compiled(x).square().sum().backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    net(x).square().sum().backward()
+    for got, want in zip(grads, (p.grad for p in net.parameters())):
+        torch.testing.assert_close(got, want)
