@@ -210,14 +210,18 @@ def _data_label(sets: Sequence[dict]) -> str:
     return names[0] if len(names) == 1 else "several sets"
 
 
-SMALLEST_M = 5  # millions of parameters: smaller models are drawn this size (EfficientNet-Lite0 has 4.7 M)
-
-
 def _marker_area(params_m: pd.Series) -> np.ndarray:
-    # Like the paper's Fig. 4, bigger architectures get bigger markers: area grows with the square
-    # root of the parameter count, so R50x1 (25 M) is 80 pt^2 and R152x4 (936 M) about 490 pt^2;
-    # models of SMALLEST_M or fewer parameters all get the smallest visible marker.
-    return 80 * np.sqrt(params_m.clip(lower=SMALLEST_M).to_numpy() / 25)
+    # Like the paper's Fig. 4, bigger architectures get bigger markers. The area grows with the log of
+    # the parameter count (40 pt^2 at 4 M, +80 per doubling: 4.7 / 5.4 / 6.1 M at 59 / 75 / 89, visibly
+    # apart; R50x1's 25 M at 250, R152x4's 936 M at 670), so small models of one family differ too.
+    return 40 + 80 * np.log2(np.clip(params_m.to_numpy(float), 1.0, None) / 4).clip(min=-0.4)
+
+
+def _size_legend(params_m: pd.Series) -> list[float]:
+    """The parameter counts the size legend shows: every model's when there are few, else the
+    smallest, the median and the largest (each drawn at its own area: no shared '≤' bin)."""
+    sizes = sorted({round(float(p), 1) for p in params_m})
+    return sizes if len(sizes) <= 4 else [sizes[0], sizes[len(sizes) // 2], sizes[-1]]
 
 
 def _label_points(ax, x: np.ndarray, y: np.ndarray, labels: list[str], span: float) -> None:
@@ -234,27 +238,44 @@ def _label_points(ax, x: np.ndarray, y: np.ndarray, labels: list[str], span: flo
                     va="center", arrowprops=dict(arrowstyle="-", color="#888888", lw=0.5) if moved else None)
 
 
+# A model at chance level (random weights, a broken checkpoint) has no place on the same axes as
+# trained ones: drawn at (0, 0) it would stretch both axes and squeeze the others into a corner.
+# Below this validation top-1 (10x a 1000-way chance) a model is named below the axes instead.
+CHANCE_TOP1 = 0.01
+
+
 def fig_val_vs_ooc(results: Sequence[Results]) -> Figure:
     """Fig. 12 right: validation top-1 (x) against out-of-context top-1 (y), one point per model;
-    marker size grows with the parameter count, colour = pre-training data."""
+    marker size grows with the parameter count, colour = pre-training data. Models at chance level
+    (validation top-1 below CHANCE_TOP1) are named below the axes with their numbers, not drawn on them."""
     pts = val_vs_ooc_points(results)
     if pts.empty:
         raise BitlabError("Fig. 12 right needs, for at least one model, a validation result and an "
                           "out-of-context result (same --label)")
-    fig = Figure(figsize=(6.4, 5.0), layout="constrained")
+    chance = pts["val_top1"] < CHANCE_TOP1
+    shown = pts[~chance] if (~chance).any() else pts
+    fig = Figure(figsize=(6.4, 5.0 + 0.35 * int(chance.any() and (~chance).any())), layout="constrained")
     ax = fig.subplots()
-    palette = dict(zip(sorted(pts["pretraining_data"].unique()),
+    palette = dict(zip(sorted(shown["pretraining_data"].unique()),
                        ["#1565c0", "#ef6c00", "#2e7d32", "#6a1b9a", "#c62828", "#00838f", "#5d4037"] * 3))
-    x, y = pts["val_top1"].to_numpy() * 100, pts["ooc_top1"].to_numpy() * 100
-    ax.scatter(x, y, s=_marker_area(pts["params_m"]), c=pts["pretraining_data"].map(palette),
+    x, y = shown["val_top1"].to_numpy() * 100, shown["ooc_top1"].to_numpy() * 100
+    # 95% intervals on both axes (Wilson for the validation images, a bootstrap over objects for
+    # the out-of-context ones): two models are told apart only where their crosses do not overlap
+    ci = "val_low" in shown  # results written before intervals have none
+    xerr = np.abs(np.stack([shown["val_low"], shown["val_high"]]).astype(float) * 100 - x) if ci else np.zeros((2, len(x)))
+    yerr = np.abs(np.stack([shown["ooc_low"], shown["ooc_high"]]).astype(float) * 100 - y) if ci else np.zeros((2, len(y)))
+    ax.errorbar(x, y, xerr=np.nan_to_num(xerr), yerr=np.nan_to_num(yerr), fmt="none", ecolor="#555555",
+                elinewidth=1, capsize=3, zorder=2)
+    ax.scatter(x, y, s=_marker_area(shown["params_m"]), c=shown["pretraining_data"].map(palette),
                alpha=0.85, edgecolors="black", linewidths=0.6, zorder=3)
     # Axes span the data in steps of 10 points, so close models stay apart.
-    lo = max(0.0, 10 * np.floor(min(x.min(), y.min()) / 10 - 0.5))
-    hi = min(100.0, 10 * np.ceil(max(x.max(), y.max()) / 10 + 0.5))
+    xerr, yerr = np.nan_to_num(xerr), np.nan_to_num(yerr)
+    lo = max(0.0, 10 * np.floor(min((x - xerr[0]).min(), (y - yerr[0]).min()) / 10 - 0.5))
+    hi = min(100.0, 10 * np.ceil(max((x + xerr[1]).max(), (y + yerr[1]).max()) / 10 + 0.5))
     ax.set_xlim(lo - 3, hi + 3)
     ax.set_ylim(lo - 3, hi + 3)
     ax.plot([lo, hi], [lo, hi], ls=":", color="#bbbbbb", zorder=1)
-    _label_points(ax, x, y, pts["label"].tolist(), span=hi - lo)
+    _label_points(ax, x, y, shown["label"].tolist(), span=hi - lo)
     ax.set_xlabel(f"validation top-1 (%) — {_data_label(pts['val_data'])}")
     ax.set_ylabel(f"out-of-context top-1 (%) — {_data_label(pts['ooc_data'])}")
     ax.grid(alpha=0.3)
@@ -262,12 +283,16 @@ def fig_val_vs_ooc(results: Sequence[Results]) -> Figure:
                                         label=d) for d, c in palette.items()],
                         title="pre-training data", fontsize=8, title_fontsize=8, loc="upper left")
     ax.add_artist(colours)
-    lo_p, hi_p = pts["params_m"].min(), pts["params_m"].max()
-    refs = [p for p in (SMALLEST_M, 25, 100, 400, 900) if lo_p / 2 <= p <= hi_p * 2] or [round(hi_p, 1)]
+    refs = _size_legend(pts["params_m"])
     ax.legend(handles=[ax.scatter([], [], s=_marker_area(pd.Series([p])), color="#dddddd", edgecolors="black",
-                                  linewidths=0.6, label=f"≤ {p} M" if p == SMALLEST_M else f"{p} M") for p in refs],
+                                  linewidths=0.6, label=f"{p:g} M") for p in refs],
               title="parameters", fontsize=8, title_fontsize=8, loc="lower right", labelspacing=1.2, borderpad=0.9)
-    ax.set_title("In-distribution accuracy vs. objects out of context (dotted: y = x)", fontsize=10)
+    if chance.any() and (~chance).any():
+        at_chance = "; ".join(f"{r.label}: validation {100 * r.val_top1:.1f}%, out of context {100 * r.ooc_top1:.1f}%"
+                              for r in pts[chance].itertuples())
+        fig.supxlabel(f"at chance level, not drawn: {at_chance}", fontsize=7.5, color="#555555")
+    ax.set_title("In-distribution accuracy vs. objects out of context\n(bars: 95% intervals; dotted: y = x)",
+                 fontsize=10)
     return fig
 
 

@@ -139,16 +139,42 @@ def test_fig12_right_points_come_from_the_results(results):
 
 
 def test_fig12_right_size_legend_is_true():
-    """The smallest size in the legend ("≤ 5 M") is what every model of 5 M or fewer gets, and a
-    6.1 M model (EfficientNet-Lite2) is drawn bigger than it."""
-    area = report._marker_area(pd.Series([4.7, 5.0, 6.1, 25.0]))
-    assert area[0] == area[1] < area[2] < area[3]
+    """Every model's marker has its own size (4.7, 5.4 and 6.1 M apart, no shared "≤ 5 M" bin) and the
+    legend shows the models' own parameter counts, each at the area its model is drawn with."""
+    area = report._marker_area(pd.Series([4.7, 5.4, 6.1, 25.0, 936.0]))
+    assert (np.diff(area) > 0).all() and area[2] - area[0] > 10  # pt^2: visibly apart
     pts = [Results(Path(role), {"model": {"label": label, "params_m": params, "pretraining_data": "x"},
-                                       "dataset": {"role": role, "name": "d", "num_images": 1}, "top1": 0.5},
-                          {}, pd.DataFrame()) for label, params in (("Lite0", 4.7), ("Lite2", 6.1))
+                                       "dataset": {"role": role, "name": "d", "num_images": 1}, "top1": top1},
+                          {}, pd.DataFrame()) for label, params, top1 in (("Lite0", 4.7, 0.6), ("Lite2", 6.1, 0.7))
            for role in ("val", "ooc")]
     ax = report.fig_val_vs_ooc(pts).axes[0]
-    assert [t.get_text() for t in ax.get_legend().texts] == ["≤ 5 M"]
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.texts] == ["4.7 M", "6.1 M"]
+    assert np.allclose([h.get_sizes()[0] for h in legend.legend_handles], report._marker_area(pd.Series([4.7, 6.1])))
+
+
+def test_fig12_right_keeps_a_chance_level_model_off_the_axes():
+    """A random-weights model at (0, 0) would stretch both axes and squeeze the trained models into a
+    corner: it is named below the axes with its numbers, and the axes span the trained models."""
+    def result(label, params, role, top1):
+        return Results(Path(role), {"model": {"label": label, "params_m": params, "pretraining_data": "x"},
+                                    "dataset": {"role": role, "name": "d", "num_images": 1}, "top1": top1},
+                       {}, pd.DataFrame())
+
+    pts = [result(label, params, role, top1) for label, params, val, ooc in
+           (("Lite0", 4.7, 0.95, 0.72), ("Lite2", 6.1, 0.97, 0.87), ("random", 25.5, 0.0, 0.0))
+           for role, top1 in (("val", val), ("ooc", ooc))]
+    fig = report.fig_val_vs_ooc(pts)
+    ax = fig.axes[0]
+    assert ax.get_xlim()[0] >= 50 and ax.get_ylim()[0] >= 50  # the trained models fill the axes
+    from matplotlib.collections import PathCollection
+
+    drawn = np.concatenate([c.get_offsets() for c in ax.collections if isinstance(c, PathCollection)])
+    assert np.allclose(sorted(drawn[:, 0]), [95, 97])  # the two trained models' markers, nothing at 0
+    assert fig.get_supxlabel() == "at chance level, not drawn: random: validation 0.0%, out of context 0.0%"
+    assert [t.get_text() for t in ax.get_legend().texts] == ["4.7 M", "6.1 M", "25.5 M"]  # all models sized
+    only = report.fig_val_vs_ooc(pts[4:])  # only chance-level models: drawn, as nothing else is
+    assert only.get_supxlabel() == "" and only.axes[0].get_xlim()[0] < 0
 
 
 def test_folder_names_are_shown_as_words(results):

@@ -394,3 +394,26 @@ def test_rating_form_in_a_real_kernel(tmp_path):
     assert steps["after back"] == 1 and steps["after skip"] == 2 and steps["after key b"] == 1
     drawn, first, changed, last = steps["gallery"]
     assert drawn == [1, 2] and first == [["image/png", "text/plain"]] and changed and last == first
+
+
+# ----------------------------------------------------------------------------- robustness
+@pytest.mark.slow
+def test_robustness_runs_with_one_model_given_on_the_command_line(tmp_path):
+    """The common case, one model: `papermill ... -p MODELS '[{...}]'` (text on the command line) runs
+    top to bottom; Fig. 12 left / 13, which compare two models, are skipped saying so; the rest is drawn,
+    the explorer shown."""
+    out = tmp_path / "out.ipynb"
+    models = '[{"model": "efficientnet_lite0.offline_in1k", "label": "Lite0"}]'
+    run = subprocess.run([sys.executable, "-m", "papermill", str(NOTEBOOKS / "robustness.ipynb"), str(out),
+                          "-p", "MODELS", models, "-p", "WORK", str(tmp_path / "work"),
+                          "-p", "FIGURES", str(tmp_path / "figs"), "--cwd", str(NOTEBOOKS), "-k", "python3",
+                          "--no-progress-bar"], capture_output=True, text=True, timeout=900, env=ENV)
+    assert run.returncode == 0, run.stderr[-3000:]
+    nb = nbformat.read(out, as_version=4)
+    text = _text(nb)
+    assert "one model (Lite0): Fig. 12 left / 13 compare two models' top-5, so they are not drawn" in text
+    assert "[robustness explorer over 1 model(s)" in text and _progress_bars(nb) == []
+    stems = {p.stem for p in (tmp_path / "figs").glob("*.png")}
+    assert {"robustness_fig12_right_val_vs_ooc", "robustness_backgrounds_Lite0"} <= stems
+    assert not stems & {"robustness_fig12_left_top5", "robustness_fig13_top5"}
+    assert_real_figure(tmp_path / "figs" / "robustness_fig12_right_val_vs_ooc.png")
