@@ -114,7 +114,7 @@ def _progress_bars(nb: nbformat.NotebookNode) -> list[str]:
         for o in cell.outputs:
             data = o.get("data", {})
             if "application/vnd.jupyter.widget-view+json" in data and not data.get("text/plain", "").startswith(
-                    "[rating form"):
+                    ("[rating form", "[robustness explorer")):  # bitlab's own forms, saved with a note
                 found.append(data.get("text/plain", ""))
             text = o.get("text", "") + data.get("text/plain", "")
             found += re.findall(r"[^\n]*\d+%\|[^\n]*", text)
