@@ -124,7 +124,7 @@ def main() -> None:
     try:
         data, n = make_ooc_set(tmp, args.images, args.workers)
         torch.manual_seed(0)
-        weights = checkpoints.save_bitlab(create_model(MODEL, num_classes=1000), tmp / "r50x1.pt", name=MODEL)
+        weights = checkpoints.save_bitlab(create_model(MODEL, num_classes=1000, pretrained=False), tmp / "r50x1.pt", name=MODEL)
         prepared = prepare_for_inference(create_model(MODEL, pretrained=weights), args.device, fuse=True)
         if args.device == "cpu":
             machine.wait_until_quiet(args.quiet_load, limit_s=args.quiet_wait)

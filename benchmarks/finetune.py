@@ -94,7 +94,7 @@ def model_only(model_name: str, crop: int, batch: int, steps: int, *, device: st
     from bitlab.train.loop import autocast
 
     dev = torch.device(device)
-    model = create_model(model_name, num_classes=4, zero_head=True).to(dev).train()
+    model = create_model(model_name, num_classes=4, zero_head=True, pretrained=False).to(dev).train()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.003, momentum=0.9)
@@ -129,7 +129,7 @@ def training(root: Path, model_name: str, resize: int, crop: int, batch: int, st
         if not (root / "val" / c.name / first.name).exists():
             os.link(first, root / "val" / c.name / first.name)
     with tempfile.TemporaryDirectory() as out:
-        finetune(FinetuneConfig(model=model_name, data=str(root), out=out, batch_size=batch,
+        finetune(FinetuneConfig(model=model_name, random_init=True, data=str(root), out=out, batch_size=batch,
                                 schedule=[1, steps, steps, steps, steps + 2], resolution=[resize, crop],
                                 workers=workers, progress=False, checkpoint_every=0, log_every=1, **device_kw))
         rows = [r for r in rundir.read_metrics(Path(out) / "metrics.jsonl") if r["split"] == "train"]

@@ -133,7 +133,7 @@ def main() -> None:
     if device.type == "cpu":
         machine.wait_until_quiet(args.quiet_load, limit_s=args.quiet_wait)
     torch.manual_seed(0)
-    ours = create_model("R50x1", num_classes=1000).to(device)
+    ours = create_model("R50x1", num_classes=1000, pretrained=False).to(device)
     theirs = timm.create_model("resnetv2_50x1_bit", num_classes=1000).to(device)
     theirs.load_state_dict(bitlab_to_timm(ours.state_dict()))
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)

@@ -57,6 +57,7 @@ from bitlab.ooc.build import build_demo
 from bitlab.paths import SAMPLE_DIR
 
 MODELS = ("efficientnet_lite0.offline_in1k", "efficientnet_lite2.offline_in1k", "R50x1")
+RANDOM = {"R50x1"}  # no weights were released for the bare architecture: fixed random ones (seed 0)
 # make-ooc variants of the demo build: other sizes (so the models' resizes go up and down by other
 # factors), object scales, placements, codecs and edges; each 108 images.
 VARIANTS = {
@@ -177,7 +178,7 @@ def agreement(p: torch.Tensor, ref: torch.Tensor) -> dict:
 
 def predictions(name: str, paths: list[Path], args) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)  # R50x1: fixed random weights
-    model = create_model(name).eval().to(memory_format=torch.channels_last)
+    model = create_model(name, pretrained=name not in RANDOM).eval().to(memory_format=torch.channels_last)
     cfg = model.data_config
     fns = worker_fns(model, name)
     probs = {"reference": forward(model, [fns["reference"](p) for p in paths], cfg)}
@@ -193,7 +194,8 @@ def predictions(name: str, paths: list[Path], args) -> dict[str, torch.Tensor]:
 def evaluate_matches_iter_probs(name: str, ooc: Path, probs: torch.Tensor, out: Path) -> bool:
     """`bitlab evaluate` on the demo build: the same top-1 as `iter_probs` for every image."""
     torch.manual_seed(0)
-    evaluate(EvaluateConfig(model=name, data=str(ooc), out=str(out), batch_size=BATCH, workers=0, progress=False))
+    evaluate(EvaluateConfig(model=name, random_init=name in RANDOM, data=str(ooc), out=str(out), batch_size=BATCH,
+                            workers=0, progress=False))
     import pandas as pd
 
     df = pd.read_csv(out / "predictions.csv")
@@ -234,7 +236,7 @@ def main() -> None:
             probs = predictions(name, paths, args)
             ooc = groups["ooc demo build"]
             same = evaluate_matches_iter_probs(name, tmp / "ooc_demo", probs["bitlab"][:len(ooc)], tmp / f"eval_{name}")
-            row = {"model": name, "data_config": create_model(name).data_config.to_dict(),
+            row = {"model": name, "data_config": create_model(name, pretrained=name not in RANDOM).data_config.to_dict(),
                    "evaluate_top1_equals_iter_probs": same,
                    **{k: agreement(v, probs["reference"]) for k, v in probs.items() if k != "reference"}}
             start = 0
@@ -244,7 +246,7 @@ def main() -> None:
                 row["bitlab_top1_by_group"][g] = agreement(probs["bitlab"][sl], probs["reference"][sl])["top1_same"]
                 start += len(members)
             torch.set_num_threads(1)  # a loader worker's thread
-            model = create_model(name)
+            model = create_model(name, pretrained=name not in RANDOM)
             row["img_per_s"] = speed(worker_fns(model, name), paths, args.rounds)
             row["img_per_s_2048px"] = speed(worker_fns(model, name), large, args.rounds)
             torch.set_num_threads(args.threads)

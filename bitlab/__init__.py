@@ -1,7 +1,7 @@
 """bitlab: Big Transfer (BiT) as software.
 
     import bitlab
-    model = bitlab.create_model("BiT-M-R50x1", num_classes=10, pretrained="BiT-M-R50x1.npz", zero_head=True)
+    model = bitlab.create_model("BiT-M-R50x1", num_classes=10, zero_head=True)  # official weights, cached on first use
 """
 import importlib
 import importlib.util

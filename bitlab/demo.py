@@ -1,8 +1,10 @@
 """`bitlab demo`: the main flow on the embedded offline sample, in about a minute on 2 cores.
 
-make-ooc on the sample -> evaluate four models on it and on the sample's source photos (the
-stand-in for the ILSVRC-2012 validation set, which does not ship) -> the report's figures ->
-`summary.json`, what the figures show in numbers.
+make-ooc on the sample (with its variants: each object alone on grey, each background alone, each
+object on a random other background) -> evaluate four models together on it and on the sample's
+source photos (the stand-in for the ILSVRC-2012 validation set, which does not ship) -> the report's
+figures and tables (context.png and the context scores among them) -> `summary.json`, what the
+figures show in numbers.
 
 The sample (ooc_dataset/README.md): nine real photos of objects of the paper's classes with real
 masks (Tux Paint stamps cut out by their alpha channel, and a lighthouse) on twelve real scenes.
@@ -28,7 +30,7 @@ import torch
 from bitlab import io, report
 from bitlab.data import imagenet
 from bitlab.eval import context
-from bitlab.eval.evaluate import EvaluateConfig, evaluate
+from bitlab.eval.evaluate import EvaluateConfig, evaluate_many
 from bitlab.eval.results import Results, load_results
 from bitlab.models import create_model, save_npz
 from bitlab.ooc.build import build_demo
@@ -90,7 +92,8 @@ class DemoResult:
 
 
 def run_demo(out: Path, figures: Path, sample_dir: Path = SAMPLE_DIR) -> DemoResult:
-    """make-ooc -> evaluate (offline ImageNet models, BiT-S-R50x1 via npz) -> report -> summary."""
+    """make-ooc (with variants) -> evaluate (offline ImageNet models, BiT-S-R50x1 via npz) -> report
+    -> summary."""
     io.check_can_create_folder(out, "--out")  # before the minute of work, not after it
     io.check_can_create_folder(figures, "--figures")
     out = Path(out)
@@ -103,23 +106,27 @@ def _run_demo(out: Path, figures: Path, sample_dir: Path) -> DemoResult:
     ooc = build_demo(out / "ooc", sample_dir, command=same_as)  # `bitlab make-ooc --demo`
     res = DemoResult(ooc, in_context_set(ooc, out / "in_context", sample_dir))
     torch.manual_seed(0)
-    npz = save_npz(create_model("BiT-S-R50x1"), out / "BiT-S-R50x1-random.npz")
+    npz = save_npz(create_model("BiT-S-R50x1", pretrained=False), out / "BiT-S-R50x1-random.npz")
     models = [dict(model=name, label=LABELS[name]) for name in OFFLINE] + [
               dict(model="BiT-S-R50x1", pretrained=str(npz), image_size=BIT_DEMO_SIZE, label=BIT_DEMO_LABEL,
                    pretraining_data="none (random weights)")]
     dirs = {}
-    for m in models:
-        for role, data in (("ooc", res.ooc), ("val", res.in_context)):
-            d = out / "results" / f"{report.slug(m.get('label', m['model']))}_{role}"
-            res.summaries[str(d)] = evaluate(EvaluateConfig(data=str(data), out=str(d), role=role, **m))
-            dirs[m["model"], role] = d
-    # What the baseline sees in each background alone decides which of its mistakes fit the background.
-    squares = context.background_squares(ooc, out / "backgrounds_alone")
-    bare = context.background_topk(create_model(BASELINE), squares)
+    for role, data in (("ooc", res.ooc), ("val", res.in_context)):
+        # every model in one pass per set: each image is decoded once for all of them
+        cfgs = [EvaluateConfig(data=str(data), out=str(out / "results" / f"{report.slug(m.get('label', m['model']))}_{role}"),
+                               role=role, **m) for m in models]
+        for cfg, summary in zip(cfgs, evaluate_many(cfgs)):
+            res.summaries[cfg.out] = summary
+            dirs[cfg.model, role] = Path(cfg.out)
+    # The baseline's mistakes that fit the background: its top-1 among its top 5 on the bare
+    # background (the no_fg variant evaluate scored beside the composites).
     a, b = load_results(dirs[BASELINE, "ooc"]), load_results(dirs[COMPARED, "ooc"])
-    fits = set(a.predictions.loc[context.fits_background(a.predictions, bare), "image"])
+    fits = report.fitting_mistakes(a)
+    bare = context.background_topk(a.variant_predictions[a.variant_predictions["variant"] == "no_fg"])
     chosen = report.choose_images(a, b, FIG13_IMAGES, fits)
-    res.figures = report.make_report(list(dirs.values()), figures, images=chosen, fits=fits)
+    # Baseline first: the report's top-5 figures put the first model on the left.
+    res.figures = report.make_report([dirs[m["model"], role] for m in models for role in ("ooc", "val")], figures,
+                                     images=chosen, fits=fits)
     res.summary = demo_summary(a, b, load_results(dirs[BASELINE, "val"]), chosen, fits, bare,
                                [load_results(d) for d in dirs.values()])
     io.write_json(out / SUMMARY, res.summary)
@@ -131,7 +138,7 @@ def demo_summary(a: Results, b: Results, a_val: Results, chosen: list[str], fits
     """What the demo's figures show, in numbers (written to OUT/summary.json, checked by tests):
     Fig. 13's images with both models' top-1 and why each is there, the objects the baseline gets
     right in their own photo and wrong out of context, the heat maps' background effect and every
-    model's top-1."""
+    model's top-1 with its interval and context scores."""
     names = imagenet.names()
     pa, pb = (r.predictions.set_index("image") for r in (a, b))
     fig13 = [{"image": img, "class": pa.at[img, "class"], "background": pa.at[img, "background"],
@@ -151,10 +158,15 @@ def demo_summary(a: Results, b: Results, a_val: Results, chosen: list[str], fits
     for r in results:
         s = r.summary
         entry = models.setdefault(r.label, {"pretraining_data": s["model"]["pretraining_data"]})
-        entry[f"{r.role}_top1"] = s["top1"]
+        entry[f"{r.role}_top1"], entry[f"{r.role}_top1_ci"] = s["top1"], s["top1_ci"]
         if r.role == "ooc":
             entry["ooc_top1_excluding_usual_context"] = s.get("excluding_usual_context", s)["top1"]
             entry["background_effect"] = s.get("background_effect")
+            if c := r.context:  # the same objects alone, and the mistakes their backgrounds suggest
+                entry["context"] = {k: c[k] for k in ("object_alone_correct", "fooled_by_context",
+                                                      "context_consistent_share_of_errors") if k in c}
+                if "background_gap" in c:
+                    entry["context"]["background_gap"] = c["background_gap"]["overall"]
     return {"baseline": a.label, "compared": b.label, "fig12_left": chosen[:1], "fig13": fig13,
             "fig13_meet_rule": sum(f["meets_rule"] for f in fig13),
             "fig13_fit_background": sum(f["fits_background"] for f in fig13),

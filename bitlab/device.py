@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from bitlab.errors import BitlabError, ConfigError
+from bitlab.errors import ConfigError
 
 
 def parse_device(device: str | torch.device | None) -> torch.device:

@@ -252,14 +252,15 @@ def torch_save(obj: Any, path: str | os.PathLike) -> None:
             raise
 
 
-def torch_load(path: str | os.PathLike) -> Any:
-    """`torch.load` with `weights_only=True`: checkpoints can never execute code."""
+def torch_load(path: str | os.PathLike, *, mmap: bool = False) -> Any:
+    """`torch.load` with `weights_only=True`: checkpoints can never execute code. `mmap`: tensors stay
+    on disk until touched (to read a file's small entries without its weights)."""
     import pickle
 
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise BitlabError(f"{path}: no such file") from None
     except pickle.UnpicklingError:

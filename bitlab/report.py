@@ -3,9 +3,11 @@
 - `fig_top5`: paper Fig. 12 left (one image) and Fig. 13 (several): each image beside the top-5
   predictions of two models, bar length = probability on a log scale, correct labels in green;
 - `fig_val_vs_ooc`: paper Fig. 12 right: validation top-1 against out-of-context top-1, one point
-  per model, marker area by parameter count, colour by pre-training data;
-- `fig_backgrounds`: per-background top-1 as a classes x backgrounds heat map, beside the
-  backgrounds that fool the model most and what it predicts there;
+  per model with 95% intervals on both axes, marker area by parameter count, colour by pre-training data;
+- `fig_backgrounds`: per-background top-1 as a classes x backgrounds heat map (n in every cell),
+  beside the backgrounds whose interval separates them from the rest and what the model predicts there;
+- `fig_context`: per model, top-1 on the objects alone (only_fg), on the composites and on those in a
+  usual context, and the share of mistakes that the bare background suggests, with intervals;
 - `fig_mistakes`: paper Fig. 7 and 11: mistakes as a gallery, prediction over label, in groups
   (`bitlab.eval.errors`), coloured by what raters said (Fig. 7 left);
 - `fig_duplicates`, `fig_duplicates_by_downstream`: paper Fig. 9: test images beside their
@@ -14,7 +16,12 @@
   the median over seeds a line (`bitlab fewshot`);
 - `fig_fewshot_architectures`: paper Fig. 5: few-shot top-1 against architecture, a line per
   upstream data set, a panel per downstream set and K;
-- `fig_ooc_grid`: the out-of-context set at a glance, foreground objects x backgrounds (make-ooc).
+- `fig_ooc_grid`: the out-of-context set at a glance, foreground objects x backgrounds (make-ooc);
+- `results_table`: one row per results folder, what the figures compare (head, weights, scores).
+
+Results of a head over a subset of the ILSVRC-2012 classes (a fine-tuned run's) are drawn beside
+1000-way ones, never silently: their panels say "N-way head", Fig. 12 right draws them as squares
+with a legend entry saying the task is easier, and `results_table` has a `head` column.
 
 The robustness numbers come from `bitlab evaluate` results folders (`bitlab.eval.results` reads
 them); figures import the evaluation modules, never the reverse. The paper publishes no
@@ -39,10 +46,10 @@ from bitlab import io
 from bitlab.data import imagenet
 from bitlab.data.transforms import decode_image, resize
 from bitlab.errors import BitlabError, ConfigError
-from bitlab.eval import robustness
+from bitlab.eval import robustness, tables
 from bitlab.eval.dedup import DedupResult
 from bitlab.eval.errors import UNSURE
-from bitlab.eval.results import PREDICTIONS, Results, load_results
+from bitlab.eval.results import PREDICTIONS, Results, find_results, load_results, slug
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +70,28 @@ def save(fig: Figure, out_dir: str | Path, stem: str) -> list[Path]:
     return paths
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._]+", "-", text).strip("-")
-
-
 def spaced(name: str) -> str:
     """A class or background folder name as figure text: 'coffee_cup' -> 'coffee cup'."""
     return name.replace("_", " ")
+
+
+def shown_label(r: Results) -> str:
+    """A model's label as figures show it: with its head when it answers among a subset of the classes."""
+    return f"{r.label} ({r.task['way']}-way head)" if r.subset_head else r.label
+
+
+def results_table(results: Sequence[Results]) -> pd.DataFrame:
+    """One row per results folder: model, set, images, head (1000-way, or N-way: easier), weights'
+    pre-training data (random weights say so), top-1 and top-k."""
+    rows = []
+    for r in results:
+        s = r.summary
+        rows.append({"model": r.label, "set": r.role, "images": s["n"],
+                     "head": f"{r.task['way']}-way (easier task)" if r.subset_head else f"{r.task['way']}-way",
+                     "pre-training": s["model"]["pretraining_data"], "top-1": s["top1"],
+                     "top-1 95% interval": "[{:.3f}, {:.3f}]".format(*s["top1_ci"]) if s.get("top1_ci") else "",
+                     f"top-{r.k}": s[f"top{r.k}"]})
+    return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------- Fig. 12 left / Fig. 13
@@ -91,9 +113,18 @@ def telling_images(a: Results, b: Results) -> list[str]:
     return m.loc[m["telling"], "image"].tolist()
 
 
+def fitting_mistakes(r: Results) -> set[str]:
+    """The images whose wrong top-1 fits the background: `r`'s context-consistent errors
+    (`bitlab.eval.context`), none when its variants were not evaluated."""
+    df = r.predictions
+    if "context_consistent_error" not in df:
+        return set()
+    return set(df.loc[df["context_consistent_error"].fillna(False).astype(bool), "image"])
+
+
 def choose_images(a: Results, b: Results, n: int, fits: Collection[str] = ()) -> list[str]:
     """Fig. 13's images: those that meet the paper's rule (`telling_images`) first, those where
-    `a`'s wrong top-1 fits the background (`fits`, `bitlab.eval.context.fits_background`) before
+    `a`'s wrong top-1 fits the background (`fits`: `fitting_mistakes`) before
     the others; then images where both models are wrong and `a`'s top-1 fits the background; then,
     when still fewer than `n`, other out-of-context images as filler (`fig_top5` marks them),
     in-context ones last. Within each, one per class before a class repeats (so the figure shows
@@ -173,10 +204,12 @@ def fig_top5(a: Results, b: Results, images: Sequence[str], fits: Collection[str
                     ha="center", va="top", fontsize=7, color=FILE_NAME)
         for ax, r, row in ((row_axes[1], a, ra), (row_axes[2], b, rb)):
             verdict = "right" if row["top1_correct"] else "wrong"
-            _draw_top5(ax, row, a.k, f"{r.label}: top-1 {verdict}")
+            _draw_top5(ax, row, r.k, f"{shown_label(r)}: top-1 {verdict}")
     for ax in axes[-1, 1:]:
         ax.set_xlabel("probability (log scale)", fontsize=8)
-    fig.suptitle(f"Top-{a.k} predictions on objects out of context: {a.label} vs. {b.label}", fontsize=10)
+    notes = sorted({r.task["note"] for r in (a, b) if r.subset_head})
+    fig.suptitle(f"Top-{max(a.k, b.k)} predictions on objects out of context: {shown_label(a)} vs. {shown_label(b)}"
+                 + "".join(f"\n({n})" for n in notes), fontsize=10)
     fig.legend(handles=[Line2D([], [], color=CORRECT, lw=6, label="correct label (in the class's ILSVRC set)"),
                         Line2D([], [], color=WRONG, lw=6, label="other label")],
                loc="outside lower center", ncols=2, fontsize=8, frameon=False)
@@ -184,8 +217,15 @@ def fig_top5(a: Results, b: Results, images: Sequence[str], fits: Collection[str
 
 
 # ----------------------------------------------------------------------------- Fig. 12 right
+def _ci(entry: Mapping) -> tuple[float, float]:
+    """An accuracy entry's 95% interval (NaN for results written before intervals)."""
+    low, high = entry.get("top1_ci") or (None, None)
+    return (np.nan if low is None else low), (np.nan if high is None else high)
+
+
 def val_vs_ooc_points(results: Sequence[Results]) -> pd.DataFrame:
-    """One row per model label that has both a validation and an out-of-context result."""
+    """One row per model label that has both a validation and an out-of-context result, with each
+    top-1's 95% interval (`val_low` ... `ooc_high`)."""
     by_model: dict[str, dict[str, Results]] = {}
     for r in results:
         slot = by_model.setdefault(r.label, {})
@@ -198,9 +238,13 @@ def val_vs_ooc_points(results: Sequence[Results]) -> pd.DataFrame:
         if {"val", "ooc"} <= slot.keys():
             m = slot["ooc"].summary["model"]
             ooc = slot["ooc"].summary
-            rows.append({"label": label, "val_top1": slot["val"].summary["top1"],
-                         "ooc_top1": ooc.get("out_of_context", ooc)["top1"], "params_m": m["params_m"],
+            val, away = slot["val"].summary, ooc.get("out_of_context", ooc)
+            (vl, vh), (ol, oh) = _ci(val), _ci(away)
+            rows.append({"label": label, "val_top1": val["top1"], "ooc_top1": away["top1"], "val_low": vl,
+                         "val_high": vh, "ooc_low": ol, "ooc_high": oh, "params_m": m["params_m"],
                          "pretraining_data": m["pretraining_data"],
+                         "way": max(slot["val"].task["way"], slot["ooc"].task["way"]),
+                         "subset_head": slot["val"].subset_head or slot["ooc"].subset_head,
                          "val_data": slot["val"].summary["dataset"], "ooc_data": slot["ooc"].summary["dataset"]})
     return pd.DataFrame(rows)
 
@@ -266,8 +310,12 @@ def fig_val_vs_ooc(results: Sequence[Results]) -> Figure:
     yerr = np.abs(np.stack([shown["ooc_low"], shown["ooc_high"]]).astype(float) * 100 - y) if ci else np.zeros((2, len(y)))
     ax.errorbar(x, y, xerr=np.nan_to_num(xerr), yerr=np.nan_to_num(yerr), fmt="none", ecolor="#555555",
                 elinewidth=1, capsize=3, zorder=2)
-    ax.scatter(x, y, s=_marker_area(shown["params_m"]), c=shown["pretraining_data"].map(palette),
-               alpha=0.85, edgecolors="black", linewidths=0.6, zorder=3)
+    subset = shown["subset_head"].to_numpy(bool)
+    for marker, rows in (("o", ~subset), ("s", subset)):  # squares: heads over a subset of the classes
+        if rows.any():
+            ax.scatter(x[rows], y[rows], s=_marker_area(shown["params_m"][rows]), marker=marker,
+                       c=shown["pretraining_data"][rows].map(palette), alpha=0.85, edgecolors="black",
+                       linewidths=0.6, zorder=3)
     # Axes span the data in steps of 10 points, so close models stay apart.
     xerr, yerr = np.nan_to_num(xerr), np.nan_to_num(yerr)
     lo = max(0.0, 10 * np.floor(min((x - xerr[0]).min(), (y - yerr[0]).min()) / 10 - 0.5))
@@ -279,9 +327,14 @@ def fig_val_vs_ooc(results: Sequence[Results]) -> Figure:
     ax.set_xlabel(f"validation top-1 (%) — {_data_label(pts['val_data'])}")
     ax.set_ylabel(f"out-of-context top-1 (%) — {_data_label(pts['ooc_data'])}")
     ax.grid(alpha=0.3)
+    heads = [Line2D([], [], marker="o", ls="", color="#dddddd", markeredgecolor="black", markersize=8,
+                    label="1000-way head (the paper's task)")] if (~subset).any() else []
+    heads += [Line2D([], [], marker="s", ls="", color="#dddddd", markeredgecolor="black", markersize=8,
+                     label=robustness.head_note(int(w))) for w in sorted(shown.loc[subset, "way"].unique())]
     colours = ax.legend(handles=[Line2D([], [], marker="o", ls="", color=c, markeredgecolor="black", markersize=8,
-                                        label=d) for d, c in palette.items()],
-                        title="pre-training data", fontsize=8, title_fontsize=8, loc="upper left")
+                                        label=d) for d, c in palette.items()] + (heads if subset.any() else []),
+                        title="pre-training data" + (" / head" if subset.any() else ""), fontsize=8,
+                        title_fontsize=8, loc="upper left")
     ax.add_artist(colours)
     refs = _size_legend(pts["params_m"])
     ax.legend(handles=[ax.scatter([], [], s=_marker_area(pd.Series([p])), color="#dddddd", edgecolors="black",
@@ -298,50 +351,138 @@ def fig_val_vs_ooc(results: Sequence[Results]) -> Figure:
 
 # ----------------------------------------------------------------------------- backgrounds
 def fig_backgrounds(r: Results, most_fooling: int = 10) -> Figure:
-    """Top-1 per class x background (heat map) beside the most fooling backgrounds."""
-    import seaborn as sns
-
+    """Top-1 per class x background (heat map, n in every cell) beside the backgrounds whose 95%
+    interval lies below that of all other images (`robustness.ranking`), or a line saying none does."""
     df = r.predictions[r.predictions["background"] != ""]
     if df.empty:
         raise BitlabError(f"{r.path}: no background information (the official class-folder layout has none)")
+    ncol, nrow = df["background"].nunique(), df["class"].nunique()
+    fig = Figure(figsize=(max(7.0, 0.48 * ncol + 2.5) + 5.0, max(3.6, 0.42 * nrow + 2.2)), layout="constrained")
+    ax, bx = fig.subplots(1, 2, width_ratios=[max(4.0, 0.48 * ncol + 1.5), 5.0])
+    _heatmap(ax, df, shown_label(r), r.task["note"] if r.subset_head else "")
+    _fooling_bars(bx, df[df["background"] != robustness.IN_CONTEXT], most_fooling)
+    return fig
+
+
+def _heatmap(ax, df: pd.DataFrame, label: str, note: str = "") -> None:
+    import seaborn as sns
+
     grid = df.pivot_table(index="class", columns="background", values="top1_correct", aggfunc="mean") * 100
     counts = df.pivot_table(index="class", columns="background", values="top1_correct", aggfunc="size")
     grid, counts = (t.rename(index=spaced, columns=spaced) for t in (grid, counts))
     # Columns from most to least fooling, so the heat map reads left to right like the bar chart.
     order = grid.mean(axis=0).sort_values().index
     grid, counts = grid[order], counts[order]
-    worst = robustness.most_fooling_backgrounds(df)[:most_fooling]
     nrow, ncol = grid.shape
-    fig = Figure(figsize=(max(7.0, 0.42 * ncol + 2.5) + 5.0, max(3.6, 0.34 * nrow + 2.2)), layout="constrained")
-    ax, bx = fig.subplots(1, 2, width_ratios=[max(4.0, 0.42 * ncol + 1.5), 5.0])
-    annot = ncol * nrow <= 41 * 21  # the paper's full grid still fits a number per cell
-    sns.heatmap(grid, ax=ax, vmin=0, vmax=100, cmap="RdYlGn", annot=annot, fmt=".0f", linewidths=0.5,
-                linecolor="white", annot_kws={"fontsize": 7}, cbar_kws={"label": "top-1 accuracy (%)", "shrink": 0.8})
-    ax.set_xlabel("background (most fooling first)")
+    # every cell says its accuracy and how many images it rests on (one image: 0 or 100)
+    text = grid.round().astype("Int64").astype(str) + "\nn=" + counts.astype("Int64").astype(str)
+    annot = text.where(grid.notna(), "").to_numpy() if ncol * nrow <= 41 * 21 else False
+    sns.heatmap(grid, ax=ax, vmin=0, vmax=100, cmap="RdYlGn", annot=annot, fmt="", linewidths=0.5,
+                linecolor="white", annot_kws={"fontsize": 6}, cbar_kws={"label": "top-1 accuracy (%)", "shrink": 0.8})
+    ax.set_xlabel("background (lowest mean top-1 first)")
     ax.set_ylabel("class")
     ax.tick_params(axis="x", labelrotation=60, labelsize=8)
     ax.tick_params(axis="y", labelrotation=0, labelsize=8)
-    n_img = int(counts.max().max())
+    est = robustness.accuracy(df)
     effect = robustness.background_effect(df)
-    ax.set_title(f"{r.label}: top-1 per class and background (all: {df['top1_correct'].mean():.0%})"
-                 + (f"\n(each cell: {n_img} image{'s' if n_img > 1 else ''})" if counts.min().min() == n_img else "")
+    ax.set_title(f"{label}: top-1 per class and background\nall: {est.value:.0%} "
+                 f"[{est.low:.0%}, {est.high:.0%}] (95%, {robustness.interval_method(est)})"
                  + (f"\nvariance: class {effect['class']:.0%}, background {effect['background']:.0%} "
                     f"(p = {effect['p_value']:.2g}), class x background {effect['class_x_background']:.0%}"
-                    if effect else ""), fontsize=10)
-    worst = [w for w in worst if w["top1_error"] > 0][::-1]
-    bars = bx.barh([spaced(w["background"]) for w in worst], [w["top1_error"] * 100 for w in worst], color="#c62828")
+                    if effect else "")
+                 + (f"\n{note}" if note else ""), fontsize=10)
+
+
+def _fooling_bars(bx, df: pd.DataFrame, most_fooling: int) -> None:
+    ranked = robustness.ranking(df, "background", "most_fooling_backgrounds", "no background")
+    worst = ranked["most_fooling_backgrounds"][:most_fooling][::-1]
+    errors = np.array([1 - w["top1"] for w in worst]) * 100
+    # the interval of the error is that of the accuracy, turned round
+    spans = np.array([[e - (1 - w["top1_ci"][1]) * 100, (1 - w["top1_ci"][0]) * 100 - e]
+                      for e, w in zip(errors, worst)]).T if worst else None
+    bars = bx.barh([spaced(w["background"]) for w in worst], errors, xerr=spans, color="#c62828",
+                   error_kw={"ecolor": "#333333", "capsize": 3, "elinewidth": 1})
     for bar, w in zip(bars, worst):
         wrong = ", ".join(f"{n} ({c}x)" for n, c in w["wrong_predictions"][:2])
-        bx.text(bar.get_width() + 1.5, bar.get_y() + bar.get_height() / 2, wrong, va="center", fontsize=7)
+        bx.text(min(bar.get_width() + 1.5, 60), bar.get_y() + bar.get_height() / 2, wrong, va="center", fontsize=7)
     if not worst:
-        bx.text(0.5, 0.5, "no background fools this model", ha="center", va="center", transform=bx.transAxes)
+        bx.text(0.5, 0.5, "\n".join(textwrap.wrap(ranked["most_fooling_backgrounds_note"], 40)), ha="center",
+                va="center", transform=bx.transAxes, fontsize=9)
         bx.set_yticks([])
     bx.set_xlim(0, 100)
-    bx.set_xlabel("top-1 error (%)")
-    bx.set_title("most fooling backgrounds, with the commonest wrong\ntop-1 labels there (label, number of images)",
-                 fontsize=10)
+    bx.set_xlabel("top-1 error (%), 95% interval")
+    bx.set_title("backgrounds that fool it beyond the rest (interval below all other\nimages'), with the "
+                 "commonest wrong top-1 labels there (label, images)", fontsize=9)
     bx.tick_params(axis="y", labelsize=8)
     bx.spines[["top", "right"]].set_visible(False)
+
+
+# ----------------------------------------------------------------------------- context
+# (summary key, legend) of the left panel: top-1 of the same objects alone, on every background, at home
+CONTEXT_BARS = (("only_fg", "object alone (only_fg, grey)"), ("composites", "composites (all backgrounds)"),
+                ("usual_context_composites", "composites in a usual context"))
+CONTEXT_COLOURS = ("#1565c0", "#c62828", "#2e7d32")
+
+
+def context_points(results: Sequence[Results]) -> pd.DataFrame:
+    """One row per out-of-context result with context scores (`bitlab.eval.context`): each bar's value
+    and 95% interval (`<key>`, `<key>_low`, `<key>_high`), NaN where the set has none."""
+    rows = []
+    for r in results:
+        c = r.context
+        if r.role != "ooc" or not c:
+            continue
+        row: dict = {"label": r.label}
+        entries = {"only_fg": c["variants"].get("only_fg"), "composites": c.get("composites"),
+                   "usual_context_composites": c.get("usual_context_composites"),
+                   "consistent": c.get("context_consistent_share_of_errors"), "fooled": c.get("fooled_by_context")}
+        for key, e in entries.items():
+            value = np.nan if not e else e.get("top1", e.get("value"))
+            low, high = (e.get("top1_ci") or e.get("ci") or (None, None)) if e else (None, None)
+            row.update({key: value, f"{key}_low": np.nan if low is None else low,
+                        f"{key}_high": np.nan if high is None else high})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _bars(ax, x: np.ndarray, pts: pd.DataFrame, key: str, width: float, colour: str, label: str) -> None:
+    v = pts[key].to_numpy(float) * 100
+    err = np.abs(np.stack([pts[f"{key}_low"], pts[f"{key}_high"]]).astype(float) * 100 - v)
+    ax.bar(x, np.nan_to_num(v), width, yerr=np.nan_to_num(err), color=colour, label=label, capsize=3,
+           error_kw={"elinewidth": 1, "ecolor": "#333333"})
+
+
+def fig_context(results: Sequence[Results]) -> Figure:
+    """Per model: top-1 on the objects alone, on the composites and on the composites in a usual
+    context (left), and the share of its mistakes that the bare background suggests and of the
+    composites it gets wrong although it knows the object alone (right), with 95% intervals."""
+    pts = context_points(results)
+    if pts.empty:
+        raise BitlabError("the context figure needs results with context scores: evaluate make-ooc output "
+                          "built with --variants")
+    fig = Figure(figsize=(max(7.5, 2.6 * len(pts) + 3.5), 4.6), layout="constrained")
+    ax, bx = fig.subplots(1, 2, width_ratios=[3, 2])
+    x = np.arange(len(pts))
+    bars = [(k, t, c) for (k, t), c in zip(CONTEXT_BARS, CONTEXT_COLOURS) if pts[k].notna().any()]
+    width = 0.8 / len(bars)
+    for i, (key, text, colour) in enumerate(bars):
+        _bars(ax, x + (i - (len(bars) - 1) / 2) * width, pts, key, width, colour, text)
+    right = [("consistent", "mistakes the bare background suggests\n(top-1 in its top-5 there), of all mistakes",
+              "#6a1b9a"), ("fooled", "composites wrong although the object\nalone is right, of all composites",
+                           "#ef6c00")]
+    right = [b for b in right if pts[b[0]].notna().any()]
+    for i, (key, text, colour) in enumerate(right):
+        _bars(bx, x + (i - (len(right) - 1) / 2) * 0.8 / max(len(right), 1), pts, key, 0.8 / max(len(right), 1),
+              colour, text)
+    for a, title in ((ax, "top-1 of the same objects (%)"), (bx, "share (%)")):
+        a.set_xticks(x, [_words(label, 22) for label in pts["label"]], fontsize=8)
+        a.set_ylim(0, 105)
+        a.set_ylabel(title)
+        a.grid(axis="y", alpha=0.3)
+        a.legend(fontsize=7, loc="upper right", framealpha=0.9)
+        a.spines[["top", "right"]].set_visible(False)
+    ax.set_title("Without the background, on any, on its own (bars: 95% intervals)", fontsize=10)
+    bx.set_title("Mistakes the background explains", fontsize=10)
     return fig
 
 
@@ -718,18 +859,21 @@ def fig_ooc_grid(ev: robustness.EvalSet, *, classes: Sequence[str] | None = None
 
 # ----------------------------------------------------------------------------- all of it
 def make_report(result_dirs: Sequence[str | Path], out: str | Path, *, images: Sequence[str] | None = None,
-                num_images: int = 4, fits: Collection[str] = ()) -> list[Path]:
-    """Every figure the results allow; returns the files written (PNG and PDF of each). `fits`:
-    images where the first model's wrong top-1 fits the background (`choose_images`)."""
+                num_images: int = 4, fits: Collection[str] | None = None) -> list[Path]:
+    """Every figure and table the results allow; returns the files written (PNG and PDF of each
+    figure, the CSV tables). A folder of several models (`bitlab evaluate --model A --model B`)
+    stands for all of them, in their order. `fits`: images where the first model's wrong top-1 fits
+    the background (`choose_images`); by default its `context_consistent_error`s, when evaluated."""
     if num_images < 1:
         raise ConfigError("num_images", f"must be at least 1, got {num_images}")
-    results = [load_results(p) for p in result_dirs]
+    results = find_results(result_dirs)
     out = Path(out)
     existed = out.exists()
     files: list[Path] = []
     try:
         with io.lock_folder(out, "report"):  # one report fills a figures folder at a time
             _draw_all(results, out, images, num_images, files, fits)
+            _write_tables(results, out, files)
     except BaseException:
         if not existed:  # a failed report leaves no half-filled (or empty) folder of its own behind
             for f in files:
@@ -741,9 +885,11 @@ def make_report(result_dirs: Sequence[str | Path], out: str | Path, *, images: S
 
 
 def _draw_all(results: list[Results], out: Path, images: Sequence[str] | None, num_images: int,
-              files: list[Path], fits: Collection[str] = ()) -> None:
+              files: list[Path], fits: Collection[str] | None = None) -> None:
     """make_report's drawing; appends each file to `files` as soon as it is written."""
     ooc = [r for r in results if r.role == "ooc"]
+    if fits is None:
+        fits = fitting_mistakes(ooc[0]) if ooc else set()
     for r in ooc:
         if r.has_backgrounds:
             files.extend(save(fig_backgrounds(r), out, f"backgrounds_{slug(r.label)}"))
@@ -762,5 +908,25 @@ def _draw_all(results: list[Results], out: Path, images: Sequence[str] | None, n
         files.extend(save(fig_val_vs_ooc(results), out, "fig12_right_val_vs_ooc"))
     else:
         log.warning("Fig. 12 right needs a validation and an out-of-context result of the same model")
+    if not context_points(results).empty:
+        files.extend(save(fig_context(results), out, "context"))
     if not files:
         raise BitlabError("nothing to draw: give out-of-context results (and validation results for Fig. 12 right)")
+
+
+def _write_tables(results: list[Results], out: Path, files: list[Path]) -> None:
+    """per_class.csv, per_background.csv, per_object.csv: the out-of-context results that share the
+    first one's images, side by side (`bitlab.eval.tables`)."""
+    ooc = [r for r in results if r.role == "ooc" and r.has_backgrounds]
+    if not ooc:
+        return
+    first = set(ooc[0].predictions["image"])
+    same = [r for r in ooc if first <= set(r.predictions["image"])]
+    for r in ooc:
+        if r not in same:
+            log.warning("%s: not on the images of %s, left out of the tables", r.path, ooc[0].path)
+    for by in ("class", "background", "object"):
+        path = out / f"per_{by}.csv"
+        with io.atomic_write(path, "w", newline="", encoding="utf-8") as f:
+            tables.table(same, by).to_csv(f, index=False, float_format="%.6g")
+        files.append(path)

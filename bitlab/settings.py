@@ -127,14 +127,23 @@ def read_settings(cls: type, path: str | Path) -> dict[str, Any]:
     as `cls`'s fields, i.e. as a run's config.json. An unknown key or a value of the wrong type is an
     error naming the key and the file."""
     path = Path(path)
-    data = _load(path)
+    return settings_from(cls, load_file(path), str(path))
+
+
+def load_file(path: str | Path) -> Any:
+    """A YAML or JSON file's data (`.json`: JSON, else YAML); unreadable or malformed: an error naming it."""
+    return _load(Path(path))
+
+
+def settings_from(cls: type, data: Any, where: str) -> dict[str, Any]:
+    """`read_settings` for data already read (one entry of a list in a file): `where` names it in errors."""
     if not isinstance(data, dict):
-        raise BitlabError(f"{path}: expected settings as key: value pairs, found {type(data).__name__}")
+        raise BitlabError(f"{where}: expected settings as key: value pairs, found {type(data).__name__}")
     known = kinds(cls)
     out = {}
     for key, value in data.items():
         if key not in known:
-            raise BitlabError(f"{path}: unknown setting {key!r} (the settings are {', '.join(known)})")
+            raise BitlabError(f"{where}: unknown setting {key!r} (the settings are {', '.join(known)})")
         kind = known[key]
         try:
             if value is None:
@@ -149,6 +158,6 @@ def read_settings(cls: type, path: str | Path) -> dict[str, Any]:
                 out[key] = _coerce(value, kind.scalar)
         except (TypeError, ValueError):
             what = f"a list of {kind.scalar.__name__}" if kind.many else kind.scalar.__name__
-            raise BitlabError(f"{path}: {key} must be {what}{' or null' if kind.optional else ''}, got {value!r}") \
+            raise BitlabError(f"{where}: {key} must be {what}{' or null' if kind.optional else ''}, got {value!r}") \
                 from None
     return out

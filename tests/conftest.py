@@ -1,15 +1,40 @@
 """Shared fixtures: real CC0 photos, a real HTTP server on 127.0.0.1 for the download code, and real
-small file systems for full-disk tests."""
+small file systems for full-disk tests.
+
+The whole suite runs offline with empty caches: models are pretrained by default, and a test that
+forgets `pretrained=False` / `--random-init` must fail at once, clearly, instead of downloading
+(set here, at import, before any test module imports huggingface_hub, which reads its switches
+once; child processes inherit them).
+"""
 from __future__ import annotations
 
+import atexit
 import base64
 import hashlib
 import http.server
+import os
+import shutil
+import socket
+import tempfile
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+_CACHES = Path(tempfile.mkdtemp(prefix="bitlab-test-caches-"))
+atexit.register(shutil.rmtree, _CACHES, ignore_errors=True)
+# A port bound but never listening: every connection to it is refused at once (no timeout to wait).
+_REFUSING = socket.socket()
+_REFUSING.bind(("127.0.0.1", 0))
+UNREACHABLE_URL = f"http://127.0.0.1:{_REFUSING.getsockname()[1]}/bit_models"
+os.environ.update({
+    "BITLAB_CACHE": str(_CACHES / "bitlab"),  # official BiT weights (and built-in data) land here
+    "BITLAB_WEIGHTS_URL": UNREACHABLE_URL,  # the official bucket, as offline as the build machines are
+    "HF_HUB_OFFLINE": "1",  # timm's hub weights: huggingface_hub's own switch
+    "HF_HOME": str(_CACHES / "huggingface"),  # ... and an empty cache of its own
+    "TORCH_HOME": str(_CACHES / "torch"),  # the few timm weights fetched by URL
+})
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +59,7 @@ class FixtureServer:
     - `stream[path] = n`: n zero bytes without Content-Length, like a URL onto /dev/zero;
     - `size_on_416`: a 416 says the file's real size (`Content-Range: bytes */N`), as RFC 9110 asks;
     - `requests`: (method, path, Range header) of every request received.
+    HEAD is answered as GET without the body (huggingface_hub asks for a file's metadata so).
     """
 
     def __init__(self, root: Path) -> None:
@@ -53,9 +79,12 @@ class FixtureServer:
             def log_message(self, *args) -> None:  # keep test output clean
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+            def do_HEAD(self) -> None:  # noqa: N802 (http.server naming)
+                self.do_GET(send_body=False)
+
+            def do_GET(self, send_body: bool = True) -> None:  # noqa: N802 (http.server naming)
                 path = self.path.split("?")[0].lstrip("/")
-                server.requests.append(("GET", path, self.headers.get("Range")))
+                server.requests.append(("GET" if send_body else "HEAD", path, self.headers.get("Range")))
                 if path in server.redirect:
                     self.send_response(302)
                     self.send_header("Location", server.redirect[path])
@@ -91,7 +120,7 @@ class FixtureServer:
                 else:
                     self.send_response(200)
                 payload = body[start:]
-                if server.corrupt.get(path, 0) > 0:
+                if send_body and server.corrupt.get(path, 0) > 0:
                     server.corrupt[path] -= 1
                     payload = bytes([payload[0] ^ 0xFF]) + payload[1:]
                 if path not in server.no_length:
@@ -99,6 +128,8 @@ class FixtureServer:
                 for k, v in server.headers.get(path, {}).items():
                     self.send_header(k, v)
                 self.end_headers()
+                if not send_body:
+                    return
                 if server.truncate.get(path, 0) > 0:
                     server.truncate[path] -= 1
                     self.wfile.write(payload[: len(payload) // 2])

@@ -37,7 +37,7 @@ def test_models_lists_registry_with_counts(capsys):
 
 def test_convert_and_its_errors(tmp_path, capsys):
     torch.manual_seed(0)
-    src = checkpoints.save_npz(create_model("R14x0.5", num_classes=2), tmp_path / "a.npz")
+    src = checkpoints.save_npz(create_model("R14x0.5", num_classes=2, pretrained=False), tmp_path / "a.npz")
     assert main(["convert", str(src), str(tmp_path / "a.pt")]) == 0
     assert checkpoints.detect_format(tmp_path / "a.pt") == "bitlab"
     assert main(["convert", str(tmp_path / "missing.npz"), str(tmp_path / "b.pt")]) == 2

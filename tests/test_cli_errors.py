@@ -52,7 +52,7 @@ def test_output_under_a_file_is_a_clean_error(tmp_path, capsys, argv):
     from bitlab.models import checkpoints, create_model
 
     torch.manual_seed(0)
-    src = checkpoints.save_npz(create_model("R14x0.5", num_classes=2), tmp_path / "a.npz")
+    src = checkpoints.save_npz(create_model("R14x0.5", num_classes=2, pretrained=False), tmp_path / "a.npz")
     (tmp_path / "f").write_text("a file")
     argv = [a.format(src=src, f=tmp_path / "f") for a in argv]
     assert main(argv) == 2

@@ -5,7 +5,6 @@ traceback, and leave nothing behind that looks like a finished result."""
 from __future__ import annotations
 
 import io as stdio
-import json
 import shutil
 import zipfile
 from dataclasses import dataclass
@@ -255,7 +254,8 @@ CONVERT = [
 # ------------------------------------------------------------------------------- training verbs
 def _train(verb: str, data: Callable[[Path, dict], Path], *extra: str) -> Callable[[Path, dict], list[str]]:
     def make(tmp: Path, inputs: dict) -> list[str]:
-        return [verb, "--model", "R14x0.25", "--data", str(data(tmp, inputs)), "--out", str(tmp / "out"),
+        weights = [] if verb == "pretrain" else ["--random-init"]  # pretrain starts from random weights anyway
+        return [verb, "--model", "R14x0.25", *weights, "--data", str(data(tmp, inputs)), "--out", str(tmp / "out"),
                 "--workers", "0", *extra]
     return make
 

@@ -57,6 +57,17 @@ def test_demo_runs_the_main_flow_and_leaves_figures(demo):
     assert bit["model"]["pretraining_data"] == "none (random weights)"
     manifest = (demo["out"] / "ooc" / "manifest.csv").read_text().strip().splitlines()
     assert bit["dataset"]["num_images"] == len(manifest) - 1 == 9 * 12  # every make-ooc image evaluated
+    # the context, measured: the variants were built and scored, the figure and the tables drawn
+    assert_real_figure(demo["figures"] / "context.png")
+    for table in ("per_class.csv", "per_background.csv", "per_object.csv"):
+        assert f"{demo['figures'] / table}" in printed
+    lite0 = json.loads((results / f"{BASELINE}_ooc" / "summary.json").read_text())
+    alone = (demo["out"] / "ooc" / "variants" / "only_fg" / "manifest.csv").read_text().strip().splitlines()
+    assert lite0["context"]["variants"]["only_fg"]["n"] == len(alone) - 1
+    assert lite0["top1_ci"][0] <= lite0["top1"] <= lite0["top1_ci"][1]
+    assert "objects alone (only_fg) top-1" in printed
+    s = json.loads((demo["out"] / "summary.json").read_text())
+    assert s["models"][s["baseline"]]["context"]["object_alone_correct"] == lite0["context"]["object_alone_correct"]
 
 
 @pytest.mark.slow
@@ -68,6 +79,9 @@ def test_fig13_shows_the_papers_effect_and_no_filler(demo):
     a = _predictions(demo, BASELINE, "ooc").set_index("image")
     b = _predictions(demo, COMPARED, "ooc").set_index("image")
     bare = s["baseline_background_top5"]
+    no_fg = pd.read_csv(demo["out"] / "results" / f"{BASELINE}_ooc" / "variant_predictions.csv", keep_default_na=False)
+    no_fg = no_fg[no_fg["variant"] == "no_fg"]  # the baseline on each bare background, as evaluate wrote it
+    assert bare == {r["bg_uid"]: [r[f"top{j}_name"] for j in range(1, 6)] for _, r in no_fg.iterrows()}
     assert len(s["fig13"]) == FIG13_IMAGES and s["fig12_left"] == [s["fig13"][0]["image"]]
     fitting = 0
     for f in s["fig13"]:

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.parse
 import zipfile
 
 import pytest

@@ -37,7 +37,8 @@ def results(tmp_path_factory, photos) -> dict[str, Path]:
     out = {}
     torch.manual_seed(0)
     for key, model, extra in (("real", zoo.OFFLINE_IMAGENET_MODEL, {}),
-                              ("random", "R14x0.5", {"image_size": 64, "label": "R14x0.5 (random)"})):
+                              ("random", "R14x0.5", {"image_size": 64, "label": "R14x0.5 (random)",
+                                                     "random_init": True})):
         for role, data in (("ooc", ooc), ("val", val)):
             out[f"{key}_{role}"] = root / f"{key}_{role}"
             evaluate(EvaluateConfig(model=model, data=str(data), out=str(out[f"{key}_{role}"]), **extra))
@@ -54,8 +55,10 @@ def test_make_report_draws_every_figure(results, tmp_path, capsys):
     names = {p.name for p in (tmp_path / "fig").iterdir()}
     stems = {"fig12_left_top5", "fig13_top5", "fig12_right_val_vs_ooc", "backgrounds_R14x0.5-random",
              "backgrounds_efficientnet_lite0.offline_in1k"}
-    assert names == {f"{s}.{ext}" for s in stems for ext in ("png", "pdf")}
-    assert "figures in" in capsys.readouterr().out
+    tables = {"per_class.csv", "per_background.csv", "per_object.csv"}  # no variants here: no context.png
+    assert names == {f"{s}.{ext}" for s in stems for ext in ("png", "pdf")} | tables
+    printed = capsys.readouterr().out
+    assert "figures and tables in" in printed and f"table: {tmp_path / 'fig' / 'per_class.csv'}" in printed
     fig13 = assert_real_figure(tmp_path / "fig" / "fig13_top5.png", min_h=600)
     assert _has_colour(fig13, GREEN)  # correct labels highlighted: the real model is right on these
     left = assert_real_figure(tmp_path / "fig" / "fig12_left_top5.png")
@@ -401,3 +404,60 @@ def test_fig_ooc_grid_rows_objects_columns_backgrounds(tmp_path, photos):
     folders = report.fig_ooc_grid(robustness.load_eval_set(ev.root), max_backgrounds=2)
     assert np.array(folders.axes).size == 3 * 2 and all(ax.images for ax in folders.axes)
     assert "no backgrounds recorded" in folders.get_suptitle()
+
+
+# ----------------------------------------------------------------------------- intervals and context
+def test_fig12_right_draws_both_intervals(results):
+    loaded = [load_results(results[k]) for k in ("real_ooc", "real_val", "random_ooc", "random_val")]
+    pts = report.val_vs_ooc_points(loaded).set_index("label")
+    real = pts.loc[zoo.OFFLINE_IMAGENET_MODEL]
+    assert [real["ooc_low"], real["ooc_high"]] == loaded[0].summary["out_of_context"]["top1_ci"]
+    assert [real["val_low"], real["val_high"]] == loaded[1].summary["top1_ci"]
+    ax = report.fig_val_vs_ooc(loaded).axes[0]
+    segments = [seg for c in ax.collections if hasattr(c, "get_segments") for seg in c.get_segments()]
+    spans = sorted(round(abs(seg[1] - seg[0]).max(), 6) for seg in segments)
+    for low, high in ((real["val_low"], real["val_high"]), (real["ooc_low"], real["ooc_high"])):
+        assert round(100 * (high - low), 6) in spans  # each bar spans its interval, in percent
+
+
+def test_heat_map_shows_n_in_every_cell(results):
+    heat = report.fig_backgrounds(load_results(results["real_ooc"])).axes[0]
+    cells = [t.get_text() for t in heat.texts if "n=" in t.get_text()]
+    assert len(cells) == 12 and all(t.endswith("n=1") for t in cells)  # 3 classes x 4 backgrounds, 1 image each
+
+
+@pytest.fixture(scope="module")
+def with_variants(tmp_path_factory) -> Path:
+    """The embedded sample built with its variants, two models evaluated together on it."""
+    from bitlab.eval.evaluate import evaluate_models
+    from bitlab.ooc.build import build_demo
+
+    root = tmp_path_factory.mktemp("context_report")
+    ooc = build_demo(root / "ooc")
+    evaluate_models(EvaluateConfig(model=zoo.OFFLINE_IMAGENET_MODEL, data=str(ooc), out=str(root / "res"),
+                                   progress=False),
+                    [{"model": zoo.OFFLINE_IMAGENET_MODEL}, {"model": "R14x0.5", "random_init": True, "image_size": 64,
+                                                             "label": "R14x0.5 (random)"}])
+    return root / "res"
+
+
+def test_report_of_a_multi_model_folder_draws_context_and_writes_tables(with_variants, tmp_path, capsys):
+    assert main(["report", str(with_variants), "--out", str(tmp_path / "fig")]) == 0
+    for f in ("context.png", "per_class.csv", "per_background.csv", "per_object.csv", "fig13_top5.png"):
+        assert (tmp_path / "fig" / f).is_file(), f
+    assert_real_figure(tmp_path / "fig" / "context.png")
+    lite0, rand = (load_results(with_variants / d) for d in (zoo.OFFLINE_IMAGENET_MODEL, "R14x0.5-random"))
+    pts = report.context_points([lite0, rand]).set_index("label")
+    c = lite0.context
+    assert pts.loc[lite0.label, "only_fg"] == c["variants"]["only_fg"]["top1"]
+    assert [pts.loc[lite0.label, "composites_low"], pts.loc[lite0.label, "composites_high"]] == \
+        c["composites"]["top1_ci"]
+    assert pts.loc[lite0.label, "consistent"] == c["context_consistent_share_of_errors"]["value"]
+    per_class = pd.read_csv(tmp_path / "fig" / "per_class.csv").set_index("class")
+    pair = f"R14x0.5 (random) - {lite0.label}"
+    assert per_class.loc["(all)", f"top1[{lite0.label}]"] == pytest.approx(c["composites"]["top1"], rel=1e-5)
+    assert per_class.loc["(all)", f"diff_top1[{pair}]"] == pytest.approx(
+        rand.context["composites"]["top1"] - c["composites"]["top1"], abs=1e-5)
+    bars = report.fig_context([lite0, rand]).axes[0]
+    heights = sorted(round(p.get_height(), 6) for p in bars.patches)
+    assert round(100 * c["variants"]["only_fg"]["top1"], 6) in heights

@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s " + (f"rank {rank} " if rank else "") + "%(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    if not args.verbose:  # the HTTP client under huggingface_hub logs every request (timm's weights) at INFO
+        for name in ("httpx", "httpx2"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # here, so that a closed pipe is caught below and not at exit

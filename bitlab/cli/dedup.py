@@ -20,7 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embedding", default=f"model:{OFFLINE_IMAGENET_MODEL}", metavar="model:NAME|phash",
                    help="pre-logits of a model (cosine) or a 64-bit perceptual hash (Hamming) "
                         "(default: %(default)s)")
-    p.add_argument("--weights", help="checkpoint for model:NAME (official .npz, bitlab or timm file)")
+    p.add_argument("--weights", help="checkpoint for model:NAME (official .npz, bitlab or timm file; default: the "
+                   "weights the name stands for, fetched into the cache on first use)")
+    p.add_argument("--random-init", action="store_true", help="model:NAME with random weights (seed 0)")
     p.add_argument("--threshold", type=float,
                    help="duplicate if cosine similarity >= T (model, default 0.70) or Hamming distance <= T "
                         "(phash, default 10); see bitlab.eval.dedup for how the defaults were chosen")
@@ -50,9 +52,9 @@ def _dedup(args: argparse.Namespace) -> None:
     from bitlab.io import lock_folder
 
     cfg = DedupConfig(upstream=args.upstream, downstream=args.downstream, out=args.out, embedding=args.embedding,
-                      weights=args.weights, threshold=args.threshold, topk=args.topk, block_size=args.block_size,
-                      query_block_size=args.query_block_size, batch_size=args.batch_size, workers=args.workers,
-                      device=args.device, predictions=args.predictions,
+                      weights=args.weights, random_init=args.random_init, threshold=args.threshold, topk=args.topk,
+                      block_size=args.block_size, query_block_size=args.query_block_size, batch_size=args.batch_size,
+                      workers=args.workers, device=args.device, predictions=args.predictions,
                       correct_column=args.correct_column, cache=args.cache, progress=args.progress)
     with lock_folder(args.out, "dedup"):  # the results and their gallery: one writer
         result = run_dedup(cfg)

@@ -21,14 +21,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", choices=["npz", "timm", "bitlab"], help="output format (default: from DST's suffix)")
     p.set_defaults(func=_convert)
 
-    p = sub.add_parser("weights", help="official BiT weight files")
+    p = sub.add_parser("weights", help="pretrained weights: the official BiT files and timm's, in the cache")
     wsub = p.add_subparsers(dest="weights_command", metavar="ACTION", required=True)
-    w = wsub.add_parser("list", help="names of the official weight files")
+    w = wsub.add_parser("list", help="the official BiT weight files and timm's cached weights: which are cached, where")
     w.set_defaults(func=_list_weights)
-    w = wsub.add_parser("download", help="download official .npz files (verified, resumable)")
-    w.add_argument("names", nargs="+", metavar="NAME", help="e.g. BiT-M-R50x1 or BiT-M-R50x1-ILSVRC2012")
-    w.add_argument("--out", default="weights", help="folder for the files (default: ./weights)")
-    w.add_argument("--base-url", help="http(s) mirror serving <NAME>.npz (default: the official bucket)")
+    w = wsub.add_parser("download", help="fetch pretrained weights into the cache, e.g. to copy it to an offline "
+                        "machine (official .npz: verified, resumable; timm names: their hub files)")
+    w.add_argument("names", nargs="+", metavar="NAME", help="e.g. BiT-M-R50x1, BiT-M-R50x1-ILSVRC2012 or a timm name "
+                   "such as resnet50.a1_in1k")
+    w.add_argument("--out", help="folder for official .npz files (default: the cache, $BITLAB_CACHE/weights)")
+    w.add_argument("--base-url", help="http(s) mirror serving <NAME>.npz (default: $BITLAB_WEIGHTS_URL, else the "
+                   "official bucket)")
     w.add_argument("--sha256", help="expected sha256 (one NAME only)")
     download_size_arg(w, MAX_DOWNLOAD_BYTES, "file")
     w.set_defaults(func=_download)
@@ -45,9 +48,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _list_weights(args: argparse.Namespace) -> None:
+    from bitlab import paths
     from bitlab.models import zoo
 
-    print("\n".join(zoo.WEIGHT_NAMES))
+    def size(path) -> str:
+        return f"{path.stat().st_size / 1e6:.1f} MB" if path.is_file() else ""
+
+    rows = [(name, *zoo.cached_official(name)) for name in zoo.WEIGHT_NAMES]
+    table = [(name, status, size(path) if status != "missing" else "", str(path) if status != "missing" else "")
+             for name, status, path in rows]
+    table += [(repo, "cached", f"{nbytes / 1e6:.1f} MB", str(folder))
+              for repo, nbytes, folder in zoo.cached_timm_weights()]
+    widths = [max(len(r[i]) for r in table) for i in range(3)]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
+    print(f"official BiT weights: {paths.weights_dir()} (${paths.CACHE_ENV}); timm's: {zoo.hub_cache()} "
+          "(huggingface_hub's cache: HF_HOME, HF_HUB_CACHE); `bitlab weights download NAME` fills them")
 
 
 def _models(args: argparse.Namespace) -> None:
@@ -81,12 +97,30 @@ def _convert(args: argparse.Namespace) -> None:
 def _download(args: argparse.Namespace) -> None:
     if args.sha256 and len(args.names) != 1:
         raise BitlabError("--sha256 applies to one NAME only")
-    from bitlab.models import zoo
+    from bitlab import paths
+    from bitlab.models import registry, zoo
 
     for name in args.names:
-        path = zoo.download_weights(name, args.out, base_url=args.base_url or zoo.BIT_WEIGHTS_URL,
-                                    sha256=args.sha256, max_bytes=args.max_download)
-        print(f"{name}: {path}")
+        if name in zoo.WEIGHT_NAMES or name.startswith("BiT-"):  # an unknown BiT-... is named as such
+            path = zoo.download_weights(name, args.out or paths.weights_dir(), base_url=args.base_url,
+                                        sha256=args.sha256, max_bytes=args.max_download,
+                                        folder_flag="--out" if args.out else f"the weights cache (${paths.CACHE_ENV})")
+            print(f"{name}: {path}")
+            continue
+        if given := [flag for flag, v in (("--out", args.out), ("--base-url", args.base_url),
+                                          ("--sha256", args.sha256)) if v]:
+            raise BitlabError(f"{name}: {', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to official "
+                              f"BiT weights only; timm's go into huggingface_hub's cache ({zoo.hub_cache()})")
+        family = registry.family_of(name).name
+        if family == "bit":
+            raise registry.no_released_weights(name)
+        if family == "offline":
+            print(f"{name}: packaged with {zoo.OFFLINE_MODELS[name].package} (nothing to download)")
+            continue
+        registry.create_model(name)  # timm's weights into huggingface_hub's cache (a few old ones: torch's)
+        source = zoo.timm_source(name)
+        print(f"{name}: timm's weights ({source.hf_hub_id or source.url}) in "
+              + (str(zoo.hub_cache()) if source.hf_hub_id else "torch's hub cache ($TORCH_HOME)"))
 
 
 def _export(args: argparse.Namespace) -> None:

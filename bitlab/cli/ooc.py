@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from bitlab.cli import download_size_arg
 from bitlab.errors import BitlabError
@@ -51,12 +52,13 @@ def _register_backgrounds(sub: argparse._SubParsersAction) -> None:
     f = bsub.add_parser("fetch", help="openly licensed backgrounds from Openverse (or a folder), with licences")
     f.add_argument("--out", required=True, help="backgrounds root (<category>/<file> + backgrounds.csv)")
     f.add_argument("--spec", default=_CATEGORIES, help=f"category table with search terms (default: {_CATEGORIES})")
-    f.add_argument("--per-category", type=int, default=3, help="images per category (default 3)")
+    f.add_argument("--per-category", type=int, help="searching: images per category (default 3); with --folder: "
+                   "the least each category needs (default 1), as every image of its folder is imported")
     f.add_argument("--categories", default="", help="comma-separated subset of categories")
     f.add_argument("--licenses", default="cc0,pdm,by,by-sa",
                    help="Openverse licence codes to accept (must allow modification; default cc0,pdm,by,by-sa)")
     f.add_argument("--min-side", type=int, default=512, help="smallest acceptable shorter side in px")
-    f.add_argument("--folder", help="import <FOLDER>/<category>/* instead of searching")
+    f.add_argument("--folder", help="import every image of <FOLDER>/<category>/ instead of searching")
     f.add_argument("--api-url", help="Openverse images endpoint, http(s) (default: the public API)")
     download_size_arg(f, MAX_IMAGE_DOWNLOAD, "image file")
     f.set_defaults(func=_backgrounds_fetch)
@@ -91,6 +93,10 @@ def _register_make_ooc(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality for --format jpg (default 95)")
     p.add_argument("--workers", type=int, default=0, help="threads (default: one per core)")
     p.add_argument("--skip-bad", action="store_true", help="skip unusable inputs and report them instead of stopping")
+    p.add_argument("--variants", nargs="*", metavar="VARIANT",
+                   help="controls to build beside the composites in OUT/variants/: only_fg (the object on grey "
+                        "128), no_fg (each background alone), mixed_rand (the object on a random background of "
+                        "another category); default: none, or all three with --demo; `--variants` alone: none")
     p.set_defaults(func=_make_ooc)
     _register_plan(p.add_subparsers(dest="make_ooc_step", metavar="[plan]", prog=p.prog))  # not from the usage above
 
@@ -198,6 +204,8 @@ def _make_ooc(args: argparse.Namespace) -> None:
     opts = dict(size=args.size, object_scale=args.object_scale, placement=args.placement, feather=args.feather,
                 erode=args.erode, seed=args.seed, format=args.format, png=args.png, jpeg_quality=args.jpeg_quality,
                 workers=args.workers, skip_bad=args.skip_bad)
+    if args.variants is not None:
+        opts["variants"] = args.variants
     if args.demo:
         cfg = build.demo_config(args.out, **opts)
     else:
@@ -209,6 +217,9 @@ def _make_ooc(args: argparse.Namespace) -> None:
     s = build.build(cfg, command=["bitlab", *args.argv])
     print(f"{s['out']}: {s['images']} images ({s['classes']} classes, {s['foregrounds']} foregrounds x "
           f"{s['backgrounds']} backgrounds); built {s['composed']}, kept {s['reused']} in {s['seconds']} s")
+    if s["variants"]:
+        print("variants in " + str(Path(s["out"]) / "variants") + ": "
+              + ", ".join(f"{v} {n} images" for v, n in s["variants"].items()))
     if s["skipped"]:
         print(f"skipped {len(s['skipped'])} bad input(s):")
         print("\n".join(f"  {p}" for p in s["skipped"]))

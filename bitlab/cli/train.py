@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 # Flags by group, in help order; each flag's type, default and help come from the settings
 # dataclasses (bitlab.train.config), which tests/test_cli_settings.py checks are all offered.
-WHAT = ("model", "pretrained", "data", "out", "val_data", "val_split", "val_fraction", "seed", "split_seed")
+WHAT = ("model", "pretrained", "random_init", "data", "out", "val_data", "val_split", "val_fraction", "seed",
+        "split_seed")
 RULE = ("batch_size", "batch_split", "base_lr", "schedule", "scale_schedule", "mixup", "image_size", "resolution",
         "square_resize", "random_crop", "flip")
 RUNNING = ("eval_every", "checkpoint_every", "log_every", "eval_batch_size", "workers", "device", "precision",

@@ -22,6 +22,7 @@ import numpy as np
 
 from bitlab.data.transforms import BadImageError
 from bitlab.errors import BitlabError, ConfigError
+from bitlab.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +241,8 @@ def labelled_csv(path: str | os.PathLike, *, path_columns: Sequence[str] = ("pat
 
 
 def builtin_root() -> Path:
-    """Where built-in datasets are written: $BITLAB_DATA or ~/.cache/bitlab/datasets."""
-    return Path(os.environ.get("BITLAB_DATA") or Path.home() / ".cache" / "bitlab" / "datasets")
+    """Where built-in datasets are written: $BITLAB_DATA, else `datasets/` in bitlab's cache (`paths.cache_dir`)."""
+    return Path(os.environ.get("BITLAB_DATA") or cache_dir() / "datasets")
 
 
 def write_digits(root: str | os.PathLike, val_per_class: int = 36) -> Path:

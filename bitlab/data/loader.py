@@ -48,7 +48,7 @@ class Item(NamedTuple):
 
 
 class Batch(NamedTuple):
-    images: torch.Tensor  # uint8 NCHW (or the views' own tensors)
+    images: torch.Tensor | tuple[torch.Tensor, ...]  # uint8 NCHW (or the views' own tensors; a tuple: several views)
     targets: torch.Tensor | None  # int64 N, uint8 N x C, or None
     replaced: tuple[str, ...]  # bad images replaced by readable ones
     errors: tuple[str, ...]  # items without an image: left out of this batch
@@ -65,7 +65,10 @@ def collate(items: Sequence[Item]) -> Batch:
         targets = torch.stack([it.target for it in good]) if good else torch.empty((0, len(like)), dtype=like.dtype)
     else:
         targets = torch.tensor([it.target for it in good], dtype=torch.int64)
-    images = torch.stack([it.image for it in good]) if good else torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+    if good and isinstance(good[0].image, tuple):  # several views of each image: a batch per view
+        images = tuple(torch.stack(views) for views in zip(*(it.image for it in good)))
+    else:
+        images = torch.stack([it.image for it in good]) if good else torch.empty(0, 3, 0, 0, dtype=torch.uint8)
     return Batch(images, targets, replaced, errors)
 
 
@@ -92,7 +95,9 @@ def _message(error: Exception, name: str) -> str:
     return f"{name}: cannot process image ({type(error).__name__}: {error})"
 
 
-def to_tensor(view: Any) -> torch.Tensor:
+def to_tensor(view: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    if isinstance(view, tuple):
+        return tuple(to_tensor(v) for v in view)
     return view if isinstance(view, torch.Tensor) else to_chw_tensor(view)
 
 
@@ -144,7 +149,8 @@ class TrainFiles(Dataset):
 
 
 class EvalFiles(Dataset):
-    """Evaluation views of a labelled set, or of plain paths (target None)."""
+    """Evaluation views of a labelled set, or of plain paths (target None). `view` may return a
+    tuple of views (several models' views of one decoded file): batches then hold a tuple of tensors."""
 
     def __init__(self, images: Images, view: Callable, decode_side: int | None = None) -> None:
         self.images, self.view, self.decode_side = images, view, decode_side

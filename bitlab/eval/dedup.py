@@ -184,20 +184,30 @@ class ModelEmbedding(Embedding):
 
     metric = "cosine"
 
-    def __init__(self, name: str, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> None:
+    def __init__(self, name: str, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                 random_init: bool = False) -> None:
+        """`weights`: a file; else the weights `name` stands for (`create_model`), or random ones (seed 0)
+        with `random_init`."""
         from bitlab.models import create_model, prepare_for_inference
 
+        if random_init and weights is not None:
+            raise BitlabError(f"--random-init asks for random weights, but --weights {weights} gives a file: "
+                              "give one or the other")
         self.spec = f"model:{name}"
         self.weights = None if weights is None else Path(weights)
         self.device = torch.device(device)
-        self.model = prepare_for_inference(create_model(name, pretrained=weights), self.device, fuse=True)
+        if random_init:
+            torch.manual_seed(0)  # the same random weights every run: cached embeddings stay valid
+        pretrained = False if random_init else self.weights if self.weights is not None else True
+        self.model = prepare_for_inference(create_model(name, pretrained=pretrained), self.device, fuse=True)
         # Only now: an unknown name must fail before anything is said about its weights.
-        if weights is None and name not in zoo.OFFLINE_MODELS:
-            log.warning("%s without weights= has random weights: its embeddings find no real duplicates", name)
+        if random_init:
+            log.warning("%s with random weights (--random-init): its embeddings find no real duplicates", name)
         self.cfg: DataConfig = self.model.data_config
         self.view = partial(model_view, cfg=self.cfg)
         # The weights' digest, not their path: a retrained checkpoint must not reuse old embeddings.
-        digest = io.sha256_file(self.weights) if self.weights is not None else "builtin"
+        digest = (io.sha256_file(self.weights) if self.weights is not None else "random-seed0" if random_init
+                  else "pretrained")
         self._key = f"{self.spec}|{digest}|{json.dumps(self.cfg.to_dict(), sort_keys=True)}"
 
     def cache_key(self) -> str:
@@ -231,14 +241,16 @@ class PHashEmbedding(Embedding):
 
 
 def make_embedding(spec: str, weights: str | os.PathLike | None = None,
-                   device: str | torch.device = "cpu") -> Embedding:
-    """`model:NAME` (any `create_model` name) or `phash`."""
+                   device: str | torch.device = "cpu", random_init: bool = False) -> Embedding:
+    """`model:NAME` (any `create_model` name; `ModelEmbedding`) or `phash`."""
     if spec == "phash":
         if weights is not None:
             raise ConfigError("weights", "{setting} applies to model embeddings, not phash")
+        if random_init:
+            raise ConfigError("random_init", "{setting} applies to model embeddings, not phash")
         return PHashEmbedding(device)
     if spec.startswith("model:") and spec[len("model:"):]:
-        return ModelEmbedding(spec[len("model:"):], weights, device)
+        return ModelEmbedding(spec[len("model:"):], weights, device, random_init)
     raise BitlabError(f"unknown embedding {spec!r}: use model:NAME (e.g. {DEFAULT_EMBEDDING}) or phash")
 
 
@@ -378,7 +390,8 @@ class DedupConfig:
     downstream: str  # folder or image list (the test set)
     out: str
     embedding: str = DEFAULT_EMBEDDING  # model:NAME or phash
-    weights: str | None = None  # checkpoint for model:NAME (BiT npz, bitlab or timm file)
+    weights: str | None = None  # checkpoint for model:NAME (BiT npz, bitlab or timm file); None: the name's own
+    random_init: bool = False  # model:NAME with random weights (seed 0)
     threshold: float | None = None  # None: DEFAULT_THRESHOLDS[metric]
     topk: int = 5  # matches kept per query; a query is a duplicate when its best one passes
     block_size: int = 4096  # upstream images embedded, searched and dropped at a time
@@ -434,7 +447,7 @@ def _run_dedup(cfg: DedupConfig) -> DedupResult:
     device = parse_device(cfg.device)
     out = Path(cfg.out)
     downstream, upstream = list_images(cfg.downstream), list_images(cfg.upstream)
-    embedding = make_embedding(cfg.embedding, cfg.weights, device)
+    embedding = make_embedding(cfg.embedding, cfg.weights, device, cfg.random_init)
     threshold = DEFAULT_THRESHOLDS[embedding.metric] if cfg.threshold is None else float(cfg.threshold)
     _check_threshold(embedding.metric, threshold)
     correct = read_predictions(cfg.predictions, downstream, cfg.correct_column) if cfg.predictions else None

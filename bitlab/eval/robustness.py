@@ -13,6 +13,16 @@ Scoring follows the robustness literature (ImageNet-9: Xiao et al. 2020, "Noise 
 of Image Backgrounds in Object Recognition"): the 1000-way top-1
 (top-5) prediction is correct when it (any of the five) falls in the class's ILSVRC set. No
 restriction of the logits to the evaluated classes: that would inflate accuracy.
+
+Every accuracy comes with its 95% interval (`bitlab.eval.stats`): over foreground objects where
+the images share objects, Wilson's over images where they are independent; a ranking (the most
+fooling backgrounds, the hardest classes) names only what its interval separates from the rest.
+
+A model whose head is not ILSVRC-2012's 1000 classes (a fine-tuned run's, or one with a label map)
+is scored through a `HeadMap`: each output stands for the ILSVRC-2012 classes its class name (a
+wnid, an ILSVRC-2012 class name, a class-table folder, name or alias) or its label-map line names.
+A head over a subset of them is scored over its own classes, on the images of those classes: an
+easier task than the 1000-way one, which `HeadMap.note` says wherever such results are shown.
 """
 from __future__ import annotations
 
@@ -20,6 +30,7 @@ import csv
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -27,6 +38,7 @@ import pandas as pd
 from bitlab import io
 from bitlab.data import imagenet
 from bitlab.errors import BitlabError
+from bitlab.eval import stats
 from bitlab.ooc.record import check_complete
 from bitlab.ooc.spec import OOCClass, load_classes
 from bitlab.paths import OOC_DATASET_DIR
@@ -39,6 +51,10 @@ _WNID = re.compile(r"n\d{8}")
 # Background category of an object shown on its own photo: a control, not out of context. Scores
 # on it are reported apart, and the out-of-context scores leave it out.
 IN_CONTEXT = "in-context"
+NO_OBJECT = "no_fg"  # make-ooc's variant of backgrounds alone (bitlab.ooc.variants): rows without a class
+
+
+PAPER_WAY = imagenet.NUM_CLASSES  # the paper's models answer among the 1000 ILSVRC-2012 classes
 
 
 def _parse_targets(row: dict, where: str) -> tuple[int, ...] | None:
@@ -96,6 +112,9 @@ class EvalItem:
     fg_uid: str = ""
     bg_uid: str = ""
     usual_context: bool = False  # the background is a usual context for the class (make-ooc's `usual_for`)
+    variant: str = ""  # make-ooc's `variant` column (bitlab.ooc.variants): "composite", "only_fg", ...
+    paste_xy: str = ""  # where the object was pasted ("x,y"): a variant image pairs with its composites by it
+    pair_bg_uid: str = ""  # the composite background a variant image stands in for (mixed_rand)
 
 
 @dataclass
@@ -138,7 +157,8 @@ def load_eval_set(root: str | Path, classes: str | Path | None = None, role: str
     return ev
 
 
-def _class_table_for(root: Path, classes: str | Path | None) -> list[OOCClass]:
+def class_table_for(root: Path, classes: str | Path | None) -> list[OOCClass]:
+    """The class table of the set at `root`: `classes` when given, else `root/classes.csv`, else bitlab's."""
     if classes is not None:
         return load_classes(classes)
     for candidate in (root / CLASS_TABLE, DEFAULT_CLASS_TABLE):
@@ -187,19 +207,25 @@ def _from_manifest(root: Path, classes: str | Path | None) -> EvalSet:
             raise BitlabError(f"{where}: image {rel!r} is listed again (first on row {seen[file]}); "
                               "each image may appear once")
         seen[file] = n
-        cls = (row.get("class") or row.get("fg_class") or "").strip() or Path(rel).parent.name
-        targets = _parse_targets(row, where)
+        variant = (row.get("variant") or "").strip()
+        if variant == NO_OBJECT:  # a background alone: nothing to be right about, only predictions
+            cls, targets = "", ()
+        else:
+            cls = (row.get("class") or row.get("fg_class") or "").strip() or Path(rel).parent.name
+            targets = _parse_targets(row, where)
         if targets is None:
             if by_name is None:
-                by_name = folder_lookup(_class_table_for(root, classes))
+                by_name = folder_lookup(class_table_for(root, classes))
             if (c := by_name.get(_norm(cls))) is None:
                 raise BitlabError(f"{where}: class {cls!r} has no ILSVRC targets in the row "
                                   "and is not in the class table")
             targets = c.ilsvrc_indices
         items.append(EvalItem(rel, cls, targets, (row.get("bg_category") or row.get("background") or "").strip(),
                               (row.get("fg_uid") or "").strip(), (row.get("bg_uid") or "").strip(),
-                              _flag(row.get("usual_context"), "usual_context", where)))
-    role = "ooc" if any(it.background for it in items) else "val"
+                              _flag(row.get("usual_context"), "usual_context", where), variant,
+                              (row.get("paste_xy") or "").strip(), (row.get("pair_bg_uid") or "").strip()))
+    # make-ooc output is out of context, the variants too (only_fg has no background but is a control)
+    role = "ooc" if any(it.background or it.variant for it in items) else "val"
     return EvalSet(root, "manifest", role, items)
 
 
@@ -226,7 +252,7 @@ def _from_folders(root: Path, classes: str | Path | None) -> EvalSet:
         items = [EvalItem(p.relative_to(root).as_posix(), f.name, (index_of[f.name],))
                  for f in folders for p in _images_in(f)]
         return EvalSet(root, "imagefolder", "val", items)
-    lookup = folder_lookup(_class_table_for(root, classes))
+    lookup = folder_lookup(class_table_for(root, classes))
     items = []
     for f in folders:
         c = lookup.get(_norm(f.name))
@@ -238,6 +264,118 @@ def _from_folders(root: Path, classes: str | Path | None) -> EvalSet:
                               f"(known: {', '.join(known)}){hint}")
         items += [EvalItem(p.relative_to(root).as_posix(), c.folder, c.ilsvrc_indices) for p in _images_in(f)]
     return EvalSet(root, "ooc-folders", "ooc", items)
+
+
+# ----------------------------------------------------------------------------- heads
+@dataclass(frozen=True)
+class HeadMap:
+    """What each output of a head that is not ILSVRC-2012's 1000 classes stands for: output j counts
+    as right for an image when `ilsvrc[j]` shares a class with the image's targets."""
+
+    names: tuple[str, ...]  # per output: its class name (or label-map line)
+    ilsvrc: tuple[tuple[int, ...], ...]  # per output: the ILSVRC-2012 indices it stands for (empty: none)
+    source: str  # where the mapping comes from, for messages
+
+    @property
+    def covered(self) -> frozenset[int]:
+        return frozenset(i for s in self.ilsvrc for i in s)
+
+    @property
+    def way(self) -> int:
+        """The classes the head answers among: its outputs that stand for some ILSVRC-2012 class."""
+        return sum(1 for s in self.ilsvrc if s)
+
+    @property
+    def subset(self) -> bool:
+        """Whether the head covers fewer than the 1000 classes: then only images of the classes it
+        covers are scored, an easier task than the paper's."""
+        return len(self.covered) < PAPER_WAY
+
+    @property
+    def note(self) -> str:
+        return head_note(self.way) if self.subset else ""
+
+    def scores(self, targets: Sequence[int]) -> bool:
+        """Whether an image with these targets can be answered right (some output stands for them)."""
+        return not self.covered.isdisjoint(targets)
+
+    def right_outputs(self, targets: Sequence[int]) -> np.ndarray:
+        """The outputs that are a right answer for an image with these targets."""
+        t = set(targets)
+        return np.asarray([j for j, s in enumerate(self.ilsvrc) if not t.isdisjoint(s)], dtype=np.int64)
+
+    def ilsvrc_ids(self, outputs: np.ndarray, targets: Sequence[Sequence[int]]) -> np.ndarray:
+        """Output ids (N, k) -> the ILSVRC-2012 index each stands for on its image (row): one of the
+        image's targets when the output covers one (so `id in targets` is the verdict), else its
+        first class; -1 for an output with none."""
+        out = np.full(outputs.shape, -1, dtype=np.int64)
+        for r, (row, t) in enumerate(zip(outputs, targets)):
+            for c, j in enumerate(row):
+                s = self.ilsvrc[int(j)]
+                out[r, c] = next((i for i in s if i in t), s[0] if s else -1)
+        return out
+
+    def describe(self) -> dict:
+        """For summary.json: `classes` lists each output's name with the wnids it stands for, in head order."""
+        return {"outputs": len(self.names), "way": self.way, "subset": self.subset, "source": self.source,
+                "classes": [[n, [imagenet.wnids()[i] for i in s]] for n, s in zip(self.names, self.ilsvrc)]}
+
+
+def head_note(way: int) -> str:
+    """How results of a head over `way` of the classes are marked (summary.json, report, figures)."""
+    return f"{way}-way head: an easier task than the paper's {PAPER_WAY}-way models"
+
+
+def head_from_classes(names: Sequence[str], table: list[OOCClass], source: str) -> HeadMap | None:
+    """The `HeadMap` of a head whose outputs are the classes `names` (a run's, in head order): each an
+    ILSVRC-2012 wnid, a class of `table` by folder, name or alias (its ILSVRC set), or an ILSVRC-2012
+    class name (the short name first, then any other lemma, when it names one class). None for
+    ILSVRC-2012's own 1000 wnids in their order. Names that map to nothing, or to several classes,
+    are one error naming each, with the `--label-map` way out."""
+    wnids = imagenet.wnids()
+    if tuple(names) == wnids:
+        return None
+    index_of = imagenet.index_of()
+    table_of = {_norm(k): c for c in table for k in (c.folder, c.name, *c.aliases)}
+    short, lemma = _ilsvrc_names()
+    mapped, unknown, ambiguous = [], [], []
+    for name in names:
+        key = _norm(name)
+        found = ((index_of[name],) if name in index_of else tuple(table_of[key].ilsvrc_indices) if key in table_of
+                 else short.get(key) or lemma.get(key) or ())
+        if len(found) > 1 and key not in table_of:
+            ambiguous.append(f"{name!r} names {len(found)} ILSVRC-2012 classes "
+                             f"({', '.join(f'{wnids[i]} {imagenet.names()[i]}' for i in found)}): use its wnid")
+        elif not found:
+            unknown.append(repr(name))
+        mapped.append(found)
+    if unknown or ambiguous:
+        problems = ([f"{', '.join(unknown)} map{'s' if len(unknown) == 1 else ''} to no ILSVRC-2012 class"]
+                    if unknown else []) + ambiguous
+        raise BitlabError(f"{source}: {'; '.join(problems)}. A class maps when it is named by an ILSVRC-2012 "
+                          "wnid (n02123045), an ILSVRC-2012 class name (tabby) or a class of the class table by "
+                          "folder, name or alias; else pass --label-map FILE (one ILSVRC-2012 wnid or '-' per "
+                          f"output, {len(names)} lines in head order)")
+    return HeadMap(tuple(names), tuple(mapped), source)
+
+
+def _ilsvrc_names() -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """Normalised ILSVRC-2012 short names and all lemmas -> the indices they name."""
+    short: dict[str, tuple[int, ...]] = {}
+    lemma: dict[str, tuple[int, ...]] = {}
+    for i, description in enumerate(imagenet.descriptions()):
+        short[_norm(imagenet.names()[i])] = short.get(_norm(imagenet.names()[i]), ()) + (i,)
+        for word in {_norm(w) for w in description.split(",") if w.strip()}:
+            lemma[word] = lemma.get(word, ()) + (i,)
+    return short, lemma
+
+
+def head_from_label_map(path: str | Path) -> HeadMap:
+    """The `HeadMap` of a `--label-map` file (`read_label_map`)."""
+    ids = read_label_map(path)
+    names = imagenet.wnids()
+    return HeadMap(tuple(names[i] if i >= 0 else "-" for i in ids), tuple((int(i),) if i >= 0 else () for i in ids),
+                   f"--label-map {path}")
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -290,35 +428,60 @@ def predictions_table(items: list[EvalItem], top_ids: np.ndarray, top_probs: np.
     return df
 
 
-def _acc(df: pd.DataFrame, k: int) -> dict:
-    return {"n": int(len(df)), "top1": float(df["top1_correct"].mean()),
-            f"top{k}": float(df[f"top{k}_correct"].mean())}
+def objects_of(df: pd.DataFrame) -> np.ndarray | None:
+    """The foreground object of each row, the unit of resampling; None when the rows name none."""
+    if "fg_uid" not in df or not (df["fg_uid"] != "").any():
+        return None
+    # a row without an object (an ImageNet photo beside composites) is a cluster of its own
+    return np.where(df["fg_uid"] != "", df["fg_uid"], "row:" + df.index.astype(str)).astype(str)
+
+
+def accuracy(df: pd.DataFrame, column: str = "top1_correct") -> stats.Estimate:
+    """The share of `column` over `df`'s rows with its interval (clustered by foreground object)."""
+    return stats.accuracy(df[column].to_numpy(bool), objects_of(df))
+
+
+def accuracies(df: pd.DataFrame, k: int | None = None) -> dict:
+    """n, top-1 and top-k (default: the table's) with their 95% intervals (`ci`: how each was made)."""
+    k = k or topk_of(df)
+    top1, topk = accuracy(df), accuracy(df, f"top{k}_correct")
+    return {"n": int(len(df)), "top1": top1.value, f"top{k}": topk.value, "top1_ci": top1.interval,
+            f"top{k}_ci": topk.interval, "ci": interval_method(top1)}
+
+
+def interval_method(e: stats.Estimate) -> str:
+    """How an interval was made, with the objects it resampled."""
+    return e.method + (f", {e.clusters} objects" if e.clusters and "objects)" not in e.method else "")
 
 
 def topk_of(df: pd.DataFrame) -> int:
     return max(int(c[3:-3]) for c in df.columns if re.fullmatch(r"top\d+_id", c))
 
 
-def summarize(df: pd.DataFrame, most_fooling: int = 10) -> dict:
-    """Overall, per-class, per-background and per-foreground accuracies of a predictions table."""
+def summarize(df: pd.DataFrame) -> dict:
+    """Overall, per-class, per-background and per-foreground accuracies of a predictions table,
+    with intervals, and the rankings that the intervals support."""
     k = topk_of(df)
-    out = {**_acc(df, k), "mean_target_prob": float(df["target_prob"].mean()),
-           "per_class": {c: _acc(g, k) for c, g in df.groupby("class", sort=True)}}
+    out = {**accuracies(df, k), "mean_target_prob": float(df["target_prob"].mean()),
+           "per_class": {c: accuracies(g, k) for c, g in df.groupby("class", sort=True)}}
+    out.update(ranking(df, "class", "hardest_classes", "no class"))
     if (df["background"] == IN_CONTEXT).any():
-        out["in_context"] = _acc(df[df["background"] == IN_CONTEXT], k)
-        out["out_of_context"] = _acc(df[~df["background"].isin(["", IN_CONTEXT])], k)
+        out["in_context"] = accuracies(df[df["background"] == IN_CONTEXT], k)
+        out["out_of_context"] = accuracies(df[~df["background"].isin(["", IN_CONTEXT])], k)
     ooc = df[df["background"] != ""]
     if "usual_context" in df and df["usual_context"].any():
         # Pairs like underwater/shark are not out of context: report the rest alone as well.
         away = ooc[(ooc["background"] != IN_CONTEXT) & ~ooc["usual_context"].astype(bool)]
-        out["excluding_usual_context"] = _acc(away, k)
+        out["excluding_usual_context"] = accuracies(away, k)
     if len(ooc):
-        out["per_background"] = {b: _acc(g, k) for b, g in ooc.groupby("background", sort=True)}
-        out["class_background_top1"] = {
-            c: {b: float(v) for b, v in row.items() if not np.isnan(v)}
-            for c, row in ooc.pivot_table(index="class", columns="background", values="top1_correct",
-                                          aggfunc="mean").iterrows()}
-        out["most_fooling_backgrounds"] = most_fooling_backgrounds(ooc)[:most_fooling]
+        out["per_background"] = {b: accuracies(g, k) for b, g in ooc.groupby("background", sort=True)}
+        cells = ooc.pivot_table(index="class", columns="background", values="top1_correct", aggfunc=["mean", "size"])
+        out["class_background_top1"] = {c: {b: float(v) for b, v in row.items() if not np.isnan(v)}
+                                        for c, row in cells["mean"].iterrows()}
+        out["class_background_n"] = {c: {b: int(v) for b, v in row.items() if not np.isnan(v)}
+                                     for c, row in cells["size"].iterrows()}
+        out.update(ranking(ooc[ooc["background"] != IN_CONTEXT], "background", "most_fooling_backgrounds",
+                           "no background"))
         if (effect := background_effect(ooc)) is not None:
             out["background_effect"] = effect
     fg = df[df["fg_uid"] != ""]
@@ -327,13 +490,34 @@ def summarize(df: pd.DataFrame, most_fooling: int = 10) -> dict:
     return out
 
 
+def ranking(df: pd.DataFrame, by: str, key: str, nothing: str) -> dict:
+    """`key`: the groups (classes, backgrounds) whose top-1 interval lies wholly below that of all
+    other images pooled, lowest first, with the commonest wrong labels there; `key`_note says so
+    when none is (`stats.separated`: a ranking claims only what the intervals support)."""
+    if df.empty or df[by].nunique() < 2:
+        return {key: [], f"{key}_note": f"fewer than two groups to rank by {by}"}
+    own, rest = stats.by_group(df["top1_correct"].to_numpy(bool), df[by].to_numpy(), objects_of(df))
+    rows = []
+    for g in stats.separated(own, rest, "low"):
+        wrong = df[(df[by] == g) & ~df["top1_correct"].astype(bool)]
+        rows.append({by: g, "n": own[g].n, "top1": own[g].value, "top1_ci": own[g].interval,
+                     "top1_error": 1 - own[g].value, "rest_top1": rest[g].value, "rest_top1_ci": rest[g].interval,
+                     "wrong_predictions": [[name, int(n)] for name, n in wrong["top1_name"].value_counts().head(3).items()]})
+    note = (f"{len(rows)} of {len(own)} separated from the rest by their 95% intervals" if rows else
+            f"{nothing} is separated from the rest by its 95% interval (of {len(own)}; the intervals overlap)")
+    return {key: rows, f"{key}_note": note}
+
+
 def most_fooling_backgrounds(df: pd.DataFrame) -> list[dict]:
     """Backgrounds by top-1 error, worst first, with the wrong labels they pull predictions to
-    (the paper's observation: ILSVRC models predict what fits the background)."""
+    (the paper's observation: ILSVRC models predict what fits the background) and each one's
+    interval; `ranking` keeps only those the intervals separate."""
     rows = []
     for bg, g in df[df["background"] != IN_CONTEXT].groupby("background", sort=True):
         wrong = g[~g["top1_correct"]]
-        rows.append({"background": bg, "n": int(len(g)), "top1_error": float(1 - g["top1_correct"].mean()),
+        est = accuracy(g)
+        rows.append({"background": bg, "n": int(len(g)), "top1_error": float(1 - est.value),
+                     "top1_error_ci": [None if v is None else 1 - v for v in est.interval[::-1]],
                      "wrong_predictions": [[name, int(n)] for name, n in
                                            wrong["top1_name"].value_counts().head(3).items()]})
     return sorted(rows, key=lambda r: (-r["top1_error"], r["background"]))
@@ -374,13 +558,15 @@ def background_effect(df: pd.DataFrame, permutations: int = BACKGROUND_EFFECT_PE
 
 
 def foreground_breakdown(df: pd.DataFrame) -> dict:
-    """Per foreground object: on how many of its backgrounds the top-1 is wrong."""
+    """Per foreground object: on how many of its backgrounds the top-1 is wrong (with the Wilson
+    interval of that share: given the object, its backgrounds are independent draws)."""
     per = {}
     for uid, g in df.groupby("fg_uid", sort=True):
         wrong = g[~g["top1_correct"]]
+        share = stats.wilson(len(wrong), len(g))
         per[uid] = {"class": str(g["class"].iloc[0]), "n": int(len(g)), "fooled": int(len(wrong)),
-                    "fooling_backgrounds": sorted(wrong["background"].unique().tolist())}
-    fooled = np.array([v["fooled"] / v["n"] for v in per.values()])
+                    "fooled_ci": share.interval, "fooling_backgrounds": sorted(wrong["background"].unique().tolist())}
+    mean = stats.mean_over_objects(np.array([v["fooled"] / v["n"] for v in per.values()]))
     return {"count": len(per), "fooled_by_any": int(sum(v["fooled"] > 0 for v in per.values())),
             "fooled_by_all": int(sum(v["fooled"] == v["n"] for v in per.values())),
-            "mean_fooled_fraction": float(fooled.mean()), "objects": per}
+            "mean_fooled_fraction": mean.value, "mean_fooled_fraction_ci": mean.interval, "objects": per}

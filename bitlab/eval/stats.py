@@ -5,7 +5,10 @@
 - An accuracy over out-of-context images: the images of one foreground object (up to 41
   backgrounds) are not independent, so the interval is a bootstrap that resamples objects, each
   with all its images (scipy's `bootstrap` on per-object sums). Where every image agrees the
-  bootstrap has no spread; then the Wilson interval counts each object once.
+  bootstrap has no spread; then the Wilson interval counts each object once. With fewer than
+  `MIN_OBJECTS` objects a bootstrap has too few distinct resamples to show the spread between
+  objects; then the interval is Wilson's over the images, and its method says that it speaks for
+  these objects only (a class with one object: its backgrounds, not other objects of the class).
 - Two models on the same images: the paired difference with a bootstrap interval (over objects,
   or over images when there are no objects) and McNemar's exact test on the discordant images.
 - A ranking (most fooling backgrounds, hardest classes) names a group only when its interval lies
@@ -26,6 +29,9 @@ CONFIDENCE = 0.95
 # accuracy over 81 objects, below the rounding of the one-decimal percentages the figures show.
 RESAMPLES = 2000
 SEED = 0  # the bootstrap is seeded: a rerun writes the same intervals
+# Below 5 objects a bootstrap over objects has at most 126 distinct resamples (multisets of 5 from
+# 5) and its percentile bounds sit on the few per-object means: too coarse to call an interval.
+MIN_OBJECTS = 5
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,16 @@ class Estimate:
     clusters: int | None = None  # objects resampled (bootstrap over objects)
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        """As JSON wants it: NaN (no images) becomes None, and `clusters` is left out when unused."""
+        out = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in asdict(self).items()}
+        if out["clusters"] is None:
+            del out["clusters"]
+        return out
+
+    @property
+    def interval(self) -> list[float | None]:
+        """[low, high], None for an undefined bound (JSON has no NaN)."""
+        return [None if np.isnan(v) else v for v in (self.low, self.high)]
 
 
 def wilson(successes: int, n: int, confidence: float = CONFIDENCE) -> Estimate:
@@ -79,8 +94,27 @@ def accuracy(correct: np.ndarray, clusters: np.ndarray | None = None, *, confide
     if np.all(correct == correct[0]):  # no spread to resample: each object counted once
         once = wilson(int(round(value * len(sums))), len(sums), confidence)
         return Estimate(value, once.low, once.high, n, "wilson over objects", len(sums))
+    if len(sums) < MIN_OBJECTS:  # too few objects to resample: an interval for these objects only
+        images = wilson(int(correct.sum()), n, confidence)
+        return Estimate(value, images.low, images.high, n, f"wilson over images ({len(sums)} objects)", len(sums))
     low, high = _bootstrap(lambda s, c, axis=-1: s.sum(axis) / c.sum(axis), (sums, counts), confidence, seed)
     return Estimate(value, low, high, n, "bootstrap over objects", len(sums))
+
+
+def mean_over_objects(values: np.ndarray, *, confidence: float = CONFIDENCE, seed: int = SEED) -> Estimate:
+    """The mean of one number per object (a share in [0, 1], e.g. of its backgrounds that fool the
+    model), each object weighing alike: a bootstrap over the objects; below `MIN_OBJECTS`, or when
+    all agree, Wilson's interval with each object counted once (its share as a fractional success)."""
+    values = np.asarray(values, dtype=float)
+    n = len(values)
+    if n == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0, "wilson over objects", 0)
+    value = float(values.mean())
+    if n < MIN_OBJECTS or np.all(values == values[0]):
+        low, high = proportion_confint(value * n, n, alpha=1 - confidence, method="wilson")
+        return Estimate(value, float(low), float(high), n, "wilson over objects", n)
+    low, high = _bootstrap(lambda v, axis=-1: v.mean(axis), (values,), confidence, seed)
+    return Estimate(value, low, high, n, "bootstrap over objects", n)
 
 
 @dataclass(frozen=True)
@@ -109,8 +143,11 @@ def paired_difference(a: np.ndarray, b: np.ndarray, clusters: np.ndarray | None 
     a_only, b_only = int((a & ~b).sum()), int((~a & b).sum())
     p = float(mcnemar([[0, a_only], [b_only, 0]], exact=True).pvalue) if a_only + b_only else 1.0
     value = float(a.mean() - b.mean()) if n else float("nan")
-    by_objects = clusters is not None and len(np.unique(clusters)) < n
+    objects = len(np.unique(clusters)) if clusters is not None else n
+    by_objects = MIN_OBJECTS <= objects < n
     method = "bootstrap over objects" if by_objects else "bootstrap over images"
+    if objects < min(MIN_OBJECTS, n):  # as `accuracy`: these objects only
+        method += f" ({objects} objects)"
     if n == 0 or a_only + b_only == 0:  # identical answers: no difference to resample
         est = Estimate(value, value, value, n, method)
     else:
@@ -119,6 +156,20 @@ def paired_difference(a: np.ndarray, b: np.ndarray, clusters: np.ndarray | None 
         low, high = _bootstrap(lambda s, c, axis=-1: s.sum(axis) / c.sum(axis), (sums, counts), confidence, seed)
         est = Estimate(value, low, high, n, method, len(sums) if by_objects else None)
     return PairedDifference(est, a_only, b_only, p)
+
+
+def by_group(correct: np.ndarray, groups: np.ndarray, clusters: np.ndarray | None = None, *,
+             confidence: float = CONFIDENCE) -> tuple[dict[str, Estimate], dict[str, Estimate]]:
+    """Each group's accuracy and the accuracy of all other images pooled (`separated`'s inputs),
+    each with its interval (`accuracy`, clustered by `clusters`)."""
+    correct, groups = np.asarray(correct, dtype=bool), np.asarray(groups)
+    clusters = None if clusters is None else np.asarray(clusters)
+    own, rest = {}, {}
+    for g in sorted(set(groups.tolist())):
+        inside = groups == g
+        own[g] = accuracy(correct[inside], None if clusters is None else clusters[inside], confidence=confidence)
+        rest[g] = accuracy(correct[~inside], None if clusters is None else clusters[~inside], confidence=confidence)
+    return own, rest
 
 
 def separated(groups: Mapping[str, Estimate], rest: Mapping[str, Estimate], side: str = "low") -> list[str]:

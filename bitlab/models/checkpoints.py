@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 NPZ_PREFIX = "resnet/"
 FORMAT_TAG = "bitlab-model"
+TRAIN_FORMAT_TAG = "bitlab-train-checkpoint"  # a training run's checkpoint.pt (`bitlab.train.checkpoint`)
 Format = Literal["npz", "timm", "bitlab"]
 HEAD_KEYS = ("head.conv.weight", "head.conv.bias")
 
@@ -407,7 +408,8 @@ def _read(path: str | Path) -> tuple[Format, dict[str, torch.Tensor], ResNetV2Co
     config, config_key = None, ""
     if obj.get("format") == FORMAT_TAG:
         config_key = "config"
-        config, obj = _saved_config(path, obj, config_key), obj.get("state_dict")
+        config = None if obj.get("config") is None else _saved_config(path, obj, config_key)
+        obj = obj.get("state_dict")
     elif isinstance(obj.get("model_config"), dict):  # bitlab training checkpoint
         config_key = "model_config"
         config = _saved_config(path, obj, config_key)
@@ -576,11 +578,43 @@ def save_npz(model: ResNetV2, path: str | Path) -> Path:
     return Path(path)
 
 
-def save_bitlab(model: ResNetV2, path: str | Path, name: str | None = None) -> Path:
-    """bitlab model file: the architecture config plus the state dict (loads without a name)."""
-    io.torch_save({"format": FORMAT_TAG, "version": 1, "name": name, "config": model.config.to_dict(),
-                   "state_dict": model.state_dict()}, path)
+def save_bitlab(model: nn.Module, path: str | Path, name: str | None = None, record: dict | None = None) -> Path:
+    """bitlab model file: the model's name, its architecture config (a ResNetV2 then loads without a
+    name; None for other models, which their name rebuilds), `record` (what a training run knows
+    about the model: `read_record`) and the state dict."""
+    config = getattr(model, "config", None)
+    io.torch_save({"format": FORMAT_TAG, "version": 2, "name": name,
+                   "config": config.to_dict() if isinstance(config, ResNetV2Config) else None,
+                   **(record or {}), "state_dict": model.state_dict()}, path)
     return Path(path)
+
+
+def read_record(path: str | Path) -> dict:
+    """What a bitlab model file or training checkpoint says about its model beside the weights: its
+    `name`, and what the run recorded: `classes` (names in head order), `data_config` (the view its
+    validation used, a `DataConfig` dict), `pretraining_data`. Empty for npz files and bare state
+    dicts; the weights themselves are not read (memory-mapped)."""
+    path = Path(path)
+    if _container(path) == "npz":
+        return {}
+    with open(path, "rb") as f:  # torch maps only zip-format files; a legacy one is read whole
+        legacy = f.read(len(_LEGACY_TORCH_MAGIC)).startswith(_LEGACY_TORCH_MAGIC)
+    obj = io.torch_load(path, mmap=not legacy)
+    if not isinstance(obj, dict) or obj.get("format") not in (FORMAT_TAG, TRAIN_FORMAT_TAG):
+        return {}
+    name = obj.get("name" if obj["format"] == FORMAT_TAG else "model_name")
+    out = {}
+    for key, ok, what in (("name", lambda v: isinstance(v, str) and v, "a model name"),
+                          ("classes", lambda v: isinstance(v, list) and v and all(isinstance(c, str) for c in v),
+                           "a list of class names"),
+                          ("data_config", lambda v: isinstance(v, dict), "a data config"),
+                          ("pretraining_data", lambda v: isinstance(v, str), "text")):
+        value = obj.get(key) if key != "name" else name
+        if value is not None and not ok(value):
+            raise CheckpointError(f"{path}: key {key!r} is not {what} (found {type(value).__name__})")
+        if value is not None:
+            out[key] = value
+    return out
 
 
 def save_timm(model: ResNetV2, path: str | Path) -> Path:

@@ -14,6 +14,12 @@ order; the first that accepts a name builds it:
 - `timm`: any other name, handed to `timm.create_model` (the last family: timm says whether it
   knows the name).
 
+`pretrained` is the same in every family: True (the default) loads the weights the name stands
+for (an official BiT name's `.npz` from bitlab's cache, downloaded on first use; timm's hub weights;
+the offline models' packaged ones), a path loads that file, False builds random weights. A name
+that stands for an architecture alone (`R50x1`, `R14x0.5`, the ablations) has no weights to load:
+asking for them is an error that says how to give a file or ask for random ones.
+
 Every model a builder returns carries `data_config` (input size, mean/std and its reference
 evaluation view: interpolation, crop_pct, crop mode; `bitlab.data.transforms.eval_image` applies it)
 and `model_name`: bitlab's ResNetV2 takes both in its constructor (BiT's official evaluation), and
@@ -22,10 +28,9 @@ the timm-built families set them from timm's `pretrained_cfg` where they build t
 from __future__ import annotations
 
 import inspect
-import logging
+import os
 import re
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -36,9 +41,8 @@ from bitlab.errors import BitlabError
 from bitlab.models import checkpoints, zoo
 from bitlab.models.resnetv2 import ResNetV2, ResNetV2Config, count_params
 
-log = logging.getLogger(__name__)
-
 Builder = Callable[..., nn.Module]  # (name, num_classes, pretrained, **options) -> model
+Pretrained = bool | str | os.PathLike | None  # True / None: the name's own weights; a file; False: random
 
 
 @dataclass(frozen=True)
@@ -72,11 +76,13 @@ def family_of(name: str) -> Family:
     return next(f for f in FAMILIES.values() if f.accepts(name))
 
 
-def create_model(name: str, num_classes: int | None = None, pretrained: str | Path | None = None,
+def create_model(name: str, num_classes: int | None = None, pretrained: Pretrained = True,
                  **options) -> nn.Module:
-    """Build a model by name, optionally loading weights from a file (npz, bitlab or timm).
+    """Build a model by name with the weights it stands for (`pretrained=True`, the default; None
+    means the same), weights from a file (npz, bitlab or timm: `pretrained=PATH`) or random weights
+    (`pretrained=False`); see the module docs for where each family's weights come from.
 
-    `num_classes` defaults to the head of the `pretrained` file, else to the name's own head
+    `num_classes` defaults to the head of the weights, else to the name's own head
     (21843 for BiT-M, 1000 otherwise). `options` depend on the family: `image_size` (the
     evaluation resolution, default the model's) for all; for BiT names `zero_head` (a head of
     another size than the file's is zero-initialised, as BiT-HyperRule does, instead of
@@ -92,7 +98,34 @@ def create_model(name: str, num_classes: int | None = None, pretrained: str | Pa
     if all(p.kind is not p.VAR_KEYWORD for p in params) and (unexpected := set(options) - set(known)):
         raise BitlabError(f"{name}: unexpected arguments {sorted(unexpected)} "
                           f"(the {family.name} family takes {', '.join(known)})")
-    return family.build(name, num_classes, pretrained, **options)
+    return family.build(name, num_classes, True if pretrained is None else pretrained, **options)
+
+
+def own_weights(pretrained: Pretrained) -> bool:
+    """Whether `pretrained` asks for the weights the name stands for (not a file, not random)."""
+    return pretrained is True or pretrained is None
+
+
+RANDOM_WEIGHTS = "none (random weights)"  # the pre-training data of a model with random weights
+
+
+def pretraining_data(name: str, pretrained: Pretrained = True) -> str:
+    """What `name`'s weights were pre-trained on, for legends: the official names' upstream data
+    (whatever file holds their weights), ILSVRC-2012 for the offline models, timm's pretrained tag's
+    data for timm's own weights, `RANDOM_WEIGHTS` for `pretrained=False`, else 'unknown'."""
+    if pretrained is False:
+        return RANDOM_WEIGHTS
+    if name in zoo.OFFLINE_MODELS:
+        return "ILSVRC-2012" if own_weights(pretrained) else "unknown"
+    if (spec := resolve(name)) is not None:
+        return spec.upstream or "unknown"
+    return zoo.timm_pretraining_data(name) if own_weights(pretrained) else "unknown"
+
+
+def no_released_weights(name: str) -> BitlabError:
+    return BitlabError(f"{name} names an architecture, and no weights were released for it: give a weights file "
+                       "with --pretrained FILE (pretrained=FILE in Python), or --random-init (pretrained=False) "
+                       "for random weights")
 
 
 def data_config_of(model: nn.Module) -> DataConfig:
@@ -203,20 +236,22 @@ def _describe_bit(name: str) -> dict:
 
 
 @register_family("bit", accepts=lambda name: resolve(name) is not None, listed=_bit_names, describe=_describe_bit)
-def bit(name: str, num_classes: int | None = None, pretrained: str | Path | None = None, *,
+def bit(name: str, num_classes: int | None = None, pretrained: Pretrained = True, *,
         zero_head: bool = False, norm: str | None = None, conv: str | None = None, ws_eps: float | None = None,
         image_size: int | None = None) -> ResNetV2:
-    """A BiT ResNet-v2; `pretrained` may be an official npz, a bitlab or a timm file."""
+    """A BiT ResNet-v2; `pretrained` may be an official npz, a bitlab or a timm file; True: the
+    official npz of an official name (`zoo.official_weights`: the cache, downloaded on first use)."""
     spec = resolve(name)
     overrides = {k: v for k, v in dict(norm=norm, conv=conv, ws_eps=ws_eps).items() if v is not None}
+    if own_weights(pretrained):
+        if spec.upstream is None:
+            raise no_released_weights(name)
+        pretrained = zoo.official_weights(name)
     state = saved = None
-    if pretrained is not None:
+    if pretrained is not False:
         state, saved = checkpoints.read_state_dict(pretrained)
         if num_classes is None:  # a fine-tuned file brings its own head size
             num_classes = checkpoints.head_size(state)
-    elif spec.upstream is not None:  # an official name promises trained weights: say it has none
-        log.warning("%s: no pretrained file given: random weights (the official ones: "
-                    "`bitlab weights download %s`)", name, name)
     if num_classes is not None:
         overrides["num_classes"] = num_classes
     # The official bit_pytorch evaluation: Resize((s, s)) of the PIL image (bilinear), no crop, [-1, 1].
@@ -250,29 +285,34 @@ def _with_data_config(model: nn.Module, name: str, image_size: int | None) -> nn
 @register_family("offline", accepts=lambda name: name in zoo.OFFLINE_MODELS,
                  listed=lambda ablations: list(zoo.OFFLINE_MODELS),
                  describe=lambda name: {"name": name, "upstream": "ILSVRC-2012 (offline weights)", "classes": 1000})
-def offline(name: str, num_classes: int | None = None, pretrained: str | Path | None = None, *,
+def offline(name: str, num_classes: int | None = None, pretrained: Pretrained = True, *,
             image_size: int | None = None) -> nn.Module:
     """A real ImageNet-1k classifier whose weights install as a Python package (`zoo.OFFLINE_MODELS`)."""
     if num_classes not in (None, 1000):
         raise BitlabError(f"{name} is a 1000-class ImageNet model; num_classes={num_classes} is not supported")
-    model = zoo.offline_model(name)
-    if pretrained is not None:
+    model = zoo.offline_model(name, pretrained=own_weights(pretrained))
+    if not own_weights(pretrained) and pretrained is not False:
         checkpoints.load_weights(model, pretrained)
     return _with_data_config(model, name, image_size)
 
 
 @register_family("timm", accepts=lambda name: True)
-def timm_model(name: str, num_classes: int | None = None, pretrained: str | Path | None = None, *,
+def timm_model(name: str, num_classes: int | None = None, pretrained: Pretrained = True, *,
                image_size: int | None = None, **timm_kwargs) -> nn.Module:
-    """`timm.create_model(name)` with timm's pre-processing for it; weights only from a file."""
+    """`timm.create_model(name)` with timm's pre-processing for it; True: timm's pretrained weights
+    (`zoo.timm_pretrained`: huggingface_hub's cache, downloaded on first use)."""
     import timm
 
     if not timm.is_model(name.split(".")[0]):
         raise BitlabError(f"unknown model {name!r}: not a bitlab name ({', '.join(list_models()[:3])}, ...; "
                           "see `bitlab models`) nor a timm model")
+    zoo.timm_source(name)  # an unknown pretrained tag is refused by name, whatever the weights
     if num_classes is not None:
         timm_kwargs["num_classes"] = num_classes
-    model = timm.create_model(name, pretrained=False, **timm_kwargs)
-    if pretrained is not None:
-        checkpoints.load_weights(model, pretrained)
+    if own_weights(pretrained):
+        model = zoo.timm_pretrained(name, **timm_kwargs)
+    else:
+        model = timm.create_model(name, pretrained=False, **timm_kwargs)
+        if pretrained is not False:
+            checkpoints.load_weights(model, pretrained)
     return _with_data_config(model, name, image_size)

@@ -37,6 +37,7 @@ OPENVERSE_URL = "https://api.openverse.org/v1/images/"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 DEFAULT_LICENSES = ("cc0", "pdm", "by", "by-sa")
 TABLE = "backgrounds.csv"
+SEARCH_PER_CATEGORY = 3  # images per category a search fetches unless told (a folder gives what it holds)
 
 
 # ----------------------------------------------------------------------------- a backgrounds root
@@ -100,7 +101,7 @@ class BackgroundsConfig:
 
     out: str
     spec: str  # the category table (ooc_dataset/backgrounds.csv)
-    per_category: int = 3
+    per_category: int | None = None  # search: images per category (None: 3); folder: the least (None: 1)
     categories: list[str] = field(default_factory=list)  # a subset; empty = all
     licenses: list[str] = field(default_factory=lambda: list(DEFAULT_LICENSES))
     min_side: int = 512  # shorter side in px: the build crops a square and resizes it to --size
@@ -113,16 +114,19 @@ class BackgroundsConfig:
 
 
 def fetch(cfg: BackgroundsConfig) -> dict:
-    """Fill `cfg.out` with `per_category` images per category; returns counts per category.
+    """Fill `cfg.out` with images for every category; returns counts per category.
 
-    `--folder`: a category folder with too few image files is refused before anything is imported.
-    Otherwise every category is tried; `backgrounds.csv` is rewritten (atomically) after each one,
-    so it always lists exactly the files fetched, and if some categories stay short the error names
-    each of them (a rerun resumes). `fetch.json` is written only when every category is complete.
-    One fetch fills a folder at a time (`bitlab.io.lock_folder`).
+    Searching, `per_category` images per category (default `SEARCH_PER_CATEGORY`). From a `--folder`,
+    every image each category folder holds (those imported before are skipped), and `per_category`
+    is the least a category needs (default 1): a category folder with fewer image files is refused
+    before anything is imported. Every category is tried; `backgrounds.csv` is rewritten
+    (atomically) after each one, so it always lists exactly the files fetched, and if some
+    categories stay short the error names each of them (a rerun resumes). `fetch.json` is written
+    only when every category is complete. One fetch fills a folder at a time (`bitlab.io.lock_folder`).
     """
-    if cfg.per_category < 1:
+    if cfg.per_category is not None and cfg.per_category < 1:
         raise BitlabError(f"--per-category must be at least 1, got {cfg.per_category}")
+    least = cfg.per_category or (1 if cfg.folder else SEARCH_PER_CATEGORY)
     if not cfg.folder:
         try:
             io.check_url(cfg.api_url)
@@ -135,17 +139,19 @@ def fetch(cfg: BackgroundsConfig) -> dict:
             raise BitlabError(f"{cfg.spec}: no category {', '.join(unknown)}")
         categories = [c for c in categories if c.category in cfg.categories]
     with io.lock_folder(cfg.out, "backgrounds fetch"):
-        return _fetch(cfg, Path(cfg.out), categories)
+        return _fetch(cfg, Path(cfg.out), categories, least)
 
 
-def _fetch(cfg: BackgroundsConfig, root: Path, categories: list[BackgroundCategory]) -> dict:
-    """`fetch` once `root` is locked."""
+def _fetch(cfg: BackgroundsConfig, root: Path, categories: list[BackgroundCategory], least: int) -> dict:
+    """`fetch` once `root` is locked; `least`: images each category needs."""
     table = {b.uid: b for b in (read_background_files(root / TABLE) if (root / TABLE).exists() else [])}
     have = {c.category: [b for b in table.values() if b.category == c.category and (root / b.file).is_file()]
             for c in categories}
-    need = {c.category: cfg.per_category - len(have[c.category]) for c in categories}
     if cfg.folder:
-        _check_folder(Path(cfg.folder), categories, need)
+        new_files = _folder_files(Path(cfg.folder), categories, have, least)
+        need = {c: len(files) for c, files in new_files.items()}
+    else:
+        need = {c.category: least - len(have[c.category]) for c in categories}
     root.mkdir(parents=True, exist_ok=True)
     counts, short = {}, []
     for cat in tqdm(categories, desc="backgrounds", unit="category"):
@@ -153,7 +159,7 @@ def _fetch(cfg: BackgroundsConfig, root: Path, categories: list[BackgroundCatego
             counts[cat.category] = len(have[cat.category])
             continue
         if cfg.folder:
-            new = _import_folder(Path(cfg.folder), root, cat, need[cat.category], set(table))
+            new = _import_folder(Path(cfg.folder), root, cat, new_files[cat.category], set(table))
         else:
             used = {b.source_id for b in table.values() if b.source_id}
             new = _search(cfg, root, cat, need[cat.category], used, set(table))
@@ -161,13 +167,13 @@ def _fetch(cfg: BackgroundsConfig, root: Path, categories: list[BackgroundCatego
             table[b.uid] = b
         _save(root, table.values())  # after each category, so an interrupted fetch keeps its work
         counts[cat.category] = len(have[cat.category]) + len(new)
-        if counts[cat.category] < cfg.per_category:
+        if counts[cat.category] < least:
             short.append(cat)
     if short:
         (root / "fetch.json").unlink(missing_ok=True)  # the record of a complete fetch
         source = cfg.folder or cfg.api_url
         missing = "; ".join(f"{cfg.spec} line {c.line}: category {c.category!r} has {counts[c.category]} usable "
-                            f"image(s) from {source}, need {cfg.per_category}" for c in short)
+                            f"image(s) from {source}, need {least}" for c in short)
         raise BitlabError(f"{missing}. {root / TABLE} lists the {sum(counts.values())} image(s) fetched so far "
                           f"({len(categories) - len(short)} of {len(categories)} categories complete); "
                           "a rerun keeps them and fetches only what is missing")
@@ -176,22 +182,27 @@ def _fetch(cfg: BackgroundsConfig, root: Path, categories: list[BackgroundCatego
     return summary
 
 
-def _check_folder(src: Path, categories: Sequence[BackgroundCategory], need: dict[str, int]) -> None:
-    """Every category still short must have enough image files in `src/<category>/`: checked
-    before anything is imported, so a folder missing a later category imports nothing."""
-    problems = []
+def _folder_files(src: Path, categories: Sequence[BackgroundCategory], have: dict[str, list[BackgroundFile]],
+                  least: int) -> dict[str, list[Path]]:
+    """The image files of each `src/<category>/` not imported yet (by content). Every category must
+    reach `least` with them: checked before anything is imported, so a folder missing a later
+    category imports nothing."""
+    problems, new = [], {}
     for cat in categories:
-        if need[cat.category] <= 0:
-            continue
         folder = src / cat.category
-        n = len(_image_files(folder))
-        if n == 0:
+        files = _image_files(folder)
+        known = {b.sha256 for b in have[cat.category]}
+        new[cat.category] = [f for f in files if io.sha256_file(f) not in known]
+        if len(have[cat.category]) + len(new[cat.category]) >= least:
+            continue
+        if not files:
             problems.append(f"{folder}: no images for category {cat.category!r} "
                             f"(expected {', '.join(IMAGE_EXTENSIONS)} files)")
-        elif n < need[cat.category]:
-            problems.append(f"{folder}: {n} image file(s) for category {cat.category!r}, need {need[cat.category]}")
+        else:
+            problems.append(f"{folder}: {len(files)} image file(s) for category {cat.category!r}, need {least}")
     if problems:
         raise BitlabError("; ".join(problems) + "; nothing was imported")
+    return new
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -304,18 +315,15 @@ def _get_json(url: str, retries: int, timeout: float = 30.0) -> dict:
     raise BitlabError(f"{url}: gave up after {retries} attempts: {last}")
 
 
-def _import_folder(src: Path, root: Path, cat: BackgroundCategory, need: int, uids: set[str]
+def _import_folder(src: Path, root: Path, cat: BackgroundCategory, files: Sequence[Path], uids: set[str]
                    ) -> list[BackgroundFile]:
-    """Copy up to `need` images from `src/<category>/` (sorted by name); licence from
-    `src/backgrounds.csv` when it lists them, else 'unknown'."""
+    """Copy `files` (from `src/<category>/`) that decode; licence from `src/backgrounds.csv` when it
+    lists them, else 'unknown'."""
     from bitlab.ooc import compose
 
-    files = _image_files(src / cat.category)
     meta = {b.file: b for b in read_background_files(src / TABLE)} if (src / TABLE).exists() else {}
     new = []
     for path in files:
-        if len(new) == need:
-            break
         rel_src = f"{cat.category}/{path.name}"
         try:
             img = compose.decode(path)

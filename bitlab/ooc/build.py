@@ -4,6 +4,8 @@ Output (`OUT/`), compatible with the official release's one-folder-per-class lay
 
     <class folder>/<fg_uid>__<bg_uid>.png   one image per (foreground, background) pair (.jpg with --format jpg)
     manifest.csv                              one row per image (MANIFEST_COLUMNS)
+    variants/<variant>/...                    with --variants: controls from the same geometry, each
+                                              with its own manifest.csv (`bitlab.ooc.variants`)
     dataset.json                              command, config, versions, input checksums, manifest hash
     ATTRIBUTION.md                            every source photo with its author and licence
     classes.csv                               the class table of the classes built (same columns)
@@ -34,7 +36,7 @@ import os
 import platform
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -45,12 +47,13 @@ from tqdm.auto import tqdm
 from bitlab import __version__, io
 from bitlab.errors import BitlabError
 from bitlab.ooc import backgrounds as bgmod
-from bitlab.ooc import compose
+from bitlab.ooc import compose, variants
 from bitlab.ooc.openimages import (ANNOTATIONS_LICENSE, ANNOTATIONS_LICENSE_COLUMN, UPSTREAM_MD5, Tree,
                                    read_image_metadata)
-from bitlab.ooc.record import JOURNAL, invalidate
+from bitlab.ooc.record import JOURNAL, MANIFEST, invalidate
 from bitlab.ooc.spec import (CLASS_COLUMNS, Background, Foreground, OOCClass, class_row, load_background_categories,
                              load_classes, load_selection, table_text, write_table)
+from bitlab.ooc.variants import COMPOSITE
 from bitlab.paths import OOC_DATASET_DIR, SAMPLE_DIR
 
 log = logging.getLogger(__name__)
@@ -64,7 +67,10 @@ MANIFEST_COLUMNS = (
     "bg_category", "bg_uid", "bg_file", "bg_image_sha256", "bg_crop", "usual_context",
     "fg_title", "fg_author", "fg_author_url", "fg_landing_url", "fg_license",
     "bg_title", "bg_author", "bg_author_url", "bg_landing_url", "bg_license", "bg_license_url",
-    "bg_provider", "bg_source_id", "bg_attribution", "annotations_license", "modified")
+    "bg_provider", "bg_source_id", "bg_attribution", "annotations_license", "modified",
+    # `composite`, or the variant (bitlab.ooc.variants); the composite's background a variant image
+    # stands in for (mixed_rand; only_fg with --placement random), whose geometry it shares.
+    "variant", "pair_bg_uid")
 # Fields computed while compositing (kept in the journal so that resumed images need no work).
 _COMPUTED = ("sha256", "pixel_sha256", "fg_box_src", "fg_scale", "fg_size_out", "fg_bbox_out", "paste_xy", "bg_crop")
 
@@ -92,8 +98,10 @@ class MakeOOCConfig:
     jpeg_quality: int = 95
     workers: int = 0  # threads; 0 = one per core
     skip_bad: bool = False  # drop unusable inputs (and report them) instead of stopping
+    variants: list[str] = field(default_factory=list)  # controls to build beside the composites (VARIANTS)
 
     def validate(self) -> None:
+        self.variants = variants.check(self.variants)
         if self.size < 8:
             raise BitlabError(f"--size must be at least 8 px, got {self.size}")
         if not 0 < self.object_scale <= 1:  # also refuses NaN
@@ -124,9 +132,11 @@ class MakeOOCConfig:
 @dataclass
 class _Job:
     file: str  # relative to OUT
-    fg: Foreground
-    bg: Background
+    fg: Foreground | None  # None: no_fg
+    bg: Background | None  # the background shown; None: only_fg (grey)
     recipe: str
+    variant: str = COMPOSITE
+    pair_bg: Background | None = None  # the composite background whose geometry a variant image shares
 
 
 @dataclass
@@ -156,12 +166,13 @@ def _build(cfg: MakeOOCConfig, command: Sequence[str] | None) -> dict:
     out = Path(cfg.out)
     inp = _preflight(cfg)
     workers = cfg.workers or os.cpu_count() or 1
-    jobs = [_Job(f"{fg.folder}/{fg.uid}__{bg.uid}.{cfg.format}", fg, bg, _recipe(cfg, fg, bg))
-            for fg in inp.foregrounds for bg in inp.backgrounds]
+    jobs = _plan_jobs(cfg, inp)
     if len({j.file for j in jobs}) != len(jobs):
         raise BitlabError(f"{cfg.selection}: two foreground/background pairs give the same file name")
     invalidate(out)  # before any image is replaced: a kill from here on leaves no complete-looking folder
-    _clean_temp(out, {j.fg.folder for j in jobs})
+    for v in variants.VARIANTS:  # nor variant manifests that a reader could take for this build's
+        (out / variants.folder(v) / MANIFEST).unlink(missing_ok=True)
+    _clean_temp(out, {str(Path(j.file).parent) for j in jobs})
     done = _resume(out, jobs, workers)
     todo = [j for j in jobs if j.file not in done]
     log.info("make-ooc: %d images, %d already built, %d to build", len(jobs), len(done), len(todo))
@@ -169,28 +180,44 @@ def _build(cfg: MakeOOCConfig, command: Sequence[str] | None) -> dict:
         cutouts, squares = _prepare(cfg, inp, todo, workers)
         if inp.problems and not cfg.skip_bad:
             _raise(inp.problems)
-        todo = [j for j in todo if j.fg.uid in cutouts and j.bg.uid in squares]
+        todo = [j for j in todo if (j.fg is None or j.fg.uid in cutouts) and (j.bg is None or j.bg.uid in squares)]
         keep = set(done) | {j.file for j in todo}
         jobs = [j for j in jobs if j.file in keep]
         done.update(_compose_all(cfg, out, todo, cutouts, squares, workers))
-    rows = [_manifest_row(cfg, inp, j, done[j.file]) for j in jobs]
-    manifest = table_text(MANIFEST_COLUMNS, rows)
-    io.write_text(out / "manifest.csv", manifest)
-    io.write_text(out / "ATTRIBUTION.md", _attribution(inp, jobs))
-    write_table(out / "classes.csv", CLASS_COLUMNS, [class_row(c) for c in inp.classes.values()
-                                                     if any(j.fg.folder == c.folder for j in jobs)])
-    io.write_json(out / "config.json", asdict(cfg))
-    manifest_sha256 = hashlib.sha256(manifest.encode()).hexdigest()
-    io.write_json(out / "dataset.json", _dataset_json(cfg, inp, jobs, command, manifest_sha256))
-    io.write_text(out / JOURNAL, "".join(json.dumps({"file": j.file, "recipe": j.recipe, **done[j.file]},
-                                                    sort_keys=True) + "\n" for j in jobs))
-    _warn_strays(out, {j.file for j in jobs})
-    summary = {"out": str(out), "images": len(jobs), "composed": len(todo), "reused": len(jobs) - len(todo),
-               "classes": len({j.fg.folder for j in jobs}), "foregrounds": len({j.fg.uid for j in jobs}),
-               "backgrounds": len({j.bg.uid for j in jobs}), "skipped": inp.problems,
+    _write_records(cfg, out, inp, jobs, done, command)
+    composites = [j for j in jobs if j.variant == COMPOSITE]
+    summary = {"out": str(out), "images": len(composites), "composed": len(todo), "reused": len(jobs) - len(todo),
+               "classes": len({j.fg.folder for j in composites}), "foregrounds": len({j.fg.uid for j in composites}),
+               "backgrounds": len({j.bg.uid for j in composites}), "skipped": inp.problems,
+               "variants": {v: sum(j.variant == v for j in jobs) for v in cfg.variants},
                "seconds": round(time.perf_counter() - t0, 3)}
     log.info("make-ooc: %s", {k: v for k, v in summary.items() if k != "skipped"})
     return summary
+
+
+def _plan_jobs(cfg: MakeOOCConfig, inp: _Inputs) -> list[_Job]:
+    """Every image to build: the composites, then each requested variant (`bitlab.ooc.variants`)."""
+    ext = cfg.format
+    jobs = [_Job(f"{fg.folder}/{fg.uid}__{bg.uid}.{ext}", fg, bg, _recipe(cfg, fg, bg))
+            for fg in inp.foregrounds for bg in inp.backgrounds]
+    for v in cfg.variants:
+        base = variants.folder(v)
+        if v == "no_fg":
+            jobs += [_Job(f"{base}/{bg.category}/{bg.uid}.{ext}", None, bg, _recipe(cfg, None, bg, v), v)
+                     for bg in inp.backgrounds]
+        elif v == "only_fg" and cfg.placement == "center":  # one place per object: one image each
+            jobs += [_Job(f"{base}/{fg.folder}/{fg.uid}.{ext}", fg, None, _recipe(cfg, fg, None, v), v)
+                     for fg in inp.foregrounds]
+        elif v == "only_fg":  # seeded places differ per pair: one image per composite
+            jobs += [_Job(f"{base}/{fg.folder}/{fg.uid}__{bg.uid}.{ext}", fg, None, _recipe(cfg, fg, None, v, bg), v, bg)
+                     for fg in inp.foregrounds for bg in inp.backgrounds]
+        else:  # mixed_rand: one per composite, named after the composite it stands beside
+            for fg in inp.foregrounds:
+                for bg in inp.backgrounds:
+                    other = variants.mixed_partner(fg, bg, inp.backgrounds, inp.usual_for, cfg.seed)
+                    jobs.append(_Job(f"{base}/{fg.folder}/{fg.uid}__{bg.uid}.{ext}", fg, other,
+                                     _recipe(cfg, fg, other, v, bg), v, bg))
+    return jobs
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -279,10 +306,13 @@ def _file_info(path: str | os.PathLike) -> dict:
     return {"path": str(path), "sha256": io.sha256_file(path)}
 
 
-def _recipe(cfg: MakeOOCConfig, fg: Foreground, bg: Background) -> str:
+def _recipe(cfg: MakeOOCConfig, fg: Foreground | None, bg: Background | None, variant: str = COMPOSITE,
+            pair_bg: Background | None = None) -> str:
     parts = [COMPOSE_VERSION, cv2.__version__, cfg.encoding,
-             fg.image_sha256, fg.mask_sha256, bg.sha256, cfg.size, cfg.object_scale, cfg.placement, cfg.feather,
-             cfg.erode, cfg.seed if cfg.placement == "random" else None]
+             fg and fg.image_sha256, fg and fg.mask_sha256, bg and bg.sha256, cfg.size, cfg.object_scale,
+             cfg.placement, cfg.feather, cfg.erode, cfg.seed if cfg.placement == "random" else None]
+    if variant != COMPOSITE:  # composites keep the recipe they always had: their resumes stay valid
+        parts += [variant, variants.GREY if variant == "only_fg" else None, pair_bg and pair_bg.uid]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
 
@@ -317,7 +347,8 @@ def _clean_temp(out: Path, folders: Iterable[str]) -> None:
 
 
 def _warn_strays(out: Path, files: set[str]) -> None:
-    strays = [p for fmt in compose.FORMATS for p in out.glob(f"*/*.{fmt}") if p.relative_to(out).as_posix() not in files]
+    strays = [p for fmt in compose.FORMATS for pattern in (f"*/*.{fmt}", f"{variants.FOLDER}/*/*/*.{fmt}")
+              for p in out.glob(pattern) if p.relative_to(out).as_posix() not in files]
     if strays:
         log.warning("%s: %d image file(s) not in this build's manifest (from an earlier selection?), e.g. %s",
                     out, len(strays), strays[0])
@@ -327,8 +358,8 @@ def _warn_strays(out: Path, files: set[str]) -> None:
 def _prepare(cfg: MakeOOCConfig, inp: _Inputs, todo: Sequence[_Job], workers: int
              ) -> tuple[dict[str, compose.Cutout], dict[str, tuple[np.ndarray, int]]]:
     """Decode each needed input once (in parallel): cut-outs at output scale, background squares."""
-    fgs = {j.fg.uid: j.fg for j in todo}
-    bgs = {j.bg.uid: j.bg for j in todo}
+    fgs = {j.fg.uid: j.fg for j in todo if j.fg is not None}
+    bgs = {j.bg.uid: j.bg for j in todo if j.bg is not None}
     trees = {}
 
     def fg_task(fg: Foreground) -> compose.Cutout:
@@ -360,33 +391,25 @@ def _compose_all(cfg: MakeOOCConfig, out: Path, todo: Sequence[_Job], cutouts: d
                  squares: dict[str, tuple[np.ndarray, int]], workers: int) -> dict[str, dict]:
     """Composite, encode and write `todo` on `workers` threads; journal each finished image."""
     visible = {uid: c.visible_box() for uid, c in cutouts.items()}
+    grey = variants.grey_square(cfg.size) if any(j.variant == "only_fg" for j in todo) else None
 
     def task(jobs: Sequence[_Job]) -> list[tuple[_Job, dict]]:
         results = []
         for j in jobs:
-            cut = cutouts[j.fg.uid]
-            bg, bg_side = squares[j.bg.uid]
-            x, y = compose.paste_position(cfg.size, cut.size, cfg.placement, key=f"{cfg.seed}:{j.fg.uid}:{j.bg.uid}")
-            img = compose.composite(bg, cut, (x, y))
+            img, computed = _render(cfg, j, cutouts, squares, visible, grey)
             data = compose.encode(img, cfg.format, png_setting=cfg.png, jpeg_quality=cfg.jpeg_quality)
             # No fsync per image: the rename is atomic, and a re-run re-checks each file's sha256.
             io.write_bytes(out / j.file, data, fsync=False)
-            vb = visible[j.fg.uid]
-            results.append((j, {
-                # a lossy file decodes to other pixels than the composite: no pixel hash for it
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "pixel_sha256": compose.pixel_sha256(img) if cfg.format == "png" else "",
-                "fg_box_src": ",".join(map(str, cut.box_src)), "fg_scale": round(cut.scale, 6),
-                "fg_size_out": f"{cut.size[0]},{cut.size[1]}",
-                "fg_bbox_out": "" if vb is None else f"{x + vb[0]},{y + vb[1]},{x + vb[2]},{y + vb[3]}",
-                "paste_xy": f"{x},{y}", "bg_crop": f"0,0,{bg_side}"}))
+            # a lossy file decodes to other pixels than the composite: no pixel hash for it
+            results.append((j, {"sha256": hashlib.sha256(data).hexdigest(),
+                                "pixel_sha256": compose.pixel_sha256(img) if cfg.format == "png" else "", **computed}))
         return results
 
     # One task per foreground and a slice of backgrounds: big enough to keep per-task overhead
     # negligible, small enough for a smooth progress bar and an even split over the threads.
     by_fg: dict[str, list[_Job]] = {}
     for j in todo:
-        by_fg.setdefault(j.fg.uid, []).append(j)
+        by_fg.setdefault(j.fg.uid if j.fg is not None else "", []).append(j)
     chunks = [js[i:i + 16] for js in by_fg.values() for i in range(0, len(js), 16)]
     done = {}
     out.mkdir(parents=True, exist_ok=True)
@@ -406,26 +429,86 @@ def _compose_all(cfg: MakeOOCConfig, out: Path, todo: Sequence[_Job], cutouts: d
     return done
 
 
+def _render(cfg: MakeOOCConfig, j: _Job, cutouts: dict[str, compose.Cutout], squares: dict[str, tuple[np.ndarray, int]],
+            visible: dict, grey: np.ndarray | None) -> tuple[np.ndarray, dict]:
+    """One image's pixels and the geometry the manifest records: the object on its background (a
+    composite, mixed_rand), on grey (only_fg), or the background alone (no_fg)."""
+    if j.bg is None:
+        canvas, crop = grey, ""
+    else:
+        canvas, side = squares[j.bg.uid]
+        crop = f"0,0,{side}"
+    if j.fg is None:
+        return canvas, {"fg_box_src": "", "fg_scale": "", "fg_size_out": "", "fg_bbox_out": "", "paste_xy": "",
+                        "bg_crop": crop}
+    cut = cutouts[j.fg.uid]
+    place = j.pair_bg or j.bg  # a variant takes the place its composite had
+    x, y = compose.paste_position(cfg.size, cut.size, cfg.placement, key=f"{cfg.seed}:{j.fg.uid}:{place and place.uid}")
+    vb = visible[j.fg.uid]
+    return compose.composite(canvas, cut, (x, y)), {
+        "fg_box_src": ",".join(map(str, cut.box_src)), "fg_scale": round(cut.scale, 6),
+        "fg_size_out": f"{cut.size[0]},{cut.size[1]}",
+        "fg_bbox_out": "" if vb is None else f"{x + vb[0]},{y + vb[1]},{x + vb[2]},{y + vb[3]}",
+        "paste_xy": f"{x},{y}", "bg_crop": crop}
+
+
 # ----------------------------------------------------------------------------- records
+def _write_records(cfg: MakeOOCConfig, out: Path, inp: _Inputs, jobs: Sequence[_Job], done: dict[str, dict],
+                   command: Sequence[str] | None) -> None:
+    """The manifests (the composites', each variant's), attribution, class table, configs, journal."""
+    rows: dict[str, list[dict]] = {v: [] for v in (COMPOSITE, *cfg.variants)}
+    for j in jobs:
+        rows[j.variant].append(_manifest_row(cfg, inp, j, done[j.file]))
+    composites = [j for j in jobs if j.variant == COMPOSITE]
+    manifest = table_text(MANIFEST_COLUMNS, rows[COMPOSITE])
+    io.write_text(out / "manifest.csv", manifest)
+    variant_sha256 = {}
+    for v in cfg.variants:
+        text = table_text(MANIFEST_COLUMNS, rows[v])
+        io.write_text(out / variants.folder(v) / "manifest.csv", text)
+        variant_sha256[v] = hashlib.sha256(text.encode()).hexdigest()
+    io.write_text(out / "ATTRIBUTION.md", _attribution(inp, composites, cfg.variants))
+    write_table(out / "classes.csv", CLASS_COLUMNS, [class_row(c) for c in inp.classes.values()
+                                                     if any(j.fg.folder == c.folder for j in composites)])
+    io.write_json(out / "config.json", asdict(cfg))
+    manifest_sha256 = hashlib.sha256(manifest.encode()).hexdigest()
+    meta = _dataset_json(cfg, inp, composites, command, manifest_sha256)
+    if cfg.variants:
+        meta["variants"] = {v: {"folder": variants.folder(v), "images": len(rows[v]), "manifest_sha256": variant_sha256[v]}
+                            for v in cfg.variants}
+        meta["variants_grey"] = variants.GREY
+    io.write_json(out / "dataset.json", meta)
+    io.write_text(out / JOURNAL, "".join(json.dumps({"file": j.file, "recipe": j.recipe, **done[j.file]},
+                                                    sort_keys=True) + "\n" for j in jobs))
+    _warn_strays(out, {j.file for j in jobs})
+
+
 def _manifest_row(cfg: MakeOOCConfig, inp: _Inputs, j: _Job, computed: dict) -> dict:
-    c = inp.classes[j.fg.folder]
-    meta = inp.fg_meta.get(j.fg.uid, {})
-    bg = inp.bg_meta[j.bg.uid]
-    return {
-        "file": j.file, "size": cfg.size, "class": c.folder, "fg_class": c.name, "fg_mid": c.mid,
-        "ilsvrc_wnids": c.ilsvrc_wnids, "ilsvrc_indices": c.ilsvrc_indices, "fg_uid": j.fg.uid,
-        "fg_split": j.fg.split, "fg_image_id": j.fg.image_id, "fg_box_id": j.fg.box_id,
-        "fg_mask_path": j.fg.mask_path, "fg_predicted_iou": j.fg.predicted_iou,
-        "fg_image_sha256": j.fg.image_sha256, "fg_mask_sha256": j.fg.mask_sha256, "blend": cfg.blend,
-        "bg_category": j.bg.category, "bg_uid": j.bg.uid, "bg_file": j.bg.file, "bg_image_sha256": j.bg.sha256,
-        "usual_context": str(c.folder in inp.usual_for[j.bg.category]).lower(),
-        "fg_title": meta.get("Title", ""), "fg_author": meta.get("Author", ""),
-        "fg_author_url": meta.get("AuthorProfileURL", ""), "fg_landing_url": meta.get("OriginalLandingURL", ""),
-        "fg_license": meta.get("License", ""), "bg_title": bg.title, "bg_author": bg.author,
-        "bg_author_url": bg.author_url, "bg_landing_url": bg.landing_url, "bg_license": bg.license,
-        "bg_license_url": bg.license_url, "bg_provider": bg.provider, "bg_source_id": bg.source_id,
-        "bg_attribution": bg.attribution, "annotations_license": _annotations_license(meta), "modified": "true",
-        **computed}
+    # A variant's manifest lists its files relative to its own folder, which it describes alone.
+    file = j.file if j.variant == COMPOSITE else Path(j.file).relative_to(variants.folder(j.variant)).as_posix()
+    row = {"file": file, "size": cfg.size, "blend": cfg.blend, "annotations_license": "", "modified": "true",
+           "variant": j.variant, "pair_bg_uid": j.pair_bg.uid if j.pair_bg else "", **computed}
+    if j.fg is not None:
+        c = inp.classes[j.fg.folder]
+        meta = inp.fg_meta.get(j.fg.uid, {})
+        row.update({
+            "class": c.folder, "fg_class": c.name, "fg_mid": c.mid, "ilsvrc_wnids": c.ilsvrc_wnids,
+            "ilsvrc_indices": c.ilsvrc_indices, "fg_uid": j.fg.uid, "fg_split": j.fg.split,
+            "fg_image_id": j.fg.image_id, "fg_box_id": j.fg.box_id, "fg_mask_path": j.fg.mask_path,
+            "fg_predicted_iou": j.fg.predicted_iou, "fg_image_sha256": j.fg.image_sha256,
+            "fg_mask_sha256": j.fg.mask_sha256, "fg_title": meta.get("Title", ""), "fg_author": meta.get("Author", ""),
+            "fg_author_url": meta.get("AuthorProfileURL", ""), "fg_landing_url": meta.get("OriginalLandingURL", ""),
+            "fg_license": meta.get("License", ""), "annotations_license": _annotations_license(meta)})
+    if j.bg is not None:
+        bg = inp.bg_meta[j.bg.uid]
+        row.update({
+            "bg_category": j.bg.category, "bg_uid": j.bg.uid, "bg_file": j.bg.file, "bg_image_sha256": j.bg.sha256,
+            "bg_title": bg.title, "bg_author": bg.author, "bg_author_url": bg.author_url,
+            "bg_landing_url": bg.landing_url, "bg_license": bg.license, "bg_license_url": bg.license_url,
+            "bg_provider": bg.provider, "bg_source_id": bg.source_id, "bg_attribution": bg.attribution})
+    if j.fg is not None and j.bg is not None:  # whether the object is shown in a usual context
+        row["usual_context"] = str(j.fg.folder in inp.usual_for[j.bg.category]).lower()
+    return row
 
 
 def _annotations_license(meta: dict[str, str]) -> str:
@@ -437,7 +520,7 @@ def _md(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ") or "-"
 
 
-def _attribution(inp: _Inputs, jobs: Sequence[_Job]) -> str:
+def _attribution(inp: _Inputs, jobs: Sequence[_Job], built_variants: Sequence[str] = ()) -> str:
     fgs = sorted({(j.fg.folder, j.fg.uid): j.fg for j in jobs}.values(), key=lambda f: (f.folder, f.uid))
     bgs = sorted({j.bg.uid: j.bg for j in jobs}.values(), key=lambda b: (b.category, b.uid))
     masks = {_annotations_license(inp.fg_meta.get(f.uid, {})) for f in fgs}
@@ -445,7 +528,9 @@ def _attribution(inp: _Inputs, jobs: Sequence[_Job]) -> str:
         "# Attribution", "",
         "Every image in this dataset is an adaptation (modified): a foreground object was cut out of a",
         "photo with its segmentation mask, scaled, and pasted onto the top-left square of a background",
-        "photo, which was resized. Generated by `bitlab make-ooc`.", "",
+        "photo, which was resized. Generated by `bitlab make-ooc`."
+        + (f" The controls in variants/ ({', '.join(built_variants)}) are adaptations of the same photos."
+           if built_variants else ""), "",
         # Open Images builds keep the one-line statement; other sources name each mask's own licence.
         f"Segmentation masks and annotations: Open Images, {ANNOTATIONS_LICENSE}." if masks == {ANNOTATIONS_LICENSE}
         else "Segmentation masks and annotations: each foreground's own licence, in the table's mask column.",
@@ -499,12 +584,14 @@ def _dataset_json(cfg: MakeOOCConfig, inp: _Inputs, jobs: Sequence[_Job], comman
 
 # ----------------------------------------------------------------------------- the embedded sample
 def demo_config(out: str | os.PathLike, sample_dir: Path = SAMPLE_DIR, **overrides) -> MakeOOCConfig:
-    """The build of the embedded sample (9 foregrounds x 12 backgrounds, ooc_dataset/README.md)."""
+    """The build of the embedded sample (9 foregrounds x 12 backgrounds, ooc_dataset/README.md), with
+    every variant (the context scores need them)."""
     return replace(MakeOOCConfig(out=str(out), openimages=str(sample_dir / "openimages"),
                                  backgrounds=str(sample_dir / "backgrounds"),
                                  selection=str(sample_dir / "selection.csv"),
                                  classes=str(sample_dir / "classes.csv"),
-                                 background_categories=str(sample_dir / "background_categories.csv")), **overrides)
+                                 background_categories=str(sample_dir / "background_categories.csv"),
+                                 variants=list(variants.VARIANTS)), **overrides)
 
 
 def build_demo(out: str | os.PathLike, sample_dir: Path = SAMPLE_DIR, command: Sequence[str] | None = None,

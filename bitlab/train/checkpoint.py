@@ -1,4 +1,6 @@
-"""`checkpoint.pt` (all a resume needs, written atomically) and `final.pt` (the model alone).
+"""`checkpoint.pt` (all a resume needs, written atomically) and `final.pt` (the model alone). Both
+carry the model's name and its record (`RECORD_KEYS`: class names in head order, evaluation view,
+pre-training data), so `bitlab evaluate --model RUN_DIR` needs nothing else.
 
 Each rank's global RNG states (torch, CUDA, numpy, random: what dropout or drop-path draw from) are
 saved and restored to it, so a resumed run draws what an uninterrupted one would; on another process
@@ -16,13 +18,17 @@ from torch import nn
 
 from bitlab import io
 from bitlab.errors import BitlabError
+from bitlab.models.checkpoints import TRAIN_FORMAT_TAG
 from bitlab.train.distributed import DistInfo, all_gather_object, barrier, unwrap_model
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 FINAL = "final.pt"
-CHECKPOINT_FORMAT = "bitlab-train-checkpoint"
+CHECKPOINT_FORMAT = TRAIN_FORMAT_TAG
+# What a run records about its model beside the weights: `classes` (names in head order),
+# `data_config` (the view its validation used: `DataConfig.to_dict()`), `pretraining_data` (for legends).
+RECORD_KEYS = ("classes", "data_config", "pretraining_data")
 
 
 def rng_state() -> dict:
@@ -75,8 +81,16 @@ def model_signature(model: nn.Module) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in model.state_dict().items()}
 
 
+def _record(record: dict | None) -> dict:
+    unknown = set(record or {}) - set(RECORD_KEYS)
+    if unknown:
+        raise ValueError(f"not model record keys: {sorted(unknown)}")
+    return dict(record or {})
+
+
 def save_checkpoint(path: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler | None, dist: DistInfo, model_name: str | None) -> Path:
+                    scaler: torch.amp.GradScaler | None, dist: DistInfo, model_name: str | None,
+                    model_record: dict | None = None) -> Path:
     """Collective: every rank's RNG states are gathered, rank 0 writes `path`, all wait for it."""
     rng = all_gather_object(rng_state(), dist)  # every rank's own streams, in rank order
     if dist.is_main:
@@ -84,8 +98,8 @@ def save_checkpoint(path: Path, step: int, model: nn.Module, optimizer: torch.op
         io.torch_save({"format": CHECKPOINT_FORMAT, "version": 2, "step": step, "model_name": model_name,
                        "model": model.state_dict(), "model_config": config.to_dict() if hasattr(config, "to_dict")
                        else None, "optimizer": optimizer.state_dict(),
-                       "scaler": scaler.state_dict() if scaler else None, "rng": rng, "world_size": dist.world_size},
-                      path)
+                       "scaler": scaler.state_dict() if scaler else None, "rng": rng, "world_size": dist.world_size,
+                       **_record(model_record)}, path)
     barrier(dist)
     return path
 
@@ -120,13 +134,10 @@ def saved_step(path: Path) -> int | str:
         return "?"
 
 
-def save_model(model: nn.Module, path: str | Path, name: str | None = None) -> Path:
-    """The trained model alone: a bitlab model file for ResNetV2 (architecture included, loads with
-    `create_model(name, num_classes=..., pretrained=path)`), a plain state dict otherwise (timm)."""
-    from bitlab.models import ResNetV2, save_bitlab
+def save_model(model: nn.Module, path: str | Path, name: str | None = None, record: dict | None = None) -> Path:
+    """The trained model alone, as a bitlab model file (`checkpoints.save_bitlab`: the name, the record,
+    the weights; ResNetV2's architecture too). Loads with `create_model(name, pretrained=path)`;
+    timm models' weights are its `state_dict` entry."""
+    from bitlab.models import save_bitlab
 
-    model = unwrap_model(model)
-    if isinstance(model, ResNetV2):
-        return save_bitlab(model, path, name=name)
-    io.torch_save(model.state_dict(), path)
-    return Path(path)
+    return save_bitlab(unwrap_model(model), path, name=name, record=_record(record))

@@ -95,6 +95,7 @@ class Task(Protocol):
     def record(self, data: Any, plan: Any, run_dir: Path) -> None: ...  # rank 0: the plan's log line, extra files
     def parts(self, data: Any, plan: Any, env: Env, previous: dict | None) -> Parts: ...
     def summary(self, plan: Any) -> dict: ...  # the task's fields of summary.json
+    def model_record(self, data: Any, plan: Any, env: Env) -> dict: ...  # final.pt's `checkpoint.RECORD_KEYS`
 
 
 def train(task: Task, cfg: TrainSettings, dist: D.DistInfo | None = None) -> TrainResult:
@@ -131,7 +132,8 @@ def _train(task: Task, cfg: TrainSettings, dist: D.DistInfo, record: RunRecord) 
     parts = task.parts(data, plan, env, previous)
     result = run(model, make_optimizer=parts.make_optimizer, data=parts.data, lr_at=parts.lr_at, loss_fn=parts.loss_fn,
                  run_dir=run_dir, config=LoopConfig.of(cfg, plan.total_steps, precision, channels_last), dist=dist,
-                 evaluate=parts.evaluate, resume=cfg.resume, model_name=cfg.model)
+                 evaluate=parts.evaluate, resume=cfg.resume, model_name=cfg.model,
+                 model_record=task.model_record(data, plan, env))
     mine = parts.data.bad | getattr(parts.evaluate, "bad", set())
     bad = sorted(set().union(*D.all_gather_object(mine, dist)))
     if dist.is_main:

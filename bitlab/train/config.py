@@ -95,7 +95,11 @@ class FinetuneConfig(TrainSettings):
     model: str = setting(help="bitlab name (BiT-M-R50x1, R50x1, R14x0.5, ...) or any timm name")
     data: str = setting(help="DIR with train/ and val/ (or test/) class folders, a folder of class folders, "
                              "make-ooc output (manifest.csv), a CSV of path,label[,split], or builtin:digits")
-    pretrained: str | None = setting(None, "weights: official .npz, bitlab or timm checkpoint", metavar="PATH")
+    pretrained: str | None = setting(None, "weights file: official .npz, bitlab or timm checkpoint (default: the "
+                                           "weights the model name stands for: the official BiT .npz or timm's "
+                                           "pretrained ones, fetched into the cache on first use)", metavar="PATH")
+    random_init: bool = setting(False, "start from random weights, not pretrained ones (no transfer: names without "
+                                       "released weights, such as R14x0.5, need this or --pretrained)")
     val_split: str | None = setting(None, "name of the validation split (default: val, validation, then test)")
     seed: int = setting(0, "few-shot subset, data order, augmentation, MixUp, init", check=NOT_NEGATIVE)
     split_seed: int = setting(0, "the --val-fraction hold-out's seed (not --seed, so few-shot seeds share it)",
@@ -125,6 +129,14 @@ class FinetuneConfig(TrainSettings):
         super().__post_init__()
         if self.pretrained is not None and not Path(self.pretrained).is_file():
             raise ConfigError("pretrained", f"{{setting}} {self.pretrained}: no such file")
+        if self.pretrained is not None and self.random_init:
+            raise ConfigError("random_init", f"{{setting}} asks for random weights, but a weights file is given too "
+                                             f"({self.pretrained}): give one or the other")
+
+    @property
+    def weights(self) -> str | bool:
+        """`create_model`'s `pretrained`: the file, False for random weights, else True (the name's own)."""
+        return self.pretrained or not self.random_init
 
 
 @dataclass(kw_only=True)

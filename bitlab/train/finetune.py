@@ -23,7 +23,7 @@ from bitlab.data import datasets
 from bitlab.data.datasets import Splits
 from bitlab.data.loader import TrainFiles, make_loader
 from bitlab.data.mixup import MixedTargets, mix, mixup_cross_entropy, step_mixup
-from bitlab.data.transforms import TrainAugment, normalize, square_eval_image, train_image
+from bitlab.data.transforms import DataConfig, TrainAugment, normalize, square_eval_image, train_image
 from bitlab.errors import BitlabError
 from bitlab.models import checkpoints, registry
 from bitlab.train import distributed as D
@@ -42,13 +42,14 @@ _RESUME_KEYS = ("model", "data", "val_data", "val_split", "val_fraction", "split
                 "square_resize", "random_crop", "flip")
 # What a finished few-shot run must share with the sweep that finds it, to be reused: the data and
 # everything else that changes the result (a resumed run may change its lr, say after a NaN).
-_REUSE_KEYS = (*_RESUME_KEYS, "pretrained", "base_lr")
+_REUSE_KEYS = (*_RESUME_KEYS, "pretrained", "random_init", "base_lr")
 _AUG_STREAM = 0x617567  # keeps augmentation randomness apart from other streams of the same seed
 
 
 # ----------------------------------------------------------------------------- model
-def build_model(name: str, num_classes: int, pretrained: str | None) -> nn.Module:
-    """`name` with a new zero-initialised `num_classes` head (BiT-HyperRule), weights from `pretrained`.
+def build_model(name: str, num_classes: int, pretrained: str | bool = True) -> nn.Module:
+    """`name` with a new zero-initialised `num_classes` head (BiT-HyperRule), its other weights from
+    `pretrained`: True, those the name stands for (`registry.create_model`); a file; False, random.
 
     bitlab names load official npz, bitlab and timm files strictly (the file's head is dropped);
     other (timm) models load every tensor but the classifier, strictly, then get a new head.
@@ -59,8 +60,9 @@ def build_model(name: str, num_classes: int, pretrained: str | None) -> nn.Modul
         except checkpoints.CheckpointMismatch as e:
             raise checkpoints.CheckpointMismatch(
                 f"{e} (is it a checkpoint for another architecture than {name}?)") from None
-    model = registry.create_model(name)
-    if pretrained is not None:
+    from_file = not registry.own_weights(pretrained) and pretrained is not False
+    model = registry.create_model(name, pretrained=False if from_file else pretrained)
+    if from_file:
         _load_backbone(model, pretrained)
     if not hasattr(model, "reset_classifier"):
         raise BitlabError(f"{name}: the model has no reset_classifier(); cannot give it a {num_classes}-class head")
@@ -182,7 +184,7 @@ class Finetune:
         return load_data(self.cfg)
 
     def build_model(self, splits: Splits) -> nn.Module:
-        return build_model(self.cfg.model, len(splits.classes), self.cfg.pretrained)
+        return build_model(self.cfg.model, len(splits.classes), self.cfg.weights)
 
     def plan(self, splits: Splits, model: nn.Module, env: Env) -> FinetunePlan:
         micro = D.per_rank_batch(self.cfg.batch_size, self.cfg.batch_split, env.dist)
@@ -194,6 +196,8 @@ class Finetune:
     def record(self, splits: Splits, p: FinetunePlan, run_dir: Path) -> None:
         for warning in p.warnings:
             log.warning(warning)
+        if self.cfg.random_init:
+            log.warning("%s starts from random weights (--random-init): no transfer", self.cfg.model)
         if self.cfg.examples_per_class is not None:  # the picked files, to see (and check) what a seed chose
             io.write_text(run_dir / "fewshot_files.txt", "".join(
                 f"{path}\t{splits.classes[label]}\n" for path, label in zip(splits.train.paths, splits.train.labels)))
@@ -229,8 +233,20 @@ class Finetune:
                      lambda step: hyperrule.lr_at(step, supports, cfg.base_lr), mixup_cross_entropy)
 
     def summary(self, p: FinetunePlan) -> dict:
-        return {"examples_per_class": self.cfg.examples_per_class, "seed": self.cfg.seed,
-                "dataset_size": p.dataset_size, "num_classes": p.num_classes, "warnings": p.warnings}
+        cfg = self.cfg
+        return {"examples_per_class": cfg.examples_per_class, "seed": cfg.seed,
+                "dataset_size": p.dataset_size, "num_classes": p.num_classes, "warnings": p.warnings,
+                "weights": _start_weights(asdict(cfg)) or "random (--random-init)",
+                "random_init": cfg.random_init}
+
+    def model_record(self, splits: Splits, p: FinetunePlan, env: Env) -> dict:
+        """The classes in head order, the validation view (`square_eval_image`: the whole image squashed
+        to crop x crop, which `DataConfig`'s crop_pct 1.0 is) and what the weights were pre-trained on."""
+        cfg = self.cfg
+        return {"classes": list(splits.classes),
+                "data_config": DataConfig(input_size=p.crop, mean=env.mean, std=env.std, crop_pct=1.0).to_dict(),
+                "pretraining_data": "none (trained from scratch)" if cfg.weights is False
+                else registry.pretraining_data(cfg.model, cfg.weights)}
 
 
 def finetune(cfg: FinetuneConfig, dist: D.DistInfo | None = None) -> TrainResult:
@@ -315,8 +331,8 @@ def summarize_fewshot(rows: list[dict]) -> list[dict]:
 
 def read_fewshot(out: str | Path):
     """`fewshot.csv` of a `bitlab fewshot` folder as a DataFrame (a row per K and seed), with each run's
-    `num_classes` (its summary.json: chance level) and the sweep's `pretrained` weights (config.json;
-    None: from scratch, "unknown" without one)."""
+    `num_classes` (its summary.json: chance level) and the sweep's `pretrained` weights (config.json:
+    the file, or the model's own pretrained weights; None: from scratch; "unknown" without one)."""
     import pandas as pd
 
     out = Path(out)
@@ -328,8 +344,18 @@ def read_fewshot(out: str | Path):
         raise BitlabError(f"{path}: missing column(s) {', '.join(missing)}")
     runs["num_classes"] = [(_read_summary(out / d) or {}).get("num_classes") for d in runs["run_dir"]]
     config = out / "config.json"
-    runs["pretrained"] = json.loads(config.read_text()).get("pretrained") if config.is_file() else "unknown"
+    runs["pretrained"] = _start_weights(json.loads(config.read_text())) if config.is_file() else "unknown"
     return runs
+
+
+def _start_weights(config: dict) -> str | None:
+    """What a sweep's runs started from, by its config.json: the weights file, the model's own pretrained
+    weights, or None (random weights; sweeps recorded before `random_init` without a file were random)."""
+    if config.get("pretrained"):
+        return config["pretrained"]
+    if config.get("random_init", True):
+        return None
+    return f"{config.get('model')} (pretrained)"
 
 
 def _read_summary(run_dir: Path) -> dict | None:

@@ -198,9 +198,10 @@ class Checkpoints:
     """`checkpoint.pt` of this run: `saved` is the step it holds (None: none yet)."""
 
     def __init__(self, run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler | None, dist: DistInfo, model_name: str | None) -> None:
+                 scaler: torch.amp.GradScaler | None, dist: DistInfo, model_name: str | None,
+                 model_record: dict | None = None) -> None:
         self.path, self.model, self.optimizer, self.scaler = run_dir / CHECKPOINT, model, optimizer, scaler
-        self.dist, self.model_name = dist, model_name
+        self.dist, self.model_name, self.model_record = dist, model_name, model_record
         self.saved: int | None = None
 
     def restore(self, resume: bool) -> int:
@@ -217,7 +218,8 @@ class Checkpoints:
     def save(self, step: int) -> Path:
         """Collective (every rank calls it at the same step)."""
         if self.saved != step:
-            save_checkpoint(self.path, step, self.model, self.optimizer, self.scaler, self.dist, self.model_name)
+            save_checkpoint(self.path, step, self.model, self.optimizer, self.scaler, self.dist, self.model_name,
+                            self.model_record)
             self.saved = step
         return self.path
 
@@ -302,8 +304,9 @@ def run(model: nn.Module, *, make_optimizer: Callable[[nn.Module], torch.optim.O
         lr_at: Callable[[int], float | None], loss_fn: Callable[[torch.Tensor, Any], torch.Tensor],
         run_dir: str | Path, config: LoopConfig, dist: DistInfo = DistInfo(),
         evaluate: Callable[[nn.Module, int], dict] | None = None, resume: bool = False,
-        model_name: str | None = None) -> TrainResult:
-    """Train `model` for `config.total_steps` optimiser steps (or until `lr_at` returns None)."""
+        model_name: str | None = None, model_record: dict | None = None) -> TrainResult:
+    """Train `model` for `config.total_steps` optimiser steps (or until `lr_at` returns None).
+    `model_name` and `model_record` (`checkpoint.save_model`) go into checkpoint.pt and final.pt."""
     run_dir = Path(run_dir)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -312,7 +315,7 @@ def run(model: nn.Module, *, make_optimizer: Callable[[nn.Module], torch.optim.O
         raw = raw.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(raw)
     scaler = torch.amp.GradScaler(dist.device.type) if config.precision == "fp16" else None
-    checkpoints = Checkpoints(run_dir, raw, optimizer, scaler, dist, model_name)
+    checkpoints = Checkpoints(run_dir, raw, optimizer, scaler, dist, model_name, model_record)
     start = checkpoints.restore(resume)
     barrier(dist)
     net = wrap_model(raw, dist)
@@ -389,7 +392,8 @@ def _steps(batches: Iterator, start: int, stepper: Stepper, lr_at: Callable[[int
     # The weights first, then the final evaluation: a finished run keeps them even if it fails.
     result.checkpoint = checkpoints.save(step)
     if dist.is_main:
-        result.final = save_model(checkpoints.model, checkpoints.path.parent / FINAL, checkpoints.model_name)
+        result.final = save_model(checkpoints.model, checkpoints.path.parent / FINAL, checkpoints.model_name,
+                                  checkpoints.model_record)
     barrier(dist)
     if last_eval != step:
         result.metrics = run_eval(step)

@@ -27,7 +27,8 @@ from bitlab.data.datasets import ImageSet, Splits
 from bitlab.data.loader import ShardViews, TrainFiles, make_loader
 from bitlab.data.multilabel import MultiLabelSet, load_labelled, random_holdout, read_classes, relabel
 from bitlab.data.shards import ShardIndex
-from bitlab.data.transforms import InceptionAugment, inception_image, upstream_eval_image
+from bitlab.data.transforms import (UPSTREAM_EVAL_CROP_PCT, DataConfig, InceptionAugment, inception_image,
+                                    upstream_eval_image)
 from bitlab.errors import BitlabError, ConfigError
 from bitlab.models import registry
 from bitlab.train import distributed as D
@@ -69,9 +70,9 @@ def classifier(model: nn.Module) -> nn.Module:
 
 
 def build_model(name: str, num_classes: int, *, multi_label: bool, head_bias: float | None = None) -> nn.Module:
-    """A randomly initialised registry model with a `num_classes` head; multi-label heads get the
-    rare-positive bias."""
-    model = registry.create_model(name, num_classes=num_classes)
+    """A randomly initialised registry model (pre-training starts from scratch by design) with a
+    `num_classes` head; multi-label heads get the rare-positive bias."""
+    model = registry.create_model(name, num_classes=num_classes, pretrained=False)
     if multi_label:
         head = classifier(model)
         if head.bias is None:
@@ -258,6 +259,12 @@ class Pretrain:
     def summary(self, plan: PretrainPlan) -> dict:
         return {"num_examples": plan.num_examples, "num_classes": plan.num_classes, "multi_label": plan.multi_label,
                 "world_size": plan.world_size}
+
+    def model_record(self, data: Splits, plan: PretrainPlan, env: Env) -> dict:
+        """The classes in head order, the validation view (`upstream_eval_image`) and the data itself."""
+        view = DataConfig(input_size=self.cfg.crop, mean=env.mean, std=env.std, crop_pct=UPSTREAM_EVAL_CROP_PCT)
+        return {"classes": list(data.classes), "data_config": view.to_dict(),
+                "pretraining_data": f"{Path(self.cfg.data).name or self.cfg.data} (bitlab pretrain)"}
 
 
 def pretrain(cfg: PretrainConfig, dist: D.DistInfo | None = None) -> TrainResult:

@@ -227,7 +227,7 @@ def test_hashes_as_signed_vectors_give_hamming_distances_by_matmul(photos):
 
 def test_model_embedding_is_normalised_pre_logits():
     torch.manual_seed(0)
-    emb = dedup.make_embedding("model:R14x0.5")
+    emb = dedup.make_embedding("model:R14x0.5", random_init=True)
     x = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
     e = emb.embed(x)
     assert e.shape == (3, emb.model.num_features)
@@ -237,8 +237,20 @@ def test_model_embedding_is_normalised_pre_logits():
     torch.testing.assert_close(e, torch.nn.functional.normalize(raw, dim=1))
 
 
+def test_model_embeddings_are_pretrained_unless_random_init_is_asked_for():
+    with pytest.raises(BitlabError, match="R14x0.5 names an architecture, and no weights were released"):
+        dedup.make_embedding("model:R14x0.5")
+    with pytest.raises(BitlabError, match="random_init applies to model embeddings, not phash"):
+        dedup.make_embedding("phash", random_init=True)
+    with pytest.raises(BitlabError, match="--random-init asks for random weights, but --weights w.npz gives a file"):
+        dedup.make_embedding("model:R14x0.5", "w.npz", random_init=True)
+    one, two = (dedup.make_embedding("model:R14x0.5", random_init=True) for _ in range(2))
+    assert one.cache_key() == two.cache_key()  # seed 0: the same random weights, so cached embeddings stay valid
+    assert all(torch.equal(a, b) for a, b in zip(one.model.state_dict().values(), two.model.state_dict().values()))
+
+
 def test_model_without_pooled_pre_logits_is_rejected():
-    emb = dedup.make_embedding("model:resnet18")
+    emb = dedup.make_embedding("model:resnet18", random_init=True)
     emb.model.reset_classifier(0, global_pool="")  # timm: features stay (N, C, h, w)
     with pytest.raises(BitlabError, match=r"pre-logits have shape \(1, 512, 2, 2\), expected \(N, D\)"):
         emb.embed(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))

@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -23,6 +22,7 @@ from bitlab.data.transforms import decode_image, eval_image, normalize, to_chw_t
 from bitlab.errors import BitlabError
 from tests.fixtures import numerics
 from bitlab.eval import evaluate as ev_mod
+from bitlab.eval import multi, predict
 from bitlab.eval.evaluate import EvaluateConfig, evaluate
 from bitlab.eval.results import load_results
 from bitlab.models import create_model, save_bitlab, zoo
@@ -75,7 +75,7 @@ def test_summary_and_config_agree_with_predictions(offline_results):
 def test_interrupted_run_resumes_from_saved_chunks(tiny_ooc, tmp_path, monkeypatch, offline_results):
     data = tmp_path / "data"
     shutil.copytree(tiny_ooc, data)
-    monkeypatch.setattr(ev_mod, "CHUNK", 4)
+    monkeypatch.setattr(multi, "CHUNK", 4)
     victim = data / "missile" / "rocket__brick.png"  # row 10: in the third chunk
     good = victim.read_bytes()
     victim.write_bytes(b"not an image")
@@ -87,12 +87,12 @@ def test_interrupted_run_resumes_from_saved_chunks(tiny_ooc, tmp_path, monkeypat
 
     victim.write_bytes(good)
     seen = []
-    real = ev_mod.iter_probs
-    def spy(model, paths, **kw):
+    real = predict.iter_probs_many
+    def spy(models, paths, **kw):
         seen.append(len(paths))
-        return real(model, paths, **kw)
+        return real(models, paths, **kw)
 
-    monkeypatch.setattr(ev_mod, "iter_probs", spy)
+    monkeypatch.setattr(predict, "iter_probs_many", spy)
     evaluate(cfg)
     assert seen == [4]  # only the chunk that failed ran again
     resumed = pd.read_csv(tmp_path / "r" / "predictions.csv", keep_default_na=False)
@@ -102,7 +102,8 @@ def test_interrupted_run_resumes_from_saved_chunks(tiny_ooc, tmp_path, monkeypat
 
 def test_head_must_be_1000_way_unless_a_label_map_is_given(tiny_ooc, tmp_path):
     torch.manual_seed(0)
-    cfg = EvaluateConfig(model="R14x0.5", num_classes=4, data=str(tiny_ooc), out=str(tmp_path / "r"), image_size=64)
+    cfg = EvaluateConfig(model="R14x0.5", random_init=True, num_classes=4, data=str(tiny_ooc), out=str(tmp_path / "r"),
+                         image_size=64)
     with pytest.raises(BitlabError, match=r"R14x0.5 has a 4-way head.*--label-map"):
         evaluate(cfg)
     assert not (tmp_path / "r").exists()
@@ -118,16 +119,19 @@ def test_head_must_be_1000_way_unless_a_label_map_is_given(tiny_ooc, tmp_path):
         evaluate(cfg)
 
 
-@pytest.mark.parametrize("model, pretrained, expected", [
-    (zoo.OFFLINE_IMAGENET_MODEL, None, "ILSVRC-2012"),
-    ("BiT-M-R50x1-ILSVRC2012", "w.npz", "ImageNet-21k"),
-    ("BiT-S-R50x1", "w.npz", "ILSVRC-2012"),
-    ("BiT-M-R50x1", None, "none (random weights)"),
-    ("resnet50", None, "none (random weights)"),
-    ("R50x1", "w.npz", "unknown"),
+@pytest.mark.parametrize("model, pretrained, random_init, expected", [
+    (zoo.OFFLINE_IMAGENET_MODEL, None, False, "ILSVRC-2012"),
+    ("BiT-M-R50x1-ILSVRC2012", "w.npz", False, "ImageNet-21k"),
+    ("BiT-S-R50x1", "w.npz", False, "ILSVRC-2012"),
+    ("BiT-M-R50x1", None, False, "ImageNet-21k"),  # its own weights, fetched into the cache
+    ("resnet50", None, False, "ILSVRC-2012"),  # timm's default tag, a1_in1k
+    ("vit_base_patch16_224.augreg2_in21k_ft_in1k", None, False, "ImageNet-21k"),  # the first data a tag names
+    ("BiT-M-R50x1", None, True, "none (random weights)"),
+    ("resnet50", None, True, "none (random weights)"),
+    ("R50x1", "w.npz", False, "unknown"),
 ])
-def test_pretraining_data_for_the_legend(model, pretrained, expected):
-    cfg = EvaluateConfig(model=model, data="d", out="o", pretrained=pretrained)
+def test_pretraining_data_for_the_legend(model, pretrained, random_init, expected):
+    cfg = EvaluateConfig(model=model, data="d", out="o", pretrained=pretrained, random_init=random_init)
     assert ev_mod.pretraining_data(cfg) == expected
     cfg.pretraining_data = "JFT-300M"
     assert ev_mod.pretraining_data(cfg) == "JFT-300M"
@@ -135,10 +139,11 @@ def test_pretraining_data_for_the_legend(model, pretrained, expected):
 
 def test_cli_evaluate_prints_scores_and_errors_name_the_culprit(tiny_ooc, tmp_path, capsys):
     out = tmp_path / "r"
-    assert main(["evaluate", "--model", "R14x0.5", "--image-size", "64", "--data", str(tiny_ooc),
+    assert main(["evaluate", "--model", "R14x0.5", "--random-init", "--image-size", "64", "--data", str(tiny_ooc),
                  "--out", str(out), "--label", "tiny random"]) == 0
     printed = capsys.readouterr().out
-    assert "tiny random on" in printed and "top-1" in printed and "most fooling background" in printed
+    assert "tiny random on" in printed and "top-1" in printed
+    assert "most fooling backgrounds: no background is separated from the rest by its 95% interval" in printed
     assert "objects fooled by at least one background: 3 of 3" in printed  # random weights: all wrong
     assert json.loads((out / "summary.json").read_text())["model"]["pretraining_data"] == "none (random weights)"
     (tmp_path / "empty").mkdir()
@@ -158,7 +163,7 @@ def test_any_timm_model_with_its_own_preprocessing(tiny_ooc, tmp_path):
     summary = evaluate(EvaluateConfig(model="resnet18", pretrained=str(tmp_path / "resnet18.pt"), data=str(tiny_ooc),
                                       out=str(out), image_size=96))
     assert summary["n"] == 12 and summary["model"]["num_outputs"] == 1000
-    cfg = create_model("resnet18").data_config
+    cfg = create_model("resnet18", pretrained=False).data_config
     assert cfg.mean == pytest.approx((0.485, 0.456, 0.406)) and cfg.std == pytest.approx((0.229, 0.224, 0.225))
     df = pd.read_csv(out / "predictions.csv", keep_default_na=False)
     cfg = dataclasses.replace(cfg, input_size=96)
@@ -172,9 +177,61 @@ def test_any_timm_model_with_its_own_preprocessing(tiny_ooc, tmp_path):
 def test_summary_stores_the_data_folder_absolute(tiny_ooc, tmp_path, monkeypatch):
     """A relative --data is stored resolved: figures drawn from another directory find the images."""
     monkeypatch.chdir(tiny_ooc.parent)
-    summary = evaluate(EvaluateConfig(model="R14x0.5", image_size=32, data=tiny_ooc.name, out=str(tmp_path)))
+    summary = evaluate(EvaluateConfig(model="R14x0.5", random_init=True, image_size=32, data=tiny_ooc.name,
+                                      out=str(tmp_path)))
     assert summary["dataset"]["path"] == str(tiny_ooc.resolve())
     assert json.loads((tmp_path / "summary.json").read_text())["dataset"]["path"] == str(tiny_ooc.resolve())
+
+
+def test_offline_a_timm_name_without_cached_weights_exits_2_saying_how_to_go_on(tiny_ooc, tmp_path, capsys):
+    from huggingface_hub import constants
+
+    assert constants.HF_HUB_OFFLINE  # the suite runs offline, with an empty hub cache (tests/conftest.py)
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--model", "resnet18.a1_in1k", "--data", str(tiny_ooc), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for part in ("bitlab evaluate: error: resnet18.a1_in1k: its pretrained weights are not in the cache and cannot be "
+                 "fetched: offline (HF_HUB_OFFLINE is set)", "the Hugging Face hub as timm/resnet18.a1_in1k",
+                 f"cached in {constants.HF_HUB_CACHE}", "`bitlab weights download resnet18.a1_in1k`",
+                 "--pretrained FILE", "--random-init"):
+        assert part in err, part
+    assert not out.exists()
+
+
+def test_random_init_runs_and_every_output_says_random(tiny_ooc, tmp_path, capsys):
+    """`--random-init`: the terminal, summary.json, the results table and the figures all say so."""
+    from bitlab import report
+    from bitlab.eval.results import load_results
+
+    out = tmp_path / "ev"
+    args = ["evaluate", "--model", "resnet18.a1_in1k", "--random-init", "--image-size", "64", "--data", str(tiny_ooc)]
+    assert main([*args, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"resnet18.a1_in1k (random weights) on {tiny_ooc}")
+    assert "random weights (--random-init): these scores are chance, not a trained model's" in printed
+    model = json.loads((out / "summary.json").read_text())["model"]
+    assert (model["label"], model["random_init"], model["pretraining_data"]) == (
+        "resnet18.a1_in1k (random weights)", True, "none (random weights)")
+    assert model["weights"] == "random (--random-init, seed 0)"
+    r = load_results(out)
+    assert report.results_table([r]).loc[0, "pre-training"] == "none (random weights)"
+    assert report.fig_backgrounds(r).axes[0].get_title().startswith("resnet18.a1_in1k (random weights): top-1")
+    # seed 0: a rerun draws the same random weights, so its numbers (and resumed chunks) agree
+    assert main([*args, "--out", str(tmp_path / "again")]) == 0
+    again = pd.read_csv(tmp_path / "again" / "predictions.csv")
+    pd.testing.assert_frame_equal(pd.read_csv(out / "predictions.csv"), again)
+
+
+def test_an_architecture_name_needs_a_file_or_random_init(tiny_ooc, tmp_path, capsys):
+    assert main(["evaluate", "--model", "R14x0.5", "--data", str(tiny_ooc), "--out", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert "R14x0.5 names an architecture, and no weights were released for it" in err and "--random-init" in err
+    assert main(["evaluate", "--model", "R14x0.5", "--random-init", "--pretrained", "w.npz", "--data", str(tiny_ooc),
+                 "--out", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert "--random-init asks for random weights, but --pretrained w.npz gives a weights file" in err
+    assert not (tmp_path / "ev").exists()
 
 
 def test_an_image_replaced_under_its_name_is_predicted_again(tiny_ooc, tmp_path, monkeypatch):
@@ -182,9 +239,9 @@ def test_an_image_replaced_under_its_name_is_predicted_again(tiny_ooc, tmp_path,
     same file name) is predicted again, and only its chunk."""
     data = tmp_path / "data"
     shutil.copytree(tiny_ooc, data)
-    monkeypatch.setattr(ev_mod, "CHUNK", 4)
+    monkeypatch.setattr(multi, "CHUNK", 4)
     torch.manual_seed(0)
-    weights = save_bitlab(create_model("R14x0.5"), tmp_path / "r14.pt", name="R14x0.5")
+    weights = save_bitlab(create_model("R14x0.5", pretrained=False), tmp_path / "r14.pt", name="R14x0.5")
     cfg = EvaluateConfig(model="R14x0.5", pretrained=str(weights), image_size=32, data=str(data),
                          out=str(tmp_path / "r"), workers=0, progress=False)
     victim = data / "missile" / "rocket__brick.png"  # row 10: in the third chunk
@@ -196,13 +253,13 @@ def test_an_image_replaced_under_its_name_is_predicted_again(tiny_ooc, tmp_path,
     changed.write_bytes((data / "espresso" / "coffee__gravel.png").read_bytes())
     victim.write_bytes(good)
     seen = []
-    real = ev_mod.iter_probs
+    real = predict.iter_probs_many
 
-    def spy(model, paths, **kw):
+    def spy(models, paths, **kw):
         seen.append([Path(p).name for p in paths])
-        return real(model, paths, **kw)
+        return real(models, paths, **kw)
 
-    monkeypatch.setattr(ev_mod, "iter_probs", spy)
+    monkeypatch.setattr(predict, "iter_probs_many", spy)
     evaluate(cfg)
     assert [names[0] for names in seen] == ["chelsea__in-context.png", "rocket__in-context.png"]  # chunks 1, 3 again
     fresh = dataclasses.replace(cfg, out=str(tmp_path / "fresh"))
@@ -239,7 +296,7 @@ def weight_files(tmp_path_factory) -> list[Path]:
     """Two fixed R14x0.5 weight files (a model given without weights would differ per process)."""
     folder = tmp_path_factory.mktemp("weights")
     torch.manual_seed(0)
-    return [save_bitlab(create_model("R14x0.5"), folder / f"r14_{i}.pt", name="R14x0.5") for i in range(2)]
+    return [save_bitlab(create_model("R14x0.5", pretrained=False), folder / f"r14_{i}.pt", name="R14x0.5") for i in range(2)]
 
 
 def _evaluate_cmd(data: Path, out: Path, weights: Path) -> list[str]:

@@ -12,7 +12,7 @@ from tests.fixtures.reference_views import FAR, NEAR, differing, reference_view
 
 def test_batches_and_workers_do_not_change_predictions(tiny_ooc):
     torch.manual_seed(0)
-    model = create_model("R14x0.5", num_classes=7, image_size=64).eval()
+    model = create_model("R14x0.5", num_classes=7, image_size=64, pretrained=False).eval()
     paths = sorted(tiny_ooc.rglob("*.png"))
     cfg = model.data_config
     x = torch.cat([normalize(to_chw_tensor(eval_image(decode_image(p), cfg))[None], cfg.mean, cfg.std) for p in paths])
@@ -25,7 +25,7 @@ def test_batches_and_workers_do_not_change_predictions(tiny_ooc):
 
 
 def test_no_files_no_predictions():
-    model = create_model("R14x0.5", num_classes=7, image_size=32)
+    model = create_model("R14x0.5", num_classes=7, image_size=32, pretrained=False)
     assert predict_files(model, [], topk=5, progress=False).indices.shape == (0, 5)
 
 

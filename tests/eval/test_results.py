@@ -25,8 +25,8 @@ from tests.fixtures.processes import ENV
 def written(tiny_ooc, tmp_path_factory) -> tuple[Path, dict]:
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("results") / "tiny"
-    summary = evaluate(EvaluateConfig(model="R14x0.5", data=str(tiny_ooc), out=str(out), image_size=32, topk=3,
-                                      label="tiny (random)", workers=0, progress=False))
+    summary = evaluate(EvaluateConfig(model="R14x0.5", random_init=True, data=str(tiny_ooc), out=str(out),
+                                      image_size=32, topk=3, label="tiny (random)", workers=0, progress=False))
     return out, summary
 
 

@@ -11,6 +11,7 @@ from bitlab.data import imagenet
 from bitlab.errors import BitlabError
 from bitlab.eval import robustness
 from bitlab.eval.robustness import EvalItem
+from tests.eval.test_stats import wilson_by_hand
 from tests.fixtures.ooc_sets import write_classes
 
 
@@ -78,7 +79,9 @@ def test_usual_context_pairs_are_reported_apart():
                                       np.full((4, 5), 0.1, np.float32), np.zeros(4))
     s = robustness.summarize(df)
     assert s["top1"] == 0.5  # a on sea (its usual context) was right
-    assert s["excluding_usual_context"] == {"n": 3, "top1": 1 / 3, "top5": 2 / 3}
+    away = s["excluding_usual_context"]
+    assert (away["n"], away["top1"], away["top5"]) == (3, 1 / 3, 2 / 3)
+    assert away["top1_ci"] == pytest.approx(list(wilson_by_hand(1, 3)))
     assert "excluding_usual_context" not in robustness.summarize(_table())  # none marked: nothing to exclude
 
 
@@ -171,11 +174,22 @@ def test_scoring_is_top1_in_the_class_set():
 def test_summary_breakdowns():
     s = robustness.summarize(_table())
     assert (s["top1"], s["top5"], s["n"]) == (0.5, 0.75, 4)
-    assert s["per_class"]["a"] == {"n": 2, "top1": 0.5, "top5": 1.0}
+    # 2 objects: too few to resample; Wilson over the images, and the method says so
+    assert s["ci"] == "wilson over images (2 objects)"
+    assert s["top1_ci"] == pytest.approx(list(wilson_by_hand(2, 4)))
+    a = s["per_class"]["a"]
+    assert (a["n"], a["top1"], a["top5"]) == (2, 0.5, 1.0) 
+    assert a["top5_ci"] == pytest.approx(list(wilson_by_hand(1, 1)))  # one object, right on both: counted once
     assert s["per_background"]["road"]["top1"] == 0.0 and s["per_background"]["sea"]["top1"] == 1.0
+    assert s["per_background"]["road"]["ci"] == "wilson"  # one image per object: independent
     assert s["class_background_top1"] == {"a": {"road": 0.0, "sea": 1.0}, "b": {"road": 0.0, "sea": 1.0}}
-    worst = s["most_fooling_backgrounds"][0]
+    assert s["class_background_n"] == {"a": {"road": 1, "sea": 1}, "b": {"road": 1, "sea": 1}}
+    # 0 of 2 against 2 of 2: the intervals overlap, so no background is named
+    assert s["most_fooling_backgrounds"] == []
+    assert s["most_fooling_backgrounds_note"].startswith("no background is separated")
+    worst = robustness.most_fooling_backgrounds(_table())[0]  # the plain ranking, with its interval
     assert worst["background"] == "road" and worst["top1_error"] == 1.0
+    assert worst["top1_error_ci"] == pytest.approx([1 - h for h in wilson_by_hand(0, 2)[::-1]])
     assert worst["wrong_predictions"] == [[imagenet.names()[9], 2]]
     effect = s["background_effect"]  # both classes right on the sea, wrong on the road: all background
     assert (effect["background"], effect["class"], effect["background_dependent"]) == (1.0, 0.0, 1.0)
@@ -183,6 +197,32 @@ def test_summary_breakdowns():
     fg = s["per_foreground"]
     assert fg["count"] == 2 and fg["fooled_by_any"] == 2 and fg["fooled_by_all"] == 0
     assert fg["objects"]["fb"]["fooling_backgrounds"] == ["road"] and fg["mean_fooled_fraction"] == 0.5
+    assert fg["objects"]["fb"]["fooled_ci"] == pytest.approx(list(wilson_by_hand(1, 2)))
+
+
+def test_rankings_name_only_what_the_intervals_separate():
+    """12 objects on 4 backgrounds: 'road' fools every object, 'dust' every third; only road is
+    separated from the rest, and the per-class ranking names the class a model never gets."""
+    items, rows = [], []
+    for o in range(12):
+        for b in ("sea", "sky", "road", "dust"):
+            cls = "hard" if o < 6 else "easy"
+            items.append(EvalItem(f"{o}/{b}", cls, (1,), b, f"f{o}", b))
+            right = b != "road" and not (b == "dust" and o % 3 == 0) and not (cls == "hard" and b == "sky")
+            rows.append([1 if right else 7, 2, 3, 4, 5])
+    df = robustness.predictions_table(items, np.array(rows), np.full((48, 5), 0.2, np.float32), np.zeros(48))
+    s = robustness.summarize(df)
+    assert [r["background"] for r in s["most_fooling_backgrounds"]] == ["road"]
+    road = s["most_fooling_backgrounds"][0]
+    assert road["n"] == 12 and road["top1"] == 0.0 and road["top1_ci"][1] < road["rest_top1_ci"][0]
+    assert road["wrong_predictions"] == [[imagenet.names()[7], 12]]
+    assert "1 of 4 separated" in s["most_fooling_backgrounds_note"]
+    # two classes of 6 objects each: 'hard' (right on 2 of 4 backgrounds at best) vs 'easy'
+    assert s["ci"] == "bootstrap over objects, 12 objects"
+    assert [r["class"] for r in s["hardest_classes"]] in ([], ["hard"])  # only if the intervals allow
+    hard, easy = s["per_class"]["hard"], s["per_class"]["easy"]
+    separated = hard["top1_ci"][1] < easy["top1_ci"][0]
+    assert bool(s["hardest_classes"]) == separated
 
 
 def test_official_folders_against_the_shipped_class_table(tiny_ooc, tmp_path):
@@ -205,7 +245,8 @@ def test_official_folders_against_the_shipped_class_table(tiny_ooc, tmp_path):
 def _evaluate_cli(root, out, capsys) -> tuple[int, str]:
     from bitlab.cli import main
 
-    rc = main(["evaluate", "--model", "R14x0.5", "--image-size", "32", "--data", str(root), "--out", str(out)])
+    rc = main(["evaluate", "--model", "R14x0.5", "--random-init", "--image-size", "32", "--data", str(root),
+               "--out", str(out)])
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return rc, err
@@ -232,6 +273,43 @@ def test_manifest_encodings_and_repeated_rows(tiny_ooc, tmp_path, capsys):
     file = next(csv.DictReader([lines[0].decode(), lines[3].decode()]))["file"]
     assert rc == 2 and f"error: {manifest}: row {n_rows + 2}: image '{file}' is listed again (first on row 4)" in err
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- heads
+def test_head_classes_map_by_wnid_class_table_and_ilsvrc_name(tmp_path):
+    """A run's class names in head order -> what each output stands for: a wnid, a class of the table by
+    folder or name (its whole ILSVRC set; the table wins over an ILSVRC name), an ILSVRC short name or
+    another lemma that names one class."""
+    table = robustness.load_classes(write_classes(tmp_path / "classes.csv"))
+    head = robustness.head_from_classes(["n01440764", "cat", "Coffee", "goldfish", "tabby cat", "missile"], table,
+                                        "run")
+    assert head.ilsvrc == ((0,), (281, 282, 285), (967,), (1,), (281,), (657, 744))
+    assert (head.way, head.subset) == (6, True)
+    assert head.note == "6-way head: an easier task than the paper's 1000-way models"
+    assert head.right_outputs((282,)).tolist() == [1] and head.right_outputs((281, 283)).tolist() == [1, 4]
+    assert head.scores((744,)) and not head.scores((2,))
+    # the ILSVRC class each output answered stands for on its image: the image's own when it covers it
+    assert head.ilsvrc_ids(np.array([[1, 5], [1, 0]]), [(282,), (3,)]).tolist() == [[282, 657], [281, 0]]
+    assert robustness.head_from_classes(list(imagenet.wnids()), table, "run") is None  # ILSVRC-2012's own head
+
+
+def test_classes_that_map_to_nothing_or_to_several_are_one_error(tmp_path):
+    table = robustness.load_classes(write_classes(tmp_path / "classes.csv"))
+    with pytest.raises(BitlabError) as e:
+        robustness.head_from_classes(["cat", "giraffe_xyz", "crane", "7"], table, "runs/x/final.pt")
+    message = str(e.value)
+    assert message.startswith("runs/x/final.pt: 'giraffe_xyz', '7' map to no ILSVRC-2012 class; 'crane' names 2 "
+                              "ILSVRC-2012 classes (n02012849 crane, n03126707 crane): use its wnid.")
+    assert message.endswith("--label-map FILE (one ILSVRC-2012 wnid or '-' per output, 4 lines in head order)")
+
+
+def test_a_label_map_is_a_head_map_too(tmp_path):
+    (tmp_path / "map.txt").write_text("n02123045\n-\n967\n")
+    head = robustness.head_from_label_map(tmp_path / "map.txt")
+    assert head.ilsvrc == ((281,), (), (967,)) and head.names == ("n02123045", "-", "n07920052") and head.way == 2
+    full = tmp_path / "full.txt"
+    full.write_text("\n".join(imagenet.wnids()[::-1]) + "\n")  # all 1000, in another order: the paper's task
+    assert not robustness.head_from_label_map(full).subset and robustness.head_from_label_map(full).note == ""
 
 
 def _grid(cells: list[list[int]]) -> "pd.DataFrame":

@@ -11,7 +11,7 @@ from bitlab.eval import stats
 Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile
 
 
-def wilson_by_hand(k: int, n: int) -> tuple[float, float]:
+def wilson_by_hand(k: float, n: int) -> tuple[float, float]:
     p, z2 = k / n, Z95 ** 2
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = Z95 / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
@@ -102,3 +102,49 @@ def test_separated_names_only_groups_whose_interval_clears_the_rest():
     assert stats.separated(groups, rest, "high") == []
     with pytest.raises(ValueError):
         stats.separated(groups, rest, "middle")
+
+
+def test_few_objects_give_an_interval_over_images_that_says_so():
+    """One object on 12 backgrounds: no spread between objects to resample; the interval is
+    Wilson's over its images, and the method names the object count."""
+    correct = np.arange(12) < 7
+    est = stats.accuracy(correct, np.zeros(12, int))
+    assert est.method == "wilson over images (1 objects)" and est.clusters == 1
+    assert (est.low, est.high) == pytest.approx(wilson_by_hand(7, 12))
+    four = stats.accuracy(np.arange(16) % 3 == 0, np.repeat(np.arange(4), 4))
+    assert four.method == "wilson over images (4 objects)"
+    five = stats.accuracy(np.arange(20) % 3 == 0, np.repeat(np.arange(5), 4))
+    assert five.method == "bootstrap over objects" and five.clusters == 5
+    d = stats.paired_difference(np.arange(12) < 7, np.arange(12) < 3, np.zeros(12, int))
+    assert d.difference.method == "bootstrap over images (1 objects)" and d.difference.clusters is None
+
+
+def test_estimates_serialise_without_nan():
+    empty = stats.accuracy(np.zeros(0, bool))
+    assert empty.to_dict()["value"] is None and empty.interval == [None, None]
+    assert "clusters" not in stats.wilson(1, 2).to_dict()
+    import json
+    json.dumps(empty.to_dict(), allow_nan=False)  # valid JSON
+
+
+def test_by_group_pools_the_rest_and_feeds_separated():
+    correct = np.array([0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], bool)
+    groups = np.array(["water"] * 8 + ["grass"] * 8 + ["sky"] * 8)
+    own, rest = stats.by_group(correct, groups)
+    assert own["water"].value == 0.0 and rest["water"].value == 1.0 and rest["water"].n == 16
+    assert (rest["grass"].value, rest["grass"].n) == (0.5, 16)
+    assert stats.separated(own, rest, "low") == ["water"]
+    # counted by hand: each group's interval is Wilson over its 8 images
+    assert (own["sky"].low, own["sky"].high) == pytest.approx(wilson_by_hand(8, 8))
+
+
+def test_mean_over_objects_resamples_objects():
+    rng = np.random.default_rng(5)
+    shares = rng.integers(0, 42, 30) / 41  # 30 objects, the share of their 41 backgrounds that fool
+    est = stats.mean_over_objects(shares)
+    draws = shares[np.random.default_rng(9).integers(0, 30, size=(20000, 30))].mean(1)
+    low, high = np.percentile(draws, [2.5, 97.5])
+    assert est.method == "bootstrap over objects" and est.value == pytest.approx(shares.mean())
+    assert est.low == pytest.approx(low, abs=0.01) and est.high == pytest.approx(high, abs=0.01)
+    few = stats.mean_over_objects(np.array([0.5, 0.25]))
+    assert few.method == "wilson over objects" and (few.low, few.high) == pytest.approx(wilson_by_hand(0.75, 2))

@@ -42,7 +42,7 @@ def _timm_bit(num_classes: int) -> torch.nn.Module:
 
 
 def test_official_key_schema_and_hwio(tmp_path):
-    model = _randomise(create_model("BiT-M-R50x1"))
+    model = _randomise(create_model("BiT-M-R50x1", pretrained=False))
     path = checkpoints.save_npz(model, tmp_path / "BiT-M-R50x1.npz")
     with np.load(path, allow_pickle=False) as f:
         keys = set(f.files)
@@ -58,7 +58,7 @@ def test_official_key_schema_and_hwio(tmp_path):
 
 
 def test_npz_round_trip_is_exact(tmp_path):
-    model = _randomise(create_model("R14x0.5", num_classes=7))
+    model = _randomise(create_model("R14x0.5", num_classes=7, pretrained=False))
     a = checkpoints.save_npz(model, tmp_path / "a.npz")
     reloaded = create_model("R14x0.5", num_classes=7, pretrained=a)
     for k, v in model.state_dict().items():
@@ -70,7 +70,7 @@ def test_npz_round_trip_is_exact(tmp_path):
 
 def test_npz_loads_into_bitlab_and_timm_with_same_predictions(tmp_path, photos):
     """Parity: the same random weights give the same logits in bitlab and timm (eps matched)."""
-    bit = _randomise(create_model("BiT-S-R50x1"))
+    bit = _randomise(create_model("BiT-S-R50x1", pretrained=False))
     path = checkpoints.save_npz(bit, tmp_path / "BiT-S-R50x1.npz")
     ours = create_model("BiT-S-R50x1", pretrained=path).eval()
     theirs = _timm_bit(1000)
@@ -83,10 +83,10 @@ def test_npz_loads_into_bitlab_and_timm_with_same_predictions(tmp_path, photos):
 
 
 def test_timm_conversion_both_ways(photos):
-    bit = _randomise(create_model("R50x1", num_classes=10), seed=3)
+    bit = _randomise(create_model("R50x1", num_classes=10, pretrained=False), seed=3)
     theirs = _timm_bit(10)
     theirs.load_state_dict(bitlab_to_timm(bit.state_dict()), strict=True)
-    back = create_model("R50x1", num_classes=10)
+    back = create_model("R50x1", num_classes=10, pretrained=False)
     back.load_state_dict(timm_to_bitlab(theirs.state_dict()), strict=True)
     x = _batch(photos)
     exact, floor = numerics.exact_and_floor(bit, x)
@@ -96,7 +96,7 @@ def test_timm_conversion_both_ways(photos):
 
 
 def test_convert_cli_chain_npz_timm_bitlab_npz(tmp_path):
-    model = _randomise(create_model("R14x0.5", num_classes=3))
+    model = _randomise(create_model("R14x0.5", num_classes=3, pretrained=False))
     src = checkpoints.save_npz(model, tmp_path / "m.npz")
     checkpoints.convert(src, tmp_path / "m_timm.pth", to="timm")
     checkpoints.convert(tmp_path / "m_timm.pth", tmp_path / "m.pt")
@@ -108,7 +108,7 @@ def test_convert_cli_chain_npz_timm_bitlab_npz(tmp_path):
 
 
 def test_head_replaced_or_kept_and_headless_files(tmp_path):
-    upstream = _randomise(create_model("BiT-M-R50x1"))  # 21843-class head
+    upstream = _randomise(create_model("BiT-M-R50x1", pretrained=False))  # 21843-class head
     path = checkpoints.save_npz(upstream, tmp_path / "BiT-M-R50x1.npz")
     tuned = create_model("BiT-M-R50x1", num_classes=10, pretrained=path, zero_head=True)
     assert torch.count_nonzero(tuned.head.conv.weight) == 0 and tuned.head.conv.weight.shape[0] == 10
@@ -122,7 +122,7 @@ def test_head_replaced_or_kept_and_headless_files(tmp_path):
 
 
 def test_strict_errors_name_the_key_and_the_file(tmp_path):
-    model = _randomise(create_model("R14x0.5", num_classes=3))
+    model = _randomise(create_model("R14x0.5", num_classes=3, pretrained=False))
     arrays = checkpoints.state_dict_to_npz(model.state_dict())
     missing = dict(arrays)
     del missing["resnet/block2/unit01/b/group_norm/gamma"]
@@ -135,7 +135,8 @@ def test_strict_errors_name_the_key_and_the_file(tmp_path):
     with pytest.raises(CheckpointError, match=r"extra\.npz.*unexpected key"):
         create_model("R14x0.5", num_classes=3, pretrained=tmp_path / "extra.npz")
     # a checkpoint of another architecture: every shape is named
-    other = checkpoints.save_npz(_randomise(create_model("R50x1", num_classes=3)), tmp_path / "r50.npz")
+    other = checkpoints.save_npz(_randomise(create_model("R50x1", num_classes=3, pretrained=False)),
+                                 tmp_path / "r50.npz")
     with pytest.raises(CheckpointError, match=r"r50\.npz: key 'root\.conv\.weight' has shape \(64, 3, 7, 7\)"):
         create_model("R14x0.5", num_classes=3, pretrained=other)
 
@@ -158,7 +159,7 @@ def test_files_are_read_without_pickle(tmp_path):
 
 
 def test_bitlab_file_keeps_ablation_config_and_npz_refuses_it(tmp_path):
-    bn = _randomise(create_model("R14x0.5-bn-plain", num_classes=4))
+    bn = _randomise(create_model("R14x0.5-bn-plain", num_classes=4, pretrained=False))
     bn.train()(torch.randn(4, 3, 32, 32))  # populate running stats
     path = checkpoints.save_bitlab(bn, tmp_path / "bn.pt", name="R14x0.5-bn-plain")
     state, config = checkpoints.read_state_dict(path)
@@ -172,11 +173,11 @@ def test_bitlab_file_keeps_ablation_config_and_npz_refuses_it(tmp_path):
 
 
 def test_fine_tuned_file_brings_its_head_size(tmp_path):
-    tuned = _randomise(create_model("BiT-M-R50x1", num_classes=37))
+    tuned = _randomise(create_model("BiT-M-R50x1", num_classes=37, pretrained=False))
     path = checkpoints.save_bitlab(tuned, tmp_path / "final.pt", name="BiT-M-R50x1")
     model = create_model("BiT-M-R50x1", pretrained=path)  # no num_classes: 37 from the file, not 21843
     assert model.num_classes == 37 and torch.equal(model.head.conv.bias, tuned.head.conv.bias)
-    headless = create_model("R14x0.5", num_classes=0)
+    headless = create_model("R14x0.5", num_classes=0, pretrained=False)
     path = checkpoints.save_bitlab(headless, tmp_path / "headless.pt")
     assert create_model("R14x0.5", pretrained=path).num_classes == 1000  # no head in the file: the name's default
 
@@ -186,7 +187,7 @@ def test_fine_tuned_file_brings_its_head_size(tmp_path):
 def test_npz_and_timm_files_refuse_other_norm_or_conv(tmp_path, suffix):
     """npz and timm files carry no config but only ever hold GN+WS weights: raw WS kernels through a
     plain conv (or GN weights in BN) would load and give meaningless outputs."""
-    model = _randomise(create_model("R14x0.5", num_classes=3))
+    model = _randomise(create_model("R14x0.5", num_classes=3, pretrained=False))
     npz = checkpoints.save_npz(model, tmp_path / "m.npz")
     timm_file = checkpoints.save_timm(model, tmp_path / "m_timm.pth")
     for path in (npz, timm_file):
@@ -200,7 +201,7 @@ def test_timm_names_load_npz_and_bitlab_files_with_parity(tmp_path, photos, capl
     """`resnetv2_50x1_bit` takes the official npz and bitlab files (timm loads the npz itself too)."""
     from bitlab.train.finetune import build_model
 
-    ours = _randomise(create_model("R50x1", num_classes=5), seed=4)
+    ours = _randomise(create_model("R50x1", num_classes=5, pretrained=False), seed=4)
     files = [checkpoints.save_npz(ours, tmp_path / "m.npz"), checkpoints.save_bitlab(ours, tmp_path / "m.pt")]
     x = _batch(photos, size=64)
     ref, floor = numerics.exact_and_floor(ours.eval(), x)
@@ -219,7 +220,7 @@ def test_timm_names_load_npz_and_bitlab_files_with_parity(tmp_path, photos, capl
     tuned = build_model("resnetv2_50x1_bit", 4, str(files[0]))  # `finetune --model resnetv2_50x1_bit --pretrained`
     assert torch.equal(tuned.stages[3].blocks[2].conv3.weight, ours.body.block4.unit03.conv3.weight)
     assert tuned.get_classifier().out_channels == 4 and not tuned.get_classifier().weight.any()
-    bn = checkpoints.save_bitlab(create_model("R50x1-bn", num_classes=5), tmp_path / "bn.pt")
+    bn = checkpoints.save_bitlab(create_model("R50x1-bn", num_classes=5, pretrained=False), tmp_path / "bn.pt")
     with pytest.raises(CheckpointError, match=r"bn\.pt: holds norm=batch, conv=std weights, the model is norm=group"):
         create_model("resnetv2_50x1_bit", num_classes=5, pretrained=bn)
 
@@ -245,7 +246,7 @@ def _truncated(path):
      r"f\.pt: key 'root\.conv\.weight' holds a int, not a tensor"),
 ])
 def test_bad_files_are_named_with_the_key(tmp_path, make, message):
-    path = make(tmp_path, create_model("R14x0.5", num_classes=3))
+    path = make(tmp_path, create_model("R14x0.5", num_classes=3, pretrained=False))
     with pytest.raises(CheckpointError, match=message):
         create_model("R14x0.5", num_classes=3, pretrained=path)
 
@@ -264,7 +265,7 @@ def test_convert_and_build_model_name_the_file_and_hint_only_on_mismatch(tmp_pat
 
 
 def test_a_torch_file_is_loaded_once(tmp_path, monkeypatch):
-    path = checkpoints.save_bitlab(create_model("R14x0.5", num_classes=3), tmp_path / "m.pt")
+    path = checkpoints.save_bitlab(create_model("R14x0.5", num_classes=3, pretrained=False), tmp_path / "m.pt")
     calls = []
     real = torch.load
 
@@ -278,14 +279,13 @@ def test_a_torch_file_is_loaded_once(tmp_path, monkeypatch):
     assert checkpoints.detect_format(path) == "bitlab" and len(calls) == 2
 
 
-def test_random_weights_and_fresh_heads_are_logged(tmp_path, caplog):
+def test_random_weights_asked_for_are_built_quietly_and_fresh_heads_are_logged(tmp_path, caplog):
     with caplog.at_level("INFO"), torch.device("meta"):
-        create_model("BiT-M-R50x1-ILSVRC2012")
-        create_model("R50x1")  # an architecture name is built to be trained: nothing to say
-    assert [r.getMessage() for r in caplog.records] == [
-        "BiT-M-R50x1-ILSVRC2012: no pretrained file given: random weights "
-        "(the official ones: `bitlab weights download BiT-M-R50x1-ILSVRC2012`)"]
-    headless = checkpoints.save_npz(_randomise(create_model("R14x0.5", num_classes=0)), tmp_path / "headless.npz")
+        create_model("BiT-M-R50x1-ILSVRC2012", pretrained=False)  # asked for by name: nothing to say
+        create_model("R50x1", pretrained=False)
+    assert caplog.records == []
+    headless = checkpoints.save_npz(_randomise(create_model("R14x0.5", num_classes=0, pretrained=False)),
+                                    tmp_path / "headless.npz")
     for zero_head, init in ((False, "random"), (True, "zero")):
         caplog.clear()
         with caplog.at_level("INFO"):
@@ -296,7 +296,7 @@ def test_random_weights_and_fresh_heads_are_logged(tmp_path, caplog):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_weights_are_refused(tmp_path, bad):
-    model = _randomise(create_model("R14x0.5", num_classes=3))
+    model = _randomise(create_model("R14x0.5", num_classes=3, pretrained=False))
     arrays = checkpoints.state_dict_to_npz(model.state_dict())
     arrays["resnet/block3/unit01/b/standardized_conv2d/kernel"][0, 0, 0, 0] = bad
     np.savez(tmp_path / "bad.npz", **arrays)
@@ -312,7 +312,7 @@ def test_non_finite_weights_are_refused(tmp_path, bad):
 
 def test_numbered_standardized_conv2d_keys_are_accepted(tmp_path):
     """Some exported npz files name kernels `standardized_conv2d_N` (big_vision renames them back)."""
-    model = _randomise(create_model("R14x0.5", num_classes=3))
+    model = _randomise(create_model("R14x0.5", num_classes=3, pretrained=False))
     arrays = checkpoints.state_dict_to_npz(model.state_dict())
     numbered = {k.replace("/standardized_conv2d/", f"/standardized_conv2d_{i}/"): v
                 for i, (k, v) in enumerate(arrays.items())}
@@ -336,8 +336,8 @@ def test_bit_variant_asks_the_model_what_it_is():
         pass
 
     with torch.device("meta"):
-        assert checkpoints.bit_variant(create_model("R14x0.5-bn-plain")) == ("batch", "plain")
-        assert checkpoints.bit_variant(Tagged(create_model("R14x0.5").config)) == ("group", "std")
+        assert checkpoints.bit_variant(create_model("R14x0.5-bn-plain", pretrained=False)) == ("batch", "plain")
+        assert checkpoints.bit_variant(Tagged(create_model("R14x0.5", pretrained=False).config)) == ("group", "std")
         assert checkpoints.bit_variant(timm.create_model("resnetv2_50x1_bit")) == ("group", "std")
         assert checkpoints.bit_variant(timm.create_model("resnetv2_50")) is None  # pre-act, but BatchNorm
         assert checkpoints.bit_variant(timm.create_model("resnet18")) is None
@@ -368,7 +368,7 @@ def test_a_pickled_checkpoint_is_explained_without_inviting_unsafe_loading(tmp_p
 
 
 def _npz_with(tmp_path, name, **replace) -> "Path":
-    arrays = checkpoints.state_dict_to_npz(create_model("R14x0.5", num_classes=3).state_dict())
+    arrays = checkpoints.state_dict_to_npz(create_model("R14x0.5", num_classes=3, pretrained=False).state_dict())
     np.savez(tmp_path / name, **{**arrays, **replace})
     return tmp_path / name
 
@@ -420,12 +420,36 @@ def test_npz_headers_are_checked_before_anything_is_allocated(tmp_path, capsys):
     ({"norm": "layer"}, "norm/conv must be group|batch / std|plain, got 'layer' / 'std'"),
 ])
 def test_a_bitlab_files_config_is_checked_before_a_model_is_built(tmp_path, capsys, change, message):
-    model = create_model("R14x0.5", num_classes=3)
+    model = create_model("R14x0.5", num_classes=3, pretrained=False)
     config = {**model.config.to_dict(), **change}
     torch.save({"format": "bitlab-model", "version": 1, "config": config, "state_dict": model.state_dict()},
                tmp_path / "m.pt")
     err = _convert_cli(tmp_path / "m.pt", tmp_path / "out.npz", capsys)
     assert f"{tmp_path / 'm.pt'}: key 'config': {message}" in err
+
+
+def test_bitlab_files_carry_a_record_that_reads_without_the_weights(tmp_path):
+    """`save_bitlab(..., record=)`: what a run knows about its model (classes in head order, ...) comes
+    back from `read_record`, for ResNetV2 and for timm models (whose config is their name); npz and
+    bare state dicts have none; a record of the wrong shape is an error naming the key."""
+    record = {"classes": ["n02123045", "cat"], "pretraining_data": "ImageNet-21k"}
+    bit = checkpoints.save_bitlab(create_model("R14x0.5", num_classes=2, pretrained=False), tmp_path / "bit.pt",
+                                  name="R14x0.5", record=record)
+    assert checkpoints.read_record(bit) == {"name": "R14x0.5", **record}
+    torch.manual_seed(0)
+    timm_model = create_model("test_resnet", num_classes=2, pretrained=False)
+    path = checkpoints.save_bitlab(timm_model, tmp_path / "timm.pt", name="test_resnet", record=record)
+    assert checkpoints.read_record(path) == {"name": "test_resnet", **record}
+    again = create_model("test_resnet", num_classes=2, pretrained=path)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), timm_model.state_dict().values()))
+    assert checkpoints.read_record(checkpoints.save_npz(create_model("R14x0.5", pretrained=False),
+                                                        tmp_path / "m.npz")) == {}
+    torch.save(timm_model.state_dict(), tmp_path / "bare.pt")
+    torch.save(timm_model.state_dict(), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert checkpoints.read_record(tmp_path / "bare.pt") == checkpoints.read_record(tmp_path / "legacy.pt") == {}
+    bad = checkpoints.save_bitlab(timm_model, tmp_path / "bad.pt", name="test_resnet", record={"classes": "cat"})
+    with pytest.raises(checkpoints.CheckpointError, match=r"bad\.pt: key 'classes' is not a list of class names"):
+        checkpoints.read_record(bad)
 
 
 @pytest.mark.parametrize("dst", ["m.pt", "m.npz", "m.pth"])
@@ -434,7 +458,7 @@ def test_convert_onto_a_full_disk_names_the_file(tmp_path, small_disk, capsys, d
     (torch's own words were '[enforce fail at inline_container.cc] unexpected pos'), leaving nothing."""
     from bitlab.cli import main
 
-    src = checkpoints.save_npz(create_model("R14x0.5"), tmp_path / "r14.npz")
+    src = checkpoints.save_npz(create_model("R14x0.5", pretrained=False), tmp_path / "r14.npz")
     disk = small_disk("4M")
     args = ["convert", str(src), str(disk / dst)] + (["--to", "timm"] if dst.endswith(".pth") else [])
     assert main(args) == 2

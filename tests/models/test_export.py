@@ -19,7 +19,7 @@ SIZE = 64
 def weights(tmp_path_factory):
     """A bitlab file of R14x0.5 with random weights everywhere (GN affine and a 7-way head too)."""
     g = torch.Generator().manual_seed(0)
-    model = create_model("R14x0.5", num_classes=7)
+    model = create_model("R14x0.5", num_classes=7, pretrained=False)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g) if p.ndim == 1 else 0.05 * torch.randn(p.shape, generator=g))
@@ -67,8 +67,8 @@ def test_torchscript_export_loads_with_torch_jit(weights, tmp_path):
     assert json.loads(extra["bitlab.json"])["bitlab.model"] == "R14x0.5"
     # --force replaces the file (atomically: a new inode renamed over the old name)
     before = out.stat().st_ino
-    assert main(["export", "R14x0.5", "--image-size", str(SIZE), "--out", str(out), "--format", "torchscript",
-                 "--force"]) == 0
+    assert main(["export", "R14x0.5", "--pretrained", str(weights), "--image-size", str(SIZE), "--out", str(out),
+                 "--format", "torchscript", "--force"]) == 0
     assert out.stat().st_ino != before and sorted(p.name for p in tmp_path.iterdir()) == ["r14.pt"]
 
 

@@ -148,11 +148,12 @@ def test_evaluate_predicts_with_a_fused_channels_last_model(tmp_path, photos, mo
 
     monkeypatch.setattr(ev, "iter_probs", spy)
     summary = ev.evaluate(ev.EvaluateConfig(model="R14x0.5", data=str(build_tiny_ooc(tmp_path / "ooc", photos)),
-                                            out=str(tmp_path / "res"), workers=0, progress=False))
+                                            out=str(tmp_path / "res"), workers=0, progress=False,
+                                            random_init=True))
     assert summary["dataset"]["num_images"] == 12 and seen and all(_fused_channels_last(m) for m in seen)
 
 
 def test_dedup_embeds_with_a_fused_channels_last_model():
     from bitlab.eval import dedup
 
-    assert _fused_channels_last(dedup.make_embedding("model:R14x0.5").model)
+    assert _fused_channels_last(dedup.make_embedding("model:R14x0.5", random_init=True).model)

@@ -39,8 +39,8 @@ def test_listing_and_description():
 
 def test_official_name_builds_its_upstream_head_unless_told_otherwise():
     with torch.device("meta"):
-        assert create_model("BiT-M-R50x1").head.conv.out_channels == 21843
-        assert create_model("BiT-M-R50x1", num_classes=10).head.conv.out_channels == 10
+        assert create_model("BiT-M-R50x1", pretrained=False).head.conv.out_channels == 21843
+        assert create_model("BiT-M-R50x1", num_classes=10, pretrained=False).head.conv.out_channels == 10
 
 
 def test_one_decorated_entry_per_family_in_dispatch_order():
@@ -72,7 +72,7 @@ def test_a_registered_family_builds_its_names_first(monkeypatch):
     registry.FAMILIES.update(earlier)
     model = create_model("toy-1", num_classes=5)
     assert (model.out_features, model.data_config.input_size, model.model_name) == (5, 8, "toy-1")
-    assert registry.list_models()[0] == "toy-1" and create_model("R14x0.5").model_name == "R14x0.5"
+    assert registry.list_models()[0] == "toy-1" and create_model("R14x0.5", pretrained=False).model_name == "R14x0.5"
     with pytest.raises(ValueError, match="registered twice"):
         registry.register_family("toy", accepts=lambda name: False)(toy)
     with pytest.raises(BitlabError, match=r"toy-1: unexpected arguments \['zero_head'\] \(the toy family takes "
@@ -104,7 +104,7 @@ def test_every_model_carries_its_name_and_data_config(name, options, expected):
 
     device = "cpu" if registry.family_of(name).name == "offline" else "meta"  # real weights load on the CPU
     with torch.device(device):
-        model = create_model(name, **options)
+        model = create_model(name, **options, pretrained=False)
     cfg = model.data_config
     assert (cfg.input_size, cfg.mean, cfg.std, cfg.interpolation, cfg.crop_pct, cfg.crop_mode) == expected
     assert model.model_name == name and data_config_of(model) is cfg
@@ -117,7 +117,7 @@ def test_timm_built_models_take_timms_pretrained_config(name):
 
     device = "cpu" if registry.family_of(name).name == "offline" else "meta"
     with torch.device(device):
-        model = create_model(name)
+        model = create_model(name, pretrained=False)  # the config comes from the name, not the weights
     ref = timm.data.resolve_data_config({}, model=model)
     cfg = model.data_config
     assert (cfg.interpolation, cfg.crop_pct, cfg.crop_mode, cfg.mean, cfg.std, cfg.input_size) == (

@@ -36,7 +36,7 @@ def test_group_norm_everywhere_with_32_groups_and_official_eps():
 
 
 def test_stride_on_3x3_and_projection_only_where_shape_changes():
-    model = create_model("R50x1")
+    model = create_model("R50x1", pretrained=False)
     for b, block in enumerate(model.body, start=1):
         for u, unit in enumerate(block, start=1):
             assert unit.conv1.stride == (1, 1) and unit.conv3.stride == (1, 1)
@@ -84,7 +84,7 @@ def test_spatial_sizes(size, final):
 ])
 def test_parameter_counts(arch, backbone_m):
     with torch.device("meta"):  # the big ones never touch memory
-        model = create_model(arch, num_classes=21843)
+        model = create_model(arch, num_classes=21843, pretrained=False)
     assert round(count_params(model, backbone_only=True) / 1e6, 2) == backbone_m
     assert count_params(model) - count_params(model, backbone_only=True) == model.num_features * 21843 + 21843
 
@@ -92,9 +92,9 @@ def test_parameter_counts(arch, backbone_m):
 def test_backbone_count_leaves_out_the_classifier_of_timm_models_too():
     """The classifier is found by asking the model (`get_classifier`, timm's query), not by its class."""
     with torch.device("meta"):
-        model = create_model("resnet18", num_classes=10)
+        model = create_model("resnet18", num_classes=10, pretrained=False)
     assert count_params(model) - count_params(model, backbone_only=True) == 512 * 10 + 10
-    assert create_model("R14x0.5", num_classes=3).get_classifier().out_channels == 3
+    assert create_model("R14x0.5", num_classes=3, pretrained=False).get_classifier().out_channels == 3
 
 
 def test_zero_head_gives_zero_logits_and_features_are_pre_logits():
@@ -114,8 +114,9 @@ def test_zero_head_gives_zero_logits_and_features_are_pre_logits():
     ("R14x0.5-plain", nn.GroupNorm, nn.Conv2d), ("R14x0.5-bn-plain", nn.BatchNorm2d, nn.Conv2d),
 ])
 def test_ablation_variants_by_name_and_argument(name, norm_type, conv_type):
-    for model in (create_model(name), create_model("R14x0.5", norm=create_model(name).config.norm,
-                                                   conv=create_model(name).config.conv)):
+    config = create_model(name, pretrained=False).config
+    for model in (create_model(name, pretrained=False),
+                  create_model("R14x0.5", norm=config.norm, conv=config.conv, pretrained=False)):
         assert isinstance(model.body.block1.unit01.gn1, norm_type)
         assert type(model.body.block1.unit01.conv1) is conv_type
         assert type(model.root.conv) is conv_type

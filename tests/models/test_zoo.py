@@ -1,21 +1,30 @@
-"""Official weight downloads (against a real local HTTP server) and the real offline ImageNet model."""
+"""Official weight downloads and the weights cache, timm's hub weights (against real local HTTP servers,
+one speaking the hub's protocol), and the real offline ImageNet models."""
 import hashlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
+from bitlab import paths
 from bitlab.data import imagenet
 from bitlab.eval.predict import predict_files
 from bitlab.errors import BitlabError
 from bitlab.io import DownloadError
 from bitlab.models import checkpoints, create_model, zoo
+from tests.fixtures.processes import ENV
 
 
 @pytest.fixture
 def served_npz(tmp_path, http_server):
     torch.manual_seed(0)
-    path = checkpoints.save_npz(create_model("R14x0.5", num_classes=3), tmp_path / "src.npz")
+    path = checkpoints.save_npz(create_model("R14x0.5", num_classes=3, pretrained=False), tmp_path / "src.npz")
     data = path.read_bytes()
     http_server.add("bit_models/BiT-M-R50x1.npz", data, goog_md5=True)  # name from the official table
     return data
@@ -89,8 +98,9 @@ def test_weights_cli_lists_and_downloads(tmp_path, http_server, served_npz, caps
     from bitlab.cli import main
 
     assert main(["weights", "list"]) == 0
-    names = capsys.readouterr().out.split()
-    assert names == list(zoo.WEIGHT_NAMES) and "BiT-M-R152x4-ILSVRC2012" in names
+    *rows, where = capsys.readouterr().out.splitlines()
+    assert [r.split()[:2] for r in rows] == [[name, "missing"] for name in zoo.WEIGHT_NAMES]  # an empty cache
+    assert f"official BiT weights: {paths.weights_dir()}" in where
     url = f"{http_server.url}/bit_models"
     sha = hashlib.sha256(served_npz).hexdigest()
     assert main(["weights", "download", "BiT-M-R50x1", "--out", str(tmp_path), "--base-url", url, "--sha256", sha]) == 0
@@ -185,3 +195,135 @@ def test_out_naming_a_file_and_the_size_cap(tmp_path, http_server, served_npz, c
     assert _weights_cli(tmp_path, http_server, "--max-download", "10K") == 2
     assert f"announces {len(served_npz)} bytes, more than the download limit of 10240 bytes" in capsys.readouterr().err
     assert _left(tmp_path / "w") == []
+
+
+# ----------------------------------------------------------------------------- pretrained by default
+@pytest.fixture(scope="module")
+def r50_npz() -> bytes:
+    """A real BiT-M-R50x1-shaped npz (official schema, no head), in float16 to halve it (47 MB)."""
+    torch.manual_seed(0)
+    arrays = checkpoints.state_dict_to_npz(create_model("R50x1", num_classes=0, pretrained=False).state_dict())
+    buf = io.BytesIO()
+    np.savez(buf, **{k: v.astype(np.float16) for k, v in arrays.items()})
+    return buf.getvalue()
+
+
+def test_official_weights_download_on_first_use_then_come_from_the_cache(tmp_path, http_server, r50_npz,
+                                                                         monkeypatch, caplog):
+    """An official name is pretrained by default: the first use fetches `<name>.npz` into the cache
+    (the bucket's MD5 checked, the sha256 recorded), later uses read the cache with no server at all,
+    and a cached file damaged since is found by its sha256 and fetched again."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("BITLAB_CACHE", str(cache))
+    monkeypatch.setenv("BITLAB_WEIGHTS_URL", f"{http_server.url}/bit_models")
+    http_server.add(NPZ, r50_npz, goog_md5=True)
+    model = create_model("BiT-M-R50x1", num_classes=10)
+    file = cache / "weights" / "BiT-M-R50x1.npz"
+    assert file.read_bytes() == r50_npz and http_server.requests == [("GET", NPZ, None)]
+    assert (cache / "weights" / "BiT-M-R50x1.npz.sha256").read_text().split()[0] == hashlib.sha256(r50_npz).hexdigest()
+    with np.load(io.BytesIO(r50_npz)) as served:  # the served weights, not random ones
+        root = torch.from_numpy(served[checkpoints.ROOT_NPZ_KEY].astype(np.float32).transpose(3, 2, 0, 1))
+    assert torch.equal(model.root.conv.weight, root)
+
+    http_server.close()
+    assert torch.equal(create_model("BiT-M-R50x1", num_classes=10).root.conv.weight, root)
+
+    mirror = type(http_server)(tmp_path / "mirror")  # the bucket, up again
+    try:
+        mirror.root.mkdir()
+        mirror.add(NPZ, r50_npz, goog_md5=True)
+        monkeypatch.setenv("BITLAB_WEIGHTS_URL", f"{mirror.url}/bit_models")
+        damaged = bytearray(file.read_bytes())
+        damaged[len(damaged) // 2] ^= 0xFF
+        file.write_bytes(bytes(damaged))
+        with caplog.at_level("WARNING"):
+            again = create_model("BiT-M-R50x1", num_classes=10)
+        assert "its sha256 differs from BiT-M-R50x1.npz.sha256; downloading it again" in caplog.text
+        assert file.read_bytes() == r50_npz and mirror.requests == [("GET", NPZ, None)]
+        assert torch.equal(again.root.conv.weight, root)
+    finally:
+        mirror.close()
+
+
+def test_offline_an_official_name_fails_at_once_saying_how_to_go_on(tmp_path, monkeypatch, capsys):
+    """No network (the suite's bucket URL refuses connections) and nothing cached: one clear error
+    naming the model, the URL, the cache and both ways on; nothing is left in the cache."""
+    from bitlab.cli import main
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("BITLAB_CACHE", str(cache))
+    url = f"{os.environ['BITLAB_WEIGHTS_URL']}/BiT-M-R50x1-ILSVRC2012.npz"
+    start = time.monotonic()
+    with pytest.raises(zoo.WeightsUnavailable) as e:
+        create_model("BiT-M-R50x1-ILSVRC2012")
+    assert time.monotonic() - start < 30  # three refused connections, no timeouts
+    for part in ("BiT-M-R50x1-ILSVRC2012: its pretrained weights are not in the cache and cannot be fetched",
+                 url, f"cached in {cache / 'weights'}", "`bitlab weights download BiT-M-R50x1-ILSVRC2012` on a machine "
+                 "with internet access", "--pretrained FILE", "--random-init (pretrained=False)"):
+        assert part in str(e.value), part
+    assert [p for p in cache.rglob("*") if p.is_file()] == []
+    data = tmp_path / "data" / "n02123045"
+    data.mkdir(parents=True)
+    (data / "cat.png").write_bytes(b"unused: the model fails first")
+    assert main(["evaluate", "--model", "BiT-M-R50x1-ILSVRC2012", "--data", str(data.parent),
+                 "--out", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert "bitlab evaluate: error: BiT-M-R50x1-ILSVRC2012: its pretrained weights" in err and "Traceback" not in err
+    assert not (tmp_path / "ev").exists()
+
+
+def test_names_without_released_weights_need_a_file_or_random_init():
+    with pytest.raises(BitlabError, match=r"R50x1 names an architecture, and no weights were released for it: give "
+                                          r"a weights file with --pretrained FILE .* or --random-init"):
+        create_model("R50x1")
+    with torch.device("meta"):
+        assert create_model("R50x1", pretrained=False).num_classes == 1000
+    with pytest.raises(BitlabError, match=r"unknown model 'resnet18.nonsense': Invalid pretrained tag"):
+        create_model("resnet18.nonsense", pretrained=False)
+
+
+HUB_MODEL = "test_resnet.r160_in1k"  # timm's 0.5 M-parameter test ResNet; its real weights live on the hub
+
+
+def test_timm_weights_come_through_the_hub_into_its_cache_and_work_offline_from_a_copy(tmp_path, http_server):
+    """A local server speaking the hub's protocol (HF_ENDPOINT): `bitlab weights download NAME` on the
+    "connected machine" fetches the model's files into huggingface_hub's cache (HEAD for metadata,
+    then GET); a copy of that cache works with the server gone and HF_HUB_OFFLINE set, and the model
+    built there holds exactly the served weights."""
+    import safetensors.torch
+    import timm
+
+    torch.manual_seed(0)
+    served = timm.create_model(HUB_MODEL, pretrained=False).state_dict()
+    data = safetensors.torch.save(served)
+    rel = f"timm/{HUB_MODEL}/resolve/main/model.safetensors"  # what huggingface_hub asks the endpoint for
+    http_server.add(rel, data)
+    http_server.headers[rel] = {"X-Repo-Commit": "c0ffee" + "0" * 34, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
+    connected = {**ENV, "HF_ENDPOINT": http_server.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run([sys.executable, "-m", "bitlab", "weights", "download", HUB_MODEL], env=connected,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{HUB_MODEL}: timm's weights (timm/{HUB_MODEL}) in {tmp_path / 'hf' / 'hub'}" in done.stdout
+    assert [r[:2] for r in http_server.requests if r[1] == rel] == [("HEAD", rel), ("GET", rel)]
+    http_server.close()
+
+    shutil.copytree(tmp_path / "hf", tmp_path / "copied")
+    offline = {**ENV, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "copied")}
+    saved = tmp_path / "built.pt"
+    script = f"import bitlab, torch; torch.save(bitlab.create_model({HUB_MODEL!r}).state_dict(), {str(saved)!r})"
+    built = subprocess.run([sys.executable, "-c", script], env=offline, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    got = torch.load(saved, weights_only=True)
+    assert got.keys() == served.keys() and all(torch.equal(got[k], served[k]) for k in served)
+    listed = subprocess.run([sys.executable, "-m", "bitlab", "weights", "list"], env=offline, capture_output=True,
+                            text=True, timeout=300)
+    assert f"timm/{HUB_MODEL}" in listed.stdout and "cached" in listed.stdout.split(f"timm/{HUB_MODEL}")[1]
+
+
+def test_weights_download_of_a_timm_name_takes_no_bit_options(capsys):
+    from bitlab.cli import main
+
+    assert main(["weights", "download", "resnet18.a1_in1k", "--out", "w"]) == 2
+    assert "resnet18.a1_in1k: --out applies to official BiT weights only" in capsys.readouterr().err
+    assert main(["weights", "download", "R50x1"]) == 2
+    assert "R50x1 names an architecture" in capsys.readouterr().err

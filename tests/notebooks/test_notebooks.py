@@ -26,7 +26,7 @@ FIGURES = {
     "robustness": ["robustness_fig12_left_top5", "robustness_fig13_top5", "robustness_fig12_right_val_vs_ooc",
                    "robustness_backgrounds_EfficientNet-Lite0",
                    "robustness_backgrounds_EfficientNet-Lite2", "robustness_backgrounds_EfficientNet-Lite1",
-                   "robustness_backgrounds_BiT-S-R50x1-random-weights"],
+                   "robustness_backgrounds_BiT-S-R50x1-random-weights", "robustness_context"],
     "error_analysis": ["error_analysis_topk_groups", "error_analysis_confusions", "error_analysis_gallery"],
     "duplicates": ["duplicates_nearest_model-efficientnet_lite0.offline_in1k", "duplicates_nearest_phash",
                    "duplicates_fig9_model-efficientnet_lite0.offline_in1k", "duplicates_fig9_phash"],
@@ -68,7 +68,7 @@ def test_figures_readme_lists_every_notebook_and_demo_figure():
     for stems in FIGURES.values():
         for stem in stems:
             assert listed(stem), stem
-    for stem in ("fig12_left_top5", "fig13_top5", "fig12_right_val_vs_ooc", "backgrounds_<model>"):
+    for stem in ("fig12_left_top5", "fig13_top5", "fig12_right_val_vs_ooc", "backgrounds_<model>", "context"):
         assert f"`{stem}`" in readme, stem
 
 
@@ -417,3 +417,24 @@ def test_robustness_runs_with_one_model_given_on_the_command_line(tmp_path):
     assert {"robustness_fig12_right_val_vs_ooc", "robustness_backgrounds_Lite0"} <= stems
     assert not stems & {"robustness_fig12_left_top5", "robustness_fig13_top5"}
     assert_real_figure(tmp_path / "figs" / "robustness_fig12_right_val_vs_ooc.png")
+
+
+@pytest.mark.slow
+def test_robustness_takes_a_run_directory(tmp_path, monkeypatch):
+    """`MODELS` takes a `bitlab finetune` run beside a 1000-way model: its classes map by name, and the
+    table's head column, Fig. 12 right and its heat map say its task is the easier, 3-way one."""
+    from bitlab.cli import main
+    from tests.fixtures.runs import TINY_FINETUNE, sample_class_folders
+
+    data = sample_class_folders(tmp_path / "data", {"tiger": "n02129604", "zebra": "n02391049",
+                                                    "teddy_bear": "n04399382"})
+    assert main(["finetune", *TINY_FINETUNE, "--data", str(data), "--out", str(tmp_path / "ft"),
+                 "--schedule", "1", "1", "1", "1", "2"]) == 0
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    models = [dict(model="efficientnet_lite0.offline_in1k", label="Lite0"), dict(model=str(tmp_path / "ft"))]
+    nb = run_notebook("robustness", tmp_path, WORK=str(tmp_path / "work"), FIGURES=str(tmp_path / "figs"),
+                      MODELS=models, NUM_IMAGES=2)
+    text = json.dumps([c.outputs for c in nb.cells if c.cell_type == "code"])
+    assert text.count("3-way (easier task)") >= 2 and "R14x0.5 [ft]" in text  # its OOC and validation rows
+    for stem in ("fig12_right_val_vs_ooc", "backgrounds_R14x0.5-ft", "fig13_top5"):
+        assert_real_figure(tmp_path / "figs" / f"robustness_{stem}.png")

@@ -127,6 +127,28 @@ def test_user_folder_import_and_scan(tmp_path):
                                 folder=str(src)))
 
 
+def test_a_folder_gives_everything_it_holds_and_per_category_is_the_least(tmp_path, capsys):
+    """A user with photos per category needs no --per-category: every image is imported (once: a
+    rerun adds only what is new); --per-category N refuses a category folder with fewer than N."""
+    src, tex = tmp_path / "mine", _textures()
+    for cat, n in (("grass", 3), ("outer_space", 1)):
+        (src / cat).mkdir(parents=True)
+        for k in range(n):
+            cv2.imwrite(str(src / cat / f"{k}.png"), cv2.resize(tex[k], (80 + k, 70)))
+    out = tmp_path / "bg"
+    args = ["backgrounds", "fetch", "--out", str(out), "--spec", str(_spec(tmp_path)), "--folder", str(src)]
+    assert main(args) == 0 and "4 image(s) in 2 categories" in capsys.readouterr().out
+    rows = read_background_files(out / "backgrounds.csv")
+    assert sorted(r.category for r in rows) == ["grass", "grass", "grass", "outer_space"]
+    assert main(args) == 0 and len(read_background_files(out / "backgrounds.csv")) == 4  # nothing twice
+    cv2.imwrite(str(src / "grass" / "new.png"), cv2.resize(tex[3], (64, 64)))
+    assert main(args) == 0 and "5 image(s) in 2 categories" in capsys.readouterr().out
+    assert main([*args[:3], str(tmp_path / "bg2"), *args[4:], "--per-category", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{src / 'outer_space'}: 1 image file(s) for category 'outer_space', need 2; nothing was imported" in err
+    assert not (tmp_path / "bg2").exists()
+
+
 def test_cli(http_server, tmp_path, capsys):
     api = _serve_api(http_server)
     rc = main(["backgrounds", "fetch", "--out", str(tmp_path / "bg"), "--spec", str(_spec(tmp_path)),

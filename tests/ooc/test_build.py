@@ -226,7 +226,7 @@ def test_killed_rebuild_with_other_settings_is_refused_by_readers_until_finished
     with pytest.raises(BitlabError, match=r"out: an unfinished make-ooc build"):
         load_eval_set(out)
     capsys.readouterr()
-    assert main(["evaluate", "--model", "R14x0.5", "--data", str(out), "--out", str(tmp_path / "r")]) == 2
+    assert main(["evaluate", "--model", "R14x0.5", "--random-init", "--data", str(out), "--out", str(tmp_path / "r")]) == 2
     assert "out: an unfinished make-ooc build" in capsys.readouterr().err and not (tmp_path / "r").exists()
     assert main(argv) == 0
     check_complete(out)
@@ -494,7 +494,7 @@ def test_demo_cli(tmp_path, capsys):
 
 
 def test_a_full_disk_names_the_image_and_a_rerun_resumes(tmp_path, small_disk, capsys):
-    """The demo (108 PNGs of about 400 KB) onto a real 16 MiB tmpfs: exit 2 naming the image being
+    """The demo (108 composites of about 400 KB, then its variants) onto a real 16 MiB tmpfs: exit 2 naming the image being
     written and the full disk (it was a bare '[Errno 28]'), no temp file, no record; with room made
     (the tmpfs grown), the rerun keeps what was written and finishes."""
     disk = small_disk("16M")  # room for a few 16-image chunks, not for 108 images
@@ -503,10 +503,12 @@ def test_a_full_disk_names_the_image_and_a_rerun_resumes(tmp_path, small_disk, c
     err = capsys.readouterr().err
     assert f"bitlab make-ooc: error: {out}/" in err and ".png: cannot write this file, the disk is full" in err
     assert "Traceback" not in err and not list(out.rglob(".*.tmp"))
-    written = len(list(out.glob("*/*.png")))
+    written = len(list(out.rglob("*.png")))  # composites and any variant images
     assert 0 < written < 108 and not (out / "dataset.json").exists() and not (out / "manifest.csv").exists()
-    subprocess.run(["mount", "-o", "remount,size=96M", str(disk)], check=True)
+    subprocess.run(["mount", "-o", "remount,size=128M", str(disk)], check=True)  # the composites and variants
     assert main(["make-ooc", "--demo", "--out", str(out)]) == 0
     built, kept = map(int, re.search(r"built (\d+), kept (\d+)", capsys.readouterr().out).groups())
-    assert built + kept == 108 and 0 < kept <= written  # journalled images are kept (the last chunk's are redone)
+    meta = json.loads((out / "dataset.json").read_text())
+    total = meta["counts"]["images"] + sum(v["images"] for v in meta["variants"].values())
+    assert meta["counts"]["images"] == 108 and built + kept == total and 0 < kept <= written  # journalled images are kept (the last chunk's are redone)
     check_complete(out)

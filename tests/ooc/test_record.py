@@ -92,7 +92,7 @@ def test_a_build_in_progress_is_refused_by_evaluate(copy, tmp_path, capsys):
     proc = subprocess.Popen([sys.executable, "-c", hold, str(copy)], env=ENV, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "locked"
-        assert main(["evaluate", "--model", "R14x0.5", "--data", str(copy), "--out", str(tmp_path / "r")]) == 2
+        assert main(["evaluate", "--model", "R14x0.5", "--random-init", "--data", str(copy), "--out", str(tmp_path / "r")]) == 2
         err = capsys.readouterr().err
         assert f"ooc is in use by pid {proc.pid} on" in err and "(bitlab make-ooc, since" in err
     finally:

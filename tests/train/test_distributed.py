@@ -63,9 +63,9 @@ def test_ddp_two_processes_equal_one(tiny_digits, tmp_path):
     validation numbers, checked after the first update (HyperRule's lr is 0 at step 0, so after
     step 2; tests/fixtures/numerics.py says why not later) against the floor measured by the same
     steps in another order (1 process, one batch of 8)."""
-    common = ["--model", "R14x0.5", "--data", str(tiny_digits), "--batch-size", "8", "--schedule", "1", "2", "3", "3",
-              "4", "--resolution", "18", "16", "--workers", "0", "--device", "cpu", "--no-progress", "--base-lr", "0.05",
-              "--stop-after", "2", "--eval-every", "2", "--log-every", "1"]
+    common = ["--model", "R14x0.5", "--random-init", "--data", str(tiny_digits), "--batch-size", "8", "--schedule",
+              "1", "2", "3", "3", "4", "--resolution", "18", "16", "--workers", "0", "--device", "cpu", "--no-progress",
+              "--base-lr", "0.05", "--stop-after", "2", "--eval-every", "2", "--log-every", "1"]
     ddp = torchrun(["-m", "bitlab", "finetune", *common, "--out", str(tmp_path / "ddp")])
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "2 processes joined the gloo process group" in ddp.stderr
@@ -76,7 +76,7 @@ def test_ddp_two_processes_equal_one(tiny_digits, tmp_path):
         assert runs[name].returncode == 0, runs[name].stderr[-3000:]
     two, one, reordered = (io.torch_load(tmp_path / d / "checkpoint.pt")["model"] for d in ("ddp", "one", "reordered"))
     torch.manual_seed(0)
-    init = create_model("R14x0.5", num_classes=10, zero_head=True).state_dict()
+    init = create_model("R14x0.5", num_classes=10, zero_head=True, pretrained=False).state_dict()
     numerics.assert_within_floor(two, one, numerics.rounding_floor(one, reordered), start=init)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in two.items() if k.startswith("head.conv"))
     # evaluation sums over both ranks: the same numbers as one process
@@ -102,9 +102,9 @@ def test_ddp_unreadable_training_image_stops_every_rank(tiny_digits, tmp_path):
     bad = files[StepSampler(len(files), 8, seed=0).permutation(0)[8 + 4]]  # step 1, rank 1's half
     open(bad, "wb").write(b"\x89PNG not really")
     out = tmp_path / "run"
-    job = torchrun(["-m", "bitlab", "finetune", "--model", "R14x0.5", "--data", str(data), "--batch-size", "8",
-                    "--schedule", "1", "2", "3", "3", "4", "--resolution", "18", "16", "--workers", "0",
-                    "--device", "cpu", "--no-progress", "--out", str(out)])
+    job = torchrun(["-m", "bitlab", "finetune", "--model", "R14x0.5", "--random-init", "--data", str(data),
+                    "--batch-size", "8", "--schedule", "1", "2", "3", "3", "4", "--resolution", "18", "16",
+                    "--workers", "0", "--device", "cpu", "--no-progress", "--out", str(out)])
     assert job.returncode != 0
     marker = "bitlab finetune: error:"
     errors = [part.split("\n", 1)[0] for part in job.stderr.split(marker)[1:]]

@@ -24,7 +24,8 @@ from bitlab.train.finetune import (FewShotConfig, FinetuneConfig, build_model, f
                                    read_fewshot)
 from tests.fixtures.processes import ENV
 
-TINY = dict(model="R14x0.5", batch_size=8, resolution=[18, 16], workers=0, progress=False, base_lr=0.05)
+TINY = dict(model="R14x0.5", random_init=True, batch_size=8, resolution=[18, 16], workers=0, progress=False,
+            base_lr=0.05)
 
 
 def cfg(data, out, **kw) -> FinetuneConfig:
@@ -43,7 +44,8 @@ def assert_same(a: dict, b: dict) -> None:
 
 def test_tiny_bit_learns_real_digits(digits_root, tmp_path):
     """R14x0.5 from random init (no BiT weights exist offline) on 1,437 real digits: far above chance."""
-    result = finetune(FinetuneConfig(model="R14x0.5", data=str(digits_root), out=str(tmp_path), batch_size=32,
+    result = finetune(FinetuneConfig(model="R14x0.5", random_init=True, data=str(digits_root), out=str(tmp_path),
+                                     batch_size=32,
                                      schedule=[6, 30, 42, 54, 60], base_lr=0.01, resolution=[18, 16], flip=False,
                                      eval_every=30, workers=1, progress=False, checkpoint_every=0))
     assert result.completed and result.step == 60
@@ -77,7 +79,7 @@ def test_batch_split_equals_one_batch_with_mixup(tiny_digits, tmp_path):
     finetune(cfg(tiny_digits, tmp_path / "other", mixup=0.2, seed=1))
     assert one.completed and four.completed
     torch.manual_seed(0)  # finetune's own initialisation for seed 0
-    start = _flat(build_model("R14x0.5", 10, None).state_dict())
+    start = _flat(build_model("R14x0.5", 10, False).state_dict())
     w1, w4, w_other = (_flat(weights(tmp_path / d)) for d in ("one", "four", "other"))
     update = (w1 - start).norm()
     # The 4 micro-batches apply the same update as the one batch, up to float rounding (conv kernels
@@ -98,9 +100,9 @@ def test_stop_and_resume_equal_uninterrupted(tiny_digits, tmp_path):
 
 def test_sigterm_then_resume_gives_the_same_weights(tiny_digits, tmp_path):
     """A real `bitlab finetune` process (2 loader workers) killed with SIGTERM mid-run, then resumed."""
-    args = ["finetune", "--model", "R14x0.5", "--data", str(tiny_digits), "--batch-size", "8", "--resolution", "18",
-            "16", "--schedule", "2", "10", "20", "25", "30", "--base-lr", "0.05", "--workers", "2", "--no-progress",
-            "--log-every", "1", "--checkpoint-every", "0"]
+    args = ["finetune", "--model", "R14x0.5", "--random-init", "--data", str(tiny_digits), "--batch-size", "8",
+            "--resolution", "18", "16", "--schedule", "2", "10", "20", "25", "30", "--base-lr", "0.05", "--workers", "2",
+            "--no-progress", "--log-every", "1", "--checkpoint-every", "0"]
     run = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "bitlab", *args, "--out", str(run)], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -159,8 +161,8 @@ def test_fewshot_runs_seeds_and_reports_spread(tiny_digits, tmp_path):
 
 
 def test_fewshot_cli_prints_median_and_spread(tiny_digits, tmp_path, capsys):
-    args = ["fewshot", "--model", "R14x0.5", "--data", str(tiny_digits), "--out", str(tmp_path), "--batch-size", "8",
-            "--resolution", "18", "16", "--schedule", "1", "1", "1", "1", "2", "--workers", "0", "--no-progress",
+    args = ["fewshot", "--model", "R14x0.5", "--random-init", "--data", str(tiny_digits), "--out", str(tmp_path),
+            "--batch-size", "8", "--resolution", "18", "16", "--schedule", "1", "1", "1", "1", "2", "--workers", "0", "--no-progress",
             "--shots", "2", "--seeds", "0", "1", "2"]
     code, out, _ = _cli(capsys, *args)
     assert code == 0
@@ -174,7 +176,7 @@ def test_timm_model_and_its_checkpoint(tiny_digits, tmp_path):
     assert first.completed
     # a timm final.pt carries a 10-class head; fine-tuning from it again keeps the backbone, new zero head
     model = build_model("test_resnet", 4, str(tmp_path / "a" / "final.pt"))
-    saved = torch.load(tmp_path / "a" / "final.pt", weights_only=True)
+    saved = torch.load(tmp_path / "a" / "final.pt", weights_only=True)["state_dict"]
     assert torch.equal(model.state_dict()["conv1.0.weight"], saved["conv1.0.weight"])
     assert model.get_classifier().out_features == 4 and not model.get_classifier().weight.any()
     with pytest.raises(CheckpointError, match="another architecture"):
@@ -202,8 +204,8 @@ def test_cli_bad_input_messages(tiny_digits, tmp_path, capsys):
 
     data = tmp_path / "data"
     shutil.copytree(tiny_digits, data)
-    base = ["finetune", "--model", "R14x0.5", "--data", str(data), "--batch-size", "8", "--resolution", "18", "16",
-            "--schedule", "1", "1", "1", "1", "2", "--workers", "0", "--no-progress"]
+    base = ["finetune", "--model", "R14x0.5", "--random-init", "--data", str(data), "--batch-size", "8",
+            "--resolution", "18", "16", "--schedule", "1", "1", "1", "1", "2", "--workers", "0", "--no-progress"]
     code, _, err = _cli(capsys, *base, "--out", str(tmp_path / "k"), "--examples-per-class", "7")
     assert code == 2 and "fewer than --examples-per-class 7" in err
     code, _, err = _cli(capsys, *base, "--out", str(tmp_path / "b"), "--batch-size", "6", "--batch-split", "4")
@@ -265,14 +267,17 @@ def test_bit_model_from_official_npz_and_from_a_run(tiny_digits, tmp_path):
     from bitlab.models import save_npz
 
     torch.manual_seed(3)
-    upstream = create_model("R14x0.5", num_classes=21843)
+    upstream = create_model("R14x0.5", num_classes=21843, pretrained=False)
     npz = save_npz(upstream, tmp_path / "R14x0.5.npz")
     model = build_model("R14x0.5", 7, str(npz))
     own, src = model.state_dict(), upstream.state_dict()
     assert all(torch.allclose(own[k], src[k]) for k in own if not k.startswith("head.conv"))
     assert own["head.conv.weight"].shape[0] == 7 and not own["head.conv.weight"].any() and not own["head.conv.bias"].any()
     # fine-tune from the npz, then from that run's final.pt (a bitlab file): both load strictly
-    assert finetune(cfg(tiny_digits, tmp_path / "a", pretrained=str(npz), schedule=[1, 1, 1, 1, 2])).completed
+    assert finetune(cfg(tiny_digits, tmp_path / "a", pretrained=str(npz), random_init=False,
+                        schedule=[1, 1, 1, 1, 2])).completed
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert (summary["weights"], summary["random_init"]) == (str(npz), False)
     again = build_model("R14x0.5", 3, str(tmp_path / "a" / "final.pt"))
     trained = read_state_dict(tmp_path / "a" / "final.pt")[0]
     assert torch.equal(again.state_dict()["root.conv.weight"], trained["root.conv.weight"])
@@ -287,7 +292,8 @@ def test_fewshot_refuses_runs_made_with_other_settings(tiny_digits, tmp_path):
     assert (tmp_path / "k1_seed0" / "final.pt").is_file() and not (tmp_path / "k1_seed0" / "checkpoint.pt").exists()
     for change, named in (({"base_lr": 0.01}, "base_lr: 0.05 -> 0.01"),
                           ({"model": "R14x0.5-bn"}, "model: 'R14x0.5' -> 'R14x0.5-bn'"),
-                          ({"pretrained": str(tmp_path / "k1_seed0" / "final.pt")}, "pretrained: None ->")):
+                          ({"pretrained": str(tmp_path / "k1_seed0" / "final.pt"), "random_init": False},
+                           "pretrained: None ->")):
         with pytest.raises(BitlabError, match=rf"k1_seed0/config.json: .*different settings \({named}"):
             fewshot(FewShotConfig(**{**sweep, **change}))
         assert json.loads((tmp_path / "config.json").read_text())["base_lr"] == 0.05  # the sweep's record stays
@@ -311,8 +317,8 @@ def test_val_fraction_holdout_is_shared_by_the_seeds(tiny_digits, tmp_path):
 
 
 def test_split_seed_flag_is_recorded(tiny_digits, tmp_path, capsys):
-    code, _, _ = _cli(capsys, "finetune", "--model", "R14x0.5", "--data", str(tiny_digits / "train"), "--out",
-                      str(tmp_path), "--val-fraction", "0.34", "--split-seed", "3", "--batch-size", "8",
+    code, _, _ = _cli(capsys, "finetune", "--model", "R14x0.5", "--random-init", "--data", str(tiny_digits / "train"),
+                      "--out", str(tmp_path), "--val-fraction", "0.34", "--split-seed", "3", "--batch-size", "8",
                       "--resolution", "18", "16", "--schedule", "1", "1", "1", "1", "1", "--workers", "0",
                       "--no-progress")
     assert code == 0 and json.loads((tmp_path / "config.json").read_text())["split_seed"] == 3
@@ -344,11 +350,11 @@ def test_config_refuses_unusable_values(tmp_path, change, message):
 
 
 def test_cli_names_a_bad_flag(tmp_path, capsys):
-    code, _, err = _cli(capsys, "finetune", "--model", "R14x0.5", "--data", "unused", "--out", str(tmp_path),
-                        "--workers", "-1")
+    code, _, err = _cli(capsys, "finetune", "--model", "R14x0.5", "--random-init", "--data", "unused", "--out",
+                        str(tmp_path), "--workers", "-1")
     assert code == 2 and "--workers must be 0" in err
-    code, _, err = _cli(capsys, "fewshot", "--model", "R14x0.5", "--data", "unused", "--out", str(tmp_path),
-                        "--shots", "0", "5")
+    code, _, err = _cli(capsys, "fewshot", "--model", "R14x0.5", "--random-init", "--data", "unused", "--out",
+                        str(tmp_path), "--shots", "0", "5")
     assert code == 2 and "--shots must be positive, got 0" in err
 
 
@@ -363,7 +369,8 @@ def test_bad_arguments_leave_no_run_folder(tiny_digits, tmp_path, capsys):
                            (["--data", str(bad_csv)], "file " + str(tmp_path / "missing.png") + " not found"),
                            (["--batch-split", "3"], "8")):
         out = tmp_path / "runs" / "r"
-        code, _, err = _cli(capsys, "finetune", "--model", "R14x0.5", *common, "--out", str(out), *flags)
+        code, _, err = _cli(capsys, "finetune", "--model", "R14x0.5", "--random-init", *common, "--out", str(out),
+                            *flags)
         assert code == 2 and message in err, err
         assert not (tmp_path / "runs").exists(), flags
 
@@ -372,7 +379,7 @@ def test_fewshot_offers_no_seed_or_resume(tmp_path, capsys):
     """A sweep sets each run's seed (--seeds) and resumes by itself: --seed / --resume would be ignored."""
     for flag in (["--seed", "3"], ["--resume"]):
         with pytest.raises(SystemExit) as e:
-            main(["fewshot", "--model", "R14x0.5", "--data", "unused", "--out", str(tmp_path), *flag])
+            main(["fewshot", "--model", "R14x0.5", "--random-init", "--data", "unused", "--out", str(tmp_path), *flag])
         assert e.value.code == 2 and f"{flag[0]} is not a fewshot flag" in capsys.readouterr().err
     base = {**TINY, "data": "unused", "out": str(tmp_path)}
     with pytest.raises(BitlabError, match="each run's seed comes from seeds"):
@@ -404,8 +411,8 @@ def test_bad_validation_image_keeps_the_trained_weights(tiny_digits, tmp_path, c
     shutil.copytree(tiny_digits, data)
     (data / "val" / "3" / "1.jpg").write_text("x\n")
     out = tmp_path / "run"
-    assert main(["finetune", "--model", "R14x0.5", "--data", str(data), "--out", str(out), "--batch-size", "6",
-                 "--schedule", "1", "2", "3", "4", "8", "--resolution", "40", "32", "--workers", "0",
+    assert main(["finetune", "--model", "R14x0.5", "--random-init", "--data", str(data), "--out", str(out),
+                 "--batch-size", "6", "--schedule", "1", "2", "3", "4", "8", "--resolution", "40", "32", "--workers", "0",
                  "--no-progress"]) == 2
     assert "1.jpg" in capsys.readouterr().err
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 8 and (out / "final.pt").is_file()
@@ -433,9 +440,9 @@ def test_resume_refuses_changed_data_and_keeps_an_existing_run(tiny_digits, tmp_
 
 def test_rerun_from_config_json_gives_the_same_weights(tiny_digits, tmp_path):
     """`--config RUN/config.json` reruns the experiment: the same settings, the same final weights."""
-    args = ["finetune", "--model", "R14x0.5", "--data", str(tiny_digits), "--batch-size", "8", "--resolution", "18",
-            "16", "--schedule", "1", "1", "1", "1", "2", "--base-lr", "0.05", "--mixup", "0.2", "--workers", "0",
-            "--no-progress", "--no-flip"]
+    args = ["finetune", "--model", "R14x0.5", "--random-init", "--data", str(tiny_digits), "--batch-size", "8",
+            "--resolution", "18", "16", "--schedule", "1", "1", "1", "1", "2", "--base-lr", "0.05", "--mixup", "0.2",
+            "--workers", "0", "--no-progress", "--no-flip"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     assert main(["finetune", "--config", str(tmp_path / "a" / "config.json"), "--out", str(tmp_path / "b")]) == 0
     a, b = (json.loads((tmp_path / d / "config.json").read_text()) for d in "ab")
@@ -443,9 +450,43 @@ def test_rerun_from_config_json_gives_the_same_weights(tiny_digits, tmp_path):
     assert_same(weights(tmp_path / "a"), weights(tmp_path / "b"))
 
 
+def test_pretrained_by_default_random_weights_only_when_asked(tiny_digits, tmp_path, capsys):
+    """An official name starts from its official weights (offline here: a clear error before any run
+    folder exists), a name without released weights needs --random-init or --pretrained."""
+    common = ["--data", str(tiny_digits), "--batch-size", "8", "--resolution", "18", "16", "--workers", "0",
+              "--no-progress", "--schedule", "1", "1", "1", "1", "2"]
+    code, _, err = _cli(capsys, "finetune", "--model", "R14x0.5", *common, "--out", str(tmp_path / "r14"))
+    assert code == 2 and "R14x0.5 names an architecture, and no weights were released for it" in err
+    assert "--pretrained FILE" in err and "--random-init" in err
+    code, _, err = _cli(capsys, "finetune", "--model", "BiT-M-R50x1", *common, "--out", str(tmp_path / "bit"))
+    assert code == 2 and "BiT-M-R50x1: its pretrained weights are not in the cache and cannot be fetched" in err
+    code, _, err = _cli(capsys, "finetune", "--model", "R14x0.5", "--random-init", "--pretrained", __file__, *common,
+                        "--out", str(tmp_path / "both"))
+    assert code == 2 and "--random-init asks for random weights, but a weights file is given too" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_final_and_checkpoint_record_the_classes_in_head_order(tiny_digits, tmp_path, caplog):
+    """What `bitlab evaluate --model RUN_DIR` needs: the name, the classes in head order, the view the
+    run validated with and what its weights were pre-trained on, in both files."""
+    from bitlab.data.transforms import DataConfig
+    from bitlab.models.checkpoints import read_record
+
+    finetune(cfg(tiny_digits, tmp_path / "run", schedule=[1, 1, 1, 1, 2], checkpoint_every=1))
+    for file in ("final.pt", "checkpoint.pt"):
+        assert read_record(tmp_path / "run" / file) == {
+            "name": "R14x0.5", "classes": [str(d) for d in range(10)],
+            "data_config": DataConfig(input_size=16, crop_pct=1.0).to_dict(),  # square_eval_image at the crop
+            "pretraining_data": "none (trained from scratch)"}, file
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["weights"], summary["random_init"]) == ("random (--random-init)", True)
+    assert "R14x0.5 starts from random weights (--random-init): no transfer" in caplog.text
+
+
 # ----------------------------------------------------------------------------- one writer per run folder
-_LONG = ["finetune", "--model", "R14x0.5", "--batch-size", "8", "--resolution", "18", "16", "--schedule", "5", "100",
-         "150", "200", "250", "--workers", "0", "--no-progress", "--checkpoint-every", "20", "--log-every", "1"]
+_LONG = ["finetune", "--model", "R14x0.5", "--random-init", "--batch-size", "8", "--resolution", "18", "16",
+         "--schedule", "5", "100", "150", "200", "250", "--workers", "0", "--no-progress", "--checkpoint-every", "20",
+         "--log-every", "1"]
 
 
 def _finetune_proc(data: Path, out: Path, *extra: str) -> subprocess.Popen:
@@ -507,8 +548,8 @@ def test_a_full_disk_names_the_checkpoint_and_records_it_plainly(tiny_digits, tm
     and the full disk, in summary.json too (it was torch's '[enforce fail at inline_container.cc]'),
     no half-written checkpoint, metrics whole."""
     out = small_disk("4M") / "run"
-    assert main(["finetune", "--model", "R14x0.5", "--data", str(tiny_digits), "--out", str(out), "--batch-size", "8",
-                 "--resolution", "18", "16", "--schedule", "1", "2", "3", "4", "6", "--checkpoint-every", "2",
+    assert main(["finetune", "--model", "R14x0.5", "--random-init", "--data", str(tiny_digits), "--out", str(out),
+                 "--batch-size", "8", "--resolution", "18", "16", "--schedule", "1", "2", "3", "4", "6", "--checkpoint-every", "2",
                  "--log-every", "1", "--workers", "0", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"error: {out / 'checkpoint.pt'}: cannot write this file, the disk is full (errno ENOSPC" in err

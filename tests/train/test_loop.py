@@ -76,7 +76,9 @@ def test_run_directory_contract(tmp_path):
     assert header.split(",")[:2] == ["step", "split"] and "top1" in header and len(lines) == 7
     ckpt = io.torch_load(tmp_path / "checkpoint.pt")
     assert ckpt["step"] == 10 and set(ckpt) >= {"model", "optimizer", "rng", "model_name"}
-    assert_same(io.torch_load(tmp_path / "final.pt"), net.state_dict())
+    final = io.torch_load(tmp_path / "final.pt")  # a bitlab model file: the name, then the weights
+    assert final["format"] == "bitlab-model" and final["name"] == "mlp"
+    assert_same(final["state_dict"], net.state_dict())
     assert "done: 10 steps" in (tmp_path / "log.txt").read_text()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # atomic writes leave nothing
 
@@ -202,7 +204,7 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path, monkeypatch):
     reordered, _ = train(tmp_path / "reordered", steps=4, data=Stream(split=2))
     numerics.assert_within_floor(weights(compiled), weights(eager), numerics.rounding_floor(weights(eager),
                                                                                           weights(reordered)))
-    assert io.torch_load(tmp_path / "compiled" / "final.pt").keys() == eager.state_dict().keys()
+    assert io.torch_load(tmp_path / "compiled" / "final.pt")["state_dict"].keys() == eager.state_dict().keys()
 
 
 def test_device_defaults_bf16_and_channels_last_on_gpus_only():
@@ -304,7 +306,7 @@ def test_checkpoint_is_written_before_evaluation(tmp_path):
     with pytest.raises(BitlabError, match="validation image"):
         loop.run(net, run_dir=tmp_path / "end", evaluate=failing_at(6), **kw)
     assert io.torch_load(tmp_path / "end" / "checkpoint.pt")["step"] == 6
-    assert_same(io.torch_load(tmp_path / "end" / "final.pt"), net.state_dict())
+    assert_same(io.torch_load(tmp_path / "end" / "final.pt")["state_dict"], net.state_dict())
 
 
 def test_data_error_checkpoints_the_last_completed_step(tmp_path):
