@@ -45,6 +45,8 @@ BASELINE = "efficientnet_lite0.offline_in1k"  # the paper's ILSVRC-2012 model: l
 COMPARED = "efficientnet_lite2.offline_in1k"  # the largest offline model: right
 # The report compares the first two out-of-context results: the baseline, then the compared model.
 OFFLINE = [BASELINE, COMPARED, "efficientnet_lite1.offline_in1k"]
+# What every figure and table calls the offline models (the notebooks' names), not their registry ids.
+LABELS = {BASELINE: "EfficientNet-Lite0", COMPARED: "EfficientNet-Lite2", "efficientnet_lite1.offline_in1k": "EfficientNet-Lite1"}
 FIG13_IMAGES = 4
 SUMMARY = "summary.json"
 
@@ -105,7 +107,7 @@ def _run_demo(out: Path, figures: Path, sample_dir: Path) -> DemoResult:
     res = DemoResult(ooc, in_context_set(ooc, out / "in_context", sample_dir))
     torch.manual_seed(0)
     npz = save_npz(create_model("BiT-S-R50x1", pretrained=False), out / "BiT-S-R50x1-random.npz")
-    models = [dict(model=name) for name in OFFLINE] + [
+    models = [dict(model=name, label=LABELS[name]) for name in OFFLINE] + [
               dict(model="BiT-S-R50x1", pretrained=str(npz), image_size=BIT_DEMO_SIZE, label=BIT_DEMO_LABEL,
                    pretraining_data="none (random weights)")]
     dirs = {}

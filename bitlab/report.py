@@ -10,9 +10,12 @@
   usual context, and the share of mistakes that the bare background suggests, with intervals;
 - `fig_mistakes`: paper Fig. 7 and 11: mistakes as a gallery, prediction over label, in groups
   (`bitlab.eval.errors`), coloured by what raters said (Fig. 7 left);
-- `fig_duplicates`: paper Fig. 9: test images beside their near-duplicates upstream (`bitlab dedup`);
+- `fig_duplicates`, `fig_duplicates_by_downstream`: paper Fig. 9: test images beside their
+  near-duplicates upstream (`bitlab dedup`), in a block per downstream data set;
 - `fig_fewshot`: paper Fig. 2 / 5: top-1 against examples per class, every trial a light dot,
   the median over seeds a line (`bitlab fewshot`);
+- `fig_fewshot_architectures`: paper Fig. 5: few-shot top-1 against architecture, a line per
+  upstream data set, a panel per downstream set and K;
 - `fig_ooc_grid`: the out-of-context set at a glance, foreground objects x backgrounds (make-ooc);
 - `results_table`: one row per results folder, what the figures compare (head, weights, scores).
 
@@ -251,14 +254,18 @@ def _data_label(sets: Sequence[dict]) -> str:
     return names[0] if len(names) == 1 else "several sets"
 
 
-SMALLEST_M = 5  # millions of parameters: smaller models are drawn this size (EfficientNet-Lite0 has 4.7 M)
-
-
 def _marker_area(params_m: pd.Series) -> np.ndarray:
-    # Like the paper's Fig. 4, bigger architectures get bigger markers: area grows with the square
-    # root of the parameter count, so R50x1 (25 M) is 80 pt^2 and R152x4 (936 M) about 490 pt^2;
-    # models of SMALLEST_M or fewer parameters all get the smallest visible marker.
-    return 80 * np.sqrt(params_m.clip(lower=SMALLEST_M).to_numpy() / 25)
+    # Like the paper's Fig. 4, bigger architectures get bigger markers. The area grows with the log of
+    # the parameter count (40 pt^2 at 4 M, +80 per doubling: 4.7 / 5.4 / 6.1 M at 59 / 75 / 89, visibly
+    # apart; R50x1's 25 M at 250, R152x4's 936 M at 670), so small models of one family differ too.
+    return 40 + 80 * np.log2(np.clip(params_m.to_numpy(float), 1.0, None) / 4).clip(min=-0.4)
+
+
+def _size_legend(params_m: pd.Series) -> list[float]:
+    """The parameter counts the size legend shows: every model's when there are few, else the
+    smallest, the median and the largest (each drawn at its own area: no shared '≤' bin)."""
+    sizes = sorted({round(float(p), 1) for p in params_m})
+    return sizes if len(sizes) <= 4 else [sizes[0], sizes[len(sizes) // 2], sizes[-1]]
 
 
 def _label_points(ax, x: np.ndarray, y: np.ndarray, labels: list[str], span: float) -> None:
@@ -275,30 +282,40 @@ def _label_points(ax, x: np.ndarray, y: np.ndarray, labels: list[str], span: flo
                     va="center", arrowprops=dict(arrowstyle="-", color="#888888", lw=0.5) if moved else None)
 
 
+# A model at chance level (random weights, a broken checkpoint) has no place on the same axes as
+# trained ones: drawn at (0, 0) it would stretch both axes and squeeze the others into a corner.
+# Below this validation top-1 (10x a 1000-way chance) a model is named below the axes instead.
+CHANCE_TOP1 = 0.01
+
+
 def fig_val_vs_ooc(results: Sequence[Results]) -> Figure:
     """Fig. 12 right: validation top-1 (x) against out-of-context top-1 (y), one point per model;
-    marker size grows with the parameter count, colour = pre-training data."""
+    marker size grows with the parameter count, colour = pre-training data. Models at chance level
+    (validation top-1 below CHANCE_TOP1) are named below the axes with their numbers, not drawn on them."""
     pts = val_vs_ooc_points(results)
     if pts.empty:
         raise BitlabError("Fig. 12 right needs, for at least one model, a validation result and an "
                           "out-of-context result (same --label)")
-    fig = Figure(figsize=(6.4, 5.0), layout="constrained")
+    chance = pts["val_top1"] < CHANCE_TOP1
+    shown = pts[~chance] if (~chance).any() else pts
+    fig = Figure(figsize=(6.4, 5.0 + 0.35 * int(chance.any() and (~chance).any())), layout="constrained")
     ax = fig.subplots()
-    palette = dict(zip(sorted(pts["pretraining_data"].unique()),
+    palette = dict(zip(sorted(shown["pretraining_data"].unique()),
                        ["#1565c0", "#ef6c00", "#2e7d32", "#6a1b9a", "#c62828", "#00838f", "#5d4037"] * 3))
-    x, y = pts["val_top1"].to_numpy() * 100, pts["ooc_top1"].to_numpy() * 100
+    x, y = shown["val_top1"].to_numpy() * 100, shown["ooc_top1"].to_numpy() * 100
     # 95% intervals on both axes (Wilson for the validation images, a bootstrap over objects for
     # the out-of-context ones): two models are told apart only where their crosses do not overlap
-    xerr = np.abs(np.stack([pts["val_low"], pts["val_high"]]).astype(float) * 100 - x)
-    yerr = np.abs(np.stack([pts["ooc_low"], pts["ooc_high"]]).astype(float) * 100 - y)
+    ci = "val_low" in shown  # results written before intervals have none
+    xerr = np.abs(np.stack([shown["val_low"], shown["val_high"]]).astype(float) * 100 - x) if ci else np.zeros((2, len(x)))
+    yerr = np.abs(np.stack([shown["ooc_low"], shown["ooc_high"]]).astype(float) * 100 - y) if ci else np.zeros((2, len(y)))
     ax.errorbar(x, y, xerr=np.nan_to_num(xerr), yerr=np.nan_to_num(yerr), fmt="none", ecolor="#555555",
                 elinewidth=1, capsize=3, zorder=2)
-    subset = pts["subset_head"].to_numpy(bool)
+    subset = shown["subset_head"].to_numpy(bool)
     for marker, rows in (("o", ~subset), ("s", subset)):  # squares: heads over a subset of the classes
         if rows.any():
-            ax.scatter(x[rows], y[rows], s=_marker_area(pts["params_m"][rows]), marker=marker,
-                       c=pts["pretraining_data"][rows].map(palette), alpha=0.85, edgecolors="black", linewidths=0.6,
-                       zorder=3)
+            ax.scatter(x[rows], y[rows], s=_marker_area(shown["params_m"][rows]), marker=marker,
+                       c=shown["pretraining_data"][rows].map(palette), alpha=0.85, edgecolors="black",
+                       linewidths=0.6, zorder=3)
     # Axes span the data in steps of 10 points, so close models stay apart.
     xerr, yerr = np.nan_to_num(xerr), np.nan_to_num(yerr)
     lo = max(0.0, 10 * np.floor(min((x - xerr[0]).min(), (y - yerr[0]).min()) / 10 - 0.5))
@@ -306,24 +323,27 @@ def fig_val_vs_ooc(results: Sequence[Results]) -> Figure:
     ax.set_xlim(lo - 3, hi + 3)
     ax.set_ylim(lo - 3, hi + 3)
     ax.plot([lo, hi], [lo, hi], ls=":", color="#bbbbbb", zorder=1)
-    _label_points(ax, x, y, pts["label"].tolist(), span=hi - lo)
+    _label_points(ax, x, y, shown["label"].tolist(), span=hi - lo)
     ax.set_xlabel(f"validation top-1 (%) — {_data_label(pts['val_data'])}")
     ax.set_ylabel(f"out-of-context top-1 (%) — {_data_label(pts['ooc_data'])}")
     ax.grid(alpha=0.3)
     heads = [Line2D([], [], marker="o", ls="", color="#dddddd", markeredgecolor="black", markersize=8,
                     label="1000-way head (the paper's task)")] if (~subset).any() else []
     heads += [Line2D([], [], marker="s", ls="", color="#dddddd", markeredgecolor="black", markersize=8,
-                     label=robustness.head_note(int(w))) for w in sorted(pts.loc[subset, "way"].unique())]
+                     label=robustness.head_note(int(w))) for w in sorted(shown.loc[subset, "way"].unique())]
     colours = ax.legend(handles=[Line2D([], [], marker="o", ls="", color=c, markeredgecolor="black", markersize=8,
                                         label=d) for d, c in palette.items()] + (heads if subset.any() else []),
                         title="pre-training data" + (" / head" if subset.any() else ""), fontsize=8,
                         title_fontsize=8, loc="upper left")
     ax.add_artist(colours)
-    lo_p, hi_p = pts["params_m"].min(), pts["params_m"].max()
-    refs = [p for p in (SMALLEST_M, 25, 100, 400, 900) if lo_p / 2 <= p <= hi_p * 2] or [round(hi_p, 1)]
+    refs = _size_legend(pts["params_m"])
     ax.legend(handles=[ax.scatter([], [], s=_marker_area(pd.Series([p])), color="#dddddd", edgecolors="black",
-                                  linewidths=0.6, label=f"≤ {p} M" if p == SMALLEST_M else f"{p} M") for p in refs],
+                                  linewidths=0.6, label=f"{p:g} M") for p in refs],
               title="parameters", fontsize=8, title_fontsize=8, loc="lower right", labelspacing=1.2, borderpad=0.9)
+    if chance.any() and (~chance).any():
+        at_chance = "; ".join(f"{r.label}: validation {100 * r.val_top1:.1f}%, out of context {100 * r.ooc_top1:.1f}%"
+                              for r in pts[chance].itertuples())
+        fig.supxlabel(f"at chance level, not drawn: {at_chance}", fontsize=7.5, color="#555555")
     ax.set_title("In-distribution accuracy vs. objects out of context\n(bars: 95% intervals; dotted: y = x)",
                  fontsize=10)
     return fig
@@ -581,20 +601,47 @@ def fig_duplicates(pairs: Sequence[tuple], labels: Sequence[bool] | None = None,
     `labels` (True = a real duplicate, False = a false positive, as judged by a person or known
     from planted copies) colour the borders green / red as in the paper; `summary` (a `bitlab
     dedup` summary) titles the figure and, for hashes, captions Hamming distances."""
-    if labels is not None and len(labels) != len(pairs):
-        raise BitlabError(f"{len(labels)} labels for {len(pairs)} pairs")
-    hamming = summary is not None and summary["metric"] == "hamming"
-    images = [_side_by_side(decode_image(q), decode_image(m), height) for q, m, _ in pairs]
-    n = max(len(pairs), 1)
-    ncols = min(ncols, n)
-    nrows = math.ceil(n / ncols)
+    return fig_duplicates_by_downstream({"": (pairs, labels)}, summary=summary, ncols=ncols, height=height)
+
+
+def fig_duplicates_by_downstream(groups: Mapping[str, tuple[Sequence[tuple], Sequence[bool] | None]], *,
+                                 summary: Mapping | None = None, ncols: int = 4, height: int = 128) -> Figure:
+    """Fig. 9 as the paper lays it out: a block of pairs per downstream data set (`groups`: its
+    name -> (pairs, labels), as for `fig_duplicates`; a name "" draws no block heading)."""
+    for name, (pairs, labels) in groups.items():
+        if labels is not None and len(labels) != len(pairs):
+            raise BitlabError(f"{name or 'pairs'}: {len(labels)} labels for {len(pairs)} pairs")
+    images = {name: [_side_by_side(decode_image(q), decode_image(m), height) for q, m, _ in pairs]
+              for name, (pairs, _) in groups.items()}
+    every = [im for ims in images.values() for im in ims]
+    ncols = min(ncols, max([len(p) for p, _ in groups.values()] + [1]))
+    rows = {name: max(1, math.ceil(len(p) / ncols)) for name, (p, _) in groups.items()}
     # Rows as tall as the pictures are (the pairs are wide), plus two caption lines.
-    aspect = float(np.mean([im.shape[1] / im.shape[0] for im in images])) if images else 2.0
+    aspect = float(np.mean([im.shape[1] / im.shape[0] for im in every])) if every else 2.0
     width = 3.2
-    fig = Figure(figsize=(max(width * ncols, 6.4), (width / aspect + 0.6) * nrows + 0.7), layout="constrained")
+    heading = {name: 0.35 if name else 0.0 for name in groups}
+    heights = [(width / aspect + 0.6) * rows[name] + heading[name] for name in groups]
+    fig = Figure(figsize=(max(width * ncols, 6.4), sum(heights) + 0.7), layout="constrained")
     # Pairs narrower than the mean fill their panel's height, and their captions would touch the row above.
     fig.get_layout_engine().set(h_pad=0.12)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
+    subfigs = fig.subfigures(len(groups), 1, height_ratios=heights, squeeze=False)[:, 0]
+    for sub, (name, (pairs, labels)) in zip(subfigs, groups.items()):
+        if name:
+            sub.suptitle(f"{name}: {len(pairs)} pair{'s' if len(pairs) != 1 else ''}", fontsize=10, x=0.01,
+                         ha="left")
+        _duplicate_panels(sub, pairs, labels, images[name], rows[name], ncols, summary)
+    labelled = any(labels is not None for _, labels in groups.values())
+    note = "left: test image, right: its nearest training image"
+    note += ("; green border: true duplicate, red: false positive" if labelled
+             else "; not reviewed: a person judges each pair, as in the paper")
+    fig.suptitle(f"{duplicates_title(summary)}\n({note})" if summary else note, fontsize=9)
+    return fig
+
+
+def _duplicate_panels(sub, pairs: Sequence[tuple], labels: Sequence[bool] | None, images: Sequence[np.ndarray],
+                      nrows: int, ncols: int, summary: Mapping | None) -> None:
+    hamming = summary is not None and summary["metric"] == "hamming"
+    axes = sub.subplots(nrows, ncols, squeeze=False)
     for ax in axes.ravel():
         _bare(ax)
     for i, ((q, m, s), img) in enumerate(zip(pairs, images)):
@@ -604,13 +651,6 @@ def fig_duplicates(pairs: Sequence[tuple], labels: Sequence[bool] | None = None,
         ax.set_title(f"{_short(Path(q).name)} | {_short(Path(m).name)}\n{how}", fontsize=7)
         if labels is not None:
             _frame(ax, "tab:green" if labels[i] else "tab:red", 4)
-    note = "left: test image, right: its nearest training image"
-    if labels is not None:
-        note += "; green border: true duplicate, red: false positive"
-    else:
-        note += "; not reviewed: a person judges each pair, as in the paper"
-    fig.suptitle(f"{duplicates_title(summary)}\n({note})" if summary else note, fontsize=9)
-    return fig
 
 
 def save_duplicates_gallery(result: DedupResult, n: int) -> list[Path]:
@@ -720,6 +760,53 @@ def fig_fewshot(runs: pd.DataFrame, *, series: str | None = None, title: str | N
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best", title="light dots: every trial (seed)", title_fontsize=8)
     ax.set_title((title or "Few-shot transfer") + ("\n(trained from scratch, no pre-training)" if all_scratch else ""),
+                 fontsize=10)
+    return fig
+
+
+def fig_fewshot_architectures(runs: pd.DataFrame, *, shots: Sequence[int] = (1, 5),
+                              title: str | None = None) -> Figure:
+    """Fig. 5: few-shot top-1 (%) against architecture, a panel per downstream data set (columns)
+    and K examples per class (rows), a line per upstream data set through the medians over trials,
+    every trial a light dot. `runs` has `architecture`, `upstream`, `k`, `seed`, `top1` and
+    optionally `downstream` (`read_fewshot` rows of several sweeps, labelled); architectures keep
+    their order of appearance (order them small to large)."""
+    runs = runs[runs["k"].isin(shots)]
+    if runs.empty:
+        raise BitlabError(f"no few-shot runs with {' or '.join(map(str, shots))} example(s) per class to draw")
+    runs = runs.assign(downstream=runs["downstream"] if "downstream" in runs else "")
+    archs = list(dict.fromkeys(runs["architecture"]))
+    downs = list(dict.fromkeys(runs["downstream"]))
+    ks = [k for k in shots if (runs["k"] == k).any()]
+    fig = Figure(figsize=(max(3.2, 1.1 * len(archs) + 1.4) * len(downs), 2.6 * len(ks) + 0.9), layout="constrained")
+    axes = fig.subplots(len(ks), len(downs), squeeze=False, sharex=True)
+    colours = ["#1565c0", "#ef6c00", "#2e7d32", "#6a1b9a", "#c62828", "#00838f"]
+    x_of = {a: i for i, a in enumerate(archs)}
+    for r, k in enumerate(ks):
+        for c, down in enumerate(downs):
+            ax = axes[r, c]
+            cell = runs[(runs["k"] == k) & (runs["downstream"] == down)]
+            for i, (up, g) in enumerate(cell.groupby("upstream", sort=False)):
+                colour = colours[i % len(colours)]
+                x = g["architecture"].map(x_of).to_numpy(float)
+                order = g.groupby("architecture").cumcount().to_numpy()  # trials side by side, not on top
+                ax.scatter(x + 0.04 * (order - order.mean()), g["top1"] * 100, s=16, color=colour, alpha=0.35,
+                           linewidths=0, zorder=2)
+                med = g.groupby("architecture", sort=False)["top1"].median() * 100
+                n = g.groupby("architecture").size()
+                ax.plot(med.index.map(x_of), med.to_numpy(), "-o", color=colour, ms=5, lw=2, zorder=3,
+                        label=f"{up} (median of {n.min()}" + (f"-{n.max()}" if n.max() != n.min() else "") + ")")
+            ax.set_xticks(range(len(archs)), archs, fontsize=8)
+            ax.set_xlim(-0.5, len(archs) - 0.5)
+            ax.set_ylim(0, 100)
+            ax.grid(alpha=0.3)
+            ax.set_title((f"{down}, " if down else "") + f"{k} example{'s' if k != 1 else ''} per class", fontsize=9)
+            if c == 0:
+                ax.set_ylabel("top-1 accuracy (%)")
+            if r == len(ks) - 1:
+                ax.set_xlabel("architecture")
+    axes[0, 0].legend(fontsize=7, title="upstream (pre-training) data", title_fontsize=7, loc="best")
+    fig.suptitle(title or "Few-shot transfer by architecture (paper Fig. 5): light dots are single trials",
                  fontsize=10)
     return fig
 

@@ -9,10 +9,12 @@ import pandas as pd
 import pytest
 
 from bitlab.cli import main
-from bitlab.demo import BASELINE, COMPARED, FIG13_IMAGES
+from bitlab.demo import BASELINE, COMPARED, FIG13_IMAGES, LABELS
+from bitlab.report import slug
 from tests.fixtures.figures import assert_real_figure
 
 REAL = (BASELINE, COMPARED, "efficientnet_lite1.offline_in1k")
+FOLDER = {m: slug(LABELS[m]) for m in REAL}  # results folders and figure stems: the friendly labels
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,8 @@ def demo(tmp_path_factory):
 
 
 def _predictions(demo, label: str, role: str) -> pd.DataFrame:
-    df = pd.read_csv(demo["out"] / "results" / f"{label}_{role}" / "predictions.csv", keep_default_na=False)
+    df = pd.read_csv(demo["out"] / "results" / f"{FOLDER.get(label, label)}_{role}" / "predictions.csv",
+                     keep_default_na=False)
     assert df["top1_correct"].dtype == bool and df["usual_context"].dtype == bool
     return df
 
@@ -40,13 +43,17 @@ def test_demo_runs_the_main_flow_and_leaves_figures(demo):
     printed = demo["printed"]
     assert f"the figures are in {demo['figures']}" in printed
     for stem in ("fig12_left_top5", "fig13_top5", "fig12_right_val_vs_ooc", "backgrounds_BiT-S-R50x1-random-weights",
-                 *(f"backgrounds_{m}" for m in REAL)):
+                 *(f"backgrounds_{FOLDER[m]}" for m in REAL)):
         assert_real_figure(demo["figures"] / f"{stem}.png")
         assert f"{demo['figures'] / stem}.png" in printed
     results = demo["out"] / "results"
     # The baseline knows every object alone (on flat grey, or the lighthouse in its own photo).
-    assert json.loads((results / f"{BASELINE}_val" / "summary.json").read_text())["top1"] == 1.0
+    assert json.loads((results / f"{FOLDER[BASELINE]}_val" / "summary.json").read_text())["top1"] == 1.0
     bit = json.loads((results / "BiT-S-R50x1-random-weights_ooc" / "summary.json").read_text())
+    # Figures and tables name the models as the notebooks do, never by registry id.
+    summary = json.loads((demo["out"] / "summary.json").read_text())
+    assert (summary["baseline"], summary["compared"]) == ("EfficientNet-Lite0", "EfficientNet-Lite2")
+    assert sorted(summary["models"]) == sorted([*LABELS.values(), "BiT-S-R50x1 (random weights)"])
     assert bit["model"]["pretraining_data"] == "none (random weights)"
     manifest = (demo["out"] / "ooc" / "manifest.csv").read_text().strip().splitlines()
     assert bit["dataset"]["num_images"] == len(manifest) - 1 == 9 * 12  # every make-ooc image evaluated

@@ -142,16 +142,42 @@ def test_fig12_right_points_come_from_the_results(results):
 
 
 def test_fig12_right_size_legend_is_true():
-    """The smallest size in the legend ("≤ 5 M") is what every model of 5 M or fewer gets, and a
-    6.1 M model (EfficientNet-Lite2) is drawn bigger than it."""
-    area = report._marker_area(pd.Series([4.7, 5.0, 6.1, 25.0]))
-    assert area[0] == area[1] < area[2] < area[3]
+    """Every model's marker has its own size (4.7, 5.4 and 6.1 M apart, no shared "≤ 5 M" bin) and the
+    legend shows the models' own parameter counts, each at the area its model is drawn with."""
+    area = report._marker_area(pd.Series([4.7, 5.4, 6.1, 25.0, 936.0]))
+    assert (np.diff(area) > 0).all() and area[2] - area[0] > 10  # pt^2: visibly apart
     pts = [Results(Path(role), {"model": {"label": label, "params_m": params, "pretraining_data": "x"},
-                                       "dataset": {"role": role, "name": "d", "num_images": 1}, "top1": 0.5},
-                          {}, pd.DataFrame()) for label, params in (("Lite0", 4.7), ("Lite2", 6.1))
+                                       "dataset": {"role": role, "name": "d", "num_images": 1}, "top1": top1},
+                          {}, pd.DataFrame()) for label, params, top1 in (("Lite0", 4.7, 0.6), ("Lite2", 6.1, 0.7))
            for role in ("val", "ooc")]
     ax = report.fig_val_vs_ooc(pts).axes[0]
-    assert [t.get_text() for t in ax.get_legend().texts] == ["≤ 5 M"]
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.texts] == ["4.7 M", "6.1 M"]
+    assert np.allclose([h.get_sizes()[0] for h in legend.legend_handles], report._marker_area(pd.Series([4.7, 6.1])))
+
+
+def test_fig12_right_keeps_a_chance_level_model_off_the_axes():
+    """A random-weights model at (0, 0) would stretch both axes and squeeze the trained models into a
+    corner: it is named below the axes with its numbers, and the axes span the trained models."""
+    def result(label, params, role, top1):
+        return Results(Path(role), {"model": {"label": label, "params_m": params, "pretraining_data": "x"},
+                                    "dataset": {"role": role, "name": "d", "num_images": 1}, "top1": top1},
+                       {}, pd.DataFrame())
+
+    pts = [result(label, params, role, top1) for label, params, val, ooc in
+           (("Lite0", 4.7, 0.95, 0.72), ("Lite2", 6.1, 0.97, 0.87), ("random", 25.5, 0.0, 0.0))
+           for role, top1 in (("val", val), ("ooc", ooc))]
+    fig = report.fig_val_vs_ooc(pts)
+    ax = fig.axes[0]
+    assert ax.get_xlim()[0] >= 50 and ax.get_ylim()[0] >= 50  # the trained models fill the axes
+    from matplotlib.collections import PathCollection
+
+    drawn = np.concatenate([c.get_offsets() for c in ax.collections if isinstance(c, PathCollection)])
+    assert np.allclose(sorted(drawn[:, 0]), [95, 97])  # the two trained models' markers, nothing at 0
+    assert fig.get_supxlabel() == "at chance level, not drawn: random: validation 0.0%, out of context 0.0%"
+    assert [t.get_text() for t in ax.get_legend().texts] == ["4.7 M", "6.1 M", "25.5 M"]  # all models sized
+    only = report.fig_val_vs_ooc(pts[4:])  # only chance-level models: drawn, as nothing else is
+    assert only.get_supxlabel() == "" and only.axes[0].get_xlim()[0] < 0
 
 
 def test_folder_names_are_shown_as_words(results):
@@ -250,6 +276,24 @@ def test_gallery_marks_true_and_false_positives(tmp_path, photos):
     assert fig.axes[0].get_title().split("\n")[0] == "d9ce3f9b1da15b…ass_skimage.png | d9ce3f9b1da15b…ass_skimage.png"
 
 
+def test_fig9_has_a_block_per_downstream_set(tmp_path, photos):
+    import cv2
+
+    for name in ("chelsea", "coffee"):
+        cv2.imwrite(str(tmp_path / f"{name}.png"), photos[name][..., ::-1])
+    cat, cup = tmp_path / "chelsea.png", tmp_path / "coffee.png"
+    fig = report.fig_duplicates_by_downstream({"CIFAR-10": ([(cat, cat, 0.99), (cup, cup, 0.9)], [True, True]),
+                                               "Pets": ([(cup, cat, 0.75)], [False])})
+    assert [sub.get_suptitle() for sub in fig.subfigs] == ["CIFAR-10: 2 pairs", "Pets: 1 pair"]
+    assert len(fig.subfigs[0].axes) == 2 and len(fig.subfigs[1].axes) == 2  # one row of 2 columns each
+    assert "green border: true duplicate" in fig.get_suptitle()
+    report.save(fig, tmp_path, "g9")
+    img = assert_real_figure(tmp_path / "g9.png", min_h=200)
+    assert _has_colour(img, np.array([214, 39, 40]), pixels=500)  # the false positive's red
+    with pytest.raises(BitlabError, match="Pets: 2 labels for 1 pairs"):
+        report.fig_duplicates_by_downstream({"Pets": ([(cup, cat, 0.75)], [False, True])})
+
+
 def test_dedup_gallery_is_drawn_from_the_result(tmp_path, photos):
     """`bitlab dedup` draws Fig. 9 from what `run_dedup` returned, into its folder; nothing to show, no file."""
     import cv2
@@ -314,6 +358,29 @@ def test_fig_fewshot_draws_medians_and_every_trial(tmp_path):
     assert ax.get_title() == "Few-shot transfer"
     assert [t.get_text() for t in ax.get_legend().texts] == ["tiny: median of 3 trials",
                                                              "tiny 2: median of 3 trials, trained from scratch"]
+
+
+def test_fig5_puts_architectures_on_x_and_a_line_per_upstream(tmp_path):
+    import pandas as pd
+
+    rows = [{"architecture": arch, "upstream": up, "downstream": "digits", "k": k, "seed": seed,
+             "top1": base + 0.1 * i + 0.2 * (k == 5) + 0.01 * seed}
+            for up, base in (("none", 0.2), ("ImageNet-21k", 0.5)) for i, arch in enumerate(["R14x0.5", "R26x0.5"])
+            for k in (1, 5, 10) for seed in range(5)]
+    fig = report.fig_fewshot_architectures(pd.DataFrame(rows))
+    axes = fig.axes
+    assert len(axes) == 2  # 1 and 5 shots (10 is not Fig. 5's), one downstream set
+    assert [t.get_text() for t in axes[1].get_xticklabels()] == ["R14x0.5", "R26x0.5"]
+    lines = axes[0].lines
+    assert len(lines) == 2 and np.allclose(lines[0].get_ydata(), [22, 32])  # medians (seed 2), in %
+    assert np.allclose(axes[1].lines[1].get_ydata(), [72, 82])
+    assert sum(len(c.get_offsets()) for c in axes[0].collections) == 20  # every trial a dot
+    assert [t.get_text() for t in axes[0].get_legend().texts] == ["none (median of 5)", "ImageNet-21k (median of 5)"]
+    assert axes[0].get_title() == "digits, 1 example per class"
+    report.save(fig, tmp_path, "fig5")
+    assert_real_figure(tmp_path / "fig5.png", min_w=300)
+    with pytest.raises(BitlabError, match="no few-shot runs with 1 or 5"):
+        report.fig_fewshot_architectures(pd.DataFrame(rows).query("k == 10"))
 
 
 # ----------------------------------------------------------------------------- OOC tour

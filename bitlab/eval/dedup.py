@@ -576,6 +576,25 @@ def table6_counts(is_dup: np.ndarray, correct: np.ndarray | None = None) -> dict
     return counts
 
 
+def table6(summaries: Mapping[tuple[str, str], Mapping]) -> "pd.DataFrame":
+    """Paper Table 6's layout from `bitlab dedup` summaries keyed by (upstream, downstream) name: a
+    row per downstream set, per upstream set the columns Full, Dedup (accuracy, %) and Dups; without
+    predictions, Full and Dedup count images instead (columns `Full images`, `Dedup images`)."""
+    import pandas as pd
+
+    cells = {}
+    for (up, down), s in summaries.items():
+        if s.get("full") is not None:
+            values = {"Full": s["full"], "Dedup": s["dedup"], "Dups": s["dups"]}
+        else:
+            values = {"Full images": s["full_images"], "Dedup images": s["dedup_images"], "Dups": s["dups"]}
+        cells.setdefault(down, {}).update({(up, k): v for k, v in values.items()})
+    table = pd.DataFrame.from_dict(cells, orient="index")
+    table.columns = pd.MultiIndex.from_tuples(table.columns, names=["upstream", ""])
+    table.index.name = "downstream"
+    return table
+
+
 # ----------------------------------------------------------------------------- planted near-duplicates
 def _half(img: np.ndarray) -> np.ndarray:
     return resize(img, max(1, img.shape[1] // 2), max(1, img.shape[0] // 2))
@@ -631,6 +650,15 @@ DEMO_PLANTED = ("chelsea", "coffee", "rocket", "astronaut", "clock")
 DEMO_UPSTREAM_ONLY = ("camera", "coins", "moon", "hubble_deep_field", "retina", "brick", "grass",
                       "immunohistochemistry")
 DEMO_DOWNSTREAM_ONLY = ("gravel", "text", "cell", "page")
+# A near-miss: the left view of scikit-image's stereo pair is a training image, the right view a test
+# image. The same scene from a few centimetres aside is not a copy: when the search flags it, a
+# reviewer marks the match red (Fig. 9's false positives).
+DEMO_NEAR_MISS = ("motorcycle_left", "motorcycle_right")
+# What each test photo shows as ILSVRC-2012 class indices (Table 6's right answers; copies inherit
+# their original's): cat, coffee, rocket, clock and motorcycle photos; the astronaut, the page and the
+# textures show no ILSVRC-2012 class, so a 1000-way model is never right on them.
+DEMO_CLASSES = {"chelsea": (281, 282, 285), "coffee": (504, 967, 968), "rocket": (657, 744, 812),
+                "clock": (409, 892), "motorcycle_right": (665, 670)}
 
 
 @dataclass
@@ -642,6 +670,7 @@ class PlantedSets:
     truth: dict[str, str]  # downstream name -> upstream name of its original
     unrelated: list[str]  # downstream names with no counterpart upstream
     edits: dict[str, str] = dataclasses.field(default_factory=dict)  # downstream name -> edit (NEAR_DUPLICATE_EDITS)
+    classes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # downstream name -> ILSVRC classes
 
     def is_true_match(self, query: str, match: str) -> bool:
         return self.truth.get(query) == match
@@ -649,7 +678,8 @@ class PlantedSets:
     def kinds(self) -> dict[str, str]:
         """Every downstream name -> what it is ('half-size copy', ..., 'unrelated photo')."""
         return {**{q: EDIT_NAMES.get(self.edits.get(q, ""), "planted copy") for q in self.truth},
-                **{q: "unrelated photo" for q in self.unrelated}}
+                **{q: "near-miss: another view" if Path(q).stem in DEMO_NEAR_MISS else "unrelated photo"
+                   for q in self.unrelated}}
 
     def score(self, duplicates: Sequence[Mapping]) -> dict[str, list[str]]:
         """Test images whose best match passed the threshold (`run_dedup`'s duplicates, rank 1)
@@ -661,24 +691,47 @@ class PlantedSets:
                 "false": sorted(q for q, m in best.items() if not self.is_true_match(q, m))}
 
 
+    def predictions(self, model: str, out: str | os.PathLike) -> Path:
+        """`out` (a CSV: `image`, `correct`, `prediction`): `model`'s top-1 on every test image,
+        right when it is one of the photo's `classes` (Table 6's Full / Dedup accuracy)."""
+        import pandas as pd
+
+        from bitlab.data import imagenet
+        from bitlab.eval.predict import predict_files
+        from bitlab.models import create_model
+
+        names = sorted(p.name for p in self.downstream.iterdir() if p.is_file())
+        top = predict_files(create_model(model).eval(), [self.downstream / n for n in names], topk=1,
+                            progress=False).indices[:, 0]
+        rows = [{"image": n, "correct": int(int(t) in self.classes.get(n, ())), "prediction": imagenet.names()[int(t)]}
+                for n, t in zip(names, top)]
+        with io.atomic_write(out, "w", newline="", encoding="utf-8") as f:
+            pd.DataFrame(rows).to_csv(f, index=False)
+        return Path(out)
+
+
 def planted_demo(out: str | os.PathLike) -> PlantedSets:
-    """`out/upstream/` (originals + unrelated photos) and `out/downstream/` (half-size, JPEG-30
-    and 6 %-cropped copies of the originals + other unrelated photos) from scikit-image's photos."""
+    """`out/upstream/` (originals + unrelated photos + a near-miss's twin) and `out/downstream/`
+    (half-size, JPEG-30 and 6 %-cropped copies of the originals + other unrelated photos + the
+    near-miss) from scikit-image's photos."""
     try:
         import skimage.data
     except ImportError:
         raise BitlabError("the planted example needs scikit-image's photos: pip install 'bitlab[notebooks]'") from None
 
     def photo(name: str) -> np.ndarray:
-        img = getattr(skimage.data, name)()
+        img = skimage.data.stereo_motorcycle()[DEMO_NEAR_MISS.index(name)] if name in DEMO_NEAR_MISS else \
+            getattr(skimage.data, name)()
         return np.ascontiguousarray(np.stack([img] * 3, axis=-1) if img.ndim == 2 else img[..., :3])
 
     out = Path(out)
     up, down = out / "upstream", out / "downstream"
     originals = [write_image(up / f"{n}.png", photo(n)) for n in DEMO_PLANTED]
-    for n in DEMO_UPSTREAM_ONLY:
+    for n in (*DEMO_UPSTREAM_ONLY, DEMO_NEAR_MISS[0]):
         write_image(up / f"{n}.png", photo(n))
-    unrelated = [write_image(down / f"{n}.png", photo(n)).name for n in DEMO_DOWNSTREAM_ONLY]
+    unrelated = [write_image(down / f"{n}.png", photo(n)).name for n in (*DEMO_DOWNSTREAM_ONLY, DEMO_NEAR_MISS[1])]
     planted = plant_near_duplicates(originals, down)
     truth = {copy: orig.relative_to(up).as_posix() for copy, (orig, _) in planted.items()}
-    return PlantedSets(up, down, truth, unrelated, {copy: edit for copy, (_, edit) in planted.items()})
+    classes = {**{copy: DEMO_CLASSES.get(orig.stem, ()) for copy, (orig, _) in planted.items()},
+               **{n: DEMO_CLASSES.get(Path(n).stem, ()) for n in unrelated}}
+    return PlantedSets(up, down, truth, unrelated, {copy: edit for copy, (_, edit) in planted.items()}, classes)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import re
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import cv2
 import pandas as pd
@@ -34,6 +34,7 @@ RATING_COLUMNS = ("image", "rater", "verdict", "label", "prediction")
 REQUIRED_COLUMNS = ("image", "rater", "verdict", "prediction")
 # Consensus of an image's raters: one of VERDICTS' first two, or this one (Fig. 7 left's yellow).
 UNSURE = "unsure"
+VERDICTS_BY_CODE = list(VERDICTS)
 _WNID = re.compile(r"n\d{8}")
 
 
@@ -68,12 +69,20 @@ def mistakes(predictions: pd.DataFrame) -> pd.DataFrame:
     }).reset_index(drop=True).assign(k=k)
 
 
-def by_topk(mistakes: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Fig. 7 right's middle and bottom groups: right by top-k although wrong by top-1, and wrong
-    by top-k too (empty groups are left out)."""
+# Fig. 7 right's top group: mistakes whose raters side with the prediction (their consensus).
+MORE_REPRESENTATIVE = "prediction more representative than the label"
+
+
+def by_topk(mistakes: pd.DataFrame, verdicts: Mapping[str, str] | None = None) -> dict[str, pd.DataFrame]:
+    """Fig. 7 right's groups: with `verdicts` (`consensus`), first the mistakes whose raters side
+    with the prediction (its top group); then, of the rest, those right by top-k although wrong by
+    top-1, and those wrong by top-k too (empty groups are left out)."""
     k = int(mistakes["k"].iloc[0]) if len(mistakes) else 5
-    groups = {f"top-1 wrong, top-{k} right": mistakes[mistakes["topk_correct"]],
-              f"top-{k} wrong too": mistakes[~mistakes["topk_correct"]]}
+    better = mistakes["image"].map(dict(verdicts or {})).eq("prediction")
+    rest = mistakes[~better]
+    groups = {MORE_REPRESENTATIVE + " (raters)": mistakes[better],
+              f"top-1 wrong, top-{k} right": rest[rest["topk_correct"]],
+              f"top-{k} wrong too": rest[~rest["topk_correct"]]}
     return {name: g for name, g in groups.items() if len(g)}
 
 
@@ -173,38 +182,114 @@ def consensus(ratings: pd.DataFrame, mistakes: pd.DataFrame) -> dict[str, str]:
     return out
 
 
+def agreement(ratings: pd.DataFrame, mistakes: pd.DataFrame) -> dict | None:
+    """Fig. 7 left's raters, how far they agree beyond chance, on the mistakes every one of them
+    rated (current ratings only): Fleiss' kappa over all raters and, with exactly two, Cohen's
+    (statsmodels). None when fewer than two raters share an image."""
+    from statsmodels.stats import inter_rater
+
+    current = current_ratings(ratings, mistakes)[0]
+    raters = sorted(current["rater"].unique())
+    table = current.pivot_table(index="image", columns="rater", values="verdict", aggfunc="first")
+    shared = table.dropna() if len(raters) >= 2 else table.iloc[:0]
+    if shared.empty:
+        return None
+    codes = shared.apply(lambda col: col.map({v: i for i, v in enumerate(VERDICTS)})).to_numpy(int)
+    counts, _ = inter_rater.aggregate_raters(codes, n_cat=len(VERDICTS))
+    totals = counts.sum(0)
+    if (totals > 0).sum() < 2:  # one verdict throughout: chance agreement is 1, and kappa 0 / 0
+        return {"images": len(shared), "raters": raters, "fleiss_kappa": None, "only": VERDICTS_BY_CODE[totals.argmax()]}
+    out = {"images": len(shared), "raters": raters, "fleiss_kappa": float(inter_rater.fleiss_kappa(counts))}
+    if len(raters) == 2:
+        square = pd.crosstab(shared.iloc[:, 0], shared.iloc[:, 1]).reindex(
+            index=list(VERDICTS), columns=list(VERDICTS), fill_value=0)
+        out["cohen_kappa"] = float(inter_rater.cohens_kappa(square.to_numpy(), return_results=False))
+    return out
+
+
+def agreement_text(stats: dict | None) -> str:
+    """`agreement` in words (a title line): kappa 1 is full agreement, 0 what chance gives."""
+    if stats is None:
+        return "raters' agreement: needs two raters on the same images"
+    if stats["fleiss_kappa"] is None:
+        return (f"raters' agreement: all {len(stats['raters'])} raters chose {stats['only']!r} on the "
+                f"{stats['images']} mistake(s) they all rated (kappa needs more than one verdict)")
+    cohen = f"Cohen's κ = {stats['cohen_kappa']:.2f}, " if "cohen_kappa" in stats else ""
+    return (f"raters' agreement on the {stats['images']} mistake(s) all {len(stats['raters'])} rated: "
+            f"{cohen}Fleiss' κ = {stats['fleiss_kappa']:.2f}")
+
+
 # ----------------------------------------------------------------------------- the rating form
+# Keys typed into the form's key box (a kernel sees no raw key presses without an extra package).
+KEYS = {"p": "prediction", "1": "prediction", "l": "label", "2": "label", "n": "neither", "3": "neither",
+        "b": "back", "s": "skip"}
+
+
 class RatingTool:
     """An ipywidgets form: one mistake at a time (image, prediction over label), three buttons for
     the verdict; every click is saved to `path` at once and moves to the next unrated mistake.
+    Keys typed into its key box do the same (p / 1, l / 2, n / 3; b back, s skip), and `redraw`
+    (e.g. `lambda: report.fig_mistakes(...)`), when given, is called after each verdict and what it
+    returns is shown below the form (the coloured gallery).
 
         tool = RatingTool(mistakes(df), data_root, "ratings.csv", rater="ana")
-        tool.widget  # display it in JupyterLab
+        tool  # display it in JupyterLab
     """
 
     def __init__(self, mistakes: pd.DataFrame, root: str | Path, path: str | Path, rater: str,
-                 thumb: int = 320) -> None:
+                 thumb: int = 320, redraw: Callable[[], object] | None = None) -> None:
         import ipywidgets as w  # the notebooks extra; the rest of the module works without it
 
-        if mistakes.empty:
-            raise BitlabError("no mistakes to rate")
         self.mistakes, self.root, self.path, self.thumb = mistakes.reset_index(drop=True), Path(root), Path(path), thumb
-        self.rater = rater
+        self.rater, self.redraw = rater, redraw
         self.ratings = read_ratings(self.path)
         self.index = 0
-        self.image = w.Image(format="png")
-        self.caption = w.HTML()
-        self.status = w.HTML()
-        self.buttons = {v: w.Button(description=text, button_style=style, layout=w.Layout(width="auto"))
-                        for (v, text), style in zip(VERDICTS.items(), ("success", "danger", "warning"))}
+        # A fixed width: JupyterLab would stretch the image to the cell's width (pixelated, and the
+        # buttons pushed below the fold), so it sits beside them at its own size.
+        self.image = w.Image(format="png", layout=w.Layout(width=f"{thumb}px", height="auto", object_fit="contain",
+                                                           flex="0 0 auto"))
+        self.caption, self.status = w.HTML(), w.HTML()
+        self.buttons = {v: w.Button(description=f"{text} ({key})", button_style=style, layout=w.Layout(width="auto"))
+                        for (v, text), style, key in zip(VERDICTS.items(), ("success", "danger", "warning"), "pln")}
         for verdict, button in self.buttons.items():
             button.on_click(lambda _, v=verdict: self.rate(v))
-        self.back, self.skip = w.Button(description="◀ back"), w.Button(description="skip ▶")
+        self.back, self.skip = w.Button(description="◀ back (b)"), w.Button(description="skip ▶ (s)")
         self.back.on_click(lambda _: self.show(self.index - 1))
         self.skip.on_click(lambda _: self.show(self.index + 1))
-        self.widget = w.VBox([self.caption, self.image, w.HBox(list(self.buttons.values())),
-                              w.HBox([self.back, self.skip]), self.status])
+        self.keys = w.Text(placeholder="click here, then type p, l, n, b or s", continuous_update=True,
+                           layout=w.Layout(width="auto"))
+        self.keys.observe(self._key, names="value")
+        self.gallery = w.Output()
+        form = w.VBox([self.caption, *self.buttons.values(), w.HBox([self.back, self.skip]), self.keys, self.status],
+                      layout=w.Layout(min_width="260px"))
+        self.widget = w.VBox([w.HBox([self.image, form]), self.gallery])
+        if self.mistakes.empty:
+            self.widget = w.VBox([w.HTML("<b>No mistakes to rate</b>: the model is right on every image.")])
+            return
         self.show(self._next_unrated(0))
+
+    def _repr_mimebundle_(self, **kwargs) -> dict:
+        """The widget, with a plain-text line for views without a kernel (a saved notebook opened
+        later shows this line instead of `VBox(children=...)`)."""
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        data = bundle[0] if isinstance(bundle, tuple) else bundle
+        data["text/plain"] = ("[rating form: no mistakes to rate]" if self.mistakes.empty else
+                              f"[rating form for {len(self.mistakes)} mistakes: run this cell in JupyterLab with a "
+                              f"kernel to rate them; ratings are saved to {self.path}]")
+        return bundle
+
+    def _key(self, change: dict) -> None:
+        typed = change["new"].strip().lower()
+        if not typed:
+            return
+        self.keys.value = ""  # ready for the next key (this observer sees the "" and returns)
+        action = KEYS.get(typed[-1])
+        if action == "back":
+            self.show(self.index - 1)
+        elif action == "skip":
+            self.show(self.index + 1)
+        elif action is not None:
+            self.rate(action)
 
     def _mine(self) -> pd.DataFrame:
         """This rater's ratings of the mistakes as they are (a stale verdict is asked again)."""
@@ -239,3 +324,6 @@ class RatingTool:
         self.ratings = record(self.ratings, self.mistakes.loc[self.index], self.rater, verdict)
         write_ratings(self.path, self.ratings)
         self.show(self._next_unrated(self.index))
+        if self.redraw is not None:  # the new picture replaces the old (kept in the widget's state)
+            self.gallery.outputs = ()
+            self.gallery.append_display_data(self.redraw())

@@ -156,6 +156,8 @@ ARCHITECTURES: dict[str, tuple[tuple[int, ...], float]] = {
     # Not in the paper: one unit per stage at half width (32-channel root, so GN's 32 groups
     # still divide every layer). Small enough to train in seconds on a CPU.
     "R14x0.5": ((1, 1, 1, 1), 0.5),
+    # Twice as deep: the few-shot notebook's second architecture for Fig. 5 on a CPU.
+    "R26x0.5": ((2, 2, 2, 2), 0.5),
 }
 UPSTREAM = {"S": ("ILSVRC-2012", 1000), "M": ("ImageNet-21k", 21843)}
 ABLATIONS = {"": ("group", "std"), "-bn": ("batch", "std"), "-plain": ("group", "plain"), "-bn-plain": ("batch", "plain")}

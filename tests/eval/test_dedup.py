@@ -257,6 +257,19 @@ def test_model_without_pooled_pre_logits_is_rejected():
 
 
 # ----------------------------------------------------------------------------- Table 6
+def test_table6_is_laid_out_downstream_by_upstream():
+    summaries = {("JFT", "CIFAR-10"): {"full": 99.4, "dedup": 99.3, "dups": 435},
+                 ("ILSVRC-2012", "CIFAR-10"): {"full": 97.2, "dedup": 97.2, "dups": 82},
+                 ("JFT", "Pets"): {"full": 96.8, "dedup": 96.4, "dups": 600}}
+    table = dedup.table6(summaries)
+    assert table.index.tolist() == ["CIFAR-10", "Pets"]
+    assert table.columns.tolist() == [("JFT", "Full"), ("JFT", "Dedup"), ("JFT", "Dups"), ("ILSVRC-2012", "Full"),
+                                      ("ILSVRC-2012", "Dedup"), ("ILSVRC-2012", "Dups")]
+    assert table.loc["Pets", ("JFT", "Dedup")] == 96.4 and np.isnan(table.loc["Pets", ("ILSVRC-2012", "Full")])
+    counts = dedup.table6({("up", "down"): {"full_images": 5, "dedup_images": 3, "dups": 2}})
+    assert counts.columns.tolist() == [("up", "Full images"), ("up", "Dedup images"), ("up", "Dups")]
+
+
 def test_table6_counts():
     is_dup = np.array([True, False, False, True, False])
     correct = np.array([False, True, True, True, False])
@@ -404,8 +417,10 @@ def test_planted_demo_knows_its_truth(tmp_path):
     ps = dedup.planted_demo(tmp_path)
     up = dedup.list_images(ps.upstream)
     down = dedup.list_images(ps.downstream)
-    assert len(up) == len(dedup.DEMO_PLANTED) + len(dedup.DEMO_UPSTREAM_ONLY)
+    assert len(up) == len(dedup.DEMO_PLANTED) + len(dedup.DEMO_UPSTREAM_ONLY) + 1  # + the near-miss's twin
     assert sorted(down.names) == sorted([*ps.truth, *ps.unrelated])
+    assert "motorcycle_left.png" in up.names and ps.kinds()["motorcycle_right.png"] == "near-miss: another view"
+    assert ps.classes["chelsea_half.png"] == dedup.DEMO_CLASSES["chelsea"] and ps.classes["gravel.png"] == ()
     assert set(ps.truth.values()) == {f"{n}.png" for n in dedup.DEMO_PLANTED}
     assert set(ps.truth.values()) <= set(up.names)
     kinds = ps.kinds()

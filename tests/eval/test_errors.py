@@ -49,6 +49,38 @@ def test_groups_by_topk_and_by_confusion(predictions):
     assert conf["rocket → solar dish"]["image"].tolist() == ["rocket/b.png", "rocket/d.png"]
     assert list(errors.by_confusion(m, min_count=2)) == ["rocket → solar dish"]
     assert errors.by_topk(m.iloc[:0]) == {}
+    # Fig. 7 right's top group: the raters' consensus sides with the prediction; it leaves the others.
+    groups = errors.by_topk(m, {"rocket/d.png": "prediction", "rocket/c.png": "label", "rocket/b.png": "unsure"})
+    assert list(groups) == ["prediction more representative than the label (raters)", "top-1 wrong, top-5 right",
+                            "top-5 wrong too"]
+    assert groups["prediction more representative than the label (raters)"]["image"].tolist() == ["rocket/d.png"]
+    assert groups["top-5 wrong too"]["image"].tolist() == ["rocket/c.png", "n01440764/e.png"]
+
+
+def test_agreement_is_cohens_and_fleiss_kappa_on_the_shared_mistakes(predictions):
+    m = errors.mistakes(predictions).set_index("image", drop=False)
+    r = errors.empty_ratings()
+    for image, ana, bo in [("rocket/b.png", "prediction", "prediction"), ("rocket/c.png", "label", "label"),
+                           ("rocket/d.png", "prediction", "neither"), ("n01440764/e.png", "label", "prediction")]:
+        r = errors.record(r, m.loc[image], "ana", ana)
+        r = errors.record(r, m.loc[image], "bo", bo)
+    assert errors.agreement(r.iloc[::2], m) is None  # one rater: nothing to agree on
+    stats = errors.agreement(r, m)
+    # By hand: observed agreement 2/4; ana's marginals (1/2 prediction, 1/2 label), bo's (1/2, 1/4, 1/4):
+    # chance 1/2*1/2 + 1/2*1/4 = 3/8, Cohen's kappa (1/2 - 3/8) / (5/8) = 0.2. Fleiss' pools the raters'
+    # marginals (4/8, 3/8, 1/8): chance 26/64, kappa (1/2 - 26/64) / (38/64) = 6/38.
+    assert stats["images"] == 4 and stats["raters"] == ["ana", "bo"]
+    assert stats["cohen_kappa"] == pytest.approx(0.2) and stats["fleiss_kappa"] == pytest.approx(6 / 38)
+    r3 = errors.record(r, m.loc["rocket/b.png"], "cy", "prediction")  # a third rater on one image only
+    three = errors.agreement(r3, m)
+    assert three["images"] == 1 and "cohen_kappa" not in three and three["fleiss_kappa"] is None  # 0 / 0
+    assert "all 3 raters chose 'prediction'" in errors.agreement_text(three)
+    r3 = errors.record(r3, m.loc["rocket/c.png"], "cy", "neither")
+    three = errors.agreement(r3, m)
+    # Two images: b all 'prediction', c (label, label, neither); pooled (3/6, 2/6, 1/6): chance 14/36;
+    # per image agreement 1 and 1/3: kappa (2/3 - 14/36) / (22/36) = 10/22.
+    assert three["fleiss_kappa"] == pytest.approx(10 / 22)
+    assert "Fleiss' κ = 0.45" in errors.agreement_text(three) and "Cohen" not in errors.agreement_text(three)
 
 
 def test_ratings_round_trip_replace_and_consensus(predictions, tmp_path):
@@ -141,5 +173,6 @@ def test_rating_tool_saves_every_click_and_resumes(predictions, tmp_path, photos
     assert moved_on.index == 0 and "earlier verdict" not in moved_on.caption.value
     assert "0 of 4 rated" in moved_on.status.value and "2 earlier rating(s) of other predictions ignored" in \
         moved_on.status.value
-    with pytest.raises(BitlabError, match="no mistakes"):
-        errors.RatingTool(m.iloc[:0], tmp_path, path, rater="ana")
+    empty = errors.RatingTool(m.iloc[:0], tmp_path, path, rater="ana")  # a model without mistakes: said so
+    assert "No mistakes to rate" in empty.widget.children[0].value
+    assert empty._repr_mimebundle_()["text/plain"] == "[rating form: no mistakes to rate]"
