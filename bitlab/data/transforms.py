@@ -154,15 +154,18 @@ def reference_resize(img: np.ndarray, height: int, width: int, interpolation: st
     """Resize an RGB uint8 image as PIL's `Image.resize(filter)` does (torchvision's `Resize` on PIL
     images): antialiased, the filter widened by the downscale factor.
 
-    Bilinear and bicubic run on torchvision's uint8 tensor kernels, written to reproduce PIL's: on
-    real photos they differ from PIL by at most 2 levels in at most 2.6 % of the values (usually
-    under 0.7 %), which left every top-1 of the agreement benchmark as the reference's, and make a
-    loader worker twice as fast as with PIL (benchmarks/preprocess_agreement.py). The other
-    filters call PIL itself.
+    Bicubic (timm's EfficientNets and most timm models) runs on torchvision's uint8 tensor kernel,
+    written to reproduce PIL's: on real photos it differs from PIL by at most 2 levels in at most
+    2.6 % of the values, which left every top-1 of the agreement benchmark as the reference's
+    (EfficientNet-Lite0 and Lite2, 645 hard images) at twice PIL's speed in a loader worker. Bilinear
+    (BiT's official view) calls PIL itself: the tensor kernel's few one-level differences flipped 14
+    of the 645 top-1s of an R50x1 with random weights (flat outputs, near-ties everywhere), PIL's
+    none; it costs 0.64x the tensor kernel's images/s, still 1.1x the reference pipeline's
+    (benchmarks/preprocess_agreement.py). The other filters call PIL itself too.
     """
     if img.shape[:2] == (height, width):
         return img
-    if interpolation in ("bilinear", "bicubic"):
+    if interpolation == "bicubic":
         # torchvision on first use: the CLI's other commands need not import it.
         from torchvision.transforms.v2.functional import InterpolationMode, resize as tv_resize
 

@@ -128,8 +128,8 @@ def test_eval_view_resamples_with_the_interpolation_the_model_asks_for(photos, i
     assert max(near) < NEAR and np.mean(far) > FAR, (near, far)
 
 
-@pytest.mark.parametrize("interpolation", ["nearest", "box", "hamming", "lanczos"])
-def test_filters_without_a_tensor_kernel_are_pils_own(photos, interpolation):
+@pytest.mark.parametrize("interpolation", ["bilinear", "nearest", "box", "hamming", "lanczos"])
+def test_filters_other_than_bicubic_are_pils_own(photos, interpolation):
     from bitlab.data.transforms import DataConfig, eval_image
 
     for cfg in (DataConfig(input_size=97, interpolation=interpolation, crop_pct=0.9, crop_mode="center"),
