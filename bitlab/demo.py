@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from bitlab import io, report
+from bitlab import fileio, report
 from bitlab.data import imagenet
 from bitlab.eval import context
 from bitlab.eval.evaluate import EvaluateConfig, evaluate_many
@@ -75,7 +75,7 @@ def in_context_set(ooc: Path, out: Path, sample_dir: Path = SAMPLE_DIR) -> Path:
         shutil.copyfile(src, out / dst)
         manifest.append({"file": dst.as_posix(), "class": r["class"], "ilsvrc_wnids": r["ilsvrc_wnids"],
                          "ilsvrc_indices": r["ilsvrc_indices"], "fg_uid": r["fg_uid"]})
-    with io.atomic_write(out / "manifest.csv", "w", newline="", encoding="utf-8") as f:
+    with fileio.atomic_write(out / "manifest.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(manifest[0]))
         w.writeheader()
         w.writerows(manifest)
@@ -94,10 +94,10 @@ class DemoResult:
 def run_demo(out: Path, figures: Path, sample_dir: Path = SAMPLE_DIR) -> DemoResult:
     """make-ooc (with variants) -> evaluate (offline ImageNet models, BiT-S-R50x1 via npz) -> report
     -> summary."""
-    io.check_can_create_folder(out, "--out")  # before the minute of work, not after it
-    io.check_can_create_folder(figures, "--figures")
+    fileio.check_can_create_folder(out, "--out")  # before the minute of work, not after it
+    fileio.check_can_create_folder(figures, "--figures")
     out = Path(out)
-    with io.lock_folder(out, "demo"):  # one demo fills a folder at a time
+    with fileio.lock_folder(out, "demo"):  # one demo fills a folder at a time
         return _run_demo(out, figures, sample_dir)
 
 
@@ -129,7 +129,7 @@ def _run_demo(out: Path, figures: Path, sample_dir: Path) -> DemoResult:
                                      images=chosen, fits=fits)
     res.summary = demo_summary(a, b, load_results(dirs[BASELINE, "val"]), chosen, fits, bare,
                                [load_results(d) for d in dirs.values()])
-    io.write_json(out / SUMMARY, res.summary)
+    fileio.write_json(out / SUMMARY, res.summary)
     return res
 
 

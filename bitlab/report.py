@@ -42,7 +42,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from bitlab import io
+from bitlab import fileio
 from bitlab.data import imagenet
 from bitlab.data.transforms import decode_image, resize
 from bitlab.errors import BitlabError, ConfigError
@@ -64,7 +64,7 @@ def save(fig: Figure, out_dir: str | Path, stem: str) -> list[Path]:
     paths = []
     for fmt in ("png", "pdf"):
         path = Path(out_dir) / f"{stem}.{fmt}"
-        with io.atomic_write(path, "wb") as f:
+        with fileio.atomic_write(path, "wb") as f:
             fig.savefig(f, format=fmt, dpi=150, bbox_inches="tight")
         paths.append(path)
     return paths
@@ -871,7 +871,7 @@ def make_report(result_dirs: Sequence[str | Path], out: str | Path, *, images: S
     existed = out.exists()
     files: list[Path] = []
     try:
-        with io.lock_folder(out, "report"):  # one report fills a figures folder at a time
+        with fileio.lock_folder(out, "report"):  # one report fills a figures folder at a time
             _draw_all(results, out, images, num_images, files, fits)
             _write_tables(results, out, files)
     except BaseException:
@@ -927,6 +927,6 @@ def _write_tables(results: list[Results], out: Path, files: list[Path]) -> None:
             log.warning("%s: not on the images of %s, left out of the tables", r.path, ooc[0].path)
     for by in ("class", "background", "object"):
         path = out / f"per_{by}.csv"
-        with io.atomic_write(path, "w", newline="", encoding="utf-8") as f:
+        with fileio.atomic_write(path, "w", newline="", encoding="utf-8") as f:
             tables.table(same, by).to_csv(f, index=False, float_format="%.6g")
         files.append(path)

@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def download_size_arg(p: argparse.ArgumentParser, default: int, what: str) -> None:
-    """`--max-download SIZE` for every command that downloads (`bitlab.io.download`'s cap)."""
-    from bitlab.io import parse_size
+    """`--max-download SIZE` for every command that downloads (`bitlab.fileio.download`'s cap)."""
+    from bitlab.fileio import parse_size
 
     def size(text: str) -> int:
         try:

@@ -49,7 +49,7 @@ def _dedup(args: argparse.Namespace) -> None:
         raise BitlabError(f"--gallery must be at least 0, got {args.gallery}")
     from bitlab import report
     from bitlab.eval.dedup import DedupConfig, run_dedup
-    from bitlab.io import lock_folder
+    from bitlab.fileio import lock_folder
 
     cfg = DedupConfig(upstream=args.upstream, downstream=args.downstream, out=args.out, embedding=args.embedding,
                       weights=args.weights, random_init=args.random_init, threshold=args.threshold, topk=args.topk,

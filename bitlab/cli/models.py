@@ -6,7 +6,7 @@ import json
 
 from bitlab.cli import download_size_arg
 from bitlab.errors import BitlabError
-from bitlab.io import MAX_DOWNLOAD_BYTES
+from bitlab.fileio import MAX_DOWNLOAD_BYTES
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _register_openimages(sub: argparse._SubParsersAction) -> None:
-    from bitlab.io import MAX_DOWNLOAD_BYTES
+    from bitlab.fileio import MAX_DOWNLOAD_BYTES
 
     p = sub.add_parser("openimages", help="OpenImages segmentation data for make-ooc")
     osub = p.add_subparsers(dest="openimages_command", metavar="ACTION", required=True)

@@ -43,7 +43,7 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
-from bitlab import io
+from bitlab import fileio
 from bitlab.data.datasets import ImageSet
 from bitlab.data.multilabel import MultiLabelSet, load_labelled, read_classes
 from bitlab.data.transforms import BadImageError, decode_image_bytes
@@ -198,7 +198,7 @@ def verify(index: ShardIndex, progress: bool = False) -> list[str]:
         path = index.path(i)
         if not path.is_file():
             problems.append(f"{path}: missing")
-        elif io.sha256_file(path) != s.sha256:
+        elif fileio.sha256_file(path) != s.sha256:
             problems.append(f"{path}: sha256 differs from {INDEX} (changed or corrupt)")
         else:
             try:
@@ -473,7 +473,7 @@ def _write_shard(path: Path, members: list[tuple[str, Path, list[int]]], *, mult
     if path.is_file() and _member_names(path) == expected:
         return []
     skipped = []
-    with io.atomic_write(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with fileio.atomic_write(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for key, src, labels in members:
             if (data := _checked_image(src, source, skip_bad)) is None:
                 skipped.append((str(src), labels))
@@ -504,7 +504,7 @@ def write_shards(images: ImageSet | MultiLabelSet, out: str | os.PathLike, *, sh
     if n == 1:
         common = common.parent
     width, position = max(9, len(str(n))), {int(i): k for k, i in enumerate(order)}
-    with io.lock_folder(out, "shards"):  # one writer per shard set
+    with fileio.lock_folder(out, "shards"):  # one writer per shard set
         if (out / INDEX).exists():
             os.unlink(out / INDEX)  # the index is rewritten last: without it, the folder is not a shard set
 
@@ -512,7 +512,7 @@ def write_shards(images: ImageSet | MultiLabelSet, out: str | os.PathLike, *, sh
             path = out / f"{prefix}-{k:06d}.tar"
             members = [(f"{position[i]:0{width}d}", Path(images.paths[i]), labels[i]) for i in groups[k]]
             skipped = _write_shard(path, members, multi=multi, common=common, source=images.source, skip_bad=skip_bad)
-            return ShardInfo(path.name, len(members) - len(skipped), path.stat().st_size, io.sha256_file(path)), skipped
+            return ShardInfo(path.name, len(members) - len(skipped), path.stat().st_size, fileio.sha256_file(path)), skipped
 
         results = _map_shards(write_one, range(len(groups)), workers=workers, desc="shards", progress=progress)
         infos, skipped = [info for info, _ in results], [s for _, left_out in results for s in left_out]
@@ -529,7 +529,7 @@ def write_shards(images: ImageSet | MultiLabelSet, out: str | os.PathLike, *, sh
             counts[lab] -= 1
         index = ShardIndex(out, infos, list(images.classes), multi, images.source, seed if shuffle else None,
                            counts.tolist(), sorted(src for src, _ in skipped))
-        io.write_json(out / INDEX, index.to_dict())
+        fileio.write_json(out / INDEX, index.to_dict())
     log.info("%s: %d samples in %d shards (%.1f MB)", out, index.num_samples, len(infos),
              sum(i.bytes for i in infos) / 1e6)
     return index
@@ -558,7 +558,7 @@ def write_source(data: str | os.PathLike, out: str | os.PathLike, *, split: str 
         targets = {"all": (splits["all"], Path(out))}
     else:
         targets = {name: (s, Path(out) / name) for name, s in sorted(splits.items())}
-    with io.lock_folder(out, "shards"):  # one writer for the whole set (and each split's folder)
+    with fileio.lock_folder(out, "shards"):  # one writer for the whole set (and each split's folder)
         return {name: write_shards(s, dest, **kwargs) for name, (s, dest) in targets.items()}
 
 
@@ -572,7 +572,7 @@ def index_shards(root: str | os.PathLike, *, pattern: str = "*.tar", classes: Se
     root = Path(root)
     if not root.is_dir():
         raise ShardError(f"{root}: no such folder")
-    with io.lock_folder(root, "shards-index"):  # no writer may change the tars while they are read
+    with fileio.lock_folder(root, "shards-index"):  # no writer may change the tars while they are read
         return _index_shards(root, pattern, classes, multi_label, workers, progress)
 
 
@@ -583,7 +583,7 @@ def _index_shards(root: Path, pattern: str, classes: Sequence[str] | None, multi
         raise ShardError(f"{root / INDEX}: already a shard set (delete it to index the tars again)")
     if Path(pattern).name != pattern:
         raise ShardError(f"--pattern {pattern!r}: a file name pattern in {root}, not a path")
-    paths = sorted(p for p in root.glob(pattern) if p.is_file() and p.name != io.LOCK_FILE)
+    paths = sorted(p for p in root.glob(pattern) if p.is_file() and p.name != fileio.LOCK_FILE)
     if not paths:
         raise ShardError(f"{root}: no files match {pattern!r}")
     limit = None if classes is None else len(classes)
@@ -622,6 +622,6 @@ def _index_shards(root: Path, pattern: str, classes: Sequence[str] | None, multi
         classes = [str(i) for i in range(max(total) + 1)]
     index = ShardIndex(root, [info for info, _ in results], list(classes), multi_label, str(root),
                        label_counts=[total[i] for i in range(len(classes))])
-    io.write_json(root / INDEX, index.to_dict())
+    fileio.write_json(root / INDEX, index.to_dict())
     log.info("%s: indexed %d samples in %d shards", root, index.num_samples, len(index.shards))
     return index

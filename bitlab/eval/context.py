@@ -34,7 +34,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from bitlab import io
+from bitlab import fileio
 from bitlab.errors import BitlabError
 from bitlab.eval import robustness, stats
 from bitlab.eval.robustness import IN_CONTEXT, EvalItem, EvalSet
@@ -76,7 +76,7 @@ def _check_recorded(root: Path, found: Mapping[str, EvalSet]) -> None:
     recorded = json.loads(record.read_text(encoding="utf-8")).get("variants", {})
     for v, vs in found.items():
         want = recorded.get(v, {}).get("manifest_sha256")
-        if want != io.sha256_file(vs.root / robustness.MANIFEST):
+        if want != fileio.sha256_file(vs.root / robustness.MANIFEST):
             raise BitlabError(f"{vs.root / robustness.MANIFEST}: not the {v} manifest that {record} records "
                               "(variants of another build, or edited); rerun the make-ooc command")
 

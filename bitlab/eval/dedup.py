@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from bitlab import io
+from bitlab import fileio
 from bitlab.data.loader import EvalFiles, default_workers, make_loader
 from bitlab.data.transforms import (BadImageError, DataConfig, decode_image, eval_image, normalize, resize,
                                     to_chw_tensor)
@@ -206,7 +206,7 @@ class ModelEmbedding(Embedding):
         self.cfg: DataConfig = self.model.data_config
         self.view = partial(model_view, cfg=self.cfg)
         # The weights' digest, not their path: a retrained checkpoint must not reuse old embeddings.
-        digest = (io.sha256_file(self.weights) if self.weights is not None else "random-seed0" if random_init
+        digest = (fileio.sha256_file(self.weights) if self.weights is not None else "random-seed0" if random_init
                   else "pretrained")
         self._key = f"{self.spec}|{digest}|{json.dumps(self.cfg.to_dict(), sort_keys=True)}"
 
@@ -309,7 +309,7 @@ class EmbeddingCache:
             except (OSError, ValueError) as e:
                 log.warning("%s: unreadable cache file (%s); recomputing", file, e)
         emb = embed_files(self.embedding, paths, **embed_kwargs)
-        with io.atomic_write(file) as f:
+        with fileio.atomic_write(file) as f:
             np.save(f, emb.numpy(), allow_pickle=False)
         return emb
 
@@ -433,8 +433,8 @@ RESULT_FILES = ("summary.json", "duplicates.csv", "nearest.csv", "duplicates.png
 def run_dedup(cfg: DedupConfig) -> DedupResult:
     """Embed, search, threshold and count; writes the files listed in the module docstring (the
     gallery is drawn from the result: `bitlab.report.save_duplicates_gallery`). `out` is locked
-    meanwhile (`bitlab.io.lock_folder`: one dedup writes a folder at a time)."""
-    with io.lock_folder(cfg.out, "dedup"):
+    meanwhile (`bitlab.fileio.lock_folder`: one dedup writes a folder at a time)."""
+    with fileio.lock_folder(cfg.out, "dedup"):
         return _run_dedup(cfg)
 
 
@@ -453,7 +453,7 @@ def _run_dedup(cfg: DedupConfig) -> DedupResult:
     correct = read_predictions(cfg.predictions, downstream, cfg.correct_column) if cfg.predictions else None
     for name in RESULT_FILES:
         (out / name).unlink(missing_ok=True)
-    io.write_json(out / "config.json", {**cfg.to_dict(), "threshold": threshold, "metric": embedding.metric})
+    fileio.write_json(out / "config.json", {**cfg.to_dict(), "threshold": threshold, "metric": embedding.metric})
 
     workers = default_workers() if cfg.workers is None else cfg.workers
     cache = EmbeddingCache(cfg.cache or out / "cache", embedding)
@@ -497,7 +497,7 @@ def _run_dedup(cfg: DedupConfig) -> DedupResult:
                **table6_counts(is_dup, correct)}
     _write_csv(out / "duplicates.csv", duplicates)
     _write_csv(out / "nearest.csv", nearest)
-    io.write_json(out / "summary.json", summary)
+    fileio.write_json(out / "summary.json", summary)
     return DedupResult(summary, duplicates, nearest, out, upstream, downstream)
 
 
@@ -513,7 +513,7 @@ def _check_threshold(metric: str, threshold: float) -> None:
 def _write_csv(path: Path, rows: list[dict]) -> None:
     import csv
 
-    with io.atomic_write(path, "w", newline="", encoding="utf-8") as f:
+    with fileio.atomic_write(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=["query", "match", "rank", "similarity", "distance"])
         w.writeheader()
         w.writerows(rows)
@@ -541,7 +541,7 @@ def read_predictions(path: str | os.PathLike, images: ImageFiles, column: str = 
     by_base = {b: i for i, b in enumerate(basenames)} if len(set(basenames)) == len(basenames) else {}
     correct = np.zeros(len(images), dtype=bool)
     seen = np.zeros(len(images), dtype=bool)
-    reader = csv.DictReader(io.text_lines(path))
+    reader = csv.DictReader(fileio.text_lines(path))
     missing = {"image", column} - set(reader.fieldnames or [])
     if missing:
         raise BitlabError(f"{path}: missing column(s) {', '.join(sorted(missing))} "
@@ -619,7 +619,7 @@ def write_image(path: str | os.PathLike, rgb: np.ndarray, jpeg_quality: int | No
     ok, buf = cv2.imencode(path.suffix, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
     if not ok:
         raise BitlabError(f"{path}: OpenCV cannot encode this image format")
-    io.write_bytes(path, buf.tobytes())
+    fileio.write_bytes(path, buf.tobytes())
     return path
 
 
@@ -705,7 +705,7 @@ class PlantedSets:
                             progress=False).indices[:, 0]
         rows = [{"image": n, "correct": int(int(t) in self.classes.get(n, ())), "prediction": imagenet.names()[int(t)]}
                 for n, t in zip(names, top)]
-        with io.atomic_write(out, "w", newline="", encoding="utf-8") as f:
+        with fileio.atomic_write(out, "w", newline="", encoding="utf-8") as f:
             pd.DataFrame(rows).to_csv(f, index=False)
         return Path(out)
 

@@ -22,7 +22,7 @@ from typing import Callable, Mapping
 import cv2
 import pandas as pd
 
-from bitlab import io
+from bitlab import fileio
 from bitlab.data import imagenet
 from bitlab.data.transforms import decode_image, resize
 from bitlab.errors import BitlabError
@@ -143,7 +143,7 @@ def read_ratings(path: str | Path, missing_ok: bool = True) -> pd.DataFrame:
 
 def write_ratings(path: str | Path, ratings: pd.DataFrame) -> None:
     """Atomically: a crash while saving never loses the ratings already on disk."""
-    with io.atomic_write(path, "w", newline="", encoding="utf-8") as f:
+    with fileio.atomic_write(path, "w", newline="", encoding="utf-8") as f:
         ratings.loc[:, list(RATING_COLUMNS)].sort_values(["image", "prediction", "rater"]).to_csv(f, index=False)
 
 

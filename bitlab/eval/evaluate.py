@@ -15,7 +15,7 @@ folders out as `OUT/<model label slug>/` beside `OUT/models.json`; one model kee
 Long runs resume: predictions are saved per model in chunks under `.partial/` (atomically) and a
 rerun with the same model and weights skips the chunks whose images (names, sizes and modification
 times) are unchanged. Under torchrun the images are sharded over the processes and rank 0 writes
-the one result. One evaluate writes a folder at a time (`bitlab.io.lock_folder`), and the old
+the one result. One evaluate writes a folder at a time (`bitlab.fileio.lock_folder`), and the old
 results go before the new config.json is written (`results.invalidate`).
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from bitlab import io
+from bitlab import fileio
 from bitlab.data.transforms import DataConfig
 from bitlab.device import parse_device
 from bitlab.errors import BitlabError, ConfigError
@@ -315,7 +315,7 @@ def evaluate_many(cfgs: Sequence[EvaluateConfig], variants_dir: str | Path | Non
     with contextlib.ExitStack() as locks:
         if env_rank() == 0:
             for c in cfgs:
-                locks.enter_context(io.lock_folder(c.out, "evaluate"))
+                locks.enter_context(fileio.lock_folder(c.out, "evaluate"))
         return _evaluate_many(cfgs, base, variants_dir)
 
 
@@ -370,7 +370,7 @@ def _evaluate_many(cfgs: Sequence[EvaluateConfig], base: EvaluateConfig, variant
             for s in scored:
                 Path(s.cfg.out).mkdir(parents=True, exist_ok=True)
                 invalidate(s.cfg.out)  # before the new config.json: never one run's config beside another's results
-                io.write_json(Path(s.cfg.out) / CONFIG, dataclasses.asdict(s.cfg))
+                fileio.write_json(Path(s.cfg.out) / CONFIG, dataclasses.asdict(s.cfg))
         labels = ", ".join(s.em.label for s in scored)
         log.info("%s: %d images (%s, role %s) and %d variant images with %s", ev.root, len(ev.items), ev.kind,
                  ev.role, len(extra), labels)
@@ -415,7 +415,7 @@ def _write_results(s: _Scored, ev: robustness.EvalSet, extra: Sequence[robustnes
     _write_csv(out / PREDICTIONS, df)
     if variants:
         _write_csv(out / VARIANT_PREDICTIONS, _concat(variants))
-    io.write_json(out / SUMMARY, summary)
+    fileio.write_json(out / SUMMARY, summary)
     shutil.rmtree(out / PARTIAL, ignore_errors=True)
     return summary
 
@@ -425,7 +425,7 @@ def _concat(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 def _write_csv(path: Path, df: pd.DataFrame) -> None:
-    with io.atomic_write(path, "w", newline="", encoding="utf-8") as f:
+    with fileio.atomic_write(path, "w", newline="", encoding="utf-8") as f:
         df.to_csv(f, index=False, float_format="%.6g")
 
 
@@ -485,10 +485,10 @@ def evaluate_models(base: EvaluateConfig, models: Sequence[dict], variants_dir: 
     index = Path(base.out) / MODELS_INDEX
     with contextlib.ExitStack() as lock:
         if env_rank() == 0:  # under torchrun, rank 0 writes
-            lock.enter_context(io.lock_folder(base.out, "evaluate"))
+            lock.enter_context(fileio.lock_folder(base.out, "evaluate"))
             index.unlink(missing_ok=True)  # an interrupted run leaves no index of another run's models
         summaries = evaluate_many(cfgs, variants_dir)
         if env_rank() == 0:
-            io.write_json(index, {"models": [{"label": s["model"]["label"], "folder": Path(c.out).name,
+            fileio.write_json(index, {"models": [{"label": s["model"]["label"], "folder": Path(c.out).name,
                                               "model": c.model} for c, s in zip(cfgs, summaries)]})
     return summaries

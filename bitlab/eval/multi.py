@@ -22,7 +22,7 @@ import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
-from bitlab import io
+from bitlab import fileio
 from bitlab.data.transforms import BadImageError
 from bitlab.eval import predict
 from bitlab.train import distributed
@@ -146,7 +146,7 @@ def _in_order(shares: list[tuple[list[int], list[Chunk]]], j: int, start: int, s
 
 
 def _save(file: Path, chunk: Chunk) -> None:
-    with io.atomic_write(file, "wb") as f:
+    with fileio.atomic_write(file, "wb") as f:
         np.savez(f, ids=chunk[0], probs=chunk[1], target_prob=chunk[2])
 
 

@@ -10,7 +10,7 @@
 Several models evaluated together (`bitlab evaluate --model A --model B`) write `OUT/models.json`
 and one such folder per model, `OUT/<label slug>/`; `find_results` expands OUT into them.
 
-`evaluate` holds the folder's lock while it writes (`bitlab.io.lock_folder`) and `invalidate`s the
+`evaluate` holds the folder's lock while it writes (`bitlab.fileio.lock_folder`) and `invalidate`s the
 old summary and predictions before its config.json replaces the old one; `load_results` refuses a
 folder in use, or whose files disagree.
 """
@@ -24,7 +24,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from bitlab import io
+from bitlab import fileio
 from bitlab.errors import BitlabError
 from bitlab.eval import robustness
 
@@ -132,7 +132,7 @@ def load_results(path: str | Path) -> Results:
         folders = ", ".join(str(p) for p in model_folders(path))
         raise BitlabError(f"{path}: holds several models' results ({MODELS_INDEX}): read one of {folders} "
                           "(bitlab report takes the folder itself)")
-    io.check_not_in_use(path)
+    fileio.check_not_in_use(path)
     for name in (SUMMARY, CONFIG, PREDICTIONS):
         if not (path / name).is_file():
             raise BitlabError(f"{path / name}: missing results file (run `bitlab evaluate --out {path}` first)")

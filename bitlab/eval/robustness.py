@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from bitlab import io
+from bitlab import fileio
 from bitlab.data import imagenet
 from bitlab.errors import BitlabError
 from bitlab.eval import stats
@@ -171,7 +171,7 @@ def class_table_for(root: Path, classes: str | Path | None) -> list[OOCClass]:
 def _manifest_rows(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
     """(header, [(line, row)]) of a manifest: UTF-8 with or without a BOM; an undecodable byte or
     broken quoting is an error naming the line."""
-    reader = csv.DictReader(io.text_lines(path), strict=True)
+    reader = csv.DictReader(fileio.text_lines(path), strict=True)
     rows, done = [], 1
     try:
         for row in reader:
@@ -387,7 +387,7 @@ def read_label_map(path: str | Path) -> np.ndarray:
         raise BitlabError(f"{path}: label map not found")
     index_of = imagenet.index_of()
     out = []
-    for n, line in enumerate(io.text_lines(path), start=1):
+    for n, line in enumerate(fileio.text_lines(path), start=1):
         v = line.split("#")[0].strip()
         if v in ("", "-"):
             out.append(-1)

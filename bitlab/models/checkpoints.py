@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bitlab import io
+from bitlab import fileio
 from bitlab.errors import BitlabError
 from bitlab.models.resnetv2 import ResNetV2, ResNetV2Config
 
@@ -402,7 +402,7 @@ def _read(path: str | Path) -> tuple[Format, dict[str, torch.Tensor], ResNetV2Co
     if _container(path) == "npz":
         state_dict = npz_to_state_dict(_read_npz(path), source=str(path))
         return "npz", state_dict, infer_config(state_dict, str(path), **_BIT_VARIANT)
-    obj = io.torch_load(path)
+    obj = fileio.torch_load(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
     config, config_key = None, ""
@@ -532,7 +532,7 @@ def load_weights(model: nn.Module, path: str | Path, *, keep_model_head: bool = 
     if _container(Path(path)) == "npz":
         raise CheckpointError(f"{path}: an official BiT npz loads into BiT ResNetV2 models only, "
                               f"not {type(model).__name__}")
-    obj = io.torch_load(path)
+    obj = fileio.torch_load(path)
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -573,7 +573,7 @@ def save_npz(model: ResNetV2, path: str | Path) -> Path:
                               f"(this one has norm={model.config.norm}, conv={model.config.conv}); "
                               "save it as a bitlab file instead")
     arrays = state_dict_to_npz(model.state_dict())
-    with io.atomic_write(path, "wb") as f:
+    with fileio.atomic_write(path, "wb") as f:
         np.savez(f, **arrays)
     return Path(path)
 
@@ -583,7 +583,7 @@ def save_bitlab(model: nn.Module, path: str | Path, name: str | None = None, rec
     name; None for other models, which their name rebuilds), `record` (what a training run knows
     about the model: `read_record`) and the state dict."""
     config = getattr(model, "config", None)
-    io.torch_save({"format": FORMAT_TAG, "version": 2, "name": name,
+    fileio.torch_save({"format": FORMAT_TAG, "version": 2, "name": name,
                    "config": config.to_dict() if isinstance(config, ResNetV2Config) else None,
                    **(record or {}), "state_dict": model.state_dict()}, path)
     return Path(path)
@@ -599,7 +599,7 @@ def read_record(path: str | Path) -> dict:
         return {}
     with open(path, "rb") as f:  # torch maps only zip-format files; a legacy one is read whole
         legacy = f.read(len(_LEGACY_TORCH_MAGIC)).startswith(_LEGACY_TORCH_MAGIC)
-    obj = io.torch_load(path, mmap=not legacy)
+    obj = fileio.torch_load(path, mmap=not legacy)
     if not isinstance(obj, dict) or obj.get("format") not in (FORMAT_TAG, TRAIN_FORMAT_TAG):
         return {}
     name = obj.get("name" if obj["format"] == FORMAT_TAG else "model_name")
@@ -622,7 +622,7 @@ def save_timm(model: ResNetV2, path: str | Path) -> Path:
     if (model.config.norm, model.config.conv) != ("group", "std"):
         raise CheckpointError(f"{path}: timm's BiT models are GN+WS; this one has "
                               f"norm={model.config.norm}, conv={model.config.conv}")
-    io.torch_save(bitlab_to_timm(model.state_dict()), path)
+    fileio.torch_save(bitlab_to_timm(model.state_dict()), path)
     return Path(path)
 
 

@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from bitlab import io
+from bitlab import fileio
 from bitlab.errors import BitlabError
 from bitlab.models.inference import fuse_weight_standardization
 from bitlab.models.registry import create_model, data_config_of
@@ -67,7 +67,7 @@ def check_destination(out: str | os.PathLike, force: bool) -> Path:
         raise BitlabError(f"--out {path}: is a folder; give a file name")
     if path.exists() and not force:
         raise BitlabError(f"--out {path}: exists (pass --force to replace it)")
-    io.check_can_create_folder(path.parent, "--out")
+    fileio.check_can_create_folder(path.parent, "--out")
     return path
 
 
@@ -173,5 +173,5 @@ def _torchscript(model: nn.Module, example: torch.Tensor, path: Path, metadata: 
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         traced = torch.jit.trace(model, example)
-        with io.atomic_write(path, "wb") as f:
+        with fileio.atomic_write(path, "wb") as f:
             torch.jit.save(traced, f, _extra_files={"bitlab.json": json.dumps(metadata)})

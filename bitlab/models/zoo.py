@@ -4,7 +4,7 @@ install offline.
 Official BiT weights (the README of google-research/big_transfer) are served
 from a public cloud-storage bucket as `<name>.npz` (`$BITLAB_WEIGHTS_URL` names a mirror). No
 checksums were ever published; the bucket announces each object's MD5 in its `x-goog-hash` header,
-which `bitlab.io.download` verifies, bitlab checks that the bytes are a BiT npz, and records the
+which `bitlab.fileio.download` verifies, bitlab checks that the bytes are a BiT npz, and records the
 sha256 of the verified file beside it. `official_weights` keeps them in bitlab's cache
 (`bitlab.paths.weights_dir`), fetched on first use. timm names take timm's pretrained weights
 through timm and huggingface_hub (`timm_pretrained`): their cache and their switches
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from bitlab import io, paths
+from bitlab import fileio, paths
 from bitlab.models import checkpoints
 from bitlab.errors import BitlabError
 
@@ -68,7 +68,7 @@ def weights_url(name: str, base_url: str | None = None) -> str:
 
 def download_weights(name: str, out_dir: str | Path, *, base_url: str | None = None,
                      sha256: str | None = None, progress: bool = True,
-                     max_bytes: int = io.MAX_DOWNLOAD_BYTES, folder_flag: str = "--out") -> Path:
+                     max_bytes: int = fileio.MAX_DOWNLOAD_BYTES, folder_flag: str = "--out") -> Path:
     """Fetch `<name>.npz` into `out_dir` (resumable, verified); returns the file path.
 
     The bytes become `<name>.npz` only when they are whole (the announced length), match the
@@ -83,12 +83,12 @@ def download_weights(name: str, out_dir: str | Path, *, base_url: str | None = N
     where = "--base-url" if base_url else f"${WEIGHTS_URL_ENV}"
     base_url = base_url or bit_weights_url()
     url = weights_url(name, base_url)
-    if urllib.parse.urlsplit(base_url).scheme not in io.URL_SCHEMES:
+    if urllib.parse.urlsplit(base_url).scheme not in fileio.URL_SCHEMES:
         raise BitlabError(f"{where} {base_url}: not an http:// or https:// URL")
     if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
         raise BitlabError(f"--sha256 {sha256}: not a sha256 digest (64 hex digits)")
     out = Path(out_dir)
-    io.check_can_create_folder(out, folder_flag)
+    fileio.check_can_create_folder(out, folder_flag)
     dest = out / f"{name}.npz"
     sidecar = dest.with_name(dest.name + ".sha256")
     if dest.exists():
@@ -99,14 +99,14 @@ def download_weights(name: str, out_dir: str | Path, *, base_url: str | None = N
     sidecar.unlink(missing_ok=True)  # a sidecar vouches only for bytes verified with it
     existed = out.exists()
     try:
-        io.download(url, dest, sha256=sha256, progress=progress, max_bytes=max_bytes,
+        fileio.download(url, dest, sha256=sha256, progress=progress, max_bytes=max_bytes,
                     verify=lambda part: checkpoints.check_npz(part, source="the downloaded file"))
     except BaseException:
         if not existed:  # a failed first download leaves no empty folder (a resumable .part stays)
             with contextlib.suppress(OSError):
                 out.rmdir()
         raise
-    io.write_text(sidecar, f"{io.sha256_file(dest)}  {dest.name}\n")
+    fileio.write_text(sidecar, f"{fileio.sha256_file(dest)}  {dest.name}\n")
     return dest
 
 
@@ -119,7 +119,7 @@ def official_weights(name: str, *, progress: bool = True) -> Path:
     try:
         return download_weights(name, cache, progress=progress,
                                 folder_flag=f"the weights cache (${paths.CACHE_ENV})")
-    except io.DownloadError as e:
+    except fileio.DownloadError as e:
         raise unavailable(name, weights_url(name, bit_weights_url()), cache, f"the download failed ({e})") from None
 
 
@@ -140,7 +140,7 @@ def _stale(dest: Path, sidecar: Path, sha256: str | None) -> str:
     want = sha256 or (recorded[0] if recorded and re.fullmatch(r"[0-9a-fA-F]{64}", recorded[0]) else None)
     if want is None:
         return f"no {sidecar.name} (or --sha256) to check it against"
-    if io.sha256_file(dest) != want.lower():
+    if fileio.sha256_file(dest) != want.lower():
         return f"its sha256 differs from {'--sha256' if sha256 else sidecar.name}"
     try:
         checkpoints.check_npz(dest)
@@ -287,7 +287,7 @@ def offline_model(name: str = OFFLINE_IMAGENET_MODEL, pretrained: bool = True) -
     if not pretrained:
         return model.eval()
     path = offline_weights(name)
-    src = io.torch_load(path)
+    src = fileio.torch_load(path)
     dst = model.state_dict()
     if len(src) != len(dst):
         raise BitlabError(f"{path}: {len(src)} tensors, timm {spec.timm_arch} has {len(dst)}")

@@ -26,7 +26,7 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from bitlab import io
+from bitlab import fileio
 from bitlab.errors import BitlabError
 from bitlab.ooc.spec import (BACKGROUND_FILE_COLUMNS, BackgroundCategory, BackgroundFile, load_background_categories,
                              read_background_files, write_table)
@@ -83,7 +83,7 @@ def inspect(root: Path, bg: BackgroundFile) -> BackgroundFile:
 
     path = root / bg.file
     img = compose.decode(path)
-    return BackgroundFile(**{**bg.row(), "sha256": io.sha256_file(path), "width": img.shape[1],
+    return BackgroundFile(**{**bg.row(), "sha256": fileio.sha256_file(path), "width": img.shape[1],
                              "height": img.shape[0]}, line=bg.line)
 
 
@@ -122,15 +122,15 @@ def fetch(cfg: BackgroundsConfig) -> dict:
     before anything is imported. Every category is tried; `backgrounds.csv` is rewritten
     (atomically) after each one, so it always lists exactly the files fetched, and if some
     categories stay short the error names each of them (a rerun resumes). `fetch.json` is written
-    only when every category is complete. One fetch fills a folder at a time (`bitlab.io.lock_folder`).
+    only when every category is complete. One fetch fills a folder at a time (`bitlab.fileio.lock_folder`).
     """
     if cfg.per_category is not None and cfg.per_category < 1:
         raise BitlabError(f"--per-category must be at least 1, got {cfg.per_category}")
     least = cfg.per_category or (1 if cfg.folder else SEARCH_PER_CATEGORY)
     if not cfg.folder:
         try:
-            io.check_url(cfg.api_url)
-        except io.UnsafeURLError as e:
+            fileio.check_url(cfg.api_url)
+        except fileio.UnsafeURLError as e:
             raise BitlabError(f"--api-url {e}") from None
     categories = load_background_categories(cfg.spec)
     if cfg.categories:
@@ -138,7 +138,7 @@ def fetch(cfg: BackgroundsConfig) -> dict:
         if unknown:
             raise BitlabError(f"{cfg.spec}: no category {', '.join(unknown)}")
         categories = [c for c in categories if c.category in cfg.categories]
-    with io.lock_folder(cfg.out, "backgrounds fetch"):
+    with fileio.lock_folder(cfg.out, "backgrounds fetch"):
         return _fetch(cfg, Path(cfg.out), categories, least)
 
 
@@ -178,7 +178,7 @@ def _fetch(cfg: BackgroundsConfig, root: Path, categories: list[BackgroundCatego
                           f"({len(categories) - len(short)} of {len(categories)} categories complete); "
                           "a rerun keeps them and fetches only what is missing")
     summary = {"config": asdict(cfg), "counts": counts}
-    io.write_json(root / "fetch.json", summary)
+    fileio.write_json(root / "fetch.json", summary)
     return summary
 
 
@@ -192,7 +192,7 @@ def _folder_files(src: Path, categories: Sequence[BackgroundCategory], have: dic
         folder = src / cat.category
         files = _image_files(folder)
         known = {b.sha256 for b in have[cat.category]}
-        new[cat.category] = [f for f in files if io.sha256_file(f) not in known]
+        new[cat.category] = [f for f in files if fileio.sha256_file(f) not in known]
         if len(have[cat.category]) + len(new[cat.category]) >= least:
             continue
         if not files:
@@ -277,11 +277,11 @@ def _download_result(root: Path, cat: BackgroundCategory, r: dict, uids: set[str
     rel = f"{cat.category}/{uid}{ext}"
     dest = root / rel
     try:
-        io.download(str(r["url"]), dest, retries=cfg.retries, progress=False, max_bytes=cfg.max_download)
+        fileio.download(str(r["url"]), dest, retries=cfg.retries, progress=False, max_bytes=cfg.max_download)
         img = compose.decode(dest)
         if min(img.shape[:2]) < cfg.min_side:
             raise compose.BadInputError(f"{img.shape[1]}x{img.shape[0]} is smaller than {cfg.min_side} px")
-    except (io.DownloadError, compose.BadInputError) as e:
+    except (fileio.DownloadError, compose.BadInputError) as e:
         log.warning("%s: skip %s (%s)", cat.category, r["url"], e)
         dest.unlink(missing_ok=True)
         uids.discard(uid)
@@ -290,7 +290,7 @@ def _download_result(root: Path, cat: BackgroundCategory, r: dict, uids: set[str
     if r.get("license_version"):
         licence += f" {r['license_version']}"
     return BackgroundFile(
-        category=cat.category, file=rel, uid=uid, sha256=io.sha256_file(dest), width=img.shape[1],
+        category=cat.category, file=rel, uid=uid, sha256=fileio.sha256_file(dest), width=img.shape[1],
         height=img.shape[0], title=str(r.get("title") or ""), author=str(r.get("creator") or ""),
         author_url=str(r.get("creator_url") or ""), landing_url=str(r.get("foreign_landing_url") or ""),
         license=licence, license_url=str(r.get("license_url") or ""),
@@ -302,7 +302,7 @@ def _get_json(url: str, retries: int, timeout: float = 30.0) -> dict:
     last = ""
     for attempt in range(1, retries + 1):
         try:
-            data = io.read_url(url, max_bytes=MAX_API_ANSWER, headers={"Accept": "application/json"}, timeout=timeout)
+            data = fileio.read_url(url, max_bytes=MAX_API_ANSWER, headers={"Accept": "application/json"}, timeout=timeout)
             return json.loads(data.decode("utf-8"))
         except urllib.error.HTTPError as e:
             if e.code != 429 and 400 <= e.code < 500:
@@ -333,11 +333,11 @@ def _import_folder(src: Path, root: Path, cat: BackgroundCategory, files: Sequen
         known = meta.get(rel_src)
         uid = _unique(known.uid if known else _slug(f"{cat.category}_{path.stem}"), uids)
         rel = f"{cat.category}/{uid}{path.suffix.lower()}"
-        with io.atomic_write(root / rel) as out, open(path, "rb") as f:
+        with fileio.atomic_write(root / rel) as out, open(path, "rb") as f:
             shutil.copyfileobj(f, out)
         base = known.row() if known else {"license": "unknown", "provider": "user folder"}
         new.append(BackgroundFile(**{**base, "category": cat.category, "file": rel, "uid": uid,
-                                     "sha256": io.sha256_file(root / rel), "width": img.shape[1],
+                                     "sha256": fileio.sha256_file(root / rel), "width": img.shape[1],
                                      "height": img.shape[0]}))
     return new
 

@@ -21,7 +21,7 @@ How it stays correct and fast:
   every image whose file still has the journalled sha256 for the same recipe.
 - Same inputs, options and library versions give byte-identical images and tables (no timestamps
   anywhere); only dataset.json and config.json, the provenance, name this machine's paths.
-- One build writes a folder at a time (`bitlab.io.lock_folder`); before it replaces anything, the
+- One build writes a folder at a time (`bitlab.fileio.lock_folder`); before it replaces anything, the
   folder's old record goes, dataset.json first (`record.invalidate`), so a build killed midway
   leaves a folder that readers (`record.check_complete`) refuse until a rerun finishes it.
 """
@@ -44,7 +44,7 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from bitlab import __version__, io
+from bitlab import __version__, fileio
 from bitlab.errors import BitlabError
 from bitlab.ooc import backgrounds as bgmod
 from bitlab.ooc import compose, variants
@@ -157,7 +157,7 @@ def build(cfg: MakeOOCConfig, command: Sequence[str] | None = None) -> dict:
     """Build the dataset into `cfg.out`, locked meanwhile (a folder another build writes is
     refused); returns a summary (counts, skipped inputs, timings)."""
     cfg.validate()
-    with io.lock_folder(cfg.out, "make-ooc"):
+    with fileio.lock_folder(cfg.out, "make-ooc"):
         return _build(cfg, command)
 
 
@@ -256,9 +256,9 @@ def _preflight(cfg: MakeOOCConfig) -> _Inputs:
             problems.append(f"{where}: mask {mask} is missing")
         elif not image.is_file():
             problems.append(f"{where}: the mask's image {image} is missing")
-        elif io.sha256_file(image) != fg.image_sha256:
+        elif fileio.sha256_file(image) != fg.image_sha256:
             problems.append(f"{where}: {image} does not match the selection's sha256")
-        elif io.sha256_file(mask) != fg.mask_sha256:
+        elif fileio.sha256_file(mask) != fg.mask_sha256:
             problems.append(f"{where}: {mask} does not match the selection's sha256")
         elif fg.uid not in fg_meta:
             problems.append(f"{where}: image {fg.image_id} has no row in {tree.images_csv} (licence unknown)")
@@ -279,7 +279,7 @@ def _preflight(cfg: MakeOOCConfig) -> _Inputs:
             problems.append(f"{where}: background category {bg.category!r} is not in {cfg.background_categories}")
         elif not path.is_file():
             problems.append(f"{where}: background {path} is missing")
-        elif io.sha256_file(path) != bg.sha256:
+        elif fileio.sha256_file(path) != bg.sha256:
             problems.append(f"{where}: {path} does not match the selection's sha256")
         else:
             bg_meta[bg.uid] = bg_table.get(bg.file) or bgmod.BackgroundFile(bg.category, bg.file, bg.uid,
@@ -303,7 +303,7 @@ def _raise(problems: Sequence[str]) -> None:
 
 
 def _file_info(path: str | os.PathLike) -> dict:
-    return {"path": str(path), "sha256": io.sha256_file(path)}
+    return {"path": str(path), "sha256": fileio.sha256_file(path)}
 
 
 def _recipe(cfg: MakeOOCConfig, fg: Foreground | None, bg: Background | None, variant: str = COMPOSITE,
@@ -332,7 +332,7 @@ def _resume(out: Path, jobs: Sequence[_Job], workers: int) -> dict[str, dict]:
                   if j.file in known and known[j.file].get("recipe") == j.recipe and (out / j.file).is_file()]
 
     def intact(item: tuple[_Job, dict]) -> bool:
-        return io.sha256_file(out / item[0].file) == item[1].get("sha256")
+        return fileio.sha256_file(out / item[0].file) == item[1].get("sha256")
 
     with ThreadPoolExecutor(workers) as pool:  # hashlib releases the GIL: hash on all cores
         ok = list(pool.map(intact, candidates))
@@ -340,7 +340,7 @@ def _resume(out: Path, jobs: Sequence[_Job], workers: int) -> dict[str, dict]:
 
 
 def _clean_temp(out: Path, folders: Iterable[str]) -> None:
-    """Remove temp files that a killed run left behind (`bitlab.io.atomic_write` names them .*.tmp)."""
+    """Remove temp files that a killed run left behind (`bitlab.fileio.atomic_write` names them .*.tmp)."""
     for folder in folders:
         for tmp in (out / folder).glob(".*.tmp") if (out / folder).is_dir() else ():
             tmp.unlink(missing_ok=True)
@@ -399,7 +399,7 @@ def _compose_all(cfg: MakeOOCConfig, out: Path, todo: Sequence[_Job], cutouts: d
             img, computed = _render(cfg, j, cutouts, squares, visible, grey)
             data = compose.encode(img, cfg.format, png_setting=cfg.png, jpeg_quality=cfg.jpeg_quality)
             # No fsync per image: the rename is atomic, and a re-run re-checks each file's sha256.
-            io.write_bytes(out / j.file, data, fsync=False)
+            fileio.write_bytes(out / j.file, data, fsync=False)
             # a lossy file decodes to other pixels than the composite: no pixel hash for it
             results.append((j, {"sha256": hashlib.sha256(data).hexdigest(),
                                 "pixel_sha256": compose.pixel_sha256(img) if cfg.format == "png" else "", **computed}))
@@ -415,7 +415,7 @@ def _compose_all(cfg: MakeOOCConfig, out: Path, todo: Sequence[_Job], cutouts: d
     out.mkdir(parents=True, exist_ok=True)
     pool = ThreadPoolExecutor(workers)
     try:
-        with io.naming_full_disk(out / JOURNAL), open(out / JOURNAL, "a", encoding="utf-8") as journal, \
+        with fileio.naming_full_disk(out / JOURNAL), open(out / JOURNAL, "a", encoding="utf-8") as journal, \
                 tqdm(total=len(todo), desc="make-ooc", unit="img") as bar:
             for fut in as_completed([pool.submit(task, c) for c in chunks]):
                 for j, computed in fut.result():
@@ -461,24 +461,24 @@ def _write_records(cfg: MakeOOCConfig, out: Path, inp: _Inputs, jobs: Sequence[_
         rows[j.variant].append(_manifest_row(cfg, inp, j, done[j.file]))
     composites = [j for j in jobs if j.variant == COMPOSITE]
     manifest = table_text(MANIFEST_COLUMNS, rows[COMPOSITE])
-    io.write_text(out / "manifest.csv", manifest)
+    fileio.write_text(out / "manifest.csv", manifest)
     variant_sha256 = {}
     for v in cfg.variants:
         text = table_text(MANIFEST_COLUMNS, rows[v])
-        io.write_text(out / variants.folder(v) / "manifest.csv", text)
+        fileio.write_text(out / variants.folder(v) / "manifest.csv", text)
         variant_sha256[v] = hashlib.sha256(text.encode()).hexdigest()
-    io.write_text(out / "ATTRIBUTION.md", _attribution(inp, composites, cfg.variants))
+    fileio.write_text(out / "ATTRIBUTION.md", _attribution(inp, composites, cfg.variants))
     write_table(out / "classes.csv", CLASS_COLUMNS, [class_row(c) for c in inp.classes.values()
                                                      if any(j.fg.folder == c.folder for j in composites)])
-    io.write_json(out / "config.json", asdict(cfg))
+    fileio.write_json(out / "config.json", asdict(cfg))
     manifest_sha256 = hashlib.sha256(manifest.encode()).hexdigest()
     meta = _dataset_json(cfg, inp, composites, command, manifest_sha256)
     if cfg.variants:
         meta["variants"] = {v: {"folder": variants.folder(v), "images": len(rows[v]), "manifest_sha256": variant_sha256[v]}
                             for v in cfg.variants}
         meta["variants_grey"] = variants.GREY
-    io.write_json(out / "dataset.json", meta)
-    io.write_text(out / JOURNAL, "".join(json.dumps({"file": j.file, "recipe": j.recipe, **done[j.file]},
+    fileio.write_json(out / "dataset.json", meta)
+    fileio.write_text(out / JOURNAL, "".join(json.dumps({"file": j.file, "recipe": j.recipe, **done[j.file]},
                                                     sort_keys=True) + "\n" for j in jobs))
     _warn_strays(out, {j.file for j in jobs})
 

@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 
 from tqdm.auto import tqdm
 
-from bitlab import io
+from bitlab import fileio
 from bitlab.errors import BitlabError, ConfigError
 from bitlab.ooc.spec import SAFE_NAME, OOCClass, Selection, SpecError, load_classes, load_selection, seeded_order
 
@@ -346,14 +346,14 @@ class FetchConfig:
     pins: dict[str, str] = field(default_factory=lambda: dict(UPSTREAM_MD5))  # upstream path -> md5
     workers: int = 8  # parallel image downloads (network-bound)
     retries: int = 3
-    max_download: int = io.MAX_DOWNLOAD_BYTES  # bytes per file
+    max_download: int = fileio.MAX_DOWNLOAD_BYTES  # bytes per file
 
 
 def fetch(cfg: FetchConfig) -> dict:
     """Download what a build needs into the tree at `cfg.out`, locked meanwhile (one fetch fills a
     tree at a time); returns a summary (also fetch.json)."""
     sel = _check_fetch(cfg)
-    with io.lock_folder(cfg.out, "openimages fetch"):
+    with fileio.lock_folder(cfg.out, "openimages fetch"):
         return _fetch(cfg, sel)
 
 
@@ -368,8 +368,8 @@ def _fetch(cfg: FetchConfig, sel: Selection | None) -> dict:
         local = tree.csv_files()[pattern]
         remote = remote_path(pattern, cfg.split)
         _download(f"{cfg.base_url}/{remote}", local, cfg.pins.get(remote), cfg.retries, cfg.max_download)
-        files[local.name] = {"url": f"{cfg.base_url}/{remote}", "md5": io.file_digest(local, "md5"),
-                             "sha256": io.sha256_file(local)}
+        files[local.name] = {"url": f"{cfg.base_url}/{remote}", "md5": fileio.file_digest(local, "md5"),
+                             "sha256": fileio.sha256_file(local)}
     wanted = _wanted_instances(tree, cfg, sel)
     masks = fetch_masks(tree, {w[0]: w[3] for w in wanted}, base_url=cfg.base_url, pins=cfg.pins, retries=cfg.retries,
                         max_bytes=cfg.max_download)
@@ -378,7 +378,7 @@ def _fetch(cfg: FetchConfig, sel: Selection | None) -> dict:
     _check_pins(tree, wanted)
     summary = {"config": asdict(cfg), "files": files, "instances": len(wanted),
                "mask_zips": masks, "images": images}
-    io.write_json(tree.root / "fetch.json", summary)
+    fileio.write_json(tree.root / "fetch.json", summary)
     return summary
 
 
@@ -387,10 +387,10 @@ def _download(url: str, dest: Path, md5: str | None, retries: int, max_bytes: in
         log.info("%s: present, kept (no pinned checksum to compare)", dest)
         return
     try:
-        io.download(url, dest, md5=md5, retries=retries, max_bytes=max_bytes)
-    except io.DownloadError as e:
+        fileio.download(url, dest, md5=md5, retries=retries, max_bytes=max_bytes)
+    except fileio.DownloadError as e:
         hint = " (pinned md5, observed 2020-07-15; pass --no-pins if upstream changed the file)" if md5 else ""
-        raise io.DownloadError(f"{e}{hint}") from None
+        raise fileio.DownloadError(f"{e}{hint}") from None
 
 
 def _check_fetch(cfg: FetchConfig) -> Selection | None:
@@ -400,8 +400,8 @@ def _check_fetch(cfg: FetchConfig) -> Selection | None:
         raise ConfigError("split", f"must be one of {', '.join(SPLITS)}, got {cfg.split!r}")
     for setting, url in (("base_url", cfg.base_url), ("images_url", cfg.images_url)):
         try:
-            io.check_url(url)
-        except io.UnsafeURLError as e:
+            fileio.check_url(url)
+        except fileio.UnsafeURLError as e:
             raise ConfigError(setting, f"{{setting}} {e}") from None
     for setting, value in (("max_per_class", cfg.max_per_class), ("workers", cfg.workers), ("retries", cfg.retries)):
         if value < 1:
@@ -439,14 +439,14 @@ def _wanted_instances(tree: Tree, cfg: FetchConfig, sel: Selection | None
 
 def fetch_masks(tree: Tree, mask_paths: dict[str, str | None], *, base_url: str = BASE_URL,
                 pins: dict[str, str] | None = None, retries: int = 3,
-                max_bytes: int = io.MAX_DOWNLOAD_BYTES) -> dict[str, int]:
+                max_bytes: int = fileio.MAX_DOWNLOAD_BYTES) -> dict[str, int]:
     """Extract `mask_paths` (mask path -> expected sha256 or None) into the tree, downloading only
     the zips that hold masks missing on disk or not matching their sha256."""
     pins = pins or {}
     by_zip: dict[str, list[str]] = defaultdict(list)
     for m, sha in mask_paths.items():
         path = tree.mask(m)
-        if not path.is_file() or (sha and io.sha256_file(path) != sha):
+        if not path.is_file() or (sha and fileio.sha256_file(path) != sha):
             by_zip[mask_zip_remote(tree.split, m)].append(m)
     for remote, members in tqdm(sorted(by_zip.items()), desc="mask zips", unit="zip", disable=not by_zip):
         archive = tree.root / "downloads" / Path(remote).name
@@ -455,7 +455,7 @@ def fetch_masks(tree: Tree, mask_paths: dict[str, str | None], *, base_url: str 
             if not pins.get(remote):  # no pin: at least prove it is a whole zip
                 _usable_zip(archive, members, strict=True)
         _refuse_unsafe(archive, tree.masks_dir)
-        io.extract_zip_members(archive, tree.masks_dir, members)
+        fileio.extract_zip_members(archive, tree.masks_dir, members)
     return {"zips": len(by_zip), "extracted": sum(len(v) for v in by_zip.values())}
 
 
@@ -485,27 +485,27 @@ def _refuse_unsafe(archive: Path, dest: Path) -> None:
     with zipfile.ZipFile(archive) as zf:
         for name in zf.namelist():
             try:
-                io.safe_member_path(dest, name)
-            except io.UnsafeArchiveError as e:
-                raise io.UnsafeArchiveError(f"{archive}: {e}; refusing the archive") from None
+                fileio.safe_member_path(dest, name)
+            except fileio.UnsafeArchiveError as e:
+                raise fileio.UnsafeArchiveError(f"{archive}: {e}; refusing the archive") from None
 
 
 def fetch_images(tree: Tree, image_ids: dict[str, str | None], *, images_url: str = IMAGES_URL, workers: int = 8,
-                 retries: int = 3, max_bytes: int = io.MAX_DOWNLOAD_BYTES) -> dict[str, int]:
+                 retries: int = 3, max_bytes: int = fileio.MAX_DOWNLOAD_BYTES) -> dict[str, int]:
     """Download the JPEGs of `image_ids` (id -> expected sha256 or None) not on disk yet (or
     not decodable, or not matching their sha256)."""
     todo = sorted(i for i, sha in image_ids.items()
-                  if not _decodes(tree.image(i)) or (sha and io.sha256_file(tree.image(i)) != sha))
+                  if not _decodes(tree.image(i)) or (sha and fileio.sha256_file(tree.image(i)) != sha))
 
     def one(image_id: str) -> None:
         url, dest = f"{images_url}/{tree.split}/{image_id}.jpg", tree.image(image_id)
         for attempt in range(1, retries + 1):
-            io.download(url, dest, sha256=image_ids[image_id], retries=retries, progress=False, max_bytes=max_bytes)
+            fileio.download(url, dest, sha256=image_ids[image_id], retries=retries, progress=False, max_bytes=max_bytes)
             if _decodes(dest):
                 return
             log.warning("%s: downloaded bytes do not decode (attempt %d/%d)", url, attempt, retries)
             dest.unlink(missing_ok=True)
-        raise io.DownloadError(f"{url}: the downloaded file is not a readable image after {retries} attempts")
+        raise fileio.DownloadError(f"{url}: the downloaded file is not a readable image after {retries} attempts")
 
     if todo:
         with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -531,7 +531,7 @@ def _check_pins(tree: Tree, wanted: Sequence[tuple[str, str, str | None, str | N
     """When fetching a selection, the files must be the ones it pinned."""
     for mask_path, image_id, image_sha, mask_sha in wanted:
         for path, want in ((tree.image(image_id), image_sha), (tree.mask(mask_path), mask_sha)):
-            if want and (got := io.sha256_file(path)) != want:
+            if want and (got := fileio.sha256_file(path)) != want:
                 raise BitlabError(f"{path}: sha256 {got} differs from the selection's {want} as fetched "
                                   f"again; upstream changed the file, so this selection cannot be rebuilt exactly")
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from bitlab import io
+from bitlab import fileio
 from bitlab.data.imagesize import image_size
 from bitlab.errors import BitlabError
 
@@ -39,7 +39,7 @@ def check_complete(root: str | Path) -> None:
     dataset.json's `manifest_sha256` and `counts.images`, and a sample of images against the
     manifest's `sha256` and dataset.json's `config.size`."""
     root = Path(root)
-    io.check_not_in_use(root)
+    fileio.check_not_in_use(root)
     record = root / DATASET
     if not record.is_file():
         if (root / JOURNAL).exists():
@@ -50,11 +50,11 @@ def check_complete(root: str | Path) -> None:
     manifest = root / MANIFEST
     if not manifest.is_file():
         raise BitlabError(f"{manifest}: missing, but {record} records a finished build")
-    digest = io.sha256_file(manifest)
+    digest = fileio.sha256_file(manifest)
     if digest != meta["manifest_sha256"]:
         raise BitlabError(f"{manifest}: its sha256 is {digest[:16]}..., not {record} field 'manifest_sha256' "
                           f"({str(meta['manifest_sha256'])[:16]}...): the manifest is from another build or was edited")
-    rows = list(csv.DictReader(io.text_lines(manifest)))
+    rows = list(csv.DictReader(fileio.text_lines(manifest)))
     if len(rows) != meta["counts"]["images"]:
         raise BitlabError(f"{manifest}: {len(rows)} rows, but {record} field 'counts.images' is "
                           f"{meta['counts']['images']}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from bitlab import io
+from bitlab import fileio
 from bitlab.errors import BitlabError
 from bitlab.ooc import backgrounds as bgmod
 from bitlab.ooc import compose
@@ -78,8 +78,8 @@ def plan(cfg: PlanConfig) -> tuple[Selection, dict]:
     selection.save(out)
     report = {"config": asdict(cfg), "foregrounds": len(foregrounds), "backgrounds": len(bg_picked),
               "images": len(foregrounds) * len(bg_picked), "funnel": funnel, "background_files": bg_report,
-              "selection_sha256": io.sha256_file(out)}
-    io.write_json(out.with_suffix(".json"), report)
+              "selection_sha256": fileio.sha256_file(out)}
+    fileio.write_json(out.with_suffix(".json"), report)
     return selection, report
 
 
@@ -111,7 +111,7 @@ def _pick_foregrounds(tree: Tree, folder: str, candidates, need: int, cfg: PlanC
             continue
         funnel["mask_fill"] += 1
         picked.append(Foreground(folder, uid, tree.split, inst.image_id, inst.mid, inst.box_id, inst.mask_path,
-                                 io.sha256_file(image_path), io.sha256_file(mask_path),
+                                 fileio.sha256_file(image_path), fileio.sha256_file(mask_path),
                                  "" if inst.predicted_iou is None else repr(inst.predicted_iou)))
     return picked
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator, Sequence
 
-from bitlab import io
+from bitlab import fileio
 from bitlab.errors import BitlabError
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")  # one path component, no surprises
@@ -42,7 +42,7 @@ def read_table(path: str | os.PathLike, required: Sequence[str], optional: Seque
     """
     path = Path(path)
     try:
-        rows = _csv_rows(path, io.text_lines(path))
+        rows = _csv_rows(path, fileio.text_lines(path))
     except (FileNotFoundError, IsADirectoryError):
         raise SpecError(f"{path}: no such file") from None
     first = next(rows, None)
@@ -89,7 +89,7 @@ def table_text(columns: Sequence[str], rows: Iterable[dict]) -> str:
 
 
 def write_table(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[dict]) -> None:
-    io.write_text(path, table_text(columns, rows))
+    fileio.write_text(path, table_text(columns, rows))
 
 
 def _cell(value) -> str:

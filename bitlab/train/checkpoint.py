@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bitlab import io
+from bitlab import fileio
 from bitlab.errors import BitlabError
 from bitlab.models.checkpoints import TRAIN_FORMAT_TAG
 from bitlab.train.distributed import DistInfo, all_gather_object, barrier, unwrap_model
@@ -95,7 +95,7 @@ def save_checkpoint(path: Path, step: int, model: nn.Module, optimizer: torch.op
     rng = all_gather_object(rng_state(), dist)  # every rank's own streams, in rank order
     if dist.is_main:
         config = getattr(model, "config", None)
-        io.torch_save({"format": CHECKPOINT_FORMAT, "version": 2, "step": step, "model_name": model_name,
+        fileio.torch_save({"format": CHECKPOINT_FORMAT, "version": 2, "step": step, "model_name": model_name,
                        "model": model.state_dict(), "model_config": config.to_dict() if hasattr(config, "to_dict")
                        else None, "optimizer": optimizer.state_dict(),
                        "scaler": scaler.state_dict() if scaler else None, "rng": rng, "world_size": dist.world_size,
@@ -107,7 +107,7 @@ def save_checkpoint(path: Path, step: int, model: nn.Module, optimizer: torch.op
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler | None, dist: DistInfo = DistInfo()) -> dict:
     """Restore model, optimiser, scaler and this rank's RNG states from a training checkpoint; returns it."""
-    ckpt = io.torch_load(path)
+    ckpt = fileio.torch_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise BitlabError(f"{path}: not a bitlab training checkpoint")
     own = model_signature(model)
@@ -129,7 +129,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 def saved_step(path: Path) -> int | str:
     """The step a checkpoint file holds ("?" when it cannot be read)."""
     try:
-        return int(io.torch_load(path)["step"])
+        return int(fileio.torch_load(path)["step"])
     except (BitlabError, KeyError, TypeError, ValueError):
         return "?"
 

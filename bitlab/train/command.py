@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bitlab import io
+from bitlab import fileio
 from bitlab.data.loader import Batch, default_workers
 from bitlab.models.registry import data_config_of
 from bitlab.train import distributed as D
@@ -127,7 +127,7 @@ def _train(task: Task, cfg: TrainSettings, dist: D.DistInfo, record: RunRecord) 
     record.claim()  # a failure below goes into this run's summary.json
     if dist.is_main:
         write_config(run_dir, cfg)
-        io.write_json(run_dir / "plan.json", plan.to_dict())
+        fileio.write_json(run_dir / "plan.json", plan.to_dict())
         task.record(data, plan, run_dir)
     parts = task.parts(data, plan, env, previous)
     result = run(model, make_optimizer=parts.make_optimizer, data=parts.data, lr_at=parts.lr_at, loss_fn=parts.loss_fn,
@@ -137,7 +137,7 @@ def _train(task: Task, cfg: TrainSettings, dist: D.DistInfo, record: RunRecord) 
     mine = parts.data.bad | getattr(parts.evaluate, "bad", set())
     bad = sorted(set().union(*D.all_gather_object(mine, dist)))
     if dist.is_main:
-        io.write_json(run_dir / "summary.json", {
+        fileio.write_json(run_dir / "summary.json", {
             "completed": result.completed, "step": result.step, "total_steps": plan.total_steps, "model": cfg.model,
             **task.summary(plan), **result.metrics, "train_images_per_s": result.images_per_s,
             "bad_images": len(bad), "bad_image_messages": bad})

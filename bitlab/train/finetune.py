@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bitlab import hyperrule, io
+from bitlab import hyperrule, fileio
 from bitlab.data import datasets
 from bitlab.data.datasets import Splits
 from bitlab.data.loader import TrainFiles, make_loader
@@ -77,7 +77,7 @@ def _load_backbone(model: nn.Module, path: str) -> None:
     if checkpoints.is_timm_bit(model):  # takes official npz and bitlab files too, renamed for timm
         checkpoints.load_weights(model, path, keep_model_head=True)
         return
-    state = io.torch_load(path)
+    state = fileio.torch_load(path)
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -199,7 +199,7 @@ class Finetune:
         if self.cfg.random_init:
             log.warning("%s starts from random weights (--random-init): no transfer", self.cfg.model)
         if self.cfg.examples_per_class is not None:  # the picked files, to see (and check) what a seed chose
-            io.write_text(run_dir / "fewshot_files.txt", "".join(
+            fileio.write_text(run_dir / "fewshot_files.txt", "".join(
                 f"{path}\t{splits.classes[label]}\n" for path, label in zip(splits.train.paths, splits.train.labels)))
         log.info("BiT-HyperRule: %d training images, %d classes, image %sx%s -> resize %d, crop %d; steps %s; "
                  "mixup %.2g; lr %.3g at batch %d", p.dataset_size, p.num_classes, *p.image_size, p.resize, p.crop,

@@ -15,7 +15,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from bitlab import io
+from bitlab import fileio
 from bitlab.errors import BitlabError, ConfigError
 from bitlab.train.checkpoint import CHECKPOINT, FINAL, saved_step
 from bitlab.train.distributed import DistInfo, main_rank_call
@@ -44,7 +44,7 @@ def recorded_config(config: Any) -> dict:
 def write_config(run_dir: str | Path, config: Any) -> Path:
     """The command's dataclass as `config.json` (atomic; see `recorded_config`)."""
     path = Path(run_dir) / "config.json"
-    io.write_json(path, recorded_config(config))
+    fileio.write_json(path, recorded_config(config))
     return path
 
 
@@ -105,19 +105,19 @@ class MetricsWriter:
         kept = [r for r in self.rows if r.get("step", 0) <= after_step]
         if len(kept) != len(self.rows):
             self.rows = kept
-            io.write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept))
+            fileio.write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept))
         self._rewrite_csv()
 
     def write(self, row: dict) -> None:
         self.rows.append(row)
-        io.append_text(self.jsonl, json.dumps(row) + "\n")  # a full disk: no torn line
+        fileio.append_text(self.jsonl, json.dumps(row) + "\n")  # a full disk: no torn line
         if set(row) - set(self.columns) or not self.csv.exists():
             self.columns = _columns(self.rows)
             self._rewrite_csv()
         else:
             line = _io.StringIO()
             csv.DictWriter(line, self.columns).writerow(row)
-            io.append_text(self.csv, line.getvalue())
+            fileio.append_text(self.csv, line.getvalue())
         if self.tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "step":
@@ -137,7 +137,7 @@ def write_csv(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
     writer = csv.DictWriter(buf, columns)
     writer.writeheader()
     writer.writerows(rows)
-    io.write_text(path, buf.getvalue())
+    fileio.write_text(path, buf.getvalue())
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -169,7 +169,7 @@ def log_to_file(path: Path, enabled: bool) -> Iterator[logging.Handler | None]:
         yield same[0]
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with io.naming_full_disk(path):
+    with fileio.naming_full_disk(path):
         handler = _RunLog(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     old_level = logger.level
@@ -197,13 +197,13 @@ class _RunLog(logging.FileHandler):
     def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's hook)
         self.failed = True
         error = sys.exc_info()[1]
-        log.warning("%s", io.disk_full(self.baseFilename, error) or f"{self.baseFilename}: cannot write ({error})")
+        log.warning("%s", fileio.disk_full(self.baseFilename, error) or f"{self.baseFilename}: cannot write ({error})")
 
 
 @contextlib.contextmanager
 def lock_run_folder(run_dir: str | Path, dist: DistInfo, command: str) -> Iterator[None]:
-    """Rank 0 holds `run_dir`'s lock (`io.lock_folder`); a folder in use stops every rank alike."""
-    lock = io.lock_folder(run_dir, command)
+    """Rank 0 holds `run_dir`'s lock (`fileio.lock_folder`); a folder in use stops every rank alike."""
+    lock = fileio.lock_folder(run_dir, command)
     main_rank_call(lambda: lock.__enter__() and None, dist)  # runs on rank 0; its error reaches all
     try:
         yield
@@ -213,7 +213,7 @@ def lock_run_folder(run_dir: str | Path, dist: DistInfo, command: str) -> Iterat
 
 
 class RunRecord:
-    """Around a whole command: the folder's lock (one run writes it at a time: `io.lock_folder`),
+    """Around a whole command: the folder's lock (one run writes it at a time: `fileio.lock_folder`),
     `log.txt` from its first line, and when the run dies, the error in `log.txt` and `summary.json`
     (`completed: false`, the step `checkpoint.pt` holds). Rank 0 writes.
 
@@ -268,7 +268,7 @@ class RunRecord:
         if self.claimed:
             ckpt = self.run_dir / CHECKPOINT
             try:
-                io.write_json(self.run_dir / "summary.json", {
+                fileio.write_json(self.run_dir / "summary.json", {
                     "completed": False, "error": message, "error_type": type(error).__name__,
                     "checkpoint_step": saved_step(ckpt) if ckpt.exists() else None})
             except (BitlabError, OSError) as e:  # a full disk: the error itself still reaches the user

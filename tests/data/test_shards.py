@@ -316,7 +316,7 @@ def test_foreign_single_label_shards_are_indexed_and_read_back(tree, tmp_path):
     assert [s.count for s in index.shards] == [7, 8, 5] and not index.multi_label
     assert index.classes == ["0", "1", "2", "3"] and index.label_counts == [5, 5, 5, 5]
     for i, s in enumerate(index.shards):  # hashed in the reading pass, padding included
-        assert s.sha256 == shards.io.sha256_file(index.path(i)) and s.bytes == index.path(i).stat().st_size
+        assert s.sha256 == shards.fileio.sha256_file(index.path(i)) and s.bytes == index.path(i).stat().st_size
     again = shards.read_index(out)
     assert again.to_dict() == index.to_dict() and shards.verify(again) == []
     assert sorted(_read_back(again)) == sorted(expected)

@@ -139,7 +139,7 @@ def test_a_folder_being_written_is_refused(written, tmp_path):
     out, _ = written
     busy = tmp_path / "busy"
     shutil.copytree(out, busy)
-    hold = ("import sys, time\nfrom bitlab import io\nwith io.lock_folder(sys.argv[1], 'evaluate'):\n"
+    hold = ("import sys, time\nfrom bitlab import fileio\nwith fileio.lock_folder(sys.argv[1], 'evaluate'):\n"
             "    print('locked', flush=True)\n    time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", hold, str(busy)], env=ENV, stdout=subprocess.PIPE, text=True)
     try:

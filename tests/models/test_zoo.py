@@ -16,7 +16,7 @@ from bitlab import paths
 from bitlab.data import imagenet
 from bitlab.eval.predict import predict_files
 from bitlab.errors import BitlabError
-from bitlab.io import DownloadError
+from bitlab.fileio import DownloadError
 from bitlab.models import checkpoints, create_model, zoo
 from tests.fixtures.processes import ENV
 

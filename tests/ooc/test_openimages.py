@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bitlab import io
+from bitlab import fileio
 from bitlab.cli import main
 from bitlab.errors import BitlabError
 from bitlab.ooc import openimages
@@ -107,7 +107,7 @@ def test_pinned_checksum_retries_then_fails_clearly(small_inputs, http_server, t
     assert _requested(http_server, path) == [path, path]
     http_server.requests.clear()
     http_server.corrupt[path] = 10  # always bad
-    with pytest.raises(io.DownloadError) as e:
+    with pytest.raises(fileio.DownloadError) as e:
         fetch(_fetch_cfg(small_inputs, urls, tmp_path / "b", pins=pins, retries=3))
     assert "gave up after 3 attempts" in str(e.value) and "md5 mismatch" in str(e.value)
     assert "pinned md5" in str(e.value) and "--no-pins" in str(e.value)
@@ -136,7 +136,7 @@ def test_escaping_archive_member_is_refused(small_inputs, http_server, tmp_path)
                 and i.box_row)
     urls = serve(http_server, small_inputs["openimages"], extra_members={good.mask_path[0]: {"../../evil.png": b"x"}})
     cfg = _fetch_cfg(small_inputs, urls, tmp_path / "t", max_per_class=3)  # all 3 clean masks per class
-    with pytest.raises(io.UnsafeArchiveError, match=r"validation-masks-.\.zip: .*'\.\./\.\./evil\.png'.*refusing"):
+    with pytest.raises(fileio.UnsafeArchiveError, match=r"validation-masks-.\.zip: .*'\.\./\.\./evil\.png'.*refusing"):
         fetch(cfg)
     assert not list(tmp_path.rglob("evil.png"))
     assert not (tmp_path / "evil.png").exists() and not (tmp_path.parent / "evil.png").exists()
@@ -182,7 +182,7 @@ def test_fetch_a_committed_selection(small_inputs, http_server, tmp_path):
     victim = sorted(want)[0]
     shutil.copyfile(small_inputs["openimages"] / "validation" / f"{sorted(want)[1]}.jpg",
                     http_server.root / "img" / "validation" / f"{victim}.jpg")
-    with pytest.raises(io.DownloadError, match=rf"{victim}.jpg: gave up after 3 attempts: sha256 mismatch"):
+    with pytest.raises(fileio.DownloadError, match=rf"{victim}.jpg: gave up after 3 attempts: sha256 mismatch"):
         fetch(_fetch_cfg(small_inputs, urls, tmp_path / "b", selection=str(sel)))
 
 

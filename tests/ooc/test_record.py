@@ -87,7 +87,7 @@ def test_a_folder_make_ooc_did_not_write_is_not_judged(copy):
 
 
 def test_a_build_in_progress_is_refused_by_evaluate(copy, tmp_path, capsys):
-    hold = ("import sys, time\nfrom bitlab import io\nwith io.lock_folder(sys.argv[1], 'make-ooc'):\n"
+    hold = ("import sys, time\nfrom bitlab import fileio\nwith fileio.lock_folder(sys.argv[1], 'make-ooc'):\n"
             "    print('locked', flush=True)\n    time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", hold, str(copy)], env=ENV, stdout=subprocess.PIPE, text=True)
     try:

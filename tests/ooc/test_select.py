@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from bitlab import io
+from bitlab import fileio
 from bitlab.errors import BitlabError
 from bitlab.ooc.openimages import AnnotationFilter
 from bitlab.ooc.select import PlanConfig, plan
@@ -32,7 +32,7 @@ def test_filters_keep_only_good_instances(small_inputs, tmp_path):
     assert f["object_px"] == 3
     # the plan's record beside the selection
     record = json.loads((tmp_path / "sel.json").read_text())
-    assert record["images"] == 6 * 2 and record["selection_sha256"] == io.sha256_file(tmp_path / "sel.csv")
+    assert record["images"] == 6 * 2 and record["selection_sha256"] == fileio.sha256_file(tmp_path / "sel.csv")
 
 
 def test_plan_is_deterministic_by_seed(small_inputs, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bitlab.errors import BitlabError
-from bitlab import io
+from bitlab import fileio
 from bitlab.models import create_model
 from bitlab.train.distributed import DistInfo, ShardSampler, StepSampler, per_rank_batch, setup
 from bitlab.train.rundir import read_metrics
@@ -74,7 +74,7 @@ def test_ddp_two_processes_equal_one(tiny_digits, tmp_path):
         runs[name] = subprocess.run([sys.executable, "-m", "bitlab", "finetune", *common, "--batch-split", split,
                                      "--out", str(tmp_path / name)], env=ENV, capture_output=True, text=True, timeout=300)
         assert runs[name].returncode == 0, runs[name].stderr[-3000:]
-    two, one, reordered = (io.torch_load(tmp_path / d / "checkpoint.pt")["model"] for d in ("ddp", "one", "reordered"))
+    two, one, reordered = (fileio.torch_load(tmp_path / d / "checkpoint.pt")["model"] for d in ("ddp", "one", "reordered"))
     torch.manual_seed(0)
     init = create_model("R14x0.5", num_classes=10, zero_head=True, pretrained=False).state_dict()
     numerics.assert_within_floor(two, one, numerics.rounding_floor(one, reordered), start=init)
@@ -93,7 +93,7 @@ def test_ddp_unreadable_training_image_stops_every_rank(tiny_digits, tmp_path):
     import json
     import shutil
 
-    from bitlab import io
+    from bitlab import fileio
     from bitlab.train.finetune import FinetuneConfig, load_data
 
     data = tmp_path / "data"
@@ -110,5 +110,5 @@ def test_ddp_unreadable_training_image_stops_every_rank(tiny_digits, tmp_path):
     errors = [part.split("\n", 1)[0] for part in job.stderr.split(marker)[1:]]
     assert len(errors) == 2, job.stderr[-3000:]  # each rank says why it stopped
     assert all("stopping every rank" in e and f"rank 1: {bad}" in e for e in errors)
-    assert io.torch_load(out / "checkpoint.pt")["step"] == 1
+    assert fileio.torch_load(out / "checkpoint.pt")["step"] == 1
     assert json.loads((out / "summary.json").read_text())["checkpoint_step"] == 1

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitlab import io
+from bitlab import fileio
 from bitlab.errors import BitlabError
 from bitlab.train import loop, rundir
 from bitlab.train.loop import LoopConfig, NonFiniteLossError
@@ -74,9 +74,9 @@ def test_run_directory_contract(tmp_path):
                for r in rows if r["split"] == "train")
     header, *lines = (tmp_path / "metrics.csv").read_text().splitlines()
     assert header.split(",")[:2] == ["step", "split"] and "top1" in header and len(lines) == 7
-    ckpt = io.torch_load(tmp_path / "checkpoint.pt")
+    ckpt = fileio.torch_load(tmp_path / "checkpoint.pt")
     assert ckpt["step"] == 10 and set(ckpt) >= {"model", "optimizer", "rng", "model_name"}
-    final = io.torch_load(tmp_path / "final.pt")  # a bitlab model file: the name, then the weights
+    final = fileio.torch_load(tmp_path / "final.pt")  # a bitlab model file: the name, then the weights
     assert final["format"] == "bitlab-model" and final["name"] == "mlp"
     assert_same(final["state_dict"], net.state_dict())
     assert "done: 10 steps" in (tmp_path / "log.txt").read_text()
@@ -101,7 +101,7 @@ def test_stop_after_counts_the_steps_of_this_call(tmp_path):
     train(tmp_path, steps=10, stop_after=3)
     _, result = train(tmp_path, steps=10, resume=True, stop_after=2)
     assert result.stopped_by == "stop_after" and result.step == 5
-    assert io.torch_load(tmp_path / "checkpoint.pt")["step"] == 5
+    assert fileio.torch_load(tmp_path / "checkpoint.pt")["step"] == 5
     _, result = train(tmp_path, steps=10, resume=True, stop_after=9)  # past the end: the run just finishes
     assert result.completed and result.step == 10
 
@@ -125,7 +125,7 @@ def test_signal_checkpoints_and_stops(tmp_path, sig):
 
     net, result = train(tmp_path, steps=10, data=Stream(hook=hook))
     assert not result.completed and result.stopped_by == sig.name and result.step == 4
-    assert io.torch_load(tmp_path / "checkpoint.pt")["step"] == 4
+    assert fileio.torch_load(tmp_path / "checkpoint.pt")["step"] == 4
     assert signal.getsignal(sig) is before  # handlers restored
 
 
@@ -141,7 +141,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 5.*last good checkpoint .*step 4\) is kept"):
         train(tmp_path / "nan", steps=10, loss_fn=loss_fn, net=net)
     good, _ = train(tmp_path / "ref", steps=10, stop_after=4)
-    ckpt = io.torch_load(tmp_path / "nan" / "checkpoint.pt")
+    ckpt = fileio.torch_load(tmp_path / "nan" / "checkpoint.pt")
     assert ckpt["step"] == 4
     assert_same(ckpt["model"], weights(good))
     assert all(torch.isfinite(v).all() for v in net.state_dict().values())  # the bad update was never applied
@@ -204,7 +204,7 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path, monkeypatch):
     reordered, _ = train(tmp_path / "reordered", steps=4, data=Stream(split=2))
     numerics.assert_within_floor(weights(compiled), weights(eager), numerics.rounding_floor(weights(eager),
                                                                                           weights(reordered)))
-    assert io.torch_load(tmp_path / "compiled" / "final.pt")["state_dict"].keys() == eager.state_dict().keys()
+    assert fileio.torch_load(tmp_path / "compiled" / "final.pt")["state_dict"].keys() == eager.state_dict().keys()
 
 
 def test_device_defaults_bf16_and_channels_last_on_gpus_only():
@@ -301,12 +301,12 @@ def test_checkpoint_is_written_before_evaluation(tmp_path):
     kw = dict(make_optimizer=sgd, data=Stream(), lr_at=lambda s: 0.1, loss_fn=F.cross_entropy, config=cfg)
     with pytest.raises(BitlabError, match="validation image"):
         loop.run(model(), run_dir=tmp_path / "mid", evaluate=failing_at(3), **kw)
-    assert io.torch_load(tmp_path / "mid" / "checkpoint.pt")["step"] == 3
+    assert fileio.torch_load(tmp_path / "mid" / "checkpoint.pt")["step"] == 3
     net = model()
     with pytest.raises(BitlabError, match="validation image"):
         loop.run(net, run_dir=tmp_path / "end", evaluate=failing_at(6), **kw)
-    assert io.torch_load(tmp_path / "end" / "checkpoint.pt")["step"] == 6
-    assert_same(io.torch_load(tmp_path / "end" / "final.pt")["state_dict"], net.state_dict())
+    assert fileio.torch_load(tmp_path / "end" / "checkpoint.pt")["step"] == 6
+    assert_same(fileio.torch_load(tmp_path / "end" / "final.pt")["state_dict"], net.state_dict())
 
 
 def test_data_error_checkpoints_the_last_completed_step(tmp_path):
@@ -316,7 +316,7 @@ def test_data_error_checkpoints_the_last_completed_step(tmp_path):
 
     with pytest.raises(BitlabError, match="cannot decode"):
         train(tmp_path / "bad", steps=10, data=Stream(hook=hook), checkpoint_every=0)
-    ckpt = io.torch_load(tmp_path / "bad" / "checkpoint.pt")
+    ckpt = fileio.torch_load(tmp_path / "bad" / "checkpoint.pt")
     good, _ = train(tmp_path / "ref", steps=10, stop_after=5)
     assert ckpt["step"] == 5
     assert_same(ckpt["model"], weights(good))
@@ -372,4 +372,4 @@ def test_each_rank_resumes_its_own_rng(tmp_path):
     script.write_text(_RANK_RNG)
     run = torchrun([str(script), str(tmp_path)])
     assert run.returncode == 0, run.stderr[-3000:]
-    assert len(io.torch_load(tmp_path / "part" / "checkpoint.pt")["rng"]) == 2
+    assert len(fileio.torch_load(tmp_path / "part" / "checkpoint.pt")["rng"]) == 2

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from bitlab import io
+from bitlab import fileio
 from bitlab.cli import main
 from bitlab.cli.pretrain import torchrun_command
 from bitlab.data import shards
@@ -177,7 +177,7 @@ def test_two_processes_with_accumulation_equal_one(tree, tmp_path):
     assert "train:" in rank_err[0] and "1/4" in rank_err[0]
     assert "train:" not in rank_err[1] and "global batch" not in rank_err[1]
 
-    one, reordered, two = (io.torch_load(tmp_path / d / "checkpoint.pt")["model"] for d in ("one", "reordered", "ddp"))
+    one, reordered, two = (fileio.torch_load(tmp_path / d / "checkpoint.pt")["model"] for d in ("one", "reordered", "ddp"))
     torch.manual_seed(0)
     init = P.build_model("R14x0.5", 4, multi_label=False).state_dict()
     numerics.assert_within_floor(two, one, numerics.rounding_floor(one, reordered), start=init)
@@ -265,7 +265,7 @@ def test_unreadable_image_stops_every_rank_with_its_name(tree, tmp_path):
         assert "--skip-bad-images" in line
     assert "Connection reset" not in job.stderr and "Timeout" not in job.stderr  # a decision, not a crash
     # the completed step is kept (--checkpoint-every 2 would not have saved step 1), and the reason recorded
-    assert io.torch_load(tmp_path / "run" / "checkpoint.pt")["step"] == 1
+    assert fileio.torch_load(tmp_path / "run" / "checkpoint.pt")["step"] == 1
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["completed"] is False and str(bad) in summary["error"] and summary["checkpoint_step"] == 1
     assert "ERROR bitlab.train.rundir: run stopped by an error: cannot read training data" in \
@@ -285,7 +285,7 @@ def test_nan_stops_every_rank_and_keeps_the_last_good_checkpoint(tree, tmp_path)
     step = int(errors[0].split(" at step ")[1].split(":")[0])
     assert all("not finite" in e or "loss is nan" in e for e in errors)
     assert all(f"last good checkpoint ({out / 'checkpoint.pt'}, step {step}) is kept" in e for e in errors)
-    ckpt = io.torch_load(out / "checkpoint.pt")
+    ckpt = fileio.torch_load(out / "checkpoint.pt")
     assert ckpt["step"] == step > 0
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
@@ -313,7 +313,7 @@ def test_sigterm_under_torchrun_stops_the_job_instead_of_restarting_it(tree, tmp
     assert job.returncode == 0, stderr[-3000:]
     log_txt = (out / "log.txt").read_text()
     assert "resumed from" not in log_txt and "will restart worker group" not in stderr
-    step = io.torch_load(out / "checkpoint.pt")["step"]
+    step = fileio.torch_load(out / "checkpoint.pt")["step"]
     assert 2 <= step < 200 and not (out / "final.pt").exists()
     assert f"stopped at step {step} (SIGTERM)" in log_txt and "rerun" in log_txt
     assert "under torchrun: exit status 0" in stderr and f"stopped at step {step}/200" in stdout
@@ -458,7 +458,7 @@ def test_bad_validation_image_keeps_the_trained_weights(tree, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(BitlabError, match="cannot read validation data"):
         P.pretrain(config(data, out, epochs=1, decay_epochs=[], checkpoint_every=0))
-    assert io.torch_load(out / "checkpoint.pt")["step"] == 2 and (out / "final.pt").is_file()
+    assert fileio.torch_load(out / "checkpoint.pt")["step"] == 2 and (out / "final.pt").is_file()
     assert json.loads((out / "summary.json").read_text())["completed"] is False
 
 

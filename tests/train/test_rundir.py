@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from bitlab import io
+from bitlab import fileio
 from bitlab.errors import BitlabError
 from bitlab.train import rundir
 from bitlab.train.distributed import DistInfo
@@ -54,7 +54,7 @@ def test_resume_checks_name_what_changed(tmp_path):
     run.mkdir()
     rundir.write_config(run, Settings())
     (run / "checkpoint.pt").write_bytes(b"")
-    io.write_json(run / "plan.json", {"images": 10})
+    fileio.write_json(run / "plan.json", {"images": 10})
     assert rundir.check_resume_settings(run, Settings(lr=0.5), ("model",), counts={"images": 10}) == {"images": 10}
     with pytest.raises(BitlabError, match="already holds a training checkpoint; pass --again to continue"):
         rundir.check_resume_settings(run, Settings(), ("model",), resume=False)
