@@ -179,6 +179,8 @@ def _backgrounds_fetch(args: argparse.Namespace) -> None:
         cfg.api_url = args.api_url
     s = backgrounds.fetch(cfg)
     print(f"{args.out}: {sum(s['counts'].values())} image(s) in {len(s['counts'])} categories")
+    for why in s["skipped"]:
+        print(f"  skipped, does not decode: {why}")
 
 
 def _plan(args: argparse.Namespace) -> None:

@@ -153,13 +153,13 @@ def _fetch(cfg: BackgroundsConfig, root: Path, categories: list[BackgroundCatego
     else:
         need = {c.category: least - len(have[c.category]) for c in categories}
     root.mkdir(parents=True, exist_ok=True)
-    counts, short = {}, []
+    counts, short, skipped = {}, [], []
     for cat in tqdm(categories, desc="backgrounds", unit="category"):
         if need[cat.category] <= 0:
             counts[cat.category] = len(have[cat.category])
             continue
         if cfg.folder:
-            new = _import_folder(Path(cfg.folder), root, cat, new_files[cat.category], set(table))
+            new = _import_folder(Path(cfg.folder), root, cat, new_files[cat.category], set(table), skipped)
         else:
             used = {b.source_id for b in table.values() if b.source_id}
             new = _search(cfg, root, cat, need[cat.category], used, set(table))
@@ -177,7 +177,7 @@ def _fetch(cfg: BackgroundsConfig, root: Path, categories: list[BackgroundCatego
         raise BitlabError(f"{missing}. {root / TABLE} lists the {sum(counts.values())} image(s) fetched so far "
                           f"({len(categories) - len(short)} of {len(categories)} categories complete); "
                           "a rerun keeps them and fetches only what is missing")
-    summary = {"config": asdict(cfg), "counts": counts}
+    summary = {"config": asdict(cfg), "counts": counts, "skipped": skipped}
     fileio.write_json(root / "fetch.json", summary)
     return summary
 
@@ -315,10 +315,11 @@ def _get_json(url: str, retries: int, timeout: float = 30.0) -> dict:
     raise BitlabError(f"{url}: gave up after {retries} attempts: {last}")
 
 
-def _import_folder(src: Path, root: Path, cat: BackgroundCategory, files: Sequence[Path], uids: set[str]
-                   ) -> list[BackgroundFile]:
+def _import_folder(src: Path, root: Path, cat: BackgroundCategory, files: Sequence[Path], uids: set[str],
+                   skipped: list[str]) -> list[BackgroundFile]:
     """Copy `files` (from `src/<category>/`) that decode; licence from `src/backgrounds.csv` when it
-    lists them, else 'unknown'."""
+    lists them, else 'unknown'. Each file that does not decode is added to `skipped` with the reason
+    (a folder of photos with one broken file still imports the rest; the summary names it)."""
     from bitlab.ooc import compose
 
     meta = {b.file: b for b in read_background_files(src / TABLE)} if (src / TABLE).exists() else {}
@@ -328,7 +329,8 @@ def _import_folder(src: Path, root: Path, cat: BackgroundCategory, files: Sequen
         try:
             img = compose.decode(path)
         except compose.BadInputError as e:
-            log.warning("%s", e)
+            log.warning("%s (skipped)", e)
+            skipped.append(str(e))
             continue
         known = meta.get(rel_src)
         uid = _unique(known.uid if known else _slug(f"{cat.category}_{path.stem}"), uids)

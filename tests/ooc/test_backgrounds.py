@@ -149,6 +149,37 @@ def test_a_folder_gives_everything_it_holds_and_per_category_is_the_least(tmp_pa
     assert not (tmp_path / "bg2").exists()
 
 
+def test_a_folder_file_that_does_not_decode_is_skipped_and_named(tmp_path, capsys):
+    """A photo folder with one bad file (a PNG header declaring 40000 x 40000 px, a truncated JPEG)
+    imports the rest and names each skipped file with its reason; a category left with nothing is
+    an error naming its folder."""
+    import struct
+    import zlib
+
+    src, tex = tmp_path / "mine", _textures()
+    for cat in ("grass", "outer_space"):
+        (src / cat).mkdir(parents=True)
+        cv2.imwrite(str(src / cat / "good.png"), cv2.resize(tex[0], (80, 70)))
+    ihdr = struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    huge = src / "grass" / "huge.png"
+    huge.write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)))
+    cut = src / "outer_space" / "cut.jpg"
+    cut.write_bytes(_jpg(tex[1], 96, 80)[:200])
+    out = tmp_path / "bg"
+    args = ["backgrounds", "fetch", "--out", str(out), "--spec", str(_spec(tmp_path)), "--folder", str(src)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "2 image(s) in 2 categories" in printed
+    assert f"skipped, does not decode: {huge}" in printed and f"skipped, does not decode: {cut}" in printed
+    assert sorted(r.file for r in read_background_files(out / "backgrounds.csv")) == \
+        ["grass/grass_good.png", "outer_space/outer_space_good.png"]
+    (src / "outer_space" / "good.png").unlink()
+    assert main([*args[:3], str(tmp_path / "bg2"), *args[4:]]) == 2
+    err = capsys.readouterr().err
+    assert "category 'outer_space' has 0 usable image(s)" in err and str(src) in err
+
+
 def test_cli(http_server, tmp_path, capsys):
     api = _serve_api(http_server)
     rc = main(["backgrounds", "fetch", "--out", str(tmp_path / "bg"), "--spec", str(_spec(tmp_path)),
