@@ -64,10 +64,12 @@ class Explorer:
         return bundle
 
     def cell_images(self) -> list[str]:
-        """The images of the chosen class x background cell: those where the left model is wrong and
-        the right one right first (the paper's rule), then the rest, each group in file order."""
+        """The images of the chosen class x background cell that both models scored (a head over a
+        subset of the classes scores only its classes'): those where the left model is wrong and the
+        right one right first (the paper's rule), then the rest, each group in file order."""
         df = self.results[self.model_a.value].predictions
-        keep = df[((df["class"] == self.cls.value) | (self.cls.value == ANY))
+        both = df["image"].isin(self.results[self.model_b.value].predictions["image"])
+        keep = df[both & ((df["class"] == self.cls.value) | (self.cls.value == ANY))
                   & ((df["background"] == self.background.value) | (self.background.value == ANY))]
         telling = set(report.telling_images(self.results[self.model_a.value], self.results[self.model_b.value]))
         return sorted(keep["image"], key=lambda i: (i not in telling, i))

@@ -61,7 +61,7 @@ def test_demo_runs_the_main_flow_and_leaves_figures(demo):
     assert_real_figure(demo["figures"] / "context.png")
     for table in ("per_class.csv", "per_background.csv", "per_object.csv"):
         assert f"{demo['figures'] / table}" in printed
-    lite0 = json.loads((results / f"{BASELINE}_ooc" / "summary.json").read_text())
+    lite0 = json.loads((results / f"{FOLDER[BASELINE]}_ooc" / "summary.json").read_text())
     alone = (demo["out"] / "ooc" / "variants" / "only_fg" / "manifest.csv").read_text().strip().splitlines()
     assert lite0["context"]["variants"]["only_fg"]["n"] == len(alone) - 1
     assert lite0["top1_ci"][0] <= lite0["top1"] <= lite0["top1_ci"][1]
@@ -79,7 +79,7 @@ def test_fig13_shows_the_papers_effect_and_no_filler(demo):
     a = _predictions(demo, BASELINE, "ooc").set_index("image")
     b = _predictions(demo, COMPARED, "ooc").set_index("image")
     bare = s["baseline_background_top5"]
-    no_fg = pd.read_csv(demo["out"] / "results" / f"{BASELINE}_ooc" / "variant_predictions.csv", keep_default_na=False)
+    no_fg = pd.read_csv(demo["out"] / "results" / f"{FOLDER[BASELINE]}_ooc" / "variant_predictions.csv", keep_default_na=False)
     no_fg = no_fg[no_fg["variant"] == "no_fg"]  # the baseline on each bare background, as evaluate wrote it
     assert bare == {r["bg_uid"]: [r[f"top{j}_name"] for j in range(1, 6)] for _, r in no_fg.iterrows()}
     assert len(s["fig13"]) == FIG13_IMAGES and s["fig12_left"] == [s["fig13"][0]["image"]]

@@ -50,7 +50,7 @@ def ooc_results(tmp_path_factory, photos):
     root = tmp_path_factory.mktemp("explore")
     ooc = build_tiny_ooc(root / "ooc", photos)
     torch.manual_seed(0)
-    for key, model, extra in (("real", zoo.OFFLINE_IMAGENET_MODEL, {}), ("random", "R14x0.5", {"image_size": 64})):
+    for key, model, extra in (("real", zoo.OFFLINE_IMAGENET_MODEL, {}), ("random", "R14x0.5", {"image_size": 64, "random_init": True})):
         evaluate(EvaluateConfig(model=model, data=str(ooc), out=str(root / key), progress=False, **extra))
     return root
 

@@ -34,7 +34,8 @@ def finetuned(tmp: Path, folders: dict[str, str], steps: tuple[str, ...] = ("1",
 def ooc(tmp_path_factory) -> Path:
     from bitlab.ooc.build import build_demo
 
-    return build_demo(tmp_path_factory.mktemp("ooc") / "demo_ooc")  # `bitlab make-ooc --demo`
+    # `bitlab make-ooc --demo`, composites only (the context variants are tests/eval/test_context.py's)
+    return build_demo(tmp_path_factory.mktemp("ooc") / "demo_ooc", variants=[])
 
 
 @pytest.fixture(scope="module")
@@ -181,24 +182,18 @@ def test_help_describes_the_run_directory_form_and_subset_scoring(capsys):
 
 
 def test_a_run_evaluated_together_with_a_1000_way_model_is_scored_as_alone(wnid_run, ooc, tmp_path, capsys):
-    """One pass for a 3-way run and Lite0: each scored on its own images (the run: its classes'
-    composites and variants; Lite0: all), each result the one a separate evaluate writes."""
+    """One pass for a 3-way run and Lite0: the run is scored on its classes' images only, as a
+    separate evaluate scores it, and Lite0 on all of them."""
     run, _ = wnid_run
-    lite0 = zoo.OFFLINE_IMAGENET_MODEL
+    lite0, folder = zoo.OFFLINE_IMAGENET_MODEL, f"R14x0.5-{run.name}"
     code, out, err = _evaluate(capsys, "--model", str(run), "--model", lite0, "--data", str(ooc),
                                "--out", str(tmp_path / "both"))
     assert code == 0, err
-    for model, folder in ((str(run), f"R14x0.5-{run.name}"), (lite0, lite0)):
-        code, _, err = _evaluate(capsys, "--model", model, "--data", str(ooc), "--out", str(tmp_path / folder))
-        assert code == 0, err
-        together, alone = load_results(tmp_path / "both" / folder), load_results(tmp_path / folder)
-        for table in ("predictions", "variant_predictions"):
-            a, b = getattr(together, table), getattr(alone, table)
-            assert list(a["image"]) == list(b["image"])
-            assert (a["top1_id"] == b["top1_id"]).all()
-        assert together.summary["task"] == alone.summary["task"]
-        assert together.summary["n"] == alone.summary["n"]
-    run_rows = load_results(tmp_path / "both" / f"R14x0.5-{run.name}")
-    assert set(run_rows.predictions["class"]) == {"tiger", "zebra", "teddy_bear"}
-    assert set(run_rows.variant_predictions["class"]) <= {"tiger", "zebra", "teddy_bear", ""}
-    assert (run_rows.variant_predictions["variant"] == "no_fg").any()  # bare backgrounds kept: no class
+    code, _, err = _evaluate(capsys, "--model", str(run), "--data", str(ooc), "--out", str(tmp_path / "alone"))
+    assert code == 0, err
+    together, alone = load_results(tmp_path / "both" / folder), load_results(tmp_path / "alone")
+    assert list(together.predictions["image"]) == list(alone.predictions["image"])
+    assert (together.predictions["top1_id"] == alone.predictions["top1_id"]).all()
+    assert together.summary["task"] == alone.summary["task"] and together.summary["n"] == alone.summary["n"] == 36
+    assert set(together.predictions["class"]) == {"tiger", "zebra", "teddy_bear"}
+    assert load_results(tmp_path / "both" / lite0).summary["n"] == 108

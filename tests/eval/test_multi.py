@@ -24,6 +24,8 @@ from tests.fixtures import numerics
 from tests.fixtures.processes import torchrun
 
 LITE0, LITE2 = "efficientnet_lite0.offline_in1k", "efficientnet_lite2.offline_in1k"
+# A second model that costs little: its own view (64 px, bilinear, squash) beside Lite0's 224 px bicubic.
+TINY = {"model": "R14x0.5", "random_init": True, "image_size": 64, "label": "tiny (random)"}
 
 
 @pytest.fixture(scope="module")
@@ -35,24 +37,24 @@ def ooc(tmp_path_factory) -> Path:
 def together(ooc, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("together") / "res"
     evaluate_models(EvaluateConfig(model=LITE0, data=str(ooc), out=str(out), batch_size=8, progress=False),
-                    [{"model": LITE0}, {"model": LITE2, "label": "Lite2"}])
+                    [{"model": LITE0}, TINY])
     return out
 
 
 def test_models_together_write_what_separate_runs_write(ooc, together, tmp_path):
-    """Lite0 (224 px) and Lite2 (260 px) in one pass: each model's tables are those of its own run,
-    value for value (the same uint8 inputs, batches and kernels)."""
+    """Lite0 (224 px) and a tiny random model (64 px) in one pass: each model's tables are those of
+    its own run, value for value (the same uint8 inputs, batches and kernels)."""
     index = json.loads((together / "models.json").read_text())
     assert index["models"] == [{"label": LITE0, "folder": LITE0, "model": LITE0},
-                               {"label": "Lite2", "folder": "Lite2", "model": LITE2}]
-    for name, label, folder in ((LITE0, None, LITE0), (LITE2, "Lite2", "Lite2")):
+                               {"label": "tiny (random)", "folder": "tiny-random", "model": "R14x0.5"}]
+    for spec, folder in (({"model": LITE0}, LITE0), (TINY, "tiny-random")):
         alone = tmp_path / folder
-        evaluate(EvaluateConfig(model=name, label=label, data=str(ooc), out=str(alone), batch_size=8, progress=False))
+        evaluate(EvaluateConfig(data=str(ooc), out=str(alone), batch_size=8, progress=False, **spec))
         for table in ("predictions.csv", "variant_predictions.csv"):
             pd.testing.assert_frame_equal(pd.read_csv(together / folder / table), pd.read_csv(alone / table))
         a, b = (json.loads((d / "summary.json").read_text()) for d in (together / folder, alone))
         assert a == b
-    assert [r.label for r in find_results([together])] == [LITE0, "Lite2"]
+    assert [r.label for r in find_results([together])] == [LITE0, "tiny (random)"]
     with pytest.raises(BitlabError, match="models.json"):
         load_results(together)
 
@@ -90,12 +92,12 @@ def test_an_interrupted_pass_resumes_per_model(ooc, tmp_path, monkeypatch):
     good = victim.read_bytes()
     victim.write_bytes(b"not an image")
     base = EvaluateConfig(model=LITE0, data=str(data), out=str(tmp_path / "r"), workers=0, progress=False)
-    models = [{"model": LITE0}, {"model": LITE2}]
+    models = [{"model": LITE0}, TINY]
     with pytest.raises(BitlabError, match=f"{victim.name}: cannot decode"):
         evaluate_models(base, models)
-    parts = {m: sorted((tmp_path / "r" / m / ".partial").glob("*.npz")) for m in (LITE0, LITE2)}
+    parts = {m: sorted((tmp_path / "r" / m / ".partial").glob("*.npz")) for m in (LITE0, "tiny-random")}
     assert [len(p) for p in parts.values()] == [1, 1]
-    parts[LITE2][0].unlink()  # as if Lite2 had joined later: only it lacks the first chunk
+    parts["tiny-random"][0].unlink()  # as if it had joined later: only it lacks the first chunk
     victim.write_bytes(good)
     calls = []
     real = predict.iter_probs_many
