@@ -180,6 +180,8 @@ def test_notebook_runs_on_the_offline_sample(name, tmp_path, monkeypatch):
         rule = re.search(r"(\d+) images meet the paper's rule .*; (\d+) of EfficientNet-Lite0's mistakes fit", text)
         assert rule and int(rule[1]) >= 3 and int(rule[2]) >= 2, rule
         assert "EfficientNet-Lite0: class " in text  # the heat map's variance, printed
+        # per-class and per-background tables, the models side by side with paired differences
+        assert text.count("diff_top1[EfficientNet-Lite2 - EfficientNet-Lite0]") >= 2 and "top1_low[" in text
     if name == "duplicates":
         text = json.dumps([c.outputs for c in nb.cells if c.cell_type == "code"])
         # Every planted copy found by the pre-logits, and the near-miss (another view of a training photo)
