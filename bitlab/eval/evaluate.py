@@ -468,11 +468,11 @@ class _ModelSpec:
 def model_configs(base: EvaluateConfig, models: Sequence[dict]) -> list[EvaluateConfig]:
     """One EvaluateConfig per model (`MODEL_FIELDS` from each entry, the rest from `base`), each
     writing to `base.out/<slug of its label>`."""
-    cfgs = []
+    cfgs, labels = [], []
     for spec in models:
         cfg = dataclasses.replace(base, **{k: spec[k] for k in MODEL_FIELDS if k in spec})
-        cfgs.append(dataclasses.replace(cfg, out=str(Path(base.out) / slug(model_label(cfg)))))
-    labels = [model_label(c) for c in cfgs]
+        labels.append(model_label(cfg))  # once: a run's label reads its final.pt's record
+        cfgs.append(dataclasses.replace(cfg, out=str(Path(base.out) / slug(labels[-1]))))
     if len({slug(x) for x in labels}) < len(labels):
         raise BitlabError(f"two models share a label (or its folder name): {', '.join(labels)}; give each a label")
     return cfgs
