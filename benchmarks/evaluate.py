@@ -1,6 +1,6 @@
 """`bitlab evaluate` on an OOC set vs timm's validation loop and vs the model's forward passes alone.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/evaluate.py [--images 324 --rounds 3 --threads 2 --workers 2]
+    PYTHONPATH=. .venv/bin/python benchmarks/evaluate.py [--images 324 --rounds 3 --threads 2 --workers N]
 
 The data: an out-of-context set built by `make-ooc` from the inputs of benchmarks/ooc.py (the
 embedded sample's photos and scikit-image's textures at upstream sizes): 512 px PNGs in class
@@ -9,15 +9,18 @@ The model: R50x1 (random weights saved once to a bitlab file, so every side load
 at its own resolution, 224 px. Three ways through the same images, same batch and threads:
 
 - bitlab: `bitlab.eval.evaluate.evaluate` end to end: model built from the file and fused, OpenCV
-  decode in `--workers` processes, uint8 batches normalised once per batch, predictions.csv and
+  decode (by default, on the CPU, in threads of the main process between batches:
+  `loader.inference_workers`), uint8 batches normalised once per batch, predictions.csv and
   summary.json written;
 - timm: the loop of timm's `validate.py` (`create_dataset` + `create_loader`: PIL decode and
-  torchvision resize/normalise in `--workers` processes; `model(input)`; `timm.utils.accuracy`) on
+  torchvision resize/normalise in `--workers` processes, 4 by default; `model(input)`; `timm.utils.accuracy`) on
   timm's `resnetv2_50x1_bit` with the same weights and pre-processing (224 px, crop 1.0, mean/std
   0.5, bilinear), as timm runs it by default (contiguous) and with its `--channels-last` flag;
 - model only: bitlab's prepared model (`prepare_for_inference(..., fuse=True)`, built outside the
   timing) on the same number of images as ready-made normalised tensors, softmax included: what
-  evaluation would cost with a free data path. `data_path_share` = 1 - model-only / evaluate time.
+  evaluation would cost with a free data path. `data_path_share` = 1 - model-only / evaluate time;
+  `data_path_share_in_run` = 1 - (its forward passes' seconds) / (its wall time) inside each bitlab
+  run, which the round-to-round noise of a shared machine (10-20 % here) does not reach.
 
 Runs are interleaved (bitlab, timm, timm channels-last, model only) round by round after waiting
 for a quiet machine; ratios from the medians, each side's spread printed, in wall time and in CPU
@@ -40,10 +43,12 @@ import timm
 import timm.data
 import timm.utils
 import torch
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from bitlab.data.transforms import BIT_MEAN, BIT_STD
 from bitlab.eval.evaluate import EvaluateConfig, evaluate
 from bitlab.models import checkpoints, create_model, load_weights, prepare_for_inference
+from bitlab.models.resnetv2 import ResNetV2
 from bitlab.ooc.spec import Selection
 
 import machine
@@ -51,6 +56,7 @@ import ooc
 
 MODEL = "R50x1"
 TIMM_MODEL = "resnetv2_50x1_bit"
+TIMM_WORKERS = 4  # timm validate.py's default --workers
 
 
 def make_ooc_set(root: Path, images: int, workers: int) -> tuple[Path, int]:
@@ -71,10 +77,38 @@ def cpu_seconds() -> float:
                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
-def run_bitlab(data: Path, weights: Path, out: Path, args) -> float:
+class ForwardClock:
+    """Wall seconds spent inside the top-level forward of every `ResNetV2` called while it is entered
+    (global module hooks: the model is built inside `evaluate`)."""
+
+    def __init__(self) -> None:
+        self.seconds, self._start = 0.0, None
+
+    def _pre(self, module: torch.nn.Module, _) -> None:
+        if isinstance(module, ResNetV2):
+            self._start = time.perf_counter()
+
+    def _post(self, module: torch.nn.Module, _, __) -> None:
+        if isinstance(module, ResNetV2) and self._start is not None:
+            self.seconds += time.perf_counter() - self._start
+            self._start = None
+
+    def __enter__(self) -> "ForwardClock":
+        self._hooks = [register_module_forward_pre_hook(self._pre), register_module_forward_hook(self._post)]
+        return self
+
+    def __exit__(self, *_) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
+def run_bitlab(data: Path, weights: Path, out: Path, args, forward: list[float]) -> float:
+    """`evaluate` end to end; appends to `forward` the seconds its model's forward passes took."""
     start = time.perf_counter()
-    evaluate(EvaluateConfig(model=MODEL, pretrained=str(weights), data=str(data), out=str(out),
-                            batch_size=args.batch, workers=args.workers, device=args.device, progress=False))
+    with ForwardClock() as clock:
+        evaluate(EvaluateConfig(model=MODEL, pretrained=str(weights), data=str(data), out=str(out),
+                                batch_size=args.batch, workers=args.workers, device=args.device, progress=False))
+    forward.append(clock.seconds)
     return time.perf_counter() - start
 
 
@@ -86,7 +120,8 @@ def run_timm(data: Path, weights: Path, args, channels_last: bool) -> float:
     model = model.to(memory_format=fmt)
     dataset = timm.data.create_dataset(name="", root=str(data), split="validation")
     loader = timm.data.create_loader(dataset, input_size=(3, 224, 224), batch_size=args.batch, use_prefetcher=False,
-                                     interpolation="bilinear", mean=BIT_MEAN, std=BIT_STD, num_workers=args.workers,
+                                     interpolation="bilinear", mean=BIT_MEAN, std=BIT_STD,
+                                     num_workers=TIMM_WORKERS if args.workers is None else args.workers,
                                      crop_pct=1.0, crop_mode="center", device=torch.device(args.device))
     top1 = top5 = 0.0
     with torch.no_grad():
@@ -114,7 +149,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=None,
+                    help="loader processes on every side (default: each side's own: bitlab's inference_workers, "
+                         f"timm validate.py's {TIMM_WORKERS})")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quiet-load", type=float, default=1.5, help="wait for a load average below this")
     ap.add_argument("--quiet-wait", type=float, default=1800, help="seconds to wait for it at most")
@@ -122,14 +159,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bitlab-bench-"))
     try:
-        data, n = make_ooc_set(tmp, args.images, args.workers)
+        data, n = make_ooc_set(tmp, args.images, args.workers or 0)  # 0: a build thread per core
         torch.manual_seed(0)
         weights = checkpoints.save_bitlab(create_model(MODEL, num_classes=1000, pretrained=False), tmp / "r50x1.pt", name=MODEL)
         prepared = prepare_for_inference(create_model(MODEL, pretrained=weights), args.device, fuse=True)
         if args.device == "cpu":
             machine.wait_until_quiet(args.quiet_load, limit_s=args.quiet_wait)
         load = os.getloadavg()[0]
-        runs = {"bitlab": lambda r: run_bitlab(data, weights, tmp / f"out{r}", args),
+        forward: list[float] = []  # seconds inside the model's forward in each bitlab run
+        runs = {"bitlab": lambda r: run_bitlab(data, weights, tmp / f"out{r}", args, forward),
                 "timm": lambda r: run_timm(data, weights, args, channels_last=False),
                 "timm_cl": lambda r: run_timm(data, weights, args, channels_last=True),
                 "model_only": lambda r: run_model_only(prepared, n, args)}
@@ -150,6 +188,10 @@ def main() -> None:
             "ratio_vs_timm": round(med["timm"] / med["bitlab"], 3),
             "ratio_vs_timm_channels_last": round(med["timm_cl"] / med["bitlab"], 3),
             "data_path_share": round(1 - med["model_only"] / med["bitlab"], 3),
+            # The same share inside each bitlab run (its forward passes against its own wall time):
+            # free of the round-to-round noise between runs on a shared machine.
+            "data_path_share_in_run": [round(1 - f / t, 3) for f, t in zip(forward, times["bitlab"])],
+            "data_path_share_in_run_median": round(statistics.median(1 - f / t for f, t in zip(forward, times["bitlab"])), 3),
             "cpu_s_per_img": {k: round(v / n, 4) for k, v in med_cpu.items()},
             "ratio_vs_timm_cpu_time": round(med_cpu["timm"] / med_cpu["bitlab"], 3),
             "ratio_vs_timm_channels_last_cpu_time": round(med_cpu["timm_cl"] / med_cpu["bitlab"], 3),

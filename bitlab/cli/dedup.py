@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="upstream images embedded and searched at a time; bounds memory (default: 4096)")
     p.add_argument("--query-block-size", type=int, default=1024, help="test images per matmul (default: 1024)")
     p.add_argument("--batch-size", type=int, default=64, help="images per model batch (default: 64)")
-    p.add_argument("--workers", type=int, help="image decoding processes (default: the CPU cores this process may use)")
+    p.add_argument("--workers", type=int, help="image decoding processes (default: the CPU cores this process may "
+                   "use; a model embedding on the CPU: those torch's threads leave free)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--cache", help="embedding cache folder, reusable between runs (default: OUT/cache)")
     p.add_argument("--gallery", type=int, default=16, help="pairs drawn in duplicates.png (0: none; default: 16)")

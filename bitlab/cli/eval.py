@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pretraining-data", help="pre-training data shown in figures (default: from the model name)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     p.add_argument("--workers", type=int,
-                   help="decoding processes, 0: none (default: the CPU cores this process may use)")
+                   help="decoding processes, 0: none (default: on a GPU the CPU cores this process may use; on the CPU "
+                        "those torch's threads leave free, else threads between batches)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_evaluate)

@@ -19,12 +19,13 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, NamedTuple, Sequence, TypeVar
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from bitlab.data import shards
 from bitlab.data.datasets import ImageSet
@@ -166,6 +167,16 @@ class EvalFiles(Dataset):
 
         return first_readable([i], read, lambda j: str(self.paths[j]), tries=1, target=target_of(self.images, i))
 
+    def __getitems__(self, indices: list[int]) -> list[Item]:
+        """A batch's items (the DataLoader's batched fetch). In the main process (no loader workers)
+        in threads, one per core the model's torch threads use: the model waits for the batch
+        meanwhile, and OpenCV's decode and PIL's resize release the GIL. In a worker, one by one."""
+        threads = min(len(indices), torch.get_num_threads())
+        if threads < 2 or get_worker_info() is not None:
+            return [self[i] for i in indices]
+        with ThreadPoolExecutor(threads, thread_name_prefix="bitlab-decode") as pool:
+            return list(pool.map(self.__getitem__, indices))
+
 
 # ----------------------------------------------------------------------------- shard sets
 class ShardViews:
@@ -219,6 +230,19 @@ def default_workers() -> int:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+
+
+def inference_workers(device: torch.device, model_on_device: bool = True) -> int:
+    """Loader processes for inference (`evaluate`, `predict`, `dedup`'s model embeddings) when none
+    are asked for. On an accelerator, `default_workers()`. On the CPU the model's torch threads
+    already use the cores, and a worker process beside them preempts them (oneDNN's threads then
+    wait at every barrier): measured for R50x1 at 224 px on 2 cores, 2 workers beside 2 threads
+    cost 17.5 % of the wall time against 9.3 % decoding in the main process between batches
+    (benchmarks/RESULTS.md). So only the cores torch leaves free get workers; without any, the
+    batch decodes in threads of the main process (`EvalFiles.__getitems__`) while the model waits."""
+    if device.type != "cpu" or not model_on_device:
+        return default_workers()
+    return max(0, default_workers() - torch.get_num_threads())
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, sampler: Sampler | None = None, workers: int = 0,

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bitlab.data.loader import EvalFiles, default_workers, make_loader
+from bitlab.data.loader import EvalFiles, inference_workers, make_loader
 from bitlab.data.transforms import BadImageError, DataConfig, eval_image, normalize
 from bitlab.device import parse_device
 from bitlab.models import data_config_of, prepare_for_inference
@@ -60,7 +60,7 @@ def iter_probs_many(models: Sequence[nn.Module], paths: Sequence[str | os.PathLi
     view_of = [keys.index(view_key(c)) for c in cfgs]
     device = parse_device(device)
     models = [prepare_for_inference(m, device) for m in models]
-    workers = default_workers() if workers is None else workers
+    workers = inference_workers(device) if workers is None else workers
     # Below one batch, worker start-up costs more than it saves. Images are decoded whole (no
     # DCT-scaled JPEG decode): the reference resamples the full image.
     loader = make_loader(EvalFiles(paths, views), batch_size,

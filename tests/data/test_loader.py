@@ -135,6 +135,56 @@ def test_collate_of_a_batch_without_images_keeps_the_target_shape():
     assert single.targets.shape == (0,) and single.targets.dtype == torch.int64
 
 
+def test_inference_workers_leave_the_models_cores_to_its_threads(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(L, "default_workers", lambda: 8)  # an 8-core allocation, whatever this machine has
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(6)
+        assert L.inference_workers(torch.device("cpu")) == 2  # the cores torch's threads leave free
+        torch.set_num_threads(8)
+        assert L.inference_workers(torch.device("cpu")) == 0  # none: the batch decodes between forward passes
+        assert L.inference_workers(torch.device("cuda")) == 8  # the model is elsewhere: every core decodes
+        assert L.inference_workers(torch.device("cpu"), model_on_device=False) == 8  # no model (phash)
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _ThreadOf:
+    """A view that records the thread it ran in (picklable for worker processes)."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def __call__(self, img: np.ndarray) -> np.ndarray:
+        import threading
+
+        self.seen.append(threading.current_thread().name)
+        return np.ascontiguousarray(img[:8, :8])
+
+
+def test_eval_batches_decode_in_threads_in_the_main_process_same_items_in_order(photo_tree):
+    paths = sorted(photo_tree.glob("*/*.jpg"))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        view = _ThreadOf()
+        threaded = list(L.make_loader(L.EvalFiles(paths, view), 4, workers=0))
+        assert view.seen and all(name.startswith("bitlab-decode") for name in view.seen)
+        torch.set_num_threads(1)  # one core for the model: one by one, in the main thread
+        view = _ThreadOf()
+        serial = list(L.make_loader(L.EvalFiles(paths, view), 4, workers=0))
+        assert set(view.seen) == {"MainThread"}
+    finally:
+        torch.set_num_threads(threads)
+    assert [len(b.images) for b in threaded] == [4, 2]
+    for a, b in zip(threaded, serial):
+        assert torch.equal(a.images, b.images)
+    # In loader workers (processes) each item is read in turn: the batch comes out the same.
+    in_workers = list(L.make_loader(L.EvalFiles(paths, _ThreadOf()), 4, workers=2))
+    assert all(torch.equal(a.images, b.images) for a, b in zip(in_workers, serial))
+
+
 def test_default_workers_share_the_cores_among_a_nodes_processes(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     alone = L.default_workers()
