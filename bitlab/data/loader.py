@@ -232,7 +232,7 @@ def default_workers() -> int:
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
 
 
-def inference_workers(device: torch.device, model_on_device: bool = True) -> int:
+def inference_workers(device: torch.device) -> int:
     """Loader processes for inference (`evaluate`, `predict`, `dedup`'s model embeddings) when none
     are asked for. On an accelerator, `default_workers()`. On the CPU the model's torch threads
     already use the cores, and a worker process beside them preempts them (oneDNN's threads then
@@ -240,7 +240,7 @@ def inference_workers(device: torch.device, model_on_device: bool = True) -> int
     cost 17.5 % of the wall time against 9.3 % decoding in the main process between batches
     (benchmarks/RESULTS.md). So only the cores torch leaves free get workers; without any, the
     batch decodes in threads of the main process (`EvalFiles.__getitems__`) while the model waits."""
-    if device.type != "cpu" or not model_on_device:
+    if device.type != "cpu":
         return default_workers()
     return max(0, default_workers() - torch.get_num_threads())
 

@@ -68,7 +68,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitlab import fileio
-from bitlab.data.loader import EvalFiles, inference_workers, make_loader
+from bitlab.data.loader import EvalFiles, default_workers, inference_workers, make_loader
 from bitlab.data.transforms import (BadImageError, DataConfig, decode_image, eval_image, normalize, resize,
                                     to_chw_tensor)
 from bitlab.device import parse_device
@@ -397,7 +397,7 @@ class DedupConfig:
     block_size: int = 4096  # upstream images embedded, searched and dropped at a time
     query_block_size: int = 1024  # queries per matmul: scores use query_block_size x block_size floats
     batch_size: int = 64
-    workers: int | None = None  # image decoding processes (None: `loader.inference_workers`)
+    workers: int | None = None  # decoding processes (None: a model: `loader.inference_workers`; phash: all)
     device: str | None = None  # None: cuda if available
     predictions: str | None = None  # CSV with `image` and `correct` columns -> Table 6 accuracies
     correct_column: str = "correct"  # the predictions column holding per-image correctness
@@ -456,8 +456,8 @@ def _run_dedup(cfg: DedupConfig) -> DedupResult:
     fileio.write_json(out / "config.json", {**cfg.to_dict(), "threshold": threshold, "metric": embedding.metric})
 
     # phash is all decoding (its workers use every core); a model embedding shares the CPU with its model.
-    workers = (inference_workers(embedding.device, isinstance(embedding, ModelEmbedding)) if cfg.workers is None
-               else cfg.workers)
+    workers = (cfg.workers if cfg.workers is not None else inference_workers(embedding.device)
+               if isinstance(embedding, ModelEmbedding) else default_workers())
     cache = EmbeddingCache(cfg.cache or out / "cache", embedding)
     kw = dict(batch_size=cfg.batch_size, workers=workers, progress=cfg.progress)
     # The test set is embedded whole (it is the small side); cached in chunks so that a stopped

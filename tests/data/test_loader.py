@@ -145,7 +145,6 @@ def test_inference_workers_leave_the_models_cores_to_its_threads(monkeypatch):
         torch.set_num_threads(8)
         assert L.inference_workers(torch.device("cpu")) == 0  # none: the batch decodes between forward passes
         assert L.inference_workers(torch.device("cuda")) == 8  # the model is elsewhere: every core decodes
-        assert L.inference_workers(torch.device("cpu"), model_on_device=False) == 8  # no model (phash)
     finally:
         torch.set_num_threads(threads)
 
