@@ -17,7 +17,8 @@
 - `fig_fewshot_architectures`: paper Fig. 5: few-shot top-1 against architecture, a line per
   upstream data set, a panel per downstream set and K;
 - `fig_ooc_grid`: the out-of-context set at a glance, foreground objects x backgrounds (make-ooc);
-- `results_table`: one row per results folder, what the figures compare (head, weights, scores).
+- `results_table`: one row per results folder, what the figures compare (head, weights, scores);
+- `save` writes a figure as PNG and PDF, `show` saves it and hands a notebook the saved PNG.
 
 Results of a head over a subset of the ILSVRC-2012 classes (a fine-tuned run's) are drawn beside
 1000-way ones, never silently: their panels say "N-way head", Fig. 12 right draws them as squares
@@ -35,7 +36,7 @@ import math
 import re
 import textwrap
 from pathlib import Path
-from typing import Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Collection, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -51,6 +52,9 @@ from bitlab.eval.dedup import DedupResult
 from bitlab.eval.errors import UNSURE
 from bitlab.eval.results import PREDICTIONS, Results, find_results, load_results, slug
 
+if TYPE_CHECKING:
+    from IPython.display import Image
+
 log = logging.getLogger(__name__)
 
 CORRECT = "#2e7d32"  # green: a label in the image's ILSVRC target set
@@ -59,15 +63,38 @@ FILE_NAME = "#757575"  # grey, darker than WRONG's bars so small text stays read
 PROB_FLOOR = 1e-4  # left end of the log axis; smaller probabilities are drawn as this
 
 
+SAVE_DPI = 150
+
+
 def save(fig: Figure, out_dir: str | Path, stem: str) -> list[Path]:
-    """Write `fig` as PNG and PDF (atomically); returns both paths."""
+    """Write `fig` as PNG and PDF (atomically); returns both paths.
+
+    The layout (constrained layout, a third of the drawing time of a figure of many panels) is
+    computed once, for the PNG, and the PDF reuses it; the figure gets its layout engine back."""
     paths = []
-    for fmt in ("png", "pdf"):
-        path = Path(out_dir) / f"{stem}.{fmt}"
-        with fileio.atomic_write(path, "wb") as f:
-            fig.savefig(f, format=fmt, dpi=150, bbox_inches="tight")
-        paths.append(path)
+    engine = fig.get_layout_engine()
+    try:
+        for fmt in ("png", "pdf"):
+            path = Path(out_dir) / f"{stem}.{fmt}"
+            with fileio.atomic_write(path, "wb") as f:
+                fig.savefig(f, format=fmt, dpi=SAVE_DPI, bbox_inches="tight")
+            paths.append(path)
+            fig.set_layout_engine("none")  # keeps the positions the last drawing gave the axes
+    finally:
+        fig.set_layout_engine(engine)
     return paths
+
+
+def show(fig: Figure, out_dir: str | Path, stem: str) -> Image:
+    """`save`, then the saved PNG as a notebook shows it (`IPython.display.Image`): the file's own
+    pixels, at the size the figure would have on screen (its dpi), without drawing it a third time."""
+    from IPython.display import Image
+    from PIL import Image as PILImage
+
+    png = save(fig, out_dir, stem)[0]
+    with PILImage.open(png) as img:
+        width = img.width
+    return Image(filename=str(png), width=round(width * fig.dpi / SAVE_DPI))
 
 
 def spaced(name: str) -> str:

@@ -463,3 +463,32 @@ def test_report_of_a_multi_model_folder_draws_context_and_writes_tables(with_var
     bars = report.fig_context([lite0, rand]).axes[0]
     heights = sorted(round(p.get_height(), 6) for p in bars.patches)
     assert round(100 * c["variants"]["only_fg"]["top1"], 6) in heights
+
+
+def test_save_lays_out_once_and_show_hands_over_the_saved_png(tmp_path):
+    """The PDF reuses the PNG's layout (same page, in inches), the figure keeps its layout engine
+    (a second save gives the same pixels), and `show` is the saved file at the figure's screen size."""
+    import re
+
+    from matplotlib.figure import Figure
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+    from PIL import Image
+
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    for i, ax in enumerate(fig.subplots(2, 3).ravel()):
+        ax.plot(np.arange(10) ** (i % 3))
+        ax.set_title(f"a long title for panel {i}", fontsize=9)
+        ax.set_ylabel("values on a long axis")
+    png, pdf = report.save(fig, tmp_path / "a", "f")
+    assert isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine)
+    with Image.open(png) as img:
+        width, height = img.size
+        first = np.asarray(img.convert("RGB"))
+    box = [float(v) for v in re.search(rb"/MediaBox \[\s*([\d.]+) ([\d.]+) ([\d.]+) ([\d.]+)", pdf.read_bytes()).groups()]
+    assert abs((box[2] - box[0]) / 72 - width / report.SAVE_DPI) < 2 / report.SAVE_DPI
+    assert abs((box[3] - box[1]) / 72 - height / report.SAVE_DPI) < 2 / report.SAVE_DPI
+    shown = report.show(fig, tmp_path / "b", "f")
+    with Image.open(tmp_path / "b" / "f.png") as again:
+        assert np.array_equal(np.asarray(again.convert("RGB")), first)
+    assert shown.data == (tmp_path / "b" / "f.png").read_bytes() and shown.format == "png"
+    assert shown.width == round(width * fig.dpi / report.SAVE_DPI)

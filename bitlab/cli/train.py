@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("fewshot", help="few-shot fine-tuning over several K and seeds; median and spread per K")
     _add_finetune_args(p, FewShotConfig, what=tuple(n for n in WHAT if n != "seed") + ("shots", "seeds"),
-                       running=RUNNING)
+                       running=(*RUNNING, "jobs"))
     # Set per run by the sweep: refused by name (else argparse would take --seed as short for --seeds).
     p.add_argument("--seed", nargs=1, action=_NotInSweep, why="each run's seed comes from --seeds")
     p.add_argument("--resume", nargs=0, action=_NotInSweep, why="a sweep resumes its stopped runs by itself")

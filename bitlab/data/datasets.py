@@ -249,11 +249,11 @@ def write_digits(root: str | os.PathLike, val_per_class: int = 36) -> Path:
     """scikit-learn's handwritten digits (UCI, 1,797 real 8x8 scans, 10 classes) as an ImageFolder
     tree `root/digits/{train,val}/<digit>/<n>.png`: 8x8 greyscale PNGs scaled from 0-16 to 0-255,
     `val_per_class` of each digit held out (fixed seed, so the split never changes)."""
-    from sklearn.datasets import load_digits
-
     dest = Path(root) / "digits"
     if (dest / ".complete").exists():
         return dest
+    from sklearn.datasets import load_digits  # here: 2 s to import, for a tree written once
+
     digits = load_digits()
     images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
     rng = np.random.default_rng(0)

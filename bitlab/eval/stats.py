@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass
 from typing import Mapping
 
 import numpy as np
-from scipy import stats as sps
-from statsmodels.stats.contingency_tables import mcnemar
-from statsmodels.stats.proportion import proportion_confint
+
+# scipy.stats and statsmodels are imported where they are used: together they take ~1.4 s to
+# import, paid otherwise by every command and notebook that imports bitlab.report and never
+# computes an interval (ooc_tour, fewshot).
 
 CONFIDENCE = 0.95
 # 2,000 resamples put the Monte Carlo error of a 95 % percentile bound near 0.2 points for an
@@ -58,8 +59,11 @@ class Estimate:
         return [None if np.isnan(v) else v for v in (self.low, self.high)]
 
 
-def wilson(successes: int, n: int, confidence: float = CONFIDENCE) -> Estimate:
-    """`successes` of `n` independent trials, with the Wilson score interval."""
+def wilson(successes: float, n: int, confidence: float = CONFIDENCE) -> Estimate:
+    """`successes` of `n` independent trials, with the Wilson score interval (a fractional count is
+    fine: `mean_over_objects` passes the sum of per-object shares)."""
+    from statsmodels.stats.proportion import proportion_confint
+
     if n == 0:
         return Estimate(float("nan"), float("nan"), float("nan"), 0, "wilson")
     low, high = proportion_confint(successes, n, alpha=1 - confidence, method="wilson")
@@ -76,6 +80,8 @@ def _per_cluster(values: np.ndarray, clusters: np.ndarray) -> tuple[np.ndarray, 
 
 
 def _bootstrap(statistic, data: tuple[np.ndarray, ...], confidence: float, seed: int) -> tuple[float, float]:
+    from scipy import stats as sps
+
     res = sps.bootstrap(data, statistic, paired=True, vectorized=True, n_resamples=RESAMPLES,
                         confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
@@ -111,8 +117,8 @@ def mean_over_objects(values: np.ndarray, *, confidence: float = CONFIDENCE, see
         return Estimate(float("nan"), float("nan"), float("nan"), 0, "wilson over objects", 0)
     value = float(values.mean())
     if n < MIN_OBJECTS or np.all(values == values[0]):
-        low, high = proportion_confint(value * n, n, alpha=1 - confidence, method="wilson")
-        return Estimate(value, float(low), float(high), n, "wilson over objects", n)
+        once = wilson(value * n, n, confidence)  # a fractional count of successes: Wilson takes it
+        return Estimate(value, once.low, once.high, n, "wilson over objects", n)
     low, high = _bootstrap(lambda v, axis=-1: v.mean(axis), (values,), confidence, seed)
     return Estimate(value, low, high, n, "bootstrap over objects", n)
 
@@ -136,6 +142,8 @@ def paired_difference(a: np.ndarray, b: np.ndarray, clusters: np.ndarray | None 
     """A's accuracy minus B's on the same images (booleans in the same order), with a paired
     bootstrap interval over clusters (objects; each image its own cluster when None) and the
     exact McNemar p-value."""
+    from statsmodels.stats.contingency_tables import mcnemar
+
     a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
     if a.shape != b.shape:
         raise ValueError(f"paired results need the same images: {a.shape} vs {b.shape}")

@@ -147,6 +147,9 @@ class FewShotConfig(FinetuneConfig):
                                check=Check(lambda k: k >= 1, "positive", each=True))
     seeds: list[int] = setting(help="seeds", metavar="S", factory=lambda: [0, 1, 2],
                                check=Check(lambda s: s >= 0, "0 or more", each=True))
+    jobs: int = setting(1, "runs side by side on the CPU, each in its own process with one torch thread (each "
+                           "run's numbers are those of a run alone); 0: one per CPU core (on a GPU, one at a time)",
+                        check=at_least(0, "0 (one per CPU core) or more"), metavar="N")
 
     def __post_init__(self) -> None:
         super().__post_init__()

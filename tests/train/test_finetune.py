@@ -283,6 +283,27 @@ def test_bit_model_from_official_npz_and_from_a_run(tiny_digits, tmp_path):
     assert torch.equal(again.state_dict()["root.conv.weight"], trained["root.conv.weight"])
 
 
+def test_fewshot_jobs_run_side_by_side_with_the_numbers_of_runs_alone(tiny_digits, tmp_path):
+    """`jobs=2`: the runs in two forked processes give what one at a time gives (every weight), also
+    after the parent used two OpenMP threads (a forked child must not touch that pool); runs stopped
+    side by side resume; a run's error reaches the caller whole."""
+    sweep = dict(TINY, data=str(tiny_digits), schedule=[1, 2, 3, 3, 4], shots=[1, 3], seeds=[0, 1])
+    alone = fewshot(FewShotConfig(**sweep, out=str(tmp_path / "alone")))
+    torch.set_num_threads(2)  # the conftest restores one thread
+    torch.nn.functional.conv2d(torch.randn(8, 16, 32, 32), torch.randn(16, 16, 3, 3))
+    stopped = fewshot(FewShotConfig(**sweep, out=str(tmp_path / "jobs"), jobs=2, stop_after=1))
+    assert stopped.stopped is not None and stopped.stopped.run_dir == tmp_path / "jobs" / "k1_seed0"
+    assert all((tmp_path / "jobs" / d / "checkpoint.pt").is_file() for d in ("k1_seed0", "k1_seed1", "k3_seed0"))
+    assert torch.get_num_threads() == 2  # the parent keeps its threads
+    done = fewshot(FewShotConfig(**sweep, out=str(tmp_path / "jobs"), jobs=0))  # 0: one per core, here 2
+    assert done.stopped is None and done.runs == [{**r} for r in alone.runs]
+    for run in ("k1_seed0", "k1_seed1", "k3_seed0", "k3_seed1"):
+        assert_same(weights(tmp_path / "alone" / run), weights(tmp_path / "jobs" / run))
+        assert "resumed from" in (tmp_path / "jobs" / run / "log.txt").read_text()
+    with pytest.raises(BitlabError, match="unknown model 'R14x0.7'"):
+        fewshot(FewShotConfig(**{**sweep, "model": "R14x0.7"}, out=str(tmp_path / "bad"), jobs=2))
+
+
 def test_fewshot_refuses_runs_made_with_other_settings(tiny_digits, tmp_path):
     """A finished k*_seed* run is reused only if made with the same settings (the model, the lr...)."""
     sweep = dict(TINY, data=str(tiny_digits), out=str(tmp_path), schedule=[1, 1, 1, 1, 2], shots=[1], seeds=[0])
