@@ -3,13 +3,15 @@ measured against float64 (tests/fixtures/numerics.py); prepared models are in ev
 channels-last and on their device."""
 import copy
 
+import cv2
 import pytest
 import timm
 import torch
 from torch import nn
 
 from bitlab.errors import BitlabError
-from bitlab.models import ResNetV2, ResNetV2Config, StdConv2d, fuse_weight_standardization, prepare_for_inference
+from bitlab.models import (ResNetV2, ResNetV2Config, StdConv2d, create_model, fold_batch_norm, fuse_weight_standardization,
+                           prepare_for_inference)
 from tests.fixtures import numerics
 
 TINY = ResNetV2Config(block_units=(1, 1, 1, 1), width_factor=0.5, num_classes=10)
@@ -127,6 +129,102 @@ def test_prepared_inside_inference_mode_the_model_stays_trainable(fuse):
     assert fuse or all(m._kernel_cache is not None for m in _ws_convs(model))
     model.train()(x).square().sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- BatchNorm folding
+def _norms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def _random_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Running statistics and affine parameters far from 0 / 1, so that a wrong fold shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bn in _norms(model):
+            n = bn.num_features
+            bn.running_mean.copy_(0.5 * torch.randn(n, generator=g))
+            bn.running_var.copy_(0.5 + torch.rand(n, generator=g))
+            bn.weight.copy_(1.0 + 0.3 * torch.randn(n, generator=g))
+            bn.bias.copy_(0.3 * torch.randn(n, generator=g))
+    return model.eval()
+
+
+def test_folded_efficientnet_is_the_same_function_without_batch_norm(photos):
+    """The real offline EfficientNet-Lite0: every BatchNorm (timm's BatchNormAct2d, with its ReLU6)
+    folded into the conv before it, the same logits within float32 rounding of float64, the same
+    top-1 on real photos, the same class and methods; the original untouched (a copy)."""
+    model = create_model("efficientnet_lite0.offline_in1k", pretrained=True).eval()
+    x = torch.stack([torch.from_numpy(cv2.resize(photos[name], (224, 224), interpolation=cv2.INTER_AREA))
+                     .permute(2, 0, 1).float() / 127.5 - 1 for name in ("chelsea", "coffee", "astronaut")])
+    exact, floor = numerics.exact_and_floor(model, x)
+    folded = fold_batch_norm(model)
+    assert len(_norms(model)) == 49 and not _norms(folded) and type(folded) is type(model)
+    with torch.no_grad():
+        numerics.assert_near_exact(folded(x), exact, floor, "folded")
+        assert folded.forward_head(folded.forward_features(x), pre_logits=True).shape[1:] == (model.num_features,)
+    cat, espresso = exact.argmax(1).tolist()[:2]
+    assert cat in (281, 282, 285) and espresso == 967  # tabby / tiger / Egyptian cat: the real weights
+    assert fold_batch_norm(folded, inplace=True) is folded  # nothing left to fold
+
+
+class _Shapes(nn.Module):
+    """conv -> BN pairs that must not fold: a BN before its conv (pre-activation), a conv whose
+    output a skip also reads, a conv used twice; and one plain pair that must."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre_bn, self.pre_conv = nn.BatchNorm2d(3), nn.Conv2d(3, 8, 3, padding=1)
+        self.read_twice, self.bn_twice = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.shared, self.bn_shared_a, self.bn_shared_b = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+        self.plain, self.bn_plain = nn.Conv2d(8, 8, 3, padding=1, bias=True), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        x = self.pre_conv(self.pre_bn(x))
+        y = self.read_twice(x)
+        x = self.bn_twice(y) + y
+        x = self.bn_shared_a(self.shared(x)) + self.bn_shared_b(self.shared(x))
+        return self.bn_plain(self.plain(x))
+
+
+def test_fold_batch_norm_folds_only_a_conv_read_by_its_batch_norm_alone():
+    model, x = _random_norms(_Shapes()), torch.randn(2, 3, 16, 16)
+    exact, floor = numerics.exact_and_floor(model, x)
+    folded = fold_batch_norm(model)
+    assert {n for n, m in folded.named_modules() if isinstance(m, nn.BatchNorm2d)} == {
+        "pre_bn", "bn_twice", "bn_shared_a", "bn_shared_b"}
+    assert isinstance(folded.bn_plain, nn.Identity) and folded.plain.bias is not None
+    with torch.no_grad():
+        numerics.assert_near_exact(folded(x), exact, floor, "folded")
+
+
+def test_fold_batch_norm_leaves_training_and_untraceable_models_alone():
+    class Branchy(nn.Module):  # control flow on a tensor's value: fx cannot trace it
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) if x.sum() > 0 else x
+
+    assert len(_norms(fold_batch_norm(Branchy().eval()))) == 1
+    assert len(_norms(fold_batch_norm(_Shapes().train()))) == 5  # batch statistics are no fixed scale
+
+
+def test_prepare_for_inference_folds_batch_norm_after_convs_only_when_fusing():
+    """BiT's BN ablation (pre-activation units: BN, ReLU, conv): the BNs between a unit's convs fold,
+    those reading a unit's input (which the shortcut reads too) and the final one (after the sum) stay."""
+    bn_model = _random_norms(_random(create_model("R14x0.5-bn", num_classes=10, pretrained=False)))
+    x = torch.randn(2, 3, 32, 32)
+    exact, floor = numerics.exact_and_floor(bn_model, x)
+    prepared = prepare_for_inference(copy.deepcopy(bn_model), "cpu", fuse=True)
+    assert len(_norms(bn_model)) == 13 and not _ws_convs(prepared)
+    assert sorted(n.rsplit(".", 1)[-1] for n, m in prepared.named_modules() if isinstance(m, nn.BatchNorm2d)) == [
+        "gn", "gn1", "gn1", "gn1", "gn1"]  # (module names follow the official GN checkpoints)
+    with torch.no_grad():
+        numerics.assert_near_exact(prepared(x.contiguous(memory_format=torch.channels_last)), exact, floor, "prepared")
+    lite = create_model("efficientnet_lite0.offline_in1k", pretrained=True)
+    assert len(_norms(prepare_for_inference(copy.deepcopy(lite), "cpu"))) == 49
+    assert not _norms(prepare_for_inference(lite, "cpu", fuse=True))
 
 
 # ----------------------------------------------------------------------------- its callers
