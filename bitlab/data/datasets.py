@@ -268,12 +268,27 @@ def write_digits(root: str | os.PathLike, val_per_class: int = 36) -> Path:
                 for i in part:
                     cv2.imwrite(str(folder / f"{i:04d}.png"), images[i])
         (tmp / ".complete").write_text("sklearn.datasets.load_digits\n")
-        shutil.rmtree(dest, ignore_errors=True)  # a partial tree from an older, interrupted write
-        os.replace(tmp, dest)
+        publish_tree(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def publish_tree(tmp: Path, dest: Path) -> None:
+    """Move the finished tree `tmp` (holding `.complete`) to `dest`, unless another process finished
+    the same tree there first (then `tmp` is dropped: `dest` may be in use by now, e.g. by few-shot
+    runs side by side that each resolved `builtin:digits`). A `dest` without `.complete` is a partial
+    tree from an interrupted older write, replaced."""
+    try:
+        os.rename(tmp, dest)  # atomic; refuses a non-empty `dest`
+        return
+    except OSError:
+        if (dest / ".complete").exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
 
 
 def _resolve_builtin(spec: str) -> Path:

@@ -1,5 +1,7 @@
 """What every training command does around `loop.run`, once: `train(task, settings)`.
 
+`train_side_by_side` runs several such runs at once on the CPU (`bitlab fewshot --jobs`).
+
 A task (`finetune.Finetune`, `pretrain.Pretrain`) supplies its data, model, plan and the loop's
 parts; `train` the rest, in an order where a refused command leaves no run folder behind: device
 defaults, data, the seeded model, the plan, the resume check (`rundir.check_resume_settings`), then
@@ -18,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bitlab import fileio
+from bitlab.errors import BitlabError
 from bitlab.data.loader import Batch, default_workers
 from bitlab.models.registry import data_config_of
 from bitlab.train import distributed as D
@@ -143,3 +146,49 @@ def _train(task: Task, cfg: TrainSettings, dist: D.DistInfo, record: RunRecord) 
             "bad_images": len(bad), "bad_image_messages": bad})
     result.plan, result.bad_images = plan, bad
     return result
+
+
+def train_side_by_side(run: Callable[[Any], TrainResult], settings: list[Any], jobs: int,
+                       progress: bool = True) -> dict[str, TrainResult]:
+    """`run(s)` for each of `settings` (each run's own folder `s.out`), up to `jobs` at once, each in its
+    own process on one torch thread; returns {s.out: result}. `run` is a module-level function
+    (`finetune.finetune`) and `settings` picklable; give them `progress=False` and their loader
+    workers (images load in each run's process unless told otherwise: the runs share the cores).
+
+    Each run seeds everything it draws from its settings, so its numbers are those of a run alone.
+    The processes come from a fork server started once per Python process with bitlab imported
+    (`multiprocessing`'s forkserver; spawned where there is none): a spawned process imports torch
+    again (~4 s, longer than a tiny run takes), and one forked from the caller inherits its OpenMP
+    pool and autograd threads, which torch refuses to run a backward pass with. A script calling
+    this needs `if __name__ == "__main__":`, as any multiprocessing does. A failure stops the runs
+    not yet started and is raised; Ctrl-C reaches the whole process group, so each running run
+    stops at a checkpoint, as alone."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    from tqdm.auto import tqdm
+
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        # Imported once, in the server (later calls reuse it): `run`'s module, and torch._dynamo, which
+        # torch.optim imports on a process's first optimiser (2 s).
+        context.set_forkserver_preload([run.__module__, "torch._dynamo"])
+    else:
+        context = multiprocessing.get_context("spawn")
+    results: dict[str, TrainResult] = {}
+    with ProcessPoolExecutor(min(jobs, len(settings)), mp_context=context, initializer=torch.set_num_threads,
+                             initargs=(1,)) as pool:
+        futures = {pool.submit(run, s): s.out for s in settings}
+        try:
+            for future in tqdm(as_completed(futures), total=len(futures), desc="runs side by side", unit="run",
+                               disable=not progress):
+                results[futures[future]] = future.result()
+        except BaseException as e:
+            pool.shutdown(wait=True, cancel_futures=True)
+            if isinstance(e, BrokenProcessPool):
+                raise BitlabError("a process running training runs side by side ended abruptly (killed, out of "
+                                  "memory, or started from a script whose code is not under "
+                                  "`if __name__ == \"__main__\":`, which every process imports)") from e
+            raise
+    return results

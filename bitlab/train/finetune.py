@@ -28,7 +28,7 @@ from bitlab.errors import BitlabError, ConfigError
 from bitlab.models import checkpoints, registry
 from bitlab.train import distributed as D
 from bitlab.train.checkpoint import CHECKPOINT
-from bitlab.train.command import Env, LoaderSteps, Parts, train
+from bitlab.train.command import Env, LoaderSteps, Parts, train, train_side_by_side
 from bitlab.train.config import FewShotConfig, FinetuneConfig
 from bitlab.train.evaluators import Evaluator
 from bitlab.train.loop import MicroBatches, TrainResult
@@ -270,8 +270,9 @@ class FewShotResult:
 
 def fewshot(cfg: FewShotConfig) -> FewShotResult:
     """Run every (K, seed) under `cfg.out/k{K}_seed{S}` (finished runs kept, interrupted ones resumed,
-    either only if made with the same settings; finished ones drop checkpoint.pt), then write
-    `fewshot.csv` (per run) and `fewshot_summary.csv` (per K: top-1 median, min, max, std): Fig. 2/5."""
+    either only if made with the same settings; finished ones drop checkpoint.pt), `cfg.jobs` of them
+    side by side on the CPU, then write `fewshot.csv` (per run) and `fewshot_summary.csv` (per K:
+    top-1 median, min, max, std): Fig. 2/5."""
     base = {k: v for k, v in asdict(cfg).items() if k not in ("shots", "seeds", "jobs")}
     with D.session(cfg.device) as dist, lock_run_folder(cfg.out, dist, "fewshot"):
         return _fewshot(cfg, Path(cfg.out), base, dist)
@@ -301,7 +302,8 @@ def _fewshot(cfg: FewShotConfig, out: Path, base: dict, dist: D.DistInfo) -> Few
     if dist.is_main:
         write_config(out, cfg)
     pending = [c for c in runs.values() if _read_summary(Path(c.out)) is None]
-    ran = _side_by_side(pending, jobs, cfg.progress) if jobs > 1 and len(pending) > 1 else {}
+    quiet = [replace(c, progress=False, workers=0 if c.workers is None else c.workers) for c in pending]
+    ran = train_side_by_side(finetune, quiet, jobs, cfg.progress) if jobs > 1 and len(pending) > 1 else {}
     rows = []
     for (k, seed), run_cfg in runs.items():
         run_dir = Path(run_cfg.out)
@@ -323,38 +325,6 @@ def _fewshot(cfg: FewShotConfig, out: Path, base: dict, dist: D.DistInfo) -> Few
         write_csv(out / "fewshot.csv", FEWSHOT_COLUMNS, rows)
         write_csv(out / "fewshot_summary.csv", SUMMARY_COLUMNS, summary_rows)
     return FewShotResult(rows, None, summary_rows, out / "fewshot.csv", out / "fewshot_summary.csv")
-
-
-def _side_by_side(configs: list[FinetuneConfig], jobs: int, progress: bool) -> dict[str, TrainResult]:
-    """Runs `configs` in up to `jobs` processes at once, one torch thread each; {run dir: result}.
-
-    Each run seeds everything it draws from its own config, so its numbers are those of a run alone.
-    On Linux the processes are forked: they start with torch and bitlab imported (a spawned one
-    imports them again, ~4 s, longer than a tiny run takes), and on one thread they never enter the
-    parent's OpenMP pool, which a forked child could not use. Elsewhere they are spawned (a script
-    then needs `if __name__ == "__main__":`). A failure stops the runs not yet started and is raised;
-    Ctrl-C reaches the whole process group, so each running run stops at a checkpoint, as alone."""
-    import multiprocessing
-    import sys
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    from tqdm.auto import tqdm
-
-    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    # A run's loader workers would share the cores with the other runs: images load in its process.
-    quiet = [replace(c, progress=False, workers=0 if c.workers is None else c.workers) for c in configs]
-    results: dict[str, TrainResult] = {}
-    with ProcessPoolExecutor(min(jobs, len(quiet)), mp_context=context, initializer=torch.set_num_threads,
-                             initargs=(1,)) as pool:
-        futures = {pool.submit(finetune, c): c.out for c in quiet}
-        try:
-            for future in tqdm(as_completed(futures), total=len(futures), desc="few-shot runs", unit="run",
-                               disable=not progress):
-                results[futures[future]] = future.result()
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-    return results
 
 
 def summarize_fewshot(rows: list[dict]) -> list[dict]:

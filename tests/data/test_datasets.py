@@ -36,6 +36,25 @@ def test_digits_builtin(digits_root):
     assert ds.write_digits(digits_root.parent) == digits_root  # written once, then reused
 
 
+def test_a_tree_another_process_finished_first_is_kept(tmp_path):
+    """Two writers of one built-in tree (few-shot runs side by side, first use): the second to finish
+    drops its copy and leaves the first's in place, which its readers may be using; a partial tree
+    (no `.complete`) is replaced."""
+    def tree(name: str, marker: str) -> Path:
+        (tmp_path / name / "train").mkdir(parents=True)
+        (tmp_path / name / "train" / "x.png").write_text(marker)
+        (tmp_path / name / ".complete").write_text("done\n")
+        return tmp_path / name
+
+    dest = tmp_path / "digits"
+    ds.publish_tree(tree("first", "first"), dest)
+    ds.publish_tree(tree("second", "second"), dest)
+    assert (dest / "train" / "x.png").read_text() == "first" and not (tmp_path / "second").exists()
+    (dest / ".complete").unlink()  # as an interrupted writer leaves it
+    ds.publish_tree(tree("third", "third"), dest)
+    assert (dest / "train" / "x.png").read_text() == "third" and not (tmp_path / "third").exists()
+
+
 def test_image_folder_splits_and_labels(photo_tree):
     splits = ds.load_splits(photo_tree)
     assert splits.classes == ["cat", "coffee"]

@@ -285,7 +285,7 @@ def test_bit_model_from_official_npz_and_from_a_run(tiny_digits, tmp_path):
 
 def test_fewshot_jobs_run_side_by_side_with_the_numbers_of_runs_alone(tiny_digits, tmp_path):
     """`jobs=2`: the runs in two forked processes give what one at a time gives (every weight), also
-    after the parent used two OpenMP threads (a forked child must not touch that pool); runs stopped
+    after the parent used two OpenMP threads and autograd (a child forked from it could not); runs stopped
     side by side resume; a run's error reaches the caller whole."""
     sweep = dict(TINY, data=str(tiny_digits), schedule=[1, 2, 3, 3, 4], shots=[1, 3], seeds=[0, 1])
     alone = fewshot(FewShotConfig(**sweep, out=str(tmp_path / "alone")))
