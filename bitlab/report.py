@@ -61,9 +61,7 @@ CORRECT = "#2e7d32"  # green: a label in the image's ILSVRC target set
 WRONG = "#9e9e9e"
 FILE_NAME = "#757575"  # grey, darker than WRONG's bars so small text stays readable
 PROB_FLOOR = 1e-4  # left end of the log axis; smaller probabilities are drawn as this
-
-
-SAVE_DPI = 150
+SAVE_DPI = 150  # figure files' resolution; a notebook shows them at the figure's own dpi (`show`)
 
 
 def save(fig: Figure, out_dir: str | Path, stem: str) -> list[Path]:

@@ -20,8 +20,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bitlab import fileio
-from bitlab.errors import BitlabError
 from bitlab.data.loader import Batch, default_workers
+from bitlab.errors import BitlabError
 from bitlab.models.registry import data_config_of
 from bitlab.train import distributed as D
 from bitlab.train.config import LoopConfig, TrainSettings
@@ -152,8 +152,8 @@ def train_side_by_side(run: Callable[[Any], TrainResult], settings: list[Any], j
                        progress: bool = True) -> dict[str, TrainResult]:
     """`run(s)` for each of `settings` (each run's own folder `s.out`), up to `jobs` at once, each in its
     own process on one torch thread; returns {s.out: result}. `run` is a module-level function
-    (`finetune.finetune`) and `settings` picklable; give them `progress=False` and their loader
-    workers (images load in each run's process unless told otherwise: the runs share the cores).
+    (`finetune.finetune`) and `settings` are picklable, with `progress=False` (one bar here counts the
+    runs) and their loader workers set (0: the runs already share the cores).
 
     Each run seeds everything it draws from its settings, so its numbers are those of a run alone.
     The processes come from a fork server started once per Python process with bitlab imported

@@ -304,6 +304,19 @@ def test_fewshot_jobs_run_side_by_side_with_the_numbers_of_runs_alone(tiny_digit
         fewshot(FewShotConfig(**{**sweep, "model": "R14x0.7"}, out=str(tmp_path / "bad"), jobs=2))
 
 
+def test_fewshot_jobs_from_a_script_without_a_main_guard_is_a_clear_error(tiny_digits, tmp_path):
+    """Each side-by-side process imports the caller's script: one whose code is not under
+    `if __name__ == "__main__":` kills its processes, and says so instead of a pool's traceback."""
+    script = tmp_path / "sweep.py"
+    script.write_text("from bitlab.train.finetune import FewShotConfig, fewshot\n"
+                      f"fewshot(FewShotConfig(**{dict(TINY, data=str(tiny_digits), schedule=[1, 1, 1, 1, 2])!r}, "
+                      f"out={str(tmp_path / 'out')!r}, shots=[1], seeds=[0, 1], jobs=2))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=ENV)
+    assert done.returncode != 0
+    assert "BitlabError: a process running training runs side by side ended abruptly" in done.stderr
+    assert 'if __name__ == "__main__":' in done.stderr.splitlines()[-1]
+
+
 def test_fewshot_refuses_runs_made_with_other_settings(tiny_digits, tmp_path):
     """A finished k*_seed* run is reused only if made with the same settings (the model, the lr...)."""
     sweep = dict(TINY, data=str(tiny_digits), out=str(tmp_path), schedule=[1, 1, 1, 1, 2], shots=[1], seeds=[0])
