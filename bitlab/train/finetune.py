@@ -302,8 +302,10 @@ def _fewshot(cfg: FewShotConfig, out: Path, base: dict, dist: D.DistInfo) -> Few
     if dist.is_main:
         write_config(out, cfg)
     pending = [c for c in runs.values() if _read_summary(Path(c.out)) is None]
-    quiet = [replace(c, progress=False, workers=0 if c.workers is None else c.workers) for c in pending]
-    ran = train_side_by_side(finetune, quiet, jobs, cfg.progress) if jobs > 1 and len(pending) > 1 else {}
+    ran = {}
+    if jobs > 1 and len(pending) > 1:  # one bar counts the runs; a run's images load in its own process
+        quiet = [replace(c, progress=False, workers=0 if c.workers is None else c.workers) for c in pending]
+        ran = train_side_by_side(finetune, quiet, jobs, cfg.progress)
     rows = []
     for (k, seed), run_cfg in runs.items():
         run_dir = Path(run_cfg.out)

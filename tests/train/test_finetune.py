@@ -296,7 +296,7 @@ def test_fewshot_jobs_run_side_by_side_with_the_numbers_of_runs_alone(tiny_digit
     assert all((tmp_path / "jobs" / d / "checkpoint.pt").is_file() for d in ("k1_seed0", "k1_seed1", "k3_seed0"))
     assert torch.get_num_threads() == 2  # the parent keeps its threads
     done = fewshot(FewShotConfig(**sweep, out=str(tmp_path / "jobs"), jobs=0))  # 0: one per core, here 2
-    assert done.stopped is None and done.runs == [{**r} for r in alone.runs]
+    assert done.stopped is None and done.runs == alone.runs
     for run in ("k1_seed0", "k1_seed1", "k3_seed0", "k3_seed1"):
         assert_same(weights(tmp_path / "alone" / run), weights(tmp_path / "jobs" / run))
         assert "resumed from" in (tmp_path / "jobs" / run / "log.txt").read_text()
